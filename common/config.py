@@ -1,0 +1,173 @@
+"""Typed configuration: frozen dataclasses from a TOML file plus command-line overrides.
+
+Every entry point declares one frozen dataclass (nested dataclasses become TOML tables and
+dotted flags).  Values are resolved in this order: dataclass defaults, then the TOML file,
+then ``--key value`` / ``--section.key=value`` flags.  Unknown keys and values of the wrong
+type are rejected with a message that names the key and the source it came from.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be accepted."""
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Check (and, for strings from the command line, parse) ``value`` against ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() == "none" and type(None) in options):
+            if type(None) in options:
+                return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: {key} cannot be None")
+    if origin is typing.Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{where}: {key} must be one of {list(allowed)}, got {value!r}")
+        return value
+    if origin in (tuple, list):
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"{where}: {key} must be a list, got {value!r}")
+        args = typing.get_args(tp)
+        item_tp = args[0] if args else str
+        return tuple(_coerce(v.strip() if isinstance(v, str) else v, item_tp, key, where) for v in items)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
+        if isinstance(value, str):
+            try:
+                return tp(value)
+            except ValueError:
+                raise ConfigError(f"{where}: {key} must be {tp.__name__}, got {value!r}") from None
+        if tp is int and isinstance(value, int):
+            return value
+        if tp is float and isinstance(value, (int, float)):
+            return float(value)
+        raise ConfigError(f"{where}: {key} must be {tp.__name__}, got {value!r}")
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
+        return value
+    if tp is Path:
+        if not isinstance(value, (str, Path)):
+            raise ConfigError(f"{where}: {key} must be a path, got {value!r}")
+        return Path(value)
+    raise ConfigError(f"{where}: {key} has unsupported type {tp!r}")
+
+
+def _merge(cls: type[T], base: T, table: dict[str, Any], where: str, prefix: str = "") -> T:
+    """Return ``base`` with the keys of ``table`` applied, recursing into nested dataclasses."""
+    fields = _field_types(cls)
+    changes: dict[str, Any] = {}
+    for key, value in table.items():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown key {name!r}; valid keys: {', '.join(prefix + k for k in fields)}")
+        tp = fields[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: {name} must be a table")
+            changes[key] = _merge(tp, getattr(base, key), value, where, f"{name}.")
+        else:
+            changes[key] = _coerce(value, tp, name, where)
+    return dataclasses.replace(base, **changes)
+
+
+def _overrides_to_table(args: list[str]) -> dict[str, Any]:
+    """Turn ``--a.b value`` / ``--a.b=value`` into a nested dict of strings."""
+    table: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"command line: expected --key value, got {arg!r}")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"command line: {arg} needs a value")
+            key, value = arg[2:], args[i + 1]
+            i += 2
+        node = table
+        parts = key.replace("-", "_").split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return table
+
+
+def load_config(cls: type[T], toml_path: Path | str | None = None, overrides: list[str] | None = None) -> T:
+    """Build ``cls`` from its defaults, an optional TOML file and ``--key value`` overrides."""
+    config = cls()
+    if toml_path is not None:
+        path = Path(toml_path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        with path.open("rb") as f:
+            try:
+                table = tomllib.load(f)
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        config = _merge(cls, config, table, str(path))
+    if overrides:
+        config = _merge(cls, config, _overrides_to_table(overrides), "command line")
+    return config
+
+
+def split_config_arg(argv: list[str]) -> tuple[Path | None, list[str]]:
+    """Pull ``--config FILE`` out of ``argv``; the rest are overrides."""
+    rest, path = [], None
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--config" and i + 1 < len(argv):
+            path, i = Path(argv[i + 1]), i + 2
+        elif argv[i].startswith("--config="):
+            path, i = Path(argv[i].split("=", 1)[1]), i + 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    return path, rest
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-friendly dict of a config (paths as strings), for manifests and logs."""
+    def convert(v: Any) -> Any:
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, tuple):
+            return [convert(x) for x in v]
+        if isinstance(v, dict):
+            return {k: convert(x) for k, x in v.items()}
+        return v
+    return convert(dataclasses.asdict(config))
