@@ -1,0 +1,62 @@
+"""What the sharder reads: one ``Source`` per input image, wherever it lives.
+
+A layout scanner (``shards.layouts``) turns an ImageNet tree into an ``Inventory``: the
+class list plus one ``Source`` per image file.  A source is either a plain file or a byte
+range inside a tar archive (the raw ``ILSVRC2012_img_*.tar`` files are read in place, never
+extracted), so the workers that decode images only need ``read_bytes``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input image.
+
+    ``path`` is what a person reads in reports: a file path, or for tar members
+    ``outer.tar:inner.tar:member`` (or ``outer.tar:member``).  ``tar``/``offset``/``size``
+    locate the bytes of a tar member inside the outermost tar file on disk.
+    """
+
+    split: str  # "train" or "val"
+    wnid: str  # the class's WordNet id, always one of Inventory.classes
+    path: str
+    tar: str | None = None
+    offset: int = 0
+    size: int = 0
+
+
+@dataclass(frozen=True)
+class Skip:
+    """An input accounted for but not written, with the reason a person can act on."""
+
+    path: str
+    reason: str
+    split: str = ""
+
+
+@dataclass
+class Inventory:
+    """Everything a layout scanner found under one root."""
+
+    layout: str  # human-readable layout name, e.g. "(a) train/<wnid>/ + val/<wnid>/"
+    root: str
+    classes: list[str]  # sorted wnids; class index = position in this list
+    names: dict[str, str] = field(default_factory=dict)  # wnid -> human name, where known
+    sources: list[Source] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)  # found but unusable (unknown class, unsafe tar member...)
+    ignored: list[str] = field(default_factory=list)  # hidden files (.DS_Store, ._*): not images, not counted
+
+
+def read_bytes(source: Source) -> bytes:
+    """The encoded bytes of ``source``, from its file or from its byte range in a tar."""
+    if source.tar is None:
+        with open(source.path, "rb") as f:
+            return f.read()
+    with open(source.tar, "rb") as f:
+        f.seek(source.offset)
+        data = f.read(source.size)
+    if len(data) != source.size:
+        raise OSError(f"{source.path}: tar member is truncated ({len(data)} of {source.size} bytes)")
+    return data
