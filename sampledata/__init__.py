@@ -1,0 +1,1 @@
+"""An ImageNet-shaped sample dataset made from real photographs (see ``generate``)."""

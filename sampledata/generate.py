@@ -1,0 +1,119 @@
+"""Generate the embedded sample dataset: ImageNet's layout and quirks, from real photos.
+
+Each class is one photograph; its images are random crops at random scales and aspect
+ratios, flipped, colour-shifted and resized to ImageNet-like sizes (about 500x375, some
+over 1000 px).  The colour shift is strong enough that mean colour alone does not give
+the class away; the texture and shapes of the photo do.  The train split also carries
+ImageNet's real quirks: a CMYK JPEG, a PNG saved under a ``.JPEG`` name and a grayscale JPEG.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from sampledata.photos import load_photos
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Settings of ``python -m sampledata`` (TOML file and/or ``--key value`` flags)."""
+
+    out: Path = Path("data/sample")
+    classes: int = 12
+    train_per_class: int = 60
+    val_per_class: int = 10
+    seed: int = 0
+    large_fraction: float = 0.1  # share of images above 1000 px on the long side
+
+
+def wnid_of(index: int) -> str:
+    """A WordNet-shaped id for sample class ``index`` (``n`` + 8 digits, sorted like the classes)."""
+    return f"n9{index:07d}"
+
+
+def _random_view(photo: Image.Image, rng: np.random.Generator, large: bool) -> Image.Image:
+    """A random crop of ``photo`` (scale, aspect ratio, flip) resized to an ImageNet-like size."""
+    w, h = photo.size
+    area = w * h * rng.uniform(0.25, 1.0)
+    aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+    cw = int(min(w, round(np.sqrt(area * aspect))))
+    ch = int(min(h, round(np.sqrt(area / aspect))))
+    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    long_side = int(rng.integers(1001, 1400)) if large else int(rng.integers(400, 520))
+    scale = long_side / max(cw, ch)
+    size = (max(1, round(cw * scale)), max(1, round(ch * scale)))
+    view = photo.resize(size, Image.BICUBIC, box=(x, y, x + cw, y + ch))
+    return view.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else view
+
+
+def _colour_shift(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Per-channel gains and offsets: every class spans many mean colours."""
+    a = np.asarray(img, dtype=np.float32)
+    gain = rng.uniform(0.45, 1.55, size=3)
+    offset = rng.uniform(-50, 50, size=3)
+    return Image.fromarray(np.clip(a * gain + offset, 0, 255).astype(np.uint8))
+
+
+def _save(img: Image.Image, path: Path, quirk: str | None, rng: np.random.Generator) -> None:
+    """Write a JPEG, or one of ImageNet's quirky files under a ``.JPEG`` name."""
+    quality = int(rng.integers(75, 96))
+    if quirk == "cmyk":
+        img.convert("CMYK").save(path, "JPEG", quality=quality)
+    elif quirk == "png":
+        img.save(path, "PNG")
+    elif quirk == "gray":
+        img.convert("L").save(path, "JPEG", quality=quality)
+    else:
+        img.save(path, "JPEG", quality=quality)
+
+
+# (split, class index, image number) of the files that carry ImageNet's quirks.
+QUIRKS = {("train", 0, 0): "cmyk", ("train", 1, 0): "png", ("train", 2, 0): "gray"}
+
+
+def _plan(cfg: SampleConfig) -> list[tuple[str, int, int, Path]]:
+    """Every file to write: (split, class index, image number, relative path)."""
+    plan = []
+    val_number = 0
+    for c in range(cfg.classes):
+        wnid = wnid_of(c)
+        for n in range(cfg.train_per_class):
+            plan.append(("train", c, n, Path("train", wnid, f"{wnid}_{n}.JPEG")))
+        for n in range(cfg.val_per_class):
+            val_number += 1
+            plan.append(("val", c, n, Path("val", wnid, f"ILSVRC2012_val_{val_number:08d}.JPEG")))
+    return plan
+
+
+def fingerprint(cfg: SampleConfig) -> str:
+    """A hash of everything that determines the output (the output folder excluded)."""
+    key = json.dumps([cfg.classes, cfg.train_per_class, cfg.val_per_class, cfg.seed, cfg.large_fraction, QUIRKS.__repr__()])
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def generate(cfg: SampleConfig) -> int:
+    """Write the dataset under ``cfg.out``; returns the number of files.  Idempotent."""
+    marker = cfg.out / ".complete"
+    if marker.is_file() and marker.read_text().strip() == fingerprint(cfg):
+        print(f"sampledata: {cfg.out} is already complete")
+        return len(_plan(cfg))
+    photos = load_photos(cfg.classes)
+    names = {wnid_of(c): name for c, (name, _) in enumerate(photos)}
+    plan = _plan(cfg)
+    for split, c, n, rel in tqdm(plan, desc="sample images", unit="img"):
+        # One generator per file: the output does not depend on the order of writing.
+        rng = np.random.default_rng([cfg.seed, c, n, split == "val"])
+        view = _random_view(photos[c][1], rng, large=rng.random() < cfg.large_fraction)
+        path = cfg.out / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _save(_colour_shift(view, rng), path, QUIRKS.get((split, c, n)), rng)
+    (cfg.out / "synset_words.txt").write_text("".join(f"{w} {names[w]}\n" for w in sorted(names)))
+    marker.write_text(fingerprint(cfg) + "\n")
+    print(f"sampledata: wrote {len(plan)} images of {cfg.classes} classes to {cfg.out}")
+    return len(plan)

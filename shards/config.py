@@ -1,0 +1,49 @@
+"""Settings of ``python -m shards`` / ``make shards`` (TOML file and/or ``--key value`` flags)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.config import ConfigError
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    """Everything that decides what the sharder writes, and how fast."""
+
+    src: Path = Path("data/sample")  # an ImageNet tree in any supported layout
+    out: Path = Path("data/shards")
+    val_labels: Path | None = None  # layout (b): the flat val/ label file, when not found automatically
+    size: int = 256  # shorter side resized to this, then centre-cropped to size x size
+    quality: int = 90  # JPEG quality of the re-encoded images
+    shard_samples: int = 5000  # samples per shard at most (0: no limit)
+    shard_bytes: int = 0  # bytes per tar at most, roughly (0: no limit)
+    seed: int = 0  # the global shuffle of the training split
+    workers: int = 0  # decode/encode processes; 0 = one per core
+    max_skipped_fraction: float = 0.001  # fail when more of the inputs than this are unusable
+    chunk: int = 8  # images per task sent to a worker
+
+    def validate(self) -> "ShardConfig":
+        """Reject settings that cannot work, naming the key."""
+        if not 1 <= self.quality <= 100:
+            raise ConfigError(f"quality must be 1..100, got {self.quality}")
+        if self.size < 32:
+            raise ConfigError(f"size must be at least 32, got {self.size}")
+        if self.shard_samples < 0 or self.shard_bytes < 0 or self.shard_samples == self.shard_bytes == 0:
+            raise ConfigError("set shard_samples and/or shard_bytes to a positive limit")
+        if not 0 <= self.max_skipped_fraction <= 1:
+            raise ConfigError(f"max_skipped_fraction must be within 0..1, got {self.max_skipped_fraction}")
+        if self.workers < 0 or self.chunk < 1:
+            raise ConfigError("workers must be >= 0 and chunk >= 1")
+        return self
+
+    @property
+    def processes(self) -> int:
+        """Worker processes actually used."""
+        return self.workers or os.cpu_count() or 1
+
+    def output_parameters(self) -> dict:
+        """The settings that determine the bytes written (recorded in the manifest and journal)."""
+        return {"size": self.size, "quality": self.quality, "shard_samples": self.shard_samples,
+                "shard_bytes": self.shard_bytes, "seed": self.seed}

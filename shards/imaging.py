@@ -1,0 +1,93 @@
+"""Turn one encoded input image into the 256x256 RGB JPEG that goes into a shard.
+
+Decode -> 3-channel RGB -> resize (shorter side 256, antialiased) and centre crop in one
+resampling step -> JPEG.  Anything that cannot be decoded raises ``BadImage`` with a reason a
+person can act on; anything that had to be converted (CMYK, grayscale, PNG under a ``.JPEG``
+name, alpha, 16-bit ...) comes back with a note, so the manifest can list it.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+# ImageNet has images up to about 50 Mpx; anything far beyond is more likely a bomb than a photo.
+Image.MAX_IMAGE_PIXELS = 200_000_000
+
+
+class BadImage(ValueError):
+    """The input cannot become a training image; ``str(exc)`` is the reason."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A shard-ready JPEG, its pixels' source size, and what was converted (or None)."""
+
+    jpeg: bytes
+    source_size: tuple[int, int]
+    note: str | None
+
+
+def _decode(data: bytes, size: int) -> tuple[Image.Image, str, tuple[int, int]]:
+    """Open and fully decode ``data``; JPEGs at least twice the target are draft-decoded."""
+    if not data:
+        raise BadImage("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            fmt, source_size = img.format or "unknown", img.size
+            if fmt == "JPEG" and min(img.size) >= 2 * size:
+                # libjpeg's DCT scaling (1/2, 1/4, 1/8) keeps both sides >= size: much faster.
+                img.draft(img.mode if img.mode == "CMYK" else "RGB", (size, size))
+            img.load()
+    except UnidentifiedImageError:
+        raise BadImage("not an image (no decoder recognises the bytes)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise BadImage(f"too many pixels to be a photo ({exc})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise BadImage(f"truncated or corrupt image ({exc})") from None
+    return img, fmt, source_size
+
+
+def _to_rgb(img: Image.Image) -> tuple[Image.Image, str | None]:
+    """Any PIL mode -> RGB, with a note saying what was converted."""
+    mode = img.mode
+    if mode == "RGB":
+        return img, None
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(img, dtype=np.float64)
+        scale = 257.0 if a.max(initial=0) > 255 else 1.0
+        gray = Image.fromarray(np.clip(a / scale + 0.5, 0, 255).astype(np.uint8))
+        return gray.convert("RGB"), f"{mode} (16-bit) scaled to 8-bit RGB"
+    if mode == "F":
+        gray = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8))
+        return gray.convert("RGB"), "float image converted to RGB"
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB"), f"{mode} with alpha flattened onto white"
+    labels = {"CMYK": "CMYK converted to RGB", "L": "grayscale converted to RGB", "1": "1-bit converted to RGB",
+              "P": "palette converted to RGB"}
+    return img.convert("RGB"), labels.get(mode, f"{mode} converted to RGB")
+
+
+def prepare(data: bytes, size: int = 256, quality: int = 90) -> Prepared:
+    """Decode ``data`` and return the centre ``size`` x ``size`` crop of its short-side resize, as JPEG."""
+    img, fmt, source_size = _decode(data, size)
+    rgb, note = _to_rgb(img)
+    if fmt != "JPEG":
+        note = f"{fmt} file re-encoded as JPEG" + (f"; {note}" if note else "")
+    w, h = rgb.size
+    side = min(w, h)
+    left, top = (w - side) / 2, (h - side) / 2
+    # One resampling from the centre square == resize shorter side to `size`, then centre crop.
+    out = rgb.resize((size, size), Image.BICUBIC, box=(left, top, left + side, top + side))
+    if side < size:
+        note = (note + "; " if note else "") + f"upscaled from {w}x{h}"
+    buf = io.BytesIO()
+    out.save(buf, "JPEG", quality=quality)
+    return Prepared(buf.getvalue(), source_size, note)

@@ -1,0 +1,72 @@
+"""Resume support: a per-split journal of finished shards.
+
+After each shard is renamed into place, one JSON line records it: the range of input
+positions it covers (written or skipped), its checksum, and its converted/skipped entries.
+A re-run keeps the longest prefix of journal entries whose tar still matches its sha256,
+deletes everything after it, and restarts from the first position not covered.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from shards.tarwriter import atomic_write_text, sha256_file
+
+
+class Journal:
+    """Append-only record of the finished shards of one split directory."""
+
+    def __init__(self, directory: Path, fingerprint: str) -> None:
+        self.directory = directory
+        self.path = directory / ".journal.jsonl"
+        self.fingerprint = fingerprint
+
+    def _read(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        lines = self.path.read_text().splitlines()
+        if not lines or json.loads(lines[0]).get("fingerprint") != self.fingerprint:
+            return []  # different inputs or settings: nothing can be kept
+        entries = []
+        for line in lines[1:]:
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut by an interrupt ends the usable prefix
+        return entries
+
+    def _verified_prefix(self, entries: list[dict]) -> list[dict]:
+        kept, position = [], 0
+        for entry in entries:
+            tar = self.directory / entry["tar"] if entry["tar"] else None
+            ok = entry["start"] == position and (
+                tar is None
+                or (tar.is_file() and (self.directory / entry["index"]).is_file() and sha256_file(tar) == entry["sha256"])
+            )
+            if not ok:
+                break
+            kept.append(entry)
+            position = entry["end"]
+        return kept
+
+    def resume(self, prefix: str) -> list[dict]:
+        """Verified entries to keep; every other ``prefix-*`` file in the directory is removed."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        kept = self._verified_prefix(self._read())
+        keep = {e[k] for e in kept for k in ("tar", "index") if e[k]}
+        for path in self.directory.iterdir():
+            stale = path.name.startswith(f"{prefix}-") and path.name not in keep
+            if stale or path.name.endswith(".tmp"):
+                path.unlink()
+        self._rewrite(kept)
+        return kept
+
+    def _rewrite(self, entries: list[dict]) -> None:
+        lines = [{"fingerprint": self.fingerprint}, *entries]
+        atomic_write_text(self.path, "".join(json.dumps(line) + "\n" for line in lines))
+
+    def append(self, entry: dict) -> None:
+        """Record one finished shard (called after its files are in place)."""
+        with open(self.path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+            f.flush()

@@ -1,0 +1,127 @@
+"""The shard directory contract: ``manifest.json`` and the checks every reader runs first.
+
+Layout of a shard directory::
+
+    manifest.json            this file's record (format, parameters, classes, splits, accounting)
+    stats.json, mean_image.npy   dataset statistics (see shards.stats)
+    train/train-NNNNNN.tar   WebDataset shards: <key>.jpg, <key>.cls (class index, ASCII),
+    train/train-NNNNNN.idx   <key>.json ({"wnid", "source"}); DALI index next to every tar
+    val/val-NNNNNN.{tar,idx}
+
+``load`` validates the record and that every listed file is there with the recorded size
+(``deep=True`` also re-hashes them), and fails early with a hint on how to fix it.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+FORMAT = "alexnet2012-webdataset"
+VERSION = 1
+SPLITS = ("train", "val")
+
+
+class ManifestError(ValueError):
+    """The shard directory does not satisfy the contract; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One tar of a split, with absolute paths."""
+
+    tar: Path
+    index: Path
+    samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split: its shards and how many samples of each class it holds."""
+
+    name: str
+    samples: int
+    class_counts: tuple[int, ...]  # by class index
+    shards: tuple[Shard, ...]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The parts of ``manifest.json`` that readers need."""
+
+    root: Path
+    classes: tuple[str, ...]  # sorted wnids; class index = position
+    names: tuple[str, ...]
+    splits: dict[str, Split]
+    image_size: int
+    stats_path: Path
+    record: dict
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (the model's output width)."""
+        return len(self.classes)
+
+
+def _hint(root: Path) -> str:
+    return f"(re)create it with `make shards SRC=<imagenet> OUT={root}`"
+
+
+def _split(root: Path, name: str, entry: dict, num_classes: int) -> Split:
+    shards = tuple(
+        Shard(root / name / s["tar"], root / name / s["index"], int(s["samples"]), int(s["bytes"]), s["sha256"])
+        for s in entry["shards"]
+    )
+    counts = tuple(int(c) for c in entry["class_counts"])
+    if len(counts) != num_classes or sum(counts) != entry["samples"] or sum(s.samples for s in shards) != entry["samples"]:
+        raise ManifestError(f"{root / 'manifest.json'}: split {name!r} counts do not add up; {_hint(root)}")
+    return Split(name, int(entry["samples"]), counts, shards)
+
+
+def _check_files(m: Manifest, splits: tuple[str, ...], deep: bool) -> None:
+    from shards.tarwriter import sha256_file  # late import: readers rarely need hashing
+
+    for name in splits:
+        for shard in m.splits[name].shards:
+            for path in (shard.tar, shard.index):
+                if not path.is_file():
+                    raise ManifestError(f"{path} is listed in the manifest but missing; {_hint(m.root)}")
+            if shard.tar.stat().st_size != shard.bytes:
+                raise ManifestError(f"{shard.tar} has {shard.tar.stat().st_size} bytes, manifest says {shard.bytes}: "
+                                    f"the shard was modified or truncated; {_hint(m.root)}")
+            if deep and sha256_file(shard.tar) != shard.sha256:
+                raise ManifestError(f"{shard.tar}: sha256 differs from the manifest; {_hint(m.root)}")
+
+
+def load(root: Path | str, splits: tuple[str, ...] = SPLITS, deep: bool = False) -> Manifest:
+    """Read and check ``root/manifest.json``; raises ``ManifestError`` naming the problem and the fix."""
+    root = Path(root).resolve()
+    path = root / "manifest.json"
+    if not path.is_file():
+        raise ManifestError(f"{path} not found: {root} is not a finished shard directory; {_hint(root)}")
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path} is not valid JSON ({exc}); {_hint(root)}") from None
+    if record.get("format") != FORMAT or record.get("format_version") != VERSION:
+        raise ManifestError(f"{path}: format {record.get('format')!r} version {record.get('format_version')!r}, "
+                            f"this code reads {FORMAT!r} version {VERSION}; {_hint(root)}")
+    missing = [s for s in splits if s not in record.get("splits", {})]
+    if missing:
+        raise ManifestError(f"{path} has no split(s) {missing}; {_hint(root)}")
+    classes = tuple(c["wnid"] for c in record["classes"])
+    m = Manifest(
+        root=root,
+        classes=classes,
+        names=tuple(c.get("name") or c["wnid"] for c in record["classes"]),
+        splits={n: _split(root, n, e, len(classes)) for n, e in record["splits"].items()},
+        image_size=int(record["parameters"]["size"]),
+        stats_path=root / record["stats"],
+        record=record,
+    )
+    if "train" in splits and not m.stats_path.is_file():
+        raise ManifestError(f"{m.stats_path} not found (dataset statistics); {_hint(root)}")
+    _check_files(m, splits, deep)
+    return m

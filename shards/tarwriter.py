@@ -1,0 +1,127 @@
+"""Write one WebDataset tar shard and its DALI index, atomically and reproducibly.
+
+Members are plain ustar entries with fixed metadata (mtime 0, uid/gid 0, mode 0644), so the
+same samples always give the same bytes and the same sha256.  The index is written in the
+format of DALI's ``wds2idx`` (``v1.2 <samples>`` then one line per sample of
+``<ext> <data offset> <size> <member name>`` triples), computed while the tar is written.
+Both files appear under their final names only once complete (temp file + fsync + rename).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+BLOCK = 512
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """What the manifest records about a finished shard."""
+
+    tar: str  # file name, relative to the split directory
+    index: str
+    samples: int
+    bytes: int
+    sha256: str
+
+
+def member_bytes(size: int) -> int:
+    """Bytes one member of ``size`` data bytes occupies in a tar (header + padded data)."""
+    return BLOCK + (size + BLOCK - 1) // BLOCK * BLOCK
+
+
+def tar_overhead() -> int:
+    """The two zero blocks that end every tar (tarfile pads the archive to a full record too)."""
+    return 2 * BLOCK
+
+
+class ShardWriter:
+    """Accumulate samples for one shard; ``close`` writes ``<name>.tar`` and ``<name>.idx``."""
+
+    def __init__(self, directory: Path, name: str) -> None:
+        self.directory, self.name = directory, name
+        self.tar_path = directory / f"{name}.tar"
+        self.idx_path = directory / f"{name}.idx"
+        self._tmp = directory / f".{name}.tar.tmp"
+        self._file = open(self._tmp, "wb")
+        self._hash = hashlib.sha256()
+        self._tar = tarfile.open(fileobj=_HashingWriter(self._file, self._hash), mode="w", format=tarfile.USTAR_FORMAT)
+        self._index_lines: list[str] = []
+        self.samples = 0
+        self.size = 0
+
+    def add(self, key: str, components: dict[str, bytes]) -> None:
+        """Append one sample: ``key.ext`` members, in the order given."""
+        if "." in key:
+            raise ValueError(f"sample key {key!r} must not contain '.' (DALI splits extensions at the first dot)")
+        parts = []
+        for ext, data in components.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            info.uname = info.gname = ""
+            offset = self.size + BLOCK
+            self._tar.addfile(info, io.BytesIO(data))
+            parts.append(f"{ext} {offset} {len(data)} {info.name}")
+            self.size += member_bytes(len(data))
+        self._index_lines.append(" ".join(parts))
+        self.samples += 1
+
+    def close(self) -> ShardInfo:
+        """Finish the tar and the index and move both to their final names."""
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        nbytes = self._file.tell()
+        self._file.close()
+        index = f"v1.2 {self.samples}\n" + "".join(line + "\n" for line in self._index_lines)
+        atomic_write_bytes(self.idx_path, index.encode())
+        # The index lands first: a tar under its final name always has its index.
+        os.replace(self._tmp, self.tar_path)
+        return ShardInfo(self.tar_path.name, self.idx_path.name, self.samples, nbytes, self._hash.hexdigest())
+
+    def abort(self) -> None:
+        """Drop the unfinished shard (used on errors and interrupts)."""
+        self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
+
+class _HashingWriter:
+    """A write-only file object that hashes what passes through it."""
+
+    def __init__(self, f: io.BufferedWriter, digest: "hashlib._Hash") -> None:
+        self._f, self._digest = f, digest
+
+    def write(self, data: bytes) -> int:
+        self._digest.update(data)
+        return self._f.write(data)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a fsynced temp file in the same directory, then rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """``atomic_write_bytes`` for text files (manifest, journal)."""
+    atomic_write_bytes(path, text.encode())
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
