@@ -86,8 +86,9 @@ def prepare(data: bytes, size: int = 256, quality: int = 90) -> Prepared:
     left, top = (w - side) / 2, (h - side) / 2
     # One resampling from the centre square == resize shorter side to `size`, then centre crop.
     out = rgb.resize((size, size), Image.BICUBIC, box=(left, top, left + side, top + side))
-    if side < size:
-        note = (note + "; " if note else "") + f"upscaled from {w}x{h}"
+    if side * 4 < size:
+        # Small images are common and fine; only the ones blown up more than 4x are worth a look.
+        note = (note + "; " if note else "") + f"tiny image upscaled from {w}x{h}"
     buf = io.BytesIO()
     out.save(buf, "JPEG", quality=quality)
     return Prepared(buf.getvalue(), source_size, note)

@@ -1,0 +1,118 @@
+"""A corpus of bad and quirky inputs: each ends where it should, and the totals balance."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shards.build import TooManySkipped, build
+from shards.config import ShardConfig
+from tests.conftest import run_module
+
+A, B = "n00000001", "n00000002"
+
+
+def _jpeg(size: tuple[int, int] = (300, 200), mode: str = "RGB", seed: int = 0, fmt: str = "JPEG") -> bytes:
+    rng = np.random.default_rng(seed)
+    rgb = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    (rgb if mode == "RGB" else rgb.convert(mode)).save(buf, fmt)
+    return buf.getvalue()
+
+
+def _png16() -> bytes:
+    a = (np.arange(300 * 200, dtype=np.uint32).reshape(200, 300) * 3 % 65536).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "PNG")
+    return buf.getvalue()
+
+
+# file name -> (bytes, where it must end up: written / converted / skipped / ignored)
+CORPUS: dict[str, tuple[bytes, str]] = {
+    f"train/{A}/good_1.JPEG": (_jpeg(seed=1), "written"),
+    f"train/{A}/good_2.JPEG": (_jpeg(seed=2), "written"),
+    f"train/{A}/zero.JPEG": (b"", "skipped:empty file"),
+    f"train/{A}/truncated.JPEG": (_jpeg(seed=3)[:2000], "skipped:truncated"),
+    f"train/{A}/random.JPEG": (np.random.default_rng(4).bytes(5000), "skipped:not an image"),
+    f"train/{A}/cmyk.JPEG": (_jpeg(mode="CMYK", seed=5), "converted:CMYK"),
+    f"train/{A}/png.JPEG": (_jpeg(seed=6, fmt="PNG"), "converted:PNG file"),
+    f"train/{B}/gray.JPEG": (_jpeg(mode="L", seed=7), "converted:grayscale"),
+    f"train/{B}/sixteen.JPEG": (_png16(), "converted:I;16"),
+    f"train/{B}/tiny.JPEG": (_jpeg(size=(10, 10), seed=8), "converted:tiny image upscaled from 10x10"),
+    f"train/{B}/huge.JPEG": (_jpeg(size=(6000, 4000), seed=9), "written"),
+    f"train/{B}/.DS_Store": (b"\x00\x00\x00\x01Bud1", "ignored"),
+    f"train/{B}/._huge.JPEG": (b"\x00\x05\x16\x07", "ignored"),
+    f"val/{A}/v1.JPEG": (_jpeg(seed=10), "written"),
+    f"val/{B}/v2.JPEG": (_jpeg(seed=11), "written"),
+    "val/n09999999/unknown.JPEG": (_jpeg(seed=12), "skipped:unknown class"),
+}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("bad")
+    for name, (data, _) in CORPUS.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return root
+
+
+def _where(record: dict, root: Path) -> dict[str, str]:
+    """Every input path -> its fate as recorded in the manifest."""
+    fates = {}
+    for kind in ("converted", "skipped"):
+        for item in record[kind]:
+            fates[str(Path(item["path"]).relative_to(root))] = f"{kind}:{item['reason']}"
+    for item in record["ignored"]:
+        fates[str(Path(item).relative_to(root))] = "ignored"
+    return fates
+
+
+def test_every_bad_input_ends_where_it_should(corpus: Path, tmp_path: Path) -> None:
+    record = build(ShardConfig(src=corpus, out=tmp_path, workers=2, max_skipped_fraction=0.5).validate())
+    fates = _where(record, corpus)
+    for name, (_, expected) in CORPUS.items():
+        got = fates.get(name, "written")
+        kind, _, reason = expected.partition(":")
+        assert got.split(":")[0] == kind and reason in got, f"{name}: expected {expected}, got {got}"
+    images = [n for n, (_, fate) in CORPUS.items() if fate != "ignored"]
+    assert record["inputs"] == len(images) == record["written"] + len(record["skipped"])
+    assert record["written"] == sum(1 for n in images if not CORPUS[n][1].startswith("skipped"))
+    assert record["splits"]["train"]["class_counts"] == [4, 4] and record["splits"]["val"]["class_counts"] == [1, 1]
+
+
+def test_too_many_skipped_fails_with_the_reason(corpus: Path, tmp_path: Path) -> None:
+    result = run_module("shards", "--src", str(corpus), "--out", str(tmp_path), "--max_skipped_fraction", "0.1",
+                        check=False)
+    assert result.returncode == 1
+    assert "4 of 14 inputs" in result.stderr and "max_skipped_fraction" in result.stderr
+    assert not (tmp_path / "manifest.json").exists()
+    skipped = json.loads((tmp_path / "skipped.json").read_text())
+    assert {Path(s["path"]).name for s in skipped} == {"zero.JPEG", "truncated.JPEG", "random.JPEG", "unknown.JPEG"}
+
+
+def test_unsafe_tar_members_are_rejected_and_accounted(tmp_path: Path) -> None:
+    """Layout (d): '..', absolute, link and device members are never read, and are listed as skipped."""
+    from tests.layout_fixtures import evil_members, make_d
+
+    root = tmp_path / "d"
+    expected = make_d(root, inner_extra=evil_members())
+    record = build(ShardConfig(src=root, out=tmp_path / "out", workers=1, max_skipped_fraction=0.9).validate())
+    rejected = {Path(s["path"].split(":")[-1]).name: s["reason"] for s in record["skipped"] if "never read" in s["reason"]}
+    assert set(rejected) == {"evil.JPEG", "x.JPEG", "link.JPEG", "hard.JPEG", "pipe.JPEG"}
+    assert ".." in rejected["evil.JPEG"]
+    assert record["written"] == len(expected)
+    assert record["inputs"] == record["written"] + len(record["skipped"])
+
+
+def test_config_rejects_unknown_keys_and_bad_types(tmp_path: Path) -> None:
+    bad_key = run_module("shards", "--src", str(tmp_path), "--qualty", "80", check=False)
+    assert bad_key.returncode == 2 and "unknown key 'qualty'" in bad_key.stderr
+    bad_type = run_module("shards", "--src", str(tmp_path), "--quality", "high", check=False)
+    assert bad_type.returncode == 2 and "quality must be int" in bad_type.stderr
+    no_layout = run_module("shards", "--src", str(tmp_path), "--out", str(tmp_path / "o"), check=False)
+    assert no_layout.returncode == 1 and "train" in no_layout.stderr
