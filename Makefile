@@ -28,7 +28,7 @@ shards: setup ## shard ImageNet: make shards SRC=/path/to/imagenet OUT=data/shar
 	$(PY) -m shards --src $(SRC) --out $(OUT) $(ARGS)
 
 bench-shards: setup $(SAMPLE)/.complete ## images/s of `make shards` (1 process, all cores) vs a bare decode+resize+encode loop
-	$(PY) -m bench.shards --src $(SAMPLE) --report bench/shards.json
+	$(PY) -m bench.bench_shards --src $(SAMPLE) --report bench/shards.json
 
 demo: setup ## the main job on the sample data: sample data -> shards -> pipeline -> model
 	$(MAKE) --no-print-directory shards

@@ -110,10 +110,10 @@ def build(cfg: ShardConfig) -> dict:
             results[split] = write_split(cfg, split, sources, inventory.classes, str(inventory.root), pool, journal)
         record = _manifest_record(cfg, inventory, results)
         _check_skipped(cfg, record)
-        train_tars = [cfg.out / "train" / s["tar"] for s in results["train"].shards]
-        print(f"shards: computing dataset statistics over {len(train_tars)} training shards")
-        moments = stats.compute(train_tars, pool)
-    stats.write(cfg.out, moments, len(train_tars))
+        train = [(cfg.out / "train" / s["tar"], s["samples"]) for s in results["train"].shards]
+        print(f"shards: computing dataset statistics ({cfg.stats_images or 'all'} training images)")
+        moments = stats.compute(train, pool, cfg.stats_images)
+    stats.write(cfg.out, moments, sum(results["train"].class_counts))
     atomic_write_text(cfg.out / "manifest.json", json.dumps(record, indent=1) + "\n")
     print(summary(record, time.perf_counter() - started))
     return record

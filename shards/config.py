@@ -23,6 +23,7 @@ class ShardConfig:
     workers: int = 0  # decode/encode processes; 0 = one per core
     max_skipped_fraction: float = 0.001  # fail when more of the inputs than this are unusable
     chunk: int = 8  # images per task sent to a worker
+    stats_images: int = 20000  # training images the statistics are computed over (0: all)
 
     def validate(self) -> "ShardConfig":
         """Reject settings that cannot work, naming the key."""
@@ -34,8 +35,8 @@ class ShardConfig:
             raise ConfigError("set shard_samples and/or shard_bytes to a positive limit")
         if not 0 <= self.max_skipped_fraction <= 1:
             raise ConfigError(f"max_skipped_fraction must be within 0..1, got {self.max_skipped_fraction}")
-        if self.workers < 0 or self.chunk < 1:
-            raise ConfigError("workers must be >= 0 and chunk >= 1")
+        if self.workers < 0 or self.chunk < 1 or self.stats_images < 0:
+            raise ConfigError("workers and stats_images must be >= 0, chunk >= 1")
         return self
 
     @property

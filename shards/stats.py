@@ -72,11 +72,14 @@ class PixelMoments:
         }
 
 
-def shard_moments(tar_path: Path) -> PixelMoments:
-    """Decode every ``.jpg`` of one shard and sum its pixel moments."""
+def shard_moments(task: tuple[Path, int]) -> PixelMoments:
+    """Decode the first ``limit`` ``.jpg`` images of one shard and sum their pixel moments."""
+    tar_path, limit = task
     moments: PixelMoments | None = None
     with tarfile.open(tar_path) as tar:
         for member in tar:
+            if moments is not None and moments.images >= limit:
+                break
             if member.name.endswith(".jpg"):
                 data = tar.extractfile(member).read()  # type: ignore[union-attr]
                 rgb = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
@@ -85,10 +88,20 @@ def shard_moments(tar_path: Path) -> PixelMoments:
     return moments or PixelMoments()
 
 
-def compute(tar_paths: list[Path], pool: Pool) -> PixelMoments:
-    """Moments over all shards, one shard per task in ``pool``, summed in shard order."""
+def compute(shards: list[tuple[Path, int]], pool: Pool, images: int) -> PixelMoments:
+    """Moments over the first ``images`` samples (0: all) of ``(tar, samples)`` shards, in order.
+
+    The training split is shuffled globally before it is written, so its first N samples
+    are a uniform random sample of it: big datasets need not be decoded twice in full.
+    """
+    tasks, remaining = [], images or sum(n for _, n in shards)
+    for path, samples in shards:
+        if remaining <= 0:
+            break
+        tasks.append((path, min(samples, remaining)))
+        remaining -= samples
     total: PixelMoments | None = None
-    for part in pool.imap(shard_moments, tar_paths):
+    for part in pool.imap(shard_moments, tasks):
         if total is None:
             total = part
         else:
@@ -98,7 +111,7 @@ def compute(tar_paths: list[Path], pool: Pool) -> PixelMoments:
     return total
 
 
-def write(out: Path, moments: PixelMoments, shards: int) -> dict:
+def write(out: Path, moments: PixelMoments, split_images: int) -> dict:
     """Write ``stats.json`` and ``mean_image.npy`` under ``out``; returns the JSON record."""
     stats = moments.finish()
     buf = io.BytesIO()
@@ -106,8 +119,8 @@ def write(out: Path, moments: PixelMoments, shards: int) -> dict:
     atomic_write_bytes(out / "mean_image.npy", buf.getvalue())
     record = {
         "units": "pixel values 0..255, RGB; the mean image is HxWxC",
-        "computed_over": f"every pixel of all {moments.images} training images in {shards} shards, "
-        "decoded from the written shards",
+        "computed_over": f"every pixel of the first {moments.images} of {split_images} training images, decoded "
+        "from the written shards (the split is shuffled globally, so they are a uniform random sample)",
         "images": moments.images,
         "size": moments.size,
         "mean_image": "mean_image.npy",

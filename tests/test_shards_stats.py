@@ -60,3 +60,21 @@ def test_stats_json_from_known_pixels(tmp_path: Path) -> None:
     vec = np.array(stats["eigvec"])
     np.testing.assert_allclose(vec.T @ vec, np.eye(3), atol=1e-9)
     assert stats["images"] == 4 and "0..255" in stats["units"]
+
+
+def test_stats_over_a_uniform_sample_are_the_first_training_images(sample_src: Path, tmp_path: Path) -> None:
+    """With stats_images=N the statistics are exactly those of the first N (shuffled) train samples."""
+    import io
+
+    import webdataset as wds
+
+    from shards import manifest as contract
+
+    build(ShardConfig(src=sample_src, out=tmp_path, shard_samples=7, workers=2, stats_images=10).validate())
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    urls = [str(s.tar) for s in contract.load(tmp_path).splits["train"].shards]
+    first = [np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB"), dtype=np.float64)
+             for _, s in zip(range(10), wds.WebDataset(urls, shardshuffle=False))]
+    assert stats["images"] == 10 and "first 10 of 144" in stats["computed_over"]
+    np.testing.assert_allclose(np.load(tmp_path / "mean_image.npy"), np.mean(first, axis=0), atol=1e-4)
+    np.testing.assert_allclose(stats["mean"], np.mean(first, axis=(0, 1, 2)), rtol=1e-9)
