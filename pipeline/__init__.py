@@ -1,0 +1,81 @@
+"""Data pipeline: DALI training/evaluation loaders over the WebDataset shards, and a PyTorch fallback.
+
+The training service calls::
+
+    train = build_train_loader(shards_dir, rank, world_size, device, config)
+    val = build_eval_loader(shards_dir, rank, world_size, device, config, views=10)
+
+and iterates ``(images, labels)``; see ``average_views`` for 10-view evaluation.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipeline.config import LoaderConfig
+from pipeline.stats import DatasetStats, load_stats
+
+__all__ = ["LoaderConfig", "DatasetStats", "load_stats", "build_train_loader", "build_eval_loader",
+           "average_views", "dali_available"]
+
+
+def dali_available() -> bool:
+    """True if NVIDIA DALI imports (otherwise use ``pipeline.reference``)."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _spec(shards_dir: Path | str, split: str, rank: int, world_size: int, device: torch.device,
+          config: LoaderConfig, train: bool, views: int, debug: bool):
+    from shards.manifest import load  # the shard directory contract; fails early with a hint
+
+    from pipeline.graph import GraphSpec
+    from pipeline.views import eval_views
+
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    eval_views(views)  # validates ``views``
+    manifest = load(shards_dir, splits=(split,) if split == "train" else (split, "train"))
+    shards = manifest.splits[split].shards
+    return GraphSpec(
+        tars=tuple(str(s.tar) for s in shards), indexes=tuple(str(s.index) for s in shards),
+        stats=load_stats(manifest.stats_path), cfg=config.validate(), image_size=manifest.image_size,
+        shard_id=rank, num_shards=world_size, gpu=device.type == "cuda", train=train, views=views,
+        debug=debug)
+
+
+def build_train_loader(shards_dir: Path | str, rank: int = 0, world_size: int = 1,
+                       device: torch.device | str = "cpu", config: LoaderConfig | None = None,
+                       *, ids: bool = False):
+    """The training loader of one rank: random crop, flip, PCA lighting, mean subtraction.
+
+    Yields ``(images (N,3,224,224), labels (N,) int64)`` on ``device`` (``(.., ids)`` if ``ids``);
+    supports ``len()``, ``state_dict()`` and ``load_state_dict()``.
+    """
+    from pipeline.loader import DaliLoader
+
+    device = torch.device(device)
+    spec = _spec(shards_dir, "train", rank, world_size, device, config or LoaderConfig(), True, 1, False)
+    return DaliLoader(spec, device, rank, ids=ids)
+
+
+def build_eval_loader(shards_dir: Path | str, rank: int = 0, world_size: int = 1,
+                      device: torch.device | str = "cpu", config: LoaderConfig | None = None,
+                      *, views: int = 1, split: str = "val", ids: bool = False):
+    """The evaluation loader: centre crop (``views=1``, images (N,3,224,224)) or the paper's 10
+    views (``views=10``, images (N,10,3,224,224): 4 corners + centre, then the same flipped)."""
+    from pipeline.loader import DaliLoader
+
+    device = torch.device(device)
+    spec = _spec(shards_dir, split, rank, world_size, device, config or LoaderConfig(), False, views, False)
+    return DaliLoader(spec, device, rank, ids=ids)
+
+
+def average_views(logits: torch.Tensor, views: int) -> torch.Tensor:
+    """Mean softmax over the views of each image: logits (N*views, K) -> probabilities (N, K)."""
+    probs = torch.softmax(logits.float(), dim=1)
+    return probs.reshape(-1, views, probs.shape[1]).mean(dim=1)

@@ -1,0 +1,58 @@
+"""Loader configuration: one frozen dataclass shared by the DALI and the reference loaders."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+NORMALIZE_MODES = ("mean_image", "channel")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """How to read, augment and batch the shards (the same for every rank)."""
+
+    batch_size: int = 128
+    threads: int = 0  # DALI CPU threads (or reference workers); 0 = every core
+    seed: int = 0  # pipeline seed; each rank derives its own from (seed, rank)
+    shuffle_buffer: int = 1024  # DALI's initial_fill: local shuffle window, in samples
+    shuffle_shards: bool = True  # visit the tars in a new order every epoch
+    sigma: float = 0.1  # std of the PCA lighting draws alpha_j
+    normalize: str = "mean_image"  # "mean_image" (the paper) or "channel" (mean/std per channel)
+    dtype: str = "float32"  # output dtype; float16/bfloat16 only pay off on a GPU
+    crop: int = 224
+    prefetch: int = 2  # DALI prefetch_queue_depth (batches)
+    hw_decoder_load: float = 0.65  # share of JPEGs for the A100/H100 hardware decoder (mixed only)
+
+    def validate(self) -> LoaderConfig:
+        """Return self if every field makes sense, else raise ValueError naming the field."""
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0 = all cores), got {self.threads}")
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        if self.sigma < 0:
+            raise ValueError(f"sigma must be >= 0, got {self.sigma}")
+        if self.normalize not in NORMALIZE_MODES:
+            raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {self.normalize!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.crop < 1 or self.prefetch < 1:
+            raise ValueError("crop and prefetch must be >= 1")
+        return self
+
+    @property
+    def num_threads(self) -> int:
+        """Threads actually used: ``threads`` or, when 0, the number of usable cores."""
+        return self.threads or len(os.sched_getaffinity(0))
+
+    def replace(self, **changes) -> LoaderConfig:
+        """A copy with some fields changed (validated)."""
+        return replace(self, **changes).validate()
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The DALI pipeline seed of one rank: distinct per (seed, rank), stable across runs."""
+    # A large odd multiplier keeps (seed, rank) pairs from colliding for realistic values.
+    return (seed * 1_000_003 + rank * 7919 + 12345) % (2**31 - 1)

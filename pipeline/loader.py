@@ -1,0 +1,86 @@
+"""The PyTorch-facing DALI loader: (images, labels) batches on the target device, exact epochs,
+``len()`` in batches, and mid-epoch resume through DALI pipeline checkpointing."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+from pipeline.graph import READER, TRAIN_OUTPUTS, GraphSpec, build_pipeline
+
+STATE_VERSION = 1
+
+
+def device_id_for(device: torch.device) -> int | None:
+    """DALI's device_id: None (CPU-only mode, no CUDA at all) unless ``device`` is a GPU."""
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+class DaliLoader:
+    """Iterate one rank's part of a split; every sample of the split once per epoch over all ranks.
+
+    The reader pads the last batch (so all ranks run in lockstep) and the iterator's PARTIAL
+    policy cuts the padding off, so padded samples never reach the consumer.
+    """
+
+    def __init__(self, spec: GraphSpec, device: torch.device | str = "cpu", rank: int = 0,
+                 ids: bool = False) -> None:
+        self.spec, self.rank, self.ids = spec, rank, ids
+        self.device = torch.device(device)
+        self.epoch = 0
+        self._batches = 0  # batches delivered in the current epoch
+        self._it = self._iterator(None)
+
+    def _iterator(self, checkpoint: str | None) -> DALIGenericIterator:
+        pipe = build_pipeline(self.spec, device_id_for(self.device), self.rank, checkpoint)
+        return DALIGenericIterator(
+            [pipe], list(TRAIN_OUTPUTS), reader_name=READER, last_batch_policy=LastBatchPolicy.PARTIAL,
+            auto_reset=True, prepare_first_batch=False)
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (the last one may be short)."""
+        return len(self._it)
+
+    @property
+    def samples(self) -> int:
+        """Real samples this rank delivers per epoch (padding excluded)."""
+        return int(self._it.size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Yield ``(images, labels)`` (``(images, labels, ids)`` with ``ids=True``) until the epoch ends."""
+        for batch in self._it:
+            out = batch[0]
+            images = out["images"]
+            if self.spec.cfg.dtype == "bfloat16":  # DALI has no bfloat16; convert where the data is
+                images = images.to(torch.bfloat16)
+            labels = out["labels"].reshape(-1).to(self.device, non_blocking=True)
+            self._batches += 1
+            if self.ids:
+                yield images, labels, out["ids"].reshape(-1).to(self.device, non_blocking=True)
+            else:
+                yield images, labels
+        self.epoch += 1
+        self._batches = 0
+
+    def state_dict(self) -> dict:
+        """The loader's position (a DALI checkpoint, taken after the last batch handed out)."""
+        if not self.spec.train:
+            raise ValueError("only the training loader is checkpointed (evaluation restarts from the top)")
+        return {"version": STATE_VERSION, "dali": self._it.checkpoints()[0], "epoch": self.epoch,
+                "batches": self._batches, "rank": self.rank, "num_shards": self.spec.num_shards,
+                "seed": self.spec.cfg.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where ``state`` was taken (same shards, ranks and config)."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')!r}, expected {STATE_VERSION}")
+        mine = {"rank": self.rank, "num_shards": self.spec.num_shards, "seed": self.spec.cfg.seed}
+        theirs = {k: state.get(k) for k in mine}
+        if mine != theirs:
+            raise ValueError(f"loader state was saved with {theirs}, this loader has {mine}")
+        self._it = self._iterator(state["dali"])
+        self.epoch, self._batches = int(state["epoch"]), int(state["batches"])

@@ -1,0 +1,162 @@
+"""The reference loader in plain PyTorch: webdataset + Pillow(-SIMD) + DataLoader workers.
+
+Same augmentations as the DALI graph (pipeline.graph): integer crop anchors 0..(256-224) equally
+likely, flip with p=0.5, PCA lighting ``offset = L @ alpha`` (pipeline.stats), mean subtraction
+at the crop's position, CHW float32.  It is the fallback where DALI is missing and the oracle the
+tests compare DALI against.  Ranks split a split by sample key (key number mod world size).
+"""
+from __future__ import annotations
+
+import io
+import math
+import random
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from pipeline.config import LoaderConfig, rank_seed
+from pipeline.stats import DatasetStats, load_stats
+from pipeline.views import anchor, crop_hwc, eval_views
+
+_RNG: np.random.Generator | None = None  # one per DataLoader worker, seeded by torch
+
+
+def _seed_worker(_: int) -> None:
+    global _RNG
+    _RNG = np.random.default_rng(torch.initial_seed() % 2**63)
+
+
+def key_number(key: str) -> int:
+    """The sample number in a key like ``train-00000123``."""
+    return int(key.rsplit("-", 1)[1])
+
+
+def index_keys(index_path: Path | str) -> list[str]:
+    """Sample keys listed in a DALI ``.idx`` file (member names without their extension)."""
+    lines = Path(index_path).read_text().splitlines()[1:]
+    return [line.split()[3].split(".", 1)[0] for line in lines if line.strip()]
+
+
+def decode(jpeg: bytes) -> np.ndarray:
+    """HWC uint8 RGB pixels of one JPEG."""
+    with Image.open(io.BytesIO(jpeg)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+class Transform:
+    """Decode and augment one sample (a webdataset dict) into (image, label, id)."""
+
+    def __init__(self, stats: DatasetStats, cfg: LoaderConfig, train: bool, views: int) -> None:
+        self.stats, self.cfg, self.train, self.views = stats, cfg, train, views
+        self.lighting = stats.lighting_matrix.astype(np.float32)
+
+    def _normalize(self, crop: np.ndarray, mean_crop: np.ndarray, offset: np.ndarray) -> np.ndarray:
+        if self.cfg.normalize == "channel":
+            out = (crop.astype(np.float32) + offset - self.stats.mean) / self.stats.std
+        else:
+            out = crop.astype(np.float32) - mean_crop + offset
+        return np.ascontiguousarray(out.transpose(2, 0, 1), dtype=np.float32)
+
+    def _crop(self, image: np.ndarray, x0: int, y0: int, mirror: bool, offset: np.ndarray) -> np.ndarray:
+        c = self.cfg.crop
+        return self._normalize(crop_hwc(image, x0, y0, c, mirror),
+                               crop_hwc(self.stats.mean_image, x0, y0, c, mirror), offset)
+
+    def __call__(self, sample: dict) -> tuple[torch.Tensor, int, int]:
+        global _RNG
+        image = decode(sample["jpg"])
+        h, w = image.shape[:2]
+        c, zero = self.cfg.crop, np.zeros(3, np.float32)
+        if self.train:
+            rng = _RNG if _RNG is not None else (_RNG := np.random.default_rng(self.cfg.seed))
+            x0, y0 = (int(v) for v in rng.integers(0, [w - c + 1, h - c + 1]))
+            mirror = bool(rng.random() < 0.5)
+            offset = (self.lighting @ rng.normal(0.0, self.cfg.sigma, 3)).astype(np.float32)
+            out = self._crop(image, x0, y0, mirror, offset)
+        else:
+            crops = [self._crop(image, anchor(x, w, c), anchor(y, h, c), bool(m), zero)
+                     for x, y, m in eval_views(self.views)]
+            out = crops[0] if self.views == 1 else np.stack(crops)
+        return torch.from_numpy(out), int(sample["cls"]), key_number(sample["__key__"])
+
+
+class ReferenceLoader:
+    """DataLoader over one rank's samples; the same interface as ``pipeline.loader.DaliLoader``
+    (without checkpointing)."""
+
+    def __init__(self, tars: list[str], keys: list[str], stats: DatasetStats, cfg: LoaderConfig,
+                 rank: int = 0, world_size: int = 1, train: bool = True, views: int = 1,
+                 ids: bool = False, device: torch.device | str = "cpu") -> None:
+        self.tars, self.cfg, self.rank, self.world_size = tars, cfg, rank, world_size
+        self.train, self.ids, self.device = train, ids, torch.device(device)
+        self.transform = Transform(stats, cfg, train, views)
+        self.samples = sum(1 for k in keys if key_number(k) % world_size == rank)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return math.ceil(self.samples / self.cfg.batch_size)
+
+    def _dataset(self, rng: np.random.Generator) -> wds.WebDataset:
+        urls = list(self.tars)
+        if self.train and self.cfg.shuffle_shards:
+            rng.shuffle(urls)
+        mine = lambda s: key_number(s["__key__"]) % self.world_size == self.rank  # noqa: E731
+        ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, empty_check=False).select(mine)
+        if self.train:
+            ds = ds.shuffle(self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer,
+                            rng=random.Random(int(rng.integers(2**62))))
+        return ds.map(self.transform)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        seed = rank_seed(self.cfg.seed, self.rank) * 1009 + self.epoch
+        rng = np.random.default_rng(seed)
+        workers = min(self.cfg.num_threads, len(self.tars))
+        loader = torch.utils.data.DataLoader(
+            self._dataset(rng), batch_size=self.cfg.batch_size, num_workers=workers,
+            worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(seed),
+            persistent_workers=False, prefetch_factor=4 if workers else None)
+        if workers == 0:
+            _seed_worker(0)
+        for images, labels, ids in _rebatch(loader, self.cfg.batch_size):
+            images = images.to(self.device)
+            labels = labels.to(self.device)
+            yield (images, labels, ids.to(self.device)) if self.ids else (images, labels)
+        self.epoch += 1
+
+
+def _rebatch(batches, size: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Full batches of ``size`` from the workers' batches (each worker ends on a short one),
+    so that ``len()`` holds and only the epoch's last batch is short."""
+    pending: list[tuple[torch.Tensor, ...]] = []
+    held = 0
+    for batch in batches:
+        pending.append(batch)
+        held += len(batch[1])
+        while held >= size:
+            joined = [torch.cat(parts) for parts in zip(*pending)]
+            yield tuple(t[:size] for t in joined)
+            rest = tuple(t[size:] for t in joined)
+            held -= size
+            pending = [rest] if held else []
+    if held:
+        yield tuple(torch.cat(parts) for parts in zip(*pending))
+
+
+def build_reference_loader(shards_dir: Path | str, rank: int = 0, world_size: int = 1,
+                           device: torch.device | str = "cpu", config: LoaderConfig | None = None,
+                           *, train: bool = True, views: int = 1, split: str | None = None,
+                           ids: bool = False) -> ReferenceLoader:
+    """The plain-PyTorch loader for ``split`` (default: train if ``train`` else val)."""
+    from shards.manifest import load
+
+    split = split or ("train" if train else "val")
+    cfg = (config or LoaderConfig()).validate()
+    manifest = load(shards_dir, splits=(split, "train") if split != "train" else ("train",))
+    shards = manifest.splits[split].shards
+    keys = [k for s in shards for k in index_keys(s.index)]
+    return ReferenceLoader([str(s.tar) for s in shards], keys, load_stats(manifest.stats_path), cfg,
+                           rank, world_size, train, views, ids, device)
