@@ -1,0 +1,56 @@
+"""Typed configuration: TOML + --key value overrides, unknown keys and wrong types rejected."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from common.config import ConfigError, load_config, split_config_arg
+
+
+@dataclass(frozen=True)
+class Optim:
+    lr: float = 0.01
+    nesterov: bool = False
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str = "x"
+    steps: int = 10
+    out: Path = Path("runs")
+    devices: tuple[str, ...] = ("cpu",)
+    dtype: str | None = None
+    optim: Optim = field(default_factory=Optim)
+
+
+def test_defaults_then_toml_then_flags(tmp_path: Path) -> None:
+    toml = tmp_path / "job.toml"
+    toml.write_text('name = "from-toml"\nsteps = 5\n[optim]\nlr = 0.1\n')
+    cfg = load_config(Job, toml, ["--steps", "7", "--optim.nesterov=true", "--devices", "cuda:0,cuda:1"])
+    assert cfg == Job(name="from-toml", steps=7, devices=("cuda:0", "cuda:1"), optim=Optim(lr=0.1, nesterov=True))
+    assert load_config(Job, None, ["--dtype", "none"]).dtype is None
+    assert split_config_arg(["--config", "a.toml", "--steps", "3"]) == (Path("a.toml"), ["--steps", "3"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--stpes", "3"], "unknown key 'stpes'"),
+    (["--optim.momentum", "0.9"], "unknown key 'optim.momentum'"),
+    (["--steps", "three"], "steps must be int"),
+    (["--optim.nesterov", "maybe"], "optim.nesterov must be true or false"),
+    (["--steps"], "needs a value"),
+])
+def test_bad_flags_are_rejected_by_name(args: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(Job, None, args)
+
+
+def test_bad_toml_is_rejected_naming_the_file(tmp_path: Path) -> None:
+    toml = tmp_path / "bad.toml"
+    toml.write_text("steps = 'ten'\n")
+    with pytest.raises(ConfigError, match=f"{toml}: steps must be int"):
+        load_config(Job, toml)
+    toml.write_text("[optim\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(Job, toml)

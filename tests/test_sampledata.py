@@ -1,0 +1,85 @@
+"""The embedded sample dataset: ImageNet's layout and quirks, deterministic, learnable but not by colour."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sampledata.generate import SampleConfig, generate
+
+
+@pytest.fixture(scope="module")
+def default_sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("default-sample")
+    generate(SampleConfig(out=out))
+    return out
+
+
+def test_layout_sizes_and_quirks(default_sample: Path) -> None:
+    train = sorted(default_sample.glob("train/*/*.JPEG"))
+    val = sorted(default_sample.glob("val/*/*.JPEG"))
+    assert len(train) == 12 * 60 and len(val) == 12 * 10
+    assert all(p.name.startswith(p.parent.name + "_") for p in train)
+    assert all(p.name.startswith("ILSVRC2012_val_") for p in val)
+    classes = sorted(p.name for p in (default_sample / "train").iterdir())
+    assert classes == sorted(p.name for p in (default_sample / "val").iterdir()) and len(classes) == 12
+    kinds = {}
+    sizes = []
+    for p in train + val:
+        with Image.open(p) as img:
+            kinds.setdefault((img.format, img.mode), []).append(p)
+            sizes.append(img.size)
+    assert len(kinds[("JPEG", "CMYK")]) == 1 and len(kinds[("PNG", "RGB")]) == 1 and len(kinds[("JPEG", "L")]) == 1
+    long_sides = np.array([max(s) for s in sizes])
+    assert np.median(long_sides) == pytest.approx(460, abs=60), "ImageNet-like: about 500x375"
+    assert 0.05 < np.mean(long_sides > 1000) < 0.2, "some images above 1000 px"
+
+
+def test_deterministic_for_a_seed(tmp_path: Path) -> None:
+    small = dict(classes=3, train_per_class=3, val_per_class=1)
+    trees = []
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        generate(SampleConfig(out=tmp_path / name, seed=seed, **small))
+        trees.append({str(p.relative_to(tmp_path / name)): p.read_bytes()
+                      for p in sorted((tmp_path / name).rglob("*.JPEG"))})
+    assert trees[0] == trees[1]
+    assert trees[0].keys() == trees[2].keys() and trees[0] != trees[2]
+
+
+def _features(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(mean colour, a colour-blind texture descriptor: gradient orientation and magnitude histograms)."""
+    img = Image.open(path)
+    img.draft("RGB", (128, 128))
+    a = np.asarray(img.convert("RGB").resize((64, 64)), dtype=np.float64)
+    gray = a.mean(axis=2)
+    gray = (gray - gray.mean()) / (gray.std() + 1e-6)
+    gx, gy = np.diff(gray, axis=1)[:-1], np.diff(gray, axis=0)[:, :-1]
+    mag = np.hypot(gx, gy)
+    orient = np.histogram(np.arctan2(gy, gx), bins=8, range=(-np.pi, np.pi), weights=mag)[0]
+    strength = np.histogram(mag, bins=8, range=(0, 4))[0]
+    return a.mean(axis=(0, 1)), np.concatenate([orient / orient.sum(), strength / strength.sum()])
+
+
+def _nearest_centroid_accuracy(train: np.ndarray, ytrain: np.ndarray, val: np.ndarray, yval: np.ndarray) -> float:
+    mu, sd = train.mean(0), train.std(0) + 1e-9
+    train, val = (train - mu) / sd, (val - mu) / sd
+    centroids = np.stack([train[ytrain == c].mean(0) for c in np.unique(ytrain)])
+    guess = ((val[:, None] - centroids[None]) ** 2).sum(-1).argmin(1)
+    return float((guess == yval).mean())
+
+
+def test_learnable_but_not_from_mean_colour(default_sample: Path) -> None:
+    data = {}
+    for split in ("train", "val"):
+        paths = sorted(default_sample.glob(f"{split}/*/*.JPEG"))
+        labels = np.array([sorted(p.name for p in (default_sample / split).iterdir()).index(p.parent.name) for p in paths])
+        colour, texture = zip(*(_features(p) for p in paths))
+        data[split] = (np.array(colour), np.array(texture), labels)
+    (c_tr, t_tr, y_tr), (c_va, t_va, y_va) = data["train"], data["val"]
+    chance = 1 / 12
+    by_colour = _nearest_centroid_accuracy(c_tr, y_tr, c_va, y_va)
+    by_texture = _nearest_centroid_accuracy(t_tr, y_tr, t_va, y_va)
+    assert by_colour < 0.45, f"mean colour alone gives {by_colour:.0%}: the colour shifts are too weak"
+    assert by_texture > 0.7 and by_texture > 8 * chance, f"a colour-blind texture feature gives only {by_texture:.0%}"
