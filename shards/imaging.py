@@ -60,7 +60,8 @@ def _to_rgb(img: Image.Image) -> tuple[Image.Image, str | None]:
         return img, None
     if mode in ("I;16", "I;16B", "I;16L", "I"):
         a = np.asarray(img, dtype=np.float64)
-        scale = 257.0 if a.max(initial=0) > 255 else 1.0
+        # I;16 is 16-bit by definition; plain I (32-bit) is treated as 16-bit when values exceed 8 bits.
+        scale = 257.0 if mode.startswith("I;16") or a.max(initial=0) > 255 else 1.0
         gray = Image.fromarray(np.clip(a / scale + 0.5, 0, 255).astype(np.uint8))
         return gray.convert("RGB"), f"{mode} (16-bit) scaled to 8-bit RGB"
     if mode == "F":

@@ -31,6 +31,14 @@ def _png16() -> bytes:
     return buf.getvalue()
 
 
+def _alpha(mode: str) -> bytes:
+    rgba = Image.new("RGBA", (300, 280), (255, 0, 0, 0))
+    rgba.paste((0, 0, 255, 255), (0, 0, 150, 280))
+    buf = io.BytesIO()
+    (rgba if mode == "RGBA" else rgba.convert("P")).save(buf, "PNG")
+    return buf.getvalue()
+
+
 # file name -> (bytes, where it must end up: written / converted / skipped / ignored)
 CORPUS: dict[str, tuple[bytes, str]] = {
     f"train/{A}/good_1.JPEG": (_jpeg(seed=1), "written"),
@@ -42,6 +50,8 @@ CORPUS: dict[str, tuple[bytes, str]] = {
     f"train/{A}/png.JPEG": (_jpeg(seed=6, fmt="PNG"), "converted:PNG file"),
     f"train/{B}/gray.JPEG": (_jpeg(mode="L", seed=7), "converted:grayscale"),
     f"train/{B}/sixteen.JPEG": (_png16(), "converted:I;16"),
+    f"train/{B}/rgba.JPEG": (_alpha("RGBA"), "converted:RGBA with alpha flattened onto white"),
+    f"train/{B}/palette.JPEG": (_alpha("P"), "converted:P with alpha flattened onto white"),
     f"train/{B}/tiny.JPEG": (_jpeg(size=(10, 10), seed=8), "converted:tiny image upscaled from 10x10"),
     f"train/{B}/huge.JPEG": (_jpeg(size=(6000, 4000), seed=9), "written"),
     f"train/{B}/.DS_Store": (b"\x00\x00\x00\x01Bud1", "ignored"),
@@ -82,14 +92,14 @@ def test_every_bad_input_ends_where_it_should(corpus: Path, tmp_path: Path) -> N
     images = [n for n, (_, fate) in CORPUS.items() if fate != "ignored"]
     assert record["inputs"] == len(images) == record["written"] + len(record["skipped"])
     assert record["written"] == sum(1 for n in images if not CORPUS[n][1].startswith("skipped"))
-    assert record["splits"]["train"]["class_counts"] == [4, 4] and record["splits"]["val"]["class_counts"] == [1, 1]
+    assert record["splits"]["train"]["class_counts"] == [4, 6] and record["splits"]["val"]["class_counts"] == [1, 1]
 
 
 def test_too_many_skipped_fails_with_the_reason(corpus: Path, tmp_path: Path) -> None:
     result = run_module("shards", "--src", str(corpus), "--out", str(tmp_path), "--max_skipped_fraction", "0.1",
                         check=False)
     assert result.returncode == 1
-    assert "4 of 14 inputs" in result.stderr and "max_skipped_fraction" in result.stderr
+    assert "4 of 16 inputs" in result.stderr and "max_skipped_fraction" in result.stderr
     assert not (tmp_path / "manifest.json").exists()
     skipped = json.loads((tmp_path / "skipped.json").read_text())
     assert {Path(s["path"]).name for s in skipped} == {"zero.JPEG", "truncated.JPEG", "random.JPEG", "unknown.JPEG"}
@@ -116,3 +126,25 @@ def test_config_rejects_unknown_keys_and_bad_types(tmp_path: Path) -> None:
     assert bad_type.returncode == 2 and "quality must be int" in bad_type.stderr
     no_layout = run_module("shards", "--src", str(tmp_path), "--out", str(tmp_path / "o"), check=False)
     assert no_layout.returncode == 1 and "train" in no_layout.stderr
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P"])
+def test_transparent_pixels_become_white(mode: str) -> None:
+    from shards.imaging import prepare
+
+    out = np.asarray(Image.open(io.BytesIO(prepare(_alpha(mode)).jpeg)), dtype=np.int16)
+    assert out.shape == (256, 256, 3)
+    # Left half opaque blue, right half fully transparent red -> white (centre crop keeps both).
+    assert np.abs(out[128, 20] - [0, 0, 255]).max() < 8
+    assert np.abs(out[128, 235] - [255, 255, 255]).max() < 8
+
+
+def test_sixteen_bit_is_scaled_not_clipped() -> None:
+    from shards.imaging import prepare
+
+    a = np.linspace(0, 65535, 300 * 280).reshape(280, 300).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "PNG")
+    out = np.asarray(Image.open(io.BytesIO(prepare(buf.getvalue()).jpeg)), dtype=np.float64)
+    # The full 16-bit range maps onto 0..255: dark at the top, bright at the bottom, not all white.
+    assert out[2].mean() < 40 and out[-3].mean() > 215
