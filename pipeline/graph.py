@@ -49,6 +49,7 @@ def _reader(spec: GraphSpec):
         random_shuffle=spec.train, initial_fill=spec.cfg.shuffle_buffer,
         **_shard_order(spec),
         shard_id=spec.shard_id, num_shards=spec.num_shards,
+        stick_to_shard=not spec.train,  # eval: each rank always reads the same part
         pad_last_batch=True,  # every rank runs the same number of batches; the iterator drops pads
         name=READER,
     )

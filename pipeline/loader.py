@@ -2,6 +2,7 @@
 ``len()`` in batches, and mid-epoch resume through DALI pipeline checkpointing."""
 from __future__ import annotations
 
+import base64
 from typing import Iterator
 
 import torch
@@ -20,11 +21,24 @@ def device_id_for(device: torch.device) -> int | None:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
+def _encode(checkpoint: bytes | str) -> str:
+    """DALI checkpoints are bytes; keep the state JSON-serialisable."""
+    raw = checkpoint.encode() if isinstance(checkpoint, str) else checkpoint
+    return base64.b64encode(raw).decode("ascii")
+
+
+def _decode(text: str) -> bytes:
+    return base64.b64decode(text.encode("ascii"))
+
+
 class DaliLoader:
     """Iterate one rank's part of a split; every sample of the split once per epoch over all ranks.
 
     The reader pads the last batch (so all ranks run in lockstep) and the iterator's PARTIAL
-    policy cuts the padding off, so padded samples never reach the consumer.
+    policy cuts the padding off, so padded samples never reach the consumer.  Consequence: with
+    uneven shards a rank's last batch is short and may even be EMPTY (0 samples); every rank
+    still yields ``len()`` batches, so collective ops stay in step.  Consumers must weight
+    losses/metrics by the batch's sample count (and skip the forward pass on an empty batch).
     """
 
     def __init__(self, spec: GraphSpec, device: torch.device | str = "cpu", rank: int = 0,
@@ -47,8 +61,13 @@ class DaliLoader:
 
     @property
     def samples(self) -> int:
-        """Real samples this rank delivers per epoch (padding excluded)."""
-        return int(self._it.size)
+        """Real samples this rank delivers in the current epoch (padding excluded).
+
+        With uneven shards this differs between ranks (and, for training, between epochs: DALI
+        moves each rank to the next shard every epoch); ``len()`` is the same on every rank.
+        """
+        # DALI 2.4 keeps the per-shard sizes and the current shard on the iterator (pinned version).
+        return int(self._it._shard_sizes_per_gpu_initial[self._it._shards_id[0]])
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         """Yield ``(images, labels)`` (``(images, labels, ids)`` with ``ids=True``) until the epoch ends."""
@@ -70,7 +89,7 @@ class DaliLoader:
         """The loader's position (a DALI checkpoint, taken after the last batch handed out)."""
         if not self.spec.train:
             raise ValueError("only the training loader is checkpointed (evaluation restarts from the top)")
-        return {"version": STATE_VERSION, "dali": self._it.checkpoints()[0], "epoch": self.epoch,
+        return {"version": STATE_VERSION, "dali": _encode(self._it.checkpoints()[0]), "epoch": self.epoch,
                 "batches": self._batches, "rank": self.rank, "num_shards": self.spec.num_shards,
                 "seed": self.spec.cfg.seed}
 
@@ -82,5 +101,5 @@ class DaliLoader:
         theirs = {k: state.get(k) for k in mine}
         if mine != theirs:
             raise ValueError(f"loader state was saved with {theirs}, this loader has {mine}")
-        self._it = self._iterator(state["dali"])
+        self._it = self._iterator(_decode(state["dali"]))
         self.epoch, self._batches = int(state["epoch"]), int(state["batches"])

@@ -1,0 +1,177 @@
+"""The PyTorch-facing loaders: exact epochs over 1 and 2 ranks, resume, reference agreement."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import LoaderConfig, average_views, build_eval_loader, build_train_loader
+from pipeline.reference import build_reference_loader, index_keys, key_number
+from shards.manifest import load
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG = LoaderConfig(batch_size=32, threads=2, shuffle_buffer=64)
+
+# Run in a fresh interpreter: one rank of a training run (optionally resuming from a state file).
+WORKER = r"""
+import json, sys
+from pipeline import LoaderConfig, build_train_loader
+shards, rank, world, epochs, stop, save, resume = sys.argv[1:8]
+cfg = LoaderConfig(batch_size=32, threads=2, shuffle_buffer=64)
+loader = build_train_loader(shards, int(rank), int(world), "cpu", cfg, ids=True)
+if resume != "-":
+    loader.load_state_dict(json.load(open(resume)))
+out = {"len": len(loader), "epochs": []}
+for epoch in range(int(epochs)):
+    ids = []
+    for b, (images, labels, i) in enumerate(loader):
+        assert images.shape[1:] == (3, 224, 224) and images.dtype.is_floating_point
+        ids += i.tolist()
+        if epoch == 0 and int(stop) == b + 1 and save != "-":
+            json.dump(loader.state_dict(), open(save, "w"))
+            print(json.dumps({"before": ids}), flush=True)
+            ids = []
+    out["epochs"].append(ids)
+print(json.dumps(out))
+"""
+
+
+def run_worker(*args: object) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-c", WORKER, *map(str, args)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> list[dict]:
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def split_ids(shards: Path, split: str) -> list[int]:
+    return sorted(key_number(k) for s in load(shards).splits[split].shards for k in index_keys(s.index))
+
+
+def test_one_rank_every_sample_once_per_epoch_and_order_changes(sample_shards):
+    loader = build_train_loader(sample_shards, config=CFG, ids=True)
+    manifest = load(sample_shards)
+    assert len(loader) == 5  # 144 samples / 32, the last batch short
+    epochs = []
+    for _ in range(2):
+        ids, counts = [], Counter()
+        for images, labels, i in loader:
+            assert images.dtype == torch.float32 and labels.dtype == torch.int64
+            ids += i.tolist()
+            counts.update(labels.tolist())
+        assert sorted(ids) == split_ids(sample_shards, "train")
+        assert [counts[c] for c in range(manifest.num_classes)] == list(manifest.splits["train"].class_counts)
+        epochs.append(ids)
+    assert epochs[0] != epochs[1]
+
+
+def test_two_ranks_in_separate_processes_cover_the_split_exactly(sample_shards):
+    procs = [run_worker(sample_shards, rank, 2, 2, 0, "-", "-") for rank in (0, 1)]
+    results = [finish(p)[-1] for p in procs]
+    for epoch in range(2):
+        union = sorted(results[0]["epochs"][epoch] + results[1]["epochs"][epoch])
+        assert union == split_ids(sample_shards, "train")
+    assert all(r["len"] == 3 for r in results)  # 72 samples per rank
+
+
+def test_uneven_ranks_padding_never_delivered(sample_shards):
+    """36 val samples over 5 ranks (7,7,7,7,8), batch 7: the reader pads, the iterator drops
+    the pads; every rank yields 2 batches, the 7-sample ranks an empty second one."""
+    seen = []
+    for rank in range(5):
+        loader = build_eval_loader(sample_shards, rank, 5, "cpu", LoaderConfig(batch_size=7, threads=1), ids=True)
+        sizes = [len(batch) for _, _, batch in loader]
+        assert sizes == ([7, 1] if rank == 4 else [7, 0]) and len(loader) == 2
+        for _ in range(2):  # the same part every epoch
+            ids = [i for _, _, batch in loader for i in batch.tolist()]
+            assert len(ids) == loader.samples == (8 if rank == 4 else 7)
+        seen += ids
+    assert sorted(seen) == split_ids(sample_shards, "val")
+
+
+def test_resume_mid_epoch_in_a_new_process(sample_shards, tmp_path):
+    state = tmp_path / "state.json"
+    first = finish(run_worker(sample_shards, 0, 1, 2, 2, state, "-"))
+    before, full = first[0]["before"], first[1]["epochs"]
+    resumed = finish(run_worker(sample_shards, 0, 1, 2, 0, "-", state))[-1]["epochs"]
+    # The resumed process continues with exactly the uninterrupted sequence (rest of epoch 0, then epoch 1).
+    assert resumed[0] == full[0]
+    assert sorted(before + resumed[0]) == split_ids(sample_shards, "train")
+    assert resumed[1] == full[1]
+
+
+def test_same_seed_same_batches_other_seed_differs(sample_shards):
+    def first(seed: int, rank: int = 0) -> torch.Tensor:
+        return next(iter(build_train_loader(sample_shards, rank, 2, "cpu", CFG.replace(seed=seed))))[0]
+
+    a = first(1)
+    assert torch.equal(a, first(1))
+    assert not torch.equal(a, first(2))
+    assert not torch.equal(a, first(1, rank=1))
+
+
+def test_state_dict_rejects_other_ranks(sample_shards):
+    state = build_train_loader(sample_shards, 0, 2, "cpu", CFG).state_dict()
+    with pytest.raises(ValueError, match="rank"):
+        build_train_loader(sample_shards, 1, 2, "cpu", CFG).load_state_dict(state)
+
+
+@pytest.mark.parametrize("views", [1, 10])
+def test_dali_eval_matches_reference_loader(sample_shards, views):
+    """Deterministic views: DALI and Pillow decode the same JPEGs to within IDCT rounding."""
+    cfg = LoaderConfig(batch_size=12, threads=2)
+    dali = {i: x for images, _, ids in build_eval_loader(sample_shards, config=cfg, views=views, ids=True)
+            for i, x in zip(ids.tolist(), images)}
+    ref = {i: x for images, _, ids in build_reference_loader(sample_shards, config=cfg, train=False, views=views,
+                                                             ids=True) for i, x in zip(ids.tolist(), images)}
+    assert dali.keys() == ref.keys() and len(dali) == 36
+    diff = torch.stack([(dali[i] - ref[i]).abs() for i in dali])
+    assert diff.mean() < 1.0 and diff.max() <= 16.0, (diff.mean(), diff.max())
+
+
+def test_reference_train_loader_exact_epochs_and_two_ranks(sample_shards):
+    seen = []
+    for rank in (0, 1):
+        loader = build_reference_loader(sample_shards, rank, 2, config=CFG, ids=True)
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        assert all(x.shape[1:] == (3, 224, 224) and x.dtype == torch.float32 for x, _, _ in batches)
+        seen += [i for _, _, ids in batches for i in ids.tolist()]
+    assert sorted(seen) == split_ids(sample_shards, "train")
+
+
+def test_reference_train_transform_matches_its_draws(sample_shards):
+    import pipeline.reference as ref
+    from pipeline.stats import lighting_offset
+    from pipeline.views import crop_hwc
+
+    loader = build_reference_loader(sample_shards, config=CFG)
+    tar = load(sample_shards).splits["train"].shards[0].tar
+    import webdataset as wds
+    sample = next(iter(wds.WebDataset(str(tar), shardshuffle=False, empty_check=False)))
+    ref._RNG = np.random.default_rng(7)
+    image, _, _ = loader.transform(sample)
+    rng = np.random.default_rng(7)
+    x0, y0 = rng.integers(0, [33, 33])
+    mirror, alpha = rng.random() < 0.5, rng.normal(0.0, CFG.sigma, 3)
+    stats = loader.transform.stats
+    expected = crop_hwc(ref.decode(sample["jpg"]) - stats.mean_image, x0, y0, 224, mirror) + lighting_offset(stats, alpha)
+    np.testing.assert_allclose(image.numpy(), expected.transpose(2, 0, 1), atol=1e-3)
+
+
+def test_average_views():
+    logits = torch.randn(3 * 10, 5)
+    probs = average_views(logits, 10)
+    assert probs.shape == (3, 5)
+    torch.testing.assert_close(probs[1], torch.softmax(logits[10:20], 1).mean(0))
