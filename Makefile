@@ -1,41 +1,50 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Both bootstrap .venv.
 SHELL := /bin/bash
 PY := .venv/bin/python
-SETUP_STAMP := .venv/.setup-done
 SAMPLE ?= data/sample
 SRC ?= $(SAMPLE)
 OUT ?= data/shards
 SHARDS ?= data/shards
 REPORT ?= bench/pipeline.json
 ARGS ?=
+TRAIN_ARGS ?=
+# The sample data gets small shards (configs/shards-sample.toml); real datasets the defaults.
+SHARD_CONFIG := $(if $(filter $(SAMPLE),$(SRC)),--config configs/shards-sample.toml,)
 
-.PHONY: setup sample-data shards bench-shards bench-pipeline bench-model demo test clean help
+.PHONY: help setup sample-data shards bench-shards bench-pipeline bench-model preview demo test clean
 
-help:
+help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/' | column -t -s $$'\t'
 
 setup: ## create .venv with the pinned dependencies (Pillow-SIMD from source); idempotent
 	@bash scripts/setup.sh
 
-$(SAMPLE)/.complete: | setup
-	$(PY) -m sampledata --out $(SAMPLE)
-
 sample-data: setup ## generate the embedded ImageNet-shaped sample dataset into data/sample
 	$(PY) -m sampledata --out $(SAMPLE)
 
-shards: setup ## shard ImageNet: make shards SRC=/path/to/imagenet OUT=data/shards
-	@if [ "$(SRC)" = "$(SAMPLE)" ]; then $(MAKE) --no-print-directory $(SAMPLE)/.complete; fi
-	$(PY) -m shards --src $(SRC) --out $(OUT) $(ARGS)
+shards: setup ## shard ImageNet: make shards SRC=/path/to/imagenet OUT=data/shards [ARGS="--key value"]
+	@if [ "$(SRC)" = "$(SAMPLE)" ]; then $(PY) -m sampledata --out $(SAMPLE); fi
+	$(PY) -m shards --src $(SRC) --out $(OUT) $(SHARD_CONFIG) $(ARGS)
 
-bench-shards: setup $(SAMPLE)/.complete ## images/s of `make shards` (1 process, all cores) vs a bare decode+resize+encode loop
+bench-shards: setup ## images/s of make shards (1 process, all cores) next to a bare decode+resize+encode loop
+	$(PY) -m sampledata --out $(SAMPLE)
 	$(PY) -m bench.bench_shards --src $(SAMPLE) --report bench/shards.json
 
-demo: setup ## the main job on the sample data: sample data -> shards -> pipeline -> model
-	$(MAKE) --no-print-directory shards
-	$(PY) -m demo --shards $(OUT)
+bench-pipeline: setup ## DALI training pipeline vs the decode floor: make bench-pipeline SHARDS=... REPORT=...
+	@if [ "$(SHARDS)" = "data/shards" ]; then $(MAKE) --no-print-directory shards; fi
+	$(PY) -m bench.bench_pipeline --shards $(SHARDS) --report $(REPORT)
+
+bench-model: setup ## forward+backward images/s of both model layouts (CPU, and GPU when present)
+	$(PY) -m bench.bench_model --report bench/model.json
+
+preview: shards ## a grid of augmented training images from the pipeline: data/preview.png
+	$(PY) -m pipeline.preview --shards $(OUT) --out data/preview.png
+
+demo: preview ## the main job on the sample data: sample data -> shards -> pipeline -> a short training run
+	$(PY) -m service.train --config configs/demo.toml --shards $(OUT) $(TRAIN_ARGS)
 
 test: setup ## run the test suite (CPU only)
 	$(PY) -m pytest -q $(ARGS)
 
-clean: ## remove generated data and benchmark output (keeps .venv)
-	rm -rf data bench/*.json bench/*.png
+clean: ## remove generated data, runs and benchmark output (keeps .venv)
+	rm -rf data runs bench/*.json bench/*.png

@@ -1,0 +1,52 @@
+"""The training loop the demo runs: timing, config handling, and a short real run."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from service.metric_logger import StepTimer
+from tests.conftest import run_module
+
+
+def test_step_timer_separates_data_wait_from_compute() -> None:
+    def slow_batches():
+        for i in range(4):
+            time.sleep(0.05)  # the loader is slow...
+            yield i
+
+    timer = StepTimer()
+    for _ in timer.iterate(slow_batches(), lambda b: 8):
+        time.sleep(0.02)  # ...and the step is fast
+    w = timer.window(lambda: None)
+    assert (w.steps, w.images) == (4, 32)
+    assert w.data_seconds == pytest.approx(0.2, abs=0.04)
+    assert w.seconds == pytest.approx(0.28, abs=0.06)
+    assert 0.6 < w.data_share < 0.85
+    assert timer.window(lambda: None).steps == 0  # each window starts afresh
+
+
+def test_bad_settings_and_bad_shards_fail_early(tmp_path: Path) -> None:
+    unknown = run_module("service.train", "--optim.learning_rate", "0.1", check=False)
+    assert unknown.returncode == 2 and "unknown key 'optim.learning_rate'" in unknown.stderr
+    missing = run_module("service.train", "--shards", str(tmp_path), check=False)
+    assert missing.returncode == 1 and "make shards" in missing.stderr and "manifest.json" in missing.stderr
+
+
+@pytest.mark.slow
+def test_one_epoch_writes_history_and_curve(sample_shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = run_module("service.train", "--shards", str(sample_shards), "--out", str(out), "--epochs", "1",
+                        "--loader.batch_size", "24", "--log_every", "2", "--eval_views", "10",
+                        "--model.bias_init", "0.1", timeout=600)
+    history = json.loads((out / "history.json").read_text())
+    assert len(history) == 1 and history[0]["epoch"] == 1 and history[0]["lr"] == 0.01
+    h = history[0]
+    assert 0 < h["train_loss"] < 10 and 0 <= h["top5_error"] <= h["top1_error"] <= 1
+    assert h["images_per_s"] > 0 and 0 <= h["data_share"] <= 1
+    assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "config.json").read_text())["loader"]["batch_size"] == 24
+    # 144 training images at batch 24: six logged steps, the last one at 6/6.
+    assert "step 6/6" in result.stdout and "10-view" in result.stdout
