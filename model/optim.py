@@ -1,0 +1,87 @@
+"""The paper's update rule (SPEC section 2) as a torch optimizer, and layout-free velocity state.
+
+    v <- momentum * v - weight_decay * lr * w - lr * grad
+    w <- w + v
+
+Why not ``torch.optim.SGD(lr, momentum=0.9, weight_decay=5e-4)``? Torch keeps an lr-free buffer
+``buf <- 0.9 buf + (grad + wd w)`` and steps ``w <- w - lr buf``. At a constant lr that is the same
+sequence of weights (``v = -lr buf``), but lr multiplies the *whole* buffer at every step: the step
+after a drop from lr to lr/10 applies lr/10 to momentum accumulated under lr, so torch shrinks the
+carried-over velocity tenfold at once. In the paper the velocity already holds the old lr and
+decays by 0.9 per step. tests/test_model_optim.py checks both statements against a hand-written
+reference.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+
+class PaperSGD(torch.optim.Optimizer):
+    """SGD with momentum and weight decay exactly as in the paper (batch 128, lr 0.01).
+
+    Each parameter's state holds ``velocity`` (the paper's v, which includes the lr). Weight
+    decay applies to every parameter in a group; use a group with ``weight_decay=0`` to exempt
+    some (the paper does not).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict],
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+    ) -> None:
+        if lr < 0 or momentum < 0 or weight_decay < 0:
+            raise ValueError(f"lr, momentum and weight_decay must be >= 0, got {lr}, {momentum}, {weight_decay}")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """One update of every parameter that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "velocity" not in state:
+                    state["velocity"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                v = state["velocity"]
+                # Both terms read w before it moves, as in the paper's equations.
+                v.mul_(momentum).add_(p, alpha=-decay * lr).add_(p.grad, alpha=-lr)
+                p.add_(v)
+        return loss
+
+
+def velocity_state(model: nn.Module, optimizer: PaperSGD) -> dict[str, Tensor]:
+    """The optimizer's velocities keyed like the model's state dict (Caffe layout).
+
+    ``optimizer.state_dict()`` is keyed by parameter position, which differs between the
+    grouped (16 parameters) and towers (30) layouts; this form moves between them.
+    """
+    names = {p: n for n, p in model.named_parameters()}
+    per_param = {
+        names[p]: optimizer.state[p]["velocity"].detach().clone()
+        for group in optimizer.param_groups
+        for p in group["params"]
+        if "velocity" in optimizer.state[p]
+    }
+    merge = getattr(model, "merge_towers", dict)
+    return merge(per_param)
+
+
+def load_velocity_state(model: nn.Module, optimizer: PaperSGD, state: Mapping[str, Tensor]) -> None:
+    """Load velocities saved by :func:`velocity_state` from either layout into ``optimizer``."""
+    split = getattr(model, "split_towers", dict)
+    per_param = split(state)
+    for name, p in model.named_parameters():
+        if name in per_param:
+            v = torch.empty_like(p, memory_format=torch.preserve_format)
+            optimizer.state[p]["velocity"] = v.copy_(per_param[name])
