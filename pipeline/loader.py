@@ -1,5 +1,8 @@
 """The PyTorch-facing DALI loader: (images, labels) batches on the target device, exact epochs,
-``len()`` in batches, and mid-epoch resume through DALI pipeline checkpointing."""
+``len()`` in batches, and mid-epoch resume through DALI pipeline checkpointing.
+
+Each batch is DALI's uint8 output (``RawBatch``, zero-copy into torch) normalised by
+``pipeline.normalize.DeviceNormalizer`` on the target device."""
 from __future__ import annotations
 
 import base64
@@ -9,7 +12,9 @@ import torch
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from pipeline.graph import READER, TRAIN_OUTPUTS, GraphSpec, build_pipeline
+from pipeline.graph import EVAL_OUTPUTS, READER, TRAIN_OUTPUTS, GraphSpec, build_pipeline
+from pipeline.labels import ascii_ints, key_numbers
+from pipeline.normalize import DeviceNormalizer, RawBatch
 
 STATE_VERSION = 1
 
@@ -45,6 +50,7 @@ class DaliLoader:
                  ids: bool = False) -> None:
         self.spec, self.rank, self.ids = spec, rank, ids
         self.device = torch.device(device)
+        self.normalizer = DeviceNormalizer(spec.stats, spec.cfg).to(self.device)
         self.epoch = 0
         self._batches = 0  # batches delivered in the current epoch
         self._it = self._iterator(None)
@@ -52,7 +58,7 @@ class DaliLoader:
     def _iterator(self, checkpoint: str | None) -> DALIGenericIterator:
         pipe = build_pipeline(self.spec, device_id_for(self.device), self.rank, checkpoint)
         return DALIGenericIterator(
-            [pipe], list(TRAIN_OUTPUTS), reader_name=READER, last_batch_policy=LastBatchPolicy.PARTIAL,
+            [pipe], list(TRAIN_OUTPUTS if self.spec.train else EVAL_OUTPUTS), reader_name=READER, last_batch_policy=LastBatchPolicy.PARTIAL,
             auto_reset=True, prepare_first_batch=False)
 
     def __len__(self) -> int:
@@ -69,21 +75,39 @@ class DaliLoader:
         # DALI 2.4 keeps the per-shard sizes and the current shard on the iterator (pinned version).
         return int(self._it._shard_sizes_per_gpu_initial[self._it._shards_id[0]])
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        """Yield ``(images, labels)`` (``(images, labels, ids)`` with ``ids=True``) until the epoch ends."""
+    def raw_batches(self) -> Iterator[RawBatch]:
+        """The epoch as DALI delivers it: uint8 crops (on the GPU with mixed decode) and draws,
+        before normalisation.  ``__iter__`` is this plus ``self.normalizer``."""
         for batch in self._it:
             out = batch[0]
-            images = out["images"]
-            if self.spec.cfg.dtype == "bfloat16":  # DALI has no bfloat16; convert where the data is
-                images = images.to(torch.bfloat16)
-            labels = out["labels"].reshape(-1).to(self.device, non_blocking=True)
             self._batches += 1
-            if self.ids:
-                yield images, labels, out["ids"].reshape(-1).to(self.device, non_blocking=True)
-            else:
-                yield images, labels
+            yield self._raw(out)
         self.epoch += 1
         self._batches = 0
+
+    def _raw(self, out: dict[str, torch.Tensor]) -> RawBatch:
+        """Parse the label/id bytes (numpy, tiny); the draws stay small CPU tensors."""
+        labels = torch.from_numpy(ascii_ints(out["labels"].cpu().numpy()))
+        ids = torch.from_numpy(key_numbers(out["ids"].cpu().numpy())) if self.ids else None
+        if not self.spec.train:
+            return RawBatch(out["images"], labels, ids)
+        return RawBatch(out["images"], labels, ids, out["anchors"], out["mirror"], out["alpha"])
+
+    def normalize(self, raw: RawBatch) -> torch.Tensor:
+        """Float (N, 3, crop, crop) (or (N, V, 3, crop, crop)) images on ``self.device``."""
+        if raw.anchors is None:
+            return self.normalizer.views(raw.images, self.spec.views)
+        return self.normalizer(raw.images, raw.anchors, raw.mirror, raw.alpha)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Yield ``(images, labels)`` (``(images, labels, ids)`` with ``ids=True``) until the epoch ends."""
+        for raw in self.raw_batches():
+            images = self.normalize(raw)
+            labels = raw.labels.to(self.device, non_blocking=True)
+            if self.ids:
+                yield images, labels, raw.ids.to(self.device, non_blocking=True)
+            else:
+                yield images, labels
 
     def state_dict(self) -> dict:
         """The loader's position (a DALI checkpoint, taken after the last batch handed out)."""

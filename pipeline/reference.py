@@ -1,12 +1,15 @@
 """The reference loader in plain PyTorch: webdataset + Pillow(-SIMD) + DataLoader workers.
 
-Same augmentations as the DALI graph (pipeline.graph): integer crop anchors 0..(256-224) equally
-likely, flip with p=0.5, PCA lighting ``offset = L @ alpha`` (pipeline.stats), mean subtraction
-at the crop's position, CHW float32.  It is the fallback where DALI is missing and the oracle the
+Same split of the work as the DALI loader: the workers decode and produce uint8 crops (integer
+anchors 0..(256-224) equally likely, flip with p=0.5) plus the draws (anchor, mirror, lighting
+alpha); the SAME ``pipeline.normalize.DeviceNormalizer`` then does the float part on the target
+device.  So DALI-vs-reference comparisons test decode/crop/flip equivalence, and the
+normalisation is tested once.  It is the fallback where DALI is missing and the oracle the
 tests compare DALI against.  Ranks split a split by sample key (key number mod world size).
 """
 from __future__ import annotations
 
+import gc
 import io
 import math
 import random
@@ -19,8 +22,9 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.config import LoaderConfig, rank_seed
+from pipeline.normalize import DeviceNormalizer, RawBatch
 from pipeline.stats import DatasetStats, load_stats
-from pipeline.views import anchor, crop_hwc, eval_views
+from pipeline.views import crop_hwc, view_stack
 
 _RNG: np.random.Generator | None = None  # one per DataLoader worker, seeded by torch
 
@@ -48,40 +52,29 @@ def decode(jpeg: bytes) -> np.ndarray:
 
 
 class Transform:
-    """Decode and augment one sample (a webdataset dict) into (image, label, id)."""
+    """Decode and crop one sample (a webdataset dict) into uint8 crops, label, id and the draws."""
 
-    def __init__(self, stats: DatasetStats, cfg: LoaderConfig, train: bool, views: int) -> None:
-        self.stats, self.cfg, self.train, self.views = stats, cfg, train, views
-        self.lighting = stats.lighting_matrix.astype(np.float32)
+    def __init__(self, cfg: LoaderConfig, train: bool, views: int) -> None:
+        self.cfg, self.train, self.views = cfg, train, views
 
-    def _normalize(self, crop: np.ndarray, mean_crop: np.ndarray, offset: np.ndarray) -> np.ndarray:
-        if self.cfg.normalize == "channel":
-            out = (crop.astype(np.float32) + offset - self.stats.mean) / self.stats.std
-        else:
-            out = crop.astype(np.float32) - mean_crop + offset
-        return np.ascontiguousarray(out.transpose(2, 0, 1), dtype=np.float32)
-
-    def _crop(self, image: np.ndarray, x0: int, y0: int, mirror: bool, offset: np.ndarray) -> np.ndarray:
-        c = self.cfg.crop
-        return self._normalize(crop_hwc(image, x0, y0, c, mirror),
-                               crop_hwc(self.stats.mean_image, x0, y0, c, mirror), offset)
-
-    def __call__(self, sample: dict) -> tuple[torch.Tensor, int, int]:
+    def __call__(self, sample: dict) -> tuple[torch.Tensor, ...]:
+        """Training: (crop HWC uint8, label, id, anchors (x, y), mirror, alpha); evaluation:
+        (views (V, h, w, 3) or (h, w, 3) uint8, label, id)."""
         global _RNG
         image = decode(sample["jpg"])
+        label, ident = int(sample["cls"]), key_number(sample["__key__"])
+        if not self.train:
+            crops = view_stack(image, self.cfg.crop, self.views)
+            return torch.from_numpy(crops[0] if self.views == 1 else crops), label, ident
         h, w = image.shape[:2]
-        c, zero = self.cfg.crop, np.zeros(3, np.float32)
-        if self.train:
-            rng = _RNG if _RNG is not None else (_RNG := np.random.default_rng(self.cfg.seed))
-            x0, y0 = (int(v) for v in rng.integers(0, [w - c + 1, h - c + 1]))
-            mirror = bool(rng.random() < 0.5)
-            offset = (self.lighting @ rng.normal(0.0, self.cfg.sigma, 3)).astype(np.float32)
-            out = self._crop(image, x0, y0, mirror, offset)
-        else:
-            crops = [self._crop(image, anchor(x, w, c), anchor(y, h, c), bool(m), zero)
-                     for x, y, m in eval_views(self.views)]
-            out = crops[0] if self.views == 1 else np.stack(crops)
-        return torch.from_numpy(out), int(sample["cls"]), key_number(sample["__key__"])
+        c = self.cfg.crop
+        rng = _RNG if _RNG is not None else (_RNG := np.random.default_rng(self.cfg.seed))
+        x0, y0 = (int(v) for v in rng.integers(0, [w - c + 1, h - c + 1]))
+        mirror = bool(rng.random() < 0.5)
+        alpha = rng.normal(0.0, self.cfg.sigma, 3).astype(np.float32)
+        crop = np.ascontiguousarray(crop_hwc(image, x0, y0, c, mirror))
+        return (torch.from_numpy(crop), label, ident, torch.tensor([x0, y0]), int(mirror),
+                torch.from_numpy(alpha))
 
 
 class ReferenceLoader:
@@ -92,8 +85,9 @@ class ReferenceLoader:
                  rank: int = 0, world_size: int = 1, train: bool = True, views: int = 1,
                  ids: bool = False, device: torch.device | str = "cpu") -> None:
         self.tars, self.cfg, self.rank, self.world_size = tars, cfg, rank, world_size
-        self.train, self.ids, self.device = train, ids, torch.device(device)
-        self.transform = Transform(stats, cfg, train, views)
+        self.train, self.views, self.ids, self.device = train, views, ids, torch.device(device)
+        self.transform = Transform(cfg, train, views)
+        self.normalizer = DeviceNormalizer(stats, cfg).to(self.device)
         self.samples = sum(1 for k in keys if key_number(k) % world_size == rank)
         self.epoch = 0
 
@@ -111,21 +105,36 @@ class ReferenceLoader:
                             rng=random.Random(int(rng.integers(2**62))))
         return ds.map(self.transform)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+    def raw_batches(self) -> Iterator[RawBatch]:
+        """One epoch of uint8 crops + draws, in batches of ``batch_size`` (before normalisation)."""
         seed = rank_seed(self.cfg.seed, self.rank) * 1009 + self.epoch
         rng = np.random.default_rng(seed)
         workers = min(self.cfg.num_threads, len(self.tars))
+        # The workers are forked: collect unreachable objects first, or a worker's garbage
+        # collector may run a dead DALI pipeline's destructor and hang on its copied locks.
+        gc.collect()
         loader = torch.utils.data.DataLoader(
             self._dataset(rng), batch_size=self.cfg.batch_size, num_workers=workers,
             worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(seed),
             persistent_workers=False, prefetch_factor=4 if workers else None)
         if workers == 0:
             _seed_worker(0)
-        for images, labels, ids in _rebatch(loader, self.cfg.batch_size):
-            images = images.to(self.device)
-            labels = labels.to(self.device)
-            yield (images, labels, ids.to(self.device)) if self.ids else (images, labels)
+        for parts in _rebatch(loader, self.cfg.batch_size):
+            yield RawBatch(*parts)
         self.epoch += 1
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        """``(images, labels[, ids])`` on ``device``, normalised like the DALI loader's."""
+        for raw in self.raw_batches():
+            images = self.normalize(raw)
+            labels = raw.labels.to(self.device)
+            yield (images, labels, raw.ids.to(self.device)) if self.ids else (images, labels)
+
+    def normalize(self, raw: RawBatch) -> torch.Tensor:
+        """The shared normaliser, exactly as ``pipeline.loader.DaliLoader.normalize``."""
+        if raw.anchors is None:
+            return self.normalizer.views(raw.images, self.views)
+        return self.normalizer(raw.images, raw.anchors, raw.mirror, raw.alpha)
 
 
 def _rebatch(batches, size: int) -> Iterator[tuple[torch.Tensor, ...]]:

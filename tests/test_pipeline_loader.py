@@ -152,22 +152,36 @@ def test_reference_train_loader_exact_epochs_and_two_ranks(sample_shards):
 
 
 def test_reference_train_transform_matches_its_draws(sample_shards):
+    """The reference workers return the uint8 crop at their own draws (the float part is the
+    shared normaliser, tested in test_pipeline_normalize)."""
+    import webdataset as wds
+
     import pipeline.reference as ref
-    from pipeline.stats import lighting_offset
     from pipeline.views import crop_hwc
 
     loader = build_reference_loader(sample_shards, config=CFG)
     tar = load(sample_shards).splits["train"].shards[0].tar
-    import webdataset as wds
     sample = next(iter(wds.WebDataset(str(tar), shardshuffle=False, empty_check=False)))
     ref._RNG = np.random.default_rng(7)
-    image, _, _ = loader.transform(sample)
+    crop, label, ident, anchors, mirror, alpha = loader.transform(sample)
     rng = np.random.default_rng(7)
     x0, y0 = rng.integers(0, [33, 33])
-    mirror, alpha = rng.random() < 0.5, rng.normal(0.0, CFG.sigma, 3)
-    stats = loader.transform.stats
-    expected = crop_hwc(ref.decode(sample["jpg"]) - stats.mean_image, x0, y0, 224, mirror) + lighting_offset(stats, alpha)
-    np.testing.assert_allclose(image.numpy(), expected.transpose(2, 0, 1), atol=1e-3)
+    flip, draw = rng.random() < 0.5, rng.normal(0.0, CFG.sigma, 3)
+    assert anchors.tolist() == [x0, y0] and mirror == int(flip) and label == int(sample["cls"])
+    np.testing.assert_allclose(alpha.numpy(), draw, rtol=1e-6)
+    np.testing.assert_array_equal(crop.numpy(), crop_hwc(ref.decode(sample["jpg"]), x0, y0, 224, flip))
+
+
+def test_loader_is_raw_batches_through_the_normalizer(sample_shards):
+    """``__iter__`` == ``raw_batches`` + ``normalize`` (same seed), in the requested dtype."""
+    cfg = CFG.replace(dtype="bfloat16")
+    raw = next(build_train_loader(sample_shards, config=cfg).raw_batches())
+    assert raw.images.dtype == torch.uint8 and raw.images.shape[1:] == (224, 224, 3)
+    assert raw.anchors.shape == (32, 2) and raw.alpha.shape == (32, 3) and raw.mirror.numel() == 32
+    loader = build_train_loader(sample_shards, config=cfg)
+    images, labels = next(iter(loader))
+    assert images.dtype == torch.bfloat16 and images.shape == (32, 3, 224, 224)
+    assert torch.equal(images, loader.normalize(raw)) and torch.equal(labels, raw.labels)
 
 
 def test_average_views():

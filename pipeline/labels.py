@@ -1,0 +1,35 @@
+"""Labels and sample ids from the raw bytes the DALI graph hands over (numpy, per batch).
+
+The graph returns the ``.cls`` component and the JPEG's source info as zero-padded uint8 rows;
+parsing them here is a few vectorised numpy passes per batch, where DALI (no string-to-int
+operator) needed ~10 arithmetic operators per sample.  The shard format is unchanged.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def ascii_ints(raw: np.ndarray) -> np.ndarray:
+    """int64 values of zero-padded ASCII digit strings, one per row of ``raw`` (N, width) uint8.
+
+    Bytes that are not digits (padding, a trailing newline) are skipped.
+    """
+    raw = np.asarray(raw, np.uint8)
+    if len(raw) == 0:  # a rank's empty last batch
+        return np.zeros(0, np.int64)
+    raw = raw.reshape(len(raw), -1)
+    value = np.zeros(len(raw), np.int64)
+    for column in raw.T.astype(np.int64):
+        digit = (column >= 48) & (column <= 57)
+        value = np.where(digit, value * 10 + column - 48, value)
+    return value
+
+
+def key_numbers(raw_info: np.ndarray) -> np.ndarray:
+    """Sample numbers from zero-padded source infos ``...:<split>-NNNNNNNN.jpg`` (N, width) uint8."""
+    rows = np.asarray(raw_info, np.uint8)
+    if len(rows) == 0:
+        return np.zeros(0, np.int64)
+    rows = rows.reshape(len(rows), -1)
+    names = (bytes(row).rstrip(b"\0").rsplit(b":", 1)[-1] for row in rows)
+    return np.array([int(name.split(b".", 1)[0].rsplit(b"-", 1)[1]) for name in names], np.int64)

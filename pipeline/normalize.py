@@ -1,0 +1,169 @@
+"""The float half of the pipeline, on the TARGET device: uint8 NHWC crops + per-sample draws ->
+normalised (N, 3, crop, crop) tensors.
+
+Why here and not in DALI: the data-dependent work (read, decode only the crop window, flip) is
+done per sample in uint8 by DALI; the arithmetic that follows (uint8 -> float, HWC -> CHW, the
+per-pixel mean image cropped at the sample's anchor and flipped like it, PCA lighting ``L @
+alpha``, or the per-channel mean/std mode) is a handful of elementwise passes over the whole
+batch.  On a GPU that is microseconds per batch and ships 4x fewer bytes over PCIe (uint8, not
+float32); on DALI's CPU operators it cost as much as the JPEG decode.  On the CPU-only path it
+runs here on the CPU, per sample, so each image's working set stays in cache.
+
+Both loaders (``pipeline.loader`` and ``pipeline.reference``) hand a ``RawBatch`` to the same
+``DeviceNormalizer``, so the normalisation is tested once, against numpy.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from pipeline.config import LoaderConfig
+from pipeline.stats import DatasetStats
+from pipeline.views import anchor, eval_views
+
+@contextmanager
+def _single_threaded() -> Iterator[None]:
+    """Run torch CPU ops on this thread only, then restore the thread count.
+
+    The per-sample ops are small (~150k elements) and DALI's threads keep every core busy: with
+    torch's intra-op threads on top, each op's OpenMP barrier waits for a preempted thread and
+    a batch took seconds instead of milliseconds (measured on the 2-core machine under load).
+    """
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class RawBatch:
+    """What the decode stage hands over: uint8 pixels and the draws that produced them.
+
+    ``images`` is (N, h, w, 3) for training / 1 eval view, (N, V, h, w, 3) for V eval views.
+    ``anchors`` (N, 2) int64 = (x, y) pixel anchors of the crop in the full image, ``mirror``
+    (N,) 0/1 (the crop was flipped left-right), ``alpha`` (N, 3) float32 lighting draws
+    (already times sigma); all three are None for evaluation (fixed views, no lighting).
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    ids: torch.Tensor | None = None
+    anchors: torch.Tensor | None = None
+    mirror: torch.Tensor | None = None
+    alpha: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+class DeviceNormalizer(torch.nn.Module):
+    """uint8 crops + draws -> ``(x - mean_image[crop, flip] + L @ alpha)`` (or the channel mode)
+    as ``dtype`` CHW, on the device its buffers live on (``.to(device)``)."""
+
+    def __init__(self, stats: DatasetStats, cfg: LoaderConfig) -> None:
+        super().__init__()
+        self.mode, self.crop = cfg.normalize, cfg.crop
+        self.dtype = TORCH_DTYPES[cfg.dtype]
+        chw = torch.from_numpy(np.ascontiguousarray(stats.mean_image.transpose(2, 0, 1), np.float32))
+        # Both orientations, so a flipped crop is a plain slice (flip = index reversal, done once).
+        self.register_buffer("mean2", torch.stack([chw, chw.flip(-1)]).contiguous())
+        self.register_buffer("lighting", torch.from_numpy(stats.lighting_matrix.astype(np.float32)))
+        self.register_buffer("channel_mean", torch.from_numpy(stats.mean.astype(np.float32)))
+        self.register_buffer("channel_std", torch.from_numpy(stats.std.astype(np.float32)))
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) of the full images (the mean image's size)."""
+        return int(self.mean2.shape[2]), int(self.mean2.shape[3])
+
+    def forward(self, images: torch.Tensor, anchors: torch.Tensor, mirror: torch.Tensor,
+                alpha: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, h, w, 3) uint8 crops taken at ``anchors`` (x, y) and flipped where ``mirror``;
+        returns (N, 3, h, w) ``self.dtype``.  ``alpha`` None = no lighting."""
+        device = self.mean2.device
+        images = images.to(device, non_blocking=True)
+        n = images.shape[0]
+        offset = torch.zeros(n, 3, device=device) if alpha is None else \
+            alpha.to(device, torch.float32).reshape(n, 3) @ self.lighting.T  # offset = L @ alpha
+        anchors = anchors.to(device, torch.int64).reshape(n, 2)
+        mirror = mirror.to(device, torch.int64).reshape(n)
+        if device.type == "cpu":
+            with _single_threaded():
+                return self._per_sample(images, anchors, mirror, offset)
+        return self._batched(images, anchors, mirror, offset).to(self.dtype)
+
+    def views(self, images: torch.Tensor, views: int) -> torch.Tensor:
+        """Eval crops (N, h, w, 3) for 1 view or (N, V, h, w, 3) -> (N, 3, h, w) or (N, V, 3, h, w)."""
+        if views == 1:
+            return self(images, *self.view_draws(1, images.shape[0]))
+        n, v = images.shape[:2]
+        flat = self(images.reshape(n * v, *images.shape[2:]), *self.view_draws(views, n))
+        return flat.reshape(n, v, *flat.shape[1:])
+
+    def view_draws(self, views: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fixed (anchors, mirror) of ``views`` eval views, repeated for ``n`` images."""
+        h, w = self.image_size
+        geometry = eval_views(views)
+        anchors = torch.tensor([[anchor(x, w, self.crop), anchor(y, h, self.crop)] for x, y, _ in geometry])
+        mirror = torch.tensor([m for _, _, m in geometry])
+        return anchors.repeat(n, 1), mirror.repeat(n)
+
+    def _channel_affine(self, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Channel mode as one fused pass: (x + offset - mean) / std = x * scale + bias."""
+        scale = (1.0 / self.channel_std)[:, None, None]
+        bias = ((offset - self.channel_mean) / self.channel_std)[:, :, None, None]
+        return scale, bias
+
+    def _mean_crop(self, x: int, y: int, m: int, h: int, w: int) -> torch.Tensor:
+        """View of the mean image under the crop at (x, y), flipped if ``m`` (no copy)."""
+        x = self.image_size[1] - x - w if m else x  # the flipped crop's columns in the flipped mean
+        return self.mean2[m, :, y:y + h, x:x + w]
+
+    def _per_sample(self, images: torch.Tensor, anchors: torch.Tensor, mirror: torch.Tensor,
+                    offset: torch.Tensor) -> torch.Tensor:
+        """CPU: one image at a time, so its ~1 MB working set stays in cache; mean crops are
+        views.  Same arithmetic, in the same order, as ``_batched`` (bit-identical results)."""
+        n, h, w = images.shape[:3]
+        out = torch.empty(n, 3, h, w, dtype=self.dtype)
+        scratch = None if self.dtype == torch.float32 else torch.empty(3, h, w)
+        scale, bias = self._channel_affine(offset)
+        for i, ((x, y), m) in enumerate(zip(anchors.tolist(), mirror.tolist())):
+            dst, src = (out[i] if scratch is None else scratch), images[i].permute(2, 0, 1)
+            if self.mode == "channel":
+                torch.addcmul(bias[i], src, scale, out=dst)
+            else:
+                torch.sub(src, self._mean_crop(x, y, m, h, w), out=dst)
+                dst += offset[i][:, None, None]
+            if scratch is not None:
+                out[i].copy_(scratch)  # round once, from float32
+        return out
+
+    def _batched(self, images: torch.Tensor, anchors: torch.Tensor, mirror: torch.Tensor,
+                 offset: torch.Tensor) -> torch.Tensor:
+        """GPU: one gather of every sample's mean crop (broadcast index tensors, nothing
+        materialised) and two elementwise kernels; no per-sample launches.  float32 result."""
+        n, h, w = images.shape[:3]
+        src = images.permute(0, 3, 1, 2)
+        if self.mode == "channel":
+            scale, bias = self._channel_affine(offset)
+            return torch.addcmul(bias, src, scale[None])
+        x0 = torch.where(mirror.bool(), self.image_size[1] - anchors[:, 0] - w, anchors[:, 0])
+        rows = (anchors[:, 1, None] + torch.arange(h, device=images.device))[:, None, :, None]
+        cols = (x0[:, None] + torch.arange(w, device=images.device))[:, None, None, :]
+        chan = torch.arange(3, device=images.device)[None, :, None, None]
+        out = self.mean2[mirror[:, None, None, None], chan, rows, cols]  # (N, 3, h, w) float32
+        torch.sub(src, out, out=out)
+        out += offset[:, :, None, None]
+        return out
