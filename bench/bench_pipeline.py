@@ -1,19 +1,28 @@
 """``make bench-pipeline``: images/s of the DALI training pipeline next to the JPEG decode floor.
 
-Measured, each as the median of ``--repeat`` timed runs of ``--images`` images, after a warm-up
-(pipeline build, thread start, shuffle-buffer fill and the first batches are never timed):
+Measured, each as the median of ``--repeat`` timed runs of ``--images`` images.  The
+configurations are INTERLEAVED (run 1 of every configuration, then run 2, ...) so that load
+from other jobs on a shared machine hits them alike (the reference loader runs last, see
+``measure_all``); warm-up (pipeline build, thread start,
+shuffle-buffer fill, the first ``--warmup`` batches, and before each later run the batches a
+paused pipeline had prefetched) is never timed.
 
-1. ``pipeline``: the DALI training loader exactly as the service builds it
-   (``pipeline.build_train_loader``: decode, random crop, flip, PCA lighting, mean image,
-   float32 NCHW torch tensors), all cores.
+1. ``pipeline``: the DALI training loader as the service builds it (``build_train_loader``),
+   up to the uint8 batch handed to the device normaliser (``DaliLoader.raw_batches``: read,
+   crop-window decode, flip, draws, labels, zero-copy torch tensors).  On a GPU machine the
+   normaliser then costs microseconds on the GPU, so this is the service's input pipeline.
+   ``pipeline_with_cpu_normalize``: the same loader iterated as on a CPU-only machine, i.e.
+   including the float normalisation (mean image, lighting, CHW float32) on this CPU.
 2. ``reference``: the plain-PyTorch loader (webdataset + Pillow-SIMD + DataLoader workers).
 3. ``decode_floor``: decoding the same JPEG bytes (held in memory) to RGB with Pillow-SIMD, no
    augmentation, one process per core.  Also reported: DALI's own decode-only pipeline (reader +
-   CPU decoder, all cores), the floor if one counts DALI's decoder instead of Pillow's.
+   CPU decoder, all cores).
 4. ``scaling``: the pipeline with 1 thread and with all cores.
 5. ``mixed``: the GPU decode path (``device="mixed"``), only when a GPU is present.
 
-``ratio`` = pipeline / decode_floor (the issue's target on the CPU: >= 0.9).
+Also: the normaliser alone on the CPU, ms per batch (random uint8 crops, same batch size).
+``ratio`` = pipeline / decode_floor (the issue's target: >= 0.9);
+``ratio_with_cpu_normalize`` = pipeline_with_cpu_normalize / decode_floor.
 """
 from __future__ import annotations
 
@@ -23,6 +32,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tarfile
 import time
 from itertools import islice
@@ -40,23 +51,37 @@ from shards.manifest import load
 
 
 def batch_sizes(loader) -> Iterator[int]:
-    """Sizes of the batches of ``loader``, epoch after epoch, forever."""
+    """Sizes of the (normalised) batches of ``loader``, epoch after epoch, forever."""
     while True:
         for batch in loader:
             yield len(batch[1])
 
 
-def rate(stream: Iterator[int], images: int, repeat: int, warmup: int) -> list[float]:
-    """images/s of ``repeat`` consecutive stretches of ``images`` images, after ``warmup`` batches."""
+def raw_sizes(loader, device: torch.device | None = None) -> Iterator[int]:
+    """Sizes of ``loader``'s uint8 batches (``raw_batches``), forever; with ``device``, the
+    crops are moved there (a no-op when DALI already decoded on that GPU)."""
+    while True:
+        for raw in loader.raw_batches():
+            if device is not None:
+                raw.images.to(device, non_blocking=True)
+            yield len(raw)
+
+
+def synced(stream: Iterator[int]) -> Iterator[int]:
+    """Wait for the GPU after each batch, so asynchronous kernels are inside the timing."""
+    for n in stream:
+        torch.cuda.synchronize()
+        yield n
+
+
+def rate(stream: Iterator[int], images: int, warmup: int) -> float:
+    """images/s of one stretch of ``images`` images, after ``warmup`` untimed batches."""
     for _ in islice(stream, warmup):
         pass
-    rates = []
-    for _ in range(repeat):
-        start, done = time.perf_counter(), 0
-        while done < images:
-            done += next(stream)
-        rates.append(done / (time.perf_counter() - start))
-    return rates
+    start, done = time.perf_counter(), 0
+    while done < images:
+        done += next(stream)
+    return done / (time.perf_counter() - start)
 
 
 def train_jpegs(shards: Path, limit: int) -> list[bytes]:
@@ -77,18 +102,14 @@ def _pil_decode(jpegs: list[bytes]) -> int:
     return len(jpegs)
 
 
-def pil_floor(jpegs: list[bytes], processes: int, images: int, repeat: int) -> list[float]:
-    """Pillow decode of the same bytes, one process per core (the pool starts before timing)."""
-    rounds = max(1, images // len(jpegs))
-    work = [jpegs[i::processes] * rounds for i in range(processes)]
+def pil_floor(jpegs: list[bytes], processes: int, chunk: int = 128) -> Iterator[int]:
+    """Pillow decode of the same bytes, one process per core: images decoded per round of
+    ``chunk`` images per process, forever (the pool starts before the first round)."""
+    work = [(jpegs[i::processes] * chunk)[:chunk] for i in range(processes)]
     with get_context("fork").Pool(processes) as pool:
-        pool.map(_pil_decode, [w[:16] for w in work])  # warm-up: imports, first allocations
-        rates = []
-        for _ in range(repeat):
-            start = time.perf_counter()
-            done = sum(pool.map(_pil_decode, work))
-            rates.append(done / (time.perf_counter() - start))
-    return rates
+        pool.map(_pil_decode, [w[:16] for w in work])  # imports, first allocations
+        while True:
+            yield sum(pool.map(_pil_decode, work))
 
 
 def dali_decode_only(shards: Path, threads: int, batch: int, device: str) -> Iterator[int]:
@@ -123,39 +144,86 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "gpu": gpu, "platform": platform.platform(),
             "python": platform.python_version(), "dali": nvidia.dali.__version__, "torch": torch.__version__,
             "pillow": PIL.__version__, "numpy": np.__version__, "webdataset": webdataset.__version__,
-            "load_average_at_start": os.getloadavg()}
+            "load_average_at_end": os.getloadavg()}  # "at_start" is added by main()
+
+
+def normalizer_ms(shards: Path, batch: int, repeat: int = 7) -> float:
+    """Median ms of the CPU normaliser on one batch of random uint8 crops (mean-image mode)."""
+    from pipeline.normalize import DeviceNormalizer
+    from pipeline.stats import load_stats
+
+    norm = DeviceNormalizer(load_stats(load(shards, splits=("train",)).stats_path), LoaderConfig())
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batch, 224, 224, 3), dtype=torch.uint8, generator=gen)
+    anchors, mirror = torch.randint(0, 33, (batch, 2), generator=gen), torch.randint(0, 2, (batch,), generator=gen)
+    alpha = torch.randn(batch, 3, generator=gen) * 0.1
+    norm(images, anchors, mirror, alpha)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        norm(images, anchors, mirror, alpha)
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def normalizer_ms_with_huge_pages(shards: Path, batch: int) -> float:
+    """``normalizer_ms`` in a fresh process with torch's ``THP_MEM_ALLOC_ENABLE=1`` (large CPU
+    tensors madvised to transparent huge pages: most of the page-fault cost of a fresh 77 MB
+    output batch goes away).  torch reads the variable once, hence the separate process."""
+    code = f"from bench.bench_pipeline import normalizer_ms; print(normalizer_ms({str(shards)!r}, {batch}))"
+    env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return float(done.stdout.split()[-1])
+
+
+def streams(args: argparse.Namespace) -> dict[str, Iterator[int]]:
+    """Every configuration as an endless stream of batch sizes (built before any timing)."""
+    cores = len(os.sched_getaffinity(0))
+    cfg = LoaderConfig(batch_size=args.batch, threads=cores, seed=0)
+    out = {"decode_floor": pil_floor(train_jpegs(args.shards, 2048), cores, args.batch)}
+    out["pipeline"] = raw_sizes(build_train_loader(args.shards, config=cfg))
+    out["pipeline_with_cpu_normalize"] = batch_sizes(build_train_loader(args.shards, config=cfg))
+    out["dali_decode_only"] = dali_decode_only(args.shards, cores, args.batch, "cpu")
+    out["pipeline_1_thread"] = raw_sizes(build_train_loader(args.shards, config=cfg.replace(threads=1)))
+    if torch.cuda.is_available():
+        gpu_cfg, cuda = cfg.replace(threads=min(cores, 8)), torch.device("cuda")
+        out["pipeline_mixed"] = synced(raw_sizes(build_train_loader(args.shards, device=cuda, config=gpu_cfg), cuda))
+        out["pipeline_mixed_with_gpu_normalize"] = synced(
+            batch_sizes(build_train_loader(args.shards, device=cuda, config=gpu_cfg)))
+        out["dali_decode_only_mixed"] = dali_decode_only(args.shards, gpu_cfg.num_threads, args.batch, "mixed")
+    return out
 
 
 def measure_all(args: argparse.Namespace) -> dict[str, list[float]]:
-    """Every configuration's images/s (a list of ``repeat`` runs each)."""
-    cores = len(os.sched_getaffinity(0))
-    cfg = LoaderConfig(batch_size=args.batch, threads=cores, seed=0)
-    timed = lambda stream: rate(stream, args.images, args.repeat, args.warmup)  # noqa: E731
-    runs: dict[str, list[float]] = {}
-    runs["pipeline"] = timed(batch_sizes(build_train_loader(args.shards, config=cfg)))
-    runs["reference"] = timed(batch_sizes(build_reference_loader(args.shards, config=cfg)))
-    runs["decode_floor"] = pil_floor(train_jpegs(args.shards, 2048), cores, args.images, args.repeat)
-    runs["dali_decode_only"] = timed(dali_decode_only(args.shards, cores, args.batch, "cpu"))
-    runs["pipeline_1_thread"] = timed(batch_sizes(build_train_loader(args.shards, config=cfg.replace(threads=1))))
-    if torch.cuda.is_available():
-        gpu_cfg = cfg.replace(threads=min(cores, 8))
-        runs["pipeline_mixed"] = timed(batch_sizes(build_train_loader(args.shards, device="cuda", config=gpu_cfg)))
-        runs["dali_decode_only_mixed"] = timed(dali_decode_only(args.shards, gpu_cfg.num_threads, args.batch, "mixed"))
+    """Every configuration's images/s: ``repeat`` runs each, interleaved across configurations;
+    the reference loader last and on its own, because its DataLoader workers keep decoding
+    ahead in the background after a run stops and would slow whichever configuration came next."""
+    live = streams(args)
+    runs: dict[str, list[float]] = {name: [] for name in live}
+    for r in range(args.repeat):
+        for name, stream in live.items():
+            # A paused pipeline has ``prefetch`` batches ready: drain them (and one more) untimed.
+            runs[name].append(rate(stream, args.images, args.warmup if r == 0 else 3))
+    cfg = LoaderConfig(batch_size=args.batch, threads=len(os.sched_getaffinity(0)), seed=0)
+    reference = batch_sizes(build_reference_loader(args.shards, config=cfg))
+    runs["reference"] = [rate(reference, args.images, args.warmup if r == 0 else 0) for r in range(args.repeat)]
     return runs
 
 
 LABELS = {
-    "pipeline": "(1) DALI training pipeline, as the service uses it",
+    "pipeline": "(1) DALI pipeline up to the uint8 batch (GPU service path)",
+    "pipeline_with_cpu_normalize": "(1b) the same + normaliser on this CPU (CPU-only)",
     "reference": "(2) reference loader (webdataset + Pillow-SIMD + DataLoader)",
     "decode_floor": "(3) decode floor: Pillow-SIMD decode, 1 process per core",
     "dali_decode_only": "    DALI decode only (reader + CPU decoder), all cores",
-    "pipeline_1_thread": "(4) DALI training pipeline, 1 thread",
-    "pipeline_mixed": "(5) DALI training pipeline, mixed (GPU) decode",
+    "pipeline_1_thread": "(4) DALI pipeline up to the uint8 batch, 1 thread",
+    "pipeline_mixed": "(5) DALI pipeline, mixed (GPU) decode, uint8 batch",
+    "pipeline_mixed_with_gpu_normalize": "(5b) the same + normaliser on the GPU",
     "dali_decode_only_mixed": "    DALI decode only, mixed (GPU)",
 }
 
 
-def report(runs: dict[str, list[float]], args: argparse.Namespace) -> dict:
+def report(runs: dict[str, list[float]], normalize_ms: dict[str, float], args: argparse.Namespace) -> dict:
     """The JSON record: machine, versions, medians, every run, and the ratios."""
     med = {k: statistics.median(v) for k, v in runs.items()}
     cores = len(os.sched_getaffinity(0))
@@ -163,29 +231,46 @@ def report(runs: dict[str, list[float]], args: argparse.Namespace) -> dict:
         "machine": machine(),
         "shards": str(Path(args.shards).resolve()),
         "settings": {"batch_size": args.batch, "images_per_run": args.images, "repeat": args.repeat,
-                     "warmup_batches": args.warmup, "dtype": "float32", "normalize": "mean_image"},
+                     "warmup_batches": args.warmup, "interleaved": True, "dtype": "float32",
+                     "normalize": "mean_image"},
+        "pipeline_definition": "DALI graph (read, crop-window decode, flip, draws) + loader up to the uint8 "
+                               "NHWC batch handed to the device normaliser (raw_batches), all cores",
         "decode_floor_definition": "Pillow-SIMD decode of the same training JPEG bytes (in memory) to RGB, "
                                    f"no augmentation, {cores} processes (one per core)",
         "pipeline_images_per_s": med["pipeline"],
         "decode_floor_images_per_s": med["decode_floor"],
         "ratio": med["pipeline"] / med["decode_floor"],
+        "pipeline_with_cpu_normalize_images_per_s": med["pipeline_with_cpu_normalize"],
+        "ratio_with_cpu_normalize": med["pipeline_with_cpu_normalize"] / med["decode_floor"],
         "ratio_vs_dali_decode_only": med["pipeline"] / med["dali_decode_only"],
         "reference_images_per_s": med["reference"],
         "dali_decode_only_images_per_s": med["dali_decode_only"],
+        "normalizer_cpu_ms_per_batch": normalize_ms,
         "scaling": {"1_thread": med["pipeline_1_thread"], f"{cores}_threads": med["pipeline"],
                     "speedup": med["pipeline"] / med["pipeline_1_thread"]},
         "mixed_images_per_s": med.get("pipeline_mixed"),
+        "mixed_with_gpu_normalize_images_per_s": med.get("pipeline_mixed_with_gpu_normalize"),
         "mixed_decode_only_images_per_s": med.get("dali_decode_only_mixed"),
         "runs": runs,
     }
 
 
+def ordered(runs: dict[str, list[float]]) -> list[str]:
+    """The measured configurations in the order of ``LABELS``."""
+    return [k for k in LABELS if k in runs]
+
+
 def print_table(record: dict, runs: dict[str, list[float]]) -> None:
     print(f"{'configuration':<64} {'images/s':>9}  runs")
-    for key, values in runs.items():
+    for key in ordered(runs):
+        values = runs[key]
         print(f"{LABELS[key]:<64} {statistics.median(values):>9.0f}  {', '.join(f'{v:.0f}' for v in values)}")
-    print(f"ratio (1)/(3) = {record['ratio']:.2f}   (1)/DALI decode only = {record['ratio_vs_dali_decode_only']:.2f}"
+    ms = record["normalizer_cpu_ms_per_batch"]
+    print(f"ratio (1)/(3) = {record['ratio']:.2f}   (1b)/(3) = {record['ratio_with_cpu_normalize']:.2f}"
+          f"   (1)/DALI decode only = {record['ratio_vs_dali_decode_only']:.2f}"
           f"   scaling 1 -> {record['machine']['cores']} threads = {record['scaling']['speedup']:.2f}x")
+    print(f"normaliser alone on this CPU, batch {record['settings']['batch_size']}: "
+          + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items()))
 
 
 def chart(runs: dict[str, list[float]], path: Path) -> None:
@@ -195,7 +280,7 @@ def chart(runs: dict[str, list[float]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = list(runs)[::-1]
+    keys = ordered(runs)[::-1]
     fig, ax = plt.subplots(figsize=(9, 0.5 * len(keys) + 1.2))
     ax.barh(range(len(keys)), [statistics.median(runs[k]) for k in keys], color="#4c72b0")
     for y, k in enumerate(keys):
@@ -215,12 +300,16 @@ def main(argv: Iterable[str] | None = None) -> dict:
     parser.add_argument("--report", type=Path, default=Path("bench/pipeline.json"))
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--images", type=int, default=3072, help="images per timed run")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=8, help="untimed batches before the first run")
     args = parser.parse_args(list(argv) if argv is not None else None)
     load(args.shards)  # fail early, with the fix, if the shards are not there
+    load_at_start = os.getloadavg()
     runs = measure_all(args)
-    record = report(runs, args)
+    normalize_ms = {"default": normalizer_ms(args.shards, args.batch),
+                    "THP_MEM_ALLOC_ENABLE=1": normalizer_ms_with_huge_pages(args.shards, args.batch)}
+    record = report(runs, normalize_ms, args)
+    record["machine"]["load_average_at_start"] = load_at_start
     print_table(record, runs)
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(json.dumps(record, indent=2) + "\n")

@@ -16,7 +16,7 @@ from pipeline.graph import EVAL_OUTPUTS, READER, TRAIN_OUTPUTS, GraphSpec, build
 from pipeline.labels import ascii_ints, key_numbers
 from pipeline.normalize import DeviceNormalizer, RawBatch
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the uint8 graph (crop-window decode); older DALI checkpoints do not fit it
 
 
 def device_id_for(device: torch.device) -> int | None:

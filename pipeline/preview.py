@@ -1,27 +1,28 @@
 """``python -m pipeline.preview --shards DIR --out preview.png``: a grid of augmented training
-images, un-normalised back to pixels, so a person can check the augmentation by looking."""
+images (crop, flip, lighting; before the mean subtraction), so a person can check the
+augmentation by looking."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from pipeline import LoaderConfig, build_train_loader
+from pipeline.normalize import RawBatch
 
 
-def unnormalize(images: np.ndarray, mean_crops: np.ndarray | None = None) -> np.ndarray:
-    """(N,3,H,W) mean-subtracted floats -> (N,H,W,3) uint8 for display.
+def augmented_pixels(raw: RawBatch, lighting: torch.Tensor) -> np.ndarray:
+    """What the network sees before the mean image is subtracted: each uint8 crop (already
+    flipped) plus its PCA lighting offset ``L @ alpha``, clipped to (N, h, w, 3) uint8.
 
-    The per-pixel mean was subtracted at each image's own crop position, which the batch does
-    not record; adding back the *centre* crop of the mean image is close (the mean image is
-    smooth) and leaves the lighting shift visible, which is the point.
+    Exact, not an approximation: the loader hands over the crops and the draws separately.
     """
-    x = images.transpose(0, 2, 3, 1)
-    if mean_crops is not None:
-        x = x + mean_crops
-    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+    offset = raw.alpha.float() @ lighting.T.cpu()
+    x = raw.images.cpu().float() + offset[:, None, None, :]
+    return x.clamp(0, 255).round().to(torch.uint8).numpy()
 
 
 def grid(tiles: np.ndarray, cols: int, pad: int = 4) -> Image.Image:
@@ -47,13 +48,10 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     cfg = LoaderConfig(batch_size=args.count, threads=2, seed=args.seed, sigma=args.sigma)
     loader = build_train_loader(args.shards, config=cfg)
-    images, _ = next(iter(loader))
-    mean = loader.spec.stats.mean_image
-    off = (mean.shape[0] - cfg.crop) // 2
-    centre = mean[off:off + cfg.crop, off:off + cfg.crop][None]
+    raw = next(loader.raw_batches())
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    grid(unnormalize(images.float().numpy(), centre), args.cols).save(args.out)
-    print(f"wrote {args.out} ({len(images)} augmented training images)")
+    grid(augmented_pixels(raw, loader.normalizer.lighting), args.cols).save(args.out)
+    print(f"wrote {args.out} ({len(raw)} augmented training images)")
     return args.out
 
 
