@@ -32,8 +32,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tarfile
 import time
 from itertools import islice
@@ -147,12 +145,16 @@ def machine() -> dict:
             "load_average_at_end": os.getloadavg()}  # "at_start" is added by main()
 
 
-def normalizer_ms(shards: Path, batch: int, repeat: int = 7) -> float:
-    """Median ms of the CPU normaliser on one batch of random uint8 crops (mean-image mode)."""
+def normalizer_ms(shards: Path, batch: int, reuse: bool = True, repeat: int = 7) -> float:
+    """Median ms of the CPU normaliser on one batch of random uint8 crops (mean-image mode);
+    ``reuse=False``: a fresh output batch every time (``pipeline.buffers`` explains the cost)."""
+    from pipeline.buffers import OutputPool
     from pipeline.normalize import DeviceNormalizer
     from pipeline.stats import load_stats
 
     norm = DeviceNormalizer(load_stats(load(shards, splits=("train",)).stats_path), LoaderConfig())
+    if not reuse:
+        norm._pool = OutputPool(keep=0)
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (batch, 224, 224, 3), dtype=torch.uint8, generator=gen)
     anchors, mirror = torch.randint(0, 33, (batch, 2), generator=gen), torch.randint(0, 2, (batch,), generator=gen)
@@ -164,16 +166,6 @@ def normalizer_ms(shards: Path, batch: int, repeat: int = 7) -> float:
         norm(images, anchors, mirror, alpha)
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
-
-
-def normalizer_ms_with_huge_pages(shards: Path, batch: int) -> float:
-    """``normalizer_ms`` in a fresh process with torch's ``THP_MEM_ALLOC_ENABLE=1`` (large CPU
-    tensors madvised to transparent huge pages: most of the page-fault cost of a fresh 77 MB
-    output batch goes away).  torch reads the variable once, hence the separate process."""
-    code = f"from bench.bench_pipeline import normalizer_ms; print(normalizer_ms({str(shards)!r}, {batch}))"
-    env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    return float(done.stdout.split()[-1])
 
 
 def streams(args: argparse.Namespace) -> dict[str, Iterator[int]]:
@@ -306,8 +298,8 @@ def main(argv: Iterable[str] | None = None) -> dict:
     load(args.shards)  # fail early, with the fix, if the shards are not there
     load_at_start = os.getloadavg()
     runs = measure_all(args)
-    normalize_ms = {"default": normalizer_ms(args.shards, args.batch),
-                    "THP_MEM_ALLOC_ENABLE=1": normalizer_ms_with_huge_pages(args.shards, args.batch)}
+    normalize_ms = {"reused_output": normalizer_ms(args.shards, args.batch),
+                    "fresh_output": normalizer_ms(args.shards, args.batch, reuse=False)}
     record = report(runs, normalize_ms, args)
     record["machine"]["load_average_at_start"] = load_at_start
     print_table(record, runs)

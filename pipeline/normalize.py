@@ -21,6 +21,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from pipeline.buffers import OutputPool
 from pipeline.config import LoaderConfig
 from pipeline.stats import DatasetStats
 from pipeline.views import anchor, eval_views
@@ -82,6 +83,7 @@ class DeviceNormalizer(torch.nn.Module):
         self.register_buffer("lighting", torch.from_numpy(stats.lighting_matrix.astype(np.float32)))
         self.register_buffer("channel_mean", torch.from_numpy(stats.mean.astype(np.float32)))
         self.register_buffer("channel_std", torch.from_numpy(stats.std.astype(np.float32)))
+        self._pool = OutputPool()  # CPU outputs only (see pipeline.buffers for why)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -136,7 +138,7 @@ class DeviceNormalizer(torch.nn.Module):
         """CPU: one image at a time, so its ~1 MB working set stays in cache; mean crops are
         views.  Same arithmetic, in the same order, as ``_batched`` (bit-identical results)."""
         n, h, w = images.shape[:3]
-        out = torch.empty(n, 3, h, w, dtype=self.dtype)
+        out = self._pool.empty((n, 3, h, w), self.dtype)  # a released earlier batch if any
         scratch = None if self.dtype == torch.float32 else torch.empty(3, h, w)
         scale, bias = self._channel_affine(offset)
         for i, ((x, y), m) in enumerate(zip(anchors.tolist(), mirror.tolist())):

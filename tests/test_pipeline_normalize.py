@@ -129,3 +129,18 @@ def test_label_and_id_bytes_parse():
     for i, text in enumerate(info):
         padded[i, :len(text)] = np.frombuffer(text, np.uint8)
     assert key_numbers(padded).tolist() == [42, 7]
+
+
+def test_cpu_output_memory_is_reused_only_after_release(stats):
+    """A held batch (or a view of it) is never overwritten; a released one is recycled."""
+    _, crops, anchors, mirror, alpha = draws(4)
+    norm = DeviceNormalizer(stats, LoaderConfig())
+    first = run(norm, crops, anchors, mirror, alpha)
+    kept, ptr = first.clone(), first.data_ptr()
+    view = first[1:]
+    del first
+    second = run(norm, crops[::-1].copy(), anchors, mirror, alpha)
+    assert second.data_ptr() != ptr and torch.equal(view, kept[1:])
+    del view, second
+    third = run(norm, crops, anchors, mirror, alpha)
+    assert third.data_ptr() == ptr and torch.equal(third, kept)
