@@ -1,10 +1,12 @@
 """The DALI graphs: the per-sample, data-dependent half of the pipeline, all in uint8.
 
 Training: read, decode ONLY the random 224x224 window (``decoders.image_slice``: libjpeg-turbo
-ROI decode on the CPU, nvJPEG ROI decode with ``device="mixed"``), flip, and draw the lighting
-alpha.  Outputs uint8 NHWC crops plus the draws (anchor x/y in pixels, mirror, alpha); the float
-arithmetic (mean image at the anchor, lighting, CHW, dtype) is ``pipeline.normalize`` on the
-target device.  Evaluation: decode the full image and cut the 1 or 10 views in uint8.
+ROI decode on the CPU, with its fast IDCT unless ``LoaderConfig.fast_idct`` is off; nvJPEG ROI
+decode with ``device="mixed"``), and draw the flip and the lighting alpha.  Outputs the uint8 NHWC windows
+plus the draws (anchor x/y in pixels, mirror, alpha); the flip and the float arithmetic (mean
+image at the anchor, lighting, CHW, dtype) are ``pipeline.normalize`` on the target device:
+``fn.flip`` cost ~15% of DALI's CPU time per image, a reversed read there costs nothing.
+Evaluation: decode the full image and cut the 1 or 10 view windows in uint8.
 
 Labels and ids leave the graph as raw ASCII bytes (zero-padded to the batch's longest) and are
 parsed with numpy in the loader (``pipeline.labels``): DALI has no string-to-int operator, and
@@ -68,10 +70,13 @@ def _shard_order(spec: GraphSpec) -> dict:
     return {"shuffle_after_epoch": True, "shuffle_after_epoch_seed": spec.cfg.seed + 1}
 
 
-def _decoder_args(spec: GraphSpec) -> dict:
-    if spec.gpu:
-        return {"device": "mixed", "output_type": types.RGB, "hw_decoder_load": spec.cfg.hw_decoder_load}
-    return {"device": "cpu", "output_type": types.RGB}
+def _decoder_args(spec: GraphSpec, device: str | None = None) -> dict:
+    """Decoder settings: mixed (nvJPEG) with a GPU; the fast IDCT for training crops if asked
+    (it applies to the libjpeg-turbo CPU decoder, also nvJPEG's fallback)."""
+    args = {"output_type": types.RGB, "use_fast_idct": spec.train and spec.cfg.fast_idct}
+    if device is None and spec.gpu:
+        return {**args, "device": "mixed", "hw_decoder_load": spec.cfg.hw_decoder_load}
+    return {**args, "device": "cpu"}
 
 
 def train_graph(spec: GraphSpec):
@@ -83,21 +88,21 @@ def train_graph(spec: GraphSpec):
     anchors = fn.random.uniform(values=list(range(span + 1)), shape=[2], dtype=types.INT32)
     crop = fn.decoders.image_slice(jpg, start=anchors, shape=[spec.cfg.crop, spec.cfg.crop],
                                    **_decoder_args(spec))  # "WH" order: start = (x, y)
-    mirror = fn.random.coin_flip(probability=0.5)
-    images = fn.flip(crop, horizontal=mirror)
+    mirror = fn.random.coin_flip(probability=0.5)  # applied by the normaliser
     alpha = fn.random.normal(shape=[3], stddev=spec.cfg.sigma)
-    outputs = (images, labels, ids, anchors, mirror, alpha)
+    outputs = (crop, labels, ids, anchors, mirror, alpha)
     if spec.debug:
-        outputs += (fn.decoders.image(jpg, device="cpu", output_type=types.RGB),)
+        outputs += (fn.decoders.image(jpg, **_decoder_args(spec, "cpu")),)  # same decoder as the crop
     return outputs
 
 
 def eval_graph(spec: GraphSpec):
-    """images (N, crop, crop, 3) for 1 view or (N, 10, crop, crop, 3) uint8; labels/ids raw bytes."""
+    """images (N, crop, crop, 3) for 1 view or (N, 10, crop, crop, 3) uint8 view windows (not
+    flipped: the normaliser flips views 5..9); labels/ids raw bytes."""
     jpg, labels, ids = _reader(spec)
     decoded = fn.decoders.image(jpg, **_decoder_args(spec))
-    crops = [fn.flip(fn.crop(decoded, crop=(spec.cfg.crop, spec.cfg.crop), crop_pos_x=x, crop_pos_y=y),
-                     horizontal=m) for x, y, m in eval_views(spec.views)]
+    crops = [fn.crop(decoded, crop=(spec.cfg.crop, spec.cfg.crop), crop_pos_x=x, crop_pos_y=y)
+             for x, y, _ in eval_views(spec.views)]
     images = crops[0] if len(crops) == 1 else fn.stack(*crops, axis=0)
     outputs = (images, labels, ids)
     return outputs + (decoded,) if spec.debug else outputs

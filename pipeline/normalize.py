@@ -1,11 +1,12 @@
 """The float half of the pipeline, on the TARGET device: uint8 NHWC crops + per-sample draws ->
 normalised (N, 3, crop, crop) tensors.
 
-Why here and not in DALI: the data-dependent work (read, decode only the crop window, flip) is
-done per sample in uint8 by DALI; the arithmetic that follows (uint8 -> float, HWC -> CHW, the
+Why here and not in DALI: the data-dependent work (read, decode only the crop window) is done
+per sample in uint8 by DALI; what follows (the horizontal flip, uint8 -> float, HWC -> CHW, the
 per-pixel mean image cropped at the sample's anchor and flipped like it, PCA lighting ``L @
-alpha``, or the per-channel mean/std mode) is a handful of elementwise passes over the whole
-batch.  On a GPU that is microseconds per batch and ships 4x fewer bytes over PCIe (uint8, not
+alpha``, or the per-channel mean/std mode) is index arithmetic and a handful of elementwise
+passes over the whole batch.  (``fn.flip`` alone cost DALI ~15% of its CPU time per image; here
+the flip is a reversed read that costs nothing measurable.)  On a GPU that is microseconds per batch and ships 4x fewer bytes over PCIe (uint8, not
 float32); on DALI's CPU operators it cost as much as the JPEG decode.  On the CPU-only path it
 runs here on the CPU, per sample, so each image's working set stays in cache.
 
@@ -53,9 +54,10 @@ class RawBatch:
     """What the decode stage hands over: uint8 pixels and the draws that produced them.
 
     ``images`` is (N, h, w, 3) for training / 1 eval view, (N, V, h, w, 3) for V eval views.
-    ``anchors`` (N, 2) int64 = (x, y) pixel anchors of the crop in the full image, ``mirror``
-    (N,) 0/1 (the crop was flipped left-right), ``alpha`` (N, 3) float32 lighting draws
-    (already times sigma); all three are None for evaluation (fixed views, no lighting).
+    The crops are NOT flipped yet: ``mirror`` (N,) 0/1 says which ones the normaliser flips
+    left-right.  ``anchors`` (N, 2) int64 = (x, y) pixel anchors of the crop in the full image,
+    ``alpha`` (N, 3) float32 lighting draws (already times sigma); all three are None for
+    evaluation (fixed views, their flips and no lighting come from ``pipeline.views``).
     """
 
     images: torch.Tensor
@@ -70,7 +72,7 @@ class RawBatch:
 
 
 class DeviceNormalizer(torch.nn.Module):
-    """uint8 crops + draws -> ``(x - mean_image[crop, flip] + L @ alpha)`` (or the channel mode)
+    """uint8 crops + draws -> ``flip(x - mean_image[crop]) + L @ alpha`` (or the channel mode)
     as ``dtype`` CHW, on the device its buffers live on (``.to(device)``)."""
 
     def __init__(self, stats: DatasetStats, cfg: LoaderConfig) -> None:
@@ -92,7 +94,7 @@ class DeviceNormalizer(torch.nn.Module):
 
     def forward(self, images: torch.Tensor, anchors: torch.Tensor, mirror: torch.Tensor,
                 alpha: torch.Tensor | None = None) -> torch.Tensor:
-        """(N, h, w, 3) uint8 crops taken at ``anchors`` (x, y) and flipped where ``mirror``;
+        """(N, h, w, 3) uint8 crops taken at ``anchors`` (x, y), to be flipped where ``mirror``;
         returns (N, 3, h, w) ``self.dtype``.  ``alpha`` None = no lighting."""
         device = self.mean2.device
         images = images.to(device, non_blocking=True)
@@ -143,6 +145,7 @@ class DeviceNormalizer(torch.nn.Module):
         scale, bias = self._channel_affine(offset)
         for i, ((x, y), m) in enumerate(zip(anchors.tolist(), mirror.tolist())):
             dst, src = (out[i] if scratch is None else scratch), images[i].permute(2, 0, 1)
+            src = src.flip(-1) if m else src  # a 150 kB uint8 copy; the float pass then reads it in order
             if self.mode == "channel":
                 torch.addcmul(bias[i], src, scale, out=dst)
             else:
@@ -158,6 +161,7 @@ class DeviceNormalizer(torch.nn.Module):
         materialised) and two elementwise kernels; no per-sample launches.  float32 result."""
         n, h, w = images.shape[:3]
         src = images.permute(0, 3, 1, 2)
+        src = torch.where(mirror.bool()[:, None, None, None], src.flip(-1), src)  # uint8, cheap on a GPU
         if self.mode == "channel":
             scale, bias = self._channel_affine(offset)
             return torch.addcmul(bias, src, scale[None])

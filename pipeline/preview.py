@@ -15,13 +15,14 @@ from pipeline.normalize import RawBatch
 
 
 def augmented_pixels(raw: RawBatch, lighting: torch.Tensor) -> np.ndarray:
-    """What the network sees before the mean image is subtracted: each uint8 crop (already
-    flipped) plus its PCA lighting offset ``L @ alpha``, clipped to (N, h, w, 3) uint8.
+    """What the network sees before the mean image is subtracted: each uint8 crop, flipped
+    where drawn, plus its PCA lighting offset ``L @ alpha``, clipped to (N, h, w, 3) uint8.
 
     Exact, not an approximation: the loader hands over the crops and the draws separately.
     """
     offset = raw.alpha.float() @ lighting.T.cpu()
-    x = raw.images.cpu().float() + offset[:, None, None, :]
+    x = raw.images.cpu().float()
+    x = torch.where(raw.mirror.cpu().bool().reshape(-1, 1, 1, 1), x.flip(2), x) + offset[:, None, None, :]
     return x.clamp(0, 255).round().to(torch.uint8).numpy()
 
 

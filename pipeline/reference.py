@@ -1,9 +1,9 @@
 """The reference loader in plain PyTorch: webdataset + Pillow(-SIMD) + DataLoader workers.
 
-Same split of the work as the DALI loader: the workers decode and produce uint8 crops (integer
-anchors 0..(256-224) equally likely, flip with p=0.5) plus the draws (anchor, mirror, lighting
-alpha); the SAME ``pipeline.normalize.DeviceNormalizer`` then does the float part on the target
-device.  So DALI-vs-reference comparisons test decode/crop/flip equivalence, and the
+Same split of the work as the DALI loader: the workers decode and produce uint8 crop windows
+(integer anchors 0..(256-224) equally likely) plus the draws (anchor, mirror with p=0.5, lighting
+alpha); the SAME ``pipeline.normalize.DeviceNormalizer`` then flips and does the float part on
+the target device.  So DALI-vs-reference comparisons test decode/crop equivalence, and the
 normalisation is tested once.  It is the fallback where DALI is missing and the oracle the
 tests compare DALI against.  Ranks split a split by sample key (key number mod world size).
 """
@@ -58,13 +58,13 @@ class Transform:
         self.cfg, self.train, self.views = cfg, train, views
 
     def __call__(self, sample: dict) -> tuple[torch.Tensor, ...]:
-        """Training: (crop HWC uint8, label, id, anchors (x, y), mirror, alpha); evaluation:
-        (views (V, h, w, 3) or (h, w, 3) uint8, label, id)."""
+        """Training: (crop window HWC uint8, label, id, anchors (x, y), mirror, alpha); evaluation:
+        (view windows (V, h, w, 3) or (h, w, 3) uint8, label, id); nothing flipped yet."""
         global _RNG
         image = decode(sample["jpg"])
         label, ident = int(sample["cls"]), key_number(sample["__key__"])
         if not self.train:
-            crops = view_stack(image, self.cfg.crop, self.views)
+            crops = view_stack(image, self.cfg.crop, self.views, flip=False)
             return torch.from_numpy(crops[0] if self.views == 1 else crops), label, ident
         h, w = image.shape[:2]
         c = self.cfg.crop
@@ -72,7 +72,7 @@ class Transform:
         x0, y0 = (int(v) for v in rng.integers(0, [w - c + 1, h - c + 1]))
         mirror = bool(rng.random() < 0.5)
         alpha = rng.normal(0.0, self.cfg.sigma, 3).astype(np.float32)
-        crop = np.ascontiguousarray(crop_hwc(image, x0, y0, c, mirror))
+        crop = np.ascontiguousarray(crop_hwc(image, x0, y0, c, False))  # the normaliser flips
         return (torch.from_numpy(crop), label, ident, torch.tensor([x0, y0]), int(mirror),
                 torch.from_numpy(alpha))
 

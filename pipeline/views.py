@@ -25,8 +25,9 @@ def crop_hwc(image: np.ndarray, x0: int, y0: int, crop: int, mirror: bool) -> np
     return out[:, ::-1] if mirror else out
 
 
-def view_stack(image: np.ndarray, crop: int, views: int) -> np.ndarray:
-    """The eval views of one HWC image as numpy slices, stacked: (views, crop, crop, C)."""
+def view_stack(image: np.ndarray, crop: int, views: int, flip: bool = True) -> np.ndarray:
+    """The eval views of one HWC image as numpy slices, stacked: (views, crop, crop, C);
+    ``flip=False``: the windows only, as the loaders hand them to the normaliser."""
     h, w = image.shape[:2]
-    return np.stack([crop_hwc(image, anchor(x, w, crop), anchor(y, h, crop), crop, bool(m))
+    return np.stack([crop_hwc(image, anchor(x, w, crop), anchor(y, h, crop), crop, flip and bool(m))
                      for x, y, m in eval_views(views)])

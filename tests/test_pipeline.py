@@ -74,18 +74,38 @@ def test_lighting_formula_matches_spec_units(sample_shards):
 
 
 def test_crop_window_decode_equals_slicing_the_full_decode(train_draws):
-    """``decoders.image_slice`` decodes only the window; it must equal numpy slicing (then the
-    flip) of the full decode.  Measured: bit-identical on these shards (libjpeg-turbo ROI)."""
+    """``decoders.image_slice`` decodes only the window; it must equal numpy slicing of the full
+    decode (the flip is the normaliser's).  Measured: bit-identical on these shards."""
     _, draws = train_draws
     for crop, _, _, anchors, mirror, _, decoded in draws:
         assert crop.shape == (CROP, CROP, 3) and crop.dtype == np.uint8 and anchors.dtype == np.int32
         x0, y0 = (int(v) for v in anchors)
-        np.testing.assert_array_equal(crop, crop_hwc(decoded, x0, y0, CROP, bool(mirror)))
+        np.testing.assert_array_equal(crop, crop_hwc(decoded, x0, y0, CROP, False))
+
+
+def test_fast_idct_stays_within_a_few_levels_of_the_accurate_one(sample_shards):
+    """Training decodes with libjpeg-turbo's fast IDCT (LoaderConfig.fast_idct): bound the cost."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    split = load(sample_shards).splits["train"]
+
+    @pipeline_def(batch_size=48, num_threads=2, device_id=None)
+    def both():
+        jpg = fn.readers.webdataset(paths=[str(s.tar) for s in split.shards], index_paths=[str(s.index) for s in split.shards],
+                                    ext=["jpg"], missing_component_behavior="error")
+        return (fn.decoders.image(jpg, device="cpu", output_type=types.RGB),
+                fn.decoders.image(jpg, device="cpu", output_type=types.RGB, use_fast_idct=True))
+
+    pipe = both()
+    pipe.build()
+    accurate, fast = pipe.run()
+    diff = np.concatenate([np.abs(np.array(a, np.int16) - np.array(f, np.int16)).ravel() for a, f in zip(accurate, fast)])
+    assert diff.mean() < 1.5 and diff.max() <= 16, (diff.mean(), diff.max())
 
 
 def test_loader_output_equals_numpy_augmentation(train_draws):
-    """DALI crop + draws through the normaliser == (decoded - mean image) cropped at the drawn
-    anchor, flipped, + L @ alpha (SPEC section 4), float32 CHW."""
+    """DALI window + draws through the normaliser == (decoded - mean image) cropped at the drawn
+    anchor, flipped if drawn, + L @ alpha (SPEC section 4), float32 CHW."""
     stats, draws = train_draws
     normalizer = DeviceNormalizer(stats, LoaderConfig())
     for crop, _, _, anchors, mirror, alpha, decoded in draws[:40]:
@@ -137,13 +157,18 @@ def test_labels_and_ids_match_the_tars(sample_shards):
 
 @pytest.mark.parametrize("views", [1, 10])
 def test_eval_views_equal_numpy_slices(sample_shards, views):
-    """The uint8 views DALI cuts from the full decode are exactly numpy's slices (and flips)."""
-    _, pipe = debug_pipeline(sample_shards, train=False, views=views)
-    for image, _, _, decoded in samples(run_batches(pipe, 1)):
-        expected = view_stack(decoded, CROP, views)
+    """The uint8 view windows DALI cuts from the full decode are exactly numpy's slices; through
+    the normaliser they are the views of (decoded - mean image), flips included."""
+    spec, pipe = debug_pipeline(sample_shards, train=False, views=views)
+    normalizer = DeviceNormalizer(spec.stats, spec.cfg)
+    for image, _, _, decoded in list(samples(run_batches(pipe, 1)))[:6]:
+        expected = view_stack(decoded, CROP, views, flip=False)
         assert image.dtype == np.uint8
         assert image.shape == ((CROP, CROP, 3) if views == 1 else (10, CROP, CROP, 3))
         np.testing.assert_array_equal(image.reshape(expected.shape), expected)
+        out = normalizer.views(torch.from_numpy(image[None]), views)[0].numpy()
+        centered = view_stack(decoded.astype(np.float32) - spec.stats.mean_image, CROP, views).transpose(0, 3, 1, 2)
+        np.testing.assert_allclose(out.reshape(centered.shape), centered, atol=1e-3)
 
 
 def test_missing_index_fails_early(sample_shards, tmp_path):

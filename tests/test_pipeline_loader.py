@@ -152,8 +152,8 @@ def test_reference_train_loader_exact_epochs_and_two_ranks(sample_shards):
 
 
 def test_reference_train_transform_matches_its_draws(sample_shards):
-    """The reference workers return the uint8 crop at their own draws (the float part is the
-    shared normaliser, tested in test_pipeline_normalize)."""
+    """The reference workers return the uint8 window at their own draws (the flip and the float
+    part are the shared normaliser's, tested in test_pipeline_normalize)."""
     import webdataset as wds
 
     import pipeline.reference as ref
@@ -169,7 +169,7 @@ def test_reference_train_transform_matches_its_draws(sample_shards):
     flip, draw = rng.random() < 0.5, rng.normal(0.0, CFG.sigma, 3)
     assert anchors.tolist() == [x0, y0] and mirror == int(flip) and label == int(sample["cls"])
     np.testing.assert_allclose(alpha.numpy(), draw, rtol=1e-6)
-    np.testing.assert_array_equal(crop.numpy(), crop_hwc(ref.decode(sample["jpg"]), x0, y0, 224, flip))
+    np.testing.assert_array_equal(crop.numpy(), crop_hwc(ref.decode(sample["jpg"]), x0, y0, 224, False))
 
 
 def test_loader_is_raw_batches_through_the_normalizer(sample_shards):

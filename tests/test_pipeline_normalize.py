@@ -25,14 +25,15 @@ def stats() -> DatasetStats:
 
 
 def draws(n: int, seed: int = 1):
-    """Full images, their crops at random anchors (flipped at random) and lighting draws."""
+    """Full images, their crop windows at random anchors (not flipped: the normaliser flips
+    where ``mirror``), the flips and the lighting draws."""
     rng = np.random.default_rng(seed)
     full = rng.integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
     anchors = rng.integers(0, SIZE - CROP + 1, (n, 2))
     anchors[:4] = [[0, 0], [32, 32], [0, 32], [32, 0]]  # the extremes, both orientations below
     mirror = np.arange(n) % 2
     alpha = rng.normal(0, 0.5, (n, 3)).astype(np.float32)
-    crops = np.stack([crop_hwc(f, x, y, CROP, bool(m)) for f, (x, y), m in zip(full, anchors, mirror)])
+    crops = np.stack([crop_hwc(f, x, y, CROP, False) for f, (x, y) in zip(full, anchors)])
     return full, crops, anchors, mirror, alpha
 
 
@@ -89,7 +90,8 @@ def test_lighting_covariance_over_many_draws(stats):
 def test_channel_mode_equals_numpy(stats):
     full, crops, anchors, mirror, alpha = draws(6)
     out = run(DeviceNormalizer(stats, LoaderConfig(normalize="channel")), crops, anchors, mirror, alpha)
-    expected = (crops.astype(np.float32) + lighting_offset(stats, alpha)[:, None, None] - stats.mean) / stats.std
+    flipped = np.stack([c[:, ::-1] if m else c for c, m in zip(crops, mirror)]).astype(np.float32)
+    expected = (flipped + lighting_offset(stats, alpha)[:, None, None] - stats.mean) / stats.std
     np.testing.assert_allclose(out.numpy(), expected.transpose(0, 3, 1, 2), atol=1e-4)
 
 
@@ -105,7 +107,7 @@ def test_half_dtypes_round_the_float32_result(stats, dtype):
 @pytest.mark.parametrize("views", [1, 10])
 def test_eval_views_equal_numpy(stats, views):
     full = np.random.default_rng(4).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
-    crops = np.stack([view_stack(f, CROP, views) for f in full])
+    crops = np.stack([view_stack(f, CROP, views, flip=False) for f in full])
     crops = crops[:, 0] if views == 1 else crops
     out = DeviceNormalizer(stats, LoaderConfig()).views(torch.from_numpy(crops), views)
     expected = np.stack([view_stack(f.astype(np.float32) - stats.mean_image, CROP, views) for f in full])
