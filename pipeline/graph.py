@@ -1,7 +1,7 @@
 """The DALI graphs: the per-sample, data-dependent half of the pipeline, all in uint8.
 
 Training: read, decode ONLY the random 224x224 window (``decoders.image_slice``: libjpeg-turbo
-ROI decode on the CPU, with its fast IDCT unless ``LoaderConfig.fast_idct`` is off; nvJPEG ROI
+ROI decode on the CPU, optionally with its fast IDCT, ``LoaderConfig.fast_idct``; nvJPEG ROI
 decode with ``device="mixed"``), and draw the flip and the lighting alpha.  Outputs the uint8 NHWC windows
 plus the draws (anchor x/y in pixels, mirror, alpha); the flip and the float arithmetic (mean
 image at the anchor, lighting, CHW, dtype) are ``pipeline.normalize`` on the target device:
