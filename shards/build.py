@@ -111,7 +111,8 @@ def build(cfg: ShardConfig) -> dict:
         record = _manifest_record(cfg, inventory, results)
         _check_skipped(cfg, record)
         train = [(cfg.out / "train" / s["tar"], s["samples"]) for s in results["train"].shards]
-        print(f"shards: computing dataset statistics ({cfg.stats_images or 'all'} training images)")
+        total = sum(n for _, n in train)
+        print(f"shards: dataset statistics over {min(cfg.stats_images or total, total)} of {total} training images")
         moments = stats.compute(train, pool, cfg.stats_images)
     stats.write(cfg.out, moments, sum(results["train"].class_counts))
     atomic_write_text(cfg.out / "manifest.json", json.dumps(record, indent=1) + "\n")
