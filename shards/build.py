@@ -23,7 +23,7 @@ from shards.journal import Journal
 from shards.layouts import scan
 from shards.sources import Inventory, Source
 from shards.tarwriter import atomic_write_text
-from shards.write_split import SplitResult, init_worker, write_split
+from shards.write_split import SplitResult, SplitWriter, init_worker, write_splits
 
 
 class TooManySkipped(RuntimeError):
@@ -102,12 +102,14 @@ def build(cfg: ShardConfig) -> dict:
           f"{len(inventory.sources)} images found")
     cfg.out.mkdir(parents=True, exist_ok=True)
     (cfg.out / "manifest.json").unlink(missing_ok=True)  # the manifest marks a finished directory
-    results: dict[str, SplitResult] = {}
-    with get_context("fork").Pool(cfg.processes, init_worker, (cfg.size, cfg.quality)) as pool:
-        for split in contract.SPLITS:
-            sources = ordered(inventory, split, cfg.seed)
-            journal = Journal(cfg.out / split, fingerprint(cfg, split, sources, inventory.classes))
-            results[split] = write_split(cfg, split, sources, inventory.classes, str(inventory.root), pool, journal)
+    writers = []
+    for split in contract.SPLITS:
+        sources = ordered(inventory, split, cfg.seed)
+        journal = Journal(cfg.out / split, fingerprint(cfg, split, sources, inventory.classes))
+        writers.append(SplitWriter(cfg, split, sources, inventory.classes, journal))
+    results: dict[str, SplitResult] = {w.split: w.result for w in writers}
+    with get_context("fork").Pool(cfg.processes, init_worker, (cfg.size, cfg.quality, str(inventory.root))) as pool:
+        write_splits(cfg, writers, pool)
         record = _manifest_record(cfg, inventory, results)
         _check_skipped(cfg, record)
         train = [(cfg.out / "train" / s["tar"], s["samples"]) for s in results["train"].shards]

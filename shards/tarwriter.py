@@ -9,7 +9,6 @@ Both files appear under their final names only once complete (temp file + fsync 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import tarfile
 from dataclasses import dataclass
@@ -39,8 +38,35 @@ def tar_overhead() -> int:
     return 2 * BLOCK
 
 
+@dataclass(frozen=True)
+class Serialized:
+    """One sample as the exact tar bytes of its members (headers + padded data).
+
+    Tar headers hold no offsets, so a sample serialises the same wherever it lands: workers
+    build these in parallel and the shard writer only appends them.
+    """
+
+    blob: bytes
+    members: tuple[tuple[str, int, int, str], ...]  # (ext, data offset in blob, size, member name)
+
+
+def serialize(key: str, components: dict[str, bytes]) -> Serialized:
+    """The tar members ``key.ext`` of one sample, in the order given, with fixed metadata."""
+    if "." in key:
+        raise ValueError(f"sample key {key!r} must not contain '.' (DALI splits extensions at the first dot)")
+    chunks, members, offset = [], [], 0
+    for ext, data in components.items():
+        info = tarfile.TarInfo(f"{key}.{ext}")
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        info.uname = info.gname = ""
+        chunks += [info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict"), data, b"\0" * (-len(data) % BLOCK)]
+        members.append((ext, offset + BLOCK, len(data), info.name))
+        offset += member_bytes(len(data))
+    return Serialized(b"".join(chunks), tuple(members))
+
+
 class ShardWriter:
-    """Accumulate samples for one shard; ``close`` writes ``<name>.tar`` and ``<name>.idx``."""
+    """Append serialised samples to one shard; ``close`` writes ``<name>.tar`` and ``<name>.idx``."""
 
     def __init__(self, directory: Path, name: str) -> None:
         self.directory, self.name = directory, name
@@ -49,30 +75,28 @@ class ShardWriter:
         self._tmp = directory / f".{name}.tar.tmp"
         self._file = open(self._tmp, "wb")
         self._hash = hashlib.sha256()
-        self._tar = tarfile.open(fileobj=_HashingWriter(self._file, self._hash), mode="w", format=tarfile.USTAR_FORMAT)
         self._index_lines: list[str] = []
         self.samples = 0
         self.size = 0
 
-    def add(self, key: str, components: dict[str, bytes]) -> None:
-        """Append one sample: ``key.ext`` members, in the order given."""
-        if "." in key:
-            raise ValueError(f"sample key {key!r} must not contain '.' (DALI splits extensions at the first dot)")
-        parts = []
-        for ext, data in components.items():
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            info.uname = info.gname = ""
-            offset = self.size + BLOCK
-            self._tar.addfile(info, io.BytesIO(data))
-            parts.append(f"{ext} {offset} {len(data)} {info.name}")
-            self.size += member_bytes(len(data))
-        self._index_lines.append(" ".join(parts))
+    def _write(self, data: bytes) -> None:
+        self._hash.update(data)
+        self._file.write(data)
+
+    def add(self, sample: Serialized) -> None:
+        """Append one sample and remember its members' offsets for the index."""
+        self._write(sample.blob)
+        self._index_lines.append(" ".join(f"{ext} {self.size + offset} {size} {name}"
+                                          for ext, offset, size, name in sample.members))
+        self.size += len(sample.blob)
         self.samples += 1
 
     def close(self) -> ShardInfo:
         """Finish the tar and the index and move both to their final names."""
-        self._tar.close()
+        # The end of a tar as Python's tarfile writes it: two zero blocks, then zeros up to a
+        # whole 10 KiB record.
+        end = tar_overhead()
+        self._write(b"\0" * (end + (-(self.size + end) % tarfile.RECORDSIZE)))
         self._file.flush()
         os.fsync(self._file.fileno())
         nbytes = self._file.tell()
@@ -87,20 +111,6 @@ class ShardWriter:
         """Drop the unfinished shard (used on errors and interrupts)."""
         self._file.close()
         self._tmp.unlink(missing_ok=True)
-
-
-class _HashingWriter:
-    """A write-only file object that hashes what passes through it."""
-
-    def __init__(self, f: io.BufferedWriter, digest: "hashlib._Hash") -> None:
-        self._f, self._digest = f, digest
-
-    def write(self, data: bytes) -> int:
-        self._digest.update(data)
-        return self._f.write(data)
-
-    def tell(self) -> int:
-        return self._f.tell()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
