@@ -4,7 +4,8 @@ The bare loop is the floor of the work itself: read each file, decode it with PI
 mode for large JPEGs, as the sharder does), resize + centre-crop to 256, encode JPEG q90,
 one process per core, nothing else.  The sharder adds scanning, ordering, tar writing,
 hashing, journaling and the statistics pass (over the same share of the training split as
-ImageNet's default ``stats_images``).  Each number is the median of ``--repeat`` runs.
+ImageNet's default ``stats_images``).  Each number is the median of ``--repeat`` runs, the
+configurations interleaved run by run.
 """
 from __future__ import annotations
 
@@ -64,8 +65,11 @@ def sharder(src: Path, processes: int, train_images: int) -> float:
         shutil.rmtree(out)
 
 
-def _median_rate(fn, images: int, repeat: int) -> float:
-    return images / statistics.median(fn() for _ in range(repeat))
+def _cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
 
 
 def _plot(results: dict, path: Path) -> None:
@@ -90,19 +94,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--src", type=Path, default=Path("data/sample"))
     parser.add_argument("--report", type=Path, default=Path("bench/shards.json"))
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
     files = sorted(str(p) for p in args.src.rglob("*.JPEG"))
     cores = os.cpu_count() or 1
     train = sum(1 for f in files if "/train/" in f)
-    results: dict = {"images": len(files), "machine": {"cpus": cores, "cpu": platform.processor() or platform.machine(),
-                                                       "python": platform.python_version()}}
-    for procs, n in (("1", 1), ("all", cores)):
-        results[f"bare_{procs}"] = _median_rate(lambda: bare_loop(files, n), len(files), args.repeat)
-        results[f"shards_{procs}"] = _median_rate(lambda: sharder(args.src, n, train), len(files), args.repeat)
+    import PIL
+
+    results: dict = {
+        "benchmark": "make shards vs a bare decode+resize+encode loop",
+        "images": len(files), "repeat": args.repeat, "stats_images_share": STATS_SHARE,
+        "machine": {"cpus": cores, "cpu": _cpu_name(), "python": platform.python_version(),
+                    "pillow_simd": PIL.__version__, "load_average_start": os.getloadavg()[0]},
+    }
+    runs: dict[str, list[float]] = {}
+    for _ in range(args.repeat):  # interleaved, so that load from other jobs hits all alike
+        for procs, n in (("1", 1), ("all", cores)):
+            runs.setdefault(f"bare_{procs}", []).append(len(files) / bare_loop(files, n))
+            runs.setdefault(f"shards_{procs}", []).append(len(files) / sharder(args.src, n, train))
+    results |= {name: statistics.median(rates) for name, rates in runs.items()}
+    results["runs"] = runs
     results["ratio_all"] = results["shards_all"] / results["bare_all"]
     results["ratio_1"] = results["shards_1"] / results["bare_1"]
     results["scaling"] = results["shards_all"] / results["shards_1"]
+    results["machine"]["load_average_end"] = os.getloadavg()[0]
     print(f"\n{'images/s':>22} {'1 process':>10} {f'{cores} processes':>13}")
     for name in ("bare", "shards"):
         print(f"{name + (' loop' if name == 'bare' else ' (make shards)'):>22} "

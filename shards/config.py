@@ -22,7 +22,7 @@ class ShardConfig:
     seed: int = 0  # the global shuffle of the training split
     workers: int = 0  # decode/encode processes; 0 = one per core
     max_skipped_fraction: float = 0.001  # fail when more of the inputs than this are unusable
-    chunk: int = 32  # most images per message to a worker (fewer, larger messages: less parent CPU)
+    chunk: int = 128  # most images per message to a worker (fewer, larger messages: less parent CPU)
     stats_images: int = 20000  # training images the statistics are computed over (0: all)
 
     def validate(self) -> "ShardConfig":
