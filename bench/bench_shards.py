@@ -85,7 +85,7 @@ def _plot(results: dict, path: Path) -> None:
     ax.set_xticks([x + 0.19 for x in range(2)], labels)
     ax.set_ylabel("images / s")
     ax.set_title(f"sharding throughput, {results['machine']['cpus']} cores")
-    ax.legend()
+    ax.legend(loc="lower center")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
