@@ -6,8 +6,9 @@ per sample in uint8 by DALI; what follows (the horizontal flip, uint8 -> float, 
 per-pixel mean image cropped at the sample's anchor and flipped like it, PCA lighting ``L @
 alpha``, or the per-channel mean/std mode) is index arithmetic and a handful of elementwise
 passes over the whole batch.  (``fn.flip`` alone cost DALI ~15% of its CPU time per image; here
-the flip is a reversed read that costs nothing measurable.)  On a GPU that is microseconds per batch and ships 4x fewer bytes over PCIe (uint8, not
-float32); on DALI's CPU operators it cost as much as the JPEG decode.  On the CPU-only path it
+the flip is a reversed read that costs nothing measurable.)  On a GPU that is microseconds per
+batch and ships 4x fewer bytes over PCIe (uint8, not float32); on DALI's CPU operators it cost as
+much as the JPEG decode.  On the CPU-only path it
 runs here on the CPU, per sample, so each image's working set stays in cache.
 
 Both loaders (``pipeline.loader`` and ``pipeline.reference``) hand a ``RawBatch`` to the same
@@ -26,6 +27,7 @@ from pipeline.buffers import OutputPool
 from pipeline.config import LoaderConfig
 from pipeline.stats import DatasetStats
 from pipeline.views import anchor, eval_views
+
 
 @contextmanager
 def _single_threaded() -> Iterator[None]:
