@@ -9,8 +9,8 @@ is never timed.
 
 1. ``pipeline``: the DALI training loader as the service builds it (``build_train_loader``),
    up to the uint8 batch handed to the device normaliser (``DaliLoader.raw_batches``: read,
-   crop-window decode, draws, labels, zero-copy torch tensors).  On a GPU machine the normaliser then costs microseconds on the GPU, so this is
-   the service's input pipeline.
+   crop-window decode, draws, labels, uint8 torch tensors).  On a GPU machine the normaliser then
+   costs microseconds on the GPU, so this is the service's input pipeline.
    ``pipeline_fast_idct``: the same with ``fast_idct=True``.
    ``pipeline_with_cpu_normalize``: the same loader iterated as on a CPU-only machine, i.e.
    including the float normalisation (mean image, lighting, CHW float32) on this CPU.
@@ -38,7 +38,7 @@ import time
 from itertools import islice
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch

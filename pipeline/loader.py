@@ -1,7 +1,7 @@
 """The PyTorch-facing DALI loader: (images, labels) batches on the target device, exact epochs,
 ``len()`` in batches, and mid-epoch resume through DALI pipeline checkpointing.
 
-Each batch is DALI's uint8 output (``RawBatch``, zero-copy into torch) normalised by
+Each batch is DALI's uint8 output (``RawBatch``, copied into torch by DALIGenericIterator) normalised by
 ``pipeline.normalize.DeviceNormalizer`` on the target device."""
 from __future__ import annotations
 
@@ -58,8 +58,8 @@ class DaliLoader:
     def _iterator(self, checkpoint: str | None) -> DALIGenericIterator:
         pipe = build_pipeline(self.spec, device_id_for(self.device), self.rank, checkpoint)
         return DALIGenericIterator(
-            [pipe], list(TRAIN_OUTPUTS if self.spec.train else EVAL_OUTPUTS), reader_name=READER, last_batch_policy=LastBatchPolicy.PARTIAL,
-            auto_reset=True, prepare_first_batch=False)
+            [pipe], list(TRAIN_OUTPUTS if self.spec.train else EVAL_OUTPUTS), reader_name=READER,
+            last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True, prepare_first_batch=False)
 
     def __len__(self) -> int:
         """Batches per epoch on this rank (the last one may be short)."""

@@ -93,7 +93,8 @@ def _plan(cfg: SampleConfig) -> list[tuple[str, int, int, Path]]:
 
 def fingerprint(cfg: SampleConfig) -> str:
     """A hash of everything that determines the output (the output folder excluded)."""
-    key = json.dumps([cfg.classes, cfg.train_per_class, cfg.val_per_class, cfg.seed, cfg.large_fraction, QUIRKS.__repr__()])
+    key = json.dumps([cfg.classes, cfg.train_per_class, cfg.val_per_class, cfg.seed, cfg.large_fraction,
+                      sorted(QUIRKS.items())])
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 

@@ -12,7 +12,6 @@ import json
 import time
 from collections import Counter
 from multiprocessing import get_context
-from pathlib import Path
 
 import numpy as np
 

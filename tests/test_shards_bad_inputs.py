@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shards.build import TooManySkipped, build
+from shards.build import build
 from shards.config import ShardConfig
 from tests.conftest import run_module
 
