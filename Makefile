@@ -11,7 +11,7 @@ TRAIN_ARGS ?=
 # The sample data gets small shards (configs/shards-sample.toml); real datasets the defaults.
 SHARD_CONFIG := $(if $(filter $(SAMPLE),$(SRC)),--config configs/shards-sample.toml,)
 
-.PHONY: help setup sample-data shards bench-shards bench-pipeline bench-model preview demo test clean
+.PHONY: help setup sample-data shards bench-shards bench-pipeline bench-model gpu-check preview demo test clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -36,6 +36,13 @@ bench-pipeline: setup ## DALI training pipeline vs the decode floor: make bench-
 
 bench-model: setup ## forward+backward images/s of both model layouts (CPU, and GPU when present)
 	$(PY) -m bench.bench_model --report bench/model.json
+
+# gpu-check runs where `make setup` has not: PY=python3 WHEELS=dir use that interpreter and those wheels.
+GPU_CHECK_OUT := $(if $(filter command line,$(origin OUT)),$(OUT),data/gpu-check)
+SECONDS ?= 420
+gpu-check: ## every GPU path measured in one go (dry mode without a GPU): [OUT=dir] [SECONDS=420] [PY=python3 WHEELS=dir]
+	@if [ "$(PY)" = ".venv/bin/python" ]; then bash scripts/setup.sh; fi
+	@PY="$(PY)" WHEELS="$(WHEELS)" bash scripts/gpu-check.sh --out "$(GPU_CHECK_OUT)" --seconds "$(SECONDS)"
 
 preview: shards ## a grid of augmented training images from the pipeline: data/preview.png
 	$(PY) -m pipeline.preview --shards $(OUT) --out data/preview.png

@@ -38,11 +38,25 @@ class Config:
     precision: str  # "fp32" | "bf16" (autocast)
     channels_last: bool
     compiled: bool
+    lrn_fp32: bool = True  # False: LRN in the autocast dtype (to measure what float32 LRN costs)
 
     @property
     def label(self) -> str:
-        extras = [x for x, on in (("channels_last", self.channels_last), ("compiled", self.compiled)) if on]
+        extras = [x for x, on in (("channels_last", self.channels_last), ("compiled", self.compiled),
+                                  ("LRN in bf16", self.precision == "bf16" and not self.lrn_fp32)) if on]
         return " ".join([self.layout, self.precision, *extras])
+
+
+# ``--grid short`` (what ``make gpu-check`` runs): the fast path, one change at a time from it.
+SHORT_GRID = [
+    Config("grouped", "bf16", True, False),
+    Config("grouped", "bf16", True, True),
+    Config("grouped", "bf16", False, False),
+    Config("grouped", "bf16", True, False, lrn_fp32=False),
+    Config("grouped", "fp32", True, False),
+    Config("towers", "bf16", True, False),
+    Config("towers", "fp32", True, False),
+]
 
 
 @dataclasses.dataclass
@@ -74,9 +88,9 @@ def time_config(config: Config, device: torch.device, batch: int, warmup: int, i
     try:
         torch.manual_seed(0)
         if config.layout == "towers":
-            model = AlexNet(layout="towers", devices=devices)
+            model = AlexNet(layout="towers", devices=devices, lrn_fp32=config.lrn_fp32)
         else:
-            model = AlexNet().to(device)
+            model = AlexNet(lrn_fp32=config.lrn_fp32).to(device)
         prepare_model(model, channels_last=config.channels_last, compile=config.compiled)
         opt = PaperSGD(model.parameters())
         images = 50 * torch.randn(batch, 3, 224, 224, device=devices[0])
@@ -178,6 +192,8 @@ def plot(results: list[Result], title: str, path: Path) -> None:
 
 
 def _grid(args: argparse.Namespace, on_gpu: bool) -> list[Config]:
+    if args.grid == "short":
+        return [c for c in SHORT_GRID if c.layout in args.layouts and (on_gpu or c.precision == "fp32")]
     both = {"off": [False], "on": [True], "both": [False, True]}
     precisions = args.precisions or (["fp32", "bf16"] if on_gpu else ["fp32"])
     channels_last = both[args.channels_last or ("both" if on_gpu else "off")]
@@ -209,9 +225,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"])
     p.add_argument("--channels-last", choices=["off", "on", "both"])
     p.add_argument("--compile", choices=["off", "on", "both"])
+    p.add_argument("--grid", choices=["full", "short"], default="full",
+                   help="short: the bf16 channels_last fast path and one change at a time from it")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
+    if on_gpu:
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its algorithms once
     warmup = args.warmup if args.warmup is not None else (10 if on_gpu else 2)
     iters = args.iters if args.iters is not None else (30 if on_gpu else 3)
 

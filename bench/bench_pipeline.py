@@ -186,23 +186,33 @@ def normalizer_ms(shards: Path, batch: int, reuse: bool = True, repeat: int = 7)
     return 1e3 * statistics.median(times)
 
 
+# ``--configs gpu-check``: the GPU path and the CPU decode it is compared with (no 1-thread,
+# fast-IDCT or reference-loader runs, which only matter on CPU-only machines).
+GPU_CHECK = ("decode_floor", "pipeline", "dali_decode_only", "pipeline_mixed",
+             "pipeline_mixed_with_gpu_normalize", "dali_decode_only_mixed")
+
+
 def streams(args: argparse.Namespace) -> dict[str, Iterator[int]]:
-    """Every configuration as an endless stream of batch sizes (built before any timing)."""
+    """Every selected configuration as an endless stream of batch sizes (built before any timing)."""
     cores = len(os.sched_getaffinity(0))
     cfg = LoaderConfig(batch_size=args.batch, threads=cores, seed=0)
-    out = {"decode_floor": pil_floor(train_jpegs(args.shards, 2048), cores)}
-    out["pipeline"] = raw_sizes(build_train_loader(args.shards, config=cfg))
-    out["pipeline_fast_idct"] = raw_sizes(build_train_loader(args.shards, config=cfg.replace(fast_idct=True)))
-    out["pipeline_with_cpu_normalize"] = batch_sizes(build_train_loader(args.shards, config=cfg))
-    out["dali_decode_only"] = dali_decode_only(args.shards, cores, args.batch, "cpu")
-    out["pipeline_1_thread"] = raw_sizes(build_train_loader(args.shards, config=cfg.replace(threads=1)))
+    make = {
+        "decode_floor": lambda: pil_floor(train_jpegs(args.shards, 2048), cores),
+        "pipeline": lambda: raw_sizes(build_train_loader(args.shards, config=cfg)),
+        "pipeline_fast_idct": lambda: raw_sizes(build_train_loader(args.shards, config=cfg.replace(fast_idct=True))),
+        "pipeline_with_cpu_normalize": lambda: batch_sizes(build_train_loader(args.shards, config=cfg)),
+        "dali_decode_only": lambda: dali_decode_only(args.shards, cores, args.batch, "cpu"),
+        "pipeline_1_thread": lambda: raw_sizes(build_train_loader(args.shards, config=cfg.replace(threads=1))),
+    }
     if torch.cuda.is_available():
         gpu_cfg, cuda = cfg.replace(threads=min(cores, 8)), torch.device("cuda")
-        out["pipeline_mixed"] = synced(raw_sizes(build_train_loader(args.shards, device=cuda, config=gpu_cfg), cuda))
-        out["pipeline_mixed_with_gpu_normalize"] = synced(
+        make["pipeline_mixed"] = lambda: synced(
+            raw_sizes(build_train_loader(args.shards, device=cuda, config=gpu_cfg), cuda))
+        make["pipeline_mixed_with_gpu_normalize"] = lambda: synced(
             batch_sizes(build_train_loader(args.shards, device=cuda, config=gpu_cfg)))
-        out["dali_decode_only_mixed"] = dali_decode_only(args.shards, gpu_cfg.num_threads, args.batch, "mixed")
-    return out
+        make["dali_decode_only_mixed"] = lambda: dali_decode_only(args.shards, gpu_cfg.num_threads, args.batch, "mixed")
+    wanted = GPU_CHECK if args.configs == "gpu-check" else tuple(make)
+    return {name: make[name]() for name in wanted if name in make}
 
 
 def measure_all(args: argparse.Namespace) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
@@ -218,6 +228,8 @@ def measure_all(args: argparse.Namespace) -> tuple[dict[str, list[float]], dict[
             images_per_s, us = rate(stream, args.images, args.warmup if r == 0 else 3)
             runs[name].append(images_per_s)
             cpu[name].append(us)
+    if args.configs == "gpu-check":
+        return runs, cpu
     cfg = LoaderConfig(batch_size=args.batch, threads=len(os.sched_getaffinity(0)), seed=0)
     reference = batch_sizes(build_reference_loader(args.shards, config=cfg))
     # (its CPU time is in its DataLoader workers, not measured)
@@ -239,8 +251,13 @@ LABELS = {
 }
 
 
+def _ratio(med: dict[str, float], a: str, b: str) -> float | None:
+    return med[a] / med[b] if a in med and b in med else None
+
+
 def report(runs: dict[str, list[float]], normalize_ms: dict[str, float], args: argparse.Namespace) -> dict:
-    """The JSON record: machine, versions, medians, every run, and the ratios."""
+    """The JSON record: machine, versions, medians, every run, and the ratios (None where a
+    configuration was not measured)."""
     med = {k: statistics.median(v) for k, v in runs.items()}
     cores = len(os.sched_getaffinity(0))
     return {
@@ -248,24 +265,24 @@ def report(runs: dict[str, list[float]], normalize_ms: dict[str, float], args: a
         "shards": str(Path(args.shards).resolve()),
         "settings": {"batch_size": args.batch, "images_per_run": args.images, "repeat": args.repeat,
                      "warmup_batches": args.warmup, "interleaved": True, "dtype": "float32",
-                     "normalize": "mean_image", "fast_idct": LoaderConfig().fast_idct},
+                     "normalize": "mean_image", "fast_idct": LoaderConfig().fast_idct, "configs": args.configs},
         "pipeline_definition": "DALI graph (read, crop-window decode, flip, draws) + loader up to the uint8 "
                                "NHWC batch handed to the device normaliser (raw_batches), all cores",
         "decode_floor_definition": "Pillow-SIMD decode of the same training JPEG bytes (in memory) to RGB, "
                                    f"no augmentation, {cores} processes (one per core)",
-        "pipeline_images_per_s": med["pipeline"],
-        "decode_floor_images_per_s": med["decode_floor"],
-        "ratio": med["pipeline"] / med["decode_floor"],
-        "pipeline_fast_idct_images_per_s": med["pipeline_fast_idct"],
-        "ratio_fast_idct": med["pipeline_fast_idct"] / med["decode_floor"],
-        "pipeline_with_cpu_normalize_images_per_s": med["pipeline_with_cpu_normalize"],
-        "ratio_with_cpu_normalize": med["pipeline_with_cpu_normalize"] / med["decode_floor"],
-        "ratio_vs_dali_decode_only": med["pipeline"] / med["dali_decode_only"],
-        "reference_images_per_s": med["reference"],
-        "dali_decode_only_images_per_s": med["dali_decode_only"],
+        "pipeline_images_per_s": med.get("pipeline"),
+        "decode_floor_images_per_s": med.get("decode_floor"),
+        "ratio": _ratio(med, "pipeline", "decode_floor"),
+        "pipeline_fast_idct_images_per_s": med.get("pipeline_fast_idct"),
+        "ratio_fast_idct": _ratio(med, "pipeline_fast_idct", "decode_floor"),
+        "pipeline_with_cpu_normalize_images_per_s": med.get("pipeline_with_cpu_normalize"),
+        "ratio_with_cpu_normalize": _ratio(med, "pipeline_with_cpu_normalize", "decode_floor"),
+        "ratio_vs_dali_decode_only": _ratio(med, "pipeline", "dali_decode_only"),
+        "reference_images_per_s": med.get("reference"),
+        "dali_decode_only_images_per_s": med.get("dali_decode_only"),
         "normalizer_cpu_ms_per_batch": normalize_ms,
-        "scaling": {"1_thread": med["pipeline_1_thread"], f"{cores}_threads": med["pipeline"],
-                    "speedup": med["pipeline"] / med["pipeline_1_thread"]},
+        "scaling": {"1_thread": med.get("pipeline_1_thread"), f"{cores}_threads": med.get("pipeline"),
+                    "speedup": _ratio(med, "pipeline", "pipeline_1_thread")},
         "mixed_images_per_s": med.get("pipeline_mixed"),
         "mixed_with_gpu_normalize_images_per_s": med.get("pipeline_mixed_with_gpu_normalize"),
         "mixed_decode_only_images_per_s": med.get("dali_decode_only_mixed"),
@@ -286,10 +303,10 @@ def print_table(record: dict, runs: dict[str, list[float]]) -> None:
     print("CPU us per image (all threads/processes): "
           + ", ".join(f"{k} {v:.0f}" for k, v in record["cpu_us_per_image"].items()))
     ms = record["normalizer_cpu_ms_per_batch"]
-    print(f"ratio (1)/(3) = {record['ratio']:.2f}   (1')/(3) = {record['ratio_fast_idct']:.2f}"
-          f"   (1b)/(3) = {record['ratio_with_cpu_normalize']:.2f}"
-          f"   (1)/DALI decode only = {record['ratio_vs_dali_decode_only']:.2f}"
-          f"   scaling 1 -> {record['machine']['cores']} threads = {record['scaling']['speedup']:.2f}x")
+    ratios = {"(1)/(3)": record["ratio"], "(1')/(3)": record["ratio_fast_idct"],
+              "(1b)/(3)": record["ratio_with_cpu_normalize"], "(1)/DALI decode only": record["ratio_vs_dali_decode_only"],
+              f"scaling 1 -> {record['machine']['cores']} threads": record["scaling"]["speedup"]}
+    print("   ".join(f"{k} = {v:.2f}" for k, v in ratios.items() if v is not None))
     print(f"normaliser alone on this CPU, batch {record['settings']['batch_size']}: "
           + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items()))
 
@@ -323,6 +340,8 @@ def main(argv: Iterable[str] | None = None) -> dict:
     parser.add_argument("--images", type=int, default=3072, help="images per timed run")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=8, help="untimed batches before the first run")
+    parser.add_argument("--configs", choices=["all", "gpu-check"], default="all",
+                        help="gpu-check: the GPU path and the CPU decode it is compared with")
     args = parser.parse_args(list(argv) if argv is not None else None)
     load(args.shards)  # fail early, with the fix, if the shards are not there
     load_at_start = os.getloadavg()

@@ -44,20 +44,32 @@ CONVS: dict[str, tuple[int, int, int, int, int, str]] = {
 FCS: dict[str, tuple[int, int]] = {"fc6": (256 * 6 * 6, 2048), "fc7": (4096, 2048)}
 
 
-def local_response_norm(x: Tensor, towers: int = 1) -> Tensor:
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def local_response_norm(x: Tensor, towers: int = 1, fp32: bool = True) -> Tensor:
     """LRN with the project constants, applied to each tower's channels separately.
 
     With ``towers=2`` the first and second halves of the channels are normalised on their own,
     so the 5-channel window never reaches across the tower boundary (as on the paper's GPUs).
+    ``fp32``: a float16/bfloat16 input is normalised in float32 and cast back.  LRN squares its
+    input: in float16 any activation above 256 squares to inf and its output becomes 0 (conv1's
+    ReLU outputs reach that easily on 0..255 pixels); bfloat16 keeps the range but the sum of
+    squares loses digits.  (PyTorch's CPU kernels also have no float16/bfloat16 LRN at all.)
     """
+    dtype = x.dtype
+    if fp32 and dtype in LOW_PRECISION:
+        x = x.float()
     if towers == 1:
-        return F.local_response_norm(x, **LRN)
-    return torch.cat([F.local_response_norm(h, **LRN) for h in x.chunk(towers, dim=1)], dim=1)
+        out = F.local_response_norm(x, **LRN)
+    else:
+        out = torch.cat([F.local_response_norm(h, **LRN) for h in x.chunk(towers, dim=1)], dim=1)
+    return out.to(dtype)
 
 
-def _norm_pool(x: Tensor, towers: int = 1) -> Tensor:
+def _norm_pool(x: Tensor, towers: int = 1, lrn_fp32: bool = True) -> Tensor:
     """ReLU -> per-tower LRN -> overlapping 3/2 max pool (the order of the paper and Caffe)."""
-    return F.max_pool2d(local_response_norm(F.relu(x), towers), kernel_size=3, stride=2)
+    return F.max_pool2d(local_response_norm(F.relu(x), towers, lrn_fp32), kernel_size=3, stride=2)
 
 
 def _exchange(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -130,6 +142,8 @@ class AlexNet(nn.Module):
             same device. For ``grouped``: ``None`` (CPU; use ``.to()``) or two equal devices.
         bias_init: the non-zero bias constant of SPEC 2 (paper 1.0; Caffe used 0.1).
         dropout: dropout probability after fc6 and fc7.
+        lrn_fp32: under float16/bfloat16 autocast, compute LRN in float32 (see
+            :func:`local_response_norm`; ``make gpu-check`` measures what it costs).
     """
 
     def __init__(
@@ -140,12 +154,14 @@ class AlexNet(nn.Module):
         *,
         bias_init: float = 1.0,
         dropout: float = 0.5,
+        lrn_fp32: bool = True,
     ) -> None:
         super().__init__()
         if layout not in ("grouped", "towers"):
             raise ValueError(f"layout must be 'grouped' or 'towers', got {layout!r}")
         self.layout: Layout = layout
         self.dropout = dropout
+        self.lrn_fp32 = lrn_fp32
         grouped = layout == "grouped"
         for name, spec in CONVS.items():
             self.add_module(name, _conv(spec, 2) if grouped else TowerPair(lambda: _conv(spec, 1)))
@@ -197,8 +213,8 @@ class AlexNet(nn.Module):
         return self._forward_grouped(x) if self.layout == "grouped" else self._forward_towers(x)
 
     def _forward_grouped(self, x: Tensor) -> Tensor:
-        x = _norm_pool(self.conv1(x), towers=2)
-        x = _norm_pool(self.conv2(x), towers=2)
+        x = _norm_pool(self.conv1(x), 2, self.lrn_fp32)
+        x = _norm_pool(self.conv2(x), 2, self.lrn_fp32)
         x = F.relu(self.conv3(x))
         x = F.relu(self.conv4(x))
         x = F.max_pool2d(F.relu(self.conv5(x)), kernel_size=3, stride=2).flatten(1)
@@ -209,8 +225,8 @@ class AlexNet(nn.Module):
     def _forward_towers(self, x: Tensor) -> Tensor:
         # Both towers see the whole image; every later device crossing is an _exchange.
         a, b = self.conv1(x.to(self.conv1.a.weight.device), x.to(self.conv1.b.weight.device))
-        a, b = self.conv2(_norm_pool(a), _norm_pool(b))
-        a, b = self.conv3(*_exchange(_norm_pool(a), _norm_pool(b)))
+        a, b = self.conv2(_norm_pool(a, 1, self.lrn_fp32), _norm_pool(b, 1, self.lrn_fp32))
+        a, b = self.conv3(*_exchange(_norm_pool(a, 1, self.lrn_fp32), _norm_pool(b, 1, self.lrn_fp32)))
         a, b = self.conv4(F.relu(a), F.relu(b))
         a, b = self.conv5(F.relu(a), F.relu(b))
         a, b = (F.max_pool2d(F.relu(t), kernel_size=3, stride=2).flatten(1) for t in (a, b))

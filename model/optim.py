@@ -46,18 +46,37 @@ class PaperSGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "velocity" not in state:
-                    state["velocity"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                v = state["velocity"]
-                # Both terms read w before it moves, as in the paper's equations.
-                v.mul_(momentum).add_(p, alpha=-decay * lr).add_(p.grad, alpha=-lr)
-                p.add_(v)
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._update(params, group["lr"], group["momentum"], group["weight_decay"])
         return loss
+
+    def _update(self, params: list[Tensor], lr: float, momentum: float, decay: float) -> None:
+        """The rule for one group, as multi-tensor ``torch._foreach_*`` kernels: a handful of
+        launches per device for all 16 (or 30) tensors instead of ~4 per tensor."""
+        velocities = []
+        for p in params:
+            state = self.state[p]
+            if "velocity" not in state:
+                state["velocity"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            velocities.append(state["velocity"])
+        grads = [p.grad for p in params]
+        # Both terms read w before it moves, as in the paper's equations.
+        torch._foreach_mul_(velocities, momentum)
+        if decay:
+            torch._foreach_add_(velocities, params, alpha=-decay * lr)
+        torch._foreach_add_(velocities, grads, alpha=-lr)
+        torch._foreach_add_(params, velocities)
+
+
+def param_groups(model: nn.Module, weight_decay: float, bias_decay: bool = True) -> list[dict]:
+    """Parameter groups for :class:`PaperSGD`: the paper decays every weight, biases included
+    (``bias_decay=True``, the project's default, SPEC 2); Caffe and cuda-convnet exempt biases
+    (``bias_decay=False``: biases get ``weight_decay=0``)."""
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    weights = [p for n, p in model.named_parameters() if not n.endswith("bias")]
+    return [{"params": weights, "weight_decay": weight_decay},
+            {"params": biases, "weight_decay": weight_decay if bias_decay else 0.0}]
 
 
 def velocity_state(model: nn.Module, optimizer: PaperSGD) -> dict[str, Tensor]:

@@ -28,6 +28,12 @@ class LoaderConfig:
     # within the noise in the full loader on the 2-core machine (0-20% in isolated graphs), so
     # it is off.  Evaluation always decodes with the accurate IDCT.
     fast_idct: bool = False
+    # GPU training decode: False (default) decodes the whole 256x256 image with nvJPEG and slices
+    # the window at the drawn anchor; True decodes only the window (nvImageCodec ROI decode).
+    # nvImageCodec 0.9 (required by DALI 2.4) has an open ROI-decode regression, NVIDIA/nvImageCodec
+    # issue #55: error #8 on A100 and a SIGSEGV that kills the process on H100, for ordinary
+    # in-bounds windows.  `make gpu-check` probes it in a child process on each card.
+    gpu_roi_decode: bool = False
 
     def validate(self) -> LoaderConfig:
         """Return self if every field makes sense, else raise ValueError naming the field."""

@@ -1,16 +1,23 @@
 """The DALI graphs: the per-sample, data-dependent half of the pipeline, all in uint8.
 
-Training: read, decode ONLY the random 224x224 window (``decoders.image_slice``: libjpeg-turbo
-ROI decode on the CPU, optionally with its fast IDCT, ``LoaderConfig.fast_idct``; nvJPEG ROI
-decode with ``device="mixed"``), and draw the flip and the lighting alpha.  Outputs the uint8 NHWC windows
-plus the draws (anchor x/y in pixels, mirror, alpha); the flip and the float arithmetic (mean
-image at the anchor, lighting, CHW, dtype) are ``pipeline.normalize`` on the target device:
-``fn.flip`` cost ~15% of DALI's CPU time per image, a reversed read there costs nothing.
-Evaluation: decode the full image and cut the 1 or 10 view windows in uint8.
+Training: read, decode the random 224x224 window and draw the flip and the lighting alpha.
+On the CPU the decode is ONLY the window (``decoders.image_slice``: libjpeg-turbo ROI decode,
+optionally with its fast IDCT, ``LoaderConfig.fast_idct``).  On a GPU the whole 256x256 image is
+decoded with nvJPEG (``device="mixed"``) and the window sliced at the same integer anchor:
+nvImageCodec 0.9's GPU ROI decode can crash the process on H100 (``LoaderConfig.gpu_roi_decode``
+explains), and on 256x256 images the ROI saving on a GPU is small.  Outputs the uint8 NHWC
+windows plus the draws (anchor x/y in pixels, mirror, alpha); on a GPU the draws and the label
+bytes are copied to the GPU inside the graph, so the consumer never copies host memory to the
+device (a pageable ``.to("cuda")`` synchronises the host with the GPU on every batch).  The flip
+and the float arithmetic (mean image at the anchor, lighting, CHW, dtype) are
+``pipeline.normalize`` on the target device: ``fn.flip`` cost ~15% of DALI's CPU time per image,
+a reversed read there costs nothing.
+Evaluation: decode the full image and slice the 1 or 10 view windows in uint8 at the integer
+anchors of ``pipeline.views.view_anchors`` (the normaliser uses the same integers).
 
 Labels and ids leave the graph as raw ASCII bytes (zero-padded to the batch's longest) and are
-parsed with numpy in the loader (``pipeline.labels``): DALI has no string-to-int operator, and
-the ~10 arithmetic operators that emulated one cost ~15% of the CPU time per image.
+parsed in the loader (``pipeline.labels``): DALI has no string-to-int operator, and the ~10
+arithmetic operators that emulated one cost ~15% of the CPU time per image.
 """
 from __future__ import annotations
 
@@ -21,7 +28,7 @@ from nvidia.dali.pipeline import Pipeline
 
 from pipeline.config import LoaderConfig, rank_seed
 from pipeline.stats import DatasetStats
-from pipeline.views import eval_views
+from pipeline.views import view_anchors
 
 READER = "Reader"
 TRAIN_OUTPUTS = ("images", "labels", "ids", "anchors", "mirror", "alpha")
@@ -71,12 +78,28 @@ def _shard_order(spec: GraphSpec) -> dict:
 
 
 def _decoder_args(spec: GraphSpec, device: str | None = None) -> dict:
-    """Decoder settings: mixed (nvJPEG) with a GPU; the fast IDCT for training crops if asked
-    (it applies to the libjpeg-turbo CPU decoder, also nvJPEG's fallback)."""
+    """Decoder settings: mixed (nvJPEG) with a GPU, with the CPU decoder's chroma upsampling so
+    the pixels match the ones the mean image was computed from; the fast IDCT for training
+    crops if asked (it applies to libjpeg-turbo, also nvJPEG's fallback)."""
     args = {"output_type": types.RGB, "use_fast_idct": spec.train and spec.cfg.fast_idct}
     if device is None and spec.gpu:
-        return {**args, "device": "mixed", "hw_decoder_load": spec.cfg.hw_decoder_load}
+        return {**args, "device": "mixed", "hw_decoder_load": spec.cfg.hw_decoder_load,
+                "jpeg_fancy_upsampling": True}
     return {**args, "device": "cpu"}
+
+
+def _to_consumer(spec: GraphSpec, *nodes):
+    """The graph's small outputs where the consumer needs them: on the GPU when there is one."""
+    return tuple(n.gpu() for n in nodes) if spec.gpu else nodes
+
+
+def _train_window(spec: GraphSpec, jpg, anchors):
+    """The uint8 crop window at ``anchors`` (x, y): ROI decode on the CPU (or on the GPU when
+    ``gpu_roi_decode``), else a whole-image GPU decode sliced at the same integers."""
+    shape = [spec.cfg.crop, spec.cfg.crop]  # "WH" order, like start = (x, y)
+    if not spec.gpu or spec.cfg.gpu_roi_decode:
+        return fn.decoders.image_slice(jpg, start=anchors, shape=shape, **_decoder_args(spec))
+    return fn.slice(fn.decoders.image(jpg, **_decoder_args(spec)), start=anchors, shape=shape)
 
 
 def train_graph(spec: GraphSpec):
@@ -86,13 +109,12 @@ def train_graph(spec: GraphSpec):
     # Integer anchors 0..(size - crop), every one equally likely (x and y drawn independently).
     span = spec.image_size - spec.cfg.crop
     anchors = fn.random.uniform(values=list(range(span + 1)), shape=[2], dtype=types.INT32)
-    crop = fn.decoders.image_slice(jpg, start=anchors, shape=[spec.cfg.crop, spec.cfg.crop],
-                                   **_decoder_args(spec))  # "WH" order: start = (x, y)
+    crop = _train_window(spec, jpg, anchors)
     mirror = fn.random.coin_flip(probability=0.5)  # applied by the normaliser
     alpha = fn.random.normal(shape=[3], stddev=spec.cfg.sigma)
-    outputs = (crop, labels, ids, anchors, mirror, alpha)
+    outputs = (crop, *_to_consumer(spec, labels), ids, *_to_consumer(spec, anchors, mirror, alpha))
     if spec.debug:
-        outputs += (fn.decoders.image(jpg, **_decoder_args(spec, "cpu")),)  # same decoder as the crop
+        outputs += (fn.decoders.image(jpg, **_decoder_args(spec, "cpu")),)  # the CPU decoder, as the stats
     return outputs
 
 
@@ -101,10 +123,11 @@ def eval_graph(spec: GraphSpec):
     flipped: the normaliser flips views 5..9); labels/ids raw bytes."""
     jpg, labels, ids = _reader(spec)
     decoded = fn.decoders.image(jpg, **_decoder_args(spec))
-    crops = [fn.crop(decoded, crop=(spec.cfg.crop, spec.cfg.crop), crop_pos_x=x, crop_pos_y=y)
-             for x, y, _ in eval_views(spec.views)]
+    size, crop = spec.image_size, spec.cfg.crop
+    crops = [fn.slice(decoded, start=[x, y], shape=[crop, crop])
+             for x, y, _ in view_anchors(spec.views, size, size, crop)]
     images = crops[0] if len(crops) == 1 else fn.stack(*crops, axis=0)
-    outputs = (images, labels, ids)
+    outputs = (images, *_to_consumer(spec, labels), ids)
     return outputs + (decoded,) if spec.debug else outputs
 
 

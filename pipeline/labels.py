@@ -7,6 +7,7 @@ operator) needed ~10 arithmetic operators per sample.  The shard format is uncha
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 
 def ascii_ints(raw: np.ndarray) -> np.ndarray:
@@ -22,6 +23,17 @@ def ascii_ints(raw: np.ndarray) -> np.ndarray:
     for column in raw.T.astype(np.int64):
         digit = (column >= 48) & (column <= 57)
         value = np.where(digit, value * 10 + column - 48, value)
+    return value
+
+
+def ascii_ints_torch(raw: torch.Tensor) -> torch.Tensor:
+    """``ascii_ints`` for a uint8 tensor on any device (the GPU graph's label bytes): a few
+    elementwise kernels, no copy to the host and no synchronisation."""
+    value = torch.zeros(raw.shape[0], dtype=torch.int64, device=raw.device)
+    if raw.numel() == 0:  # a rank's empty last batch
+        return value
+    for column in raw.reshape(raw.shape[0], -1).to(torch.int64).unbind(1):
+        value = torch.where((column >= 48) & (column <= 57), value * 10 + column - 48, value)
     return value
 
 

@@ -1,11 +1,23 @@
 """The PyTorch-facing DALI loader: (images, labels) batches on the target device, exact epochs,
 ``len()`` in batches, and mid-epoch resume through DALI pipeline checkpointing.
 
-Each batch is DALI's uint8 output (``RawBatch``, copied into torch by DALIGenericIterator) normalised by
-``pipeline.normalize.DeviceNormalizer`` on the target device."""
+Each batch is DALI's uint8 output (``RawBatch``) normalised by
+``pipeline.normalize.DeviceNormalizer`` on the target device.
+
+Buffer ownership: the pipelines run with ``exec_dynamic=True``, and then DALI 2.4's
+``DALIGenericIterator`` does NOT copy: it hands out DALI-owned buffers through DLPack
+(``torch.from_dlpack``), and DALI may reuse a buffer once the last reference to it is gone.  On
+the CPU every use of a batch (normalising it, parsing its labels) is finished before the next
+batch is asked for, so references are enough.  On a GPU the reads are kernels queued on
+PyTorch's stream that may run long after the host has moved on, while DALI frees in its own
+stream order; so every GPU batch is held (``_GpuKeepAlive``) until an event recorded after its
+consumer's kernels has completed.  Nothing reads a batch after that: the normalised images and
+the parsed labels are new tensors.
+"""
 from __future__ import annotations
 
 import base64
+from collections import deque
 from typing import Iterator
 
 import torch
@@ -13,8 +25,8 @@ from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from pipeline.graph import EVAL_OUTPUTS, READER, TRAIN_OUTPUTS, GraphSpec, build_pipeline
-from pipeline.labels import ascii_ints, key_numbers
-from pipeline.normalize import DeviceNormalizer, RawBatch
+from pipeline.labels import ascii_ints, ascii_ints_torch, key_numbers
+from pipeline.normalize import DeviceNormalizer, RawBatch, to_device
 
 STATE_VERSION = 2  # 2: the uint8 graph (crop-window decode); older DALI checkpoints do not fit it
 
@@ -24,6 +36,26 @@ def device_id_for(device: torch.device) -> int | None:
     if device.type != "cuda":
         return None
     return device.index if device.index is not None else torch.cuda.current_device()
+
+
+class _GpuKeepAlive:
+    """Keep DALI-owned GPU batches alive until the GPU has run the kernels that read them."""
+
+    def __init__(self) -> None:
+        self._held: deque[tuple[torch.cuda.Event, object]] = deque()
+
+    def hold(self, batch: object) -> None:
+        """Call after the consumer queued its reads of ``batch`` on the current stream."""
+        event = torch.cuda.Event()
+        event.record()
+        self._held.append((event, batch))
+        while self._held and self._held[0][0].query():  # query() never blocks
+            self._held.popleft()
+
+
+def graph_kind(spec: GraphSpec) -> str:
+    """Which training graph a loader state belongs to (their DALI checkpoints differ)."""
+    return "gpu-roi" if spec.gpu and spec.cfg.gpu_roi_decode else "gpu" if spec.gpu else "cpu"
 
 
 def _encode(checkpoint: bytes | str) -> str:
@@ -53,6 +85,7 @@ class DaliLoader:
         self.normalizer = DeviceNormalizer(spec.stats, spec.cfg).to(self.device)
         self.epoch = 0
         self._batches = 0  # batches delivered in the current epoch
+        self._keepalive = _GpuKeepAlive() if self.device.type == "cuda" else None
         self._it = self._iterator(None)
 
     def _iterator(self, checkpoint: str | None) -> DALIGenericIterator:
@@ -79,16 +112,21 @@ class DaliLoader:
         """The epoch as DALI delivers it: uint8 crops (on the GPU with mixed decode) and draws,
         before normalisation.  ``__iter__`` is this plus ``self.normalizer``."""
         for batch in self._it:
-            out = batch[0]
             self._batches += 1
-            yield self._raw(out)
+            raw = self._raw(batch[0])
+            yield raw
+            if self._keepalive is not None:  # the consumer has queued its reads of ``raw``
+                self._keepalive.hold(raw)
         self.epoch += 1
         self._batches = 0
 
     def _raw(self, out: dict[str, torch.Tensor]) -> RawBatch:
-        """Parse the label/id bytes (numpy, tiny); the draws stay small CPU tensors."""
-        labels = torch.from_numpy(ascii_ints(out["labels"].cpu().numpy()))
-        ids = torch.from_numpy(key_numbers(out["ids"].cpu().numpy())) if self.ids else None
+        """Parse the label bytes (numpy on the CPU; torch kernels on the GPU, where the graph
+        put them) and, if asked, the ids (host bytes, parsed on the host: tests and tools)."""
+        raw_labels = out["labels"]
+        labels = ascii_ints_torch(raw_labels) if raw_labels.is_cuda else \
+            torch.from_numpy(ascii_ints(raw_labels.numpy()))
+        ids = torch.from_numpy(key_numbers(out["ids"].numpy())) if self.ids else None
         if not self.spec.train:
             return RawBatch(out["images"], labels, ids)
         return RawBatch(out["images"], labels, ids, out["anchors"], out["mirror"], out["alpha"])
@@ -103,9 +141,9 @@ class DaliLoader:
         """Yield ``(images, labels)`` (``(images, labels, ids)`` with ``ids=True``) until the epoch ends."""
         for raw in self.raw_batches():
             images = self.normalize(raw)
-            labels = raw.labels.to(self.device, non_blocking=True)
+            labels = to_device(raw.labels, self.device)
             if self.ids:
-                yield images, labels, raw.ids.to(self.device, non_blocking=True)
+                yield images, labels, to_device(raw.ids, self.device)
             else:
                 yield images, labels
 
@@ -115,14 +153,15 @@ class DaliLoader:
             raise ValueError("only the training loader is checkpointed (evaluation restarts from the top)")
         return {"version": STATE_VERSION, "dali": _encode(self._it.checkpoints()[0]), "epoch": self.epoch,
                 "batches": self._batches, "rank": self.rank, "num_shards": self.spec.num_shards,
-                "seed": self.spec.cfg.seed}
+                "seed": self.spec.cfg.seed, "graph": graph_kind(self.spec)}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where ``state`` was taken (same shards, ranks and config)."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {state.get('version')!r}, expected {STATE_VERSION}")
-        mine = {"rank": self.rank, "num_shards": self.spec.num_shards, "seed": self.spec.cfg.seed}
-        theirs = {k: state.get(k) for k in mine}
+        mine = {"rank": self.rank, "num_shards": self.spec.num_shards, "seed": self.spec.cfg.seed,
+                "graph": graph_kind(self.spec)}
+        theirs = {k: state.get(k, "cpu" if k == "graph" else None) for k in mine}
         if mine != theirs:
             raise ValueError(f"loader state was saved with {theirs}, this loader has {mine}")
         self._it = self._iterator(_decode(state["dali"]))

@@ -26,7 +26,7 @@ import torch
 from pipeline.buffers import OutputPool
 from pipeline.config import LoaderConfig
 from pipeline.stats import DatasetStats
-from pipeline.views import anchor, eval_views
+from pipeline.views import view_anchors
 
 
 @contextmanager
@@ -47,6 +47,19 @@ def _single_threaded() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``tensor`` on ``device`` (as ``dtype``) without making the host wait for the GPU.
+
+    A copy from ordinary (pageable) host memory to a GPU makes the host wait for the work queued
+    before it; from pinned memory it is queued like a kernel.  So host tensors are pinned first
+    (a host memcpy into PyTorch's caching pinned allocator, which keeps the block until the copy
+    has run).  A tensor already on ``device`` is only cast.
+    """
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device=device, dtype=dtype, non_blocking=True)
 
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -89,6 +102,7 @@ class DeviceNormalizer(torch.nn.Module):
         self.register_buffer("channel_mean", torch.from_numpy(stats.mean.astype(np.float32)))
         self.register_buffer("channel_std", torch.from_numpy(stats.std.astype(np.float32)))
         self._pool = OutputPool()  # CPU outputs only (see pipeline.buffers for why)
+        self._view_draws: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -104,12 +118,12 @@ class DeviceNormalizer(torch.nn.Module):
         # OpenMP region with 2 threads leaves a thread spinning against DALI's (~40% more CPU
         # per image measured in the loader, 2 cores).
         with _single_threaded() if device.type == "cpu" else nullcontext():
-            images = images.to(device, non_blocking=True)
+            images = to_device(images, device)
             n = images.shape[0]
             offset = torch.zeros(n, 3, device=device) if alpha is None else \
-                alpha.to(device, torch.float32).reshape(n, 3) @ self.lighting.T  # offset = L @ alpha
-            anchors = anchors.to(device, torch.int64).reshape(n, 2)
-            mirror = mirror.to(device, torch.int64).reshape(n)
+                self.offset(to_device(alpha, device, torch.float32).reshape(n, 3))
+            anchors = to_device(anchors, device, torch.int64).reshape(n, 2)
+            mirror = to_device(mirror, device, torch.int64).reshape(n)
             if device.type == "cpu":
                 return self._per_sample(images, anchors, mirror, offset)
             return self._batched(images, anchors, mirror, offset).to(self.dtype)
@@ -123,12 +137,25 @@ class DeviceNormalizer(torch.nn.Module):
         return flat.reshape(n, v, *flat.shape[1:])
 
     def view_draws(self, views: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fixed (anchors, mirror) of ``views`` eval views, repeated for ``n`` images."""
-        h, w = self.image_size
-        geometry = eval_views(views)
-        anchors = torch.tensor([[anchor(x, w, self.crop), anchor(y, h, self.crop)] for x, y, _ in geometry])
-        mirror = torch.tensor([m for _, _, m in geometry])
-        return anchors.repeat(n, 1), mirror.repeat(n)
+        """The fixed (anchors, mirror) of ``views`` eval views, repeated for ``n`` images, on the
+        normaliser's device; made once per (views, n), so no batch copies them to a GPU."""
+        key = (views, n, self.mean2.device)
+        if key not in self._view_draws:
+            geometry = view_anchors(views, *self.image_size, self.crop)
+            anchors = torch.tensor([[x, y] for x, y, _ in geometry]).repeat(n, 1)
+            mirror = torch.tensor([m for _, _, m in geometry]).repeat(n)
+            self._view_draws[key] = (anchors.to(self.mean2.device), mirror.to(self.mean2.device))
+        return self._view_draws[key]
+
+    def offset(self, alpha: torch.Tensor) -> torch.Tensor:
+        """Lighting offsets ``L @ alpha`` (N, 3), as separate multiplies and adds in a fixed order
+        rather than a matmul: the CPU and the GPU then round identically (a GEMM's summation
+        order and fused multiply-adds differ between BLAS libraries), so both paths are
+        bit-identical in the paper's mean-image mode."""
+        lighting = self.lighting
+        out = alpha[:, 0:1] * lighting[:, 0]
+        out = out + alpha[:, 1:2] * lighting[:, 1]
+        return out + alpha[:, 2:3] * lighting[:, 2]
 
     def _channel_affine(self, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Channel mode as one fused pass: (x + offset - mean) / std = x * scale + bias."""

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,7 @@ class SampleConfig:
     val_per_class: int = 10
     seed: int = 0
     large_fraction: float = 0.1  # share of images above 1000 px on the long side
+    workers: int = 1  # processes writing images (0 = one per core); the output does not depend on it
 
 
 def wnid_of(index: int) -> str:
@@ -98,22 +101,54 @@ def fingerprint(cfg: SampleConfig) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+_PHOTOS: list[tuple[str, Image.Image]] = []  # set before the pool forks, so never pickled
+
+
+def _write(cfg: SampleConfig, item: tuple[str, int, int, Path]) -> None:
+    """Write one planned file.  One generator per file: the output does not depend on the
+    order of writing or on the number of workers."""
+    split, c, n, rel = item
+    rng = np.random.default_rng([cfg.seed, c, n, split == "val"])
+    view = _random_view(_PHOTOS[c][1], rng, large=rng.random() < cfg.large_fraction)
+    path = cfg.out / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save(_colour_shift(view, rng), path, QUIRKS.get((split, c, n)), rng)
+
+
+def _write_chunk(args: tuple[SampleConfig, list]) -> int:
+    cfg, items = args
+    for item in items:
+        _write(cfg, item)
+    return len(items)
+
+
+def _write_all(cfg: SampleConfig, plan: list, progress: tqdm) -> None:
+    """Every planned file, in ``cfg.workers`` processes (forked after the photos are loaded)."""
+    workers = cfg.workers or os.cpu_count() or 1
+    if workers == 1:
+        for item in plan:
+            _write(cfg, item)
+            progress.update()
+        return
+    chunks = [(cfg, plan[i:i + 32]) for i in range(0, len(plan), 32)]
+    with get_context("fork").Pool(workers) as pool:
+        for done in pool.imap_unordered(_write_chunk, chunks):
+            progress.update(done)
+
+
 def generate(cfg: SampleConfig) -> int:
     """Write the dataset under ``cfg.out``; returns the number of files.  Idempotent."""
     marker = cfg.out / ".complete"
     if marker.is_file() and marker.read_text().strip() == fingerprint(cfg):
         print(f"sampledata: {cfg.out} is already complete")
         return len(_plan(cfg))
-    photos = load_photos(cfg.classes)
-    names = {wnid_of(c): name for c, (name, _) in enumerate(photos)}
+    if cfg.workers < 0:
+        raise ValueError(f"workers must be >= 0 (0 = one per core), got {cfg.workers}")
+    _PHOTOS[:] = load_photos(cfg.classes)
+    names = {wnid_of(c): name for c, (name, _) in enumerate(_PHOTOS)}
     plan = _plan(cfg)
-    for split, c, n, rel in tqdm(plan, desc="sample images", unit="img"):
-        # One generator per file: the output does not depend on the order of writing.
-        rng = np.random.default_rng([cfg.seed, c, n, split == "val"])
-        view = _random_view(photos[c][1], rng, large=rng.random() < cfg.large_fraction)
-        path = cfg.out / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _save(_colour_shift(view, rng), path, QUIRKS.get((split, c, n)), rng)
+    with tqdm(total=len(plan), desc="sample images", unit="img") as progress:
+        _write_all(cfg, plan, progress)
     (cfg.out / "synset_words.txt").write_text("".join(f"{w} {names[w]}\n" for w in sorted(names)))
     marker.write_text(fingerprint(cfg) + "\n")
     print(f"sampledata: wrote {len(plan)} images of {cfg.classes} classes to {cfg.out}")

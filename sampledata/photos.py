@@ -7,6 +7,7 @@ wheel into ``.venv/photo-wheels`` and the photos are read straight out of the zi
 from __future__ import annotations
 
 import io
+import os
 import sys
 import zipfile
 from pathlib import Path
@@ -32,8 +33,9 @@ PHOTOS: tuple[tuple[str, str], ...] = (
 
 
 def find_wheel(search: Path | None = None) -> Path:
-    """Locate the scikit-image wheel that ``make setup`` downloaded."""
-    folder = search or Path(sys.prefix) / "photo-wheels"
+    """Locate the scikit-image wheel that ``make setup`` downloaded (or, outside the project's
+    environment, e.g. ``make gpu-check PY=python3``, the folder named by $SAMPLEDATA_WHEELS)."""
+    folder = search or Path(os.environ.get("SAMPLEDATA_WHEELS") or Path(sys.prefix) / "photo-wheels")
     wheels = sorted(folder.glob("scikit_image-*.whl"))
     if not wheels:
         raise FileNotFoundError(

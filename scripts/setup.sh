@@ -12,6 +12,9 @@ PY=${PYTHON:-python3}
 PILLOW_SIMD=12.1.1.post0
 MATPLOTLIB=3.11.2
 SKIMAGE=0.26.0
+# Pillow-SIMD's build requirements (its pyproject.toml), installed into .venv first so the one
+# build (without isolation: no per-build download of them) finds them.
+BUILD_REQUIREMENTS=("setuptools==84.2.1" "pybind11==3.1.0")
 STAMP="$VENV/.setup-done"
 HASH=$(cat requirements.txt scripts/setup.sh | sha256sum | cut -c1-16)
 
@@ -35,27 +38,29 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+# -qq: errors only (pip's -q still prints warnings, e.g. about index folders a machine's pip
+# configuration names but does not have).
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 
 echo "setup: installing pinned requirements"
-"${PIP[@]}" install -q -r requirements.txt
+"${PIP[@]}" install -qq -r requirements.txt
 
 if ! "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('Pillow-SIMD') != '$PILLOW_SIMD')" 2>/dev/null; then
   cflags=""
   grep -qw avx2 /proc/cpuinfo && cflags="-mavx2"
   echo "setup: building Pillow-SIMD $PILLOW_SIMD from source (CC='cc $cflags', about a minute)"
-  "${PIP[@]}" uninstall -q -y pillow pillow-simd 2>/dev/null || true
-  CC="cc $cflags" "${PIP[@]}" install -q --no-binary :all: --no-build-isolation --no-deps "pillow-simd==$PILLOW_SIMD" \
-    || CC="cc $cflags" "${PIP[@]}" install -q --no-binary :all: --no-deps "pillow-simd==$PILLOW_SIMD"
+  "${PIP[@]}" uninstall -qq -y pillow pillow-simd 2>/dev/null || true
+  "${PIP[@]}" install -qq "${BUILD_REQUIREMENTS[@]}"
+  CC="cc $cflags" "${PIP[@]}" install -qq --no-binary :all: --no-build-isolation --no-deps "pillow-simd==$PILLOW_SIMD"
 fi
 
 # Depend on "pillow": installed without dependencies (their other needs are pinned above).
-"${PIP[@]}" install -q --no-deps "matplotlib==$MATPLOTLIB"
+"${PIP[@]}" install -qq --no-deps "matplotlib==$MATPLOTLIB"
 # scikit-image is never imported: its wheel is kept only for the real photographs it ships,
 # which `make sample-data` reads straight out of the zip.
 mkdir -p "$VENV/photo-wheels"
 ls "$VENV"/photo-wheels/scikit_image-$SKIMAGE-*.whl >/dev/null 2>&1 \
-  || "${PIP[@]}" download -q --no-deps --only-binary=:all: -d "$VENV/photo-wheels" "scikit-image==$SKIMAGE"
+  || "${PIP[@]}" download -qq --no-deps --only-binary=:all: -d "$VENV/photo-wheels" "scikit-image==$SKIMAGE"
 
 "$VENV/bin/python" - <<'PY'
 import importlib.metadata as m

@@ -155,20 +155,32 @@ def test_labels_and_ids_match_the_tars(sample_shards):
     assert all(truth[i] == label for i, label in seen)
 
 
-@pytest.mark.parametrize("views", [1, 10])
-def test_eval_views_equal_numpy_slices(sample_shards, views):
+@pytest.mark.parametrize("views,crop", [(1, 224), (10, 224), (1, 227), (10, 227)])
+def test_eval_views_equal_numpy_slices(sample_shards, views, crop):
     """The uint8 view windows DALI cuts from the full decode are exactly numpy's slices; through
-    the normaliser they are the views of (decoded - mean image), flips included."""
-    spec, pipe = debug_pipeline(sample_shards, train=False, views=views)
+    the normaliser they are the views of (decoded - mean image), flips included.  crop=227 puts
+    the centre anchor on a half pixel (14.5), where DALI's and Python's rounding used to differ."""
+    spec, pipe = debug_pipeline(sample_shards, train=False, views=views, crop=crop)
     normalizer = DeviceNormalizer(spec.stats, spec.cfg)
     for image, _, _, decoded in list(samples(run_batches(pipe, 1)))[:6]:
-        expected = view_stack(decoded, CROP, views, flip=False)
+        expected = view_stack(decoded, crop, views, flip=False)
         assert image.dtype == np.uint8
-        assert image.shape == ((CROP, CROP, 3) if views == 1 else (10, CROP, CROP, 3))
+        assert image.shape == ((crop, crop, 3) if views == 1 else (10, crop, crop, 3))
         np.testing.assert_array_equal(image.reshape(expected.shape), expected)
         out = normalizer.views(torch.from_numpy(image[None]), views)[0].numpy()
-        centered = view_stack(decoded.astype(np.float32) - spec.stats.mean_image, CROP, views).transpose(0, 3, 1, 2)
+        centered = view_stack(decoded.astype(np.float32) - spec.stats.mean_image, crop, views).transpose(0, 3, 1, 2)
         np.testing.assert_allclose(out.reshape(centered.shape), centered, atol=1e-3)
+
+
+def test_view_anchors_are_integers_with_halves_rounded_up():
+    from pipeline.views import view_anchors
+
+    assert view_anchors(1, 256, 256, 227) == [(15, 15, 0)]  # 0.5 * 29 = 14.5 -> 15
+    ten = view_anchors(10, 256, 300, 224)
+    assert ten[:5] == [(0, 0, 0), (76, 0, 0), (0, 32, 0), (76, 32, 0), (38, 16, 0)]
+    assert [(x, y) for x, y, _ in ten[5:]] == [(x, y) for x, y, _ in ten[:5]] and {m for *_, m in ten[5:]} == {1}
+    with pytest.raises(ValueError, match="does not fit"):
+        view_anchors(1, 256, 256, 257)
 
 
 def test_missing_index_fails_early(sample_shards, tmp_path):

@@ -61,7 +61,7 @@ def test_gpu_path_is_bit_identical_to_cpu_path(stats):
     _, crops, anchors, mirror, alpha = draws(6)
     for mode in ("mean_image", "channel"):
         norm = DeviceNormalizer(stats, LoaderConfig(normalize=mode))
-        offset = torch.from_numpy(alpha) @ norm.lighting.T
+        offset = norm.offset(torch.from_numpy(alpha))
         batched = norm._batched(torch.from_numpy(crops), torch.from_numpy(anchors), torch.from_numpy(mirror), offset)
         assert torch.equal(batched, run(norm, crops, anchors, mirror, alpha)), mode
 
@@ -82,7 +82,7 @@ def test_lighting_with_fixed_draws_is_eigvec_alpha_eigval(stats):
 def test_lighting_covariance_over_many_draws(stats):
     norm = DeviceNormalizer(stats, LoaderConfig())
     alpha = np.random.default_rng(3).normal(0, 0.5, (4000, 3)).astype(np.float32)
-    offsets = (torch.from_numpy(alpha) @ norm.lighting.T).numpy()
+    offsets = norm.offset(torch.from_numpy(alpha)).numpy()
     theory = lighting_covariance(stats, 0.5)
     assert np.abs(np.cov(offsets.T) - theory).max() < 0.1 * np.abs(theory).max()
 

@@ -1,0 +1,292 @@
+"""``make gpu-check``: every GPU path of the project measured by one prepared command.
+
+GPU time is scarce and billed by the minute, so this is ready before a GPU is: it generates
+its own data, runs each part in a child process with its own time limit (a crash, hang or CUDA
+error in one part cannot take the others down), records each part as ok / failed (with the
+error) / skipped (with the reason) in ``OUT/gpu_check.json`` (rewritten after every part, so a
+run cut short still returns what it measured), prints a summary table, and exits 0 whenever the
+JSON was written.  Parts:
+
+  versions      interpreter, torch/CUDA/cuDNN/DALI/nvImageCodec versions, what torch sees
+  nvidia-smi    card, driver, memory, clocks
+  data          the sample dataset scaled up (10,800 training images at ImageNet sizes, all
+                cores) and sharded with ``python -m shards``   } these two run side by side
+  gpu-tests     ``pytest -m gpu`` (towers on cuda:0/cuda:1 or cuda:0 twice, no host sync in the
+                training loop, GPU normaliser vs CPU, nvJPEG vs CPU decode)  }
+  bench-model   ``bench.bench_model --grid short``: bf16/fp32, channels_last, compile, towers,
+                LRN in fp32 vs bf16, with the share of the measured bf16 matmul rate
+  bench-pipeline ``bench.bench_pipeline --configs gpu-check``: mixed decode (uint8 stage, with
+                the GPU normaliser, DALI's own decode-only rate) and CPU decode on all cores
+  service       the training service for 2 epochs at the paper's batch 128 in bf16: images/s
+                and data-wait share end to end
+  roi-probe     nvImageCodec's GPU ROI decode (NVIDIA/nvImageCodec#55) in a child: works or not
+
+Without a GPU (or with ``--dry``) the same parts run in a dry mode on the CPU, at a tiny size,
+and the CUDA-only ones only start (collect, import) and report skipped: ``tests/test_gpu_check.py``
+runs it, so the script cannot rot.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from bench import gpu_parts
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Context:
+    out: Path
+    data: Path
+    dry: bool
+    deadline: float
+    python: str = sys.executable
+
+    def module(self, name: str, *args: object) -> list[str]:
+        return [self.python, "-m", name, *map(str, args)]
+
+
+@dataclass
+class Part:
+    """One measured part: its commands (run in order, one time limit), how to read its output."""
+
+    name: str
+    cap: float  # seconds at most
+    commands: Callable[[Context], list[list[str]]]
+    read: Callable[[Context, str], dict] = lambda ctx, log: {}
+    cuda_only: bool = False  # dry mode: the commands only start it; the part reports skipped
+    needs: tuple[str, ...] = ()  # parts that must have succeeded first
+    record: dict = field(default_factory=dict)
+
+
+def result_line(ctx: Context, log: str) -> dict:
+    """The ``RESULT {...}`` line a ``bench.gpu_parts`` child prints."""
+    lines = [line for line in log.splitlines() if line.startswith("RESULT ")]
+    if not lines:
+        raise RuntimeError("the part printed no RESULT line")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def data_commands(ctx: Context) -> list[list[str]]:
+    per_class, val = (8, 2) if ctx.dry else (900, 50)
+    sample, shards = ctx.data / "sample", ctx.data / "shards"
+    return [ctx.module("sampledata", "--out", sample, "--train_per_class", per_class, "--val_per_class", val,
+                       *(["--classes", 2] if ctx.dry else []), "--workers", 0),
+            ctx.module("shards", "--src", sample, "--out", shards, "--shard_samples", 8 if ctx.dry else 1000,
+                       "--workers", 0)]
+
+
+def gpu_test_commands(ctx: Context) -> list[list[str]]:
+    base = ctx.module("pytest", "-m", "gpu", "-p", "no:cacheprovider", "-rA", str(ROOT / "tests"))
+    return [base + ["--collect-only", "-q"]] if ctx.dry else [base + ["-q", "--junitxml", ctx.out / "gpu_tests.xml"]]
+
+
+def gpu_test_read(ctx: Context, log: str) -> dict:
+    if ctx.dry:
+        return {"collected": log.strip().splitlines()[-1]}
+    summary = gpu_parts.junit_summary(ctx.out / "gpu_tests.xml")
+    if summary["failed"]:
+        raise RuntimeError(f"{len(summary['failed'])} gpu test(s) failed: {json.dumps(summary['failed'])[:1500]}")
+    return summary
+
+
+def model_commands(ctx: Context) -> list[list[str]]:
+    extra = ["--batch", 2, "--warmup", 0, "--iters", 1, "--layouts", "grouped"] if ctx.dry else []
+    return [ctx.module("bench.bench_model", "--grid", "short", "--report", ctx.out / "model.json", *extra)]
+
+
+def pipeline_commands(ctx: Context) -> list[list[str]]:
+    size = ["--images", 32, "--repeat", 1, "--warmup", 1, "--batch", 8] if ctx.dry else ["--images", 6144, "--repeat", 3]
+    return [ctx.module("bench.bench_pipeline", "--shards", ctx.data / "shards", "--report", ctx.out / "pipeline.json",
+                       "--configs", "gpu-check", *size)]
+
+
+def service_commands(ctx: Context) -> list[list[str]]:
+    run = ctx.data / "service-run"
+    size = (["--epochs", 1, "--loader.batch_size", 8, "--model.autocast", "none"] if ctx.dry else
+            ["--epochs", 2, "--loader.batch_size", 128, "--model.autocast", "bfloat16", "--model.channels_last", "true"])
+    return [ctx.module("service.train", "--shards", ctx.data / "shards", "--out", run, "--eval_views", 1,
+                       "--log_every", 20, "--model.bias_init", 0.1, *size)]
+
+
+PARTS = [
+    Part("versions", 60, lambda c: [c.module("bench.gpu_parts", "versions")], result_line),
+    Part("nvidia-smi", 30, lambda c: [c.module("bench.gpu_parts", "nvidia-smi")], result_line, cuda_only=True),
+    Part("data", 300, data_commands, lambda c, log: gpu_parts.data_summary(c.data / "shards")),
+    Part("gpu-tests", 300, gpu_test_commands, gpu_test_read, cuda_only=True),
+    Part("bench-model", 240, model_commands, lambda c, log: gpu_parts.model_summary(c.out / "model.json")),
+    Part("bench-pipeline", 200, pipeline_commands,
+         lambda c, log: gpu_parts.pipeline_summary(c.out / "pipeline.json"), needs=("data",)),
+    Part("service", 200, service_commands,
+         lambda c, log: gpu_parts.service_summary(c.data / "service-run"), needs=("data",)),
+    Part("roi-probe", 60, lambda c: [c.module("bench.gpu_parts", "roi-probe", c.data / "shards")], result_line,
+         cuda_only=True, needs=("data",)),
+]
+SIDE_BY_SIDE = {"data": "gpu-tests"}  # CPU-bound data generation next to the tests (own small data)
+
+
+def _tail(text: str, lines: int = 25) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def start(part: Part, ctx: Context) -> tuple[subprocess.Popen, Path] | None:
+    """Launch the part's commands as one shell-free chain in a new process group."""
+    log = ctx.out / "logs" / f"{part.name}.log"
+    chain = " && ".join(" ".join(_quote(a) for a in cmd) for cmd in part.commands(ctx))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    handle = log.open("w")
+    proc = subprocess.Popen(["bash", "-c", chain], cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    handle.close()
+    part.record.update(status="running", started=time.time())
+    return proc, log
+
+
+def _quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)
+
+
+def finish(part: Part, ctx: Context, proc: subprocess.Popen, log: Path) -> None:
+    """Wait within the part's limit, then record ok / failed with the error."""
+    limit = max(1.0, min(part.cap, ctx.deadline - time.time()))
+    try:
+        code = proc.wait(timeout=limit - (time.time() - part.record["started"]))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        code = None
+    text = log.read_text(errors="replace")
+    part.record["seconds"] = round(time.time() - part.record.pop("started"), 1)
+    if code is None:
+        part.record.update(status="failed", error=f"timed out after {limit:.0f} s\n{_tail(text)}")
+    elif code != 0:
+        how = f"killed by signal {-code} ({signal.Signals(-code).name})" if code < 0 else f"exit code {code}"
+        part.record.update(status="failed", error=f"{how}\n{_tail(text)}")
+    else:
+        try:
+            part.record["results"] = part.read(ctx, text)
+            part.record["status"] = "skipped" if ctx.dry and part.cuda_only else "ok"
+            if part.record["status"] == "skipped":
+                part.record["reason"] = "no CUDA device (dry mode: the part started and checked its inputs)"
+        except Exception as exc:  # a part's output that cannot be read is that part's failure
+            part.record.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:2000])
+
+
+def skip_reason(part: Part, ctx: Context, records: dict[str, dict]) -> str | None:
+    """Why ``part`` cannot run now, or None."""
+    for need in part.needs:
+        if records.get(need, {}).get("status") != "ok":
+            return f"needs the {need} part, which did not succeed"
+    if ctx.deadline - time.time() < 15:
+        return "the time budget (--seconds) is spent"
+    if ctx.dry and part.cuda_only and part.name == "nvidia-smi":
+        return "no CUDA device (dry mode)"
+    return None
+
+
+def run_parts(ctx: Context, header: dict) -> dict:
+    """Every part in order (``SIDE_BY_SIDE`` pairs together); the JSON is rewritten after each."""
+    records = {p.name: p.record for p in PARTS}
+    by_name = {p.name: p for p in PARTS}
+    done: set[str] = set()
+    for part in PARTS:
+        if part.name in done:
+            continue
+        group = [part] + ([by_name[SIDE_BY_SIDE[part.name]]] if part.name in SIDE_BY_SIDE else [])
+        running = []
+        for member in group:
+            done.add(member.name)
+            reason = skip_reason(member, ctx, records)
+            if reason:
+                member.record.update(status="skipped", reason=reason)
+                continue
+            print(f"gpu-check: {member.name} ...", flush=True)
+            running.append((member, *start(member, ctx)))
+        for member, proc, log in running:
+            finish(member, ctx, proc, log)
+            print(f"gpu-check: {member.name}: {member.record['status']} ({member.record['seconds']} s)", flush=True)
+        write_json(ctx, header, records)
+    return records
+
+
+def write_json(ctx: Context, header: dict, records: dict[str, dict]) -> Path:
+    path = ctx.out / "gpu_check.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**header, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "parts": records},
+                              indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def headline(name: str, record: dict) -> str:
+    """One line of numbers per part for the summary table."""
+    r = record.get("results") or {}
+    if record["status"] != "ok":
+        return (record.get("reason") or record.get("error") or "").splitlines()[0][:90]
+    if name == "versions":
+        return f"torch {r['packages'].get('torch')} (CUDA {r['torch_cuda']}), DALI {r.get('dali', r.get('dali_error'))}"
+    if name == "nvidia-smi":
+        g = r["gpus"][0]
+        return f"{g['name']}, driver {g['driver_version']}, {g['memory.total']} MiB, SM {g['clocks.max.sm']} MHz max"
+    if name == "data":
+        return f"{r['train']} train + {r['val']} val images, {r['classes']} classes, {r['shards']} shards"
+    if name == "gpu-tests":
+        return f"{len(r['passed'])} passed, {len(r['skipped'])} skipped"
+    if name == "bench-model":
+        best = max((v for v in r["configs"].values() if isinstance(v, dict)), key=lambda v: v["images_per_s"],
+                   default=None)
+        return f"best {best['images_per_s']:.0f} img/s ({100 * best['share_of_matmul_peak']:.1f}% of matmul)" if best else "-"
+    if name == "bench-pipeline":
+        return ", ".join(f"{k.replace('_images_per_s', '')} {v}" for k, v in r.items() if v)[:90]
+    if name == "service":
+        last = r["epochs"][-1]
+        return f"epoch {last['epoch']}: {last['images_per_s']:.0f} img/s, data wait {100 * last['data_share']:.1f}%"
+    return json.dumps(r)[:90]
+
+
+def print_summary(records: dict[str, dict], path: Path) -> None:
+    print(f"\n{'part':<15} {'status':<8} {'seconds':>8}  result")
+    for name, record in records.items():
+        print(f"{name:<15} {record.get('status', '-'):<8} {record.get('seconds', 0):>8}  {headline(name, record)}")
+    print(f"\nwrote {path} (every part's log: {path.parent / 'logs'})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path("data/gpu-check"), help="results: JSON, reports, logs")
+    p.add_argument("--data", type=Path, default=Path("data/gpu-check-data"), help="generated images, shards, run")
+    p.add_argument("--seconds", type=float, default=420, help="time budget for all parts")
+    p.add_argument("--dry", action="store_true", help="the CPU dry mode even when a GPU is present")
+    args = p.parse_args(argv)
+    import torch
+
+    dry = args.dry or not torch.cuda.is_available()
+    (args.out / "logs").mkdir(parents=True, exist_ok=True)
+    args.data.mkdir(parents=True, exist_ok=True)
+    # Dry and GPU data apart: a dataset of another size in the same folder would mix with this one.
+    ctx = Context(args.out.resolve(), (args.data / ("dry" if dry else "gpu")).resolve(), dry,
+                  time.time() + args.seconds)
+    header = {"mode": "dry" if dry else "gpu", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "seconds_budget": args.seconds, "python": sys.executable}
+    print(f"gpu-check: {'DRY mode (no CUDA device): every part starts at a tiny size' if dry else 'GPU mode'}, "
+          f"budget {args.seconds:.0f} s, results in {args.out}", flush=True)
+    records = run_parts(ctx, header)
+    path = write_json(ctx, header, records)
+    print_summary(records, path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

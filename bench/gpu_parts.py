@@ -1,0 +1,149 @@
+"""The small child programs of ``make gpu-check`` (``python -m bench.gpu_parts <part> ...``) and
+the readers that turn each part's output files into the numbers of the summary.
+
+Each part runs in its own process so that a crash (the nvImageCodec ROI decode can SIGSEGV on
+H100), a hang or a CUDA error in one part cannot take the others down.
+"""
+from __future__ import annotations
+
+import importlib.metadata as metadata
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+PACKAGES = ("torch", "nvidia-dali-cuda130", "nvidia-dali-cuda120", "nvidia-nvimgcodec-cu13",
+            "nvidia-nvimgcodec-cu12", "webdataset", "numpy", "pillow", "pillow-simd", "prometheus-client")
+SMI_FIELDS = ("name", "driver_version", "memory.total", "memory.used", "clocks.sm", "clocks.max.sm",
+              "clocks.mem", "clocks.max.mem", "power.limit", "temperature.gpu", "pcie.link.gen.current",
+              "pcie.link.width.current")
+
+
+def versions() -> dict:
+    """The interpreter, the installed versions and what torch sees."""
+    import torch
+
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    info = {"python": platform.python_version(), "executable": sys.executable, "packages": found,
+            "torch_cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available()}
+    try:
+        import nvidia.dali
+
+        info["dali"] = nvidia.dali.__version__
+    except ImportError as exc:
+        info["dali_error"] = str(exc)
+    if torch.cuda.is_available():
+        info["cudnn"] = torch.backends.cudnn.version()
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def nvidia_smi() -> dict:
+    """Card, driver, memory, clocks and link of every GPU, from ``nvidia-smi``."""
+    if shutil.which("nvidia-smi") is None:
+        raise FileNotFoundError("nvidia-smi is not on PATH")
+    out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(SMI_FIELDS)}", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, check=True, timeout=30).stdout
+    return {"gpus": [dict(zip(SMI_FIELDS, (v.strip() for v in line.split(","))))
+                     for line in out.splitlines() if line.strip()]}
+
+
+def roi_probe(shards: str, batches: int = 8) -> dict:
+    """Train batches through nvImageCodec's GPU ROI decode (``gpu_roi_decode=True``).  Run in a
+    child: a SIGSEGV here is the result, not a crash of the check."""
+    import torch
+
+    from pipeline import LoaderConfig, build_train_loader
+
+    if not torch.cuda.is_available():  # dry mode: the shards and the settings are checked only
+        from pipeline import _spec
+
+        _spec(shards, "train", 0, 1, torch.device("cpu"), LoaderConfig(gpu_roi_decode=True), True, 1, False)
+        return {"dry": True}
+    loader = build_train_loader(shards, device="cuda:0", config=LoaderConfig(batch_size=128, gpu_roi_decode=True))
+    seen = 0
+    for raw, _ in zip(loader.raw_batches(), range(batches)):
+        seen += len(raw)
+    torch.cuda.synchronize()
+    return {"images": seen, "batches": batches}
+
+
+def data_summary(shards: Path) -> dict:
+    """What the data part made, from the shard manifest (the checked contract)."""
+    from shards.manifest import load
+
+    manifest = load(shards)
+    return {"classes": manifest.num_classes, "train": manifest.splits["train"].samples,
+            "val": manifest.splits["val"].samples,
+            "shards": sum(len(s.shards) for s in manifest.splits.values())}
+
+
+def junit_summary(path: Path) -> dict:
+    """Counts and failure messages of a pytest ``--junitxml`` report."""
+    root = ET.parse(path).getroot()
+    cases = root.iter("testcase")
+    out: dict = {"passed": [], "failed": {}, "skipped": {}}
+    for case in cases:
+        name = f"{case.get('classname', '').rsplit('.', 1)[-1]}::{case.get('name')}"
+        problem = case.find("failure") if case.find("failure") is not None else case.find("error")
+        if problem is not None:
+            out["failed"][name] = (problem.get("message") or "")[:600]
+        elif case.find("skipped") is not None:
+            out["skipped"][name] = (case.find("skipped").get("message") or "")[:200]
+        else:
+            out["passed"].append(name)
+    return out
+
+
+def model_summary(path: Path) -> dict:
+    """images/s per configuration and the best bf16 share of the measured matmul rate."""
+    report = json.loads(path.read_text())
+    rows = {}
+    for r in report["results"]:
+        label = " ".join([r["layout"], r["precision"]] + (["channels_last"] if r["channels_last"] else [])
+                         + (["compiled"] if r["compiled"] else []) + ([] if r.get("lrn_fp32", True) else ["LRN-lowp"]))
+        rows[label] = r["error"] or {"images_per_s": round(r["images_per_s"], 1),
+                                     "share_of_matmul_peak": round(r["share_of_matmul_peak"], 4)}
+    return {"matmul_peak": report["matmul_peak"], "configs": rows}
+
+
+def pipeline_summary(path: Path) -> dict:
+    """The medians the issue asks for (images/s)."""
+    report = json.loads(path.read_text())
+    keys = ("mixed_images_per_s", "mixed_with_gpu_normalize_images_per_s", "mixed_decode_only_images_per_s",
+            "pipeline_images_per_s", "dali_decode_only_images_per_s", "decode_floor_images_per_s")
+    return {k: report.get(k) and round(report[k]) for k in keys}
+
+
+def service_summary(run: Path) -> dict:
+    """images/s and data-wait share per epoch from the run's history (epoch 1 includes warm-up)."""
+    history = json.loads((run / "history.json").read_text())
+    return {"epochs": [{k: h.get(k) for k in ("epoch", "images_per_s", "data_share", "train_loss", "top1_error")}
+                       for h in history]}
+
+
+def main(argv: list[str]) -> int:
+    part = argv[0] if argv else ""
+    if part == "versions":
+        result = versions()
+    elif part == "nvidia-smi":
+        result = nvidia_smi()
+    elif part == "roi-probe":
+        result = roi_probe(argv[1])
+    else:
+        print(f"gpu_parts: unknown part {part!r}; one of versions, nvidia-smi, roi-probe", file=sys.stderr)
+        return 2
+    print("RESULT " + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
