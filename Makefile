@@ -8,10 +8,21 @@ SHARDS ?= data/shards
 REPORT ?= bench/pipeline.json
 ARGS ?=
 TRAIN_ARGS ?=
+# make train (Docker): the run directory, GPUs, processes per node, the service's config file.
+RUN ?= runs/alexnet
+GPUS ?= all
+NPROC ?= auto
+CONFIG ?= configs/paper.toml
+STACK = SHARDS="$(SHARDS)" RUN="$(RUN)" GPUS="$(GPUS)" NPROC="$(NPROC)" CONFIG="$(CONFIG)" bash scripts/stack.sh
+# A Docker target that cannot run here (no docker, no engine, no NVIDIA runtime) stops with
+# $(error): one line and a non-zero exit, without make's second "*** Error" line.  Expanded only
+# when the recipe that uses it runs.
+docker_check = $(eval _why := $(shell bash scripts/stack.sh check $(1)))$(if $(_why),$(error $(_why)))
 # The sample data gets small shards (configs/shards-sample.toml); real datasets the defaults.
 SHARD_CONFIG := $(if $(filter $(SAMPLE),$(SRC)),--config configs/shards-sample.toml,)
 
-.PHONY: help setup sample-data shards bench-shards bench-pipeline bench-model gpu-check preview demo test clean
+.PHONY: help setup sample-data shards bench-shards bench-pipeline bench-model gpu-check preview demo test clean \
+	train stop logs shards-docker
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -49,6 +60,22 @@ preview: shards ## a grid of augmented training images from the pipeline: data/p
 
 demo: preview ## the main job on the sample data: sample data -> shards -> pipeline -> a short training run
 	$(PY) -m service.train --config configs/demo.toml --shards $(OUT) $(TRAIN_ARGS)
+
+train: ## Docker + GPUs: make train SHARDS=... RUN=... [GPUS=all|N|0,1] [NPROC=..] [CONFIG=..], GRAFANA_PASSWORD set
+	$(call docker_check,train)
+	@$(STACK) up
+
+stop: ## stop the Docker stack (the trainer checkpoints first; make train resumes)
+	$(call docker_check,stop)
+	@$(STACK) stop
+
+logs: ## follow the trainer's output in the Docker stack
+	$(call docker_check,logs)
+	@$(STACK) logs
+
+shards-docker: ## make shards inside the image (no local environment): make shards-docker SRC=... OUT=... [ARGS=...]
+	$(call docker_check,shards-docker)
+	@SRC="$(SRC)" OUT="$(OUT)" ARGS="$(ARGS)" bash scripts/stack.sh shards
 
 test: setup ## run the test suite (CPU only)
 	$(PY) -m pytest -q $(ARGS)

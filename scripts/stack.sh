@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# The Docker side of the Makefile: `make train`, `stop`, `logs`, `shards-docker` call this.
+#   stack.sh check TARGET   print why make TARGET (train, stop, logs, shards-docker) cannot run
+#                           here, in one line, and exit 1; nothing when it can
+#   stack.sh up       build the image, start trainer + Prometheus + dcgm-exporter + Grafana detached
+#                     env: SHARDS RUN GRAFANA_PASSWORD [GPUS=all|N|0,1] [NPROC] [CONFIG] [BIND]
+#                          [NNODES NODE_RANK RDZV_ENDPOINT] for one node of a multi-node job
+#   stack.sh stop     SIGTERM to the trainer (it checkpoints), then stop the rest
+#   stack.sh logs     follow the trainer's output
+#   stack.sh shards   run `python -m shards` in the image: env SRC OUT [ARGS]
+#   stack.sh gpus     print the compose override `up` uses for GPUS
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+IMAGE=alexnet2012:latest
+COMPOSE=(docker compose -p alexnet -f docker/compose.yaml)
+IMAGE_UID=10001  # the image's non-root user (docker/Dockerfile)
+COMPOSE_MIN=2.24.4  # the first with the !override tag (gpu_override)
+
+die() { echo "$*" >&2; exit 1; }
+
+# Why TARGET cannot run on this machine, in one line; nothing when it can.
+blocker() {
+    local target=$1 instead=""
+    case $target in
+        train) instead="; to train without Docker: make train-local" ;;
+        shards-docker) instead="; to shard without Docker: make shards" ;;
+    esac
+    if ! command -v docker >/dev/null; then
+        echo "make $target: there is no docker command on this machine$instead"
+    elif ! timeout 20 docker info >/dev/null 2>&1; then
+        echo "make $target: no Docker engine answers here (docker info failed)$instead"
+    elif ! compose_ok; then
+        echo "make $target: needs the docker compose plugin v$COMPOSE_MIN or newer (for !override)$instead"
+    elif [ "$target" = train ] && ! nvidia_ok; then
+        echo "make $target: Docker has no NVIDIA runtime (install the NVIDIA Container Toolkit)$instead"
+    fi
+}
+
+# GPU requests (compose's deploy.resources.reservations.devices) need the toolkit's hook on the
+# daemon's machine, or a runtime/CDI device named nvidia in `docker info`.
+nvidia_ok() {
+    timeout 20 docker info --format '{{json .}}' 2>/dev/null | grep -qi nvidia && return 0
+    command -v nvidia-container-runtime-hook >/dev/null || command -v nvidia-cdi-hook >/dev/null
+}
+
+compose_ok() {
+    local v
+    v=$(docker compose version --short 2>/dev/null) || return 1
+    [ "$(printf '%s\n' "$COMPOSE_MIN" "${v#v}" | sort -V | head -1)" = "$COMPOSE_MIN" ]
+}
+
+abs_dir() { (cd "$1" && pwd); }
+
+# The uid:gid the trainer runs as: the run directory's owner, so checkpoints stay the user's.
+# A fresh root-owned directory (make run as root) is handed to the image's non-root user.
+run_owner() {
+    local dir=$1 uid gid
+    uid=$(stat -c %u "$dir") gid=$(stat -c %g "$dir")
+    if [ "$uid" = 0 ]; then
+        if [ -z "$(ls -A "$dir")" ] && chown "$IMAGE_UID:$IMAGE_UID" "$dir" 2>/dev/null; then
+            uid=$IMAGE_UID gid=$IMAGE_UID
+        else
+            die "stack: $dir belongs to root; chown it to the user who should own the output"
+        fi
+    fi
+    echo "$uid:$gid"
+}
+
+# The trainer's GPU request for GPUS=all | N (a count) | 0,1 (device ids; "3," is GPU 3 alone,
+# GPU-<uuid> works too), as a compose override that replaces compose.yaml's entry (`!override`:
+# merged files would append a second entry, and count and device_ids cannot share one).
+gpu_override() {
+    local gpus=${GPUS:-all} request
+    case $gpus in
+        all) request="count: all" ;;
+        *,* | GPU-*)
+            [[ $gpus =~ ^[0-9A-Za-z-]+(,[0-9A-Za-z-]+)*,?$ ]] || die "stack: GPUS=$gpus is not a list like 0,1"
+            request="device_ids: [$(echo "${gpus%,}" | sed 's/[^,]*/"&"/g; s/,/, /g')]" ;;
+        *)
+            [[ $gpus =~ ^[1-9][0-9]*$ ]] || die "stack: GPUS must be all, a count or a list like 0,1 (got $gpus)"
+            request="count: $gpus" ;;
+    esac
+    printf '%s\n' "services:" "  trainer:" "    deploy:" "      resources:" "        reservations:" \
+        "          devices: !override" "            - driver: nvidia" "              $request" \
+        "              capabilities: [gpu]"
+}
+
+up() {
+    local why gpus owner host
+    why=$(blocker train)
+    [ -z "$why" ] || die "$why"
+    : "${GRAFANA_PASSWORD:?make train: set GRAFANA_PASSWORD, the Grafana admin password}"
+    [ -f "${SHARDS:?set SHARDS}/manifest.json" ] || die "make train: $SHARDS has no manifest.json; make shards (or make shards-docker) first"
+    CONFIG=${CONFIG:-configs/paper.toml}
+    [ -f "$CONFIG" ] || die "make train: no config file $CONFIG"
+    mkdir -p "${RUN:?set RUN}"
+    SHARDS=$(abs_dir "$SHARDS") RUN=$(abs_dir "$RUN") CONFIG="$(abs_dir "$(dirname "$CONFIG")")/$(basename "$CONFIG")"
+    owner=$(run_owner "$RUN")
+    TRAIN_UID=${owner%:*} TRAIN_GID=${owner#*:}
+    GIT_REVISION=$(git describe --always --dirty --abbrev=12 2>/dev/null || echo unknown)
+    export SHARDS RUN CONFIG TRAIN_UID TRAIN_GID GIT_REVISION
+    gpus=$(mktemp --suffix .yaml)
+    trap 'rm -f "$gpus"' EXIT  # compose reads it at `up`; docker's restarts do not need it
+    gpu_override > "$gpus"
+    "${COMPOSE[@]}" -f "$gpus" up -d --build
+    host=${BIND:-127.0.0.1}
+    [ "$host" = 0.0.0.0 ] && host=$(hostname)
+    echo "stack: training on GPUS=${GPUS:-all}, run directory $RUN"
+    echo "  Grafana     http://$host:${GRAFANA_PORT:-3000}  (user admin, password GRAFANA_PASSWORD)"
+    echo "  Prometheus  http://$host:${PROMETHEUS_PORT:-9090}"
+    echo "  /status     http://$host:9431/status  (rank r on port 9431 + r)"
+    echo "  make logs follows the trainer; make stop checkpoints and stops the stack"
+}
+
+# stop and logs only address the running containers, but compose still interpolates the whole
+# file, so its required variables get placeholders here.
+compose_existing() {
+    SHARDS=${SHARDS:-/nonexistent} RUN=${RUN:-/nonexistent} GRAFANA_PASSWORD=${GRAFANA_PASSWORD:-unused} \
+        "${COMPOSE[@]}" "$@"
+}
+
+shards() {
+    local why owner tty=()
+    why=$(blocker shards-docker)
+    [ -z "$why" ] || die "$why"
+    [ -d "${SRC:?set SRC}" ] || die "make shards-docker: SRC=$SRC is not a directory"
+    mkdir -p "${OUT:?set OUT}"
+    owner=$(run_owner "$OUT")
+    [ -t 1 ] && tty=(-t)  # the progress bar wants a terminal
+    docker build -f docker/Dockerfile -t "$IMAGE" \
+        --build-arg GIT_REVISION="$(git describe --always --dirty --abbrev=12 2>/dev/null || echo unknown)" .
+    # shellcheck disable=SC2086  # ARGS is a list of --key value words
+    docker run --rm --init --ipc host --no-healthcheck "${tty[@]}" --user "$owner" \
+        -v "$(abs_dir "$SRC"):/data/src:ro" -v "$(abs_dir "$OUT"):/data/out" \
+        --entrypoint python "$IMAGE" -m shards --src /data/src --out /data/out ${ARGS:-}
+}
+
+case ${1:-} in
+    check)
+        why=$(blocker "${2:?check TARGET}")
+        [ -z "$why" ] || { echo "$why"; exit 1; } ;;
+    up) up ;;
+    stop)
+        why=$(blocker stop); [ -z "$why" ] || die "$why"
+        compose_existing stop trainer  # first, alone: Prometheus still scrapes while it checkpoints
+        compose_existing stop ;;
+    logs)
+        why=$(blocker logs); [ -z "$why" ] || die "$why"
+        compose_existing logs -f trainer ;;
+    shards) shards ;;
+    gpus) gpu_override ;;  # print the trainer's GPU request for GPUS (what `up` passes to compose)
+    *) die "usage: $0 check TARGET | up | stop | logs | shards | gpus" ;;
+esac

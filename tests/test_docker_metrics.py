@@ -1,0 +1,99 @@
+"""Every alexnet_* metric the Grafana dashboard queries is one the service really exports.
+
+Checked against a live /metrics scrape of ``python -m service`` training on the sample shards
+(not against a list typed in here), then the service is stopped with SIGTERM, as `make stop` does.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parents[1]
+DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "alexnet.json"
+SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"),
+            "summary": ("_sum", "_count", "_created"), "info": ("_info",)}
+TINY = """# A short CPU run: small batches, one-view evaluation, a log line every step.
+eval_views = 1
+log_every = 1
+[loader]
+batch_size = 16
+[model]
+bias_init = 0.1
+"""
+
+
+def dashboard_metrics() -> set[str]:
+    exprs = [t["expr"] for p in json.loads(DASHBOARD.read_text())["panels"] for t in p["targets"]]
+    return {m for e in exprs for m in re.findall(r"\balexnet_[A-Za-z0-9_]+", e)}
+
+
+def exported(text: str) -> tuple[set[str], dict[str, float]]:
+    """The series names an exposition declares (a histogram's _bucket/_sum/_count...) and its unlabelled values."""
+    names, values = set(), {}
+    for family in text_string_to_metric_families(text):
+        names.add(family.name)
+        names.update(family.name + s for s in SUFFIXES.get(family.type, ()))
+        for sample in family.samples:
+            names.add(sample.name)
+            if not sample.labels:
+                values[sample.name] = sample.value
+    return names, values
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_dashboard_queries_only_metrics_the_service_exports(sample_shards: Path, tmp_path: Path) -> None:
+    wanted = dashboard_metrics()
+    assert len(wanted) >= 15, wanted
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY)
+    port = free_port()
+    log = (tmp_path / "service.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service", "--config", str(config), "--shards", str(sample_shards),
+         "--out", str(tmp_path / "run"), "--epochs", "50", "--http.host", "127.0.0.1", "--http.port", str(port)],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT)
+    text = ""
+    try:
+        # Scrape once the first evaluation is in (every lazily created metric exists by then), or
+        # after 5 minutes with what there is: the comparison below then names what is missing.
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, "the service exited:\n" + (tmp_path / "service.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                    text = r.read().decode()
+            except OSError:
+                time.sleep(1)
+                continue
+            if exported(text)[1].get("alexnet_val_top1_error", 0) > 0:
+                break
+            time.sleep(1)
+        names, _ = exported(text)
+        assert wanted <= names, (f"the dashboard queries metrics the service does not export: {sorted(wanted - names)}"
+                                 f"\n/metrics:\n{text[:3000]}")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait()
+        log.close()
+    assert code == 0, "SIGTERM: the service must checkpoint and exit 0 within 30 s (compose's stop_grace_period)"
