@@ -43,6 +43,8 @@ fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 
 echo "setup: installing pinned requirements"
+# DALI was pinned to its CUDA 12 build before: both builds install nvidia/dali, so the old one goes first.
+"${PIP[@]}" uninstall -qq -y nvidia-dali-cuda120 2>/dev/null || true
 "${PIP[@]}" install -qq -r requirements.txt
 
 if ! "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('Pillow-SIMD') != '$PILLOW_SIMD')" 2>/dev/null; then

@@ -130,7 +130,10 @@ def test_dockerfile_passes_hadolint() -> None:
 def test_dockerfile_stages_and_build_context() -> None:
     text = (DOCKER / "Dockerfile").read_text()
     stages = re.split(r"^FROM ", text, flags=re.M)[1:]
-    assert len(stages) >= 3 and "nvidia/cuda:${CUDA_VERSION}" in stages[0] and re.search(r"CUDA_VERSION=12\.", text)
+    assert len(stages) >= 3 and "nvidia/cuda:${CUDA_VERSION}" in stages[0]
+    # The base's CUDA major is the one of the pinned DALI wheel (nvidia-dali-cuda<major>0).
+    dali_major = re.search(r"^nvidia-dali-cuda(\d+)0==", (ROOT / "requirements.txt").read_text(), flags=re.M)[1]
+    assert re.search(r"^ARG CUDA_VERSION=(\d+)\.", text, flags=re.M)[1] == dali_major
     final = stages[-1]
     assert "gcc" not in final and "-dev" not in final  # the compiler and headers stay in the builder
     assert re.search(r"^USER [1-9]\d*", final, flags=re.M) and "HEALTHCHECK" in final and "ENTRYPOINT" in final
