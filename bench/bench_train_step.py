@@ -1,0 +1,110 @@
+"""Training-step rate fed two ways: ``model-only`` (one batch already on the device, reused) and
+``loader-fed`` (each batch from the DALI training loader, as the service trains), so a change to
+the loader's hand-over (e.g. where the draws and labels are copied) shows in the second number
+and not in the first.
+
+    .venv/bin/python -m bench.bench_train_step --shards data/shards --report bench/train_step.json
+
+Both run the grouped layout at the same batch size, interleaved over ``--repeat`` rounds (load
+from other jobs hits them alike); the loader-fed rate includes the time spent waiting for data.
+Prints a table, writes the JSON record and a PNG next to it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from model import AlexNet, PaperSGD, train_step
+from pipeline import LoaderConfig, build_train_loader
+from shards.manifest import load
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def endless(loader):
+    """(images, labels) from ``loader``, epoch after epoch."""
+    while True:
+        yield from loader
+
+
+def timed(steps: int, batches, model, opt, device: torch.device, autocast) -> float:
+    """images/s of ``steps`` train steps on ``batches``."""
+    _sync(device)
+    start, images = time.perf_counter(), 0
+    for _ in range(steps):
+        x, y = next(batches)
+        train_step(model, opt, x, y, autocast_dtype=autocast)
+        images += len(y)
+    _sync(device)
+    return images / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shards", type=Path, default=Path("data/shards"))
+    p.add_argument("--report", type=Path, default=Path("bench/train_step.json"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=8, help="timed steps per run")
+    p.add_argument("--repeat", type=int, default=3)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    manifest = load(args.shards)
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+    torch.manual_seed(0)
+    model = AlexNet(manifest.num_classes, bias_init=0.1).to(device)
+    opt = PaperSGD(model.parameters())
+    loader = build_train_loader(args.shards, device=device, config=LoaderConfig(batch_size=args.batch))
+    fed = endless(loader)
+    fixed = next(fed)
+    same = iter(lambda: fixed, None)  # the one batch, forever
+    timed(2, fed, model, opt, device, autocast)  # warm-up: pipeline start, first allocations
+    runs: dict[str, list[float]] = {"model-only": [], "loader-fed": []}
+    for _ in range(args.repeat):
+        runs["model-only"].append(timed(args.steps, same, model, opt, device, autocast))
+        runs["loader-fed"].append(timed(args.steps, fed, model, opt, device, autocast))
+    medians = {k: statistics.median(v) for k, v in runs.items()}
+    print(f"{'fed by':<12} {'images/s':>9}  runs   (batch {args.batch}, {device}, load {os.getloadavg()[0]:.1f})")
+    for k, v in runs.items():
+        print(f"{k:<12} {medians[k]:>9.1f}  {', '.join(f'{x:.1f}' for x in v)}")
+    record = {"benchmark": "train step, model-only vs loader-fed", "device": str(device), "batch": args.batch,
+              "steps_per_run": args.steps, "repeat": args.repeat, "torch": torch.__version__,
+              "cores": len(os.sched_getaffinity(0)), "load_average_1min_end": os.getloadavg()[0],
+              "images_per_s": medians, "runs": runs,
+              "loader_fed_share_of_model_only": medians["loader-fed"] / medians["model-only"]}
+    args.report.parent.mkdir(parents=True, exist_ok=True)
+    args.report.write_text(json.dumps(record, indent=2) + "\n")
+    plot(runs, args.report.with_suffix(".png"), f"train step, batch {args.batch}, {device}")
+    print(f"wrote {args.report} and {args.report.with_suffix('.png')}")
+    return record
+
+
+def plot(runs: dict[str, list[float]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 2.2))
+    names = list(runs)
+    ax.barh(names, [statistics.median(runs[k]) for k in names], color="tab:blue")
+    for i, k in enumerate(names):
+        ax.plot(runs[k], [i] * len(runs[k]), "k.", ms=4)
+    ax.set_xlabel("training images/s")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
