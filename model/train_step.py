@@ -51,12 +51,20 @@ def train_step(
     *,
     autocast_dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> Tensor:
     """One SGD step on a batch: (N, 3, 224, 224) images, (N,) int64 labels.
 
     Puts the model in training mode (dropout on). Returns the mean cross-entropy loss as a
     detached tensor on the logits' device: read it with ``.item()`` only when you log it.
+    ``scaler``: required for ``autocast_dtype=torch.float16`` (float16's 5 exponent bits flush
+    the small gradients of a 60M-parameter model to zero; the scaler multiplies the loss before
+    backward and skips steps whose gradients overflowed).  It costs one host-device sync per step
+    (the overflow check), which is why bfloat16, with float32's range and no scaler, is the fast path.
     """
+    if autocast_dtype == torch.float16 and scaler is None:
+        raise ValueError("float16 autocast needs a GradScaler (scaler=torch.amp.GradScaler()); "
+                         "or use bfloat16, which needs none")
     model.train()
     device = _input_device(model)
     images = _prepare_images(images, device, channels_last)
@@ -65,8 +73,13 @@ def train_step(
     # The loss in fp32 whatever the autocast dtype: log-softmax over 1000 classes wants it.
     loss = F.cross_entropy(logits.float(), labels.to(logits.device, non_blocking=True))
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)  # unscales first; skipped when a gradient is inf/nan
+        scaler.update()
     return loss.detach()
 
 
