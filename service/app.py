@@ -66,9 +66,10 @@ def start(cfg: TrainConfig, ranks: Ranks, metrics: ServiceMetrics, board: Status
     for stale in ckpt.remove_stale_temps(cfg.out) if ranks.is_main else []:
         log.warn(f"removed {stale}: a checkpoint write that never finished (the process was killed)")
     found = ckpt.newest_valid(cfg.out, log.warn)
-    p = trainer.progress
     if found:
         trainer.restore(*found)
+    p = trainer.progress
+    if found:
         log.say(f"resuming run {trainer.run_id} from {found[0]}: {p.evaluated} epoch(s) done, "
                 f"epoch {p.epoch + 1} at step {p.step_in_epoch}/{len(parts.train)} (step {p.step} in all)")
     else:

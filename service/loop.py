@@ -262,6 +262,11 @@ class Trainer:
         self.progress = progress_from(payload["progress"])
         self.run_id = payload["run_id"]
         self._saved_at = (self.progress.step, self.progress.evaluated)
+        self.metrics.last_checkpoint.set(payload["time"])
+        self.board.update(last_checkpoint={"path": str(path), "time": payload["time"]})
+        if self.progress.history:
+            last = self.progress.history[-1]
+            self.metrics.evaluation(last["top1_error"], last["top5_error"], last["val_loss"])
 
     def close(self) -> None:
         """Let a write in flight finish (its error, if any, is secondary to the one being raised)."""

@@ -91,6 +91,10 @@ class ServiceMetrics:
                                   "allocator", ["device"], registry=r)
         self.heartbeat = Gauge(p + "heartbeat_timestamp_seconds", "Unix time of the training loop's last "
                                "sign of life", registry=r)
+        # Not known yet: NaN (no value in PromQL), not 0, which would read as "0% error" or
+        # "the last checkpoint was in 1970".
+        for gauge in (self.loss, self.top1, self.top5, self.val_loss, self.last_checkpoint):
+            gauge.set(float("nan"))
 
     def step(self, images: int, step_seconds: float, data_seconds: float, beat: float) -> None:
         """One training step (host-side numbers only)."""
