@@ -80,7 +80,7 @@ def start(cfg: TrainConfig, ranks: Ranks, metrics: ServiceMetrics, board: Status
             f" x {ranks.world_size} rank(s), {len(parts.train)} steps per epoch, {cfg.epochs} epochs")
     board.update(run_id=trainer.run_id, **ranks.info(), global_batch=cfg.loader.batch_size * ranks.world_size,
                  epochs=cfg.epochs, epoch=p.epoch + 1, step=p.step, device=cfg.device, layout=cfg.model.layout,
-                 last_evaluation=p.history[-1] if p.history else None, resumed_from=str(found[0]) if found else None)
+                 resumed_from=str(found[0]) if found else None)
     board.beat("starting")
     if ranks.is_main:
         log.write_json("config.json", to_dict(cfg))
@@ -116,7 +116,7 @@ def run_service(cfg: TrainConfig) -> int:
     stop = StopFlag().install()
     metrics = ServiceMetrics(build_labels(",".join(cfg.model.devices) or cfg.device, cfg.model.layout,
                                           ranks.world_size))
-    board = StatusBoard(cfg.http.stall_seconds, phase="starting")
+    board = StatusBoard(cfg.http.stall_seconds, phase="starting", last_checkpoint=None, last_evaluation=None)
     endpoint = HttpEndpoint(cfg.http.host, ranks.http_port(cfg.http.port), metrics.registry, board).start()
     log = RunLog(cfg.out, ranks.suffix())
     trainer = None

@@ -23,16 +23,14 @@ from typing import Any
 from service.plot import plot_history
 
 
-def rss_bytes() -> int:
-    """Resident set size of this process (Linux ``/proc``; 0 elsewhere)."""
+def memory() -> dict[str, int]:
+    """Resident set size now and its peak (``VmRSS``/``VmHWM`` in Linux's /proc; empty elsewhere)."""
+    fields = {"VmRSS:": "rss_bytes", "VmHWM:": "peak_rss_bytes"}
     try:
-        with open("/proc/self/statm") as f:
-            pages = int(f.read().split()[1])
+        with open("/proc/self/status") as f:
+            return {fields[p[0]]: int(p[1]) * 1024 for p in (line.split() for line in f) if p and p[0] in fields}
     except (OSError, ValueError, IndexError):
-        return 0
-    import resource
-
-    return pages * resource.getpagesize()
+        return {}
 
 
 class RunLog:
