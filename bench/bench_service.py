@@ -81,7 +81,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _trainer(model, optimizer, loader, device, out: Path, log_every: int, every_steps: int) -> tuple[Trainer, HttpEndpoint]:
+def _trainer(model, optimizer, loader, device, out: Path, log_every: int,
+             every_steps: int) -> tuple[Trainer, HttpEndpoint]:
     """A service loop around ``model`` as ``python -m service`` builds it (HTTP thread serving)."""
     cfg = TrainConfig(out=out, log_every=log_every, device=str(device),
                       checkpoint=CheckpointSettings(every_steps=every_steps, every_seconds=0.0, keep=2))
@@ -198,7 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"{1e3 * summary['loader_state_dict_seconds']:.1f} ms")
     print(f"service overhead per step: {100 * summary['service_overhead_per_step']:+.2f}%")
     print(f"one checkpoint: blocks the loop {1e3 * block['median']:.0f} ms (median, max {1e3 * block['max']:.0f} ms;"
-          f" the first of a process {1e3 * block['first']:.0f} ms); costs {summary['checkpoint_cost_seconds']:.2f} s of training in all")
+          f" the first of a process {1e3 * block['first']:.0f} ms); "
+          f"costs {summary['checkpoint_cost_seconds']:.2f} s of training in all")
     print(f"overhead with a checkpoint every 5 minutes: {100 * summary['overhead_with_checkpoint_every_5_min']:+.2f}%"
           " (target < 2%)")
     report = {"benchmark": "service loop vs bare train_step", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -50,6 +50,9 @@ def resolve(cfg: TrainConfig, ranks: Ranks) -> TrainConfig:
         raise ServiceError(EXIT_CONFIG, f"device {cfg.device!r}: no CUDA device is visible to this process "
                            "(torch.cuda.is_available() is False); use --device cpu or auto")
     m = cfg.model
+    if m.autocast == "float16" and device.type != "cuda":
+        raise ServiceError(EXIT_CONFIG, "model.autocast float16 needs a CUDA device (with a gradient scaler there); "
+                           "on the CPU use bfloat16 or none")
     two_gpus = device.type == "cuda" and torch.cuda.device_count() >= 2 and ranks.world_size == 1
     layout = ("towers" if two_gpus else "grouped") if m.layout == "auto" else m.layout
     devices = m.devices
@@ -87,7 +90,8 @@ def build(cfg: TrainConfig, ranks: Ranks, manifest: Manifest) -> Parts:
                          weight_decay=o.weight_decay)
     schedule = PlateauSchedule(optimizer, patience=o.patience, max_drops=o.max_drops)
     device = model.input_device
-    scaler = torch.amp.GradScaler(device.type) if cfg.model.autocast == "float16" else None
+    # float16 (CUDA only, see resolve): the scaler keeps small gradients from flushing to zero.
+    scaler = torch.amp.GradScaler("cuda") if cfg.model.autocast == "float16" else None
     train = _loader(manifest, "train", lambda: build_train_loader(
         cfg.shards, ranks.rank, ranks.world_size, device, cfg.loader, ids=cfg.debug.ids))
     val = _loader(manifest, "val", lambda: build_eval_loader(

@@ -105,7 +105,8 @@ def test_newest_valid_sets_damaged_ones_aside_and_prune_keeps_k(tmp_path: Path) 
     said: list[str] = []
     path, payload = ckpt.newest_valid(tmp_path, said.append)
     assert path.name == "checkpoint-000000004.pt" and payload["progress"]["step"] == 4
-    assert "checkpoint-000000006.pt is unreadable" in said[0] and (tmp_path / "checkpoint-000000006.pt.corrupt").exists()
+    assert "checkpoint-000000006.pt is unreadable" in said[0]
+    assert (tmp_path / "checkpoint-000000006.pt.corrupt").exists()
     assert [p.name for p in ckpt.remove_stale_temps(tmp_path)] == [".checkpoint-000000008.pt.123.tmp"]
     _save(tmp_path, 8)
     assert [p.name for p in ckpt.prune(tmp_path, 2)] == ["checkpoint-000000002.pt"]
@@ -190,3 +191,15 @@ def test_http_endpoint_serves_metrics_status_and_health(tmp_path: Path) -> None:
     with socket.socket() as s:  # closed: nobody listens there any more (TIME_WAIT aside)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", endpoint.port))
+
+
+def test_float16_needs_a_gpu_and_auto_layout_resolves_per_machine() -> None:
+    from service.build import resolve
+
+    with pytest.raises(ServiceError, match="model.autocast float16 needs a CUDA device") as info:
+        resolve(parse(["--model.autocast", "float16", "--device", "cpu"]), Ranks())
+    assert info.value.code == 2
+    cfg = resolve(parse(["--model.layout", "auto", "--device", "cpu", "--seed", "3"]), Ranks())
+    assert (cfg.device, cfg.model.layout, cfg.loader.seed) == ("cpu", "grouped", 3)
+    towers = resolve(parse(["--model.layout", "towers", "--device", "cpu"]), Ranks())
+    assert towers.model.devices == ("cpu", "cpu")
