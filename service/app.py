@@ -71,7 +71,7 @@ def start(cfg: TrainConfig, ranks: Ranks, metrics: ServiceMetrics, board: Status
     p = trainer.progress
     if found:
         log.say(f"resuming run {trainer.run_id} from {found[0]}: {p.evaluated} epoch(s) done, "
-                f"epoch {p.epoch + 1} at step {p.step_in_epoch}/{len(parts.train)} (step {p.step} in all)")
+                f"{trainer.position()} (step {p.step} in all)")
     else:
         log.say(f"new run {run_id} in {cfg.out}")
     split = manifest.splits["train"]
@@ -99,7 +99,7 @@ def finish(trainer: Trainer, finished: bool, log: RunLog) -> int:
         log.say(f"finished: {p.evaluated} epoch(s), {p.step} steps. Curve: {out / 'curve.png'}, history: "
                 f"{out / 'history.json'}, JSON log: {log.jsonl_path}, checkpoints: {out}/checkpoint-*.pt")
     else:
-        log.say(f"stopped ({trainer.stop.signal_name}) at step {p.step}, epoch {p.epoch + 1} step {p.step_in_epoch}; "
+        log.say(f"stopped ({trainer.stop.signal_name}) at step {p.step}, {trainer.position()}; "
                 f"checkpoint in {out}: run the same command again to resume")
     log.event("finished" if finished else "stopped", step=p.step, epoch=p.epoch, reason=trainer.stop.signal_name)
     return EXIT_OK

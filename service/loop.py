@@ -68,6 +68,15 @@ class Trainer:
         self.writer.wait()
         return True
 
+    def position(self) -> str:
+        """Where the run stands, for people: "epoch 3 step 120/5005", "end of epoch 2"..."""
+        p, steps = self.progress, len(self.parts.train)
+        if p.epoch > p.evaluated:
+            return f"epoch {p.epoch} trained, its evaluation pending"
+        if p.step_in_epoch in (0, steps):
+            return f"end of epoch {p.epoch}" if p.epoch else "start of epoch 1"
+        return f"epoch {p.epoch + 1} step {p.step_in_epoch}/{steps}"
+
     def train_epoch(self) -> bool:
         """Train the rest of the current epoch; False when stopped (after a checkpoint).
 

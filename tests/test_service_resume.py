@@ -49,7 +49,7 @@ def test_sigterm_mid_epoch_checkpoints_and_resume_is_exact(sample_shards: Path, 
     assert 3 <= stopped_at < STEPS_PER_EPOCH and checkpoint_steps(out) == [stopped_at]
 
     second = Service(sample_shards, out, "--epochs", "1", "--debug.ids", "true")
-    second.wait_for(rf"resuming run .* epoch 1 at step {stopped_at}/6")
+    second.wait_for(rf"resuming run .* epoch 1 step {stopped_at}/6 \(step {stopped_at} in all\)")
     assert second.wait() == 0, second.stderr
     assert f"epoch 1 step {stopped_at + 1}/6" in second.stdout and f"step {stopped_at}/6 loss" not in second.stdout
 
@@ -74,7 +74,7 @@ def test_kill9_mid_epoch_loses_at_most_the_steps_since_the_checkpoint(sample_sha
     assert checkpoint_steps(out) in ([2], [2, 4])
     resumed_from = checkpoint_steps(out)[-1]
     second = Service(sample_shards, out, "--epochs", "1", "--checkpoint.every_steps", "2")
-    second.wait_for(rf"resuming run .* from \S+checkpoint-{resumed_from:09d}\.pt: .* at step {resumed_from}/6")
+    second.wait_for(rf"resuming run .* from \S+checkpoint-{resumed_from:09d}\.pt: .* epoch 1 step {resumed_from}/6")
     assert second.wait() == 0, second.stderr
     assert "epoch 1/1: train loss" in second.stdout and len(json.loads((out / "history.json").read_text())) == 1
 
