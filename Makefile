@@ -8,11 +8,10 @@ SHARDS ?= data/shards
 REPORT ?= bench/pipeline.json
 ARGS ?=
 TRAIN_ARGS ?=
-# make train (Docker): the run directory, GPUs, processes per node, the service's config file.
-RUN ?= runs/alexnet
+# make train (Docker) and make train-local share CONFIG and RUN with per-target defaults below.
 GPUS ?= all
 NPROC ?= auto
-CONFIG ?= configs/paper.toml
+PORT ?= 9431
 STACK = SHARDS="$(SHARDS)" RUN="$(RUN)" GPUS="$(GPUS)" NPROC="$(NPROC)" CONFIG="$(CONFIG)" bash scripts/stack.sh
 # A Docker target that cannot run here (no docker, no engine, no NVIDIA runtime) stops with
 # $(error): one line and a non-zero exit, without make's second "*** Error" line.  Expanded only
@@ -21,8 +20,14 @@ docker_check = $(eval _why := $(shell bash scripts/stack.sh check $(1)))$(if $(_
 # The sample data gets small shards (configs/shards-sample.toml); real datasets the defaults.
 SHARD_CONFIG := $(if $(filter $(SAMPLE),$(SRC)),--config configs/shards-sample.toml,)
 
-.PHONY: help setup sample-data shards bench-shards bench-pipeline bench-model gpu-check preview demo test clean \
-	train stop logs shards-docker
+.PHONY: help setup sample-data shards bench-shards bench-pipeline bench-model bench-service gpu-check preview demo \
+	train-local test clean train stop logs shards-docker
+
+# Each of these is optional and overrides the config file; the defaults differ by target.
+train stop logs: CONFIG ?= configs/paper.toml
+train stop logs: RUN ?= runs/alexnet
+train-local: CONFIG ?= configs/demo.toml
+train-local: RUN ?= runs/$(basename $(notdir $(CONFIG)))
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -48,6 +53,10 @@ bench-pipeline: setup ## DALI training pipeline vs the decode floor: make bench-
 bench-model: setup ## forward+backward images/s of both model layouts (CPU, and GPU when present)
 	$(PY) -m bench.bench_model --report bench/model.json
 
+bench-service: setup ## service loop (metrics, logs, checkpoints) vs the bare train_step loop on the same batches
+	@if [ "$(SHARDS)" = "data/shards" ] && [ ! -f data/shards/manifest.json ]; then $(MAKE) --no-print-directory shards; fi
+	$(PY) -m bench.bench_service --report bench/service.json --shards $(SHARDS)
+
 # gpu-check runs where `make setup` has not: PY=python3 WHEELS=dir use that interpreter and those wheels.
 GPU_CHECK_OUT := $(if $(filter command line,$(origin OUT)),$(OUT),data/gpu-check)
 SECONDS ?= 420
@@ -58,8 +67,12 @@ gpu-check: ## every GPU path measured in one go (dry mode without a GPU): [OUT=d
 preview: shards ## a grid of augmented training images from the pipeline: data/preview.png
 	$(PY) -m pipeline.preview --shards $(OUT) --out data/preview.png
 
-demo: preview ## the main job on the sample data: sample data -> shards -> pipeline -> a short training run
-	$(PY) -m service.train --config configs/demo.toml --shards $(OUT) $(TRAIN_ARGS)
+demo: preview ## the main job on the sample data: shards -> pipeline -> the training service for 6 epochs
+	$(PY) -m service --config configs/demo.toml --shards $(OUT) $(TRAIN_ARGS)
+
+train-local: setup ## the service on this machine: make train-local [CONFIG=configs/demo.toml SHARDS=data/shards RUN=runs/<config> PORT=9431]
+	@if [ "$(SHARDS)" = "data/shards" ] && [ ! -f data/shards/manifest.json ]; then $(MAKE) --no-print-directory shards; fi
+	$(PY) -m service --config $(CONFIG) --shards $(SHARDS) --out $(RUN) --http.port $(PORT) $(TRAIN_ARGS)
 
 train: ## Docker + GPUs: make train SHARDS=... RUN=... [GPUS=all|N|0,1] [NPROC=..] [CONFIG=..], GRAFANA_PASSWORD set
 	$(call docker_check,train)

@@ -63,6 +63,9 @@ def _reader(spec: GraphSpec):
         shard_id=spec.shard_id, num_shards=spec.num_shards,
         stick_to_shard=not spec.train,  # eval: each rank always reads the same part
         pad_last_batch=True,  # every rank runs the same number of batches; the iterator drops pads
+        # Plain reads, not mmap: a tar truncated or deleted under a running pipeline then fails
+        # with an error naming the file; through mmap it killed the process with SIGBUS.
+        dont_use_mmap=True,
         name=READER,
     )
     info = fn.get_property(jpg, key="source_info")

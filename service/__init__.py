@@ -1,5 +1,15 @@
-"""The training service: consumes the pipeline, trains the model, evaluates, logs.
+"""The training service: a long-running process that trains AlexNet on the shards, checkpoints,
+resumes, stops cleanly on SIGTERM/SIGINT and exports Prometheus metrics.
 
-``service.train`` is the training loop (single process for now); checkpoints, resume, clean
-shutdown, Prometheus metrics and torchrun scaling build on it.
+``python -m service`` (alias ``python -m service.train``) runs ``service.app.main``.  Modules:
+
+- ``config``: the settings (frozen dataclasses) and their validation;
+- ``dist``: rank, world size and local rank (torchrun), the one place that knows about them;
+- ``build``: device, model, optimizer, schedule, scaler and loaders from the settings;
+- ``loop``: the training loop (steps, log intervals, evaluation, checkpoints, stop);
+- ``checkpoint`` / ``state``: checkpoint files (atomic, rotated, verified) and what they hold;
+- ``metrics`` / ``server`` / ``status``: Prometheus metrics in a private registry, the HTTP
+  endpoint (/metrics, /healthz, /status) and the shared status it serves;
+- ``signals``, ``runlog``, ``data_errors``, ``errors``: stop requests, the run directory's
+  logs and plots, loader failures that name the shard, exit codes.
 """

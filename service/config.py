@@ -1,6 +1,15 @@
-"""Settings of ``python -m service.train`` (TOML file and/or ``--section.key value`` flags)."""
+"""Settings of the training service (``python -m service``): a TOML file and/or ``--section.key value``
+flags, read by ``common.config`` into these frozen dataclasses, then checked by
+:func:`validate` before anything starts (a bad value is exit code 2 with the key named).
+
+Two kinds of keys: the *recipe* (data, model shape, optimizer, augmentation), which a checkpoint
+must match to be resumed, and *operational* keys (where to run, how to log, how often to
+checkpoint, how many epochs in all), which may change between a stop and a restart;
+``OPERATIONAL`` lists the latter.
+"""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,11 +20,13 @@ from pipeline.config import LoaderConfig
 class ModelSettings:
     """Which AlexNet layout, where, and how fast (see ``model.AlexNet``)."""
 
-    layout: str = "grouped"  # "grouped" (one device) or "towers" (one tower per device)
-    devices: tuple[str, ...] = ()  # towers: (device_a, device_b); empty = the run's device twice
+    # "grouped" (one device), "towers" (one tower per device) or "auto": towers when two GPUs
+    # are visible to this process, grouped otherwise (the paper's two GPUs when there are two).
+    layout: str = "grouped"
+    devices: tuple[str, ...] = ()  # towers: (device_a, device_b); empty = cuda:0,cuda:1 or the run's device twice
     bias_init: float = 1.0  # the paper's non-zero bias; Caffe's 0.1 avoids a long flat start
     dropout: float = 0.5
-    autocast: str = "none"  # "none" | "bfloat16" | "float16" (GPU)
+    autocast: str = "none"  # "none" | "bfloat16" | "float16" (float16 adds a GradScaler)
     channels_last: bool = False
     compile: bool = False
 
@@ -27,8 +38,36 @@ class OptimSettings:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    # true: the paper, every weight decays, biases included; false: Caffe/cuda-convnet, biases exempt.
+    bias_decay: bool = True
     patience: int = 3  # evaluations without a new best val error before lr /= 10
     max_drops: int = 3
+
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    """When to write ``<out>/checkpoint-<step>.pt`` (always at each epoch end and on a stop)."""
+
+    every_steps: int = 0  # 0 = not by step count
+    every_seconds: float = 300.0  # wall time between checkpoints; 0 = not by time
+    keep: int = 3  # the newest K checkpoints are kept
+    background: bool = True  # write the file in a thread; the loop only waits for the copy to host
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """The metrics/health/status endpoint of this process (port + LOCAL_RANK under torchrun)."""
+
+    host: str = "0.0.0.0"
+    port: int = 9431  # 9400 is dcgm-exporter's; 0 = any free port (printed at start)
+    stall_seconds: float = 300.0  # /healthz turns 503 after this long without a heartbeat
+
+
+@dataclass(frozen=True)
+class DebugSettings:
+    """Switches for tests and investigations; off in normal runs."""
+
+    ids: bool = False  # append each step's sample ids to <out>/ids.jsonl (exact-resume checks)
 
 
 @dataclass(frozen=True)
@@ -38,10 +77,88 @@ class TrainConfig:
     shards: Path = Path("data/shards")
     out: Path = Path("runs/default")
     epochs: int = 90
-    device: str = "auto"  # "auto" = cuda:0 when present, else cpu
+    device: str = "auto"  # "auto" = cuda:<LOCAL_RANK> when present, else cpu
     seed: int = 0
     eval_views: int = 10  # 1 (centre crop) or 10 (the paper's views)
     log_every: int = 50  # steps between log lines (and GPU syncs)
+    fresh: bool = False  # true: delete this run directory's checkpoints and logs, start over
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     model: ModelSettings = field(default_factory=ModelSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
+    checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
+    debug: DebugSettings = field(default_factory=DebugSettings)
+
+
+# Keys (dotted) that may differ between a checkpoint and the run resuming it; a section name
+# covers all its keys.  Everything else is the recipe and must match.
+OPERATIONAL = frozenset({
+    "shards",  # the data is compared by content (the manifest's checksums), not by path
+    "out", "epochs", "device", "eval_views", "log_every", "fresh",
+    "loader.threads", "loader.prefetch", "loader.hw_decoder_load", "loader.fast_idct", "loader.dtype",
+    "model.layout", "model.devices", "model.autocast", "model.channels_last", "model.compile",
+    "checkpoint", "http", "debug",
+})
+
+LAYOUTS = ("grouped", "towers", "auto")
+AUTOCAST = ("none", "bfloat16", "float16")
+
+
+def validate(cfg: TrainConfig) -> list[str]:
+    """Every problem with ``cfg``, each naming its key; empty when the run may start."""
+    problems = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    need(cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}")
+    need(cfg.eval_views in (1, 10), f"eval_views must be 1 or 10, got {cfg.eval_views}")
+    need(cfg.log_every >= 1, f"log_every must be >= 1, got {cfg.log_every}")
+    need(_device_name_ok(cfg.device), f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    try:
+        cfg.loader.validate()
+    except ValueError as exc:
+        problems.append(f"loader.{exc}")
+    problems += _model_problems(cfg)
+    o = cfg.optim
+    for key in ("lr", "momentum", "weight_decay"):
+        value = getattr(o, key)
+        need(math.isfinite(value) and value >= 0, f"optim.{key} must be a number >= 0, got {value}")
+    need(o.patience >= 1, f"optim.patience must be >= 1, got {o.patience}")
+    need(o.max_drops >= 0, f"optim.max_drops must be >= 0, got {o.max_drops}")
+    c = cfg.checkpoint
+    need(c.every_steps >= 0, f"checkpoint.every_steps must be >= 0 (0 = off), got {c.every_steps}")
+    need(c.every_seconds >= 0, f"checkpoint.every_seconds must be >= 0 (0 = off), got {c.every_seconds}")
+    need(c.keep >= 1, f"checkpoint.keep must be >= 1, got {c.keep}")
+    need(0 <= cfg.http.port <= 65535, f"http.port must be in 0..65535 (0 = any free port), got {cfg.http.port}")
+    need(cfg.http.stall_seconds > 0, f"http.stall_seconds must be > 0, got {cfg.http.stall_seconds}")
+    return problems
+
+
+def _model_problems(cfg: TrainConfig) -> list[str]:
+    m, problems = cfg.model, []
+    if m.layout not in LAYOUTS:
+        problems.append(f"model.layout must be one of {LAYOUTS}, got {m.layout!r}")
+    if m.devices and (len(m.devices) != 2 or not all(_device_name_ok(d, auto=False) for d in m.devices)):
+        problems.append(f"model.devices must be two devices (e.g. cuda:0,cuda:1) or empty, got {list(m.devices)}")
+    if m.devices and m.layout == "grouped" and m.devices[0] != m.devices[1]:
+        problems.append("model.devices names two devices but model.layout is grouped (one device): use towers")
+    if m.autocast not in AUTOCAST:
+        problems.append(f"model.autocast must be one of {AUTOCAST}, got {m.autocast!r}")
+    if cfg.loader.dtype != "float32" and m.autocast == "none":
+        problems.append(f"loader.dtype {cfg.loader.dtype} needs model.autocast bfloat16 or float16 "
+                        "(with model.autocast none the float32 weights meet lower-precision images); "
+                        "set both, or loader.dtype float32")
+    if not 0 <= m.dropout < 1:
+        problems.append(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if not math.isfinite(m.bias_init):
+        problems.append(f"model.bias_init must be a finite number, got {m.bias_init}")
+    return problems
+
+
+def _device_name_ok(name: str, auto: bool = True) -> bool:
+    if name in ("cpu", "cuda") or (auto and name == "auto"):
+        return True
+    kind, _, index = name.partition(":")
+    return kind == "cuda" and index.isdigit()

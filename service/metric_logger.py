@@ -43,6 +43,7 @@ class StepTimer:
         self._data = 0.0
         self._steps = 0
         self._images = 0
+        self.last_wait = 0.0  # seconds the latest ``next`` blocked (per-step data-wait metric)
 
     def iterate(self, batches: Iterable[T], batch_size: Callable[[T], int]) -> Iterator[T]:
         """Yield from ``batches``, timing how long each ``next`` blocks."""
@@ -53,7 +54,8 @@ class StepTimer:
                 batch = next(it)
             except StopIteration:
                 return
-            self._data += time.perf_counter() - waited
+            self.last_wait = time.perf_counter() - waited
+            self._data += self.last_wait
             self._steps += 1
             self._images += batch_size(batch)
             yield batch

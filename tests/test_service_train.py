@@ -1,4 +1,5 @@
-"""The training loop the demo runs: timing, config handling, and a short real run."""
+"""The training loop the demo runs: timing, config handling, and a short real run (``python -m service.train``,
+the alias of ``python -m service``)."""
 from __future__ import annotations
 
 import json
@@ -31,7 +32,8 @@ def test_step_timer_separates_data_wait_from_compute() -> None:
 def test_bad_settings_and_bad_shards_fail_early(tmp_path: Path) -> None:
     unknown = run_module("service.train", "--optim.learning_rate", "0.1", check=False)
     assert unknown.returncode == 2 and "unknown key 'optim.learning_rate'" in unknown.stderr
-    missing = run_module("service.train", "--shards", str(tmp_path), check=False)
+    missing = run_module("service.train", "--shards", str(tmp_path), "--out", str(tmp_path / "run"),
+                         "--http.port", "0", check=False)
     assert missing.returncode == 1 and "make shards" in missing.stderr and "manifest.json" in missing.stderr
 
 
@@ -40,7 +42,7 @@ def test_one_epoch_writes_history_and_curve(sample_shards: Path, tmp_path: Path)
     out = tmp_path / "run"
     result = run_module("service.train", "--shards", str(sample_shards), "--out", str(out), "--epochs", "1",
                         "--loader.batch_size", "24", "--log_every", "2", "--eval_views", "10",
-                        "--model.bias_init", "0.1", timeout=600)
+                        "--model.bias_init", "0.1", "--http.port", "0", timeout=600)
     history = json.loads((out / "history.json").read_text())
     assert len(history) == 1 and history[0]["epoch"] == 1 and history[0]["lr"] == 0.01
     h = history[0]

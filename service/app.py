@@ -1,0 +1,146 @@
+"""``python -m service [--config FILE] [--section.key value ...]``: the training service.
+
+Start-up order matters for the user: settings are checked first (exit 2 naming the key), the
+signal handlers are installed and the HTTP port is bound next (a taken port is exit 3 at once),
+then the shards are checked (exit 1 naming the shard), the model and loaders are built, and
+the newest valid checkpoint in the run directory is resumed.  Then the loop runs until all
+epochs are done or a SIGTERM/SIGINT stops it after a checkpoint (exit 0 either way).
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+from common.config import ConfigError, load_config, split_config_arg, to_dict
+from service import checkpoint as ckpt
+from service.build import build, resolve
+from service.config import TrainConfig, validate
+from service.dist import RankError, Ranks
+from service.errors import EXIT_CONFIG, EXIT_OK, DataError, ServiceError
+from service.loop import Trainer
+from service.metrics import ServiceMetrics, build_labels
+from service.runlog import RunLog
+from service.server import HttpEndpoint
+from service.signals import StopFlag
+from service.state import data_fingerprint, identity
+from service.status import StatusBoard
+from shards import manifest as contract
+
+# What --fresh true deletes in the run directory (the service's own files, nothing else).
+RUN_FILES = ("checkpoint-*.pt", "checkpoint-*.pt.corrupt", ".checkpoint-*.tmp", "log*.jsonl", "ids*.jsonl",
+             "history.json", "curve.png", "config.json")
+
+
+def parse(argv: list[str]) -> TrainConfig:
+    """The validated config of a command line; ``ServiceError`` (exit 2) naming the key if not."""
+    path, overrides = split_config_arg(argv)
+    try:
+        cfg = load_config(TrainConfig, path, overrides)
+    except ConfigError as exc:
+        raise ServiceError(EXIT_CONFIG, str(exc)) from None
+    problems = validate(cfg)
+    if problems:
+        raise ServiceError(EXIT_CONFIG, "invalid settings: " + "; ".join(problems))
+    return cfg
+
+
+def clear_run(log: RunLog) -> None:
+    """``--fresh true``: delete the run directory's checkpoints and logs."""
+    removed = [p for pattern in RUN_FILES for p in log.out.glob(pattern)]
+    for p in removed:
+        p.unlink(missing_ok=True)
+    log.say(f"fresh start: deleted {len(removed)} file(s) of the previous run in {log.out}")
+
+
+def start(cfg: TrainConfig, ranks: Ranks, metrics: ServiceMetrics, board: StatusBoard, log: RunLog,
+          stop: StopFlag) -> Trainer:
+    """Check the shards, build everything, resume the newest valid checkpoint if there is one."""
+    try:
+        manifest = contract.load(cfg.shards)  # names a missing or truncated shard, before DALI opens it
+    except contract.ManifestError as exc:
+        raise DataError(str(exc)) from None
+    ident = identity(cfg, data_fingerprint(manifest.record), ranks.world_size)
+    parts = build(cfg, ranks, manifest)
+    run_id = f"{cfg.out.resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    trainer = Trainer(parts, ranks, manifest, ident, run_id, metrics, board, log, stop)
+    for stale in ckpt.remove_stale_temps(cfg.out) if ranks.is_main else []:
+        log.warn(f"removed {stale}: a checkpoint write that never finished (the process was killed)")
+    found = ckpt.newest_valid(cfg.out, log.warn)
+    if found:
+        trainer.restore(*found)
+    p = trainer.progress
+    if found:
+        log.say(f"resuming run {trainer.run_id} from {found[0]}: {p.evaluated} epoch(s) done, "
+                f"{trainer.position()} (step {p.step} in all)")
+    else:
+        log.say(f"new run {run_id} in {cfg.out}")
+    split = manifest.splits["train"]
+    log.say(f"train: {split.samples} images, {manifest.num_classes} classes (chance top-1 error "
+            f"{trainer.chance:.1%}), device {cfg.device}, layout {cfg.model.layout}, batch {cfg.loader.batch_size}"
+            f" x {ranks.world_size} rank(s), {len(parts.train)} steps per epoch, {cfg.epochs} epochs")
+    board.update(run_id=trainer.run_id, **ranks.info(), global_batch=cfg.loader.batch_size * ranks.world_size,
+                 epochs=cfg.epochs, epoch=p.epoch + 1, step=p.step, device=cfg.device, layout=cfg.model.layout,
+                 resumed_from=str(found[0]) if found else None)
+    board.beat("starting")
+    if ranks.is_main:
+        log.write_json("config.json", to_dict(cfg))
+    log.event("start", run_id=trainer.run_id, resumed_from=str(found[0]) if found else None, step=p.step,
+              **ranks.info(), config=to_dict(cfg))
+    return trainer
+
+
+def finish(trainer: Trainer, finished: bool, log: RunLog) -> int:
+    """Wait for the last checkpoint, say where everything is, exit 0."""
+    trainer.writer.wait()
+    p, out = trainer.progress, trainer.cfg.out
+    if finished:
+        if trainer.ranks.is_main and p.history:
+            log.history(p.history, trainer.chance)
+        log.say(f"finished: {p.evaluated} epoch(s), {p.step} steps. Curve: {out / 'curve.png'}, history: "
+                f"{out / 'history.json'}, JSON log: {log.jsonl_path}, checkpoints: {out}/checkpoint-*.pt")
+    else:
+        log.say(f"stopped ({trainer.stop.signal_name}) at step {p.step}, {trainer.position()}; "
+                f"checkpoint in {out}: run the same command again to resume")
+    log.event("finished" if finished else "stopped", step=p.step, epoch=p.epoch, reason=trainer.stop.signal_name)
+    return EXIT_OK
+
+
+def run_service(cfg: TrainConfig) -> int:
+    """Run a validated config to the end (or to a requested stop); returns the exit code."""
+    try:
+        ranks = Ranks.from_env()
+        ranks.check_supported()
+    except RankError as exc:
+        raise ServiceError(EXIT_CONFIG, str(exc)) from None
+    cfg = resolve(cfg, ranks)
+    stop = StopFlag().install()
+    metrics = ServiceMetrics(build_labels(",".join(cfg.model.devices) or cfg.device, cfg.model.layout,
+                                          ranks.world_size))
+    board = StatusBoard(cfg.http.stall_seconds, phase="starting", last_checkpoint=None, last_evaluation=None)
+    endpoint = HttpEndpoint(cfg.http.host, ranks.http_port(cfg.http.port), metrics.registry, board).start()
+    log = RunLog(cfg.out, ranks.suffix())
+    trainer = None
+    try:
+        log.say(f"metrics: {endpoint.url('/metrics')}  status: {endpoint.url('/status')}  "
+                f"health: {endpoint.url('/healthz')}")
+        log.say(f"run directory: {cfg.out} (curve.png and history.json after each epoch, log.jsonl, checkpoints)")
+        if cfg.fresh and ranks.is_main:
+            clear_run(log)
+        log.open()
+        trainer = start(cfg, ranks, metrics, board, log, stop)
+        return finish(trainer, trainer.run(), log)
+    finally:
+        if trainer is not None:
+            trainer.close()
+        endpoint.close()
+        log.close()
+        stop.uninstall()
+
+
+def main(argv: list[str]) -> int:
+    """Entry point: a user-facing error is one line on stderr and its exit code (see service.errors)."""
+    try:
+        return run_service(parse(argv))
+    except ServiceError as exc:
+        print(f"service: {exc}", file=sys.stderr, flush=True)
+        return exc.code

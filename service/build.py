@@ -1,0 +1,107 @@
+"""From a validated config to the objects a run trains with: device, model, optimizer, schedule,
+gradient scaler and the two loaders.
+
+``resolve`` turns the ``auto`` settings into what this machine and rank will use (saved in the
+run directory's config.json), so everything downstream sees concrete values.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from model import AlexNet, PaperSGD, PlateauSchedule, prepare_model
+from model.optim import param_groups
+from pipeline import build_eval_loader, build_train_loader
+from service.config import TrainConfig
+from service.data_errors import diagnose
+from service.dist import Ranks
+from service.errors import EXIT_CONFIG, ServiceError
+from shards.manifest import Manifest
+
+AUTOCAST = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Parts:
+    """Everything the loop trains with."""
+
+    cfg: TrainConfig
+    device: torch.device  # where the loaders put batches (tower a's device for towers)
+    devices: list[torch.device]  # every device the model lives on (synchronised at log intervals)
+    model: torch.nn.Module
+    optimizer: PaperSGD
+    schedule: PlateauSchedule
+    scaler: torch.amp.GradScaler | None
+    train: object  # pipeline.loader.DaliLoader: iterable, len(), state_dict()
+    val: object
+    num_classes: int
+
+    @property
+    def autocast(self) -> torch.dtype | None:
+        return AUTOCAST[self.cfg.model.autocast]
+
+
+def resolve(cfg: TrainConfig, ranks: Ranks) -> TrainConfig:
+    """``device``/``model.layout``/``model.devices`` as this process will use them."""
+    device = ranks.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ServiceError(EXIT_CONFIG, f"device {cfg.device!r}: no CUDA device is visible to this process "
+                           "(torch.cuda.is_available() is False); use --device cpu or auto")
+    m = cfg.model
+    if m.autocast == "float16" and device.type != "cuda":
+        raise ServiceError(EXIT_CONFIG, "model.autocast float16 needs a CUDA device (with a gradient scaler there); "
+                           "on the CPU use bfloat16 or none")
+    two_gpus = device.type == "cuda" and torch.cuda.device_count() >= 2 and ranks.world_size == 1
+    layout = ("towers" if two_gpus else "grouped") if m.layout == "auto" else m.layout
+    devices = m.devices
+    if layout == "towers" and not devices:
+        devices = ("cuda:0", "cuda:1") if two_gpus else (str(device), str(device))
+    for d in devices:
+        if torch.device(d).type == "cuda" and torch.device(d).index is not None \
+                and torch.device(d).index >= torch.cuda.device_count():
+            raise ServiceError(EXIT_CONFIG, f"model.devices names {d}, but only {torch.cuda.device_count()} "
+                               "CUDA device(s) are visible")
+    model = dataclasses.replace(m, layout=layout, devices=tuple(devices))
+    return dataclasses.replace(cfg, device=str(device), model=model,
+                               loader=cfg.loader.replace(seed=cfg.seed))
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
+    """The AlexNet of ``cfg.model`` on its device(s), with the paper's initialisation."""
+    m = cfg.model
+    torch.manual_seed(cfg.seed)  # the same initial weights for the same seed, in both layouts
+    if m.layout == "towers":
+        model = AlexNet(num_classes, "towers", m.devices, bias_init=m.bias_init, dropout=m.dropout)
+    else:
+        model = AlexNet(num_classes, "grouped", bias_init=m.bias_init, dropout=m.dropout).to(cfg.device)
+    return prepare_model(model, channels_last=m.channels_last, compile=m.compile)
+
+
+def build(cfg: TrainConfig, ranks: Ranks, manifest: Manifest) -> Parts:
+    """Model, optimizer, schedule, scaler and loaders of a resolved ``cfg``."""
+    model = build_model(cfg, manifest.num_classes)
+    devices = sorted({p.device for p in model.parameters()}, key=str)
+    if any(d.type == "cuda" for d in devices):
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
+    o = cfg.optim
+    optimizer = PaperSGD(param_groups(model, o.weight_decay, o.bias_decay), lr=o.lr, momentum=o.momentum,
+                         weight_decay=o.weight_decay)
+    schedule = PlateauSchedule(optimizer, patience=o.patience, max_drops=o.max_drops)
+    device = model.input_device
+    # float16 (CUDA only, see resolve): the scaler keeps small gradients from flushing to zero.
+    scaler = torch.amp.GradScaler("cuda") if cfg.model.autocast == "float16" else None
+    train = _loader(manifest, "train", lambda: build_train_loader(
+        cfg.shards, ranks.rank, ranks.world_size, device, cfg.loader, ids=cfg.debug.ids))
+    val = _loader(manifest, "val", lambda: build_eval_loader(
+        cfg.shards, ranks.rank, ranks.world_size, device, cfg.loader, views=cfg.eval_views))
+    return Parts(cfg, device, devices, model, optimizer, schedule, scaler, train, val, manifest.num_classes)
+
+
+def _loader(manifest: Manifest, split: str, make):
+    """Build a loader; a failure while DALI opens the shards is a data error naming the shard."""
+    try:
+        return make()
+    except (RuntimeError, OSError) as exc:
+        raise diagnose(exc, manifest, split) from None

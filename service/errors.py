@@ -1,0 +1,42 @@
+"""How the service ends: exit codes, and the one exception type that carries a user-facing message.
+
+Anything the user can fix (a setting, the shards, the port, the run directory) is raised as a
+``ServiceError``; ``service.app.main`` prints its message as one line on stderr and exits with
+its code, never with a traceback.  Process supervisors (Docker, torchrun, systemd) see:
+
+    0  finished all epochs, or stopped by SIGTERM/SIGINT after writing a checkpoint
+    1  a data error: missing, truncated or undecodable shard (the message names it)
+    2  a setting is invalid, or does not match the run directory's checkpoints
+    3  the HTTP port cannot be served (in use, or not allowed)
+    4  a checkpoint could not be written (disk full, permissions)
+    143 / 130  a second SIGTERM / SIGINT: immediate exit, no checkpoint (killed by the signal)
+"""
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_DATA = 1
+EXIT_CONFIG = 2
+EXIT_PORT = 3
+EXIT_CHECKPOINT = 4
+
+
+class ServiceError(Exception):
+    """A failure with a message for the user and the exit code that goes with it."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class DataError(ServiceError):
+    """A shard cannot be read or decoded."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(EXIT_DATA, message)
+
+
+class ConfigMismatch(ServiceError):
+    """The run directory's checkpoint belongs to another recipe or other data."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(EXIT_CONFIG, message)

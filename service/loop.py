@@ -1,0 +1,290 @@
+"""The training loop: epochs of steps, evaluation, checkpoints, and stopping on request.
+
+Per step the loop only takes host timestamps and updates counters (no device sync); every
+``log_every`` steps it synchronises every device the model uses (both GPUs for the towers
+layout) once, reads the loss and writes a log line.  After each step it checks the stop flag
+(a signal) and whether a checkpoint is due (every N steps and/or every T seconds); each epoch
+ends with an evaluation, the plateau schedule and a checkpoint.
+
+Resume is exact: the checkpoint holds the loader's position, so a restarted run continues the
+interrupted epoch with the batches it had not yet trained on, with the same dropout draws.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.config import to_dict
+from model import evaluate, load_velocity_state, train_step, velocity_state
+from service import checkpoint as ckpt
+from service.build import Parts
+from service.data_errors import diagnose, guarded
+from service.dist import Ranks
+from service.errors import ConfigMismatch, ServiceError
+from service.metric_logger import StepTimer
+from service.metrics import ServiceMetrics
+from service.runlog import RunLog, memory
+from service.signals import StopFlag
+from service.state import Progress, check_identity, progress_from, rng_state, set_rng_state
+from service.status import StatusBoard
+from shards.manifest import Manifest
+
+
+class Interrupted(Exception):
+    """A stop was requested during evaluation."""
+
+
+class Trainer:
+    """Runs one process's share of a training run (see the module docstring)."""
+
+    def __init__(self, parts: Parts, ranks: Ranks, manifest: Manifest, identity: dict[str, Any], run_id: str,
+                 metrics: ServiceMetrics, board: StatusBoard, log: RunLog, stop: StopFlag) -> None:
+        self.parts, self.cfg, self.ranks, self.manifest = parts, parts.cfg, ranks, manifest
+        self.identity, self.run_id = identity, run_id
+        self.metrics, self.board, self.log, self.stop = metrics, board, log, stop
+        self.progress = Progress()
+        self.chance = 1 - 1 / parts.num_classes
+        c = self.cfg.checkpoint
+        self.writer = ckpt.CheckpointWriter(self.cfg.out, c.keep, c.background, self._written)
+        self.buffers = ckpt.HostBuffers()
+        self._last_checkpoint_time = time.monotonic()
+        self._saved_at: tuple[int, int] | None = None  # (step, evaluated) of the last checkpoint
+        self._ids = open(self.cfg.out / f"ids{ranks.suffix()}.jsonl", "a") if self.cfg.debug.ids else None
+
+    # -- the run -------------------------------------------------------------------------------
+
+    def run(self) -> bool:
+        """Train and evaluate until ``cfg.epochs`` are done (True) or a stop was requested (False)."""
+        for _ in range(self.progress.evaluated, self.cfg.epochs):
+            if self.progress.epoch == self.progress.evaluated and not self.train_epoch():
+                return False
+            if not self.evaluate_epoch():
+                return False
+        self.writer.wait()
+        return True
+
+    def position(self) -> str:
+        """Where the run stands, for people: "epoch 3 step 120/5005", "end of epoch 2"..."""
+        p, steps = self.progress, len(self.parts.train)
+        if p.epoch > p.evaluated:
+            return f"epoch {p.epoch} trained, its evaluation pending"
+        if p.step_in_epoch in (0, steps):
+            return f"end of epoch {p.epoch}" if p.epoch else "start of epoch 1"
+        return f"epoch {p.epoch + 1} step {p.step_in_epoch}/{steps}"
+
+    def train_epoch(self) -> bool:
+        """Train the rest of the current epoch; False when stopped (after a checkpoint).
+
+        A stop or checkpoint due at the epoch's last step waits until the loader has ended the
+        epoch, so a checkpoint is either mid-epoch or at a clean epoch boundary."""
+        p, parts = self.progress, self.parts
+        steps = len(parts.train)
+        if p.step_in_epoch in (0, steps):
+            p.start_epoch()
+        if self._stop_requested():  # before the loader hands out (and moves past) another batch
+            self._checkpoint("stop")
+            return False
+        epoch = p.epoch + 1
+        self.metrics.epoch.set(epoch)
+        self.board.update(epoch=epoch, steps_per_epoch=steps)
+        timer, loss_sum, last = StepTimer(), torch.zeros((), device=parts.model.output_device), time.perf_counter()
+        batches = guarded(parts.train, lambda exc: self._data_error(exc, "train"))
+        for batch in timer.iterate(batches, lambda b: b[1].shape[0]):
+            loss = self._step(batch)
+            loss_sum += loss
+            now = time.perf_counter()
+            self._count_step(int(batch[1].shape[0]), now - last, timer.last_wait)
+            if p.step_in_epoch % self.cfg.log_every == 0 or p.step_in_epoch == steps:
+                self._log_window(timer, loss, epoch, steps)
+            if p.step_in_epoch < steps and (self._stop_requested() or self._checkpoint_due()):
+                self._checkpoint("stop" if self.stop.requested else "interval", loss_sum)
+                if self.stop.requested:
+                    return False
+            last = time.perf_counter()  # a checkpoint's blocking time is not a step's
+        p.epoch += 1
+        p.epoch_loss_sum += loss_sum.item()
+        if self._stop_requested():
+            self._checkpoint("stop")
+            return False
+        return True
+
+    def _step(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        parts = self.parts
+        images, labels = batch[0], batch[1]
+        loss = train_step(parts.model, parts.optimizer, images, labels, autocast_dtype=parts.autocast,
+                          channels_last=self.cfg.model.channels_last, scaler=parts.scaler)
+        if self._ids is not None:
+            self._ids.write(json.dumps({"epoch": self.progress.epoch + 1, "step": self.progress.step + 1,
+                                        "ids": batch[2].tolist()}) + "\n")
+            self._ids.flush()
+        return loss
+
+    def _count_step(self, images: int, seconds: float, waited: float) -> None:
+        p = self.progress
+        p.step += 1
+        p.step_in_epoch += 1
+        p.epoch_images += images
+        p.epoch_seconds += seconds
+        p.epoch_data_seconds += waited
+        self.metrics.step(images, seconds, waited, self.board.beat("training"))
+        self.writer.check()
+
+    def _log_window(self, timer: StepTimer, loss: torch.Tensor, epoch: int, steps: int) -> None:
+        """The log interval: one sync of every device, then metrics, status and log lines."""
+        w = timer.window(self._sync)
+        p, value, lr = self.progress, loss.item(), self.parts.schedule.lrs[0]
+        self.metrics.loss.set(value)
+        self.metrics.lr.set(lr)
+        self.metrics.gpu_memory(self.parts.devices)
+        fields = dict(epoch=epoch, step=p.step, step_in_epoch=p.step_in_epoch, steps_per_epoch=steps,
+                      loss=value, lr=lr, images_per_s=w.images_per_s, data_wait_share=w.data_share)
+        self.board.update(**fields)
+        self.log.say(f"epoch {epoch} step {p.step_in_epoch}/{steps} loss {value:.4f} "
+                     f"{w.images_per_s:.1f} img/s data-wait {w.data_share:.0%}")
+        self.log.event("train", **fields, window_steps=w.steps, window_seconds=round(w.seconds, 4))
+
+    def _sync(self) -> None:
+        for d in self.parts.devices:
+            if d.type == "cuda":
+                torch.cuda.synchronize(d)
+
+    def _stop_requested(self) -> bool:
+        return self.ranks.any(self.stop.requested)
+
+    def _data_error(self, exc: BaseException, split: str):
+        self.metrics.samples_failed.inc()
+        return diagnose(exc, self.manifest, split)
+
+    # -- evaluation ----------------------------------------------------------------------------
+
+    def evaluate_epoch(self) -> bool:
+        """Evaluate the epoch just trained, step the schedule, checkpoint; False when stopped."""
+        p, parts = self.progress, self.parts
+        self.board.update(phase="evaluating")
+        try:
+            result = evaluate(parts.model, self._eval_batches(), autocast_dtype=parts.autocast,
+                              channels_last=self.cfg.model.channels_last)
+        except Interrupted:
+            self._checkpoint("stop")
+            return False
+        lr = parts.schedule.lrs[0]
+        dropped = parts.schedule.step(result.top1_error)
+        record = dict(epoch=p.epoch, lr=lr, train_loss=p.epoch_loss_sum / max(p.step_in_epoch, 1),
+                      top1_error=result.top1_error, top5_error=result.top5_error, val_loss=result.loss,
+                      images_per_s=p.epoch_images / max(p.epoch_seconds, 1e-9),
+                      data_share=p.epoch_data_seconds / max(p.epoch_seconds, 1e-9))
+        p.history.append(record)
+        p.evaluated = p.epoch
+        self._report_evaluation(record)
+        self.log.say(f"epoch {p.epoch}/{self.cfg.epochs}: train loss {record['train_loss']:.4f}, val top-1 error "
+                     f"{result.top1_error:.1%} (chance {self.chance:.1%}), top-5 error {result.top5_error:.1%} "
+                     f"({self.cfg.eval_views}-view), {record['images_per_s']:.1f} img/s"
+                     + (f"; lr -> {parts.schedule.lrs[0]:g}" if dropped else ""))
+        if self.ranks.is_main:
+            self.log.history(p.history, self.chance)
+        self._checkpoint("epoch")
+        # Memory after the epoch's checkpoint copy: the soak test compares it across epochs.
+        self.log.event("eval", **record, lr_dropped=dropped, **memory())
+        return not self._stop_requested()
+
+    def _report_evaluation(self, record: dict[str, Any]) -> None:
+        self.metrics.evaluation(record["top1_error"], record["top5_error"], record["val_loss"])
+        self.board.update(last_evaluation={k: record[k] for k in ("epoch", "top1_error", "top5_error", "val_loss")})
+
+    def _eval_batches(self):
+        for images, labels, *_ in guarded(self.parts.val, lambda exc: self._data_error(exc, "val")):
+            if self._stop_requested():
+                raise Interrupted
+            self.board.beat("evaluating")
+            yield images, labels
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def _checkpoint_due(self) -> bool:
+        c = self.cfg.checkpoint
+        by_steps = c.every_steps > 0 and self.progress.step % c.every_steps == 0
+        by_time = c.every_seconds > 0 and time.monotonic() - self._last_checkpoint_time >= c.every_seconds
+        return self.ranks.any(by_steps or by_time)
+
+    def _checkpoint(self, reason: str, loss_sum: torch.Tensor | None = None) -> None:
+        """Checkpoint now (rank 0 writes; every rank hands in its loader position).  Blocks for
+        the copy to host memory only, or until the file is durable when stopping."""
+        start = time.perf_counter()
+        self.board.beat("checkpointing")
+        p = self.progress
+        if loss_sum is not None:  # fold the device-side loss sum into the saved progress
+            p.epoch_loss_sum += loss_sum.item()
+            loss_sum.zero_()
+        loaders = self.ranks.gather(self.parts.train.state_dict())
+        if self.ranks.is_main and self._saved_at != (p.step, p.evaluated):
+            self.writer.wait()  # its buffers are about to be refilled
+            payload = self._payload(reason, loaders)
+            self.writer.save(payload, p.step)
+            self._saved_at = (p.step, p.evaluated)
+        if reason == "stop":
+            self.writer.wait()
+        blocked = time.perf_counter() - start
+        self.metrics.checkpoint_seconds.observe(blocked)
+        self.log.event("checkpoint_started", reason=reason, step=p.step, blocked_seconds=round(blocked, 4))
+        self._last_checkpoint_time = time.monotonic()
+        self.board.beat("training")
+
+    def _payload(self, reason: str, loaders: list[dict]) -> dict[str, Any]:
+        parts = self.parts
+        payload = {
+            "format": ckpt.FORMAT, "version": ckpt.VERSION, "run_id": self.run_id, "reason": reason,
+            "time": time.time(), "config": to_dict(self.cfg), "identity": self.identity,
+            "progress": dataclasses.asdict(self.progress),
+            "model": self.buffers.copy("model", parts.model.state_dict()),
+            "velocity": self.buffers.copy("velocity", velocity_state(parts.model, parts.optimizer, copy=False)),
+            "schedule": parts.schedule.state_dict(),
+            "scaler": parts.scaler.state_dict() if parts.scaler is not None else None,
+            "loaders": loaders, "rng": rng_state(),
+        }
+        self.buffers.ready()
+        return payload
+
+    def _written(self, path: Path, seconds: float) -> None:
+        """In the writer thread, once ``path`` is durable."""
+        now = time.time()
+        self.metrics.last_checkpoint.set(now)
+        self.board.update(last_checkpoint={"path": str(path), "time": now})
+        self.log.say(f"checkpoint {path} ({seconds:.2f} s to write)")
+        self.log.event("checkpoint", path=str(path), write_seconds=round(seconds, 4))
+
+    def restore(self, path: Path, payload: dict[str, Any]) -> None:
+        """Continue from ``payload`` (from ``path``) if it belongs to this run; ConfigMismatch if not."""
+        check_identity(path, payload["identity"], self.identity)
+        parts = self.parts
+        parts.model.load_state_dict(payload["model"])
+        load_velocity_state(parts.model, parts.optimizer, payload["velocity"])
+        parts.schedule.load_state_dict(payload["schedule"])
+        if parts.scaler is not None and payload.get("scaler"):
+            parts.scaler.load_state_dict(payload["scaler"])
+        try:
+            parts.train.load_state_dict(payload["loaders"][self.ranks.rank])
+        except ValueError as exc:
+            raise ConfigMismatch(f"{path}: the training loader's saved position does not fit this run ({exc}); "
+                                 "resume on the same kind of device, or start over with --fresh true") from None
+        set_rng_state(payload["rng"])
+        self.progress = progress_from(payload["progress"])
+        self.run_id = payload["run_id"]
+        self._saved_at = (self.progress.step, self.progress.evaluated)
+        self.metrics.last_checkpoint.set(payload["time"])
+        self.board.update(last_checkpoint={"path": str(path), "time": payload["time"]})
+        if self.progress.history:
+            self._report_evaluation(self.progress.history[-1])
+
+    def close(self) -> None:
+        """Let a write in flight finish (its error, if any, is secondary to the one being raised)."""
+        try:
+            self.writer.wait()
+        except ServiceError:
+            pass
+        if self._ids is not None:
+            self._ids.close()

@@ -1,0 +1,117 @@
+"""The service's Prometheus metrics, in a private registry (SPEC 7 conventions).
+
+The names are a contract with the Grafana dashboard and the Prometheus configuration: do not
+rename them.  One prefix (``alexnet_``), base units, counters end in ``_total``, errors are
+fractions 0..1, timestamps rather than ages.  The rank is not a label: Prometheus attaches it
+as a target label (each rank serves its own port).
+
+A private ``CollectorRegistry`` (not the global one) is handed to the HTTP layer, so tests and
+benchmarks can build several services in one process, and nothing a library registers
+globally leaks into the exposition.  The per-step calls (``step``) only touch counters and
+histograms: a few microseconds, no device synchronisation.
+"""
+from __future__ import annotations
+
+import subprocess
+import tomllib
+from pathlib import Path
+
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
+
+PREFIX = "alexnet_"
+ROOT = Path(__file__).resolve().parents[1]
+
+# Seconds per step or per data wait: from ~1 ms (an H100 runs a batch of 128 in ~5 ms) to a
+# minute (a loaded 2-core CPU), roughly x1.5 apart so quantiles stay usable at both ends.
+STEP_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2,
+                0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0)
+CHECKPOINT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+def build_labels(device: str, layout: str, world_size: int) -> dict[str, str]:
+    """Labels of ``alexnet_build_info``: versions, git revision, device, layout, world size."""
+    try:
+        version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        version = "unknown"
+    try:
+        import nvidia.dali
+
+        dali = nvidia.dali.__version__
+    except ImportError:
+        dali = "none"
+    return {"version": version, "git_revision": git_revision(), "torch": torch.__version__, "dali": dali,
+            "device": device, "layout": layout, "world_size": str(world_size)}
+
+
+def git_revision() -> str:
+    """Short commit of the checkout, or "unknown" (e.g. in a container without .git)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+class ServiceMetrics:
+    """Every metric of one service process, registered in ``self.registry``."""
+
+    def __init__(self, build: dict[str, str]) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, CPU seconds, open fds
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        p = PREFIX
+        info = Gauge(p + "build_info", "Build and run metadata (always 1)", list(build), registry=r)
+        info.labels(**build).set(1)
+        self.images = Counter(p + "train_images", "Training images consumed", registry=r)
+        self.steps = Counter(p + "train_steps", "Training steps (optimizer updates)", registry=r)
+        self.step_seconds = Histogram(p + "train_step_seconds", "Host wall time per training step, data wait "
+                                      "included (between consecutive batches)", buckets=STEP_BUCKETS, registry=r)
+        self.data_wait = Histogram(p + "train_data_wait_seconds", "Time blocked waiting for the next batch",
+                                   buckets=STEP_BUCKETS, registry=r)
+        self.loss = Gauge(p + "train_loss", "Training loss at the last log interval", registry=r)
+        self.lr = Gauge(p + "learning_rate", "Current learning rate", registry=r)
+        self.epoch = Gauge(p + "epoch", "Epoch being trained (1-based)", registry=r)
+        self.top1 = Gauge(p + "val_top1_error", "Validation top-1 error of the last evaluation (0..1)", registry=r)
+        self.top5 = Gauge(p + "val_top5_error", "Validation top-5 error of the last evaluation (0..1)", registry=r)
+        self.val_loss = Gauge(p + "val_loss", "Validation cross-entropy of the last evaluation", registry=r)
+        self.last_checkpoint = Gauge(p + "last_checkpoint_timestamp_seconds",
+                                     "Unix time the last checkpoint became durable", registry=r)
+        self.checkpoint_seconds = Histogram(p + "checkpoint_duration_seconds", "Time the training loop was "
+                                            "blocked by one checkpoint", buckets=CHECKPOINT_BUCKETS, registry=r)
+        self.samples_failed = Counter(p + "samples_failed", "Samples that could not be read or decoded "
+                                      "(the run stops on the first; never skipped)", registry=r)
+        self.gpu_allocated = Gauge(p + "gpu_memory_allocated_bytes", "CUDA memory held by tensors", ["device"],
+                                   registry=r)
+        self.gpu_reserved = Gauge(p + "gpu_memory_reserved_bytes", "CUDA memory reserved by the caching "
+                                  "allocator", ["device"], registry=r)
+        self.heartbeat = Gauge(p + "heartbeat_timestamp_seconds", "Unix time of the training loop's last "
+                               "sign of life", registry=r)
+        # Not known yet: NaN (no value in PromQL), not 0, which would read as "0% error" or
+        # "the last checkpoint was in 1970".
+        for gauge in (self.loss, self.top1, self.top5, self.val_loss, self.last_checkpoint):
+            gauge.set(float("nan"))
+
+    def step(self, images: int, step_seconds: float, data_seconds: float, beat: float) -> None:
+        """One training step (host-side numbers only)."""
+        self.images.inc(images)
+        self.steps.inc()
+        self.step_seconds.observe(step_seconds)
+        self.data_wait.observe(data_seconds)
+        self.heartbeat.set(beat)
+
+    def gpu_memory(self, devices: list[torch.device]) -> None:
+        """Allocated/reserved bytes of each CUDA device the model uses (nothing on the CPU)."""
+        for d in devices:
+            if d.type == "cuda":
+                self.gpu_allocated.labels(device=str(d)).set(torch.cuda.memory_allocated(d))
+                self.gpu_reserved.labels(device=str(d)).set(torch.cuda.memory_reserved(d))
+
+    def evaluation(self, top1: float, top5: float, loss: float) -> None:
+        self.top1.set(top1)
+        self.top5.set(top5)
+        self.val_loss.set(loss)

@@ -1,0 +1,88 @@
+"""The run directory's human- and machine-readable record.
+
+- the console: one readable line per log interval, evaluation, checkpoint and event;
+- ``log.jsonl``: one JSON object per line with an ``event`` field (``train`` per log interval,
+  ``eval``, ``checkpoint``, ``start``, ``resume``, ``stop``...): what the metrics say, readable
+  without Prometheus, appended across restarts;
+- ``config.json``: the resolved configuration of the latest start;
+- ``history.json`` and ``curve.png``: one record per evaluated epoch, refreshed after each
+  evaluation and at the end.
+
+Only rank 0 writes the history and the curve; every rank writes its own JSON log
+(``log.rank<r>.jsonl`` for rank r > 0).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from service.plot import plot_history
+
+
+def memory() -> dict[str, int]:
+    """Resident set size now and its peak (``VmRSS``/``VmHWM`` in Linux's /proc; empty elsewhere)."""
+    fields = {"VmRSS:": "rss_bytes", "VmHWM:": "peak_rss_bytes"}
+    try:
+        with open("/proc/self/status") as f:
+            return {fields[p[0]]: int(p[1]) * 1024 for p in (line.split() for line in f) if p and p[0] in fields}
+    except (OSError, ValueError, IndexError):
+        return {}
+
+
+class RunLog:
+    """Writes the console lines and the JSON log of one process."""
+
+    def __init__(self, out: Path, suffix: str = "", console: bool = True) -> None:
+        self.out = out
+        self.console = console
+        self.jsonl_path = out / f"log{suffix}.jsonl"
+        self._jsonl = None
+        self._lock = threading.Lock()  # the checkpoint writer thread logs too
+
+    def open(self) -> RunLog:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.jsonl_path, "a", buffering=1)  # line-buffered: a crash loses no line
+        return self
+
+    def say(self, line: str) -> None:
+        """A console line (stdout, flushed: logs are read live by people and tests)."""
+        if self.console:
+            print(line, flush=True)
+
+    def warn(self, line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    def event(self, kind: str, **fields: Any) -> None:
+        """One JSON line: {"time": unix seconds, "event": kind, ...fields}."""
+        record = {"time": round(time.time(), 3), "event": kind, **fields}
+        with self._lock:
+            if self._jsonl is not None:
+                self._jsonl.write(json.dumps(record, default=str) + "\n")
+
+    def write_json(self, name: str, value: Any) -> Path:
+        """``out/name`` replaced atomically (readers never see half a file)."""
+        path = self.out / name
+        tmp = path.with_name(f".{name}.tmp")
+        tmp.write_text(json.dumps(value, indent=1, default=str) + "\n")
+        tmp.replace(path)
+        return path
+
+    def history(self, records: list[dict[str, Any]], chance: float) -> Path:
+        """history.json and curve.png from the per-epoch records; returns the curve's path."""
+        self.write_json("history.json", records)
+        curve = self.out / "curve.png"
+        if records:
+            tmp = self.out / ".curve.tmp.png"
+            plot_history(records, tmp, chance=chance)
+            tmp.replace(curve)
+        return curve
+
+    def close(self) -> None:
+        with self._lock:
+            if self._jsonl is not None:
+                self._jsonl.close()
+                self._jsonl = None

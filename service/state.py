@@ -1,0 +1,111 @@
+"""What a checkpoint holds, and how a run is put back exactly where it stopped.
+
+The payload (all ``weights_only``-loadable): the model's state dict (Caffe layout, so it moves
+between the grouped and towers layouts), the optimizer's velocities keyed the same way, the
+plateau schedule, the float16 GradScaler, every rank's training-loader position (a DALI
+checkpoint), the RNG states (dropout), the progress counters and history, the config, and the
+run's *identity*: the recipe keys of the config plus a fingerprint of the data.  A restart
+resumes only a checkpoint with the same identity (``check_identity``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.config import to_dict
+from service.config import OPERATIONAL, TrainConfig
+from service.errors import ConfigMismatch
+
+
+@dataclass
+class Progress:
+    """Counters that make resume exact (saved in every checkpoint)."""
+
+    epoch: int = 0  # epochs whose training part is complete
+    evaluated: int = 0  # epochs whose evaluation is complete (== epoch except during evaluation)
+    step: int = 0  # optimizer steps since the run started (global, survives restarts)
+    step_in_epoch: int = 0  # steps done in the epoch being trained (epoch + 1)
+    epoch_loss_sum: float = 0.0  # sum of the step losses so far in this epoch (for the epoch mean)
+    epoch_images: int = 0  # images and seconds so far in this epoch (for its images/s)
+    epoch_seconds: float = 0.0
+    epoch_data_seconds: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per evaluated epoch
+
+    def start_epoch(self) -> None:
+        self.step_in_epoch = 0
+        self.epoch_loss_sum, self.epoch_images, self.epoch_seconds, self.epoch_data_seconds = 0.0, 0, 0.0, 0.0
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def _operational(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in OPERATIONAL)
+
+
+def data_fingerprint(manifest_record: dict[str, Any]) -> str:
+    """The data's identity: the classes and every shard's checksum (not the directory's path)."""
+    splits = {name: [s["sha256"] for s in entry["shards"]] for name, entry in manifest_record["splits"].items()}
+    classes = [c["wnid"] for c in manifest_record["classes"]]
+    blob = json.dumps({"classes": classes, "splits": splits}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def identity(cfg: TrainConfig, fingerprint: str, world_size: int) -> dict[str, Any]:
+    """The keys a resumed run must share with its checkpoint."""
+    recipe = {k: v for k, v in _flatten(to_dict(cfg)).items() if not _operational(k)}
+    return {**recipe, "data": fingerprint, "world_size": world_size}
+
+
+def check_identity(path: Path, saved: dict[str, Any], mine: dict[str, Any]) -> None:
+    """Refuse to resume ``path`` when its identity differs from this run's (naming the keys)."""
+    keys = sorted(set(saved) | set(mine))
+    diffs = [k for k in keys if saved.get(k) != mine.get(k)]
+    if not diffs:
+        return
+    described = "; ".join(_describe(k, saved.get(k), mine.get(k)) for k in diffs[:4])
+    more = f" (and {len(diffs) - 4} more)" if len(diffs) > 4 else ""
+    raise ConfigMismatch(f"{path} belongs to another run: {described}{more}. Resume with the same settings, "
+                         f"use another --out directory, or start over here with --fresh true "
+                         f"(deletes {path.parent}'s checkpoints and logs)")
+
+
+def _describe(key: str, saved: Any, mine: Any) -> str:
+    if key == "data":
+        return f"the shards differ (data fingerprint {saved} there, {mine} here)"
+    return f"{key} is {saved!r} there and {mine!r} here"
+
+
+def rng_state() -> dict[str, Any]:
+    """The random generators the training step uses (dropout draws torch's)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def progress_from(saved: dict[str, Any]) -> Progress:
+    names = {f.name for f in dataclasses.fields(Progress)}
+    return Progress(**{k: v for k, v in saved.items() if k in names})

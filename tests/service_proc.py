@@ -1,0 +1,110 @@
+"""Helpers for the service tests: start ``python -m service`` as a real process, follow its output,
+signal it, and read what it wrote.  Tiny runs: batch 24 over the 144 training images of the
+``sample_shards`` fixture is 6 steps per epoch, 1-view evaluation, a log line per step."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ("--loader.batch_size", "24", "--loader.threads", "2", "--log_every", "1", "--eval_views", "1",
+        "--model.bias_init", "0.1", "--http.host", "127.0.0.1", "--http.port", "0")
+STEPS_PER_EPOCH = 6
+
+
+class Service:
+    """One service process; its stdout and stderr are collected by threads as they arrive."""
+
+    def __init__(self, shards: Path, out: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        cmd = [sys.executable, "-m", "service", "--shards", str(shards), "--out", str(out), *TINY, *args]
+        full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, bufsize=1)
+        self.lines: list[str] = []
+        self.errors: list[str] = []
+        self._readers = [threading.Thread(target=self._read, args=(s, sink), daemon=True)
+                         for s, sink in ((self.proc.stdout, self.lines), (self.proc.stderr, self.errors))]
+        for r in self._readers:
+            r.start()
+
+    @staticmethod
+    def _read(stream, sink: list[str]) -> None:
+        for line in stream:
+            sink.append(line.rstrip("\n"))
+
+    @property
+    def stdout(self) -> str:
+        return "\n".join(self.lines)
+
+    @property
+    def stderr(self) -> str:
+        return "\n".join(self.errors)
+
+    def wait_for(self, pattern: str, timeout: float = 180) -> re.Match:
+        """The first stdout line matching ``pattern`` (regex), waiting for it to be printed."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while time.monotonic() < deadline:
+            for line in self.lines[seen:]:
+                seen += 1
+                if m := re.search(pattern, line):
+                    return m
+            if self.proc.poll() is not None and seen == len(self.lines):
+                time.sleep(0.2)  # let the reader threads drain the pipes
+                if seen == len(self.lines):
+                    break
+            time.sleep(0.05)
+        raise AssertionError(f"no line matching {pattern!r}; rc={self.proc.poll()}\n"
+                             f"stdout:\n{self.stdout}\nstderr:\n{self.stderr}")
+
+    def url(self) -> str:
+        """The base URL the service printed at start (``http://127.0.0.1:PORT``)."""
+        return self.wait_for(r"metrics: (http://[^/]+)/metrics").group(1)
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 300) -> int:
+        rc = self.proc.wait(timeout=timeout)
+        for r in self._readers:
+            r.join(timeout=10)
+        return rc
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def run_service(shards: Path, out: Path, *args: str, timeout: float = 300) -> tuple[int, Service]:
+    """Run to the end; (exit code, the finished Service)."""
+    service = Service(shards, out, *args)
+    try:
+        return service.wait(timeout), service
+    finally:
+        service.kill()
+
+
+def events(out: Path, kind: str | None = None) -> list[dict]:
+    """The JSON log's records (of one ``event`` kind)."""
+    path = out / "log.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [r for r in records if kind is None or r["event"] == kind]
+
+
+def checkpoint_steps(out: Path) -> list[int]:
+    return sorted(int(p.name.split("-")[1].split(".")[0]) for p in out.glob("checkpoint-*.pt"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

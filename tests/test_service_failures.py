@@ -1,0 +1,125 @@
+"""What the service does with bad input, as a real process: damaged checkpoints, a checkpoint of
+another run, bad shards, bad settings, a taken port.  Each ends with a clear message and its
+exit code, never a traceback or a hang."""
+from __future__ import annotations
+
+import shutil
+import socket
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from tests.service_proc import Service, checkpoint_steps, run_service
+
+
+@pytest.fixture(scope="module")
+def finished_run(sample_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished one-epoch run with checkpoints at steps 2, 4 and 6 (the epoch end)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    rc, service = run_service(sample_shards, out, "--epochs", "1", "--checkpoint.every_steps", "2")
+    assert rc == 0, service.stderr
+    assert checkpoint_steps(out) == [2, 4, 6]
+    return out
+
+
+def _copy_run(run: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    return out
+
+
+@pytest.mark.slow
+def test_damaged_newest_checkpoints_are_set_aside_and_the_previous_one_used(
+        finished_run: Path, sample_shards: Path, tmp_path: Path) -> None:
+    out = _copy_run(finished_run, tmp_path)
+    newest, second = out / "checkpoint-000000006.pt", out / "checkpoint-000000004.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated (a crash while copying)
+    data = bytearray(second.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)  # damaged in place: same size, loads with torch
+    second.write_bytes(bytes(data))
+    rc, service = run_service(sample_shards, out, "--epochs", "1", "--checkpoint.every_steps", "2")
+    assert rc == 0, service.stderr
+    assert f"checkpoint {newest} is unreadable" in service.stderr
+    assert f"checkpoint {second} is unreadable (checksum mismatch" in service.stderr
+    assert "from " + str(out / "checkpoint-000000002.pt") in service.stdout and "epoch 1 step 2/6 (step 2 in all)" in service.stdout
+    assert (out / "checkpoint-000000006.pt.corrupt").exists() and checkpoint_steps(out) == [2, 4, 6]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_another_run_is_refused_unless_fresh(finished_run: Path, sample_shards: Path,
+                                                             tmp_path: Path) -> None:
+    out = _copy_run(finished_run, tmp_path)
+    rc, service = run_service(sample_shards, out, "--epochs", "1", "--loader.batch_size", "16")
+    assert rc == 2 and "Traceback" not in service.stderr
+    assert "loader.batch_size is 24 there and 16 here" in service.stderr and "--fresh true" in service.stderr
+    assert checkpoint_steps(out) == [2, 4, 6]  # refused: nothing touched
+
+    fresh = Service(sample_shards, out, "--epochs", "1", "--loader.batch_size", "16", "--fresh", "true")
+    fresh.wait_for(r"fresh start: deleted \d+ file")
+    fresh.wait_for(r"new run ")
+    fresh.wait_for(r"epoch 1 step 1/9")  # 144 images at batch 16
+    fresh.signal()
+    assert fresh.wait() == 0, fresh.stderr
+    stopped_at = int(fresh.wait_for(r"stopped \(SIGTERM\) at step (\d+)").group(1))
+    assert checkpoint_steps(out) == [stopped_at]  # the old run's checkpoints are gone
+
+
+def test_finished_run_says_so(finished_run: Path, sample_shards: Path, tmp_path: Path) -> None:
+    out = _copy_run(finished_run, tmp_path)
+    rc, service = run_service(sample_shards, out, "--epochs", "1")
+    assert rc == 0 and "1 epoch(s) done" in service.stdout and "finished: 1 epoch(s)" in service.stdout
+
+
+@pytest.fixture
+def shards_copy(sample_shards: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "shards"
+    shutil.copytree(sample_shards, copy)
+    return copy
+
+
+def test_truncated_and_missing_shards_are_named(shards_copy: Path, tmp_path: Path) -> None:
+    tar = sorted((shards_copy / "train").glob("*.tar"))[3]
+    with open(tar, "r+b") as f:
+        f.truncate(tar.stat().st_size // 2)
+    rc, service = run_service(shards_copy, tmp_path / "run", "--epochs", "1", timeout=120)
+    assert rc == 1 and str(tar) in service.stderr and "truncated" in service.stderr
+    assert "Traceback" not in service.stderr
+    val = sorted((shards_copy / "val").glob("*.tar"))[0]
+    tar.unlink()
+    val.unlink()
+    rc, service = run_service(shards_copy, tmp_path / "run", "--epochs", "1", timeout=120)
+    assert rc == 1 and "missing" in service.stderr and (str(tar) in service.stderr or str(val) in service.stderr)
+
+
+@pytest.mark.slow
+def test_an_undecodable_shard_stops_the_run_naming_it(shards_copy: Path, tmp_path: Path) -> None:
+    tar = sorted((shards_copy / "train").glob("*.tar"))[2]
+    with tarfile.open(tar) as t:
+        jpg = next(m for m in t.getmembers() if m.name.endswith(".jpg"))
+    with open(tar, "r+b") as f:  # same size, so only the decoder can notice
+        f.seek(jpg.offset_data + 200)
+        f.write(b"\xff" * 2000 + bytes(3000))
+    rc, service = run_service(shards_copy, tmp_path / "run", "--epochs", "1", timeout=240)
+    assert rc == 1, service.stderr
+    assert f"train shard {tar}: contents differ from the manifest's sha256" in service.stderr
+    assert "Traceback" not in service.stderr
+
+
+def test_bad_settings_exit_2_naming_the_keys(sample_shards: Path, tmp_path: Path) -> None:
+    rc, service = run_service(sample_shards, tmp_path / "run", "--loader.dtype", "bfloat16", "--epochs", "0",
+                              timeout=120)
+    assert rc == 2 and "Traceback" not in service.stderr
+    assert "loader.dtype bfloat16 needs model.autocast" in service.stderr and "epochs must be >= 1" in service.stderr
+    assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_port_in_use_is_one_clear_line(sample_shards: Path, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        rc, service = run_service(sample_shards, tmp_path / "run", "--http.port", str(port), timeout=120)
+    assert rc == 3
+    assert service.stderr.strip() == (f"service: port {port} on 127.0.0.1 is already in use (another run or "
+                                      "exporter?): stop it or choose another port with --http.port N (make: PORT=N)")

@@ -1,0 +1,205 @@
+"""The service's parts in-process: settings validation, ranks, checkpoint files, run identity,
+the metric names (a contract with the dashboard) and the HTTP endpoint."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import socket
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from service import checkpoint as ckpt
+from service.app import parse
+from service.config import TrainConfig
+from service.dist import RankError, Ranks
+from service.errors import ConfigMismatch, ServiceError
+from service.metrics import ServiceMetrics, build_labels
+from service.server import HttpEndpoint
+from service.state import check_identity, identity
+from service.status import StatusBoard
+
+CONTRACT = [
+    "alexnet_build_info", "alexnet_train_images_total", "alexnet_train_steps_total",
+    "alexnet_train_step_seconds_bucket", "alexnet_train_data_wait_seconds_bucket", "alexnet_train_loss",
+    "alexnet_learning_rate", "alexnet_epoch", "alexnet_val_top1_error", "alexnet_val_top5_error", "alexnet_val_loss",
+    "alexnet_last_checkpoint_timestamp_seconds", "alexnet_checkpoint_duration_seconds_bucket",
+    "alexnet_samples_failed_total", "alexnet_gpu_memory_allocated_bytes", "alexnet_gpu_memory_reserved_bytes",
+    "alexnet_heartbeat_timestamp_seconds",
+]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "0"], "epochs must be >= 1, got 0"),
+    (["--eval_views", "5"], "eval_views must be 1 or 10"),
+    (["--loader.batch_size", "0"], "loader.batch_size must be >= 1"),
+    (["--loader.dtype", "bfloat16"], "loader.dtype bfloat16 needs model.autocast"),
+    (["--model.layout", "pipes"], "model.layout must be one of"),
+    (["--model.autocast", "fp8"], "model.autocast must be one of"),
+    (["--optim.lr", "-1"], "optim.lr must be a number >= 0"),
+    (["--checkpoint.keep", "0"], "checkpoint.keep must be >= 1"),
+    (["--http.port", "70000"], "http.port must be in 0..65535"),
+    (["--device", "gpu"], "device must be auto, cpu, cuda or cuda:N"),
+    (["--checkpoint.every_steps", "often"], "checkpoint.every_steps must be int"),
+])
+def test_bad_settings_are_rejected_naming_the_key(args: list[str], message: str) -> None:
+    with pytest.raises(ServiceError, match=message) as info:
+        parse(args)
+    assert info.value.code == 2
+
+
+def test_good_settings_pass_and_reduced_precision_input_needs_autocast() -> None:
+    cfg = parse(["--loader.dtype", "bfloat16", "--model.autocast", "bfloat16", "--optim.bias_decay", "false"])
+    assert cfg.loader.dtype == "bfloat16" and cfg.optim.bias_decay is False
+    assert parse([]) == TrainConfig()
+
+
+def test_ranks_from_the_torchrun_environment() -> None:
+    assert Ranks.from_env({}) == Ranks(0, 1, 0)
+    r = Ranks.from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
+    assert (r.is_main, r.http_port(9431), r.http_port(0), r.suffix()) == (False, 9432, 0, ".rank3")
+    with pytest.raises(RankError, match="not implemented yet"):
+        r.check_supported()
+    for env in ({"RANK": "2", "WORLD_SIZE": "2"}, {"WORLD_SIZE": "two"}):
+        with pytest.raises(RankError):
+            Ranks.from_env(env)
+
+
+def _payload(step: int) -> dict:
+    return {"format": ckpt.FORMAT, "version": ckpt.VERSION, "run_id": "r", "config": {}, "identity": {},
+            "progress": {"step": step}, "model": {"w": torch.full((1000,), float(step))}, "velocity": {},
+            "schedule": {}, "loaders": [{"dali": "x"}], "rng": {"python": (3, (1, 2), None)}}
+
+
+def _save(out: Path, step: int) -> Path:
+    payload = _payload(step)
+    payload["crc32"] = ckpt.checksum(payload)
+    ckpt.atomic_save(payload, ckpt.path_for(out, step))
+    return ckpt.path_for(out, step)
+
+
+def test_checkpoint_round_trip_and_damage_is_detected(tmp_path: Path) -> None:
+    path = _save(tmp_path, 7)
+    assert path.name == "checkpoint-000000007.pt" and not list(tmp_path.glob(".*.tmp"))
+    assert torch.equal(ckpt.load(path)["model"]["w"], torch.full((1000,), 7.0))
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside the tensor data: torch.load alone accepts it
+    path.write_bytes(bytes(data))
+    with pytest.raises(ckpt.Unreadable, match="checksum"):
+        ckpt.load(path)
+    path.write_bytes(bytes(data[: len(data) // 3]))
+    with pytest.raises(ckpt.Unreadable):
+        ckpt.load(path)
+
+
+def test_newest_valid_sets_damaged_ones_aside_and_prune_keeps_k(tmp_path: Path) -> None:
+    for step in (2, 4, 6):
+        _save(tmp_path, step)
+    ckpt.path_for(tmp_path, 6).write_bytes(b"not a zip")
+    (tmp_path / ".checkpoint-000000008.pt.123.tmp").write_bytes(b"half")
+    said: list[str] = []
+    path, payload = ckpt.newest_valid(tmp_path, said.append)
+    assert path.name == "checkpoint-000000004.pt" and payload["progress"]["step"] == 4
+    assert "checkpoint-000000006.pt is unreadable" in said[0]
+    assert (tmp_path / "checkpoint-000000006.pt.corrupt").exists()
+    assert [p.name for p in ckpt.remove_stale_temps(tmp_path)] == [".checkpoint-000000008.pt.123.tmp"]
+    _save(tmp_path, 8)
+    assert [p.name for p in ckpt.prune(tmp_path, 2)] == ["checkpoint-000000002.pt"]
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [4, 8]
+
+
+def test_background_writer_reports_durable_files_and_failures(tmp_path: Path) -> None:
+    written: list[Path] = []
+    writer = ckpt.CheckpointWriter(tmp_path, keep=1, background=True, on_written=lambda p, s: written.append(p))
+    writer.save(_payload(1), 1)
+    writer.save(_payload(2), 2)  # waits for the first
+    writer.wait()
+    assert [p.name for p in written] == ["checkpoint-000000001.pt", "checkpoint-000000002.pt"]
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [2] and ckpt.load(written[-1])["progress"]["step"] == 2
+    shutil.rmtree(tmp_path)  # the directory vanishes under the writer
+    writer.save(_payload(3), 3)
+    with pytest.raises(ServiceError, match="writing a checkpoint") as info:
+        writer.wait()
+    assert info.value.code == 4
+
+
+def test_identity_separates_recipe_from_operational_keys() -> None:
+    base = TrainConfig()
+    mine = identity(base, "data1", 1)
+    operational = dataclasses.replace(base, epochs=5, log_every=1, loader=base.loader.replace(threads=1))
+    check_identity(Path("c.pt"), identity(operational, "data1", 1), mine)  # accepted
+    with pytest.raises(ConfigMismatch, match=r"loader.batch_size is 32 there and 128 here.*--fresh true"):
+        check_identity(Path("c.pt"), identity(dataclasses.replace(base, loader=base.loader.replace(batch_size=32)),
+                                              "data1", 1), mine)
+    with pytest.raises(ConfigMismatch, match="the shards differ"):
+        check_identity(Path("c.pt"), identity(base, "data2", 1), mine)
+
+
+def test_metric_names_of_the_contract() -> None:
+    metrics = ServiceMetrics(build_labels("cpu", "grouped", 1))
+    metrics.step(24, 0.5, 0.01, 1.0)
+    metrics.checkpoint_seconds.observe(0.2)
+    metrics.gpu_allocated.labels(device="cuda:0").set(1)
+    metrics.gpu_reserved.labels(device="cuda:0").set(2)
+    from prometheus_client import generate_latest
+
+    text = generate_latest(metrics.registry).decode()
+    names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if not line.startswith("#")}
+    assert set(CONTRACT) <= names, set(CONTRACT) - names
+    info = next(line for line in text.splitlines() if line.startswith("alexnet_build_info{"))
+    for label in ("version", "git_revision", "torch", "dali", "device", "layout", "world_size"):
+        assert f'{label}="' in info
+    assert "alexnet_train_images_total 24.0" in text and "alexnet_val_top1_error NaN" in text
+    assert "process_resident_memory_bytes" in text and "python_gc" in text
+    if shutil.which("promtool"):
+        lint = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+        assert lint.returncode == 0 and lint.stdout + lint.stderr == "", lint.stdout + lint.stderr
+
+
+def _get(url: str) -> tuple[int, str, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.headers["Content-Type"], r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers["Content-Type"], e.read().decode()
+
+
+def test_http_endpoint_serves_metrics_status_and_health(tmp_path: Path) -> None:
+    metrics = ServiceMetrics(build_labels("cpu", "grouped", 1))
+    board = StatusBoard(stall_seconds=60, phase="training", run_id="run-x", step=12)
+    endpoint = HttpEndpoint("127.0.0.1", 0, metrics.registry, board).start()
+    try:
+        code, kind, body = _get(endpoint.url("/metrics"))
+        assert code == 200 and kind.startswith("text/plain") and "alexnet_train_steps_total" in body
+        code, _, body = _get(endpoint.url("/status"))
+        assert code == 200 and json.loads(body)["run_id"] == "run-x" and json.loads(body)["step"] == 12
+        assert _get(endpoint.url("/healthz"))[:1] == (200,)
+        board._beat_monotonic -= 61  # as if the loop had not beaten for 61 s
+        code, _, body = _get(endpoint.url("/healthz"))
+        assert code == 503 and "stalled: no heartbeat for 61 s (limit 60 s), phase training, step 12" in body
+        assert _get(endpoint.url("/nope"))[0] == 404
+        with pytest.raises(ServiceError, match=f"port {endpoint.port} on 127.0.0.1 is already in use") as info:
+            HttpEndpoint("127.0.0.1", endpoint.port, metrics.registry, board)
+        assert info.value.code == 3
+    finally:
+        endpoint.close()
+    with socket.socket() as s:  # closed: nobody listens there any more (TIME_WAIT aside)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", endpoint.port))
+
+
+def test_float16_needs_a_gpu_and_auto_layout_resolves_per_machine() -> None:
+    from service.build import resolve
+
+    with pytest.raises(ServiceError, match="model.autocast float16 needs a CUDA device") as info:
+        resolve(parse(["--model.autocast", "float16", "--device", "cpu"]), Ranks())
+    assert info.value.code == 2
+    cfg = resolve(parse(["--model.layout", "auto", "--device", "cpu", "--seed", "3"]), Ranks())
+    assert (cfg.device, cfg.model.layout, cfg.loader.seed) == ("cpu", "grouped", 3)
+    towers = resolve(parse(["--model.layout", "towers", "--device", "cpu"]), Ranks())
+    assert towers.model.devices == ("cpu", "cpu")
