@@ -58,7 +58,7 @@ class CheckpointSettings:
 class HttpSettings:
     """The metrics/health/status endpoint of this process (port + LOCAL_RANK under torchrun)."""
 
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"  # this machine only; 0.0.0.0 to be scraped from elsewhere
     port: int = 9431  # 9400 is dcgm-exporter's; 0 = any free port (printed at start)
     stall_seconds: float = 300.0  # /healthz turns 503 after this long without a heartbeat
 
