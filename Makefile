@@ -10,7 +10,6 @@ ARGS ?=
 TRAIN_ARGS ?=
 # make train (Docker) and make train-local share CONFIG and RUN with per-target defaults below.
 GPUS ?= all
-NPROC ?= auto
 PORT ?= 9431
 STACK = SHARDS="$(SHARDS)" RUN="$(RUN)" GPUS="$(GPUS)" NPROC="$(NPROC)" CONFIG="$(CONFIG)" bash scripts/stack.sh
 # A Docker target that cannot run here (no docker, no engine, no NVIDIA runtime) stops with
@@ -26,6 +25,8 @@ SHARD_CONFIG := $(if $(filter $(SAMPLE),$(SRC)),--config configs/shards-sample.t
 # Each of these is optional and overrides the config file; the defaults differ by target.
 train stop logs: CONFIG ?= configs/paper.toml
 train stop logs: RUN ?= runs/alexnet
+train stop logs: NPROC ?= auto
+train-local: NPROC ?= 1
 train-local: CONFIG ?= configs/demo.toml
 train-local: RUN ?= runs/$(basename $(notdir $(CONFIG)))
 
@@ -70,9 +71,10 @@ preview: shards ## a grid of augmented training images from the pipeline: data/p
 demo: preview ## the main job on the sample data: shards -> pipeline -> the training service for 6 epochs
 	$(PY) -m service --config configs/demo.toml --shards $(OUT) $(TRAIN_ARGS)
 
-train-local: setup ## the service on this machine: make train-local [CONFIG=configs/demo.toml SHARDS=data/shards RUN=runs/<config> PORT=9431]
+train-local: setup ## the service here, no Docker: make train-local [CONFIG=configs/demo.toml SHARDS=data/shards RUN=runs/<config> PORT=9431 NPROC=1]
 	@if [ "$(SHARDS)" = "data/shards" ] && [ ! -f data/shards/manifest.json ]; then $(MAKE) --no-print-directory shards; fi
-	$(PY) -m service --config $(CONFIG) --shards $(SHARDS) --out $(RUN) --http.port $(PORT) $(TRAIN_ARGS)
+	$(PY) -m $(if $(filter-out 1,$(NPROC)),torch.distributed.run --standalone --nproc-per-node $(NPROC) -m )service \
+		--config $(CONFIG) --shards $(SHARDS) --out $(RUN) --http.port $(PORT) $(TRAIN_ARGS)
 
 train: ## Docker + GPUs: make train SHARDS=... RUN=... [GPUS=all|N|0,1] [NPROC=..] [CONFIG=..], GRAFANA_PASSWORD set
 	$(call docker_check,train)

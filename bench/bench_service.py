@@ -86,7 +86,7 @@ def _trainer(model, optimizer, loader, device, out: Path, log_every: int,
     """A service loop around ``model`` as ``python -m service`` builds it (HTTP thread serving)."""
     cfg = TrainConfig(out=out, log_every=log_every, device=str(device),
                       checkpoint=CheckpointSettings(every_steps=every_steps, every_seconds=0.0, keep=2))
-    parts = Parts(cfg, device, [device], model, optimizer, PlateauSchedule(optimizer), None, loader, None, 1000)
+    parts = Parts(cfg, device, [device], model, model, optimizer, PlateauSchedule(optimizer), None, loader, None, 1000)
     metrics = ServiceMetrics(build_labels(str(device), "grouped", 1))
     board = StatusBoard(300.0)
     endpoint = HttpEndpoint("127.0.0.1", 0, metrics.registry, board).start()

@@ -79,16 +79,6 @@ def param_groups(model: nn.Module, weight_decay: float, bias_decay: bool = True)
             {"params": biases, "weight_decay": weight_decay if bias_decay else 0.0}]
 
 
-def param_groups(model: nn.Module, weight_decay: float, bias_decay: bool = True) -> list[dict]:
-    """Parameter groups for :class:`PaperSGD`: the paper decays every weight, biases included
-    (``bias_decay=True``, the project's default, SPEC 2); Caffe and cuda-convnet exempt biases
-    (``bias_decay=False``: biases get ``weight_decay=0``)."""
-    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
-    weights = [p for n, p in model.named_parameters() if not n.endswith("bias")]
-    return [{"params": weights, "weight_decay": weight_decay},
-            {"params": biases, "weight_decay": weight_decay if bias_decay else 0.0}]
-
-
 def velocity_state(model: nn.Module, optimizer: PaperSGD, *, copy: bool = True) -> dict[str, Tensor]:
     """The optimizer's velocities keyed like the model's state dict (Caffe layout).
 

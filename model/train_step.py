@@ -71,7 +71,10 @@ def train_step(
     with _autocast(device, autocast_dtype):
         logits = model(images)
     # The loss in fp32 whatever the autocast dtype: log-softmax over 1000 classes wants it.
-    loss = F.cross_entropy(logits.float(), labels.to(logits.device, non_blocking=True))
+    if labels.numel():
+        loss = F.cross_entropy(logits.float(), labels.to(logits.device, non_blocking=True))
+    else:  # a rank's empty last batch (pipeline.loader): zero gradients, but the step (and DDP's
+        loss = logits.float().sum() * 0.0  # gradient all-reduce, which every rank must join) still runs
     optimizer.zero_grad(set_to_none=True)
     if scaler is None:
         loss.backward()

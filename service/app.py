@@ -8,8 +8,11 @@ epochs are done or a SIGTERM/SIGINT stops it after a checkpoint (exit 0 either w
 """
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
+
+import torch
 
 from common.config import ConfigError, load_config, split_config_arg, to_dict
 from service import checkpoint as ckpt
@@ -59,7 +62,7 @@ def start(cfg: TrainConfig, ranks: Ranks, metrics: ServiceMetrics, board: Status
         manifest = contract.load(cfg.shards)  # names a missing or truncated shard, before DALI opens it
     except contract.ManifestError as exc:
         raise DataError(str(exc)) from None
-    ident = identity(cfg, data_fingerprint(manifest.record), ranks.world_size)
+    ident = identity(cfg, data_fingerprint(manifest.record))
     parts = build(cfg, ranks, manifest)
     run_id = f"{cfg.out.resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"
     trainer = Trainer(parts, ranks, manifest, ident, run_id, metrics, board, log, stop)
@@ -78,7 +81,9 @@ def start(cfg: TrainConfig, ranks: Ranks, metrics: ServiceMetrics, board: Status
     log.say(f"train: {split.samples} images, {manifest.num_classes} classes (chance top-1 error "
             f"{trainer.chance:.1%}), device {cfg.device}, layout {cfg.model.layout}, batch {cfg.loader.batch_size}"
             f" x {ranks.world_size} rank(s), {len(parts.train)} steps per epoch, {cfg.epochs} epochs")
+    log.say(f"data parallel: {parts.lr_rule}" if ranks.distributed else parts.lr_rule)
     board.update(run_id=trainer.run_id, **ranks.info(), global_batch=cfg.loader.batch_size * ranks.world_size,
+                 lr_rule=parts.lr_rule,
                  epochs=cfg.epochs, epoch=p.epoch + 1, step=p.step, device=cfg.device, layout=cfg.model.layout,
                  resumed_from=str(found[0]) if found else None)
     board.beat("starting")
@@ -89,9 +94,19 @@ def start(cfg: TrainConfig, ranks: Ranks, metrics: ServiceMetrics, board: Status
     return trainer
 
 
+def param_digest(model: torch.nn.Module) -> str:
+    """A short hash of the weights: equal on every rank of a data-parallel run (tests compare it)."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def finish(trainer: Trainer, finished: bool, log: RunLog) -> int:
     """Wait for the last checkpoint, say where everything is, exit 0."""
     trainer.writer.wait()
+    trainer.ranks.barrier()
     p, out = trainer.progress, trainer.cfg.out
     if finished:
         if trainer.ranks.is_main and p.history:
@@ -101,7 +116,8 @@ def finish(trainer: Trainer, finished: bool, log: RunLog) -> int:
     else:
         log.say(f"stopped ({trainer.stop.signal_name}) at step {p.step}, {trainer.position()}; "
                 f"checkpoint in {out}: run the same command again to resume")
-    log.event("finished" if finished else "stopped", step=p.step, epoch=p.epoch, reason=trainer.stop.signal_name)
+    log.event("finished" if finished else "stopped", step=p.step, epoch=p.epoch, reason=trainer.stop.signal_name,
+              param_digest=param_digest(trainer.parts.model), **trainer.ranks.info())
     return EXIT_OK
 
 
@@ -109,16 +125,16 @@ def run_service(cfg: TrainConfig) -> int:
     """Run a validated config to the end (or to a requested stop); returns the exit code."""
     try:
         ranks = Ranks.from_env()
-        ranks.check_supported()
     except RankError as exc:
         raise ServiceError(EXIT_CONFIG, str(exc)) from None
     cfg = resolve(cfg, ranks)
-    stop = StopFlag().install()
+    stop = StopFlag().install()  # before joining: torchrun may signal while the ranks meet
+    ranks.start(torch.device(cfg.device))
     metrics = ServiceMetrics(build_labels(",".join(cfg.model.devices) or cfg.device, cfg.model.layout,
                                           ranks.world_size))
     board = StatusBoard(cfg.http.stall_seconds, phase="starting", last_checkpoint=None, last_evaluation=None)
     endpoint = HttpEndpoint(cfg.http.host, ranks.http_port(cfg.http.port), metrics.registry, board).start()
-    log = RunLog(cfg.out, ranks.suffix())
+    log = RunLog(cfg.out, ranks.suffix(), console=ranks.is_main)  # one console voice: rank 0's
     trainer = None
     try:
         log.say(f"metrics: {endpoint.url('/metrics')}  status: {endpoint.url('/status')}  "
@@ -135,6 +151,7 @@ def run_service(cfg: TrainConfig) -> int:
         endpoint.close()
         log.close()
         stop.uninstall()
+        ranks.close()
 
 
 def main(argv: list[str]) -> int:

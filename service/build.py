@@ -14,7 +14,7 @@ import torch
 from model import AlexNet, PaperSGD, PlateauSchedule, prepare_model
 from model.optim import param_groups
 from pipeline import build_eval_loader, build_train_loader
-from service.config import TrainConfig
+from service.config import TrainConfig, lr_factor
 from service.data_errors import diagnose
 from service.dist import Ranks
 from service.errors import EXIT_CONFIG, ServiceError
@@ -30,13 +30,16 @@ class Parts:
     cfg: TrainConfig
     device: torch.device  # where the loaders put batches (tower a's device for towers)
     devices: list[torch.device]  # every device the model lives on (synchronised at log intervals)
-    model: torch.nn.Module
+    model: torch.nn.Module  # the AlexNet (state dict, evaluation, checkpoints)
+    trainable: torch.nn.Module  # what train_step runs: the model, or its DDP replica with several ranks
     optimizer: PaperSGD
     schedule: PlateauSchedule
     scaler: torch.amp.GradScaler | None
     train: object  # pipeline.loader.DaliLoader: iterable, len(), state_dict()
     val: object
     num_classes: int
+    lr_rule: str = ""  # the global batch and the lr for it, said in the log and /status
+    lr_scale: float = 1.0  # the lr rule's factor at this global batch (checkpoints record it)
 
     @property
     def autocast(self) -> torch.dtype | None:
@@ -57,7 +60,8 @@ def resolve(cfg: TrainConfig, ranks: Ranks) -> TrainConfig:
     layout = ("towers" if two_gpus else "grouped") if m.layout == "auto" else m.layout
     devices = m.devices
     if layout == "towers" and not devices:
-        devices = ("cuda:0", "cuda:1") if two_gpus else (str(device), str(device))
+        devices = _tower_devices(device, ranks, two_gpus)
+        device = torch.device(devices[0])
     for d in devices:
         if torch.device(d).type == "cuda" and torch.device(d).index is not None \
                 and torch.device(d).index >= torch.cuda.device_count():
@@ -66,6 +70,22 @@ def resolve(cfg: TrainConfig, ranks: Ranks) -> TrainConfig:
     model = dataclasses.replace(m, layout=layout, devices=tuple(devices))
     return dataclasses.replace(cfg, device=str(device), model=model,
                                loader=cfg.loader.replace(seed=cfg.seed))
+
+
+def _tower_devices(device: torch.device, ranks: Ranks, two_gpus: bool) -> tuple[str, str]:
+    """Tower a and b: cuda:0 and cuda:1 for one process; with several ranks, rank r of a node
+    gets the pair cuda:2r, cuda:2r+1 (start torchrun with half as many processes as GPUs)."""
+    if device.type != "cuda":
+        return str(device), str(device)
+    if ranks.distributed:
+        a = 2 * ranks.local_rank
+        if a + 1 >= torch.cuda.device_count():
+            raise ServiceError(EXIT_CONFIG, f"model.layout towers with {ranks.world_size} ranks: local rank "
+                               f"{ranks.local_rank} needs cuda:{a} and cuda:{a + 1}, but "
+                               f"{torch.cuda.device_count()} GPU(s) are visible; use --nproc-per-node "
+                               f"{torch.cuda.device_count() // 2} or model.layout grouped")
+        return f"cuda:{a}", f"cuda:{a + 1}"
+    return ("cuda:0", "cuda:1") if two_gpus else (str(device), str(device))
 
 
 def build_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
@@ -85,8 +105,15 @@ def build(cfg: TrainConfig, ranks: Ranks, manifest: Manifest) -> Parts:
     devices = sorted({p.device for p in model.parameters()}, key=str)
     if any(d.type == "cuda" for d in devices):
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
+    if ranks.rank:  # the same initial weights everywhere, but each rank its own dropout draws
+        torch.manual_seed(cfg.seed + 1_000_003 * ranks.rank)
     o = cfg.optim
-    optimizer = PaperSGD(param_groups(model, o.weight_decay, o.bias_decay), lr=o.lr, momentum=o.momentum,
+    global_batch = cfg.loader.batch_size * ranks.world_size
+    scale = lr_factor(o, ranks.world_size)
+    lr = o.lr * scale
+    lr_rule = (f"global batch {global_batch} ({cfg.loader.batch_size} x {ranks.world_size} rank(s)), lr {lr:g} "
+               f"(optim.lr {o.lr:g} per rank's batch x {scale:g}, the {o.lr_scaling} rule)")
+    optimizer = PaperSGD(param_groups(model, o.weight_decay, o.bias_decay), lr=lr, momentum=o.momentum,
                          weight_decay=o.weight_decay)
     schedule = PlateauSchedule(optimizer, patience=o.patience, max_drops=o.max_drops)
     device = model.input_device
@@ -96,7 +123,8 @@ def build(cfg: TrainConfig, ranks: Ranks, manifest: Manifest) -> Parts:
         cfg.shards, ranks.rank, ranks.world_size, device, cfg.loader, ids=cfg.debug.ids))
     val = _loader(manifest, "val", lambda: build_eval_loader(
         cfg.shards, ranks.rank, ranks.world_size, device, cfg.loader, views=cfg.eval_views))
-    return Parts(cfg, device, devices, model, optimizer, schedule, scaler, train, val, manifest.num_classes)
+    return Parts(cfg, device, devices, model, ranks.wrap(model, device), optimizer, schedule, scaler, train, val,
+                 manifest.num_classes, lr_rule, scale)
 
 
 def _loader(manifest: Manifest, split: str, make):

@@ -42,6 +42,19 @@ class OptimSettings:
     bias_decay: bool = True
     patience: int = 3  # evaluations without a new best val error before lr /= 10
     max_drops: int = 3
+    # Data parallel: ``lr`` is the rate for one rank's batch (loader.batch_size; the paper's 0.01
+    # at 128), and N ranks make a global batch N times larger.  "linear" multiplies lr by N
+    # (Goyal et al. 2017), "sqrt" by sqrt(N) (Krizhevsky 2014's argument from the gradient's
+    # noise), "none" keeps it.  One process: factor 1 whatever the rule (the paper's recipe).
+    lr_scaling: str = "linear"
+
+
+LR_SCALING = ("linear", "sqrt", "none")
+
+
+def lr_factor(optim: OptimSettings, ranks: int) -> float:
+    """How much ``optim.lr`` is multiplied by when ``ranks`` ranks train together."""
+    return {"linear": float(ranks), "sqrt": math.sqrt(ranks), "none": 1.0}[optim.lr_scaling]
 
 
 @dataclass(frozen=True)
@@ -127,6 +140,7 @@ def validate(cfg: TrainConfig) -> list[str]:
         need(math.isfinite(value) and value >= 0, f"optim.{key} must be a number >= 0, got {value}")
     need(o.patience >= 1, f"optim.patience must be >= 1, got {o.patience}")
     need(o.max_drops >= 0, f"optim.max_drops must be >= 0, got {o.max_drops}")
+    need(o.lr_scaling in LR_SCALING, f"optim.lr_scaling must be one of {LR_SCALING}, got {o.lr_scaling!r}")
     c = cfg.checkpoint
     need(c.every_steps >= 0, f"checkpoint.every_steps must be >= 0 (0 = off), got {c.every_steps}")
     need(c.every_seconds >= 0, f"checkpoint.every_seconds must be >= 0 (0 = off), got {c.every_seconds}")

@@ -1,17 +1,20 @@
-"""Who this process is among the ranks of a run: the one place that knows about torchrun.
+"""Who this process is among the ranks of a run, and what the ranks do together: the one place
+that knows about torchrun and ``torch.distributed``.
 
-torchrun (SPEC 8) starts one process per GPU and tells each its ``RANK``, ``WORLD_SIZE`` and
-``LOCAL_RANK`` through the environment.  The rest of the service asks this module instead of
-the environment: which device to use, which part of the data to read (the loader's
-``rank``/``world_size``), whether to write checkpoints (rank 0 only), which HTTP port to serve
-(base + LOCAL_RANK, so every rank of a node has its own scrape target), and how to combine
-per-rank values (each rank's loader position goes into rank 0's checkpoint).
+torchrun (SPEC 8) starts one process per GPU (or per GPU pair for the towers layout) and tells
+each its ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` through the environment.  The rest of the
+service asks this module instead of the environment: which device to use, which part of the
+data to read (the loader's ``rank``/``world_size``), whether to write checkpoints (rank 0 only),
+which HTTP port to serve (base + LOCAL_RANK, so every rank of a node has its own scrape target),
+and how to combine per-rank values.
 
-Today a run is one process (``WORLD_SIZE`` 1): ``Ranks.check_supported`` refuses more, since
-without gradient synchronisation every rank would train its own model.  Adding DDP is local
-to this module and the model set-up: ``init_process_group`` in ``start``, the collectives
-below (``gather``, ``any``) become ``all_gather_object``/``all_reduce``, and the model is
-wrapped in ``DistributedDataParallel``.
+Data parallelism: every rank owns one model replica (one device, or two for the towers layout)
+wrapped in ``DistributedDataParallel``, which averages the gradients; the loaders are sharded by
+rank.  Gradients travel on the main process group (NCCL on GPUs, gloo on the CPU).  The loop's
+small host-side agreements (stop now? checkpoint now?, every rank's loader position and RNG
+state for rank 0's checkpoint, the evaluation's counts) go over a second, gloo group on the
+CPU, so asking them never waits for the GPU: an NCCL collective on a host value would need a
+copy to the device and a synchronisation per step.
 """
 from __future__ import annotations
 
@@ -21,8 +24,10 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
+import torch.distributed as dist
 
 T = TypeVar("T")
+_CONTROL: list = []  # the gloo group of the host-side agreements, once ``start`` has run
 
 
 class RankError(ValueError):
@@ -62,11 +67,42 @@ class Ranks:
         """Rank 0 writes checkpoints, the history and the curve."""
         return self.rank == 0
 
-    def check_supported(self) -> None:
-        """Refuse several ranks until gradients are synchronised (DDP, the next step)."""
-        if self.world_size > 1:
-            raise RankError(f"WORLD_SIZE={self.world_size}: this version trains in one process; multi-process "
-                            "training (torchrun + DDP) is not implemented yet. Run one process per machine.")
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def start(self, device: torch.device) -> None:
+        """Join the other ranks (torchrun's ``env://`` rendezvous); nothing for one process."""
+        if not self.distributed or _CONTROL:
+            return
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=device)
+            _CONTROL.append(dist.new_group(backend="gloo"))
+        else:
+            dist.init_process_group("gloo")
+            _CONTROL.append(dist.group.WORLD)
+
+    def close(self) -> None:
+        """Leave the process group (after the last collective)."""
+        if _CONTROL and dist.is_initialized():
+            dist.destroy_process_group()
+        _CONTROL.clear()
+
+    def wrap(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        """The module the training step runs: ``model`` itself for one process, else a
+        ``DistributedDataParallel`` replica (gradients averaged over the ranks).  A towers model
+        spans two devices, so DDP gets no ``device_ids`` then (its multi-device mode)."""
+        if not self.distributed:
+            return model
+        devices = {p.device for p in model.parameters()}
+        ids = [device] if device.type == "cuda" and len(devices) == 1 else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def barrier(self) -> None:
+        """Wait until every rank got here (host side)."""
+        if _CONTROL:
+            dist.barrier(group=_CONTROL[0])
 
     def http_port(self, base: int) -> int:
         """Base port + LOCAL_RANK (0 stays 0: any free port)."""
@@ -85,12 +121,21 @@ class Ranks:
         return "" if self.is_main else f".rank{self.rank}"
 
     def gather(self, value: T) -> list[T]:
-        """Every rank's ``value``, by rank (on every rank).  One process: ``[value]``."""
-        return [value]
+        """Every rank's ``value`` (picklable), by rank, on every rank.  One process: ``[value]``."""
+        if not _CONTROL:
+            return [value]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, value, group=_CONTROL[0])
+        return out
 
-    def any(self, flag: bool) -> bool:
-        """True on every rank when any rank's ``flag`` is true (a stop must be agreed on)."""
-        return flag
+    def any(self, *flags: bool) -> bool | tuple[bool, ...]:
+        """For each flag: True on every rank when it is true on any rank (a stop, a checkpoint
+        must be agreed on: every rank takes part in both).  One flag in, one bool out."""
+        if _CONTROL:
+            t = torch.tensor([int(f) for f in flags], dtype=torch.int32)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_CONTROL[0])
+            flags = tuple(bool(v) for v in t.tolist())
+        return flags[0] if len(flags) == 1 else tuple(flags)
 
     def info(self) -> dict[str, Any]:
         """For logs and /status."""

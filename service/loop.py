@@ -11,7 +11,6 @@ interrupted epoch with the batches it had not yet trained on, with the same drop
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -19,18 +18,18 @@ from typing import Any
 
 import torch
 
-from common.config import to_dict
-from model import evaluate, load_velocity_state, train_step, velocity_state
+from model import evaluate, train_step
 from service import checkpoint as ckpt
+from service import resume
 from service.build import Parts
 from service.data_errors import diagnose, guarded
 from service.dist import Ranks
-from service.errors import ConfigMismatch, ServiceError
+from service.errors import ServiceError
 from service.metric_logger import StepTimer
 from service.metrics import ServiceMetrics
 from service.runlog import RunLog, memory
 from service.signals import StopFlag
-from service.state import Progress, check_identity, progress_from, rng_state, set_rng_state
+from service.state import Progress, rng_state
 from service.status import StatusBoard
 from shards.manifest import Manifest
 
@@ -53,7 +52,7 @@ class Trainer:
         self.writer = ckpt.CheckpointWriter(self.cfg.out, c.keep, c.background, self._written)
         self.buffers = ckpt.HostBuffers()
         self._last_checkpoint_time = time.monotonic()
-        self._saved_at: tuple[int, int] | None = None  # (step, evaluated) of the last checkpoint
+        self.saved_at: tuple[int, int] | None = None  # (step, evaluated) of the last checkpoint
         self._ids = open(self.cfg.out / f"ids{ranks.suffix()}.jsonl", "a") if self.cfg.debug.ids else None
 
     # -- the run -------------------------------------------------------------------------------
@@ -101,10 +100,12 @@ class Trainer:
             self._count_step(int(batch[1].shape[0]), now - last, timer.last_wait)
             if p.step_in_epoch % self.cfg.log_every == 0 or p.step_in_epoch == steps:
                 self._log_window(timer, loss, epoch, steps)
-            if p.step_in_epoch < steps and (self._stop_requested() or self._checkpoint_due()):
-                self._checkpoint("stop" if self.stop.requested else "interval", loss_sum)
-                if self.stop.requested:
-                    return False
+            if p.step_in_epoch < steps:
+                stop, due = self._agree()
+                if stop or due:
+                    self._checkpoint("stop" if stop else "interval", loss_sum)
+                    if stop:
+                        return False
             last = time.perf_counter()  # a checkpoint's blocking time is not a step's
         p.epoch += 1
         p.epoch_loss_sum += loss_sum.item()
@@ -116,7 +117,7 @@ class Trainer:
     def _step(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         parts = self.parts
         images, labels = batch[0], batch[1]
-        loss = train_step(parts.model, parts.optimizer, images, labels, autocast_dtype=parts.autocast,
+        loss = train_step(parts.trainable, parts.optimizer, images, labels, autocast_dtype=parts.autocast,
                           channels_last=self.cfg.model.channels_last, scaler=parts.scaler)
         if self._ids is not None:
             self._ids.write(json.dumps({"epoch": self.progress.epoch + 1, "step": self.progress.step + 1,
@@ -144,8 +145,9 @@ class Trainer:
         fields = dict(epoch=epoch, step=p.step, step_in_epoch=p.step_in_epoch, steps_per_epoch=steps,
                       loss=value, lr=lr, images_per_s=w.images_per_s, data_wait_share=w.data_share)
         self.board.update(**fields)
+        per_rank = " per rank" if self.ranks.distributed else ""
         self.log.say(f"epoch {epoch} step {p.step_in_epoch}/{steps} loss {value:.4f} "
-                     f"{w.images_per_s:.1f} img/s data-wait {w.data_share:.0%}")
+                     f"{w.images_per_s:.1f} img/s{per_rank} data-wait {w.data_share:.0%}")
         self.log.event("train", **fields, window_steps=w.steps, window_seconds=round(w.seconds, 4))
 
     def _sync(self) -> None:
@@ -154,7 +156,15 @@ class Trainer:
                 torch.cuda.synchronize(d)
 
     def _stop_requested(self) -> bool:
-        return self.ranks.any(self.stop.requested)
+        """Whether any rank was asked to stop (all ranks stop at the same step)."""
+        return self._agree(check_due=False)[0]
+
+    def _agree(self, check_due: bool = True) -> tuple[bool, bool]:
+        """(stop, checkpoint due), agreed by every rank in one collective."""
+        stop, due = self.ranks.any(self.stop.requested, check_due and self._checkpoint_due())
+        if stop:
+            self.stop.request("a stop on another rank")  # keeps this rank's own signal name if it had one
+        return stop, due
 
     def _data_error(self, exc: BaseException, split: str):
         self.metrics.samples_failed.inc()
@@ -167,8 +177,8 @@ class Trainer:
         p, parts = self.progress, self.parts
         self.board.update(phase="evaluating")
         try:
-            result = evaluate(parts.model, self._eval_batches(), autocast_dtype=parts.autocast,
-                              channels_last=self.cfg.model.channels_last)
+            result = resume.combine(self.ranks.gather(evaluate(parts.model, self._eval_batches(), autocast_dtype=parts.autocast,
+                                                        channels_last=self.cfg.model.channels_last)))
         except Interrupted:
             self._checkpoint("stop")
             return False
@@ -180,7 +190,7 @@ class Trainer:
                       data_share=p.epoch_data_seconds / max(p.epoch_seconds, 1e-9))
         p.history.append(record)
         p.evaluated = p.epoch
-        self._report_evaluation(record)
+        self.report_evaluation(record)
         self.log.say(f"epoch {p.epoch}/{self.cfg.epochs}: train loss {record['train_loss']:.4f}, val top-1 error "
                      f"{result.top1_error:.1%} (chance {self.chance:.1%}), top-5 error {result.top5_error:.1%} "
                      f"({self.cfg.eval_views}-view), {record['images_per_s']:.1f} img/s"
@@ -192,7 +202,7 @@ class Trainer:
         self.log.event("eval", **record, lr_dropped=dropped, **memory())
         return not self._stop_requested()
 
-    def _report_evaluation(self, record: dict[str, Any]) -> None:
+    def report_evaluation(self, record: dict[str, Any]) -> None:
         self.metrics.evaluation(record["top1_error"], record["top5_error"], record["val_loss"])
         self.board.update(last_evaluation={k: record[k] for k in ("epoch", "top1_error", "top5_error", "val_loss")})
 
@@ -206,10 +216,11 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------
 
     def _checkpoint_due(self) -> bool:
+        """This rank's view (the loop agrees on it with the other ranks)."""
         c = self.cfg.checkpoint
         by_steps = c.every_steps > 0 and self.progress.step % c.every_steps == 0
         by_time = c.every_seconds > 0 and time.monotonic() - self._last_checkpoint_time >= c.every_seconds
-        return self.ranks.any(by_steps or by_time)
+        return by_steps or by_time
 
     def _checkpoint(self, reason: str, loss_sum: torch.Tensor | None = None) -> None:
         """Checkpoint now (rank 0 writes; every rank hands in its loader position).  Blocks for
@@ -220,34 +231,20 @@ class Trainer:
         if loss_sum is not None:  # fold the device-side loss sum into the saved progress
             p.epoch_loss_sum += loss_sum.item()
             loss_sum.zero_()
-        loaders = self.ranks.gather(self.parts.train.state_dict())
-        if self.ranks.is_main and self._saved_at != (p.step, p.evaluated):
+        per_rank = self.ranks.gather((self.parts.train.state_dict(), rng_state()))
+        if self.ranks.is_main and self.saved_at != (p.step, p.evaluated):
             self.writer.wait()  # its buffers are about to be refilled
-            payload = self._payload(reason, loaders)
+            payload = resume.payload(self, reason, [s[0] for s in per_rank], [s[1] for s in per_rank])
             self.writer.save(payload, p.step)
-            self._saved_at = (p.step, p.evaluated)
+            self.saved_at = (p.step, p.evaluated)
         if reason == "stop":
             self.writer.wait()
+            self.ranks.barrier()  # every rank exits once the file is durable
         blocked = time.perf_counter() - start
         self.metrics.checkpoint_seconds.observe(blocked)
         self.log.event("checkpoint_started", reason=reason, step=p.step, blocked_seconds=round(blocked, 4))
         self._last_checkpoint_time = time.monotonic()
         self.board.beat("training")
-
-    def _payload(self, reason: str, loaders: list[dict]) -> dict[str, Any]:
-        parts = self.parts
-        payload = {
-            "format": ckpt.FORMAT, "version": ckpt.VERSION, "run_id": self.run_id, "reason": reason,
-            "time": time.time(), "config": to_dict(self.cfg), "identity": self.identity,
-            "progress": dataclasses.asdict(self.progress),
-            "model": self.buffers.copy("model", parts.model.state_dict()),
-            "velocity": self.buffers.copy("velocity", velocity_state(parts.model, parts.optimizer, copy=False)),
-            "schedule": parts.schedule.state_dict(),
-            "scaler": parts.scaler.state_dict() if parts.scaler is not None else None,
-            "loaders": loaders, "rng": rng_state(),
-        }
-        self.buffers.ready()
-        return payload
 
     def _written(self, path: Path, seconds: float) -> None:
         """In the writer thread, once ``path`` is durable."""
@@ -257,28 +254,9 @@ class Trainer:
         self.log.say(f"checkpoint {path} ({seconds:.2f} s to write)")
         self.log.event("checkpoint", path=str(path), write_seconds=round(seconds, 4))
 
-    def restore(self, path: Path, payload: dict[str, Any]) -> None:
-        """Continue from ``payload`` (from ``path``) if it belongs to this run; ConfigMismatch if not."""
-        check_identity(path, payload["identity"], self.identity)
-        parts = self.parts
-        parts.model.load_state_dict(payload["model"])
-        load_velocity_state(parts.model, parts.optimizer, payload["velocity"])
-        parts.schedule.load_state_dict(payload["schedule"])
-        if parts.scaler is not None and payload.get("scaler"):
-            parts.scaler.load_state_dict(payload["scaler"])
-        try:
-            parts.train.load_state_dict(payload["loaders"][self.ranks.rank])
-        except ValueError as exc:
-            raise ConfigMismatch(f"{path}: the training loader's saved position does not fit this run ({exc}); "
-                                 "resume on the same kind of device, or start over with --fresh true") from None
-        set_rng_state(payload["rng"])
-        self.progress = progress_from(payload["progress"])
-        self.run_id = payload["run_id"]
-        self._saved_at = (self.progress.step, self.progress.evaluated)
-        self.metrics.last_checkpoint.set(payload["time"])
-        self.board.update(last_checkpoint={"path": str(path), "time": payload["time"]})
-        if self.progress.history:
-            self._report_evaluation(self.progress.history[-1])
+    def restore(self, path: Path, saved: dict[str, Any]) -> None:
+        """Continue from the checkpoint ``saved`` (read from ``path``); see ``service.resume``."""
+        resume.restore(self, path, saved)
 
     def close(self) -> None:
         """Let a write in flight finish (its error, if any, is secondary to the one being raised)."""

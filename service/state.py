@@ -65,10 +65,11 @@ def data_fingerprint(manifest_record: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def identity(cfg: TrainConfig, fingerprint: str, world_size: int) -> dict[str, Any]:
-    """The keys a resumed run must share with its checkpoint."""
+def identity(cfg: TrainConfig, fingerprint: str) -> dict[str, Any]:
+    """The keys a resumed run must share with its checkpoint.  Not the number of ranks: a run
+    may resume on more or fewer (the loop re-splits the data, ``Trainer.restore``)."""
     recipe = {k: v for k, v in _flatten(to_dict(cfg)).items() if not _operational(k)}
-    return {**recipe, "data": fingerprint, "world_size": world_size}
+    return {**recipe, "data": fingerprint}
 
 
 def check_identity(path: Path, saved: dict[str, Any], mine: dict[str, Any]) -> None:

@@ -18,13 +18,16 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ("--loader.batch_size", "24", "--loader.threads", "2", "--log_every", "1", "--eval_views", "1",
         "--model.bias_init", "0.1", "--http.host", "127.0.0.1", "--http.port", "0")
 STEPS_PER_EPOCH = 6
+# Two ranks on this machine through torchrun (gloo on the CPU); its agent forwards SIGTERM to them.
+TORCHRUN_2 = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
 
 
 class Service:
     """One service process; its stdout and stderr are collected by threads as they arrive."""
 
-    def __init__(self, shards: Path, out: Path, *args: str, env: dict[str, str] | None = None) -> None:
-        cmd = [sys.executable, "-m", "service", "--shards", str(shards), "--out", str(out), *TINY, *args]
+    def __init__(self, shards: Path, out: Path, *args: str, env: dict[str, str] | None = None,
+                 launcher: tuple[str, ...] = ()) -> None:
+        cmd = [sys.executable, *launcher, "-m", "service", "--shards", str(shards), "--out", str(out), *TINY, *args]
         full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, bufsize=1)
@@ -84,18 +87,19 @@ class Service:
             self.proc.wait()
 
 
-def run_service(shards: Path, out: Path, *args: str, timeout: float = 300) -> tuple[int, Service]:
+def run_service(shards: Path, out: Path, *args: str, timeout: float = 300,
+                launcher: tuple[str, ...] = ()) -> tuple[int, Service]:
     """Run to the end; (exit code, the finished Service)."""
-    service = Service(shards, out, *args)
+    service = Service(shards, out, *args, launcher=launcher)
     try:
         return service.wait(timeout), service
     finally:
         service.kill()
 
 
-def events(out: Path, kind: str | None = None) -> list[dict]:
-    """The JSON log's records (of one ``event`` kind)."""
-    path = out / "log.jsonl"
+def events(out: Path, kind: str | None = None, rank: int = 0) -> list[dict]:
+    """The JSON log's records (of one ``event`` kind) of one rank."""
+    path = out / ("log.jsonl" if rank == 0 else f"log.rank{rank}.jsonl")
     records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     return [r for r in records if kind is None or r["event"] == kind]
 

@@ -1,0 +1,93 @@
+"""Data parallelism through torchrun, on the CPU with gloo and 2 ranks (real processes): one model
+on both ranks, every sample once per epoch across them, SIGTERM to torchrun stopping every rank
+with one valid checkpoint, each rank's metrics on base port + local rank, and checkpoints moving
+between 1 and 2 ranks."""
+from __future__ import annotations
+
+import json
+import signal
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.service_proc import TORCHRUN_2, Service, checkpoint_steps, events, free_port, run_service
+
+pytestmark = pytest.mark.slow
+STEPS_2_RANKS = 3  # 144 training images / 2 ranks / batch 24
+
+
+def _ids(path: Path) -> dict[int, list[int]]:
+    """Sample ids per epoch from a debug.ids file."""
+    epochs: dict[int, list[int]] = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        epochs.setdefault(record["epoch"], []).extend(record["ids"])
+    return epochs
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return response.read().decode()
+
+
+def test_two_ranks_train_one_model_on_disjoint_halves(sample_shards: Path, tmp_path: Path) -> None:
+    out, port = tmp_path / "run", free_port()
+    service = Service(sample_shards, out, "--epochs", "2", "--debug.ids", "true", "--http.port", str(port),
+                      launcher=TORCHRUN_2)
+    try:
+        service.wait_for(r"epoch 1 step 1/3")
+        scrapes = [_scrape(port + local_rank) for local_rank in (0, 1)]  # base port + LOCAL_RANK
+        assert service.wait() == 0, service.stderr
+    finally:
+        service.kill()
+    assert all('world_size="2"' in text and "alexnet_train_images_total" in text for text in scrapes)
+    assert "global batch 48 (24 x 2 rank(s)), lr 0.02" in service.stdout
+    finished = [events(out, "finished", rank)[0] for rank in (0, 1)]
+    assert finished[0]["step"] == finished[1]["step"] == 2 * STEPS_2_RANKS
+    assert finished[0]["param_digest"] == finished[1]["param_digest"]  # DDP kept the replicas identical
+    ranks = [_ids(out / "ids.jsonl"), _ids(out / "ids.rank1.jsonl")]
+    for epoch in (1, 2):
+        a, b = ranks[0][epoch], ranks[1][epoch]
+        assert not set(a) & set(b) and sorted(a + b) == sorted(set(a + b)) and len(a + b) == 144
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2] and history[0]["lr"] == 0.02
+
+
+def test_sigterm_to_torchrun_stops_every_rank_with_one_checkpoint(sample_shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    service = Service(sample_shards, out, "--epochs", "3", launcher=TORCHRUN_2)
+    try:
+        service.wait_for(r"epoch 2 step 1/3")
+        service.signal(signal.SIGTERM)  # to torchrun's agent, which forwards it to both ranks
+        sent = time.monotonic()
+        service.wait(timeout=60)  # torchrun itself reports the signal and exits 1
+        assert time.monotonic() - sent < 30
+    finally:
+        service.kill()
+    stopped = [events(out, "stopped", rank) for rank in (0, 1)]
+    assert all(len(s) == 1 and s[0]["reason"] == "SIGTERM" for s in stopped), service.stdout
+    step = stopped[0][0]["step"]
+    assert stopped[1][0]["step"] == step and stopped[0][0]["param_digest"] == stopped[1][0]["param_digest"]
+    assert STEPS_2_RANKS < step <= 2 * STEPS_2_RANKS and checkpoint_steps(out)[-1] == step
+    payload = torch.load(out / f"checkpoint-{step:09d}.pt", weights_only=True)
+    assert len(payload["loaders"]) == 2 and payload["progress"]["step"] == step
+    assert "Traceback" not in service.stdout.split("SignalException")[0]  # no rank failed
+
+
+def test_a_checkpoint_moves_from_one_rank_to_two_and_back(sample_shards: Path, tmp_path: Path) -> None:
+    """Epoch 1 on one process, epoch 2 on two ranks, epoch 3 on one again: each run resumes the
+    last, the data is split anew, and the lr follows the rule for its global batch."""
+    out = tmp_path / "run"
+    legs = [("1", ()), ("2", TORCHRUN_2), ("3", ())]
+    for epochs, launcher in legs:
+        rc, service = run_service(sample_shards, out, "--epochs", epochs, launcher=launcher)
+        assert rc == 0, service.stderr
+        if epochs != "1":
+            assert "resuming run" in service.stdout
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert [h["lr"] for h in history] == [0.01, 0.02, 0.01]
+    assert events(out, "finished")[-1]["step"] == 6 + STEPS_2_RANKS + 6
