@@ -1,0 +1,91 @@
+"""Data-parallel scaling of the training service on this machine: 1 rank against N ranks
+(torchrun, gloo on the CPU / NCCL on GPUs) at the SAME global batch, so the same optimisation
+work is split, not multiplied.
+
+    .venv/bin/python -m bench.bench_scaling --shards data/shards --report bench/scaling.json
+
+Each configuration is one real ``python -m service`` run (through torchrun for N > 1) of one
+epoch with 1-view evaluation; the rate is read from rank 0's JSON log: training images of every
+rank per second of its log windows, the first window (pipeline start, first allocations) left
+out.  Prints a table, writes the JSON record and a PNG next to it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_ranks(shards: Path, ranks: int, global_batch: int, threads: int, work: Path) -> dict:
+    """One epoch on ``ranks`` ranks at ``global_batch``; the global images/s of its windows."""
+    out = work / f"ranks{ranks}"
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)] if ranks > 1 else []
+    cmd = [sys.executable, *launcher, "-m", "service", "--shards", str(shards), "--out", str(out), "--fresh", "true",
+           "--epochs", "1", "--eval_views", "1", "--log_every", "2", "--model.bias_init", "0.1",
+           "--loader.batch_size", str(global_batch // ranks), "--loader.threads", str(threads),
+           "--http.port", "0", "--checkpoint.every_seconds", "0"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
+    started = time.perf_counter()
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{ranks} rank(s) failed:\n{done.stderr[-2000:]}")
+    windows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    windows = [w for w in windows if w["event"] == "train"][1:]
+    seconds = sum(w["window_seconds"] for w in windows)
+    images = sum(w["images_per_s"] * w["window_seconds"] for w in windows) * ranks
+    return {"ranks": ranks, "batch_per_rank": global_batch // ranks, "global_batch": global_batch,
+            "threads_per_rank": threads, "images_per_s": images / seconds, "timed_seconds": seconds,
+            "wall_seconds": time.perf_counter() - started}
+
+
+def plot(results: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 2.4))
+    labels = [f"{r['ranks']} rank(s) x batch {r['batch_per_rank']}" for r in results]
+    ax.barh(labels, [r["images_per_s"] for r in results], color="tab:blue")
+    ax.set_xlabel("training images/s, all ranks")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shards", type=Path, default=Path("data/shards"))
+    p.add_argument("--report", type=Path, default=Path("bench/scaling.json"))
+    p.add_argument("--ranks", type=int, default=2, help="compared with 1 rank")
+    p.add_argument("--global-batch", type=int, default=32)
+    args = p.parse_args(argv)
+    cores = len(os.sched_getaffinity(0))
+    with tempfile.TemporaryDirectory() as work:
+        results = [run_ranks(args.shards, n, args.global_batch, max(1, cores // n), Path(work))
+                   for n in (1, args.ranks)]
+    speedup = results[1]["images_per_s"] / results[0]["images_per_s"]
+    print(f"{'ranks':>5} {'batch/rank':>10} {'threads/rank':>12} {'images/s':>9}")
+    for r in results:
+        print(f"{r['ranks']:>5} {r['batch_per_rank']:>10} {r['threads_per_rank']:>12} {r['images_per_s']:>9.1f}")
+    print(f"speed-up 1 -> {args.ranks} ranks at global batch {args.global_batch}: {speedup:.2f}x "
+          f"({cores} cores, load {os.getloadavg()[0]:.1f})")
+    record = {"benchmark": "data-parallel scaling, same global batch", "cores": cores,
+              "load_average_1min_end": os.getloadavg()[0], "results": results, "speedup": speedup}
+    args.report.parent.mkdir(parents=True, exist_ok=True)
+    args.report.write_text(json.dumps(record, indent=2) + "\n")
+    plot(results, args.report.with_suffix(".png"), f"service, global batch {args.global_batch}, {cores} cores")
+    print(f"wrote {args.report} and {args.report.with_suffix('.png')}")
+    return record
+
+
+if __name__ == "__main__":
+    main()
