@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.charts import bars
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -45,22 +47,6 @@ def run_ranks(shards: Path, ranks: int, global_batch: int, threads: int, work: P
             "wall_seconds": time.perf_counter() - started}
 
 
-def plot(results: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 2.4))
-    labels = [f"{r['ranks']} rank(s) x batch {r['batch_per_rank']}" for r in results]
-    ax.barh(labels, [r["images_per_s"] for r in results], color="tab:blue")
-    ax.set_xlabel("training images/s, all ranks")
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", type=Path, default=Path("data/shards"))
@@ -82,7 +68,9 @@ def main(argv: list[str] | None = None) -> dict:
               "load_average_1min_end": os.getloadavg()[0], "results": results, "speedup": speedup}
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(json.dumps(record, indent=2) + "\n")
-    plot(results, args.report.with_suffix(".png"), f"service, global batch {args.global_batch}, {cores} cores")
+    bars(args.report.with_suffix(".png"), {f"{r['ranks']} rank(s) x batch {r['batch_per_rank']}": r["images_per_s"]
+                                          for r in results},
+         "training images/s, all ranks", f"service, global batch {args.global_batch}, {cores} cores")
     print(f"wrote {args.report} and {args.report.with_suffix('.png')}")
     return record
 

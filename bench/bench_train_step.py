@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from bench.charts import bars
 from model import AlexNet, PaperSGD, train_step
 from pipeline import LoaderConfig, build_train_loader
 from shards.manifest import load
@@ -83,27 +84,10 @@ def main(argv: list[str] | None = None) -> dict:
               "loader_fed_share_of_model_only": medians["loader-fed"] / medians["model-only"]}
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(json.dumps(record, indent=2) + "\n")
-    plot(runs, args.report.with_suffix(".png"), f"train step, batch {args.batch}, {device}")
+    bars(args.report.with_suffix(".png"), medians, "training images/s", f"train step, batch {args.batch}, {device}",
+         runs)
     print(f"wrote {args.report} and {args.report.with_suffix('.png')}")
     return record
-
-
-def plot(runs: dict[str, list[float]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 2.2))
-    names = list(runs)
-    ax.barh(names, [statistics.median(runs[k]) for k in names], color="tab:blue")
-    for i, k in enumerate(names):
-        ax.plot(runs[k], [i] * len(runs[k]), "k.", ms=4)
-    ax.set_xlabel("training images/s")
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 if __name__ == "__main__":
