@@ -62,9 +62,10 @@ bench-service: setup ## service loop (metrics, logs, checkpoints) vs the bare tr
 # gpu-check runs where `make setup` has not: PY=python3 WHEELS=dir use that interpreter and those wheels.
 GPU_CHECK_OUT := $(if $(filter command line,$(origin OUT)),$(OUT),data/gpu-check)
 SECONDS ?= 420
-gpu-check: ## every GPU path measured in one go (dry mode without a GPU): [OUT=dir] [SECONDS=420] [PY=python3 WHEELS=dir]
+gpu-check: ## every GPU path measured in one go (dry mode without a GPU): [OUT=dir] [SECONDS=420] [PARTS=a,b] [PY=python3 WHEELS=dir]
 	@if [ "$(PY)" = ".venv/bin/python" ]; then bash scripts/setup.sh; fi
-	@PY="$(PY)" WHEELS="$(WHEELS)" bash scripts/gpu-check.sh --out "$(GPU_CHECK_OUT)" --seconds "$(SECONDS)"
+	@PY="$(PY)" WHEELS="$(WHEELS)" bash scripts/gpu-check.sh --out "$(GPU_CHECK_OUT)" --seconds "$(SECONDS)" \
+		$(if $(PARTS),--parts $(PARTS))
 
 preview: shards ## a grid of augmented training images from the pipeline: data/preview.png
 	$(PY) -m pipeline.preview --shards $(OUT) --out data/preview.png

@@ -6,6 +6,11 @@ import torch.nn.functional as F
 from model import AlexNet
 
 RTOL = 1e-5
+# On a GPU the two layouts run different cuDNN kernels (one grouped convolution against two
+# plain ones), whose weight-gradient algorithms round differently: measured on an H200 with TF32
+# off, outputs agreed within 1e-5 and conv2's weight gradient within 1.3e-3 (max abs difference
+# over max abs value).  A layout bug (a tower's channels swapped, LRN across the towers) is O(1).
+RTOL_GPU_GRADS = 1e-2
 
 
 def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -22,7 +27,7 @@ def _outputs_and_grads(model, x, labels):
     return out, grads
 
 
-def _compare_layouts(grouped_device, tower_devices):
+def _compare_layouts(grouped_device, tower_devices, grad_rtol=RTOL):
     torch.manual_seed(0)
     grouped = AlexNet(num_classes=10).to(grouped_device)
     towers = AlexNet(num_classes=10, layout="towers", devices=tower_devices)
@@ -38,7 +43,9 @@ def _compare_layouts(grouped_device, tower_devices):
     assert set(grads_t) == set(grads_g) == set(grouped.state_dict())
     for key in grads_g:
         assert grads_g[key].abs().max() > 0, f"{key} got no gradient: the comparison would be empty"
-        assert _relative_error(grads_t[key], grads_g[key]) <= RTOL, key
+        error = _relative_error(grads_t[key], grads_g[key])
+        print(f"{key}: gradient relative error {error:.2e}")
+        assert error <= grad_rtol, key
 
 
 def test_towers_on_two_cpu_devices_match_grouped():
@@ -67,6 +74,6 @@ def test_towers_on_gpus_match_grouped():
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        _compare_layouts("cuda:0", tower_devices)
+        _compare_layouts("cuda:0", tower_devices, grad_rtol=RTOL_GPU_GRADS)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
