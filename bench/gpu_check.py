@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -155,9 +156,7 @@ def start(part: Part, ctx: Context) -> tuple[subprocess.Popen, Path] | None:
     return proc, log
 
 
-def _quote(arg: str) -> str:
-    import shlex
-
+def _quote(arg: object) -> str:
     return shlex.quote(str(arg))
 
 

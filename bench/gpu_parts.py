@@ -105,11 +105,12 @@ def junit_summary(path: Path) -> dict:
 
 def model_summary(path: Path) -> dict:
     """images/s per configuration and the best bf16 share of the measured matmul rate."""
+    from bench.bench_model import Config  # imports torch: only in the process that reads the report
+
     report = json.loads(path.read_text())
     rows = {}
     for r in report["results"]:
-        label = " ".join([r["layout"], r["precision"]] + (["channels_last"] if r["channels_last"] else [])
-                         + (["compiled"] if r["compiled"] else []) + ([] if r.get("lrn_fp32", True) else ["LRN-lowp"]))
+        label = Config(r["layout"], r["precision"], r["channels_last"], r["compiled"], r["lrn_fp32"]).label
         rows[label] = r["error"] or {"images_per_s": round(r["images_per_s"], 1),
                                      "share_of_matmul_peak": round(r["share_of_matmul_peak"], 4)}
     return {"matmul_peak": report["matmul_peak"], "configs": rows}

@@ -13,22 +13,16 @@ import torch
 def ascii_ints(raw: np.ndarray) -> np.ndarray:
     """int64 values of zero-padded ASCII digit strings, one per row of ``raw`` (N, width) uint8.
 
-    Bytes that are not digits (padding, a trailing newline) are skipped.
+    Bytes that are not digits (padding, a trailing newline) are skipped.  (``ascii_ints_torch``
+    on a numpy array, for callers that hold numpy.)
     """
-    raw = np.asarray(raw, np.uint8)
-    if len(raw) == 0:  # a rank's empty last batch
-        return np.zeros(0, np.int64)
-    raw = raw.reshape(len(raw), -1)
-    value = np.zeros(len(raw), np.int64)
-    for column in raw.T.astype(np.int64):
-        digit = (column >= 48) & (column <= 57)
-        value = np.where(digit, value * 10 + column - 48, value)
-    return value
+    return ascii_ints_torch(torch.from_numpy(np.ascontiguousarray(raw, np.uint8))).numpy()
 
 
 def ascii_ints_torch(raw: torch.Tensor) -> torch.Tensor:
-    """``ascii_ints`` for a uint8 tensor on any device (the GPU graph's label bytes): a few
-    elementwise kernels, no copy to the host and no synchronisation."""
+    """int64 values of the zero-padded ASCII digit rows of a uint8 tensor (N, width), on its
+    device (the GPU graph's label bytes stay on the GPU): a few elementwise kernels, no copy to
+    the host and no synchronisation.  Non-digit bytes are skipped."""
     value = torch.zeros(raw.shape[0], dtype=torch.int64, device=raw.device)
     if raw.numel() == 0:  # a rank's empty last batch
         return value

@@ -25,7 +25,7 @@ from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from pipeline.graph import EVAL_OUTPUTS, READER, TRAIN_OUTPUTS, GraphSpec, build_pipeline
-from pipeline.labels import ascii_ints, ascii_ints_torch, key_numbers
+from pipeline.labels import ascii_ints_torch, key_numbers
 from pipeline.normalize import DeviceNormalizer, RawBatch, to_device
 
 STATE_VERSION = 2  # 2: the uint8 graph (crop-window decode); older DALI checkpoints do not fit it
@@ -121,11 +121,9 @@ class DaliLoader:
         self._batches = 0
 
     def _raw(self, out: dict[str, torch.Tensor]) -> RawBatch:
-        """Parse the label bytes (numpy on the CPU; torch kernels on the GPU, where the graph
-        put them) and, if asked, the ids (host bytes, parsed on the host: tests and tools)."""
-        raw_labels = out["labels"]
-        labels = ascii_ints_torch(raw_labels) if raw_labels.is_cuda else \
-            torch.from_numpy(ascii_ints(raw_labels.numpy()))
+        """Parse the label bytes where the graph put them (on the GPU with one) and, if asked,
+        the ids (host bytes, parsed on the host: tests and tools)."""
+        labels = ascii_ints_torch(out["labels"])
         ids = torch.from_numpy(key_numbers(out["ids"].numpy())) if self.ids else None
         if not self.spec.train:
             return RawBatch(out["images"], labels, ids)

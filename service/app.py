@@ -95,7 +95,8 @@ def start(cfg: TrainConfig, ranks: Ranks, metrics: ServiceMetrics, board: Status
 
 
 def param_digest(model: torch.nn.Module) -> str:
-    """A short hash of the weights: equal on every rank of a data-parallel run (tests compare it)."""
+    """A short hash of the weights: equal on every rank of a data-parallel run (logged when the
+    run ends on several ranks, where it shows the replicas never diverged)."""
     h = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         h.update(name.encode())
@@ -116,8 +117,10 @@ def finish(trainer: Trainer, finished: bool, log: RunLog) -> int:
     else:
         log.say(f"stopped ({trainer.stop.signal_name}) at step {p.step}, {trainer.position()}; "
                 f"checkpoint in {out}: run the same command again to resume")
+    ranks = trainer.ranks
+    digest = {"param_digest": param_digest(trainer.parts.model)} if ranks.distributed else {}
     log.event("finished" if finished else "stopped", step=p.step, epoch=p.epoch, reason=trainer.stop.signal_name,
-              param_digest=param_digest(trainer.parts.model), **trainer.ranks.info())
+              **digest, **ranks.info())
     return EXIT_OK
 
 

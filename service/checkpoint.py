@@ -35,7 +35,7 @@ from service.errors import EXIT_CHECKPOINT, ServiceError
 FORMAT = "alexnet2012-service-checkpoint"
 VERSION = 1
 REQUIRED = ("format", "version", "run_id", "config", "identity", "progress", "model", "velocity", "schedule",
-            "loaders", "rng")
+            "loaders", "rng", "lr_scale")
 NAME = re.compile(r"^checkpoint-(\d{9})\.pt$")
 
 

@@ -128,14 +128,14 @@ class Ranks:
         dist.all_gather_object(out, value, group=_CONTROL[0])
         return out
 
-    def any(self, *flags: bool) -> bool | tuple[bool, ...]:
+    def any(self, *flags: bool) -> tuple[bool, ...]:
         """For each flag: True on every rank when it is true on any rank (a stop, a checkpoint
-        must be agreed on: every rank takes part in both).  One flag in, one bool out."""
-        if _CONTROL:
-            t = torch.tensor([int(f) for f in flags], dtype=torch.int32)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_CONTROL[0])
-            flags = tuple(bool(v) for v in t.tolist())
-        return flags[0] if len(flags) == 1 else tuple(flags)
+        must be agreed on: every rank takes part in both), in one collective."""
+        if not _CONTROL:
+            return flags
+        t = torch.tensor([int(f) for f in flags], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_CONTROL[0])
+        return tuple(bool(v) for v in t.tolist())
 
     def info(self) -> dict[str, Any]:
         """For logs and /status."""

@@ -177,8 +177,9 @@ class Trainer:
         p, parts = self.progress, self.parts
         self.board.update(phase="evaluating")
         try:
-            result = resume.combine(self.ranks.gather(evaluate(parts.model, self._eval_batches(), autocast_dtype=parts.autocast,
-                                                        channels_last=self.cfg.model.channels_last)))
+            mine = evaluate(parts.model, self._eval_batches(), autocast_dtype=parts.autocast,
+                            channels_last=self.cfg.model.channels_last)
+            result = resume.combine(self.ranks.gather(mine))  # every rank's share of the split
         except Interrupted:
             self._checkpoint("stop")
             return False

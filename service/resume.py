@@ -49,7 +49,7 @@ def restore(trainer: Trainer, path: Path, payload: dict[str, Any]) -> None:
     if parts.scaler is not None and payload.get("scaler"):
         parts.scaler.load_state_dict(payload["scaler"])
     trainer.progress = progress_from(payload["progress"])
-    rescale_lrs(parts, payload.get("lr_scale", 1.0))
+    rescale_lrs(parts, payload["lr_scale"])
     if not _restore_position(trainer, path, payload):
         trainer.progress.start_epoch()  # the interrupted epoch's data is taken again from its start
     trainer.run_id = payload["run_id"]
@@ -63,19 +63,18 @@ def restore(trainer: Trainer, path: Path, payload: dict[str, Any]) -> None:
 def _restore_position(trainer: Trainer, path: Path, payload: dict[str, Any]) -> bool:
     """This rank's loader position and RNG state from ``payload``; False (with a warning) when
     they cannot apply: written by another number of ranks, or by another decode graph."""
-    loaders, rngs = payload["loaders"], payload["rng"]
-    rngs = [rngs] if isinstance(rngs, dict) else rngs  # one process' checkpoints before DDP
-    if len(loaders) != trainer.ranks.world_size:
-        trainer.log.warn(f"{path} was written by {len(loaders)} rank(s), this run has {trainer.ranks.world_size}: "
-                      "the data is split anew, and an interrupted epoch restarts from its first step")
+    loaders, rank, ranks = payload["loaders"], trainer.ranks.rank, trainer.ranks.world_size
+    if len(loaders) != ranks:
+        trainer.log.warn(f"{path} was written by {len(loaders)} rank(s), this run has {ranks}: the data is "
+                         "split anew, and an interrupted epoch restarts from its first step")
         return False
     try:
-        trainer.parts.train.load_state_dict(loaders[trainer.ranks.rank])
+        trainer.parts.train.load_state_dict(loaders[rank])
     except ValueError as exc:
         trainer.log.warn(f"{path}: the training loader's saved position does not fit this run ({exc}); "
-                      "an interrupted epoch restarts from its first step")
+                         "an interrupted epoch restarts from its first step")
         return False
-    set_rng_state(rngs[trainer.ranks.rank])
+    set_rng_state(payload["rng"][rank])
     return True
 
 

@@ -64,7 +64,7 @@ def test_ranks_from_the_torchrun_environment() -> None:
     r = Ranks.from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
     assert (r.is_main, r.http_port(9431), r.http_port(0), r.suffix()) == (False, 9432, 0, ".rank3")
     assert r.distributed and not Ranks().distributed
-    assert Ranks().gather("x") == ["x"] and Ranks().any(True) is True and Ranks().any(False, True) == (False, True)
+    assert Ranks().gather("x") == ["x"] and Ranks().any(True) == (True,) and Ranks().any(False, True) == (False, True)
     for env in ({"RANK": "2", "WORLD_SIZE": "2"}, {"WORLD_SIZE": "two"}):
         with pytest.raises(RankError):
             Ranks.from_env(env)
@@ -73,7 +73,7 @@ def test_ranks_from_the_torchrun_environment() -> None:
 def _payload(step: int) -> dict:
     return {"format": ckpt.FORMAT, "version": ckpt.VERSION, "run_id": "r", "config": {}, "identity": {},
             "progress": {"step": step}, "model": {"w": torch.full((1000,), float(step))}, "velocity": {},
-            "schedule": {}, "loaders": [{"dali": "x"}], "rng": {"python": (3, (1, 2), None)}}
+            "schedule": {}, "loaders": [{"dali": "x"}], "rng": [{"python": (3, (1, 2), None)}], "lr_scale": 1.0}
 
 
 def _save(out: Path, step: int) -> Path:
