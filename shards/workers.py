@@ -111,23 +111,30 @@ class Workers:
         self.window = window or 2 * processes
         self.cpu = 0.0  # worker CPU seconds of the finished tasks
         self._procs, self._conns = [], []
-        ctx = get_context("fork")
         # Signals are blocked across the forks (a worker that got one before ignoring it would
         # die with a traceback) and the parent's objects frozen out of the cyclic GC, so the
         # workers' collections never touch, hence never copy, the parent's big source lists.
         old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         gc.freeze()
         try:
-            for _ in range(processes):
-                mine, theirs = ctx.Pipe()
-                proc = ctx.Process(target=_serve, args=(theirs, [*self._conns, mine]))
-                proc.start()
-                theirs.close()
-                self._procs.append(proc)
-                self._conns.append(mine)
-        finally:
-            gc.unfreeze()
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            try:
+                self._start(processes)
+            finally:
+                gc.unfreeze()
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)  # a signal that came meanwhile is raised here
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, processes: int) -> None:
+        ctx = get_context("fork")
+        for _ in range(processes):
+            mine, theirs = ctx.Pipe()
+            proc = ctx.Process(target=_serve, args=(theirs, [*self._conns, mine]))
+            proc.start()
+            theirs.close()
+            self._procs.append(proc)
+            self._conns.append(mine)
 
     def __enter__(self) -> Workers:
         return self
