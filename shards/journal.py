@@ -5,8 +5,8 @@ positions it covers (written or skipped), its checksum, and its converted/skippe
 A re-run keeps the longest prefix of journal entries whose tar still matches its sha256,
 deletes everything after it, and restarts from the first position not covered.
 
-Re-hashing every finished shard is the price of trusting nothing on disk: ImageNet's ~30 GB
-of shards take ~36 s at the 850 MB/s one core of the development machine hashes, so the
+Re-hashing every finished shard is the price of trusting nothing on disk: ImageNet's ~31 GB
+of shards take ~37 s at the 850 MB/s one core of the development machine hashes, so the
 caller hashes them on all its workers (``Verifier``) and says so before it starts.
 """
 from __future__ import annotations

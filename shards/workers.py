@@ -189,26 +189,23 @@ class Workers:
         return list(self.imap(fn, args))
 
     def close(self, grace: float = GRACE) -> None:
-        """Stop every worker (within ``grace`` seconds, then by SIGKILL) and wait until all are gone."""
+        """Stop every worker (within ``grace`` seconds, then by SIGKILL) and wait until all are gone.
+
+        Closing its pipe is what stops a worker: an idle one reads the stop (or end of file), a
+        busy one sees it at its next ``checkpoint``, one blocked sending a result gets a broken
+        pipe.  Nothing is read back here: an interrupt may have cut a message in half.
+        """
         for conn in self._conns:
             try:
                 conn.send(None)
             except OSError:
                 pass
+            conn.close()
         deadline = time.monotonic() + grace
-        while any(p.is_alive() for p in self._procs) and time.monotonic() < deadline:
-            alive = [p for p in self._procs if p.is_alive()]
-            conns = [c for c, p in zip(self._conns, self._procs) if p.is_alive() and not c.closed]
-            for conn in wait(conns + [p.sentinel for p in alive], timeout=deadline - time.monotonic()):
-                if isinstance(conn, Connection):
-                    try:
-                        conn.recv()  # drain: a worker blocked on a full pipe could not see the stop
-                    except (EOFError, OSError):
-                        conn.close()
+        for proc in self._procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
         for proc in self._procs:
             if proc.is_alive():
                 proc.kill()
             proc.join()
-        for conn in self._conns:
-            conn.close()
         self._procs, self._conns = [], []
