@@ -107,14 +107,14 @@ def measure(src: Path, files: list[str], counts: list[int], repeat: int) -> dict
             "costs": {n: costs_of(p, len(files), stats_images) for n, p in phases.items()}}
 
 
-def projection_costs(files: list[str], measured: dict, scan_images: int) -> dict:
+def projection_costs(src: Path, files: list[str], measured: dict, scan_images: int) -> dict:
     """The costs ``project`` needs: the all-cores run's, the parent split into per image and per second."""
     costs = dict(measured)
     costs["task_cpu_per_image"] = task_cpu_per_image()
     # What the parent spends per second of writing once the per-image task cost is taken out.
     task_share = costs["task_cpu_per_image"] * len(files) / costs["writing_s"]
     costs["parent_cpu_per_second"] = max(0.0, costs["writer_share"] - task_share)
-    with imagenet_like_tree(files, scan_images) as tree:
+    with imagenet_like_tree(files, scan_images, src) as tree:
         costs["scan_s_per_image"] = scan_seconds_per_image(tree, scan_images)
     return costs
 
@@ -133,8 +133,8 @@ def _table(results: dict, counts: list[int]) -> None:
           f"{1e6 * c['scan_s_per_image']:.1f} us/image")
     print(f"ImageNet ({sum(IMAGENET.values()):,} images), projected:")
     for p in results["projection"]:
-        print(f"  {p['cores']:>2} cores: {p['total_s']:5.0f} s ({p['images_per_s']:6.0f} images/s; scan {p['scan_s']:.0f} s, "
-              f"writing {p['writing_s']:.0f} s, statistics {p['statistics_s']:.1f} s; writer share "
+        print(f"  {p['cores']:>2} cores: {p['total_s']:5.0f} s ({p['images_per_s']:6.0f} images/s; "
+              f"scan {p['scan_s']:.0f} s, writing {p['writing_s']:.0f} s, statistics {p['statistics_s']:.1f} s; writer share "
               f"{p['writer_share']:.1%}, whole-shard efficiency {p['whole_shard_efficiency']:.0%})")
 
 
@@ -166,7 +166,7 @@ def main() -> None:
                     "load_average_start": os.getloadavg()[0]},
     }
     results |= measure(args.src, files, counts, args.repeat)
-    results["projection_costs"] = projection_costs(files, results["costs"][cores], args.scan_images)
+    results["projection_costs"] = projection_costs(args.src, files, results["costs"][cores], args.scan_images)
     results["projection"] = [project(results["projection_costs"], n, cores) for n in PROJECTED_CORES]
     results["projection"].append(project(results["projection_costs"], 64, cores, shard_samples=2500))
     results["machine"]["load_average_end"] = os.getloadavg()[0]

@@ -42,9 +42,13 @@ PROJECTED_CORES = (8, 32, 64)
 
 
 @contextmanager
-def imagenet_like_tree(files: list[str], count: int) -> Iterator[Path]:
-    """``count`` hard links to ``files`` in ImageNet's shape: 1,000 class directories, 1 in 27 under val/."""
-    root = Path(tempfile.mkdtemp(prefix="bench-links-"))
+def imagenet_like_tree(files: list[str], count: int, near: Path) -> Iterator[Path]:
+    """``count`` hard links to ``files`` in ImageNet's shape: 1,000 class directories, 1 in 27 under val/.
+
+    Made in a temporary directory next to ``near`` (the sample data): a hard link cannot cross
+    file systems, and ``/tmp`` is often another one.
+    """
+    root = Path(tempfile.mkdtemp(prefix=".bench-links-", dir=near.parent))
     try:
         for i in range(count):
             link = root / ("val" if i % 27 == 0 else "train") / f"n{i % 1000:08d}" / f"{i:07d}.JPEG"
@@ -72,8 +76,8 @@ def task_cpu_per_image(count: int = 100_000, shard_samples: int = 5000) -> float
     appends a journal line: well under a millisecond per 5,000 images, left out.)
     """
     classes = [f"n{c:08d}" for c in range(1000)]
-    sources = [Source("train", classes[i % 1000], f"/data/imagenet/train/{classes[i % 1000]}/{classes[i % 1000]}_{i}.JPEG")
-               for i in range(count)]
+    wnids = [classes[i % 1000] for i in range(count)]
+    sources = [Source("train", w, f"/data/imagenet/train/{w}/{w}_{i}.JPEG") for i, w in enumerate(wnids)]
     with tempfile.TemporaryDirectory() as out:
         cfg = ShardConfig(out=Path(out), shard_samples=shard_samples)
         journal = Journal(Path(out) / "train", "bench")

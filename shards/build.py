@@ -32,7 +32,8 @@ from shards.tarwriter import atomic_write_text, sha256_file
 from shards.workers import Workers
 from shards.write_split import SplitResult, SplitWriter, write_splits
 
-PLAN = "runs-v2"  # in the journal's fingerprint: journals of the old writer (shards cut by written count) are not resumed
+# In the journal's fingerprint: journals of the old writer (shards cut by written count) are not resumed.
+PLAN = "runs-v2"
 
 
 class TooManySkipped(RuntimeError):

@@ -19,7 +19,6 @@ every finished result in the parent however slowly the parent consumed them (8,0
 from __future__ import annotations
 
 import gc
-import os
 import signal
 import time
 import traceback
