@@ -43,7 +43,7 @@ shards: setup ## shard ImageNet: make shards SRC=/path/to/imagenet OUT=data/shar
 	@if [ "$(SRC)" = "$(SAMPLE)" ]; then $(PY) -m sampledata --out $(SAMPLE); fi
 	$(PY) -m shards --src $(SRC) --out $(OUT) $(SHARD_CONFIG) $(ARGS)
 
-bench-shards: setup ## images/s of make shards (1 process, all cores) next to a bare decode+resize+encode loop
+bench-shards: setup ## images/s of make shards at 1, 2 and all cores vs a bare decode+resize+encode loop, writer's share, ImageNet projection
 	$(PY) -m sampledata --out $(SAMPLE)
 	$(PY) -m bench.bench_shards --src $(SAMPLE) --report bench/shards.json
 

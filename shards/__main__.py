@@ -5,13 +5,20 @@ import signal
 import sys
 
 from common.config import ConfigError, load_config, split_config_arg
-from shards.build import TooManySkipped, build
+from shards.build import Interrupted, TooManySkipped, build
 from shards.config import ShardConfig
 from shards.layouts import LayoutError
+from shards.workers import WorkerError
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _terminate(signum: int, frame: object) -> None:
-    # SIGTERM takes the same path as Ctrl-C: unfinished temp files are removed on the way out.
+    # SIGTERM takes the same path as Ctrl-C: the workers are stopped, temp files removed, one line
+    # printed.  A second signal (systemd repeats, a second Ctrl-C) must not cut that short: it
+    # takes a few seconds at most.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
@@ -22,14 +29,21 @@ def main(argv: list[str]) -> int:
     except ConfigError as exc:
         print(f"shards: {exc}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _terminate)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _terminate)
     try:
         build(cfg)
     except (LayoutError, TooManySkipped) as exc:
         print(f"shards: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("shards: interrupted; finished shards are kept, re-run the same command to resume", file=sys.stderr)
+    except WorkerError as exc:
+        print(f"shards: error: {exc}; finished shards are kept, re-run the same command to resume", file=sys.stderr)
+        return 1
+    except Interrupted as exc:
+        print(f"shards: {exc}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # before build() could take over: nothing was started
+        print("shards: interrupted before anything was written; re-run the same command to resume", file=sys.stderr)
         return 130
     return 0
 

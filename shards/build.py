@@ -1,9 +1,14 @@
 """``make shards``: ImageNet (any supported layout) -> validated, shuffled WebDataset shards.
 
 Steps: scan the input tree -> order each split (train globally shuffled with a fixed seed,
-val sorted) -> write each split's shards in parallel (resumable) -> compute the dataset
-statistics from the written training shards -> write ``manifest.json`` last, so a directory
-with a manifest is always complete.
+val sorted) -> resume: keep the journaled shards whose sha256 still matches -> write each
+split's remaining shards, whole shards per worker -> compute the dataset statistics from the
+written training shards -> write ``manifest.json`` last, so a directory with a manifest is
+always complete.
+
+SIGINT or SIGTERM (to this process or its whole group) at any moment stops the workers, removes
+every temp file and raises ``Interrupted`` with one line saying what was kept; the re-run
+writes the same bytes as an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -11,7 +16,9 @@ import hashlib
 import json
 import time
 from collections import Counter
-from multiprocessing import get_context
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -21,12 +28,47 @@ from shards.config import ShardConfig
 from shards.journal import Journal
 from shards.layouts import scan
 from shards.sources import Inventory, Source
-from shards.tarwriter import atomic_write_text
-from shards.write_split import SplitResult, SplitWriter, init_worker, write_splits
+from shards.tarwriter import atomic_write_text, sha256_file
+from shards.workers import Workers
+from shards.write_split import SplitResult, SplitWriter, write_splits
+
+# In the journal's fingerprint: journals of the old writer (shards cut by written count) are not resumed.
+PLAN = "runs-v2"
 
 
 class TooManySkipped(RuntimeError):
     """More inputs were unusable than ``max_skipped_fraction`` allows."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM stopped the run cleanly; ``str()`` is the one line saying what was kept."""
+
+
+@dataclass(frozen=True)
+class Phase:
+    """What one phase cost: wall time, this process's CPU, the workers' CPU (finished tasks)."""
+
+    name: str
+    seconds: float
+    parent_cpu: float
+    worker_cpu: float
+
+
+class Phases:
+    """The phases of a run as they happen (the interrupt line names the current one; bench reads them)."""
+
+    def __init__(self) -> None:
+        self.records: list[Phase] = []
+        self.current = "start"
+
+    @contextmanager
+    def phase(self, name: str, workers: Workers | None = None) -> Iterator[None]:
+        """Time the enclosed block as phase ``name``."""
+        self.current = name
+        wall, cpu, worker_cpu = time.perf_counter(), time.process_time(), workers.cpu if workers else 0.0
+        yield
+        self.records.append(Phase(name, time.perf_counter() - wall, time.process_time() - cpu,
+                                  (workers.cpu if workers else 0.0) - worker_cpu))
 
 
 def ordered(inventory: Inventory, split: str, seed: int) -> list[Source]:
@@ -40,7 +82,7 @@ def ordered(inventory: Inventory, split: str, seed: int) -> list[Source]:
 
 def fingerprint(cfg: ShardConfig, split: str, sources: list[Source], classes: list[str]) -> str:
     """Identifies (inputs, order, settings): a journal from another fingerprint is discarded."""
-    digest = hashlib.sha256(json.dumps([split, cfg.output_parameters(), classes]).encode())
+    digest = hashlib.sha256(json.dumps([split, cfg.output_parameters(), classes, PLAN]).encode())
     for s in sources:
         digest.update(f"{s.path}\0{s.wnid}\0{s.size}\n".encode())
     return digest.hexdigest()
@@ -93,29 +135,95 @@ def summary(record: dict, seconds: float) -> str:
     return "\n".join(lines)
 
 
-def build(cfg: ShardConfig) -> dict:
-    """Run the whole sharding job; returns the manifest record.  Raises on fatal problems."""
-    started = time.perf_counter()
-    inventory = scan(cfg.src, cfg.val_labels)
-    print(f"shards: {cfg.src}: layout {inventory.layout}, {len(inventory.classes)} classes, "
-          f"{len(inventory.sources)} images found")
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    (cfg.out / "manifest.json").unlink(missing_ok=True)  # the manifest marks a finished directory
-    writers = []
-    for split in contract.SPLITS:
-        sources = ordered(inventory, split, cfg.seed)
-        journal = Journal(cfg.out / split, fingerprint(cfg, split, sources, inventory.classes))
-        writers.append(SplitWriter(cfg, split, sources, inventory.classes, journal))
-    results: dict[str, SplitResult] = {w.split: w.result for w in writers}
-    with get_context("fork").Pool(cfg.processes, init_worker, (cfg.size, cfg.quality, str(inventory.root))) as pool:
-        write_splits(cfg, writers, pool)
+def _kept(phase: str, writers: list[SplitWriter]) -> str:
+    """The interrupt line: where the run was, what stays on disk, how to go on."""
+    resume = "re-run the same command to resume"
+    if phase == "done":
+        return "interrupted after the manifest was written: the shard directory is complete"
+    if phase in ("start", "scan", "resume check") or not writers:
+        return f"interrupted ({phase}): nothing new was written; {resume}"
+    shards = " and ".join(f"{len(w.result.shards)} {w.split} shards ({w.done} of {len(w.sources)} images)"
+                          for w in writers)
+    missing = {"statistics": "the statistics and the manifest are", "manifest": "the manifest is"}
+    what = f"kept {shards}" if phase == "writing" else f"kept every shard ({shards}); {missing[phase]} not written yet"
+    return f"interrupted ({phase}): {what}; {resume} (it re-verifies the kept shards' sha256 first, then goes on)"
+
+
+class _Job:
+    """One ``build``: the phases in order, and what the interrupt line needs to know."""
+
+    def __init__(self, cfg: ShardConfig, phases: Phases) -> None:
+        self.cfg, self.phases = cfg, phases
+        self.writers: list[SplitWriter] = []
+
+    def _verifier(self, workers: Workers, split: str):  # noqa: ANN202 (a Verifier)
+        def verify(tars: list) -> list[str]:
+            if tars:
+                gb = sum(t.stat().st_size for t in tars) / 1e9
+                print(f"shards: resuming {split}: re-verifying the sha256 of {len(tars)} finished shards ({gb:.1f} GB) "
+                      f"on {self.cfg.processes} processes", flush=True)
+            return workers.map(sha256_file, tars)
+        return verify
+
+    def _write(self, inventory: Inventory, workers: Workers) -> tuple[dict, dict[str, SplitResult]]:
+        cfg = self.cfg
+        with self.phases.phase("resume check", workers):
+            for split in contract.SPLITS:
+                sources = ordered(inventory, split, cfg.seed)
+                journal = Journal(cfg.out / split, fingerprint(cfg, split, sources, inventory.classes))
+                self.writers.append(SplitWriter(cfg, split, sources, inventory.classes, journal,
+                                                self._verifier(workers, split), inventory.root))
+        print(f"shards: writing with {cfg.processes} processes, whole shards each", flush=True)
+        with self.phases.phase("writing", workers):
+            write_splits(cfg, self.writers, workers)
+        results = {w.split: w.result for w in self.writers}
         record = _manifest_record(cfg, inventory, results)
         _check_skipped(cfg, record)
-        train = [(cfg.out / "train" / s["tar"], s["samples"]) for s in results["train"].shards]
-        total = sum(n for _, n in train)
-        print(f"shards: dataset statistics over {min(cfg.stats_images or total, total)} of {total} training images")
-        moments = stats.compute(train, pool, cfg.stats_images)
-    stats.write(cfg.out, moments, sum(results["train"].class_counts))
-    atomic_write_text(cfg.out / "manifest.json", json.dumps(record, indent=1) + "\n")
-    print(summary(record, time.perf_counter() - started))
-    return record
+        return record, results
+
+    def _statistics(self, results: dict[str, SplitResult], workers: Workers) -> stats.PixelMoments:
+        cfg, train = self.cfg, results["train"].shards
+        total = sum(s["samples"] for s in train)
+        print(f"shards: dataset statistics over {min(cfg.stats_images or total, total)} of {total} training images",
+              flush=True)
+        with self.phases.phase("statistics", workers):
+            shards = [(cfg.out / "train" / s["tar"], cfg.out / "train" / s["index"], s["samples"]) for s in train]
+            return stats.compute(shards, workers, cfg.stats_images, cfg.chunk)
+
+    def run(self) -> dict:
+        cfg, started = self.cfg, time.perf_counter()
+        with self.phases.phase("scan"):
+            print(f"shards: scanning {cfg.src}", flush=True)
+            inventory = scan(cfg.src, cfg.val_labels)
+        print(f"shards: {cfg.src}: layout {inventory.layout}, {len(inventory.classes)} classes, "
+              f"{len(inventory.sources)} images found", flush=True)
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        (cfg.out / "manifest.json").unlink(missing_ok=True)  # the manifest marks a finished directory
+        try:
+            with Workers(cfg.processes) as workers:
+                record, results = self._write(inventory, workers)
+                moments = self._statistics(results, workers)
+            with self.phases.phase("manifest"):
+                stats.write(cfg.out, moments, sum(results["train"].class_counts))
+                atomic_write_text(cfg.out / "manifest.json", json.dumps(record, indent=1) + "\n")
+        finally:  # the workers are gone by now: nothing can write a temp file any more
+            for writer in self.writers:
+                writer.remove_temps()
+            for tmp in cfg.out.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+        self.phases.current = "done"
+        print(summary(record, time.perf_counter() - started), flush=True)
+        return record
+
+
+def build(cfg: ShardConfig, phases: Phases | None = None) -> dict:
+    """Run the whole sharding job; returns the manifest record.  Raises on fatal problems.
+
+    On SIGINT/SIGTERM (a ``KeyboardInterrupt`` here) raises ``Interrupted`` once every worker
+    is gone and every temp file removed.  ``phases`` (optional) receives each phase's cost.
+    """
+    job = _Job(cfg, phases or Phases())
+    try:
+        return job.run()
+    except KeyboardInterrupt:
+        raise Interrupted(_kept(job.phases.current, job.writers)) from None

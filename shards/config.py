@@ -17,12 +17,12 @@ class ShardConfig:
     val_labels: Path | None = None  # layout (b): the flat val/ label file, when not found automatically
     size: int = 256  # shorter side resized to this, then centre-cropped to size x size
     quality: int = 90  # JPEG quality of the re-encoded images
-    shard_samples: int = 5000  # samples per shard at most (0: no limit)
-    shard_bytes: int = 0  # bytes per tar at most, roughly (0: no limit)
+    shard_samples: int = 5000  # input images per shard (unusable ones leave it short); 0: planned from shard_bytes
+    shard_bytes: int = 0  # bytes per tar at most (0: no limit); a shard that would pass it is cut into more tars
     seed: int = 0  # the global shuffle of the training split
-    workers: int = 0  # decode/encode processes; 0 = one per core
+    workers: int = 0  # processes that write whole shards and compute the statistics; 0 = one per core
     max_skipped_fraction: float = 0.001  # fail when more of the inputs than this are unusable
-    chunk: int = 128  # most images per message to a worker (fewer, larger messages: less parent CPU)
+    chunk: int = 128  # images per statistics task (the statistics do not depend on it)
     stats_images: int = 20000  # training images the statistics are computed over (0: all)
 
     def validate(self) -> "ShardConfig":

@@ -10,13 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Source:
     """One input image.
 
     ``path`` is what a person reads in reports: a file path, or for tar members
     ``outer.tar:inner.tar:member`` (or ``outer.tar:member``).  ``tar``/``offset``/``size``
     locate the bytes of a tar member inside the outermost tar file on disk.
+
+    Slotted: ImageNet has 1.33M of these in the parent; without a ``__dict__`` an entry is
+    ~190 bytes instead of ~240 (tracemalloc, ImageNet-length paths), most of it the path.
     """
 
     split: str  # "train" or "val"
@@ -27,7 +30,7 @@ class Source:
     size: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Skip:
     """An input accounted for but not written, with the reason a person can act on."""
 

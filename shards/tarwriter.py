@@ -4,7 +4,8 @@ Members are plain ustar entries with fixed metadata (mtime 0, uid/gid 0, mode 06
 same samples always give the same bytes and the same sha256.  The index is written in the
 format of DALI's ``wds2idx`` (``v1.2 <samples>`` then one line per sample of
 ``<ext> <data offset> <size> <member name>`` triples), computed while the tar is written.
-Both files appear under their final names only once complete (temp file + fsync + rename).
+Both files appear under their final names only once complete (temp files + fsync, then
+``publish`` renames them).
 """
 from __future__ import annotations
 
@@ -65,14 +66,28 @@ def serialize(key: str, components: dict[str, bytes]) -> Serialized:
     return Serialized(b"".join(chunks), tuple(members))
 
 
-class ShardWriter:
-    """Append serialised samples to one shard; ``close`` writes ``<name>.tar`` and ``<name>.idx``."""
+@dataclass(frozen=True)
+class Written:
+    """A closed shard under temporary names, waiting for ``publish`` to give it its final name."""
 
-    def __init__(self, directory: Path, name: str) -> None:
-        self.directory, self.name = directory, name
-        self.tar_path = directory / f"{name}.tar"
-        self.idx_path = directory / f"{name}.idx"
-        self._tmp = directory / f".{name}.tar.tmp"
+    tar_tmp: str
+    index_tmp: str
+    samples: int
+    bytes: int
+    sha256: str
+
+
+class ShardWriter:
+    """Append serialised samples to one shard; ``close`` finishes its tar and index under temp names.
+
+    The final name (``train-000012``) is the shard's position among the split's shards, which
+    only the process that publishes shards in order knows; a worker writing a shard names its
+    temp files after ``stem`` (unique per run and process) and ``publish`` renames them.
+    """
+
+    def __init__(self, directory: Path, stem: str) -> None:
+        self._tmp = directory / f".{stem}.tar.tmp"
+        self._idx_tmp = directory / f".{stem}.idx.tmp"
         self._file = open(self._tmp, "wb")
         self._hash = hashlib.sha256()
         self._index_lines: list[str] = []
@@ -91,8 +106,8 @@ class ShardWriter:
         self.size += len(sample.blob)
         self.samples += 1
 
-    def close(self) -> ShardInfo:
-        """Finish the tar and the index and move both to their final names."""
+    def close(self) -> Written:
+        """Finish the tar and the index (fsynced, still under their temp names)."""
         # The end of a tar as Python's tarfile writes it: two zero blocks, then zeros up to a
         # whole 10 KiB record.
         end = tar_overhead()
@@ -102,24 +117,35 @@ class ShardWriter:
         nbytes = self._file.tell()
         self._file.close()
         index = f"v1.2 {self.samples}\n" + "".join(line + "\n" for line in self._index_lines)
-        atomic_write_bytes(self.idx_path, index.encode())
-        # The index lands first: a tar under its final name always has its index.
-        os.replace(self._tmp, self.tar_path)
-        return ShardInfo(self.tar_path.name, self.idx_path.name, self.samples, nbytes, self._hash.hexdigest())
+        _write_synced(self._idx_tmp, index.encode())
+        return Written(str(self._tmp), str(self._idx_tmp), self.samples, nbytes, self._hash.hexdigest())
 
     def abort(self) -> None:
-        """Drop the unfinished shard (used on errors and interrupts)."""
+        """Drop the unfinished shard (used on errors and stops)."""
         self._file.close()
         self._tmp.unlink(missing_ok=True)
+        self._idx_tmp.unlink(missing_ok=True)
+
+
+def publish(written: Written, directory: Path, name: str) -> ShardInfo:
+    """Give a closed shard its final names: the index lands first, so a tar always has its index."""
+    tar, index = f"{name}.tar", f"{name}.idx"
+    os.replace(written.index_tmp, directory / index)
+    os.replace(written.tar_tmp, directory / tar)
+    return ShardInfo(tar, index, written.samples, written.bytes, written.sha256)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a fsynced temp file in the same directory, then rename."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    _write_synced(tmp, data)
     os.replace(tmp, path)
 
 
