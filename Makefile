@@ -15,7 +15,7 @@ STACK = SHARDS="$(SHARDS)" RUN="$(RUN)" GPUS="$(GPUS)" NPROC="$(NPROC)" CONFIG="
 # A Docker target that cannot run here (no docker, no engine, no NVIDIA runtime) stops with
 # $(error): one line and a non-zero exit, without make's second "*** Error" line.  Expanded only
 # when the recipe that uses it runs.
-docker_check = $(eval _why := $(shell bash scripts/stack.sh check $(1)))$(if $(_why),$(error $(_why)))
+docker_check = $(eval _why := $(shell GPUS="$(GPUS)" bash scripts/stack.sh check $(1)))$(if $(_why),$(error $(_why)))
 # The sample data gets small shards (configs/shards-sample.toml); real datasets the defaults.
 SHARD_CONFIG := $(if $(filter $(SAMPLE),$(SRC)),--config configs/shards-sample.toml,)
 
