@@ -182,7 +182,7 @@ say "stand-ins in use: $(paste -sd' ' "$CACHE/standins" 2>/dev/null || echo none
 say "ready after $(($(date +%s) - t0)) s; running tests/docker_stack.py"
 set +e
 PY=${PY:-.venv/bin/python}
-STANDINS_FILE=$CACHE/standins "$PY" -m pytest -p no:cacheprovider -s -q tests/docker_stack.py "$@"
+TQDM_DISABLE=1 "$PY" -m pytest -p no:cacheprovider -s -q tests/docker_stack.py "$@"
 code=$?
 set -e
 docker image prune -f >/dev/null  # images left untagged by a rebuild
