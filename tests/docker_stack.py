@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from sampledata.generate import SampleConfig, generate
+from tests.test_docker_metrics import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "alexnet.json"
@@ -32,16 +33,7 @@ PROMETHEUS = "http://127.0.0.1:9090"
 GPU_PANELS = {"GPU utilisation", "GPU memory", "GPU power"}  # NVIDIA's dcgm-exporter and CUDA memory only
 # A short CPU run that never finishes: 9 steps per epoch over 144 images, a 1-view evaluation and
 # a checkpoint (~450 MB) at each epoch end, only the newest kept.
-TINY = """epochs = 1000
-eval_views = 1
-log_every = 1
-[loader]
-batch_size = 16
-[model]
-bias_init = 0.1
-[checkpoint]
-keep = 1
-"""
+CONFIG = "epochs = 1000\n" + TINY + "[checkpoint]\nkeep = 1\n"
 TIMES: dict[str, float] = {}
 
 
@@ -119,7 +111,7 @@ def work():
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
     generate(SampleConfig(out=base / "sample", classes=6, train_per_class=24, val_per_class=6, seed=1))
-    (base / "tiny.toml").write_text(TINY)
+    (base / "tiny.toml").write_text(CONFIG)
     yield base
     compose_down()
     shutil.rmtree(base, ignore_errors=True)
