@@ -149,7 +149,8 @@ standin_build() {  # tag, base tag, Dockerfile lines (legacy builder: no build c
     shift 2
     say "building a stand-in for $tag"
     printf '%s\n' "FROM $base" "LABEL $STANDIN_LABEL=\"made by scripts/test-docker.sh\"" "$@" \
-        | docker build -q -t "$tag" - >/dev/null
+        | docker build -q -t "$tag" - >"$CACHE/standin-build.log" 2>&1 \
+        || die "building a stand-in for $tag failed: $(tail -5 "$CACHE/standin-build.log")"
 }
 
 standins() {
