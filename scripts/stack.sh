@@ -4,8 +4,8 @@
 #                           here, in one line, and exit 1; nothing when it can
 #   stack.sh up       build the image, start trainer + Prometheus + dcgm-exporter + Grafana detached
 #                     env: SHARDS RUN GRAFANA_PASSWORD [GPUS=all|N|0,1|none] [NPROC] [CONFIG] [BIND]
-#                     GPUS=none: the trainer on the CPU, no GPU request, no dcgm-exporter
 #                          [NNODES NODE_RANK RDZV_ENDPOINT] for one node of a multi-node job
+#                     GPUS=none: the trainer on the CPU, no GPU request, no dcgm-exporter
 #   stack.sh stop     SIGTERM to the trainer (it checkpoints), then stop the rest
 #   stack.sh logs     follow the trainer's output
 #   stack.sh shards   run `python -m shards` in the image: env SRC OUT [ARGS]

@@ -34,6 +34,7 @@ cleanup() {
         say "stopping the Docker engine started here (pid $dockerd_pid)"
         kill -TERM "$dockerd_pid" 2>/dev/null || true
         wait "$dockerd_pid" 2>/dev/null || true
+        umount /run/docker/netns/default 2>/dev/null || true  # the one mount dockerd leaves behind
     fi
 }
 trap cleanup EXIT

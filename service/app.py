@@ -1,10 +1,11 @@
 """``python -m service [--config FILE] [--section.key value ...]``: the training service.
 
 Start-up order matters for the user: settings are checked first (exit 2 naming the key), then
-that the run directory can be written (exit 5 naming it), the signal handlers are installed and the HTTP port is bound next (a taken port is exit 3 at once),
-then the shards are checked (exit 1 naming the shard), the model and loaders are built, and
-the newest valid checkpoint in the run directory is resumed.  Then the loop runs until all
-epochs are done or a SIGTERM/SIGINT stops it after a checkpoint (exit 0 either way).
+that the run directory can be written (exit 5 naming it), the signal handlers are installed and
+the HTTP port is bound next (a taken port is exit 3 at once), then the shards are checked (exit 1
+naming the shard), the model and loaders are built, and the newest valid checkpoint in the run
+directory is resumed.  Then the loop runs until all epochs are done or a SIGTERM/SIGINT stops it
+after a checkpoint (exit 0 either way).
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ its code, never with a traceback.  Process supervisors (Docker, torchrun, system
        start, before anything slow, so it fails in a second rather than after building the loaders
     143 / 130  a second SIGTERM / SIGINT: immediate exit, no checkpoint (killed by the signal)
 
-Every one of these is a problem a restart cannot fix.  A supervisor that restarts crashes
+Codes 1-5 are problems a restart cannot fix.  A supervisor that restarts crashes
 (docker/entrypoint.sh) must tell them from a crash, which torchrun hides (it exits 1 whatever its
 ranks did): with ``ALEXNET_EXIT_FILE`` set, ``record_exit`` writes the code there as well.
 """
