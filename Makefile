@@ -15,12 +15,12 @@ STACK = SHARDS="$(SHARDS)" RUN="$(RUN)" GPUS="$(GPUS)" NPROC="$(NPROC)" CONFIG="
 # A Docker target that cannot run here (no docker, no engine, no NVIDIA runtime) stops with
 # $(error): one line and a non-zero exit, without make's second "*** Error" line.  Expanded only
 # when the recipe that uses it runs.
-docker_check = $(eval _why := $(shell bash scripts/stack.sh check $(1)))$(if $(_why),$(error $(_why)))
+docker_check = $(eval _why := $(shell GPUS="$(GPUS)" bash scripts/stack.sh check $(1)))$(if $(_why),$(error $(_why)))
 # The sample data gets small shards (configs/shards-sample.toml); real datasets the defaults.
 SHARD_CONFIG := $(if $(filter $(SAMPLE),$(SRC)),--config configs/shards-sample.toml,)
 
 .PHONY: help setup sample-data shards bench-shards bench-pipeline bench-model bench-service gpu-check preview demo \
-	train-local test clean train stop logs shards-docker
+	train-local test test-docker clean train stop logs shards-docker
 
 # Each of these is optional and overrides the config file; the defaults differ by target.
 train stop logs: CONFIG ?= configs/paper.toml
@@ -78,7 +78,7 @@ train-local: setup ## the service here, no Docker: make train-local [CONFIG=conf
 	$(PY) -m $(if $(filter-out 1,$(NPROC)),torch.distributed.run --standalone --nproc-per-node $(NPROC) -m )service \
 		--config $(CONFIG) --shards $(SHARDS) --out $(RUN) --http.port $(PORT) $(TRAIN_ARGS)
 
-train: ## Docker + GPUs: make train SHARDS=... RUN=... [GPUS=all|N|0,1] [NPROC=..] [CONFIG=..], GRAFANA_PASSWORD set
+train: ## Docker + GPUs: make train SHARDS=... RUN=... [GPUS=all|N|0,1|none] [NPROC=..] [CONFIG=..], GRAFANA_PASSWORD set
 	$(call docker_check,train)
 	@$(STACK) up
 
@@ -96,6 +96,9 @@ shards-docker: ## make shards inside the image (no local environment): make shar
 
 test: setup ## run the test suite (CPU only)
 	$(PY) -m pytest -q $(ARGS)
+
+test-docker: setup ## build the image and run make train GPUS=none for real (as root, starts a Docker engine if none runs; ~15 min)
+	@bash scripts/test-docker.sh $(ARGS)
 
 clean: ## remove generated data, runs and benchmark output (keeps .venv)
 	rm -rf data runs bench/*.json bench/*.png

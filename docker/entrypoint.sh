@@ -1,35 +1,104 @@
 #!/bin/sh
-# Start the trainer: plain python for one process on one node, torchrun otherwise.
+# Start the trainer and restart it after a crash: plain python for one process on one node,
+# torchrun otherwise.
 #   NPROC          processes on this node (default auto: one per visible GPU, at least 1;
 #                  the towers layout uses two GPUs per process, so set NPROC=GPUs/2 there)
 #   NNODES         nodes in the job (default 1: torchrun --standalone)
 #   NODE_RANK      0 on the node that hosts the c10d rendezvous store (RDZV_ENDPOINT's host)
 #   RDZV_ENDPOINT  host:port of that store, e.g. host0:29400 (needed when NNODES > 1)
 #   RDZV_ID        job id shared by all nodes (default alexnet)
-#   HTTP_HOST, HTTP_PORT  where rank r serves /metrics, /healthz, /status (port HTTP_PORT + r)
-# exec everywhere: the launcher receives docker's SIGTERM itself (torchrun forwards it to the
-# ranks, which checkpoint and exit).
-set -eu
+#   HTTP_HOST, HTTP_PORT  where rank r serves /metrics, /healthz, /status (port HTTP_PORT + r);
+#                  --http.host / --http.port in the command line win
+#   RESTARTS       crashes in a row restarted before giving up (default 5; a run that lasted
+#                  STABLE_SECONDS, default 600, resets the count); RESTART_DELAY seconds between (10)
+#
+# Why the restarts are here and not Docker's (compose.yaml says restart: "no"): Docker's
+# on-failure restarts on every non-zero exit, so a run directory the trainer cannot write, a bad
+# setting, a missing shard or a taken port (exit 5, 2, 1, 3: service/errors.py) would print the
+# same line and restart forever.  Those need a person, so the container stops with that code.
+# The service records such a code in ALEXNET_EXIT_FILE, since torchrun exits 1 whatever its ranks
+# did; an exit without one is a crash (a traceback, a signal, the kernel's OOM killer), which is
+# restarted, and the service resumes from its newest checkpoint.
+# docker stop's SIGTERM reaches this script through tini (compose's init: true); it is passed on
+# to the launcher (torchrun forwards it to the ranks), which checkpoint and exit 0.
+set -u
 
 nproc=${NPROC:-auto}
 if [ "$nproc" = auto ] || [ -z "$nproc" ]; then
     nproc=$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')
 fi
-echo "$nproc" > "${NPROC_FILE:-/tmp/alexnet-nproc}"  # for healthcheck.py: the rank ports to probe
 nnodes=${NNODES:-1}
+if [ "$nnodes" != 1 ] && [ -z "${RDZV_ENDPOINT:-}" ]; then
+    echo "entrypoint: NNODES=$nnodes needs RDZV_ENDPOINT=host:port of node 0" >&2
+    exit 2
+fi
+# What healthcheck.py probes: the ranks, and the host and port the service really uses.
+host=$HTTP_HOST port=$HTTP_PORT prev=""
+for arg in "$@"; do
+    case $prev in --http.host) host=$arg ;; --http.port) port=$arg ;; esac
+    case $arg in --http.host=*) host=${arg#*=} ;; --http.port=*) port=${arg#*=} ;; esac
+    prev=$arg
+done
+echo "$nproc $host $port" > "${PROBE_FILE:-/tmp/alexnet-probe}"
 set -- --http.host "$HTTP_HOST" --http.port "$HTTP_PORT" "$@"  # later flags in "$@" win
+export ALEXNET_EXIT_FILE="${ALEXNET_EXIT_FILE:-/tmp/alexnet-exit}"
 
-if [ "$nnodes" = 1 ] && [ "$nproc" = 1 ]; then
-    exec python -m service "$@"
-fi
-if [ "$nnodes" = 1 ]; then
-    exec torchrun --standalone --nproc-per-node "$nproc" -m service "$@"
-fi
-: "${RDZV_ENDPOINT:?NNODES=$nnodes needs RDZV_ENDPOINT=host:port of node 0}"
-# torchrun guesses which node hosts the store by matching its hostname to the endpoint, which a
-# container's hostname need not match; NODE_RANK says it instead.
-is_host=false
-[ "${NODE_RANK:-}" = 0 ] && is_host=true
-exec torchrun --nnodes "$nnodes" --nproc-per-node "$nproc" --rdzv-backend c10d \
-    --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "${RDZV_ID:-alexnet}" --rdzv-conf "is_host=$is_host" \
-    -m service "$@"
+launch() {
+    if [ "$nnodes" = 1 ] && [ "$nproc" = 1 ]; then
+        python -m service "$@" &
+    elif [ "$nnodes" = 1 ]; then
+        torchrun --standalone --nproc-per-node "$nproc" -m service "$@" &
+    else
+        # torchrun guesses which node hosts the store by matching its hostname to the endpoint,
+        # which a container's hostname need not match; NODE_RANK says it instead.
+        is_host=false
+        [ "${NODE_RANK:-}" = 0 ] && is_host=true
+        torchrun --nnodes "$nnodes" --nproc-per-node "$nproc" --rdzv-backend c10d \
+            --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "${RDZV_ID:-alexnet}" --rdzv-conf "is_host=$is_host" \
+            -m service "$@" &
+    fi
+    child=$!
+}
+
+# The child's exit code; a trapped signal interrupts `wait`, so wait again until it is gone.
+wait_child() {
+    wait "$child"
+    code=$?
+    while kill -0 "$child" 2>/dev/null; do
+        wait "$child"
+        code=$?
+    done
+    child=""
+}
+
+child="" stopping=""
+forward() {
+    stopping=$1
+    [ -z "$child" ] || kill -s "$1" "$child" 2>/dev/null
+}
+trap 'forward TERM' TERM
+trap 'forward INT' INT
+
+crashes=0
+while :; do
+    rm -f "$ALEXNET_EXIT_FILE"
+    started=$(date +%s)
+    launch "$@"
+    wait_child
+    [ "$code" = 0 ] && exit 0
+    [ -z "$stopping" ] || exit "$code"
+    [ ! -s "$ALEXNET_EXIT_FILE" ] || exit "$(cat "$ALEXNET_EXIT_FILE")"  # diagnosed: the line is printed
+    [ $(($(date +%s) - started)) -lt "${STABLE_SECONDS:-600}" ] || crashes=0
+    crashes=$((crashes + 1))
+    if [ "$crashes" -gt "${RESTARTS:-5}" ]; then
+        echo "entrypoint: the trainer crashed $crashes times in a row (exit $code): not restarting again" >&2
+        exit "$code"
+    fi
+    echo "entrypoint: the trainer crashed (exit $code); restarting in ${RESTART_DELAY:-10} s, from its newest" \
+        "checkpoint (crash $crashes of ${RESTARTS:-5} in a row)" >&2
+    crash=$code
+    sleep "${RESTART_DELAY:-10}" &
+    child=$!
+    wait_child
+    [ -z "$stopping" ] || exit "$crash"
+done

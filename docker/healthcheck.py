@@ -1,22 +1,29 @@
 """Docker HEALTHCHECK: exit 0 when every local rank's /healthz answers 200, else 1.
 
-Rank r serves on HTTP_PORT + r; entrypoint.sh records how many ranks this node runs.
+Rank r serves on port + r.  entrypoint.sh records how many ranks this node runs and the host and
+port the service really uses (a --http.port in the command line wins over HTTP_PORT); without
+that record, HTTP_HOST and HTTP_PORT.
 """
 import os
 import sys
 import urllib.request
 
 
-def main() -> int:
-    host = os.environ.get("HTTP_HOST", "127.0.0.1")
+def target() -> tuple[int, str, int]:
+    """(ranks, host, base port) to probe."""
+    try:
+        with open(os.environ.get("PROBE_FILE", "/tmp/alexnet-probe")) as f:
+            n, host, p = f.read().split()
+        nproc, port = int(n), int(p)
+    except (OSError, ValueError):
+        nproc, host, port = 1, os.environ.get("HTTP_HOST", "127.0.0.1"), int(os.environ.get("HTTP_PORT", "9431"))
     if host in ("", "0.0.0.0"):  # listening everywhere: loopback reaches it
         host = "127.0.0.1"
-    port = int(os.environ.get("HTTP_PORT", "9431"))
-    try:
-        with open(os.environ.get("NPROC_FILE", "/tmp/alexnet-nproc")) as f:
-            nproc = int(f.read())
-    except (OSError, ValueError):
-        nproc = 1
+    return nproc, host, port
+
+
+def main() -> int:
+    nproc, host, port = target()
     for rank in range(nproc):
         url = f"http://{host}:{port + rank}/healthz"
         try:

@@ -3,8 +3,9 @@
 #   stack.sh check TARGET   print why make TARGET (train, stop, logs, shards-docker) cannot run
 #                           here, in one line, and exit 1; nothing when it can
 #   stack.sh up       build the image, start trainer + Prometheus + dcgm-exporter + Grafana detached
-#                     env: SHARDS RUN GRAFANA_PASSWORD [GPUS=all|N|0,1] [NPROC] [CONFIG] [BIND]
+#                     env: SHARDS RUN GRAFANA_PASSWORD [GPUS=all|N|0,1|none] [NPROC] [CONFIG] [BIND]
 #                          [NNODES NODE_RANK RDZV_ENDPOINT] for one node of a multi-node job
+#                     GPUS=none: the trainer on the CPU, no GPU request, no dcgm-exporter
 #   stack.sh stop     SIGTERM to the trainer (it checkpoints), then stop the rest
 #   stack.sh logs     follow the trainer's output
 #   stack.sh shards   run `python -m shards` in the image: env SRC OUT [ARGS]
@@ -30,10 +31,10 @@ blocker() {
         echo "make $target: there is no docker command on this machine$instead"
     elif ! timeout 20 docker info >/dev/null 2>&1; then
         echo "make $target: no Docker engine answers here (docker info failed)$instead"
-    elif ! compose_ok; then
+    elif [ "$target" != shards-docker ] && ! compose_ok; then  # shards-docker: docker build + run
         echo "make $target: needs the docker compose plugin v$COMPOSE_MIN or newer (for !override)$instead"
-    elif [ "$target" = train ] && ! nvidia_ok; then
-        echo "make $target: Docker has no NVIDIA runtime (install the NVIDIA Container Toolkit)$instead"
+    elif [ "$target" = train ] && [ "${GPUS:-all}" != none ] && ! nvidia_ok; then
+        echo "make $target: Docker has no NVIDIA runtime (install the NVIDIA Container Toolkit, or GPUS=none for the CPU)$instead"
     fi
 }
 
@@ -50,7 +51,9 @@ compose_ok() {
     [ "$(printf '%s\n' "$COMPOSE_MIN" "${v#v}" | sort -V | head -1)" = "$COMPOSE_MIN" ]
 }
 
-abs_dir() { (cd "$1" && pwd); }
+# compose reads a relative volume source without ./ (configs/paper.toml) as a named volume: every
+# path it gets is absolute.  -m: stop and logs get paths that need not exist.
+abs_path() { realpath -m -- "$1"; }
 
 # The uid:gid the trainer runs as: the run directory's owner, so checkpoints stay the user's.
 # A fresh root-owned directory (make run as root) is handed to the image's non-root user.
@@ -70,15 +73,21 @@ run_owner() {
 # The trainer's GPU request for GPUS=all | N (a count) | 0,1 (device ids; "3," is GPU 3 alone,
 # GPU-<uuid> works too), as a compose override that replaces compose.yaml's entry (`!override`:
 # merged files would append a second entry, and count and device_ids cannot share one).
+# GPUS=none removes the request (`!reset`) and hides the GPUs even where nvidia is Docker's
+# default runtime (NVIDIA_VISIBLE_DEVICES=void).
 gpu_override() {
     local gpus=${GPUS:-all} request
     case $gpus in
+        none)
+            printf '%s\n' "services:" "  trainer:" "    environment:" "      NVIDIA_VISIBLE_DEVICES: void" \
+                "    deploy:" "      resources:" "        reservations:" "          devices: !reset []"
+            return ;;
         all) request="count: all" ;;
         *,* | GPU-*)
             [[ $gpus =~ ^[0-9A-Za-z-]+(,[0-9A-Za-z-]+)*,?$ ]] || die "stack: GPUS=$gpus is not a list like 0,1"
             request="device_ids: [$(echo "${gpus%,}" | sed 's/[^,]*/"&"/g; s/,/, /g')]" ;;
         *)
-            [[ $gpus =~ ^[1-9][0-9]*$ ]] || die "stack: GPUS must be all, a count or a list like 0,1 (got $gpus)"
+            [[ $gpus =~ ^[1-9][0-9]*$ ]] || die "stack: GPUS must be all, none, a count or a list like 0,1 (got $gpus)"
             request="count: $gpus" ;;
     esac
     printf '%s\n' "services:" "  trainer:" "    deploy:" "      resources:" "        reservations:" \
@@ -86,8 +95,10 @@ gpu_override() {
         "              capabilities: [gpu]"
 }
 
+revision() { git describe --always --dirty --abbrev=12 2>/dev/null || echo unknown; }
+
 up() {
-    local why gpus owner host
+    local why gpus owner host services=()
     why=$(blocker train)
     [ -z "$why" ] || die "$why"
     : "${GRAFANA_PASSWORD:?make train: set GRAFANA_PASSWORD, the Grafana admin password}"
@@ -95,15 +106,16 @@ up() {
     CONFIG=${CONFIG:-configs/paper.toml}
     [ -f "$CONFIG" ] || die "make train: no config file $CONFIG"
     mkdir -p "${RUN:?set RUN}"
-    SHARDS=$(abs_dir "$SHARDS") RUN=$(abs_dir "$RUN") CONFIG="$(abs_dir "$(dirname "$CONFIG")")/$(basename "$CONFIG")"
+    SHARDS=$(abs_path "$SHARDS") RUN=$(abs_path "$RUN") CONFIG=$(abs_path "$CONFIG")
     owner=$(run_owner "$RUN")
-    TRAIN_UID=${owner%:*} TRAIN_GID=${owner#*:}
-    GIT_REVISION=$(git describe --always --dirty --abbrev=12 2>/dev/null || echo unknown)
+    TRAIN_UID=${owner%:*} TRAIN_GID=${owner#*:} GIT_REVISION=$(revision)
     export SHARDS RUN CONFIG TRAIN_UID TRAIN_GID GIT_REVISION
     gpus=$(mktemp --suffix .yaml)
-    trap 'rm -f "$gpus"' EXIT  # compose reads it at `up`; docker's restarts do not need it
+    # shellcheck disable=SC2064  # expanded now: $gpus is local, gone when the EXIT trap runs
+    trap "rm -f '$gpus'" EXIT  # compose reads it at `up`; the trainer's own restarts do not need it
     gpu_override > "$gpus"
-    "${COMPOSE[@]}" -f "$gpus" up -d --build
+    [ "${GPUS:-all}" = none ] && services=(trainer prometheus grafana)  # no GPUs: no dcgm-exporter
+    "${COMPOSE[@]}" -f "$gpus" up -d --build "${services[@]}"
     host=${BIND:-127.0.0.1}
     [ "$host" = 0.0.0.0 ] && host=$(hostname)
     echo "stack: training on GPUS=${GPUS:-all}, run directory $RUN"
@@ -114,10 +126,21 @@ up() {
 }
 
 # stop and logs only address the running containers, but compose still interpolates the whole
-# file, so its required variables get placeholders here.
+# file, so its required variables get placeholders here, and the paths it gets are absolute.
 compose_existing() {
-    SHARDS=${SHARDS:-/nonexistent} RUN=${RUN:-/nonexistent} GRAFANA_PASSWORD=${GRAFANA_PASSWORD:-unused} \
+    SHARDS=$(abs_path "${SHARDS:-/nonexistent}") RUN=$(abs_path "${RUN:-/nonexistent}") \
+        CONFIG=$(abs_path "${CONFIG:-configs/paper.toml}") GRAFANA_PASSWORD=${GRAFANA_PASSWORD:-unused} \
         "${COMPOSE[@]}" "$@"
+}
+
+# The image, as `make train` builds it: with compose where it is (BuildKit, and the same layer
+# cache as make train), else plain docker build (shards-docker needs no compose).
+build_image() {
+    if compose_ok; then
+        GIT_REVISION=$(revision) compose_existing build trainer
+    else
+        docker build -f docker/Dockerfile -t "$IMAGE" --build-arg GIT_REVISION="$(revision)" .
+    fi
 }
 
 shards() {
@@ -128,11 +151,10 @@ shards() {
     mkdir -p "${OUT:?set OUT}"
     owner=$(run_owner "$OUT")
     [ -t 1 ] && tty=(-t)  # the progress bar wants a terminal
-    docker build -f docker/Dockerfile -t "$IMAGE" \
-        --build-arg GIT_REVISION="$(git describe --always --dirty --abbrev=12 2>/dev/null || echo unknown)" .
+    build_image
     # shellcheck disable=SC2086  # ARGS is a list of --key value words
     docker run --rm --init --ipc host --no-healthcheck "${tty[@]}" --user "$owner" \
-        -v "$(abs_dir "$SRC"):/data/src:ro" -v "$(abs_dir "$OUT"):/data/out" \
+        -v "$(abs_path "$SRC"):/data/src:ro" -v "$(abs_path "$OUT"):/data/out" \
         --entrypoint python "$IMAGE" -m shards --src /data/src --out /data/out ${ARGS:-}
 }
 

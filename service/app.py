@@ -1,16 +1,20 @@
 """``python -m service [--config FILE] [--section.key value ...]``: the training service.
 
-Start-up order matters for the user: settings are checked first (exit 2 naming the key), the
-signal handlers are installed and the HTTP port is bound next (a taken port is exit 3 at once),
-then the shards are checked (exit 1 naming the shard), the model and loaders are built, and
-the newest valid checkpoint in the run directory is resumed.  Then the loop runs until all
-epochs are done or a SIGTERM/SIGINT stops it after a checkpoint (exit 0 either way).
+Start-up order matters for the user: settings are checked first (exit 2 naming the key), then
+that the run directory can be written (exit 5 naming it), the signal handlers are installed and
+the HTTP port is bound next (a taken port is exit 3 at once), then the shards are checked (exit 1
+naming the shard), the model and loaders are built, and the newest valid checkpoint in the run
+directory is resumed.  Then the loop runs until all epochs are done or a SIGTERM/SIGINT stops it
+after a checkpoint (exit 0 either way).
 """
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -19,7 +23,7 @@ from service import checkpoint as ckpt
 from service.build import build, resolve
 from service.config import TrainConfig, validate
 from service.dist import RankError, Ranks
-from service.errors import EXIT_CONFIG, EXIT_OK, DataError, ServiceError
+from service.errors import EXIT_CONFIG, EXIT_OK, EXIT_RUNDIR, DataError, ServiceError, record_exit
 from service.loop import Trainer
 from service.metrics import ServiceMetrics, build_labels
 from service.runlog import RunLog
@@ -45,6 +49,22 @@ def parse(argv: list[str]) -> TrainConfig:
     if problems:
         raise ServiceError(EXIT_CONFIG, "invalid settings: " + "; ".join(problems))
     return cfg
+
+
+def check_run_dir(out: Path) -> None:
+    """Create the run directory and write a file in it, or fail in one line (exit 5).
+
+    Before anything slow: otherwise a read-only or foreign directory surfaces as an OSError
+    traceback from the first log write, after the port, the shards and the loaders.
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise ServiceError(EXIT_RUNDIR, f"run directory {out} cannot be written ({exc.strerror or exc}) by uid "
+                                        f"{os.getuid()}: make it writable for that user, or choose another "
+                                        "directory with --out") from None
 
 
 def clear_run(log: RunLog) -> None:
@@ -126,6 +146,7 @@ def finish(trainer: Trainer, finished: bool, log: RunLog) -> int:
 
 def run_service(cfg: TrainConfig) -> int:
     """Run a validated config to the end (or to a requested stop); returns the exit code."""
+    check_run_dir(cfg.out)
     try:
         ranks = Ranks.from_env()
     except RankError as exc:
@@ -163,4 +184,5 @@ def main(argv: list[str]) -> int:
         return run_service(parse(argv))
     except ServiceError as exc:
         print(f"service: {exc}", file=sys.stderr, flush=True)
+        record_exit(exc.code)
         return exc.code

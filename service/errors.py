@@ -9,15 +9,35 @@ its code, never with a traceback.  Process supervisors (Docker, torchrun, system
     2  a setting is invalid, or does not match the run directory's checkpoints
     3  the HTTP port cannot be served (in use, or not allowed)
     4  a checkpoint could not be written (disk full, permissions)
+    5  the run directory cannot be created or written (read-only, not this user's): checked at
+       start, before anything slow, so it fails in a second rather than after building the loaders
     143 / 130  a second SIGTERM / SIGINT: immediate exit, no checkpoint (killed by the signal)
+
+Codes 1-5 are problems a restart cannot fix.  A supervisor that restarts crashes
+(docker/entrypoint.sh) must tell them from a crash, which torchrun hides (it exits 1 whatever its
+ranks did): with ``ALEXNET_EXIT_FILE`` set, ``record_exit`` writes the code there as well.
 """
 from __future__ import annotations
+
+import os
 
 EXIT_OK = 0
 EXIT_DATA = 1
 EXIT_CONFIG = 2
 EXIT_PORT = 3
 EXIT_CHECKPOINT = 4
+EXIT_RUNDIR = 5
+
+
+def record_exit(code: int) -> None:
+    """Write a diagnosed exit code to ``$ALEXNET_EXIT_FILE`` when set (best effort: never fails)."""
+    path = os.environ.get("ALEXNET_EXIT_FILE")
+    if path:
+        try:
+            with open(path, "w") as f:
+                f.write(f"{code}\n")
+        except OSError:
+            pass
 
 
 class ServiceError(Exception):

@@ -12,6 +12,8 @@ histograms: a few microseconds, no device synchronisation.
 """
 from __future__ import annotations
 
+import importlib.metadata
+import os
 import subprocess
 import tomllib
 from pathlib import Path
@@ -33,21 +35,34 @@ CHECKPOINT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30
 def build_labels(device: str, layout: str, world_size: int) -> dict[str, str]:
     """Labels of ``alexnet_build_info``: versions, git revision, device, layout, world size."""
     try:
-        version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-    except (OSError, KeyError, tomllib.TOMLDecodeError):
-        version = "unknown"
-    try:
         import nvidia.dali
 
         dali = nvidia.dali.__version__
     except ImportError:
         dali = "none"
-    return {"version": version, "git_revision": git_revision(), "torch": torch.__version__, "dali": dali,
+    return {"version": project_version(), "git_revision": git_revision(), "torch": torch.__version__, "dali": dali,
             "device": device, "layout": layout, "world_size": str(world_size)}
 
 
+def project_version() -> str:
+    """pyproject.toml's version in a checkout; the installed package's where there is none (the
+    Docker image installs the project into its venv and keeps no pyproject.toml)."""
+    try:
+        return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        pass
+    try:
+        return importlib.metadata.version("alexnet2012")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def git_revision() -> str:
-    """Short commit of the checkout, or "unknown" (e.g. in a container without .git)."""
+    """``ALEXNET_GIT_REVISION`` when set (the Docker image has no .git: its build passes the
+    revision in), else the checkout's short commit, else "unknown"."""
+    env = os.environ.get("ALEXNET_GIT_REVISION", "").strip()
+    if env and env != "unknown":
+        return env
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                              timeout=5)

@@ -1,0 +1,233 @@
+"""make test-docker: the user's Docker flow on the sample data, for real, on the CPU (GPUS=none).
+
+Run by scripts/test-docker.sh, which provides the engine, compose v2 and the images the stack does
+not build (stand-ins where no registry answers); `make test` never collects this file (its name
+does not start with test_), so it never starts Docker.  The tests run in order on one stack:
+make shards-docker (builds the image), make train GPUS=none, then what the user would look at.
+Fixed ports, as the stack has: 9431 (trainer), 9090 (Prometheus), 3000 (Grafana).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import tomllib
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from sampledata.generate import SampleConfig, generate
+from tests.test_docker_metrics import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "alexnet.json"
+PROMETHEUS = "http://127.0.0.1:9090"
+GPU_PANELS = {"GPU utilisation", "GPU memory", "GPU power"}  # NVIDIA's dcgm-exporter and CUDA memory only
+# A short CPU run that never finishes: 9 steps per epoch over 144 images, a 1-view evaluation and
+# a checkpoint (~450 MB) at each epoch end, only the newest kept.
+CONFIG = "epochs = 1000\n" + TINY + "[checkpoint]\nkeep = 1\n"
+TIMES: dict[str, float] = {}
+
+
+def make(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
+    """``make args`` as the user types it; output kept for the failure message."""
+    t0 = time.monotonic()
+    env = {**os.environ, "GRAFANA_PASSWORD": "test-docker"}
+    result = subprocess.run(["make", "--no-print-directory", *args], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=timeout)
+    name = " ".join(("make", args[0], *(a for a in args[1:] if a.startswith("GPUS"))))
+    TIMES[name + f" ({sum(k.startswith(name) for k in TIMES) + 1})"] = time.monotonic() - t0
+    assert result.returncode == 0, f"make {' '.join(args)}: exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def docker(*args: str) -> str:
+    return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=120, check=True).stdout.strip()
+
+
+def trainer() -> str:
+    """The trainer container's id (compose project alexnet, as scripts/stack.sh names it)."""
+    ids = docker("ps", "-aq", "--filter", "label=com.docker.compose.project=alexnet",
+                 "--filter", "label=com.docker.compose.service=trainer").split()
+    assert len(ids) == 1, ids
+    return ids[0]
+
+
+def state(container: str) -> dict:
+    return json.loads(docker("inspect", "-f", "{{json .State}}", container))
+
+
+def wait_for(what: str, check, timeout: float, every: float = 2.0):
+    """``check()``'s first truthy value, polled; fails naming ``what`` and the last value after ``timeout`` s."""
+    deadline, value = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    pytest.fail(f"{what}: not within {timeout:.0f} s (last: {value!r})")
+
+
+def query(expr: str) -> list[dict]:
+    url = f"{PROMETHEUS}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(url, timeout=10) as r:
+        body = json.load(r)
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+def finite(expr: str) -> bool:
+    return any(math.isfinite(float(s["value"][1])) for s in query(expr))
+
+
+def events(run: Path, kind: str) -> list[dict]:
+    log = run / "log.jsonl"
+    lines = log.read_text().splitlines() if log.exists() else []
+    return [e for e in map(json.loads, lines) if e.get("event") == kind]
+
+
+def compose_down() -> None:
+    env = {**os.environ, "SHARDS": "/nonexistent", "RUN": "/nonexistent", "GRAFANA_PASSWORD": "unused"}
+    subprocess.run(["docker", "compose", "-p", "alexnet", "-f", "docker/compose.yaml", "down", "-v", "--timeout", "60"],
+                   cwd=ROOT, env=env, capture_output=True, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def work():
+    """Sample data, its shards (make shards-docker) and the tiny config, in data/docker-test/e2e."""
+    for port in (9431, 9090, 3000):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                pytest.fail(f"port {port} is in use on 127.0.0.1: the stack listens there; stop what uses it")
+    base = ROOT / "data" / "docker-test" / "e2e"
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    generate(SampleConfig(out=base / "sample", classes=6, train_per_class=24, val_per_class=6, seed=1))
+    (base / "tiny.toml").write_text(CONFIG)
+    yield base
+    compose_down()
+    shutil.rmtree(base, ignore_errors=True)
+    print("\ntest-docker timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in TIMES.items()))
+
+
+def test_shards_docker_builds_the_image_and_shards(work: Path) -> None:
+    make("shards-docker", f"SRC={work / 'sample'}", f"OUT={work / 'shards'}", "ARGS=--shard_samples 20")
+    manifest = json.loads((work / "shards" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["samples"] == 144 and manifest["splits"]["val"]["samples"] == 36
+    assert docker("image", "inspect", "-f", "{{.Config.User}}", "alexnet2012:latest") == "10001:10001"  # non-root
+
+
+@pytest.fixture(scope="module")
+def stack(work: Path) -> Path:
+    """make train GPUS=none on the sample shards; the run directory."""
+    make("train", "GPUS=none", f"SHARDS={work / 'shards'}", f"RUN={work / 'run'}", f"CONFIG={work / 'tiny.toml'}")
+    return work / "run"
+
+
+def test_trainer_is_healthy_and_not_root(stack: Path) -> None:
+    t0 = time.monotonic()
+    wait_for("the trainer healthy", lambda: state(trainer()).get("Health", {}).get("Status") == "healthy", 300)
+    TIMES["healthy after"] = time.monotonic() - t0
+    assert docker("exec", trainer(), "id", "-u") == "10001"
+    services = docker("ps", "--format", "{{.Label \"com.docker.compose.service\"}}",
+                      "--filter", "label=com.docker.compose.project=alexnet").split()
+    assert sorted(services) == ["grafana", "prometheus", "trainer"]  # GPUS=none: no dcgm-exporter
+
+
+def test_prometheus_scrapes_the_trainer_with_its_rank(stack: Path) -> None:
+    def rank0():
+        with urllib.request.urlopen(f"{PROMETHEUS}/api/v1/targets", timeout=10) as r:
+            targets = json.load(r)["data"]["activeTargets"]
+        return [t for t in targets if t["scrapeUrl"] == "http://127.0.0.1:9431/metrics" and t["health"] == "up"]
+    (target,) = wait_for("Prometheus scraping 127.0.0.1:9431 (up)", rank0, 120)
+    assert target["labels"]["rank"] == "0" and target["labels"]["job"] == "alexnet"
+
+
+def test_build_info_carries_the_real_revision(stack: Path) -> None:
+    (info,) = wait_for("alexnet_build_info in Prometheus", lambda: query('alexnet_build_info{rank="0"}'), 60)
+    revision = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=ROOT, capture_output=True,
+                              text=True).stdout.strip()  # what make train builds with
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert info["metric"]["git_revision"] == revision and revision
+    assert info["metric"]["version"] == version and info["metric"]["device"] == "cpu"
+
+
+def dashboard_queries() -> dict[str, str]:
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    return {f"{p['title']}: {t['expr']}": t["expr"] for p in panels if p["title"] not in GPU_PANELS for t in p["targets"]}
+
+
+def test_every_dashboard_query_returns_data(stack: Path) -> None:
+    queries = dashboard_queries()
+    assert len(queries) >= 15, queries
+    t0 = time.monotonic()
+    # The last values to exist: an evaluation, a checkpoint, and two scrapes of each rate's window.
+    wait_for("an evaluation and a checkpoint", lambda: events(stack, "checkpoint") and events(stack, "eval"), 420)
+    deadline = time.monotonic() + 180
+    while missing := [k for k, e in queries.items() if not finite(e)]:
+        assert time.monotonic() < deadline, f"dashboard queries without data from Prometheus: {missing}"
+        time.sleep(5)
+    TIMES["dashboard data after healthy"] = time.monotonic() - t0
+    grafana = docker("ps", "-q", "--filter", "label=com.docker.compose.service=grafana")
+    for path in ("/etc/grafana/provisioning/datasources/prometheus.yaml", f"/etc/grafana/dashboards/{DASHBOARD.name}"):
+        docker("exec", grafana, "test", "-s", path)  # what Grafana would provision is mounted where it looks
+
+
+def test_make_logs_shows_the_trainer(stack: Path) -> None:
+    proc = subprocess.Popen(["make", "--no-print-directory", "logs"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 60
+        for line in proc.stdout:
+            lines.append(line)
+            if re.search(r"step \d+", line) and any("metrics: http://127.0.0.1:9431" in x for x in lines):
+                break
+            assert time.monotonic() < deadline, "".join(lines[-30:])
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert any("new run" in x or "resuming run" in x for x in lines), "".join(lines[-30:])
+
+
+def test_make_stop_checkpoints_and_make_train_resumes(stack: Path, work: Path) -> None:
+    t0 = time.monotonic()
+    make("stop")  # the Makefile's defaults for SHARDS, RUN and CONFIG
+    assert time.monotonic() - t0 < 30
+    s = state(trainer())
+    assert s["Status"] == "exited" and s["ExitCode"] == 0
+    (stopped,) = events(stack, "stopped")
+    step, name = stopped["step"], Path(events(stack, "checkpoint")[-1]["path"]).name  # the checkpoint of the stop
+    assert (stack / name).exists() and int(re.findall(r"\d+", name)[-1]) == step
+    make("train", "GPUS=none", f"SHARDS={work / 'shards'}", f"RUN={stack}", f"CONFIG={work / 'tiny.toml'}")
+    starts = wait_for("a second start in log.jsonl", lambda: len(events(stack, "start")) == 2 and events(stack, "start"),
+                      300)
+    assert starts[1]["step"] == step and Path(starts[1]["resumed_from"]).name == name
+    wait_for("training past the resumed step",
+             lambda: any(e.get("step", 0) > step for e in events(stack, "train")), 300)
+    make("stop")
+    assert state(trainer())["ExitCode"] == 0
+
+
+def test_a_run_directory_the_trainer_cannot_write_stops_it_in_one_line(work: Path) -> None:
+    run = work / "foreign-run"
+    run.mkdir()
+    os.chown(run, 12345, 12345)  # the trainer runs as the run directory's owner...
+    run.chmod(0o555)  # ...who cannot write it
+    make("train", "GPUS=none", f"SHARDS={work / 'shards'}", f"RUN={run}", f"CONFIG={work / 'tiny.toml'}")
+    wait_for("the trainer to exit", lambda: state(trainer())["Status"] == "exited", 120)
+    time.sleep(15)  # a restart policy would have restarted it by now
+    s = state(trainer())
+    assert s["Status"] == "exited" and s["ExitCode"] == 5 and not s["Restarting"]
+    assert json.loads(docker("inspect", "-f", "{{json .RestartCount}}", trainer())) == 0
+    logs = subprocess.run(["docker", "logs", trainer()], capture_output=True, text=True, timeout=60)
+    (line,) = (logs.stdout + logs.stderr).strip().splitlines()
+    assert line.startswith("service: run directory /runs/run cannot be written (Permission denied) by uid 12345"), line

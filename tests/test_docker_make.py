@@ -1,0 +1,115 @@
+"""`make train`, `stop`, `logs`, `shards-docker` (scripts/stack.sh) without a Docker engine: what
+they say where Docker cannot run, and what they hand to docker, recorded by a stand-in `docker`
+and checked with Debian's docker-compose.  make test-docker runs them against a real engine."""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.test_docker import compose_config, tool
+
+ROOT = Path(__file__).resolve().parents[1]
+# A docker with an engine and compose v2.26 that records what it is asked (args, and the paths
+# compose would interpolate); `docker info` shows no NVIDIA runtime.
+RECORDER = """case "$1" in
+  info) echo '{}'; exit 0 ;;
+  compose) [ "$2" = version ] && { echo 2.26.1; exit 0; } ;;
+esac
+printf '%s\\n' "$*" "SHARDS=$SHARDS" "RUN=$RUN" "CONFIG=$CONFIG" >> "$DOCKER_LOG"
+"""
+
+
+def fake_path(tmp_path: Path, docker: str | None) -> str:
+    """A PATH with the tools make and stack.sh use, and ``docker`` as the given script (or none)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("bash", "make", "dirname", "timeout", "grep", "sort", "head", "sed", "cat", "realpath", "mktemp",
+                 "rm", "mkdir", "stat", "ls", "chown", "git", "printf", "hostname"):
+        (bin_dir / name).symlink_to(tool(name))
+    if docker is not None:
+        (bin_dir / "docker").write_text("#!/bin/sh\n" + docker)
+        (bin_dir / "docker").chmod(0o755)
+    return str(bin_dir)
+
+
+def make(path: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {"PATH": path, "HOME": str(tmp_path), "GRAFANA_PASSWORD": "x", "DOCKER_LOG": str(tmp_path / "docker.log")}
+    return subprocess.run(["make", "--no-print-directory", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def make_train(path: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    return make(path, tmp_path, "train", f"SHARDS={tmp_path}", f"RUN={tmp_path}/run")
+
+
+def assert_one_line_naming_train_local(result: subprocess.CompletedProcess, reason: str) -> None:
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode != 0
+    assert len(output.splitlines()) == 1 and "make train-local" in output and reason in output, output
+    assert not (Path(result.args[-1].split("=", 1)[1])).exists()  # nothing was started or created
+
+
+@pytest.mark.parametrize("docker, reason", [
+    (None, "no docker command"),
+    ('[ "$1" = info ] && exit 1\nexit 0\n', "no Docker engine"),
+    ('case "$1 $2" in "compose version") echo 2.29.1;; "info "*) echo "{}";; esac\n', "no NVIDIA runtime"),
+])
+def test_make_train_says_why_docker_cannot_run(docker: str | None, reason: str, tmp_path: Path) -> None:
+    assert_one_line_naming_train_local(make_train(fake_path(tmp_path, docker), tmp_path), reason)
+
+
+def test_make_train_on_this_machine(tmp_path: Path) -> None:
+    check = subprocess.run(["bash", str(ROOT / "scripts" / "stack.sh"), "check", "train"], capture_output=True,
+                           text=True, timeout=120)
+    if check.returncode == 0:
+        pytest.skip("this machine can run the Docker stack: make train would start it")
+    assert_one_line_naming_train_local(make_train(os.environ["PATH"], tmp_path), "make train:")
+
+
+def recorded(tmp_path: Path) -> list[dict[str, str]]:
+    """Each docker call the recorder saw: its arguments and the paths in its environment."""
+    lines = (tmp_path / "docker.log").read_text().splitlines()
+    calls = [lines[i:i + 4] for i in range(0, len(lines), 4)]
+    return [{"args": c[0], **dict(kv.split("=", 1) for kv in c[1:])} for c in calls]
+
+
+@pytest.mark.parametrize("target", ["stop", "logs"])
+def test_stop_and_logs_work_with_the_makefiles_defaults(target: str, tmp_path: Path) -> None:
+    # The Makefile always passes SHARDS=data/shards RUN=runs/alexnet CONFIG=configs/paper.toml;
+    # compose reads a relative path without ./ as a named volume and refuses the whole file.
+    result = make(fake_path(tmp_path, RECORDER), tmp_path, target)
+    assert result.returncode == 0, result.stderr
+    calls = recorded(tmp_path)
+    assert calls and all(c["args"].startswith("compose -p alexnet -f docker/compose.yaml") for c in calls)
+    for call in calls:
+        paths = {k: call[k] for k in ("SHARDS", "RUN", "CONFIG")}
+        assert all(Path(p).is_absolute() for p in paths.values()), paths
+        check = compose_config(tmp_path, ROOT / "docker" / "compose.yaml", **paths)
+        assert check.returncode == 0, check.stderr
+
+
+def test_make_train_gpus_none_needs_no_nvidia_runtime_and_starts_no_dcgm(tmp_path: Path) -> None:
+    shards, run = tmp_path / "shards", tmp_path / "run"
+    shards.mkdir()
+    (shards / "manifest.json").write_text("{}")
+    result = make(fake_path(tmp_path, RECORDER), tmp_path, "train", "GPUS=none", f"SHARDS={shards}", f"RUN={run}",
+                  "CONFIG=configs/demo.toml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    (call,) = recorded(tmp_path)
+    assert call["args"].endswith("up -d --build trainer prometheus grafana")  # everything but dcgm-exporter
+    assert call["CONFIG"] == str(ROOT / "configs" / "demo.toml") and call["RUN"] == str(run)
+    assert "GPUS=none" in result.stdout
+
+
+def test_shards_docker_needs_no_compose(tmp_path: Path) -> None:
+    no_compose = 'case "$1" in info) exit 0 ;; compose) echo "unknown command: docker compose" >&2; exit 1 ;; esac\n'
+    path = fake_path(tmp_path, no_compose)
+
+    def check(target: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(ROOT / "scripts" / "stack.sh"), "check", target], env={"PATH": path},
+                              capture_output=True, text=True, timeout=60)
+    assert check("shards-docker").returncode == 0 and check("shards-docker").stdout == ""  # docker build + run
+    assert check("train").returncode == 1 and "compose plugin" in check("train").stdout

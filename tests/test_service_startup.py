@@ -1,0 +1,58 @@
+"""Start-up checks of the service in real processes: a run directory it cannot write (one line,
+exit 5, before anything slow) and the build labels of a container (the revision it was built from).
+
+Root ignores permission bits, so the run directory is made unwritable for real: a read-only tmpfs
+mounted for the test (skipped where mounting is not allowed)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.errors import EXIT_RUNDIR
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def python(*args: str, **env: str) -> subprocess.CompletedProcess:
+    """``python args`` from the repository root in a fresh interpreter, with ``env`` added."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+
+
+@pytest.fixture
+def read_only(tmp_path: Path):
+    """A directory on a read-only tmpfs, unmounted afterwards."""
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)], capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here (needs root and mount rights): {result.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+@pytest.mark.parametrize("sub", ["", "run"])  # the mount point itself, and a directory to create in it
+def test_unwritable_run_directory_is_one_line_and_exit_5(read_only: Path, sub: str, tmp_path: Path) -> None:
+    out = read_only / sub if sub else read_only
+    exit_file = tmp_path / "exit-code"
+    result = python("-m", "service", "--shards", str(tmp_path / "no-shards"), "--out", str(out), "--http.port", "0",
+                    ALEXNET_EXIT_FILE=str(exit_file))
+    assert result.returncode == EXIT_RUNDIR == 5, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"service: run directory {out} cannot be written (Read-only file system)"), line
+    assert "--out" in line and result.stdout == ""  # checked before anything else happens
+    assert exit_file.read_text() == "5\n"  # for docker/entrypoint.sh: a diagnosed exit is not restarted
+
+
+def test_build_info_carries_the_images_revision() -> None:
+    # The image has no .git: its build passes the revision in ALEXNET_GIT_REVISION.
+    code = "from service.metrics import build_labels; print(build_labels('cpu', 'grouped', 1)['git_revision'])"
+    result = python("-c", code, ALEXNET_GIT_REVISION="0123456789ab-dirty")
+    assert result.stdout.strip() == "0123456789ab-dirty", result.stderr
