@@ -20,7 +20,7 @@ docker_check = $(eval _why := $(shell bash scripts/stack.sh check $(1)))$(if $(_
 SHARD_CONFIG := $(if $(filter $(SAMPLE),$(SRC)),--config configs/shards-sample.toml,)
 
 .PHONY: help setup sample-data shards bench-shards bench-pipeline bench-model bench-service gpu-check preview demo \
-	train-local test clean train stop logs shards-docker
+	train-local test test-fast clean train stop logs shards-docker
 
 # Each of these is optional and overrides the config file; the defaults differ by target.
 train stop logs: CONFIG ?= configs/paper.toml
@@ -96,6 +96,9 @@ shards-docker: ## make shards inside the image (no local environment): make shar
 
 test: setup ## run the test suite (CPU only)
 	$(PY) -m pytest -q $(ARGS)
+
+test-fast: setup ## the tests not marked slow (the edit-test loop; make test runs them all)
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
 clean: ## remove generated data, runs and benchmark output (keeps .venv)
 	rm -rf data runs bench/*.json bench/*.png

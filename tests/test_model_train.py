@@ -138,6 +138,7 @@ def test_bf16_autocast_and_channels_last_are_selectable():
     assert model.conv2.weight.dtype == torch.float32  # autocast leaves the master weights fp32
 
 
+@pytest.mark.slow
 def test_overfits_one_small_batch():
     """The full network drives the loss on 8 fixed images to ~0 with the paper's update.
 
