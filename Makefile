@@ -54,10 +54,11 @@ bench-pipeline: setup ## DALI training pipeline vs the decode floor: make bench-
 bench-model: setup ## forward+backward images/s of both model layouts (CPU, and GPU when present)
 	$(PY) -m bench.bench_model --report bench/model.json
 
-bench-service: setup ## service loop (metrics, logs, checkpoints) vs the bare train_step loop; 1 vs 2 ranks at one global batch
+bench-service: setup ## service loop (metrics, logs, checkpoints) vs the bare train_step loop; 1 vs 2 ranks at one global batch; the per-step agreement
 	@if [ "$(SHARDS)" = "data/shards" ] && [ ! -f data/shards/manifest.json ]; then $(MAKE) --no-print-directory shards; fi
 	$(PY) -m bench.bench_service --report bench/service.json --shards $(SHARDS)
 	$(PY) -m bench.bench_scaling --report bench/scaling.json --shards $(SHARDS)
+	$(PY) -m bench.bench_agree --report bench/agree.json
 
 # gpu-check runs where `make setup` has not: PY=python3 WHEELS=dir use that interpreter and those wheels.
 GPU_CHECK_OUT := $(if $(filter command line,$(origin OUT)),$(OUT),data/gpu-check)
