@@ -1,10 +1,14 @@
 """Two gloo ranks through torchrun (real processes) where ranks used to diverge: a validation split
 that leaves one rank an empty last batch, a damaged newest checkpoint both ranks must agree to
-skip, and ``--fresh`` deleting the old logs before any rank opens its new one."""
+skip, ``--fresh`` deleting the old logs before any rank opens its new one, and the per-step
+agreement answered a step late, the same on every rank."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +17,7 @@ from sampledata.generate import SampleConfig, generate
 from service import checkpoint as ckpt
 from shards.build import build
 from shards.config import ShardConfig
-from tests.service_proc import TORCHRUN_2, checkpoint_steps, events, run_service
+from tests.service_proc import ROOT, TORCHRUN_2, checkpoint_steps, events, run_service
 
 pytestmark = pytest.mark.slow
 ODD = ("--loader.batch_size", "32", "--epochs", "1")
@@ -85,3 +89,36 @@ def test_fresh_deletes_the_old_logs_before_any_rank_opens_its_own(sample_shards:
     rank1 = events(out, rank=1)
     assert [r["event"] for r in rank1][0] == "start" and rank1[-1]["event"] == "finished", rank1
     assert not list(out.glob("*.corrupt"))
+
+
+AGREE = r"""
+import json, sys
+import torch
+from service.dist import Agreement, Ranks
+
+ranks = Ranks.from_env()
+ranks.start(torch.device("cpu"))
+agreement, answers = Agreement(ranks), []
+for step in range(1, 11):  # rank 0 is signalled after step 7, rank 1's clock says "checkpoint" after step 3
+    answers.append(agreement.lagged(step, ranks.rank == 0 and step == 7, ranks.rank == 1 and step == 3))
+answers.append((agreement.now(ranks.rank == 1), None))
+everyone = ranks.gather(answers)
+if ranks.is_main:
+    print(json.dumps(everyone))
+ranks.close()
+"""
+
+
+def test_the_lagged_agreement_gives_every_rank_the_same_answers_one_step_late(tmp_path: Path) -> None:
+    script = tmp_path / "agree.py"
+    script.write_text(AGREE)
+    done = subprocess.run([sys.executable, *TORCHRUN_2, str(script)], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = json.loads(done.stdout.strip().splitlines()[-1])
+    assert rank0 == rank1
+    answers = {tag: flags for flags, tag in rank0[:-1]}
+    assert rank0[0] == [[False, False], None]  # nothing asked before step 1
+    assert answers[3] == [False, True] and answers[7] == [True, False]  # read after steps 4 and 8
+    assert all(flags == [False, False] for tag, flags in answers.items() if tag not in (3, 7))
+    assert rank0[-1] == [[True], None]  # blocking, at once
