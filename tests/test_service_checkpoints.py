@@ -3,7 +3,6 @@ another format version, RNG states of devices this machine does not have, a pick
 run code, a full disk (a real tmpfs), and the bound on ``*.corrupt`` files."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,22 +12,7 @@ import torch
 
 from service import checkpoint as ckpt
 from tests.service_proc import Service, checkpoint_steps, run_service
-
-
-@pytest.fixture(scope="module")
-def finished_run(sample_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished one-epoch run with checkpoints at steps 2, 4 and 6 (the epoch end)."""
-    out = tmp_path_factory.mktemp("finished") / "run"
-    rc, service = run_service(sample_shards, out, "--epochs", "1", "--checkpoint.every_steps", "2")
-    assert rc == 0, service.stderr
-    assert checkpoint_steps(out) == [2, 4, 6]
-    return out
-
-
-def _copy_run(run: Path, tmp_path: Path) -> Path:
-    out = tmp_path / "run"
-    shutil.copytree(run, out)
-    return out
+from tests.test_service_failures import _copy_run, finished_run  # noqa: F401 (a fixture: checkpoints 2, 4, 6)
 
 
 def _rewrite(path: Path, change) -> None:
