@@ -20,7 +20,7 @@ docker_check = $(eval _why := $(shell GPUS="$(GPUS)" bash scripts/stack.sh check
 SHARD_CONFIG := $(if $(filter $(SAMPLE),$(SRC)),--config configs/shards-sample.toml,)
 
 .PHONY: help setup sample-data shards bench-shards bench-pipeline bench-model bench-service gpu-check preview demo \
-	train-local test test-docker clean train stop logs shards-docker
+	train-local test test-fast test-docker clean train stop logs shards-docker
 
 # Each of these is optional and overrides the config file; the defaults differ by target.
 train stop logs: CONFIG ?= configs/paper.toml
@@ -54,10 +54,11 @@ bench-pipeline: setup ## DALI training pipeline vs the decode floor: make bench-
 bench-model: setup ## forward+backward images/s of both model layouts (CPU, and GPU when present)
 	$(PY) -m bench.bench_model --report bench/model.json
 
-bench-service: setup ## service loop (metrics, logs, checkpoints) vs the bare train_step loop; 1 vs 2 ranks at one global batch
+bench-service: setup ## service loop (metrics, logs, checkpoints) vs the bare train_step loop; 1 vs 2 ranks at one global batch; the per-step agreement
 	@if [ "$(SHARDS)" = "data/shards" ] && [ ! -f data/shards/manifest.json ]; then $(MAKE) --no-print-directory shards; fi
 	$(PY) -m bench.bench_service --report bench/service.json --shards $(SHARDS)
 	$(PY) -m bench.bench_scaling --report bench/scaling.json --shards $(SHARDS)
+	$(PY) -m bench.bench_agree --report bench/agree.json
 
 # gpu-check runs where `make setup` has not: PY=python3 WHEELS=dir use that interpreter and those wheels.
 GPU_CHECK_OUT := $(if $(filter command line,$(origin OUT)),$(OUT),data/gpu-check)
@@ -96,6 +97,9 @@ shards-docker: ## make shards inside the image (no local environment): make shar
 
 test: setup ## run the test suite (CPU only)
 	$(PY) -m pytest -q $(ARGS)
+
+test-fast: setup ## the tests not marked slow (the edit-test loop; make test runs them all)
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
 test-docker: setup ## build the image and run make train GPUS=none for real (as root, starts a Docker engine if none runs; ~15 min)
 	@bash scripts/test-docker.sh $(ARGS)

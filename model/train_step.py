@@ -6,6 +6,7 @@ device tensor, and ``evaluate`` keeps its counts on the device until the end.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -88,12 +89,24 @@ def train_step(
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Errors are fractions in 0..1; ``loss`` is the cross-entropy of the view-averaged softmax."""
+    """Errors are fractions in 0..1; ``loss`` is the cross-entropy of the view-averaged softmax.
+    ``images == 0`` (a rank whose share of the split was empty) has NaN metrics and no weight."""
 
     top1_error: float
     top5_error: float
     loss: float
     images: int
+
+    @classmethod
+    def combine(cls, results: Iterable[EvalResult]) -> EvalResult:
+        """One result from several disjoint parts of a split (e.g. every rank's), each weighted
+        by its images; parts without images count for nothing (their NaN never leaks in)."""
+        parts = [r for r in results if r.images > 0]
+        n = sum(r.images for r in parts)
+        if n == 0:
+            return cls(math.nan, math.nan, math.nan, 0)
+        mean = [sum(getattr(r, k) * r.images for r in parts) / n for k in ("top1_error", "top5_error", "loss")]
+        return cls(*mean, n)
 
 
 def view_averaged_probs(model: nn.Module, images: Tensor, channels_last: bool = False) -> Tensor:
@@ -127,14 +140,20 @@ def evaluate(
 
     ``images`` is (N, 3, 224, 224) for one view per image, or (N, V, 3, 224, 224) for V views
     per image (e.g. :func:`model.views.ten_views`); the V softmax outputs are averaged.
-    The model's training mode is restored afterwards.
+    A batch of 0 images is skipped: a rank's share of an uneven split ends with one
+    (``pipeline.loader``), and its views cannot be reshaped (``view(0, V, -1)`` is ambiguous).
+    Every metric is a mean over the real images; a rank that got none returns ``images == 0``
+    (see :meth:`EvalResult.combine`).  The model's training mode is restored afterwards.
     """
     was_training = model.training
     model.eval()
     device = _input_device(model)
-    totals, count = None, 0
+    totals, count, seen = None, 0, 0
     try:
         for images, labels in batches:
+            seen += 1
+            if labels.numel() == 0:
+                continue
             with _autocast(device, autocast_dtype):
                 probs = view_averaged_probs(model, images.to(device, non_blocking=True), channels_last)
             counts = _error_counts(probs, labels.to(probs.device, non_blocking=True))
@@ -142,7 +161,9 @@ def evaluate(
             count += labels.numel()
     finally:
         model.train(was_training)
-    if totals is None:
+    if not seen:
         raise ValueError("evaluate got no batches")
+    if totals is None:
+        return EvalResult(math.nan, math.nan, math.nan, 0)
     top1, top5, loss = (totals / count).tolist()  # the only device sync
     return EvalResult(top1, top5, loss, count)

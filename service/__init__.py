@@ -1,5 +1,5 @@
 """The training service: a long-running process that trains AlexNet on the shards, checkpoints,
-resumes, stops cleanly on SIGTERM/SIGINT and exports Prometheus metrics.
+resumes, stops cleanly on SIGTERM/SIGINT/SIGHUP and exports Prometheus metrics.
 
 ``python -m service`` (alias ``python -m service.train``) runs ``service.app.main``.  Modules:
 
@@ -7,7 +7,10 @@ resumes, stops cleanly on SIGTERM/SIGINT and exports Prometheus metrics.
 - ``dist``: rank, world size and local rank (torchrun), the one place that knows about them;
 - ``build``: device, model, optimizer, schedule, scaler and loaders from the settings;
 - ``loop``: the training loop (steps, log intervals, evaluation, checkpoints, stop);
-- ``checkpoint`` / ``state``: checkpoint files (atomic, rotated, verified) and what they hold;
+- ``checkpointer``: the one owner of checkpoint state (what a checkpoint holds, when it is due,
+  staging to host memory (``staging``), which file a restart resumes, the restore order);
+  ``checkpoint``: the files (format and version, atomic, rotated, verified); ``state`` / ``rng``:
+  the progress counters and run identity, the random generators;
 - ``metrics`` / ``server`` / ``status``: Prometheus metrics in a private registry, the HTTP
   endpoint (/metrics, /healthz, /status) and the shared status it serves;
 - ``signals``, ``runlog``, ``data_errors``, ``errors``: stop requests, the run directory's

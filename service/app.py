@@ -4,7 +4,7 @@ Start-up order matters for the user: settings are checked first (exit 2 naming t
 that the run directory can be written (exit 5 naming it), the signal handlers are installed and
 the HTTP port is bound next (a taken port is exit 3 at once), then the shards are checked (exit 1
 naming the shard), the model and loaders are built, and the newest valid checkpoint in the run
-directory is resumed.  Then the loop runs until all epochs are done or a SIGTERM/SIGINT stops it
+directory is resumed.  Then the loop runs until all epochs are done or a SIGTERM/SIGINT/SIGHUP stops it
 after a checkpoint (exit 0 either way).
 """
 from __future__ import annotations
@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 from common.config import ConfigError, load_config, split_config_arg, to_dict
-from service import checkpoint as ckpt
 from service.build import build, resolve
 from service.config import TrainConfig, validate
 from service.dist import RankError, Ranks
@@ -86,14 +85,10 @@ def start(cfg: TrainConfig, ranks: Ranks, metrics: ServiceMetrics, board: Status
     parts = build(cfg, ranks, manifest)
     run_id = f"{cfg.out.resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"
     trainer = Trainer(parts, ranks, manifest, ident, run_id, metrics, board, log, stop)
-    for stale in ckpt.remove_stale_temps(cfg.out) if ranks.is_main else []:
-        log.warn(f"removed {stale}: a checkpoint write that never finished (the process was killed)")
-    found = ckpt.newest_valid(cfg.out, log.warn)
-    if found:
-        trainer.restore(*found)
+    found = trainer.resume()  # rank 0 chooses the file, every rank restores it (service.checkpointer)
     p = trainer.progress
     if found:
-        log.say(f"resuming run {trainer.run_id} from {found[0]}: {p.evaluated} epoch(s) done, "
+        log.say(f"resuming run {trainer.run_id} from {found.path}: {p.evaluated} epoch(s) done, "
                 f"{trainer.position()} (step {p.step} in all)")
     else:
         log.say(f"new run {run_id} in {cfg.out}")
@@ -105,11 +100,11 @@ def start(cfg: TrainConfig, ranks: Ranks, metrics: ServiceMetrics, board: Status
     board.update(run_id=trainer.run_id, **ranks.info(), global_batch=cfg.loader.batch_size * ranks.world_size,
                  lr_rule=parts.lr_rule,
                  epochs=cfg.epochs, epoch=p.epoch + 1, step=p.step, device=cfg.device, layout=cfg.model.layout,
-                 resumed_from=str(found[0]) if found else None)
+                 resumed_from=str(found.path) if found else None)
     board.beat("starting")
     if ranks.is_main:
         log.write_json("config.json", to_dict(cfg))
-    log.event("start", run_id=trainer.run_id, resumed_from=str(found[0]) if found else None, step=p.step,
+    log.event("start", run_id=trainer.run_id, resumed_from=str(found.path) if found else None, step=p.step,
               **ranks.info(), config=to_dict(cfg))
     return trainer
 
@@ -164,8 +159,10 @@ def run_service(cfg: TrainConfig) -> int:
         log.say(f"metrics: {endpoint.url('/metrics')}  status: {endpoint.url('/status')}  "
                 f"health: {endpoint.url('/healthz')}")
         log.say(f"run directory: {cfg.out} (curve.png and history.json after each epoch, log.jsonl, checkpoints)")
-        if cfg.fresh and ranks.is_main:
-            clear_run(log)
+        if cfg.fresh:
+            if ranks.is_main:
+                clear_run(log)
+            ranks.barrier()  # no rank opens its log before rank 0 has deleted the old ones
         log.open()
         trainer = start(cfg, ranks, metrics, board, log, stop)
         return finish(trainer, trainer.run(), log)

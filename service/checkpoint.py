@@ -1,4 +1,5 @@
-"""Checkpoint files: atomic writes, the newest readable one, keep the last K, write in the background.
+"""Checkpoint files: the format and its version, atomic writes, the newest readable file, keep the
+last K, write in the background.  (What goes into a file and when: ``service.checkpointer``.)
 
 A checkpoint is ``<out>/checkpoint-<global step>.pt`` (``torch.save`` of plain tensors, numbers,
 strings, lists and dicts).  It is written to a temporary file in the same directory, fsynced,
@@ -7,20 +8,21 @@ renamed over its final name (``os.replace``, atomic on POSIX) and the directory 
 new one, plus at most a stale ``.tmp`` file that the next start removes.  Older checkpoints
 are deleted only after the new one is durable.
 
-Loading uses ``torch.load(weights_only=True)``: a checkpoint cannot run code.  A file that
-does not load (truncated, corrupt, not ours) is renamed ``*.corrupt`` (kept for inspection,
-out of the rotation) and the previous one is tried.
-
-Each file carries a CRC-32 of its contents, checked on load: ``torch.load`` alone returns
-tensors whose bytes were damaged without complaint.
-
-The loop is blocked only while the state is copied to host memory (``HostBuffers``); with
-``background=True`` the serialisation, fsync and rename run in a thread, one at a time.
+Loading uses ``torch.load(weights_only=True)``: a checkpoint cannot run code.  Each file carries
+a CRC-32 of its contents, checked on load: ``torch.load`` alone returns tensors whose bytes were
+damaged without complaint.  A file that does not load (truncated, corrupt, not ours) is renamed
+``*.corrupt`` once an older one has loaded; at most ``KEEP_CORRUPT`` of them are kept (a
+flapping disk must not fill the volume with 455 MB files).  When no checkpoint loads, nothing
+is renamed and the run is refused: starting over from step 0 must be asked for
+(``--fresh true``), never happen silently.  A checkpoint of another format *version* is not
+damaged: it is refused naming both versions, or upgraded where this code knows how.
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
+import shutil
 import threading
 import time
 import zlib
@@ -30,28 +32,61 @@ from typing import Any
 
 import torch
 
-from service.errors import EXIT_CHECKPOINT, ServiceError
+from service.errors import EXIT_CHECKPOINT, EXIT_CONFIG, ServiceError
 
 FORMAT = "alexnet2012-service-checkpoint"
-VERSION = 1
+# 2: the RNG states of the CUDA devices in use, keyed by device ("cuda:1"); 1 had one state per
+# visible GPU, by position.
+VERSION = 2
 REQUIRED = ("format", "version", "run_id", "config", "identity", "progress", "model", "velocity", "schedule",
             "loaders", "rng", "lr_scale")
 NAME = re.compile(r"^checkpoint-(\d{9})\.pt$")
+CORRUPT = re.compile(r"^checkpoint-(\d{9})\.pt\.corrupt$")
+KEEP_CORRUPT = 2  # unreadable checkpoints kept for inspection (the newest ones)
 
 
 class Unreadable(Exception):
     """A checkpoint file that cannot be used; the message says why."""
 
 
+class OtherVersion(Exception):
+    """A sound checkpoint of a format version this code neither reads nor upgrades."""
+
+    def __init__(self, path: Path, version: object) -> None:
+        self.path, self.version = path, version
+        upgrades = f" (and upgrades {', '.join(f'version {v}' for v in sorted(UPGRADES))})" if UPGRADES else ""
+        super().__init__(f"{path} has checkpoint format version {version!r}; this code reads version {VERSION}"
+                         f"{upgrades}")
+
+    def refusal(self) -> ServiceError:
+        """Exit 2 naming both versions and the ways forward."""
+        newer = isinstance(self.version, int) and self.version > VERSION
+        return ServiceError(EXIT_CONFIG, f"{self}. Resume it with the {'newer ' if newer else ''}version of the "
+                            "service that wrote it, use another --out directory, or start over here with --fresh "
+                            f"true (deletes {self.path.parent}'s checkpoints and logs)")
+
+
+def _upgrade_v1(payload: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 saved ``torch.cuda.get_rng_state_all()``: a list by visible GPU index."""
+    for rng in payload["rng"]:
+        if isinstance(rng.get("cuda"), list):
+            rng["cuda"] = {f"cuda:{i}": state for i, state in enumerate(rng["cuda"])}
+    payload["version"] = 2
+    return payload
+
+
+UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _upgrade_v1}  # version -> the next one
+
+
 def path_for(out: Path, step: int) -> Path:
     return out / f"checkpoint-{step:09d}.pt"
 
 
-def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
-    """(step, path) of every checkpoint in ``out``, oldest first."""
+def list_checkpoints(out: Path, pattern: re.Pattern = NAME) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint in ``out`` (or every file ``pattern`` names), oldest first."""
     if not out.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in out.iterdir() if (m := NAME.match(p.name))]
+    found = [(int(m.group(1)), p) for p in out.iterdir() if (m := pattern.match(p.name))]
     return sorted(found)
 
 
@@ -79,34 +114,79 @@ def atomic_save(payload: dict[str, Any], path: Path) -> None:
     fsync_dir(path.parent)
 
 
+def _load_error(exc: Exception) -> str:
+    """Why ``torch.load`` refused a file, in one line.  torch's own message for a pickle that
+    names Python objects ends with advice to load it with ``weights_only=False``, i.e. to run
+    whatever code an untrusted file carries: that advice is never passed on."""
+    text = str(exc)
+    if "weights_only" in text or "Weights only load failed" in text:
+        named = re.search(r"GLOBAL ([\w.]+)", text)
+        what = f"the Python object {named.group(1)}" if named else "Python objects"
+        return (f"it names {what}, which no checkpoint of this service contains; not loaded, "
+                "as loading it could run code")
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def load(path: Path) -> dict[str, Any]:
-    """A checkpoint's payload (tensors on the CPU); ``Unreadable`` if it is not a usable one."""
+    """A checkpoint's payload (tensors on the CPU), upgraded to ``VERSION``; ``Unreadable`` if it
+    is not a usable one, ``OtherVersion`` if it is a sound file of a version this code cannot read."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, bad pickle, a forbidden global: all "unreadable"
-        raise Unreadable(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+        raise Unreadable(_load_error(exc)) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise Unreadable("not a checkpoint of this service")
-    if payload.get("version") != VERSION:
-        raise Unreadable(f"checkpoint format version {payload.get('version')!r}, this code reads {VERSION}")
+    if payload.get("version") != VERSION and payload.get("version") not in UPGRADES:
+        raise OtherVersion(path, payload.get("version"))
     missing = [k for k in REQUIRED if k not in payload]
     if missing:
         raise Unreadable(f"missing {', '.join(missing)}")
     if payload.get("crc32") != checksum(payload):
         raise Unreadable("checksum mismatch: the file was damaged after it was written")
+    while payload["version"] != VERSION:
+        payload = UPGRADES[payload["version"]](payload)
     return payload
 
 
-def newest_valid(out: Path, log: Callable[[str], None]) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint in ``out`` that loads; unreadable newer ones are set aside."""
+def scan(out: Path) -> tuple[tuple[Path, dict[str, Any]] | None, list[tuple[Path, str]]]:
+    """The newest checkpoint that loads, and the (path, reason) of the unreadable newer ones.
+    Changes nothing on disk.  A file of another format version stops the search (exit 2): the
+    older files would silently lose its progress."""
+    unreadable = []
     for _, path in reversed(list_checkpoints(out)):
         try:
-            return path, load(path)
+            return (path, load(path)), unreadable
         except Unreadable as exc:
-            aside = path.with_name(path.name + ".corrupt")
-            os.replace(path, aside)
-            log(f"checkpoint {path} is unreadable ({exc}); moved to {aside.name}, trying the previous one")
-    return None
+            unreadable.append((path, str(exc)))
+        except OtherVersion as exc:
+            raise exc.refusal() from None
+    return None, unreadable
+
+
+def newest_valid(out: Path, log: Callable[[str], None]) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint in ``out`` that loads, the unreadable newer ones set aside
+    (``*.corrupt``); None when there is no checkpoint.  ``ServiceError`` (exit 2) when there are
+    checkpoints and none loads, or the newest is of another version: nothing is renamed then."""
+    found, unreadable = scan(out)
+    if found is None and unreadable:
+        listed = "; ".join(f"{p.name} ({why})" for p, why in unreadable)
+        raise ServiceError(EXIT_CONFIG, f"no checkpoint in {out} can be read: {listed}. Nothing was changed. Restore "
+                           "them from a copy, or start over with --fresh true (deletes them and the logs)")
+    for path, why in unreadable:
+        aside = path.with_name(path.name + ".corrupt")
+        os.replace(path, aside)
+        log(f"checkpoint {path} is unreadable ({why}); moved to {aside.name}, trying the previous one")
+    for path in prune_corrupt(out):
+        log(f"deleted {path.name}: only the newest {KEEP_CORRUPT} unreadable checkpoints are kept for inspection")
+    return found
+
+
+def prune_corrupt(out: Path, keep: int = KEEP_CORRUPT) -> list[Path]:
+    """Delete all but the newest ``keep`` ``*.corrupt`` files; returns what was deleted."""
+    old = [p for _, p in list_checkpoints(out, CORRUPT)[:-keep]]
+    for p in old:
+        p.unlink(missing_ok=True)
+    return old
 
 
 def remove_stale_temps(out: Path) -> list[Path]:
@@ -123,38 +203,6 @@ def prune(out: Path, keep: int) -> list[Path]:
     for p in old:
         p.unlink(missing_ok=True)
     return old
-
-
-class HostBuffers:
-    """Host copies of device tensors in buffers that are reused from one checkpoint to the next.
-
-    Why reuse: a fresh 460 MB host allocation is touched page by page on its first write (0.65 s
-    on the 2-core VM for AlexNet's weights + velocities), a reused one copies in 0.03 s.  On a
-    GPU the buffers are pinned, so the device-to-host copies run at full PCIe speed.  Callers
-    must not refill the buffers while a write of their previous contents is in flight
-    (``CheckpointWriter.wait`` first).
-    """
-
-    def __init__(self) -> None:
-        self._buffers: dict[str, torch.Tensor] = {}
-
-    def copy(self, prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``tensors`` copied into this object's host buffers (same keys)."""
-        out = {}
-        for key, t in tensors.items():
-            name = f"{prefix}/{key}"
-            buf = self._buffers.get(name)
-            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-                buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
-                self._buffers[name] = buf
-            out[key] = buf.copy_(t.detach(), non_blocking=t.is_cuda)
-        return out
-
-    @staticmethod
-    def ready() -> None:
-        """Wait for the asynchronous device-to-host copies (a no-op without CUDA)."""
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.synchronize()
 
 
 def _skeleton_and_tensors(value: Any, tensors: list[torch.Tensor]) -> Any:
@@ -183,18 +231,44 @@ def checksum(payload: dict[str, Any]) -> int:
     return crc
 
 
+def tensor_bytes(payload: dict[str, Any]) -> int:
+    """Bytes of every tensor in ``payload``: about the size of its file."""
+    tensors: list[torch.Tensor] = []
+    _skeleton_and_tensors(payload, tensors)
+    return sum(t.nelement() * t.element_size() for t in tensors)
+
+
+def write_failure(exc: BaseException, path: Path, needed: int) -> str:
+    """The user's line for a failed write of ``path`` (``needed`` bytes).  A full disk is named
+    as such: torch's zip writer reports it as ``RuntimeError: [enforce fail at
+    inline_container.cc:...] unexpected pos``, which says nothing to a person."""
+    out = path.parent
+    try:
+        free = shutil.disk_usage(out).free  # the temporary file is gone: what a retry would have
+    except OSError:
+        free = None
+    full = (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or (free is not None and free < needed)
+    older = [p.name for _, p in list_checkpoints(out)]
+    intact = (f"the older checkpoints are intact ({', '.join(older)}): the run resumes from {older[-1]}"
+              if older else "there is no older checkpoint")
+    if full:
+        return (f"the disk is full: {path.name} needs about {needed / 1e6:,.0f} MB, {(free or 0) / 1e6:,.0f} MB "
+                f"are free; {intact}. Free some space (or move the run directory) and run the same command again")
+    return f"{type(exc).__name__}: {exc}; {intact}"
+
+
 class CheckpointWriter:
     """Writes payloads (already on the host) one at a time; optionally in a background thread.
 
     ``on_written(path, write_seconds)`` runs once a file is durable (in the writer thread).
-    A failed write is raised as ``ServiceError`` by the next ``save``, ``wait`` or ``check``.
+    A failed write is raised as ``ServiceError`` (exit 4) by the next ``save``, ``wait`` or ``check``.
     """
 
     def __init__(self, out: Path, keep: int, background: bool,
                  on_written: Callable[[Path, float], None] = lambda path, seconds: None) -> None:
         self.out, self.keep, self.background, self.on_written = out, keep, background, on_written
         self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self._error: str | None = None
 
     def save(self, payload: dict[str, Any], step: int) -> None:
         """Start writing ``payload`` as the checkpoint of ``step`` (after the previous write)."""
@@ -215,7 +289,7 @@ class CheckpointWriter:
             prune(self.out, self.keep)
             self.on_written(path, time.perf_counter() - start)
         except BaseException as exc:  # reported to the loop, never lost in the thread
-            self._error = exc
+            self._error = write_failure(exc, path, tensor_bytes(payload))
 
     def wait(self) -> None:
         """Block until the write in flight (if any) is durable."""
@@ -227,6 +301,5 @@ class CheckpointWriter:
     def check(self) -> None:
         """Raise the error of a failed write (cheap: the loop calls it every step)."""
         if self._error is not None:
-            exc, self._error = self._error, None
-            raise ServiceError(EXIT_CHECKPOINT, f"writing a checkpoint in {self.out} failed: "
-                               f"{type(exc).__name__}: {exc}") from exc
+            message, self._error = self._error, None
+            raise ServiceError(EXIT_CHECKPOINT, f"writing a checkpoint in {self.out} failed: {message}")

@@ -128,6 +128,14 @@ class Ranks:
         dist.all_gather_object(out, value, group=_CONTROL[0])
         return out
 
+    def broadcast(self, value: T) -> T:
+        """Rank 0's ``value`` (picklable) on every rank.  One process: ``value``."""
+        if not _CONTROL:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=_CONTROL[0])
+        return box[0]
+
     def any(self, *flags: bool) -> tuple[bool, ...]:
         """For each flag: True on every rank when it is true on any rank (a stop, a checkpoint
         must be agreed on: every rank takes part in both), in one collective."""
@@ -140,3 +148,44 @@ class Ranks:
     def info(self) -> dict[str, Any]:
         """For logs and /status."""
         return {"rank": self.rank, "world_size": self.world_size, "local_rank": self.local_rank}
+
+
+class Agreement:
+    """The loop's per-step question to every rank ("stop? checkpoint?"), answered one step late.
+
+    A blocking all-reduce per step puts a gloo round trip (and every rank's slowest arrival) on
+    the critical path of each step; this one is started after step k (``async_op``) and its
+    answer read after step k+1, by which time it has long arrived (``bench/bench_agree.py``,
+    docs/benchmarks.md).  Every rank reads the same answers in the same order, so every rank
+    still acts at the same step: one step after the question, which is why each answer carries
+    the tag (the step) it was asked at.  One process: the answer is the question, at once.
+    """
+
+    def __init__(self, ranks: Ranks) -> None:
+        self.ranks = ranks
+        self._pending: tuple[Any, torch.Tensor, int] | None = None
+
+    def lagged(self, tag: int, *flags: bool) -> tuple[tuple[bool, ...], int | None]:
+        """Ask ``flags`` now; returns the agreed answer to the previous question and its tag
+        (all False and None when there was none)."""
+        if not _CONTROL:
+            return flags, tag
+        answer = self.settle(len(flags))
+        t = torch.tensor([int(f) for f in flags], dtype=torch.int32)
+        self._pending = (dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_CONTROL[0], async_op=True), t, tag)
+        return answer
+
+    def settle(self, n: int) -> tuple[tuple[bool, ...], int | None]:
+        """The answer to the question in flight (waiting for it), or all False; nothing stays in flight."""
+        if self._pending is None:
+            return (False,) * n, None
+        work, t, tag = self._pending
+        self._pending = None
+        work.wait()
+        return tuple(bool(v) for v in t.tolist()), tag
+
+    def now(self, *flags: bool) -> tuple[bool, ...]:
+        """Blocking: ``flags`` agreed now, or-ed with the answer still in flight (epoch ends,
+        evaluation batches: places where acting a step late is not possible)."""
+        late, _ = self.settle(len(flags))
+        return tuple(a or b for a, b in zip(late, self.ranks.any(*flags)))

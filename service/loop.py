@@ -8,6 +8,10 @@ ends with an evaluation, the plateau schedule and a checkpoint.
 
 Resume is exact: the checkpoint holds the loader's position, so a restarted run continues the
 interrupted epoch with the batches it had not yet trained on, with the same dropout draws.
+What a checkpoint holds, when it is due and how a run resumes: ``service.checkpointer``.
+
+Several ranks: the stop and checkpoint decisions are agreed by every rank (a step late, see
+``service.dist.Agreement``), so every rank stops and checkpoints at the same step.
 """
 from __future__ import annotations
 
@@ -18,18 +22,18 @@ from typing import Any
 
 import torch
 
-from model import evaluate, train_step
-from service import checkpoint as ckpt
-from service import resume
+from model import EvalResult, evaluate, train_step
 from service.build import Parts
+from service.checkpointer import CheckpointManager, LrRule, Resumed, Velocities
 from service.data_errors import diagnose, guarded
-from service.dist import Ranks
+from service.dist import Agreement, Ranks
 from service.errors import ServiceError
 from service.metric_logger import StepTimer
 from service.metrics import ServiceMetrics
+from service.rng import RngState
 from service.runlog import RunLog, memory
 from service.signals import StopFlag
-from service.state import Progress, rng_state
+from service.state import Progress
 from service.status import StatusBoard
 from shards.manifest import Manifest
 
@@ -44,16 +48,35 @@ class Trainer:
     def __init__(self, parts: Parts, ranks: Ranks, manifest: Manifest, identity: dict[str, Any], run_id: str,
                  metrics: ServiceMetrics, board: StatusBoard, log: RunLog, stop: StopFlag) -> None:
         self.parts, self.cfg, self.ranks, self.manifest = parts, parts.cfg, ranks, manifest
-        self.identity, self.run_id = identity, run_id
+        self.identity = identity
         self.metrics, self.board, self.log, self.stop = metrics, board, log, stop
         self.progress = Progress()
         self.chance = 1 - 1 / parts.num_classes
-        c = self.cfg.checkpoint
-        self.writer = ckpt.CheckpointWriter(self.cfg.out, c.keep, c.background, self._written)
-        self.buffers = ckpt.HostBuffers()
-        self._last_checkpoint_time = time.monotonic()
-        self.saved_at: tuple[int, int] | None = None  # (step, evaluated) of the last checkpoint
+        shared = {"model": parts.model, "velocity": Velocities(parts.model, parts.optimizer),
+                  "schedule": parts.schedule, "lr_scale": LrRule(parts.optimizer, parts.lr_scale),
+                  "scaler": parts.scaler, "progress": self.progress}
+        per_rank = {"loaders": parts.train, "rng": RngState(parts.devices, self.cfg.seed, ranks.rank, log.warn)}
+        self.checkpoints = CheckpointManager(self.cfg, ranks, log, identity, run_id, shared, per_rank, self._written)
+        self.agreement = Agreement(ranks)
         self._ids = open(self.cfg.out / f"ids{ranks.suffix()}.jsonl", "a") if self.cfg.debug.ids else None
+
+    @property
+    def run_id(self) -> str:
+        return self.checkpoints.run_id  # a resumed run keeps its id
+
+    @property
+    def writer(self):
+        return self.checkpoints.writer
+
+    def resume(self) -> Resumed | None:
+        """Continue from the newest readable checkpoint in the run directory, if there is one."""
+        resumed = self.checkpoints.resume()
+        if resumed is not None:
+            self.metrics.last_checkpoint.set(resumed.time)
+            self.board.update(last_checkpoint={"path": str(resumed.path), "time": resumed.time})
+            if self.progress.history:
+                self.report_evaluation(self.progress.history[-1])
+        return resumed
 
     # -- the run -------------------------------------------------------------------------------
 
@@ -64,7 +87,7 @@ class Trainer:
                 return False
             if not self.evaluate_epoch():
                 return False
-        self.writer.wait()
+        self.checkpoints.writer.wait()
         return True
 
     def position(self) -> str:
@@ -156,15 +179,22 @@ class Trainer:
                 torch.cuda.synchronize(d)
 
     def _stop_requested(self) -> bool:
-        """Whether any rank was asked to stop (all ranks stop at the same step)."""
-        return self._agree(check_due=False)[0]
+        """Whether any rank was asked to stop, agreed now (all ranks stop at the same step)."""
+        return self._stopping(self.agreement.now(self.stop.requested)[0])
 
-    def _agree(self, check_due: bool = True) -> tuple[bool, bool]:
-        """(stop, checkpoint due), agreed by every rank in one collective."""
-        stop, due = self.ranks.any(self.stop.requested, check_due and self._checkpoint_due())
+    def _agree(self) -> tuple[bool, bool]:
+        """(stop, checkpoint due) after a step, the same on every rank.  A checkpoint by step count
+        needs no agreement; a stop or a checkpoint by time is the answer to the question asked
+        after the previous step (``Agreement.lagged``), unless a checkpoint came since."""
+        step = self.progress.step
+        (stop, by_time), asked = self.agreement.lagged(step, self.stop.requested, self.checkpoints.due_by_time())
+        by_time = by_time and asked is not None and self.checkpoints.saved_step < asked
+        return self._stopping(stop), self.checkpoints.due_by_steps(step) or by_time
+
+    def _stopping(self, stop: bool) -> bool:
         if stop:
             self.stop.request("a stop on another rank")  # keeps this rank's own signal name if it had one
-        return stop, due
+        return stop
 
     def _data_error(self, exc: BaseException, split: str):
         self.metrics.samples_failed.inc()
@@ -179,7 +209,7 @@ class Trainer:
         try:
             mine = evaluate(parts.model, self._eval_batches(), autocast_dtype=parts.autocast,
                             channels_last=self.cfg.model.channels_last)
-            result = resume.combine(self.ranks.gather(mine))  # every rank's share of the split
+            result = EvalResult.combine(self.ranks.gather(mine))  # every rank's share of the split
         except Interrupted:
             self._checkpoint("stop")
             return False
@@ -200,7 +230,7 @@ class Trainer:
             self.log.history(p.history, self.chance)
         self._checkpoint("epoch")
         # Memory after the epoch's checkpoint copy: the soak test compares it across epochs.
-        self.log.event("eval", **record, lr_dropped=dropped, **memory())
+        self.log.event("eval", **record, val_images=result.images, lr_dropped=dropped, **memory())
         return not self._stop_requested()
 
     def report_evaluation(self, record: dict[str, Any]) -> None:
@@ -216,35 +246,20 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
 
-    def _checkpoint_due(self) -> bool:
-        """This rank's view (the loop agrees on it with the other ranks)."""
-        c = self.cfg.checkpoint
-        by_steps = c.every_steps > 0 and self.progress.step % c.every_steps == 0
-        by_time = c.every_seconds > 0 and time.monotonic() - self._last_checkpoint_time >= c.every_seconds
-        return by_steps or by_time
-
     def _checkpoint(self, reason: str, loss_sum: torch.Tensor | None = None) -> None:
-        """Checkpoint now (rank 0 writes; every rank hands in its loader position).  Blocks for
-        the copy to host memory only, or until the file is durable when stopping."""
+        """Checkpoint now (see ``CheckpointManager.save``), timed: how long the loop stood still."""
         start = time.perf_counter()
         self.board.beat("checkpointing")
+        if reason == "stop":
+            self.agreement.settle(2)  # nothing left in flight on the way out
         p = self.progress
         if loss_sum is not None:  # fold the device-side loss sum into the saved progress
             p.epoch_loss_sum += loss_sum.item()
             loss_sum.zero_()
-        per_rank = self.ranks.gather((self.parts.train.state_dict(), rng_state()))
-        if self.ranks.is_main and self.saved_at != (p.step, p.evaluated):
-            self.writer.wait()  # its buffers are about to be refilled
-            payload = resume.payload(self, reason, [s[0] for s in per_rank], [s[1] for s in per_rank])
-            self.writer.save(payload, p.step)
-            self.saved_at = (p.step, p.evaluated)
-        if reason == "stop":
-            self.writer.wait()
-            self.ranks.barrier()  # every rank exits once the file is durable
+        self.checkpoints.save(reason)
         blocked = time.perf_counter() - start
         self.metrics.checkpoint_seconds.observe(blocked)
         self.log.event("checkpoint_started", reason=reason, step=p.step, blocked_seconds=round(blocked, 4))
-        self._last_checkpoint_time = time.monotonic()
         self.board.beat("training")
 
     def _written(self, path: Path, seconds: float) -> None:
@@ -255,14 +270,10 @@ class Trainer:
         self.log.say(f"checkpoint {path} ({seconds:.2f} s to write)")
         self.log.event("checkpoint", path=str(path), write_seconds=round(seconds, 4))
 
-    def restore(self, path: Path, saved: dict[str, Any]) -> None:
-        """Continue from the checkpoint ``saved`` (read from ``path``); see ``service.resume``."""
-        resume.restore(self, path, saved)
-
     def close(self) -> None:
         """Let a write in flight finish (its error, if any, is secondary to the one being raised)."""
         try:
-            self.writer.wait()
+            self.checkpoints.writer.wait()
         except ServiceError:
             pass
         if self._ids is not None:

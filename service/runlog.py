@@ -14,6 +14,7 @@ Only rank 0 writes the history and the curve; every rank writes its own JSON log
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -31,6 +32,33 @@ def memory() -> dict[str, int]:
             return {fields[p[0]]: int(p[1]) * 1024 for p in (line.split() for line in f) if p and p[0] in fields}
     except (OSError, ValueError, IndexError):
         return {}
+
+
+_GONE: set[int] = set()  # console file descriptors whose reader went away
+
+
+def _emit(line: str, fd: int) -> None:
+    """Print ``line`` to stdout (fd 1) or stderr (fd 2), surviving a console that is gone.
+
+    A closed terminal (SIGHUP: the service then stops with a checkpoint) makes every later write
+    to it fail with EIO, a closed pipe with EPIPE: the stream is pointed at /dev/null (so neither
+    the unwritten buffer nor the interpreter's last flush fails again) and stdout's lines go to
+    stderr, which may still be a file (``2>err.log``); the JSON log records everything anyway.
+    """
+    if fd == 1 and 1 in _GONE:
+        fd = 2
+    if fd in _GONE:
+        return
+    try:
+        print(line, file=sys.stdout if fd == 1 else sys.stderr, flush=True)
+        return
+    except OSError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+        _GONE.add(fd)
+    if fd == 1:
+        _emit(line, 2)
 
 
 class RunLog:
@@ -51,10 +79,10 @@ class RunLog:
     def say(self, line: str) -> None:
         """A console line (stdout, flushed: logs are read live by people and tests)."""
         if self.console:
-            print(line, flush=True)
+            _emit(line, 1)
 
     def warn(self, line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
+        _emit(line, 2)
 
     def event(self, kind: str, **fields: Any) -> None:
         """One JSON line: {"time": unix seconds, "event": kind, ...fields}."""

@@ -1,23 +1,18 @@
-"""What a checkpoint holds, and how a run is put back exactly where it stopped.
+"""The run's own state in a checkpoint: the progress counters and history, and the run's
+*identity*: the recipe keys of the config plus a fingerprint of the data.  A restart resumes
+only a checkpoint with the same identity (``check_identity``).
 
-The payload (all ``weights_only``-loadable): the model's state dict (Caffe layout, so it moves
-between the grouped and towers layouts), the optimizer's velocities keyed the same way, the
-plateau schedule, the float16 GradScaler, every rank's training-loader position (a DALI
-checkpoint), the RNG states (dropout), the progress counters and history, the config, and the
-run's *identity*: the recipe keys of the config plus a fingerprint of the data.  A restart
-resumes only a checkpoint with the same identity (``check_identity``).
+The other parts of a checkpoint belong to their owners (model, momentum, schedule, scaler,
+loader position, ``service.rng``); ``service.checkpointer`` puts them together.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from common.config import to_dict
 from service.config import OPERATIONAL, TrainConfig
@@ -41,6 +36,15 @@ class Progress:
     def start_epoch(self) -> None:
         self.step_in_epoch = 0
         self.epoch_loss_sum, self.epoch_images, self.epoch_seconds, self.epoch_data_seconds = 0.0, 0, 0.0, 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        """In place (the loop holds this object); a counter the checkpoint lacks starts at its default."""
+        default = Progress()
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, saved.get(f.name, getattr(default, f.name)))
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -89,24 +93,3 @@ def _describe(key: str, saved: Any, mine: Any) -> str:
     if key == "data":
         return f"the shards differ (data fingerprint {saved} there, {mine} here)"
     return f"{key} is {saved!r} there and {mine!r} here"
-
-
-def rng_state() -> dict[str, Any]:
-    """The random generators the training step uses (dropout draws torch's)."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def progress_from(saved: dict[str, Any]) -> Progress:
-    names = {f.name for f in dataclasses.fields(Progress)}
-    return Progress(**{k: v for k, v in saved.items() if k in names})

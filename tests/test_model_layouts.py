@@ -48,6 +48,7 @@ def _compare_layouts(grouped_device, tower_devices, grad_rtol=RTOL):
         assert error <= grad_rtol, key
 
 
+@pytest.mark.slow
 def test_towers_on_two_cpu_devices_match_grouped():
     _compare_layouts("cpu", ("cpu", "cpu"))
 

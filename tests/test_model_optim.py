@@ -88,6 +88,7 @@ def test_parameters_without_gradient_are_left_alone_and_closure_runs():
     assert torch.allclose(used, torch.full((3,), 1 - 0.1 * 5e-4 - 0.2))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("src_layout, dst_layout", [("grouped", "towers"), ("towers", "grouped")])
 def test_velocity_moves_between_layouts(src_layout, dst_layout):
     """Resume mid-training in the other layout: the next step matches staying put."""

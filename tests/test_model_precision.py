@@ -25,6 +25,7 @@ def test_lrn_of_low_precision_input_matches_float32(device, dtype):
     assert low.float().abs().min() > 0 or reference.abs().min() == 0
 
 
+@pytest.mark.slow
 def test_float16_needs_a_scaler_and_trains_with_one():
     torch.manual_seed(0)
     model = AlexNet(num_classes=10, bias_init=0.1)

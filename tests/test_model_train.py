@@ -55,6 +55,40 @@ def test_evaluate_accepts_single_view_batches():
     assert (result.top1_error, result.top5_error, result.images) == (0.5, 0.0, 2)
 
 
+
+def test_evaluate_skips_empty_batches_and_weights_by_real_images():
+    """A rank's share of an uneven split ends with a batch of 0 images (pipeline.loader): it is
+    skipped (its views cannot even be reshaped), and the metrics are means over real images."""
+    model = PixelLogits(3)
+    one = torch.stack([_views([0, 0, 9], classes=3)[0], _views([9, 0, 0], classes=3)[0]])
+    empty_10_views = torch.zeros(0, 10, 3, 1, 3)
+    single = torch.stack([_views([9, 0, 0], classes=3)[0]])
+    result = evaluate(model, [(one, torch.tensor([2, 1])), (empty_10_views[:, 0], torch.zeros(0, dtype=torch.long)),
+                              (single, torch.tensor([0]))])
+    assert (result.top1_error, result.images) == (pytest.approx(1 / 3), 3)
+    assert evaluate(model, [(empty_10_views, torch.zeros(0, dtype=torch.long))]).images == 0  # no image at all
+    with pytest.raises(ValueError, match="no batches"):
+        evaluate(model, [])
+
+
+def test_eval_results_of_ranks_combine_weighted_by_images():
+    from model import EvalResult
+
+    combined = EvalResult.combine([EvalResult(0.5, 0.25, 1.0, 4), EvalResult(math.nan, math.nan, math.nan, 0),
+                                   EvalResult(1.0, 0.0, 2.0, 1)])
+    assert combined == EvalResult(pytest.approx(0.6), pytest.approx(0.2), pytest.approx(1.2), 5)
+    assert EvalResult.combine([EvalResult(math.nan, math.nan, math.nan, 0)]).images == 0
+
+
+def test_ten_views_cut_the_windows_the_eval_loader_cuts():
+    """One geometry for tensors and the DALI graph: pipeline.views (a centre anchor of half a
+    pixel rounds up there; floor division put the tensor's centre view one pixel off)."""
+    from pipeline.views import view_stack
+
+    images = torch.arange(3 * 9 * 11, dtype=torch.float32).view(1, 3, 9, 11)  # 9-6 and 11-6: odd margins
+    expected = view_stack(images[0].permute(1, 2, 0).numpy(), 6, 10)  # (10, 6, 6, C), HWC
+    assert torch.equal(ten_views(images, size=6)[0], torch.from_numpy(expected.copy()).permute(0, 3, 1, 2))
+
 def test_ten_views_are_corners_centre_and_mirrors():
     images = torch.arange(2 * 3 * 10 * 12, dtype=torch.float32).view(2, 3, 10, 12)
     views = ten_views(images, size=6)
@@ -104,6 +138,7 @@ def test_bf16_autocast_and_channels_last_are_selectable():
     assert model.conv2.weight.dtype == torch.float32  # autocast leaves the master weights fp32
 
 
+@pytest.mark.slow
 def test_overfits_one_small_batch():
     """The full network drives the loss on 8 fixed images to ~0 with the paper's update.
 

@@ -76,6 +76,7 @@ def test_one_rank_every_sample_once_per_epoch_and_order_changes(sample_shards):
     assert epochs[0] != epochs[1]
 
 
+@pytest.mark.slow
 def test_two_ranks_in_separate_processes_cover_the_split_exactly(sample_shards):
     procs = [run_worker(sample_shards, rank, 2, 2, 0, "-", "-") for rank in (0, 1)]
     results = [finish(p)[-1] for p in procs]
@@ -100,6 +101,7 @@ def test_uneven_ranks_padding_never_delivered(sample_shards):
     assert sorted(seen) == split_ids(sample_shards, "val")
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_in_a_new_process(sample_shards, tmp_path):
     state = tmp_path / "state.json"
     first = finish(run_worker(sample_shards, 0, 1, 2, 2, state, "-"))

@@ -17,6 +17,7 @@ def default_sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_layout_sizes_and_quirks(default_sample: Path) -> None:
     train = sorted(default_sample.glob("train/*/*.JPEG"))
     val = sorted(default_sample.glob("val/*/*.JPEG"))
@@ -70,6 +71,7 @@ def _nearest_centroid_accuracy(train: np.ndarray, ytrain: np.ndarray, val: np.nd
     return float((guess == yval).mean())
 
 
+@pytest.mark.slow
 def test_learnable_but_not_from_mean_colour(default_sample: Path) -> None:
     data = {}
     for split in ("train", "val"):

@@ -65,6 +65,7 @@ def test_a_checkpoint_of_another_run_is_refused_unless_fresh(finished_run: Path,
     assert checkpoint_steps(out) == [stopped_at]  # the old run's checkpoints are gone
 
 
+@pytest.mark.slow
 def test_finished_run_says_so(finished_run: Path, sample_shards: Path, tmp_path: Path) -> None:
     out = _copy_run(finished_run, tmp_path)
     rc, service = run_service(sample_shards, out, "--epochs", "1")
@@ -78,6 +79,7 @@ def shards_copy(sample_shards: Path, tmp_path: Path) -> Path:
     return copy
 
 
+@pytest.mark.slow
 def test_truncated_and_missing_shards_are_named(shards_copy: Path, tmp_path: Path) -> None:
     tar = sorted((shards_copy / "train").glob("*.tar"))[3]
     with open(tar, "r+b") as f:

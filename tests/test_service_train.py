@@ -29,6 +29,7 @@ def test_step_timer_separates_data_wait_from_compute() -> None:
     assert timer.window(lambda: None).steps == 0  # each window starts afresh
 
 
+@pytest.mark.slow
 def test_bad_settings_and_bad_shards_fail_early(tmp_path: Path) -> None:
     unknown = run_module("service.train", "--optim.learning_rate", "0.1", check=False)
     assert unknown.returncode == 2 and "unknown key 'optim.learning_rate'" in unknown.stderr

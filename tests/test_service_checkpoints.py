@@ -1,0 +1,157 @@
+"""Checkpoints a restart cannot simply resume, as real service processes: every one unreadable,
+another format version, RNG states of devices this machine does not have, a pickle that would
+run code, a full disk (a real tmpfs), and the bound on ``*.corrupt`` files."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from service import checkpoint as ckpt
+from tests.service_proc import Service, checkpoint_steps, run_service
+from tests.test_service_failures import _copy_run, finished_run  # noqa: F401 (a fixture: checkpoints 2, 4, 6)
+
+
+def _rewrite(path: Path, change) -> None:
+    """Load a checkpoint, ``change`` its payload in place, save it with a matching CRC."""
+    payload = torch.load(path, weights_only=True)
+    change(payload)
+    payload["crc32"] = ckpt.checksum(payload)
+    torch.save(payload, path)
+
+
+@pytest.mark.slow
+def test_every_checkpoint_unreadable_is_refused_unless_fresh(finished_run: Path, sample_shards: Path,
+                                                             tmp_path: Path) -> None:
+    out = _copy_run(finished_run, tmp_path)
+    for step in (2, 4, 6):
+        path = ckpt.path_for(out, step)
+        path.write_bytes(path.read_bytes()[:1000])  # truncated
+    rc, service = run_service(sample_shards, out, "--epochs", "1", timeout=180)
+    assert rc == 2 and "Traceback" not in service.stderr and "new run" not in service.stdout
+    assert f"no checkpoint in {out} can be read" in service.stderr and "--fresh true" in service.stderr
+    assert all(f"checkpoint-00000000{s}.pt (" in service.stderr for s in (2, 4, 6))
+    assert checkpoint_steps(out) == [2, 4, 6] and not list(out.glob("*.corrupt"))  # nothing renamed
+
+    fresh = Service(sample_shards, out, "--epochs", "1", "--fresh", "true")
+    try:
+        fresh.wait_for(r"fresh start: deleted \d+ file")
+        fresh.wait_for(r"new run ")
+    finally:
+        fresh.kill()
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_another_format_version_is_refused_naming_both(finished_run: Path, sample_shards: Path,
+                                                                       tmp_path: Path) -> None:
+    out = _copy_run(finished_run, tmp_path)
+    newest = ckpt.path_for(out, 6)
+    _rewrite(newest, lambda p: p.update(version=ckpt.VERSION + 1))
+    rc, service = run_service(sample_shards, out, "--epochs", "1", timeout=180)
+    assert rc == 2 and "Traceback" not in service.stderr and "resuming" not in service.stdout
+    assert f"{newest} has checkpoint format version {ckpt.VERSION + 1}; this code reads version {ckpt.VERSION}" \
+        in service.stderr and "the newer version of the service" in service.stderr
+    assert checkpoint_steps(out) == [2, 4, 6] and not list(out.glob("*.corrupt"))  # not mistaken for damage
+
+
+@pytest.mark.slow
+def test_rng_states_of_absent_gpus_are_reported_not_fatal(finished_run: Path, sample_shards: Path,
+                                                          tmp_path: Path) -> None:
+    """A version-1 checkpoint written on two GPUs (one CUDA state per visible GPU, by position)
+    resumed here, without them: upgraded, the CPU state restored, the GPU states named as unused."""
+    out = _copy_run(finished_run, tmp_path)
+    cuda_state = torch.zeros(16, dtype=torch.uint8)  # the Philox generator's seed + offset
+
+    def as_version_1_on_two_gpus(payload: dict) -> None:
+        payload["version"] = 1
+        for rng in payload["rng"]:
+            rng["cuda"] = [cuda_state, cuda_state.clone()]
+
+    _rewrite(ckpt.path_for(out, 6), as_version_1_on_two_gpus)
+    rc, service = run_service(sample_shards, out, "--epochs", "1", timeout=180)
+    assert rc == 0 and "Traceback" not in service.stderr, service.stderr
+    assert "resuming run" in service.stdout and "finished: 1 epoch(s)" in service.stdout
+    assert ("rank 0: random state restored for the CPU; not used: the saved state of cuda:0, cuda:1 "
+            "(this run uses the CPU only)") in service.stderr
+
+
+@pytest.mark.slow
+def test_a_pickle_that_would_run_code_is_set_aside_without_torchs_advice(finished_run: Path, sample_shards: Path,
+                                                                         tmp_path: Path) -> None:
+    out = _copy_run(finished_run, tmp_path)
+    marker = tmp_path / "pwned"
+    evil = ckpt.path_for(out, 8)
+    subprocess.run([sys.executable, "-c", f"""
+import os, torch
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch {marker}",))
+torch.save({{"format": "{ckpt.FORMAT}", "evil": Evil()}}, "{evil}")
+"""], check=True)
+    rc, service = run_service(sample_shards, out, "--epochs", "1", timeout=180)
+    assert rc == 0 and not marker.exists(), service.stderr  # never unpickled
+    assert f"checkpoint {evil} is unreadable (it names the Python object posix.system" in service.stderr
+    assert "weights_only" not in service.stderr and "Re-running" not in service.stderr
+    assert "from " + str(ckpt.path_for(out, 6)) in service.stdout
+
+
+def test_corrupt_checkpoints_are_bounded(tmp_path: Path) -> None:
+    """A flapping disk must not fill the volume with 455 MB ``*.corrupt`` files."""
+    for step in (1, 2, 3):
+        (tmp_path / f"checkpoint-00000000{step}.pt.corrupt").write_bytes(b"old")
+    payload = {"format": ckpt.FORMAT, "version": ckpt.VERSION, "run_id": "r", "config": {}, "identity": {},
+               "progress": {"step": 4}, "model": {}, "velocity": {}, "schedule": {}, "loaders": [], "rng": [],
+               "lr_scale": 1.0}
+    payload["crc32"] = ckpt.checksum(payload)
+    ckpt.atomic_save(payload, ckpt.path_for(tmp_path, 4))
+    ckpt.path_for(tmp_path, 5).write_bytes(b"not a zip")
+    said: list[str] = []
+    path, _ = ckpt.newest_valid(tmp_path, said.append)
+    assert path.name == "checkpoint-000000004.pt"
+    kept = sorted(p.name for p in tmp_path.glob("*.corrupt"))
+    assert len(kept) == ckpt.KEEP_CORRUPT and kept[-1] == "checkpoint-000000005.pt.corrupt"
+    assert any(f"only the newest {ckpt.KEEP_CORRUPT} unreadable checkpoints are kept" in line for line in said)
+
+
+def test_a_version_1_checkpoint_is_upgraded(tmp_path: Path) -> None:
+    payload = {"format": ckpt.FORMAT, "version": 1, "run_id": "r", "config": {}, "identity": {},
+               "progress": {"step": 4}, "model": {}, "velocity": {}, "schedule": {}, "loaders": [{}],
+               "rng": [{"torch": torch.zeros(3, dtype=torch.uint8), "cuda": [torch.ones(16, dtype=torch.uint8)]}],
+               "lr_scale": 1.0}
+    payload["crc32"] = ckpt.checksum(payload)
+    ckpt.atomic_save(payload, ckpt.path_for(tmp_path, 4))
+    loaded = ckpt.load(ckpt.path_for(tmp_path, 4))
+    assert loaded["version"] == ckpt.VERSION and list(loaded["rng"][0]["cuda"]) == ["cuda:0"]
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 700 MB tmpfs: room for one 455 MB checkpoint, not for a second next to it."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=700m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here ({done.stderr.strip()}): needs root in a "
+                    "container with CAP_SYS_ADMIN")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.slow
+def test_a_full_disk_says_so_and_keeps_the_older_checkpoints(small_disk: Path, sample_shards: Path) -> None:
+    out = small_disk / "run"
+    rc, service = run_service(sample_shards, out, "--epochs", "1", "--checkpoint.every_steps", "2", timeout=240)
+    assert rc == 4 and "Traceback" not in service.stderr, service.stderr
+    line = next(line for line in service.stderr.splitlines() if line.startswith("service: "))
+    assert line.startswith(f"service: writing a checkpoint in {out} failed: the disk is full: "
+                           "checkpoint-000000004.pt needs about 455 MB, "), line
+    assert "MB are free; the older checkpoints are intact (checkpoint-000000002.pt)" in line
+    assert "inline_container" not in service.stderr
+    assert checkpoint_steps(out) == [2] and ckpt.load(ckpt.path_for(out, 2))["progress"]["step"] == 2
+    assert not list(out.glob(".checkpoint-*.tmp"))
