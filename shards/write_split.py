@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from multiprocessing.pool import Pool
 from pathlib import Path
 
-from tqdm import tqdm
-
+from common.progress import progress
 from shards.config import ShardConfig
 from shards.imaging import BadImage, prepare
 from shards.journal import Journal
@@ -192,8 +191,8 @@ def write_splits(cfg: ShardConfig, writers: list[SplitWriter], pool: Pool) -> No
     total = sum(len(w.sources) - w.start for w in writers)
     batches = pool.imap(process_batch, guided_batches(tasks, total, cfg.chunk, cfg.processes))
     results = itertools.chain.from_iterable(batches)
-    bar = tqdm(total=sum(len(w.sources) for w in writers), initial=sum(w.start for w in writers),
-               desc="shards", unit="img", smoothing=0.05)
+    bar = progress(sum(len(w.sources) for w in writers), "shards", initial=sum(w.start for w in writers),
+                   smoothing=0.05)
     try:
         for writer in writers:
             for position in range(writer.start, len(writer.sources)):
