@@ -73,10 +73,16 @@ preview: shards ## a grid of augmented training images from the pipeline: data/p
 demo: preview ## the main job on the sample data: shards -> pipeline -> the training service for 6 epochs
 	$(PY) -m service --config configs/demo.toml --shards $(OUT) $(TRAIN_ARGS)
 
+# train-local's command, echoed on one line: the same line runs the service without make, with the
+# service's own exit codes (make turns any failure into 2 and, when its process group gets SIGTERM
+# or SIGINT, waits for the service's checkpoint and then dies of the signal itself: 143 or 130).
+TRAIN_LOCAL = $(strip $(PY) -m $(if $(filter-out 1,$(NPROC)),torch.distributed.run --standalone --nproc-per-node \
+	$(NPROC) -m )service --config $(CONFIG) --shards $(SHARDS) --out $(RUN) --http.port $(PORT) $(TRAIN_ARGS))
+
 train-local: setup ## the service here, no Docker: make train-local [CONFIG=configs/demo.toml SHARDS=data/shards RUN=runs/<config> PORT=9431 NPROC=1]
 	@if [ "$(SHARDS)" = "data/shards" ] && [ ! -f data/shards/manifest.json ]; then $(MAKE) --no-print-directory shards; fi
-	$(PY) -m $(if $(filter-out 1,$(NPROC)),torch.distributed.run --standalone --nproc-per-node $(NPROC) -m )service \
-		--config $(CONFIG) --shards $(SHARDS) --out $(RUN) --http.port $(PORT) $(TRAIN_ARGS)
+	@echo '$(subst ','\'',$(TRAIN_LOCAL))'
+	@exec $(TRAIN_LOCAL)
 
 train: ## Docker + GPUs: make train SHARDS=... RUN=... [GPUS=all|N|0,1] [NPROC=..] [CONFIG=..], GRAFANA_PASSWORD set
 	$(call docker_check,train)
