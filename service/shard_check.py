@@ -85,6 +85,15 @@ def reading_order(shards: tuple[Shard, ...], ranks: int) -> list[int]:
     return sorted(range(n), key=lambda i: (offset(i), i))
 
 
+def lowest_priority() -> None:
+    """Nice 19 for the calling thread only (a Linux thread is a task): the hash yields every core
+    the loop, DALI and torch want."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
+
+
 class ShardCheck:
     """The check of one run (see the module docstring); ``prepare``, ``start``, ``poll`` per step,
     ``finish`` at the end of a finished run, ``close`` always."""
@@ -169,10 +178,7 @@ class ShardCheck:
             self._thread.start()
 
     def _background(self) -> None:
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # this thread only (Linux)
-        except (AttributeError, OSError):
-            pass
+        lowest_priority()
         total, start = sum(s.bytes for _, s in self._todo), time.monotonic()
         for split, shard in self._todo:
             if self._halt.is_set():
