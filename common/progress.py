@@ -36,7 +36,8 @@ class LineProgress:
     def _write(self, now: float, final: bool = False) -> None:
         elapsed = max(now - self._start, 1e-9)
         rate = (self.n - self._initial) / elapsed
-        line = f"{self.desc}: {self.n}/{self.total} {self.unit} ({self.n / max(self.total, 1):.0%}), {rate:.1f} {self.unit}/s"
+        done = f"{self.n}/{self.total} {self.unit} ({self.n / max(self.total, 1):.0%})"
+        line = f"{self.desc}: {done}, {rate:.1f} {self.unit}/s"
         if final:
             line += f", {elapsed:.0f} s"
         elif rate > 0:

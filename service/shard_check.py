@@ -12,7 +12,7 @@ header.  The manifest's per-tar sha256 sees every changed byte, whatever the dec
 When (``data.verify``): ``background`` (default) starts training at once while rank 0 hashes
 the shards not checked before in one thread at the lowest CPU priority (nice 19), in the order
 the ranks' readers first reach them; ``before`` builds the loaders only once every shard is
-checked (a thread per core: nothing unchecked is ever read).  Cost (``bench/bench_shard_check.py``,
+checked (a thread per core, up to 16: nothing unchecked is ever read).  Cost (``bench/bench_shard_check.py``,
 docs/benchmarks.md): sha256 runs at about 1-1.5 GB/s per core here, so ImageNet's ~140 GB is
 about two minutes of one core once, next to a run of days.
 
@@ -155,8 +155,9 @@ class ShardCheck:
         total, start = sum(s.bytes for _, s in todo), time.monotonic()
         self.log.say(f"shards: checking {len(todo)} shard(s), {_size(total)}, against the manifest before "
                      "training (data.verify before)...")
-        with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:  # hashlib lets go of the GIL
-            problems = list(pool.map(lambda item: self._check(*item), todo))
+        # hashlib lets go of the GIL; beyond ~16 readers the storage, not the CPU, sets the pace
+        with ThreadPoolExecutor(min(len(os.sched_getaffinity(0)), 16)) as pool:
+            problems = list(pool.map(self._check, [shard for _, shard in todo]))
         bad = [self._finding(split, shard, p) for (split, shard), p in zip(todo, problems) if p]
         self._say_done(len(todo), len(bad), total, time.monotonic() - start)
         return bad
@@ -183,7 +184,7 @@ class ShardCheck:
         for split, shard in self._todo:
             if self._halt.is_set():
                 return
-            problem = self._check(split, shard)
+            problem = self._check(shard)
             if problem:
                 self._found.append(self._finding(split, shard, problem))
         self._say_done(len(self._todo), len(self._found), total, time.monotonic() - start)
@@ -210,7 +211,7 @@ class ShardCheck:
 
     # -- results -------------------------------------------------------------------------------
 
-    def _check(self, split: str, shard: Shard) -> str | None:
+    def _check(self, shard: Shard) -> str | None:
         key = _key(shard)
         problem = shard_problem(shard)
         self._remember(shard, key, problem)
@@ -234,7 +235,7 @@ class ShardCheck:
             return now
         if entry.get("ok_at"):
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry["ok_at"]))
-            return now + f"; it was intact when last checked ({when}), so earlier starts since then may have used it too"
+            return f"{now}; it was intact when last checked ({when}), so earlier starts since then may have used it too"
         return now + f"; it had never been checked, so earlier starts (steps 1..{s0}) may have used it too"
 
     def _hint(self) -> str:

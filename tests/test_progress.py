@@ -38,7 +38,8 @@ def test_line_progress_reports_every_interval_and_at_the_end() -> None:
         bar.update(3)
         bar.update(5)
     lines = sink.getvalue().splitlines()
-    assert [ln.split(",")[0] for ln in lines] == ["work: 5/10 img (50%)", "work: 10/10 img (100%)", "work: 10/10 img (100%)"]
+    assert [ln.split(",")[0] for ln in lines] == ["work: 5/10 img (50%)", "work: 10/10 img (100%)",
+                                                  "work: 10/10 img (100%)"]
     assert "ETA" in lines[0] and lines[-1].endswith(" s") and "ETA" not in lines[-1]
     quiet = io.StringIO()
     with LineProgress(total=10, desc="work", unit="img", initial=0, file=quiet, every_seconds=3600) as bar:

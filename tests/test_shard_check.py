@@ -73,7 +73,8 @@ def test_skip_leaves_the_shard_out_counts_it_and_trains_on(corrupt_shards, tmp_p
     finally:
         service.kill()
     assert f"{BAD_TAR}: contents differ from the manifest's sha256" in service.stderr
-    assert f"sample {key} (source train/" in service.stderr and "skipped: left out of the train reader" in service.stderr
+    assert f"sample {key} (source train/" in service.stderr
+    assert "skipped: left out of the train reader" in service.stderr
     trained = {i for line in (out / "ids.jsonl").read_text().splitlines() for i in json.loads(line)["ids"]}
     assert len(trained) == 124 and not trained & set(range(60, 80))
     assert [e["shard"] for e in events(out, "shard_skipped")] == [str(shards / "train" / BAD_TAR)]
@@ -86,7 +87,8 @@ def test_skip_leaves_the_shard_out_counts_it_and_trains_on(corrupt_shards, tmp_p
 def _check(shards: Path, out: Path, *args: str) -> tuple[ShardCheck, RunLog]:
     cfg = parse(["--shards", str(shards), "--out", str(out), *args])
     log = RunLog(out, console=False).open()
-    return ShardCheck(cfg, contract.load(shards, splits=()), Ranks(), log, ServiceMetrics(build_labels("cpu", "g", 1))), log
+    metrics = ServiceMetrics(build_labels("cpu", "grouped", 1))
+    return ShardCheck(cfg, contract.load(shards, splits=()), Ranks(), log, metrics), log
 
 
 def test_checks_are_remembered_until_the_file_changes(sample_shards: Path, tmp_path: Path) -> None:
