@@ -19,7 +19,8 @@ docker_check = $(eval _why := $(shell bash scripts/stack.sh check $(1)))$(if $(_
 # The sample data gets small shards (configs/shards-sample.toml); real datasets the defaults.
 SHARD_CONFIG := $(if $(filter $(SAMPLE),$(SRC)),--config configs/shards-sample.toml,)
 
-.PHONY: help setup sample-data shards bench-shards bench-pipeline bench-model bench-service gpu-check preview demo \
+.PHONY: help setup sample-data shards bench-shards bench-pipeline bench-model bench-service bench-shard-check \
+	gpu-check preview demo \
 	train-local test clean train stop logs shards-docker
 
 # Each of these is optional and overrides the config file; the defaults differ by target.
@@ -58,6 +59,9 @@ bench-service: setup ## service loop (metrics, logs, checkpoints) vs the bare tr
 	@if [ "$(SHARDS)" = "data/shards" ] && [ ! -f data/shards/manifest.json ]; then $(MAKE) --no-print-directory shards; fi
 	$(PY) -m bench.bench_service --report bench/service.json --shards $(SHARDS)
 	$(PY) -m bench.bench_scaling --report bench/scaling.json --shards $(SHARDS)
+
+bench-shard-check: setup ## sha256 per core, the pre-training check on every core, training next to the background check
+	$(PY) -m bench.bench_shard_check --report bench/shard_check.json
 
 # gpu-check runs where `make setup` has not: PY=python3 WHEELS=dir use that interpreter and those wheels.
 GPU_CHECK_OUT := $(if $(filter command line,$(origin OUT)),$(OUT),data/gpu-check)
