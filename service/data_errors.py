@@ -97,8 +97,6 @@ def damaged_samples(tar: Path, num_classes: int, limit: int = 3) -> str:
 
 def diagnose(exc: BaseException, manifest: Manifest, split: str) -> DataError:
     """The ``DataError`` for a failure of the ``split`` loader, naming the shard when it can."""
-    if isinstance(exc, DataError):  # already says what is wrong (the shard check)
-        return exc
     text = str(exc)
     reason = dali_reason(text)
     hint = f"re-create the shards (make shards SRC=<imagenet> OUT={manifest.root}) or restore them from a copy"
