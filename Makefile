@@ -19,8 +19,8 @@ docker_check = $(eval _why := $(shell GPUS="$(GPUS)" bash scripts/stack.sh check
 # The sample data gets small shards (configs/shards-sample.toml); real datasets the defaults.
 SHARD_CONFIG := $(if $(filter $(SAMPLE),$(SRC)),--config configs/shards-sample.toml,)
 
-.PHONY: help setup sample-data shards bench-shards bench-pipeline bench-model bench-service gpu-check preview demo \
-	train-local test test-fast test-docker clean train stop logs shards-docker
+.PHONY: help setup sample-data shards bench-shards bench-pipeline bench-model bench-service bench-shard-check \
+	gpu-check preview demo train-local test test-fast test-docker clean train stop logs shards-docker
 
 # Each of these is optional and overrides the config file; the defaults differ by target.
 train stop logs: CONFIG ?= configs/paper.toml
@@ -60,6 +60,9 @@ bench-service: setup ## service loop (metrics, logs, checkpoints) vs the bare tr
 	$(PY) -m bench.bench_scaling --report bench/scaling.json --shards $(SHARDS)
 	$(PY) -m bench.bench_agree --report bench/agree.json
 
+bench-shard-check: setup ## sha256 per core, the pre-training check on every core, training next to the background check
+	$(PY) -m bench.bench_shard_check --report bench/shard_check.json
+
 # gpu-check runs where `make setup` has not: PY=python3 WHEELS=dir use that interpreter and those wheels.
 GPU_CHECK_OUT := $(if $(filter command line,$(origin OUT)),$(OUT),data/gpu-check)
 SECONDS ?= 420
@@ -74,10 +77,16 @@ preview: shards ## a grid of augmented training images from the pipeline: data/p
 demo: preview ## the main job on the sample data: shards -> pipeline -> the training service for 6 epochs
 	$(PY) -m service --config configs/demo.toml --shards $(OUT) $(TRAIN_ARGS)
 
+# train-local's command, echoed on one line: the same line runs the service without make, with the
+# service's own exit codes (make turns any failure into 2 and, when its process group gets SIGTERM
+# or SIGINT, waits for the service's checkpoint and then dies of the signal itself: 143 or 130).
+TRAIN_LOCAL = $(strip $(PY) -m $(if $(filter-out 1,$(NPROC)),torch.distributed.run --standalone --nproc-per-node \
+	$(NPROC) -m )service --config $(CONFIG) --shards $(SHARDS) --out $(RUN) --http.port $(PORT) $(TRAIN_ARGS))
+
 train-local: setup ## the service here, no Docker: make train-local [CONFIG=configs/demo.toml SHARDS=data/shards RUN=runs/<config> PORT=9431 NPROC=1]
 	@if [ "$(SHARDS)" = "data/shards" ] && [ ! -f data/shards/manifest.json ]; then $(MAKE) --no-print-directory shards; fi
-	$(PY) -m $(if $(filter-out 1,$(NPROC)),torch.distributed.run --standalone --nproc-per-node $(NPROC) -m )service \
-		--config $(CONFIG) --shards $(SHARDS) --out $(RUN) --http.port $(PORT) $(TRAIN_ARGS)
+	@echo '$(subst ','\'',$(TRAIN_LOCAL))'
+	@exec $(TRAIN_LOCAL)
 
 train: ## Docker + GPUs: make train SHARDS=... RUN=... [GPUS=all|N|0,1|none] [NPROC=..] [CONFIG=..], GRAFANA_PASSWORD set
 	$(call docker_check,train)

@@ -15,6 +15,7 @@ draw the lighting alpha); ``pipeline.normalize.DeviceNormalizer`` does the float
 """
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ def dali_available() -> bool:
 
 
 def _spec(shards_dir: Path | str, split: str, rank: int, world_size: int, device: torch.device,
-          config: LoaderConfig, train: bool, views: int, debug: bool):
+          config: LoaderConfig, train: bool, views: int, debug: bool, exclude: Collection[str] = ()):
     from shards.manifest import load  # the shard directory contract; fails early with a hint
 
     from pipeline.graph import GraphSpec
@@ -45,8 +46,10 @@ def _spec(shards_dir: Path | str, split: str, rank: int, world_size: int, device
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, {world_size})")
     eval_views(views)  # validates ``views``
-    manifest = load(shards_dir, splits=(split,) if split == "train" else (split, "train"))
-    shards = manifest.splits[split].shards
+    manifest = load(shards_dir, splits=(split,) if split == "train" else (split, "train"), exclude=exclude)
+    shards = [s for s in manifest.splits[split].shards if s.tar.name not in exclude]
+    if not shards:
+        raise ValueError(f"every {split} shard of {manifest.root} is left out")
     return GraphSpec(
         tars=tuple(str(s.tar) for s in shards), indexes=tuple(str(s.index) for s in shards),
         stats=load_stats(manifest.stats_path), cfg=config.validate(), image_size=manifest.image_size,
@@ -56,28 +59,29 @@ def _spec(shards_dir: Path | str, split: str, rank: int, world_size: int, device
 
 def build_train_loader(shards_dir: Path | str, rank: int = 0, world_size: int = 1,
                        device: torch.device | str = "cpu", config: LoaderConfig | None = None,
-                       *, ids: bool = False):
+                       *, ids: bool = False, exclude: Collection[str] = ()):
     """The training loader of one rank: random crop, flip, PCA lighting, mean subtraction.
 
     Yields ``(images (N,3,224,224), labels (N,) int64)`` on ``device`` (``(.., ids)`` if ``ids``);
-    supports ``len()``, ``state_dict()`` and ``load_state_dict()``.
+    supports ``len()``, ``state_dict()`` and ``load_state_dict()``.  ``exclude``: tar file names
+    left out of the reader (shards found corrupt).
     """
     from pipeline.loader import DaliLoader
 
     device = torch.device(device)
-    spec = _spec(shards_dir, "train", rank, world_size, device, config or LoaderConfig(), True, 1, False)
+    spec = _spec(shards_dir, "train", rank, world_size, device, config or LoaderConfig(), True, 1, False, exclude)
     return DaliLoader(spec, device, rank, ids=ids)
 
 
 def build_eval_loader(shards_dir: Path | str, rank: int = 0, world_size: int = 1,
                       device: torch.device | str = "cpu", config: LoaderConfig | None = None,
-                      *, views: int = 1, split: str = "val", ids: bool = False):
+                      *, views: int = 1, split: str = "val", ids: bool = False, exclude: Collection[str] = ()):
     """The evaluation loader: centre crop (``views=1``, images (N,3,224,224)) or the paper's 10
     views (``views=10``, images (N,10,3,224,224): 4 corners + centre, then the same flipped)."""
     from pipeline.loader import DaliLoader
 
     device = torch.device(device)
-    spec = _spec(shards_dir, split, rank, world_size, device, config or LoaderConfig(), False, views, False)
+    spec = _spec(shards_dir, split, rank, world_size, device, config or LoaderConfig(), False, views, False, exclude)
     return DaliLoader(spec, device, rank, ids=ids)
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
+from common.progress import progress
 from sampledata.photos import load_photos
 
 
@@ -122,18 +122,18 @@ def _write_chunk(args: tuple[SampleConfig, list]) -> int:
     return len(items)
 
 
-def _write_all(cfg: SampleConfig, plan: list, progress: tqdm) -> None:
+def _write_all(cfg: SampleConfig, plan: list, bar) -> None:
     """Every planned file, in ``cfg.workers`` processes (forked after the photos are loaded)."""
     workers = cfg.workers or os.cpu_count() or 1
     if workers == 1:
         for item in plan:
             _write(cfg, item)
-            progress.update()
+            bar.update()
         return
     chunks = [(cfg, plan[i:i + 32]) for i in range(0, len(plan), 32)]
     with get_context("fork").Pool(workers) as pool:
         for done in pool.imap_unordered(_write_chunk, chunks):
-            progress.update(done)
+            bar.update(done)
 
 
 def generate(cfg: SampleConfig) -> int:
@@ -147,8 +147,8 @@ def generate(cfg: SampleConfig) -> int:
     _PHOTOS[:] = load_photos(cfg.classes)
     names = {wnid_of(c): name for c, (name, _) in enumerate(_PHOTOS)}
     plan = _plan(cfg)
-    with tqdm(total=len(plan), desc="sample images", unit="img") as progress:
-        _write_all(cfg, plan, progress)
+    with progress(len(plan), "sample images") as bar:
+        _write_all(cfg, plan, bar)
     (cfg.out / "synset_words.txt").write_text("".join(f"{w} {names[w]}\n" for w in sorted(names)))
     marker.write_text(fingerprint(cfg) + "\n")
     print(f"sampledata: wrote {len(plan)} images of {cfg.classes} classes to {cfg.out}")

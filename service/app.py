@@ -27,6 +27,7 @@ from service.loop import Trainer
 from service.metrics import ServiceMetrics, build_labels
 from service.runlog import RunLog
 from service.server import HttpEndpoint
+from service.shard_check import ShardCheck
 from service.signals import StopFlag
 from service.state import data_fingerprint, identity
 from service.status import StatusBoard
@@ -78,11 +79,14 @@ def start(cfg: TrainConfig, ranks: Ranks, metrics: ServiceMetrics, board: Status
           stop: StopFlag) -> Trainer:
     """Check the shards, build everything, resume the newest valid checkpoint if there is one."""
     try:
-        manifest = contract.load(cfg.shards)  # names a missing or truncated shard, before DALI opens it
+        check = ShardCheck(cfg, contract.load(cfg.shards, splits=()), ranks, log, metrics)
+        excluded = check.prepare()  # names a missing, truncated or (cached / verify before) corrupt shard
+        manifest = contract.load(cfg.shards, exclude=excluded)  # and the rest, before DALI opens a file
     except contract.ManifestError as exc:
         raise DataError(str(exc)) from None
     ident = identity(cfg, data_fingerprint(manifest.record))
-    parts = build(cfg, ranks, manifest)
+    parts = build(cfg, ranks, manifest, excluded)
+    parts.shard_check = check
     run_id = f"{cfg.out.resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"
     trainer = Trainer(parts, ranks, manifest, ident, run_id, metrics, board, log, stop)
     found = trainer.resume()  # rank 0 chooses the file, every rank restores it (service.checkpointer)
@@ -92,8 +96,9 @@ def start(cfg: TrainConfig, ranks: Ranks, metrics: ServiceMetrics, board: Status
                 f"{trainer.position()} (step {p.step} in all)")
     else:
         log.say(f"new run {run_id} in {cfg.out}")
-    split = manifest.splits["train"]
-    log.say(f"train: {split.samples} images, {manifest.num_classes} classes (chance top-1 error "
+    check.start(p.step)
+    images = sum(s.samples for s in manifest.splits["train"].shards if s.tar.name not in excluded)
+    log.say(f"train: {images} images, {manifest.num_classes} classes (chance top-1 error "
             f"{trainer.chance:.1%}), device {cfg.device}, layout {cfg.model.layout}, batch {cfg.loader.batch_size}"
             f" x {ranks.world_size} rank(s), {len(parts.train)} steps per epoch, {cfg.epochs} epochs")
     log.say(f"data parallel: {parts.lr_rule}" if ranks.distributed else parts.lr_rule)
@@ -122,6 +127,8 @@ def param_digest(model: torch.nn.Module) -> str:
 def finish(trainer: Trainer, finished: bool, log: RunLog) -> int:
     """Wait for the last checkpoint, say where everything is, exit 0."""
     trainer.writer.wait()
+    if finished:  # no run ends 0 on shards it has not checked
+        trainer.parts.shard_check.finish(trainer.progress.step)
     trainer.ranks.barrier()
     p, out = trainer.progress, trainer.cfg.out
     if finished:
@@ -168,6 +175,7 @@ def run_service(cfg: TrainConfig) -> int:
         return finish(trainer, trainer.run(), log)
     finally:
         if trainer is not None:
+            trainer.parts.shard_check.close()
             trainer.close()
         endpoint.close()
         log.close()

@@ -7,7 +7,9 @@ run directory's config.json), so everything downstream sees concrete values.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +21,9 @@ from service.data_errors import diagnose
 from service.dist import Ranks
 from service.errors import EXIT_CONFIG, ServiceError
 from shards.manifest import Manifest
+
+if TYPE_CHECKING:
+    from service.shard_check import ShardCheck
 
 AUTOCAST = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,6 +45,7 @@ class Parts:
     num_classes: int
     lr_rule: str = ""  # the global batch and the lr for it, said in the log and /status
     lr_scale: float = 1.0  # the lr rule's factor at this global batch (checkpoints record it)
+    shard_check: ShardCheck | None = None  # polled after each step (a shard found corrupt stops the run)
 
     @property
     def autocast(self) -> torch.dtype | None:
@@ -99,8 +105,9 @@ def build_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
     return prepare_model(model, channels_last=m.channels_last, compile=m.compile)
 
 
-def build(cfg: TrainConfig, ranks: Ranks, manifest: Manifest) -> Parts:
-    """Model, optimizer, schedule, scaler and loaders of a resolved ``cfg``."""
+def build(cfg: TrainConfig, ranks: Ranks, manifest: Manifest, exclude: Collection[str] = ()) -> Parts:
+    """Model, optimizer, schedule, scaler and loaders of a resolved ``cfg``; the loaders leave
+    out the tars named in ``exclude`` (shards found corrupt)."""
     model = build_model(cfg, manifest.num_classes)
     devices = sorted({p.device for p in model.parameters()}, key=str)
     if any(d.type == "cuda" for d in devices):
@@ -120,9 +127,9 @@ def build(cfg: TrainConfig, ranks: Ranks, manifest: Manifest) -> Parts:
     # float16 (CUDA only, see resolve): the scaler keeps small gradients from flushing to zero.
     scaler = torch.amp.GradScaler("cuda") if cfg.model.autocast == "float16" else None
     train = _loader(manifest, "train", lambda: build_train_loader(
-        cfg.shards, ranks.rank, ranks.world_size, device, cfg.loader, ids=cfg.debug.ids))
+        cfg.shards, ranks.rank, ranks.world_size, device, cfg.loader, ids=cfg.debug.ids, exclude=exclude))
     val = _loader(manifest, "val", lambda: build_eval_loader(
-        cfg.shards, ranks.rank, ranks.world_size, device, cfg.loader, views=cfg.eval_views))
+        cfg.shards, ranks.rank, ranks.world_size, device, cfg.loader, views=cfg.eval_views, exclude=exclude))
     return Parts(cfg, device, devices, model, ranks.wrap(model, device), optimizer, schedule, scaler, train, val,
                  manifest.num_classes, lr_rule, scale)
 

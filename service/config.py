@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from pipeline.config import LoaderConfig
 
@@ -77,6 +78,20 @@ class HttpSettings:
 
 
 @dataclass(frozen=True)
+class DataSettings:
+    """Whether the shards are still the ones ``make shards`` wrote (``service.shard_check``)."""
+
+    # When each shard's sha256 is compared with the manifest's (remembered in <out>/shard-checks.json,
+    # so a restart hashes only what changed): "background" starts training at once while a
+    # low-priority thread hashes; "before" builds the loaders only once every shard is checked.
+    verify: Literal["background", "before"] = "background"
+    # A shard that differs: "stop" (exit 1 naming shard and sample); "skip" leaves it out of the
+    # readers (DALI cannot drop a sample or a shard from a running reader), counts its samples in
+    # alexnet_samples_failed_total, says so and trains on: it needs verify "before".
+    on_corrupt: Literal["stop", "skip"] = "stop"
+
+
+@dataclass(frozen=True)
 class DebugSettings:
     """Switches for tests and investigations; off in normal runs."""
 
@@ -100,6 +115,7 @@ class TrainConfig:
     optim: OptimSettings = field(default_factory=OptimSettings)
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
+    data: DataSettings = field(default_factory=DataSettings)
     debug: DebugSettings = field(default_factory=DebugSettings)
 
 
@@ -110,7 +126,7 @@ OPERATIONAL = frozenset({
     "out", "epochs", "device", "eval_views", "log_every", "fresh",
     "loader.threads", "loader.prefetch", "loader.hw_decoder_load", "loader.fast_idct", "loader.dtype",
     "model.layout", "model.devices", "model.autocast", "model.channels_last", "model.compile",
-    "checkpoint", "http", "debug",
+    "checkpoint", "http", "data", "debug",
 })
 
 LAYOUTS = ("grouped", "towers", "auto")
@@ -147,6 +163,9 @@ def validate(cfg: TrainConfig) -> list[str]:
     need(c.keep >= 1, f"checkpoint.keep must be >= 1, got {c.keep}")
     need(0 <= cfg.http.port <= 65535, f"http.port must be in 0..65535 (0 = any free port), got {cfg.http.port}")
     need(cfg.http.stall_seconds > 0, f"http.stall_seconds must be > 0, got {cfg.http.stall_seconds}")
+    need(cfg.data.on_corrupt != "skip" or cfg.data.verify == "before",
+         "data.on_corrupt skip needs data.verify before: a shard can only be left out of the readers before they "
+         "are built, so every shard must be checked first (add --data.verify before)")
     return problems
 
 

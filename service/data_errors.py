@@ -6,15 +6,23 @@ skip one), and its message names the tar for a read error but not for a decode e
 are checked against the manifest (present, size, sha256) and the ones that changed since
 ``make shards`` wrote them are named.  Hashing reads the whole split (minutes on ImageNet), but
 only on this failure path, and the run is over anyway.
+
+A shard that differs from the manifest is then read sample by sample (``damaged_samples``):
+the manifest has one checksum per tar, not per sample, so a strict decode (Pillow, which
+refuses what libjpeg only warns about) and a label check name the sample(s) to look at.
 """
 from __future__ import annotations
 
+import io
+import json
 import sys
+import tarfile
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 from service.errors import DataError
-from shards.manifest import Manifest
+from shards.manifest import Manifest, Shard, shard_problem
 
 T = TypeVar("T")
 _NOISE = ("Current pipeline object is no longer valid", "C++ context", "Critical error in pipeline")
@@ -29,19 +37,62 @@ def dali_reason(text: str) -> str:
     return (useful or lines or [text])[0]
 
 
-def changed_shards(manifest: Manifest, split: str) -> list[str]:
-    """Shards of ``split`` that differ from the manifest: 'path: why' for each."""
-    from shards.tarwriter import sha256_file
+def changed_shards(manifest: Manifest, split: str) -> list[tuple[Shard, str]]:
+    """Shards of ``split`` that differ from the manifest, with what is wrong with each."""
+    return [(shard, problem) for shard in manifest.splits[split].shards if (problem := shard_problem(shard))]
 
-    bad = []
-    for shard in manifest.splits[split].shards:
-        if not shard.tar.is_file():
-            bad.append(f"{shard.tar}: missing")
-        elif shard.tar.stat().st_size != shard.bytes:
-            bad.append(f"{shard.tar}: {shard.tar.stat().st_size} bytes, the manifest says {shard.bytes} (truncated?)")
-        elif sha256_file(shard.tar) != shard.sha256:
-            bad.append(f"{shard.tar}: contents differ from the manifest's sha256 (corrupt)")
-    return bad
+
+def _sample_problem(components: dict[str, bytes], num_classes: int) -> str | None:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(components.get("jpg", b""))) as image:
+            image.load()  # Pillow raises where libjpeg (and so DALI) only prints "Corrupt JPEG data"
+    except Exception as exc:  # noqa: BLE001 (any decoder complaint is the answer)
+        return f"the JPEG does not decode ({exc})"
+    label = components.get("cls", b"").strip()
+    if not label.isdigit() or int(label) >= num_classes:
+        return f"label {label[:20]!r} is not a class index"
+    return None
+
+
+def _samples(tar: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) of each sample, in tar order (its members are consecutive)."""
+    key, components = None, {}
+    with tarfile.open(tar, "r:") as archive:
+        for member in archive:
+            name, _, ext = member.name.partition(".")
+            if name != key and key is not None:
+                yield key, components
+                components = {}
+            key = name
+            data = archive.extractfile(member) if member.isfile() else None
+            components[ext] = data.read() if data else b""
+    if key is not None:
+        yield key, components
+
+
+def damaged_samples(tar: Path, num_classes: int, limit: int = 3) -> str:
+    """The samples of ``tar`` that fail a strict read, for a message: "sample KEY (source PATH):
+    why; ..." or why none could be named."""
+    found, count = [], 0
+    try:
+        for key, components in _samples(tar):
+            problem = _sample_problem(components, num_classes)
+            if problem:
+                count += 1
+                if len(found) < limit:
+                    try:
+                        source = json.loads(components.get("json", b"{}")).get("source")
+                    except ValueError:
+                        source = None
+                    found.append(f"sample {key}{f' (source {source})' if source else ''}: {problem}")
+    except (tarfile.TarError, OSError) as exc:
+        found.append(f"the tar cannot be read past some member ({exc})")
+    if not found:
+        return ("no sample fails a strict decode: the damage is in pixel data that still decodes, "
+                "a label that is still a class index, or the tar's headers or padding")
+    return "; ".join(found) + (f" (and {count - limit} more)" if count > limit else "")
 
 
 def diagnose(exc: BaseException, manifest: Manifest, split: str) -> DataError:
@@ -56,8 +107,10 @@ def diagnose(exc: BaseException, manifest: Manifest, split: str) -> DataError:
           "shards against the manifest to find the bad one...", file=sys.stderr, flush=True)
     bad = changed_shards(manifest, split)
     if bad:
-        return DataError(f"{split} shard {bad[0]}{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}; "
-                         f"the loader failed with: {reason}; {hint}")
+        (shard, problem), more = bad[0], f" (and {len(bad) - 1} more shard(s))" if len(bad) > 1 else ""
+        samples = f"; {damaged_samples(shard.tar, manifest.num_classes)}" if shard.tar.is_file() else ""
+        return DataError(f"{split} shard {shard.tar}: {problem}{samples}{more}; the loader failed with: {reason}; "
+                         f"{hint}")
     return DataError(f"the {split} loader failed ({reason}) although every {split} shard in {manifest.root} "
                      "matches its manifest checksum: the data is as written; the failure is elsewhere "
                      "(memory, DALI, the decoder)")

@@ -157,6 +157,8 @@ class Trainer:
         p.epoch_data_seconds += waited
         self.metrics.step(images, seconds, waited, self.board.beat("training"))
         self.writer.check()
+        if self.parts.shard_check is not None:  # a shard the background check found corrupt stops the run
+            self.parts.shard_check.poll(p.step)
 
     def _log_window(self, timer: StepTimer, loss: torch.Tensor, epoch: int, steps: int) -> None:
         """The log interval: one sync of every device, then metrics, status and log lines."""

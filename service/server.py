@@ -8,12 +8,27 @@ checkpoint, last evaluation, global batch).
 
 The socket is bound in the constructor, before any slow start-up work, so a port that is
 already taken is reported at once as a ``ServiceError`` (exit code 3), not as a traceback.
+
+Hostile or clumsy clients, against socketserver's defaults: with a listen backlog of 5, 20
+scrapers connecting together overflowed it (600 scrapes in rounds of 20: 576 connects dropped
+by the kernel, each then waiting for TCP's SYN retransmit, 1 s, 3 s, 7 s...; issue 16 measured
+p99 1.1 s, max 7.7 s), so the backlog is ``REQUEST_QUEUE`` (none dropped).  A client sending one
+byte a second held a handler thread forever (a socket timeout restarts with every byte), so
+the whole request must arrive within ``READ_SECONDS``.  A client that hangs up early made
+socketserver print a 20-line ``BrokenPipeError``/``ConnectionResetError`` traceback on the
+service's stderr; a disconnect is the client's business, so it is dropped quietly.
+Each connection gets a daemon thread that only formats what the loop already recorded: the
+training loop never waits for a scrape.
 """
 from __future__ import annotations
 
 import errno
+import io
 import json
+import socket
+import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -22,14 +37,54 @@ from service.errors import EXIT_PORT, ServiceError
 from service.status import StatusBoard
 
 
+REQUEST_QUEUE = 128  # listen backlog: connections the kernel queues while the handlers are busy
+READ_SECONDS = 5.0  # the whole request (line and headers) must arrive within this; also each write's limit
+# A client going away mid-request or mid-response (and the read deadline) ends its connection silently.
+_DISCONNECTS = (ConnectionError, TimeoutError)
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True  # a slow scraper never keeps the process alive
+    request_queue_size = REQUEST_QUEUE
     registry: CollectorRegistry
     board: StatusBoard
+
+    def handle_error(self, request, client_address) -> None:
+        """socketserver prints a traceback for any exception in a handler; not for a disconnect."""
+        if not isinstance(sys.exc_info()[1], _DISCONNECTS):
+            super().handle_error(request, client_address)
+
+
+class _Deadline(io.RawIOBase):
+    """A socket's reading side that fails once ``deadline`` (monotonic) has passed: a socket
+    timeout alone restarts with each byte that arrives."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self._sock, self._deadline = sock, deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"request not complete within {READ_SECONDS:g} s")
+        self._sock.settimeout(left)
+        try:
+            return self._sock.recv_into(buffer)
+        finally:
+            self._sock.settimeout(READ_SECONDS)
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
+    timeout = READ_SECONDS  # per socket operation, writes included (a client that stops reading)
+
+    def setup(self) -> None:
+        """One request per connection (HTTP/1.0), so one deadline per connection."""
+        super().setup()
+        self.rfile.close()  # socketserver's reader, replaced by one with a deadline
+        self.rfile = io.BufferedReader(_Deadline(self.connection, time.monotonic() + READ_SECONDS))
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         path = self.path.split("?", 1)[0]
@@ -75,8 +130,10 @@ class HttpEndpoint:
         return self
 
     def url(self, path: str) -> str:
-        """The URL to print: ``localhost`` for the wildcard address."""
-        host = "localhost" if self.host in ("", "0.0.0.0", "::") else self.host
+        """The URL to print: for the wildcard address the loopback one, spelled like the default
+        host (``127.0.0.1``: the address the README, the Docker stack and the defaults all name;
+        the server listens on IPv4 only)."""
+        host = "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host
         return f"http://{host}:{self.port}{path}"
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ Layout of a shard directory::
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,23 +81,39 @@ def _split(root: Path, name: str, entry: dict, num_classes: int) -> Split:
     return Split(name, int(entry["samples"]), counts, shards)
 
 
-def _check_files(m: Manifest, splits: tuple[str, ...], deep: bool) -> None:
+CORRUPT = "contents differ from the manifest's sha256 (corrupt)"
+
+
+def shard_problem(shard: Shard, deep: bool = True) -> str | None:
+    """What is wrong with ``shard`` against the manifest (None: it matches): missing tar or
+    index, another size, or (``deep``) other contents.  The one place that decides whether a
+    shard is still the one ``make shards`` wrote."""
     from shards.tarwriter import sha256_file  # late import: readers rarely need hashing
 
+    if not shard.tar.is_file():
+        return "missing (the manifest lists it)"
+    if not shard.index.is_file():
+        return f"its index {shard.index.name} is missing"
+    size = shard.tar.stat().st_size
+    if size != shard.bytes:
+        return f"{size} bytes, the manifest says {shard.bytes} (truncated or modified)"
+    if deep and sha256_file(shard.tar) != shard.sha256:
+        return CORRUPT
+    return None
+
+
+def _check_files(m: Manifest, splits: tuple[str, ...], deep: bool, exclude: Collection[str]) -> None:
     for name in splits:
         for shard in m.splits[name].shards:
-            for path in (shard.tar, shard.index):
-                if not path.is_file():
-                    raise ManifestError(f"{path} is listed in the manifest but missing; {_hint(m.root)}")
-            if shard.tar.stat().st_size != shard.bytes:
-                raise ManifestError(f"{shard.tar} has {shard.tar.stat().st_size} bytes, manifest says {shard.bytes}: "
-                                    f"the shard was modified or truncated; {_hint(m.root)}")
-            if deep and sha256_file(shard.tar) != shard.sha256:
-                raise ManifestError(f"{shard.tar}: sha256 differs from the manifest; {_hint(m.root)}")
+            problem = None if shard.tar.name in exclude else shard_problem(shard, deep)
+            if problem:
+                raise ManifestError(f"{shard.tar}: {problem}; {_hint(m.root)}")
 
 
-def load(root: Path | str, splits: tuple[str, ...] = SPLITS, deep: bool = False) -> Manifest:
-    """Read and check ``root/manifest.json``; raises ``ManifestError`` naming the problem and the fix."""
+def load(root: Path | str, splits: tuple[str, ...] = SPLITS, deep: bool = False,
+         exclude: Collection[str] = ()) -> Manifest:
+    """Read and check ``root/manifest.json`` and the files of ``splits`` but the tars named in
+    ``exclude`` (left out by the reader); raises ``ManifestError`` naming the problem and the fix."""
     root = Path(root).resolve()
     path = root / "manifest.json"
     if not path.is_file():
@@ -123,5 +140,5 @@ def load(root: Path | str, splits: tuple[str, ...] = SPLITS, deep: bool = False)
     )
     if "train" in splits and not m.stats_path.is_file():
         raise ManifestError(f"{m.stats_path} not found (dataset statistics); {_hint(root)}")
-    _check_files(m, splits, deep)
+    _check_files(m, splits, deep, exclude)
     return m

@@ -23,8 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
-
+from common.progress import progress
 from shards.config import ShardConfig
 from shards.imaging import BadImage, prepare
 from shards.journal import Journal, Verifier
@@ -221,8 +220,8 @@ def write_splits(cfg: ShardConfig, writers: list[SplitWriter], workers: Workers)
     """
     by_split = {w.split: w for w in writers}
     runs = itertools.chain.from_iterable(w.runs() for w in writers)
-    bar = tqdm(total=sum(len(w.sources) for w in writers), initial=sum(w.start for w in writers),
-               desc="shards", unit="img", smoothing=0.05)
+    bar = progress(sum(len(w.sources) for w in writers), "shards", initial=sum(w.start for w in writers),
+                   smoothing=0.05)
     try:
         for split, parts in workers.imap(write_run, runs, on_tick=bar.update):
             by_split[split].publish(parts)

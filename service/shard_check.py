@@ -1,0 +1,285 @@
+"""Are the shards still the ones ``make shards`` wrote?  Each tar's sha256 against the manifest's,
+before or while training reads it, remembered in the run directory.
+
+Why a checksum: a same-size corruption inside a JPEG (a disk, a copy, network storage) still
+decodes.  libjpeg prints "Corrupt JPEG data: premature end of data segment" on stderr and DALI
+trains on the garbled pixels with no error.  DALI 2.4 offers no way to see that warning: its CPU
+decoder is nvImageCodec 0.9's libjpeg-turbo plugin, which takes two options (fancy_upsampling,
+fast_idct) and leaves libjpeg's default message handler writing to file descriptor 2; no
+output, error or option of the pipeline carries it, and ``fn.peek_image_shape`` reads only the
+header.  The manifest's per-tar sha256 sees every changed byte, whatever the decoder does.
+
+When (``data.verify``): ``background`` (default) starts training at once while rank 0 hashes
+the shards not checked before in one thread at the lowest CPU priority (nice 19), in the order
+the ranks' readers first reach them; ``before`` builds the loaders only once every shard is
+checked (a thread per core, up to 16: nothing unchecked is ever read).  Cost (``bench/bench_shard_check.py``,
+docs/benchmarks.md): sha256 runs at about 1-1.5 GB/s per core here, so ImageNet's ~140 GB is
+about two minutes of one core once, next to a run of days.
+
+Remembered: ``<out>/shard-checks.json`` keeps each result under the tar's path with its size,
+mtime_ns, ctime_ns, inode and the manifest's sha256, so a restart hashes only the shards whose
+file changed (a rewrite or a copy changes the ctime even where the mtime is put back).  Bit rot
+under an untouched inode is not seen after the first check; delete the file to check again.
+
+What then (``data.on_corrupt``): ``stop`` (default) exits 1 naming the shard and the damaged
+sample(s) and, when the background pass found it after training began, which steps may have
+used it.  ``skip`` leaves the shard out of the readers when they are built (DALI reads a fixed
+list of tars and cannot skip a sample, so it needs ``verify before``), counts its samples in
+``alexnet_samples_failed_total`` and names shard and samples in the log; a restart with the shard
+repaired reads it again (its epoch restarts: the loader's saved position was for other tars).
+
+Several ranks: rank 0 checks and writes the file, every rank follows its verdict at start (one
+gather); a mismatch found later by the background pass stops rank 0 and torchrun the others.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.config import TrainConfig
+from service.data_errors import damaged_samples
+from service.dist import Ranks
+from service.errors import DataError
+from service.metrics import ServiceMetrics
+from service.runlog import RunLog
+from shards.manifest import CORRUPT, Manifest, Shard, shard_problem
+from shards.tarwriter import atomic_write_text
+
+CACHE = "shard-checks.json"
+FORMAT = "alexnet2012-shard-checks"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A shard that differs from the manifest, described for a person."""
+
+    split: str
+    shard: Shard
+    text: str  # "<split> shard <tar>: <problem>; <samples>"
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
+def _key(shard: Shard) -> dict[str, int | str]:
+    st = shard.tar.stat()
+    return {"sha256": shard.sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+            "inode": st.st_ino}
+
+
+def reading_order(shards: tuple[Shard, ...], ranks: int) -> list[int]:
+    """Shard indices in the order the readers first reach them: each rank reads a contiguous
+    share from its start, so the k-th shard of every share comes before any (k+1)-th."""
+    n = len(shards)
+
+    def offset(i: int) -> int:  # position in its rank's share, which starts at ceil(rank * n / ranks)
+        rank = i * ranks // n
+        return i + (-rank * n // ranks)
+
+    return sorted(range(n), key=lambda i: (offset(i), i))
+
+
+def lowest_priority() -> None:
+    """Nice 19 for the calling thread only (a Linux thread is a task): the hash yields every core
+    the loop, DALI and torch want."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
+
+
+class ShardCheck:
+    """The check of one run (see the module docstring); ``prepare``, ``start``, ``poll`` per step,
+    ``finish`` at the end of a finished run, ``close`` always."""
+
+    def __init__(self, cfg: TrainConfig, manifest: Manifest, ranks: Ranks, log: RunLog,
+                 metrics: ServiceMetrics) -> None:
+        self.settings, self.manifest, self.ranks, self.log, self.metrics = cfg.data, manifest, ranks, log, metrics
+        self.path = cfg.out / CACHE
+        self._cache = self._read() if ranks.is_main else {}
+        self._todo: list[tuple[str, Shard]] = []
+        self._found: list[Finding] = []  # by the background thread, read by the loop
+        self._halt = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._start_step = 0
+        self._lock = threading.Lock()  # the file is written from the hashing threads
+        self._write_failed = False
+
+    # -- at start ------------------------------------------------------------------------------
+
+    def prepare(self) -> frozenset[str]:
+        """Before the loaders are built: check what must be (sizes always, contents with
+        ``before``), then act on every finding on every rank; returns the tar names to leave out."""
+        findings = self._check_at_start() if self.ranks.is_main else None
+        findings = self.ranks.gather(findings)[0]
+        if findings and self.settings.on_corrupt == "stop":
+            first = findings[0]
+            more = f" (and {len(findings) - 1} more shard(s))" if len(findings) > 1 else ""
+            raise DataError(f"{first.text}{more}; found before this start trained on anything; {self._hint()}")
+        for f in findings:
+            self.log.warn(f"service: {f.text}; skipped: left out of the {f.split} reader, {f.shard.samples} "
+                          "sample(s) not used (alexnet_samples_failed_total)")
+            self.log.event("shard_skipped", split=f.split, shard=str(f.shard.tar), samples=f.shard.samples,
+                           reason=f.text)
+            self.metrics.samples_failed.inc(f.shard.samples)
+        return frozenset(f.shard.tar.name for f in findings)
+
+    def _check_at_start(self) -> list[Finding]:
+        findings, todo, cached = [], [], 0
+        for split, shard in self._shards():
+            problem = shard_problem(shard, deep=False)
+            if problem is None:
+                known, problem = self._cached(shard)
+                if not known:
+                    todo.append((split, shard))
+                    continue
+                cached += 1
+            if problem:
+                findings.append(self._finding(split, shard, problem))
+        if self.settings.verify == "before" and todo:
+            findings += self._hash_now(todo)
+            todo = []
+        self._todo = todo
+        self.log.say(f"shards: {cached} checked before ({self.path.name}), {len(findings)} bad, {len(todo)} "
+                     + (f"({_size(sum(s.bytes for _, s in todo))}) to check in the background" if todo
+                        else "left to check"))
+        return findings
+
+    def _hash_now(self, todo: list[tuple[str, Shard]]) -> list[Finding]:
+        total, start = sum(s.bytes for _, s in todo), time.monotonic()
+        self.log.say(f"shards: checking {len(todo)} shard(s), {_size(total)}, against the manifest before "
+                     "training (data.verify before)...")
+        # hashlib lets go of the GIL; beyond ~16 readers the storage, not the CPU, sets the pace
+        with ThreadPoolExecutor(min(len(os.sched_getaffinity(0)), 16)) as pool:
+            problems = list(pool.map(self._check, [shard for _, shard in todo]))
+        bad = [self._finding(split, shard, p) for (split, shard), p in zip(todo, problems) if p]
+        self._say_done(len(todo), len(bad), total, time.monotonic() - start)
+        return bad
+
+    def _shards(self) -> list[tuple[str, Shard]]:
+        out = []
+        for name in ("train", "val"):
+            shards = self.manifest.splits[name].shards
+            out += [(name, shards[i]) for i in reading_order(shards, self.ranks.world_size)]
+        return out
+
+    # -- while training ------------------------------------------------------------------------
+
+    def start(self, step: int) -> None:
+        """Training begins at ``step``: rank 0 hashes the rest in the background."""
+        self._start_step = step
+        if self._todo and self.ranks.is_main:
+            self._thread = threading.Thread(target=self._background, name="shard-check", daemon=True)
+            self._thread.start()
+
+    def _background(self) -> None:
+        lowest_priority()
+        total, start = sum(s.bytes for _, s in self._todo), time.monotonic()
+        for split, shard in self._todo:
+            if self._halt.is_set():
+                return
+            problem = self._check(shard)
+            if problem:
+                self._found.append(self._finding(split, shard, problem))
+        self._say_done(len(self._todo), len(self._found), total, time.monotonic() - start)
+
+    def poll(self, step: int) -> None:
+        """After each step: a stop (``DataError``) once the background pass found a bad shard."""
+        if self._found:
+            self._halt.set()
+            raise DataError(f"{self._found[0].text}; found by the background check at step {step}: "
+                            f"{self._consumed(self._found[0], step)}; {self._hint()}")
+
+    def finish(self, step: int) -> None:
+        """A finished run: wait for the background pass, so no run ends 0 on unchecked data."""
+        if self._thread is not None and self._thread.is_alive():
+            self.log.say("shards: waiting for the background check to finish before saying the run is done...")
+            self._thread.join()
+        self.poll(step)
+
+    def close(self) -> None:
+        """Stop the background pass after its current shard (the file keeps what was done)."""
+        self._halt.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    # -- results -------------------------------------------------------------------------------
+
+    def _check(self, shard: Shard) -> str | None:
+        key = _key(shard)
+        problem = shard_problem(shard)
+        self._remember(shard, key, problem)
+        return problem
+
+    def _finding(self, split: str, shard: Shard, problem: str) -> Finding:
+        samples = f"; {damaged_samples(shard.tar, self.manifest.num_classes)}" if problem == CORRUPT else ""
+        return Finding(split, shard, f"{split} shard {shard.tar}: {problem}{samples}")
+
+    def _consumed(self, finding: Finding, step: int) -> str:
+        """What may have used the shard, as exactly as the loop knows it."""
+        s0, entry = self._start_step, self._cache.get(str(finding.shard.tar), {})
+        if finding.split == "val":
+            now = "the evaluations of this start may have read it (validation data: no step trained on it)"
+        elif step > s0:
+            now = (f"by then training had run {step - s0} step(s) of this start (steps {s0 + 1}..{step}), so samples "
+                   f"of it may have been trained on, and checkpoints after step {s0} include them")
+        else:
+            now = "no step of this start used it"
+        if s0 == 0:
+            return now
+        if entry.get("ok_at"):
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry["ok_at"]))
+            return f"{now}; it was intact when last checked ({when}), so earlier starts since then may have used it too"
+        return now + f"; it had never been checked, so earlier starts (steps 1..{s0}) may have used it too"
+
+    def _hint(self) -> str:
+        return (f"restore the shard from a copy or re-create the shards (make shards SRC=<imagenet> "
+                f"OUT={self.manifest.root}); or leave bad shards out: --data.on_corrupt skip --data.verify before")
+
+    def _say_done(self, count: int, bad: int, total: int, seconds: float) -> None:
+        self.log.say(f"shards: {count} checked against the manifest, {f'{bad} bad' if bad else 'all intact'} "
+                     f"({_size(total)} in {seconds:.1f} s, {total / 1e9 / max(seconds, 1e-9):.2f} GB/s)")
+        self.log.event("shard_check", shards=count, bad=bad, bytes=total, seconds=round(seconds, 3))
+
+    # -- the file ------------------------------------------------------------------------------
+
+    def _read(self) -> dict[str, dict]:
+        try:
+            record = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}  # none yet, or unreadable: everything is checked again
+        return record.get("shards", {}) if record.get("format") == FORMAT else {}
+
+    def _cached(self, shard: Shard) -> tuple[bool, str | None]:
+        """(known, problem) from an earlier check of this very file."""
+        entry = self._cache.get(str(shard.tar))
+        key = _key(shard)
+        if entry is None or any(entry.get(k) != v for k, v in key.items()):
+            return False, None
+        return True, entry.get("problem")
+
+    def _remember(self, shard: Shard, key: dict, problem: str | None) -> None:
+        now = time.time()
+        listed = {str(s.tar) for split in self.manifest.splits.values() for s in split.shards}
+        with self._lock:
+            old = self._cache.get(str(shard.tar), {})
+            ok_at = now if problem is None else (old.get("ok_at") if old.get("sha256") == shard.sha256 else None)
+            self._cache[str(shard.tar)] = {**key, "problem": problem, "checked_at": now, "ok_at": ok_at}
+            record = {"format": FORMAT, "version": 1, "manifest": str(self.manifest.root / "manifest.json"),
+                      "shards": {k: v for k, v in self._cache.items() if k in listed}}
+            self._write(record)
+
+    def _write(self, record: dict) -> None:
+        try:
+            atomic_write_text(self.path, json.dumps(record, indent=1) + "\n")
+        except OSError as exc:
+            if not self._write_failed:
+                self._write_failed = True
+                self.log.warn(f"service: cannot write {self.path} ({exc.strerror or exc}): shard checks are not "
+                              "remembered, a restart checks the shards again")

@@ -1,0 +1,141 @@
+"""The HTTP endpoint under hostile clients, over real sockets, against a server in its own process
+(so its stderr is a real one and the clients' threads do not share its interpreter): many
+concurrent scrapers, a slowloris client, clients that hang up early."""
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVE = """
+import sys, time
+from service.metrics import ServiceMetrics, build_labels
+from service.server import HttpEndpoint
+from service.status import StatusBoard
+metrics = ServiceMetrics(build_labels("cpu", "grouped", 1))
+endpoint = HttpEndpoint("127.0.0.1", 0, metrics.registry, StatusBoard(60, phase="training")).start()
+print(endpoint.port, flush=True)
+sys.stdin.read()  # serve until the test closes stdin
+endpoint.close()
+"""
+
+
+@pytest.fixture
+def server():
+    """(port, process) of a service HTTP endpoint in a child process; stderr kept for the test."""
+    proc = subprocess.Popen([sys.executable, "-c", SERVE], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    port = int(proc.stdout.readline())
+    yield port, proc
+    if proc.poll() is None:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+
+
+def _stderr(proc: subprocess.Popen) -> str:
+    proc.stdin.close()
+    proc.wait(timeout=30)
+    return proc.stderr.read()
+
+
+def _scrape(port: int, path: str = "/metrics") -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as r:
+        r.read()
+        return r.status
+
+
+def _listen_drops() -> int:
+    """The kernel's count of connections dropped because a listen queue was full (this netns)."""
+    lines = Path("/proc/net/netstat").read_text().splitlines()
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names.startswith("TcpExt:"):
+            row = dict(zip(names.split()[1:], values.split()[1:]))
+            return int(row["ListenOverflows"]) + int(row["ListenDrops"])
+    raise AssertionError("no TcpExt counters in /proc/net/netstat")
+
+
+@pytest.mark.slow
+def test_twenty_concurrent_scrapers_are_all_accepted_at_once(server) -> None:
+    """A backlog of 5 (socketserver's default) overflows under 20 simultaneous connects: the
+    kernel drops the SYNs and the clients wait for a retransmit (1 s, 3 s, 7 s...)."""
+    port, proc = server
+    before = _listen_drops()
+    barrier = threading.Barrier(20)
+
+    def client(_: int) -> list[int]:
+        codes = []
+        for _ in range(30):
+            barrier.wait()  # every round, 20 connects arrive together
+            codes.append(_scrape(port))
+        return codes
+
+    with ThreadPoolExecutor(20) as pool:
+        codes = [c for result in pool.map(client, range(20)) for c in result]
+    assert codes == [200] * 600
+    assert _listen_drops() - before == 0, "connections were dropped by a full listen queue"
+    assert "Traceback" not in _stderr(proc)
+
+
+@pytest.mark.slow
+def test_a_slowloris_client_is_cut_off_while_scrapes_go_on(server) -> None:
+    port, proc = server
+    slow = socket.create_connection(("127.0.0.1", port))
+    slow.settimeout(1.5)
+    request, start, closed_after = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100, time.monotonic(), None
+    codes = []
+    for byte in request:  # one byte a second, for up to 25 s
+        try:
+            slow.sendall(bytes([byte]))
+            if slow.recv(1) == b"":  # the server closed the connection
+                closed_after = time.monotonic() - start
+                break
+        except TimeoutError:
+            pass  # still open: the server is waiting for the rest of the request
+        except (ConnectionResetError, BrokenPipeError):
+            closed_after = time.monotonic() - start
+            break
+        codes.append(_scrape(port))  # other clients are served meanwhile
+        if time.monotonic() - start > 25:
+            break
+    slow.close()
+    assert closed_after is not None, "a client sending one byte a second was never cut off"
+    assert closed_after < 20 and codes and set(codes) == {200}
+    assert "Traceback" not in _stderr(proc)
+
+
+def test_clients_that_hang_up_early_leave_stderr_clean(server) -> None:
+    port, proc = server
+    for i in range(40):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n" if i % 2 else b"GET /metr")
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
+        s.close()
+    time.sleep(1)  # let the handler threads meet the resets
+    assert _scrape(port) == 200
+    err = _stderr(proc)
+    assert err == "", err
+
+
+def test_printed_urls_use_the_address_the_readme_names() -> None:
+    from service.metrics import ServiceMetrics, build_labels
+    from service.server import HttpEndpoint
+    from service.status import StatusBoard
+
+    metrics = ServiceMetrics(build_labels("cpu", "grouped", 1))
+    endpoint = HttpEndpoint("0.0.0.0", 0, metrics.registry, StatusBoard(60)).start()
+    try:
+        url = endpoint.url("/metrics")
+        assert url == f"http://127.0.0.1:{endpoint.port}/metrics"
+        assert _scrape(endpoint.port) == 200
+    finally:
+        endpoint.close()

@@ -1,0 +1,150 @@
+"""Corruption after sharding is never trained on silently (``service.shard_check``): a same-size
+corruption inside one training JPEG, as a disk or a copy leaves it, against real tars, the real
+DALI loader and the real service process."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tarfile
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from pipeline import LoaderConfig, build_train_loader
+from service.app import parse
+from service.config import TrainConfig
+from service.dist import Ranks
+from service.errors import DataError, ServiceError
+from service.metrics import ServiceMetrics, build_labels
+from service.runlog import RunLog
+from service.shard_check import ShardCheck, reading_order
+from shards import manifest as contract
+from tests.service_proc import Service, events, run_service
+
+BAD_TAR = "train-000003.tar"  # samples train-00000060 .. 79 of the 8 shards of 20
+
+
+def flip_jpeg_bytes(tar: Path, count: int = 256) -> str:
+    """Invert ``count`` bytes in the middle of the shard's first JPEG (same size); its key."""
+    with tarfile.open(tar) as archive:
+        jpg = next(m for m in archive.getmembers() if m.name.endswith(".jpg"))
+    with open(tar, "r+b") as f:
+        f.seek(jpg.offset_data + jpg.size // 2)
+        data = f.read(count)
+        f.seek(jpg.offset_data + jpg.size // 2)
+        f.write(bytes(b ^ 0xFF for b in data))
+    return jpg.name.split(".")[0]
+
+
+@pytest.fixture
+def corrupt_shards(sample_shards: Path, tmp_path: Path) -> tuple[Path, str]:
+    copy = tmp_path / "shards"
+    shutil.copytree(sample_shards, copy)
+    return copy, flip_jpeg_bytes(copy / "train" / BAD_TAR)
+
+
+@pytest.mark.slow
+def test_a_flipped_jpeg_stops_the_run_naming_shard_and_sample(corrupt_shards, tmp_path: Path) -> None:
+    shards, key = corrupt_shards
+    rc, service = run_service(shards, tmp_path / "run", "--epochs", "1", timeout=240)
+    assert rc == 1, service.stdout + service.stderr  # was: exit 0, a different loss, samples_failed 0
+    assert f"train shard {shards / 'train' / BAD_TAR}: contents differ from the manifest's sha256" in service.stderr
+    assert f"sample {key} (source train/" in service.stderr and "the JPEG does not decode" in service.stderr
+    assert "Traceback" not in service.stderr
+    # It says whether training may have used it: found at start, or after some steps.
+    assert "found before this start trained on anything" in service.stderr or (
+        "found by the background check at step" in service.stderr and "may have been trained on" in service.stderr)
+
+
+@pytest.mark.slow
+def test_skip_leaves_the_shard_out_counts_it_and_trains_on(corrupt_shards, tmp_path: Path) -> None:
+    shards, key = corrupt_shards
+    out = tmp_path / "run"
+    args = ("--epochs", "2", "--data.on_corrupt", "skip", "--data.verify", "before", "--debug.ids", "true")
+    service = Service(shards, out, *args)
+    try:
+        service.wait_for(r"train: 124 images")  # 144 - the 20 of the corrupt shard
+        service.wait_for(r"epoch 1 step 1/6")
+        with urllib.request.urlopen(service.url() + "/metrics", timeout=10) as r:
+            assert "alexnet_samples_failed_total 20.0" in r.read().decode()
+        assert service.wait() == 0, service.stderr
+    finally:
+        service.kill()
+    assert f"{BAD_TAR}: contents differ from the manifest's sha256" in service.stderr
+    assert f"sample {key} (source train/" in service.stderr
+    assert "skipped: left out of the train reader" in service.stderr
+    trained = {i for line in (out / "ids.jsonl").read_text().splitlines() for i in json.loads(line)["ids"]}
+    assert len(trained) == 124 and not trained & set(range(60, 80))
+    assert [e["shard"] for e in events(out, "shard_skipped")] == [str(shards / "train" / BAD_TAR)]
+    # A restart hashes nothing again (the run directory remembers) and still leaves the shard out.
+    rc, again = run_service(shards, out, *args)
+    assert rc == 0 and "shards: 10 checked before (shard-checks.json), 1 bad, 0 left to check" in again.stdout
+    assert "2 epoch(s) done" in again.stdout and "skipped" in again.stderr
+
+
+def _check(shards: Path, out: Path, *args: str) -> tuple[ShardCheck, RunLog]:
+    cfg = parse(["--shards", str(shards), "--out", str(out), *args])
+    log = RunLog(out, console=False).open()
+    metrics = ServiceMetrics(build_labels("cpu", "grouped", 1))
+    return ShardCheck(cfg, contract.load(shards, splits=()), Ranks(), log, metrics), log
+
+
+def test_checks_are_remembered_until_the_file_changes(sample_shards: Path, tmp_path: Path) -> None:
+    shards, out = tmp_path / "shards", tmp_path / "run"
+    shutil.copytree(sample_shards, shards)
+    for start in (1, 2):  # the first start hashes every shard, the second none
+        check, log = _check(shards, out, "--data.verify", "before")
+        assert check.prepare() == frozenset()
+        log.close()
+        assert [e["shards"] for e in events(out, "shard_check")] == [10], start
+    tar = shards / "train" / BAD_TAR
+    stat = tar.stat()
+    flip_jpeg_bytes(tar)
+    os.utime(tar, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # mtime put back: the ctime still tells
+    check, log = _check(shards, out, "--data.verify", "before")
+    with pytest.raises(DataError, match=f"train shard {tar}: contents differ.*found before this start"):
+        check.prepare()
+    assert events(out, "shard_check")[-1]["shards"] == 1  # only the changed shard was hashed again
+
+
+def test_background_check_stops_at_the_next_step_and_says_what_was_used(sample_shards: Path,
+                                                                       tmp_path: Path) -> None:
+    shards = tmp_path / "shards"
+    shutil.copytree(sample_shards, shards)
+    flip_jpeg_bytes(shards / "val" / "val-000001.tar")
+    check, _ = _check(shards, tmp_path / "run")
+    assert check.prepare() == frozenset()  # nothing known yet: training may start
+    check.start(step=12)  # a resumed run
+    with pytest.raises(DataError) as info:
+        check.finish(step=15)
+    message = str(info.value)
+    assert "val shard" in message and "found by the background check at step 15" in message
+    assert "validation data: no step trained on it" in message and "earlier starts (steps 1..12)" in message
+
+
+def test_skip_needs_the_check_before_the_readers_are_built() -> None:
+    with pytest.raises(ServiceError, match="data.on_corrupt skip needs data.verify before") as info:
+        parse(["--data.on_corrupt", "skip"])
+    assert info.value.code == 2
+    with pytest.raises(ServiceError, match=r"data.verify must be one of \['background', 'before'\]"):
+        parse(["--data.verify", "lazy"])
+    assert TrainConfig().data.on_corrupt == "stop" and TrainConfig().data.verify == "background"
+
+
+def test_a_loader_position_is_refused_for_another_list_of_tars(sample_shards: Path) -> None:
+    """DALI itself would apply it to the shorter list without a word."""
+    cfg = LoaderConfig(batch_size=24, threads=1)
+    full = build_train_loader(sample_shards, config=cfg)
+    batches = iter(full)
+    next(batches)
+    state = full.state_dict()
+    fewer = build_train_loader(sample_shards, config=cfg, exclude={BAD_TAR})
+    with pytest.raises(ValueError, match="tars"):
+        fewer.load_state_dict(state)
+
+
+def test_the_readers_first_shards_are_checked_first() -> None:
+    assert reading_order(tuple(range(10)), 1) == list(range(10))
+    assert reading_order(tuple(range(10)), 3) == [0, 4, 7, 1, 5, 8, 2, 6, 9, 3]  # shares 0-3, 4-6, 7-9
