@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from service import checkpoint as ckpt
+from tests.mounts import tmpfs
 from tests.service_proc import Service, checkpoint_steps, run_service
 from tests.test_service_failures import _copy_run, finished_run  # noqa: F401 (a fixture: checkpoints 2, 4, 6)
 
@@ -130,17 +131,8 @@ def test_a_version_1_checkpoint_is_upgraded(tmp_path: Path) -> None:
 @pytest.fixture
 def small_disk(tmp_path: Path):
     """A 700 MB tmpfs: room for one 455 MB checkpoint, not for a second next to it."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=700m", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
-    if done.returncode != 0:
-        pytest.skip(f"mounting a tmpfs is not permitted here ({done.stderr.strip()}): needs root in a "
-                    "container with CAP_SYS_ADMIN")
-    try:
+    with tmpfs(tmp_path / "disk", "size=700m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 @pytest.mark.slow

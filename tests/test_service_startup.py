@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from service.errors import EXIT_RUNDIR
+from tests.mounts import tmpfs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,16 +27,8 @@ def python(*args: str, **env: str) -> subprocess.CompletedProcess:
 @pytest.fixture
 def read_only(tmp_path: Path):
     """A directory on a read-only tmpfs, unmounted afterwards."""
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)], capture_output=True,
-                            text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here (needs root and mount rights): {result.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
 
 
 @pytest.mark.parametrize("sub", ["", "run"])  # the mount point itself, and a directory to create in it
