@@ -116,7 +116,7 @@ def service_commands(ctx: Context) -> list[list[str]]:
     run = ctx.data / "service-run"
     size = (["--epochs", 1, "--loader.batch_size", 8, "--model.autocast", "none"] if ctx.dry else
             ["--epochs", 3, "--loader.batch_size", 128, "--model.autocast", "bfloat16", "--model.channels_last", "true",
-             "--model.compile", "true"])
+             "--model.compile", "model"])
     return [ctx.module("service", "--shards", ctx.data / "shards", "--out", run, "--eval_views", 1, "--fresh", "true",
                        "--log_every", 20, "--model.bias_init", 0.1, "--http.port", 0, "--http.host", "127.0.0.1",
                        "--checkpoint.every_seconds", 0, *size)]

@@ -134,3 +134,35 @@ class CompiledStep:
                 for p in params:
                     p.grad = None
         return loss.detach()
+
+
+class CompiledEval(nn.Module):
+    """``model``'s forward for evaluation, compiled once: every call is padded to ``batch_size``
+    images (the evaluation batch times its views), so the epoch's last, shorter batch does not
+    recompile.  It is a separate compiled function from :class:`CompiledStep`'s, so evaluating
+    never invalidates the training graph (compiling the model itself, ``nn.Module.compile``,
+    recompiles when it switches between training and evaluation: one stall per run, measured
+    38 s on an H200).  Pass it to ``model.evaluate`` in place of the model."""
+
+    def __init__(self, model: nn.Module, batch_size: int, *, mode: CompileMode = "default", compile: bool = True):
+        super().__init__()
+        self.model, self.batch_size = model, batch_size
+        self.cudagraphs = compile and mode == "reduce-overhead"
+        self._fn = torch.compile(self.model, mode=mode) if compile else self.model
+
+    @property
+    def input_device(self) -> torch.device:
+        device = getattr(self.model, "input_device", None)
+        return device if device is not None else next(self.model.parameters()).device
+
+    def forward(self, images: Tensor) -> Tensor:
+        n = images.shape[0]
+        if n > self.batch_size:
+            raise ValueError(f"{n} images in one evaluation call, but it was built for at most {self.batch_size}")
+        layout = torch.channels_last if images.dim() == 4 and images.is_contiguous(
+            memory_format=torch.channels_last) and not images.is_contiguous() else torch.contiguous_format
+        if n < self.batch_size:
+            images = torch.cat([images, images.new_zeros((self.batch_size - n, *images.shape[1:]))])
+        if self.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        return self._fn(images.contiguous(memory_format=layout))[:n].clone()

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from model import evaluate, train_step
+from model import evaluate
 from service import checkpoint as ckpt
 from service import resume
 from service.build import Parts
@@ -117,8 +117,7 @@ class Trainer:
     def _step(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         parts = self.parts
         images, labels = batch[0], batch[1]
-        loss = train_step(parts.trainable, parts.optimizer, images, labels, autocast_dtype=parts.autocast,
-                          channels_last=self.cfg.model.channels_last, scaler=parts.scaler)
+        loss = parts.step(images, labels)
         if self._ids is not None:
             self._ids.write(json.dumps({"epoch": self.progress.epoch + 1, "step": self.progress.step + 1,
                                         "ids": batch[2].tolist()}) + "\n")
@@ -177,7 +176,7 @@ class Trainer:
         p, parts = self.progress, self.parts
         self.board.update(phase="evaluating")
         try:
-            mine = evaluate(parts.model, self._eval_batches(), autocast_dtype=parts.autocast,
+            mine = evaluate(parts.evaluator, self._eval_batches(), autocast_dtype=parts.autocast,
                             channels_last=self.cfg.model.channels_last)
             result = resume.combine(self.ranks.gather(mine))  # every rank's share of the split
         except Interrupted:

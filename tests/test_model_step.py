@@ -8,7 +8,7 @@ from torch._dynamo.utils import counters
 
 from model import AlexNet, PaperSGD, PlateauSchedule, evaluate, load_velocity_state, train_step, velocity_state
 from model.optim import paper_update_, param_groups
-from model.step import CompiledStep
+from model.step import CompiledEval, CompiledStep
 
 
 def replica(num_classes: int = 10, dropout: float = 0.0) -> tuple[AlexNet, PaperSGD]:
@@ -124,3 +124,27 @@ def test_compiled_step_equals_eager_and_compiles_once() -> None:
     assert counters["stats"]["unique_graphs"] == graphs
     if hasattr(torch._dynamo.config, "trace_autograd_ops"):  # torch >= 2.13: the backward is in the graph
         assert graphs == 1 and not counters["graph_break"]
+
+
+@pytest.mark.slow
+def test_compiled_evaluation_compiles_once_and_equals_eager() -> None:
+    """``CompiledEval`` in ``evaluate``: batches of 2 images x 10 views, then a last one of 1
+    image: one compilation, the same errors and loss as the eager model."""
+    model, _ = replica(1000)
+    images, labels = batch(3, 1000, 7)
+    views = images[:, None].expand(3, 10, 3, 224, 224)
+    batches = [(views[:2], labels[:2]), (views[2:], labels[2:])]
+    evaluator = CompiledEval(model, batch_size=20)
+    torch._dynamo.reset()
+    counters.clear()
+    evaluate(evaluator, batches[:1])  # compiles
+    graphs = counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = evaluate(evaluator, batches)
+    assert counters["stats"]["unique_graphs"] == graphs == 1
+    eager = evaluate(model, batches)
+    assert compiled.images == eager.images == 3
+    assert (compiled.top1_error, compiled.top5_error) == (eager.top1_error, eager.top5_error)
+    assert compiled.loss == pytest.approx(eager.loss, rel=1e-5)
+    with pytest.raises(ValueError, match="at most 20"):
+        evaluator(views.flatten(0, 1))
