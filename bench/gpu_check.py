@@ -263,52 +263,11 @@ def write_json(ctx: Context, header: dict, records: dict[str, dict]) -> Path:
     return path
 
 
-def headline(name: str, record: dict) -> str:
-    """One line of numbers per part for the summary table."""
-    r = record.get("results") or {}
-    if record["status"] != "ok":
-        return (record.get("reason") or record.get("error") or "").splitlines()[0][:90]
-    if name == "versions":
-        return f"torch {r['packages'].get('torch')} (CUDA {r['torch_cuda']}), DALI {r.get('dali', r.get('dali_error'))}"
-    if name == "nvidia-smi":
-        g = r["gpus"][0]
-        return f"{g['name']}, driver {g['driver_version']}, {g['memory.total']} MiB, SM {g['clocks.max.sm']} MHz max"
-    if name == "data":
-        return f"{r['train']} train + {r['val']} val images, {r['classes']} classes, {r['shards']} shards"
-    if name == "gpu-tests":
-        return f"{len(r['passed'])} passed, {len(r['skipped'])} skipped"
-    if name == "bench-model":
-        best = max((v for v in r["configs"].values() if isinstance(v, dict)), key=lambda v: v["images_per_s"],
-                   default=None)
-        return f"best {best['images_per_s']:.0f} img/s ({100 * best['share_of_matmul_peak']:.1f}% of matmul)" if best else "-"
-    if name == "bench-pipeline":
-        return ", ".join(f"{k.replace('_images_per_s', '')} {v}" for k, v in r.items() if v)[:90]
-    if name == "service":
-        last, c = r["epochs"][-1], r["criterion_2"]
-        ratio = f", {c['ratio_to_model_alone']:.2f}x model alone" if c["ratio_to_model_alone"] else ""
-        return f"epoch {last['epoch']}: {last['images_per_s']:.0f} img/s, data wait {100 * last['data_share']:.1f}%{ratio}"
-    if name == "sweep":
-        best = r["recommended"] or {}
-        return (f"{r['ok']} ok, {r['failed']} failed, {r['skipped']} skipped; best end to end: "
-                f"{best.get('images_per_s', 0):.0f} img/s ({best.get('name', '-')})")[:120]
-    return json.dumps(r)[:90]
-
-
-def project(records: dict[str, dict]) -> dict | None:
-    """90 epochs with the 10-view evaluation at the measured rates: training from the service
-    part's last epoch (else the sweep's best end to end), evaluation from the sweep."""
-    sweep = (records.get("sweep", {}).get("results") or {}).get("projection") or {}
-    service = records.get("service", {})
-    if service.get("status") == "ok":
-        proj = gpu_parts.projection(service["results"]["epochs"][-1]["images_per_s"], sweep.get("eval_views_per_s"))
-        return {**proj, "train_rate_from": "service part, last epoch", "eval_rate_from": "sweep"}
-    return {**sweep, "train_rate_from": "sweep, best end to end", "eval_rate_from": "sweep"} if sweep else None
-
-
 def print_summary(records: dict[str, dict], path: Path) -> None:
     print(f"\n{'part':<15} {'status':<8} {'seconds':>8}  result")
     for name, record in records.items():
-        print(f"{name:<15} {record.get('status', '-'):<8} {record.get('seconds', 0):>8}  {headline(name, record)}")
+        line = gpu_parts.headline(name, record)
+        print(f"{name:<15} {record.get('status', '-'):<8} {record.get('seconds', 0):>8}  {line}")
     print(f"\nwrote {path} (every part's log: {path.parent / 'logs'})")
 
 
@@ -339,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"gpu-check: {'DRY mode (no CUDA device): every part starts at a tiny size' if dry else 'GPU mode'}, "
           f"budget {args.seconds:.0f} s, results in {args.out}", flush=True)
     records = run_parts(ctx, header)
-    header["projection"] = project(records)
+    header["projection"] = gpu_parts.project(records)
     path = write_json(ctx, header, records)
     print_summary(records, path)
     if header["projection"]:

@@ -174,6 +174,48 @@ def projection_line(p: dict) -> str:
             f"{evaluation} = {p['total_hours']:.2f} h (target 1.5 h)")
 
 
+def headline(name: str, record: dict) -> str:
+    """One line of numbers per part for the summary table."""
+    r = record.get("results") or {}
+    if record["status"] != "ok":
+        return (record.get("reason") or record.get("error") or "").splitlines()[0][:90]
+    if name == "versions":
+        return f"torch {r['packages'].get('torch')} (CUDA {r['torch_cuda']}), DALI {r.get('dali', r.get('dali_error'))}"
+    if name == "nvidia-smi":
+        g = r["gpus"][0]
+        return f"{g['name']}, driver {g['driver_version']}, {g['memory.total']} MiB, SM {g['clocks.max.sm']} MHz max"
+    if name == "data":
+        return f"{r['train']} train + {r['val']} val images, {r['classes']} classes, {r['shards']} shards"
+    if name == "gpu-tests":
+        return f"{len(r['passed'])} passed, {len(r['skipped'])} skipped"
+    if name == "bench-model":
+        best = max((v for v in r["configs"].values() if isinstance(v, dict)), key=lambda v: v["images_per_s"],
+                   default=None)
+        return f"best {best['images_per_s']:.0f} img/s ({100 * best['share_of_matmul_peak']:.1f}% of matmul)" if best else "-"
+    if name == "bench-pipeline":
+        return ", ".join(f"{k.replace('_images_per_s', '')} {v}" for k, v in r.items() if v)[:90]
+    if name == "service":
+        last, c = r["epochs"][-1], r["criterion_2"]
+        ratio = f", {c['ratio_to_model_alone']:.2f}x model alone" if c["ratio_to_model_alone"] else ""
+        return f"epoch {last['epoch']}: {last['images_per_s']:.0f} img/s, data wait {100 * last['data_share']:.1f}%{ratio}"
+    if name == "sweep":
+        best = r["recommended"] or {}
+        return (f"{r['ok']} ok, {r['failed']} failed, {r['skipped']} skipped; best end to end: "
+                f"{best.get('images_per_s', 0):.0f} img/s ({best.get('name', '-')})")[:120]
+    return json.dumps(r)[:90]
+
+
+def project(records: dict[str, dict]) -> dict | None:
+    """90 epochs with the 10-view evaluation at the measured rates: training from the service
+    part's last epoch (else the sweep's best end to end), evaluation from the sweep."""
+    sweep = (records.get("sweep", {}).get("results") or {}).get("projection") or {}
+    service = records.get("service", {})
+    if service.get("status") == "ok":
+        proj = projection(service["results"]["epochs"][-1]["images_per_s"], sweep.get("eval_views_per_s"))
+        return {**proj, "train_rate_from": "service part, last epoch", "eval_rate_from": "sweep"}
+    return {**sweep, "train_rate_from": "sweep, best end to end", "eval_rate_from": "sweep"} if sweep else None
+
+
 def main(argv: list[str]) -> int:
     part = argv[0] if argv else ""
     if part == "versions":

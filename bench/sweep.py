@@ -80,7 +80,8 @@ MODEL = [
 PIPELINE = [Config(f"pipeline: {label}", "pipeline", (*BASE, "--model.compile", "off", *flags), 60) for label, flags in (
     ("defaults (hw decoder 0.65, fancy upsampling, all cores, prefetch 2)", ()),
     ("hw_decoder_load 1.0", ("--loader.hw_decoder_load", "1.0")),
-    ("hw_decoder_load 1.0, no fancy upsampling", ("--loader.hw_decoder_load", "1.0", "--loader.jpeg_fancy_upsampling", "false")),
+    ("hw_decoder_load 1.0, no fancy upsampling",
+     ("--loader.hw_decoder_load", "1.0", "--loader.jpeg_fancy_upsampling", "false")),
     ("no fancy upsampling", ("--loader.jpeg_fancy_upsampling", "false")),
     ("hw_decoder_load 0 (all hybrid: the CPU-time reference)", ("--loader.hw_decoder_load", "0")),
     ("8 threads, prefetch 4", ("--loader.threads", "8", "--loader.prefetch", "4")),
@@ -140,8 +141,9 @@ class Sweep:
                 "trace": str(self.out / "sweep" / f"{name}-trace.json.gz")}
         log = self.out / "logs" / "sweep" / f"{name}.log"
         start = time.time()
+        # perf_hints: inductor says in the log why it skipped CUDA graphs for a graph, if it did
         code = reap(spawn([sys.executable, "-m", "bench.sweep_child", json.dumps(spec), str(result)], log,
-                          child_env()), limit)
+                          child_env({"TORCH_LOGS": "perf_hints"})), limit)
         if code == 0 and result.is_file():
             return json.loads(result.read_text())
         return {"status": "failed", "seconds": round(time.time() - start, 1),
@@ -241,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         sweep.summary["recommended"] = {"name": chosen.name, "flags": record["flags"],
                                         "images_per_s": record["images_per_s"],
                                         "data_wait_share": record.get("data_wait_share"),
+                                        "model_alone_images_per_s": record.get("model_alone_images_per_s"),
                                         "ratio_to_model_alone": record.get("ratio_to_model_alone")}
         sweep.summary["projection"] = projection(record["images_per_s"], eval_for(sweep, chosen))
     sweep.save()

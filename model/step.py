@@ -121,7 +121,8 @@ class CompiledStep:
     def _step(self, images: Tensor, labels: Tensor, weights: Tensor) -> Tensor:
         """Forward, the weighted mean cross-entropy, backward and the update (what is compiled)."""
         device = self.input_device
-        with torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype else contextlib.nullcontext():
+        dtype = self.autocast_dtype
+        with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
             logits = self.trainable(images)
         per_sample = F.cross_entropy(logits.float(), labels, reduction="none")  # fp32, as train_step
         loss = (per_sample * weights).sum() / weights.sum().clamp_min(1.0)

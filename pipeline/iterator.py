@@ -48,7 +48,8 @@ class DaliIterator:
         if handover not in get_args(Handover):
             raise ValueError(f"handover must be one of {get_args(Handover)}, got {handover!r}")
         if not pipe.exec_dynamic:  # other executors reuse the buffers once released
-            raise ValueError("the pipeline must run with exec_dynamic=True (DALI then never reuses a handed-out buffer)")
+            raise ValueError("the pipeline must run with exec_dynamic=True "
+                             "(DALI then never reuses a handed-out buffer)")
         meta = pipe.reader_meta(reader)
         if not meta["pad_last_batch"]:
             raise ValueError(f"reader {reader!r} must pad the last batch (pad_last_batch=True): every rank "

@@ -17,7 +17,8 @@ from tests.service_proc import TINY
 
 @pytest.mark.parametrize("args, message", [
     (["--model.compile", "true"], "model.compile must be one of \\['off', 'model', 'step'\\]"),
-    (["--model.compile", "step", "--model.autocast", "float16"], "model.compile step does not take model.autocast float16"),
+    (["--model.compile", "step", "--model.autocast", "float16"],
+     "model.compile step does not take model.autocast float16"),
     (["--model.compile_mode", "fast"], "model.compile_mode must be one of"),
     (["--model.lrn", "fused"], "model.lrn must be one of"),
     (["--model.cudnn_benchmark_limit", "-1"], "model.cudnn_benchmark_limit must be >= 0"),
