@@ -17,9 +17,16 @@ JSON was written.  Parts:
                 LRN in fp32 vs bf16, with the share of the measured bf16 matmul rate
   bench-pipeline ``bench.bench_pipeline --configs gpu-check``: mixed decode (uint8 stage, with
                 the GPU normaliser, DALI's own decode-only rate) and CPU decode on all cores
-  service       the training service for 3 epochs at the paper's batch 128, bf16, compiled: images/s
-                and data-wait share end to end
+  sweep         ``bench.sweep``: issue 13's A/B grid (model alone, pipeline alone, end to end, a
+                torch.profiler window), one child per configuration, and the recommendation
+  service       the training service for 3 epochs at the paper's batch 128 with the sweep's
+                recommended settings (without a sweep: bf16, channels_last, compiled model),
+                10-view evaluation: images/s and data-wait share end to end, against the model
+                alone of the same configuration (issue 13's criterion 2)
   roi-probe     nvImageCodec's GPU ROI decode (NVIDIA/nvImageCodec#55) in a child: works or not
+
+At the end it prints and records (``projection``) the wall time of 90 ImageNet epochs with the
+10-view evaluation each epoch at the measured rates.
 
 Without a GPU (or with ``--dry``) the same parts run in a dry mode on the CPU, at a tiny size,
 and the CUDA-only ones only start (collect, import) and report skipped: ``tests/test_gpu_check.py``
@@ -31,7 +38,6 @@ import argparse
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -40,8 +46,7 @@ from pathlib import Path
 from typing import Callable
 
 from bench import gpu_parts
-
-ROOT = Path(__file__).resolve().parents[1]
+from bench.child import ROOT, child_env, failure, reap, spawn
 
 
 @dataclass
@@ -52,6 +57,8 @@ class Context:
     deadline: float
     python: str = sys.executable
     only: tuple[str, ...] = ()  # --parts: run these, skip the others
+    env: dict[str, str] = field(default_factory=dict)  # for every part's process
+    service_flags: tuple[str, ...] = ()  # the sweep's recommendation, once the sweep part has run
 
     def module(self, name: str, *args: object) -> list[str]:
         return [self.python, "-m", name, *map(str, args)]
@@ -112,14 +119,56 @@ def pipeline_commands(ctx: Context) -> list[list[str]]:
                        "--configs", "gpu-check", *size)]
 
 
+# The service part's settings without a sweep recommendation: the fast path measured in run 2.
+SERVICE_DEFAULT = ("--loader.batch_size", "128", "--model.autocast", "bfloat16", "--model.channels_last", "true",
+                   "--model.compile", "model")
+SERVICE_DRY = ("--loader.batch_size", "8", "--model.autocast", "none")
+
+
+def service_flags(ctx: Context) -> tuple[str, ...]:
+    """The sweep's recommended configuration when the sweep part ran, else the default fast path."""
+    return ctx.service_flags or (SERVICE_DRY if ctx.dry else SERVICE_DEFAULT)
+
+
 def service_commands(ctx: Context) -> list[list[str]]:
     run = ctx.data / "service-run"
-    size = (["--epochs", 1, "--loader.batch_size", 8, "--model.autocast", "none"] if ctx.dry else
-            ["--epochs", 3, "--loader.batch_size", 128, "--model.autocast", "bfloat16", "--model.channels_last", "true",
-             "--model.compile", "true"])
-    return [ctx.module("service", "--shards", ctx.data / "shards", "--out", run, "--eval_views", 1, "--fresh", "true",
+    return [ctx.module("service", "--shards", ctx.data / "shards", "--out", run, "--eval_views", 10, "--fresh", "true",
                        "--log_every", 20, "--model.bias_init", 0.1, "--http.port", 0, "--http.host", "127.0.0.1",
-                       "--checkpoint.every_seconds", 0, *size)]
+                       "--checkpoint.every_seconds", 0, "--epochs", 1 if ctx.dry else 3, *service_flags(ctx))]
+
+
+def service_read(ctx: Context, log: str) -> dict:
+    """images/s and data-wait share per epoch, and the last epoch against the model alone of the
+    same configuration (issue 13's criterion 2): the sweep's measurement of exactly these flags,
+    or bench-model's compiled bf16 channels_last configuration for the default flags."""
+    alone, source = None, None
+    if ctx.service_flags:
+        alone, source = gpu_parts.sweep_summary(ctx.out / "sweep.json")["recommended"].get(
+            "model_alone_images_per_s"), "sweep: the recommended configuration's step on one of its batches"
+    elif (ctx.out / "model.json").is_file():
+        configs = gpu_parts.model_summary(ctx.out / "model.json")["configs"]
+        alone = (configs.get("grouped bf16 channels_last compiled") or {}).get("images_per_s")
+        source = "bench-model: grouped bf16 channels_last compiled"
+    return {"flags": list(service_flags(ctx)), **gpu_parts.service_summary(ctx.data / "service-run", alone, source)}
+
+
+def sweep_commands(ctx: Context) -> list[list[str]]:
+    # What is left of the budget, less what the service part needs after it (when it runs).
+    reserve = SERVICE_RESERVE if not ctx.only or "service" in ctx.only else 20
+    budget = max(30.0, min(SWEEP_CAP, ctx.deadline - time.time() - reserve))
+    return [ctx.module("bench.sweep", "--shards", ctx.data / "shards", "--out", ctx.out, "--seconds", round(budget),
+                       *(["--dry"] if ctx.dry else []))]
+
+
+def sweep_read(ctx: Context, log: str) -> dict:
+    summary = gpu_parts.sweep_summary(ctx.out / "sweep.json")
+    if summary.get("recommended"):
+        ctx.service_flags = tuple(summary["recommended"]["flags"])
+    return summary
+
+
+SWEEP_CAP = 420  # issue 13: the grid in under 7 minutes
+SERVICE_RESERVE = 150  # seconds kept for the service part (3 short epochs, compiled from the shared cache)
 
 
 PARTS = [
@@ -130,28 +179,19 @@ PARTS = [
     Part("bench-model", 240, model_commands, lambda c, log: gpu_parts.model_summary(c.out / "model.json")),
     Part("bench-pipeline", 200, pipeline_commands,
          lambda c, log: gpu_parts.pipeline_summary(c.out / "pipeline.json"), needs=("data",)),
-    Part("service", 200, service_commands,
-         lambda c, log: gpu_parts.service_summary(c.data / "service-run"), needs=("data",)),
+    Part("sweep", SWEEP_CAP, sweep_commands, sweep_read, needs=("data",)),
+    Part("service", 240, service_commands, service_read, needs=("data",)),
     Part("roi-probe", 60, lambda c: [c.module("bench.gpu_parts", "roi-probe", c.data / "shards")], result_line,
          cuda_only=True, needs=("data",)),
 ]
 SIDE_BY_SIDE = {"data": "gpu-tests"}  # CPU-bound data generation next to the tests (own small data)
 
 
-def _tail(text: str, lines: int = 25) -> str:
-    return "\n".join(text.strip().splitlines()[-lines:])
-
-
 def start(part: Part, ctx: Context) -> tuple[subprocess.Popen, Path] | None:
-    """Launch the part's commands as one shell-free chain in a new process group."""
+    """Launch the part's commands as one chain (bash ``&&``) in a new process group."""
     log = ctx.out / "logs" / f"{part.name}.log"
     chain = " && ".join(" ".join(_quote(a) for a in cmd) for cmd in part.commands(ctx))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
-        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    handle = log.open("w")
-    proc = subprocess.Popen(["bash", "-c", chain], cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    handle.close()
+    proc = spawn(["bash", "-c", chain], log, child_env(ctx.env))
     part.record.update(status="running", started=time.time())
     return proc, log
 
@@ -163,19 +203,11 @@ def _quote(arg: object) -> str:
 def finish(part: Part, ctx: Context, proc: subprocess.Popen, log: Path) -> None:
     """Wait within the part's limit, then record ok / failed with the error."""
     limit = max(1.0, min(part.cap, ctx.deadline - time.time()))
-    try:
-        code = proc.wait(timeout=limit - (time.time() - part.record["started"]))
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        code = None
+    code = reap(proc, limit - (time.time() - part.record["started"]))
     text = log.read_text(errors="replace")
     part.record["seconds"] = round(time.time() - part.record.pop("started"), 1)
-    if code is None:
-        part.record.update(status="failed", error=f"timed out after {limit:.0f} s\n{_tail(text)}")
-    elif code != 0:
-        how = f"killed by signal {-code} ({signal.Signals(-code).name})" if code < 0 else f"exit code {code}"
-        part.record.update(status="failed", error=f"{how}\n{_tail(text)}")
+    if code != 0:
+        part.record.update(status="failed", error=failure(code, limit, text))
     else:
         try:
             part.record["results"] = part.read(ctx, text)
@@ -234,36 +266,11 @@ def write_json(ctx: Context, header: dict, records: dict[str, dict]) -> Path:
     return path
 
 
-def headline(name: str, record: dict) -> str:
-    """One line of numbers per part for the summary table."""
-    r = record.get("results") or {}
-    if record["status"] != "ok":
-        return (record.get("reason") or record.get("error") or "").splitlines()[0][:90]
-    if name == "versions":
-        return f"torch {r['packages'].get('torch')} (CUDA {r['torch_cuda']}), DALI {r.get('dali', r.get('dali_error'))}"
-    if name == "nvidia-smi":
-        g = r["gpus"][0]
-        return f"{g['name']}, driver {g['driver_version']}, {g['memory.total']} MiB, SM {g['clocks.max.sm']} MHz max"
-    if name == "data":
-        return f"{r['train']} train + {r['val']} val images, {r['classes']} classes, {r['shards']} shards"
-    if name == "gpu-tests":
-        return f"{len(r['passed'])} passed, {len(r['skipped'])} skipped"
-    if name == "bench-model":
-        best = max((v for v in r["configs"].values() if isinstance(v, dict)), key=lambda v: v["images_per_s"],
-                   default=None)
-        return f"best {best['images_per_s']:.0f} img/s ({100 * best['share_of_matmul_peak']:.1f}% of matmul)" if best else "-"
-    if name == "bench-pipeline":
-        return ", ".join(f"{k.replace('_images_per_s', '')} {v}" for k, v in r.items() if v)[:90]
-    if name == "service":
-        last = r["epochs"][-1]
-        return f"epoch {last['epoch']}: {last['images_per_s']:.0f} img/s, data wait {100 * last['data_share']:.1f}%"
-    return json.dumps(r)[:90]
-
-
 def print_summary(records: dict[str, dict], path: Path) -> None:
     print(f"\n{'part':<15} {'status':<8} {'seconds':>8}  result")
     for name, record in records.items():
-        print(f"{name:<15} {record.get('status', '-'):<8} {record.get('seconds', 0):>8}  {headline(name, record)}")
+        line = gpu_parts.headline(name, record)
+        print(f"{name:<15} {record.get('status', '-'):<8} {record.get('seconds', 0):>8}  {line}")
     print(f"\nwrote {path} (every part's log: {path.parent / 'logs'})")
 
 
@@ -285,15 +292,20 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "logs").mkdir(parents=True, exist_ok=True)
     args.data.mkdir(parents=True, exist_ok=True)
     # Dry and GPU data apart: a dataset of another size in the same folder would mix with this one.
-    ctx = Context(args.out.resolve(), (args.data / ("dry" if dry else "gpu")).resolve(), dry,
-                  time.time() + args.seconds, only=only)
+    data = (args.data / ("dry" if dry else "gpu")).resolve()
+    # One inductor cache for every part: a graph compiled once (bench-model, sweep) loads in seconds later.
+    ctx = Context(args.out.resolve(), data, dry, time.time() + args.seconds, only=only,
+                  env={"TORCHINDUCTOR_CACHE_DIR": str(data / "inductor-cache")})
     header = {"mode": "dry" if dry else "gpu", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "seconds_budget": args.seconds, "python": sys.executable}
     print(f"gpu-check: {'DRY mode (no CUDA device): every part starts at a tiny size' if dry else 'GPU mode'}, "
           f"budget {args.seconds:.0f} s, results in {args.out}", flush=True)
     records = run_parts(ctx, header)
+    header["projection"] = gpu_parts.project(records)
     path = write_json(ctx, header, records)
     print_summary(records, path)
+    if header["projection"]:
+        print(f"projection: {gpu_parts.projection_line(header['projection'])}")
     return 0
 
 

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from model.init import init_paper
 
 Layout = Literal["grouped", "towers"]
+LrnImpl = Literal["torch", "window_sum"]
 DeviceLike = torch.device | str | int
 
 # Project constants (SPEC 1): code-faithful LRN (PyTorch divides alpha by size, as Krizhevsky's
@@ -47,7 +48,7 @@ FCS: dict[str, tuple[int, int]] = {"fc6": (256 * 6 * 6, 2048), "fc7": (4096, 204
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def local_response_norm(x: Tensor, towers: int = 1, fp32: bool = True) -> Tensor:
+def local_response_norm(x: Tensor, towers: int = 1, fp32: bool = True, impl: LrnImpl = "torch") -> Tensor:
     """LRN with the project constants, applied to each tower's channels separately.
 
     With ``towers=2`` the first and second halves of the channels are normalised on their own,
@@ -56,20 +57,45 @@ def local_response_norm(x: Tensor, towers: int = 1, fp32: bool = True) -> Tensor
     input: in float16 any activation above 256 squares to inf and its output becomes 0 (conv1's
     ReLU outputs reach that easily on 0..255 pixels); bfloat16 keeps the range but the sum of
     squares loses digits.  (PyTorch's CPU kernels also have no float16/bfloat16 LRN at all.)
+    ``impl``: "torch" is ``F.local_response_norm``; "window_sum" the same formula written as
+    elementwise ops (:func:`_lrn_window_sum`), equal to it up to float rounding.
     """
     dtype = x.dtype
     if fp32 and dtype in LOW_PRECISION:
         x = x.float()
-    if towers == 1:
+    if impl == "window_sum":
+        out = _lrn_window_sum(x, towers)
+    elif towers == 1:
         out = F.local_response_norm(x, **LRN)
     else:
         out = torch.cat([F.local_response_norm(h, **LRN) for h in x.chunk(towers, dim=1)], dim=1)
     return out.to(dtype)
 
 
-def _norm_pool(x: Tensor, towers: int = 1, lrn_fp32: bool = True) -> Tensor:
+def _lrn_window_sum(x: Tensor, towers: int) -> Tensor:
+    """``x / (k + alpha * mean of x^2 over the 5-channel window)^beta``, every tower at once, the
+    window sum as five shifted slices of the zero-padded squares.
+
+    Why: ``F.local_response_norm`` squares, pads a 5-D view and runs ``avg_pool3d`` over it (and
+    the towers layout adds a chunk and a cat), a chain of passes over conv1's and conv2's large
+    maps forward and backward; these slices are plain elementwise arithmetic that
+    ``torch.compile`` can fuse with the ReLU before them.  Same formula and divisor (the padded
+    window average), so it equals the PyTorch LRN up to the summation order's rounding.
+    """
+    n, c, h, w = x.shape
+    size, per_tower = LRN["size"], c // towers
+    squares = (x * x).view(n, towers, per_tower, h, w)
+    padded = F.pad(squares, (0, 0, 0, 0, size // 2, (size - 1) // 2))
+    total = padded[:, :, :per_tower]
+    for i in range(1, size):
+        total = total + padded[:, :, i:i + per_tower]
+    div = (total / size).reshape(n, c, h, w).mul(LRN["alpha"]).add(LRN["k"]).pow(LRN["beta"])
+    return x / div
+
+
+def _norm_pool(x: Tensor, towers: int = 1, lrn_fp32: bool = True, lrn: LrnImpl = "torch") -> Tensor:
     """ReLU -> per-tower LRN -> overlapping 3/2 max pool (the order of the paper and Caffe)."""
-    return F.max_pool2d(local_response_norm(F.relu(x), towers, lrn_fp32), kernel_size=3, stride=2)
+    return F.max_pool2d(local_response_norm(F.relu(x), towers, lrn_fp32, lrn), kernel_size=3, stride=2)
 
 
 def _exchange(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -144,6 +170,8 @@ class AlexNet(nn.Module):
         dropout: dropout probability after fc6 and fc7.
         lrn_fp32: under float16/bfloat16 autocast, compute LRN in float32 (see
             :func:`local_response_norm`; ``make gpu-check`` measures what it costs).
+        lrn: how LRN is computed, "torch" or "window_sum" (the same function, fusible under
+            ``torch.compile``; :func:`local_response_norm`).
     """
 
     def __init__(
@@ -155,13 +183,16 @@ class AlexNet(nn.Module):
         bias_init: float = 1.0,
         dropout: float = 0.5,
         lrn_fp32: bool = True,
+        lrn: LrnImpl = "torch",
     ) -> None:
         super().__init__()
         if layout not in ("grouped", "towers"):
             raise ValueError(f"layout must be 'grouped' or 'towers', got {layout!r}")
+        if lrn not in ("torch", "window_sum"):
+            raise ValueError(f"lrn must be 'torch' or 'window_sum', got {lrn!r}")
         self.layout: Layout = layout
         self.dropout = dropout
-        self.lrn_fp32 = lrn_fp32
+        self.lrn_fp32, self.lrn = lrn_fp32, lrn
         grouped = layout == "grouped"
         for name, spec in CONVS.items():
             self.add_module(name, _conv(spec, 2) if grouped else TowerPair(lambda: _conv(spec, 1)))
@@ -213,8 +244,8 @@ class AlexNet(nn.Module):
         return self._forward_grouped(x) if self.layout == "grouped" else self._forward_towers(x)
 
     def _forward_grouped(self, x: Tensor) -> Tensor:
-        x = _norm_pool(self.conv1(x), 2, self.lrn_fp32)
-        x = _norm_pool(self.conv2(x), 2, self.lrn_fp32)
+        x = _norm_pool(self.conv1(x), 2, self.lrn_fp32, self.lrn)
+        x = _norm_pool(self.conv2(x), 2, self.lrn_fp32, self.lrn)
         x = F.relu(self.conv3(x))
         x = F.relu(self.conv4(x))
         x = F.max_pool2d(F.relu(self.conv5(x)), kernel_size=3, stride=2).flatten(1)
@@ -225,8 +256,9 @@ class AlexNet(nn.Module):
     def _forward_towers(self, x: Tensor) -> Tensor:
         # Both towers see the whole image; every later device crossing is an _exchange.
         a, b = self.conv1(x.to(self.conv1.a.weight.device), x.to(self.conv1.b.weight.device))
-        a, b = self.conv2(_norm_pool(a, 1, self.lrn_fp32), _norm_pool(b, 1, self.lrn_fp32))
-        a, b = self.conv3(*_exchange(_norm_pool(a, 1, self.lrn_fp32), _norm_pool(b, 1, self.lrn_fp32)))
+        norm = lambda t: _norm_pool(t, 1, self.lrn_fp32, self.lrn)  # noqa: E731
+        a, b = self.conv2(norm(a), norm(b))
+        a, b = self.conv3(*_exchange(norm(a), norm(b)))
         a, b = self.conv4(F.relu(a), F.relu(b))
         a, b = self.conv5(F.relu(a), F.relu(b))
         a, b = (F.max_pool2d(F.relu(t), kernel_size=3, stride=2).flatten(1) for t in (a, b))

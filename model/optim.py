@@ -54,19 +54,31 @@ class PaperSGD(torch.optim.Optimizer):
     def _update(self, params: list[Tensor], lr: float, momentum: float, decay: float) -> None:
         """The rule for one group, as multi-tensor ``torch._foreach_*`` kernels: a handful of
         launches per device for all 16 (or 30) tensors instead of ~4 per tensor."""
-        velocities = []
+        paper_update_(params, [p.grad for p in params], self.velocities(params), lr, momentum, decay)
+
+    def velocities(self, params: list[Tensor]) -> list[Tensor]:
+        """The velocity of each parameter (zeros the first time)."""
         for p in params:
-            state = self.state[p]
-            if "velocity" not in state:
-                state["velocity"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            velocities.append(state["velocity"])
-        grads = [p.grad for p in params]
-        # Both terms read w before it moves, as in the paper's equations.
-        torch._foreach_mul_(velocities, momentum)
+            if "velocity" not in self.state[p]:
+                self.state[p]["velocity"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return [self.state[p]["velocity"] for p in params]
+
+
+def paper_update_(params: list[Tensor], grads: list[Tensor], velocities: list[Tensor], lr: float | Tensor,
+                  momentum: float, decay: float) -> None:
+    """The rule, in place, on tensors of one device.  ``lr`` a float, or a 0-dim tensor on that
+    device (``model.step``: compiled, an lr held as data does not change the graph)."""
+    # Both terms read w before it moves, as in the paper's equations.
+    torch._foreach_mul_(velocities, momentum)
+    if isinstance(lr, Tensor):
+        if decay:
+            torch._foreach_add_(velocities, torch._foreach_mul(params, lr * -decay))
+        torch._foreach_add_(velocities, torch._foreach_mul(grads, -lr))
+    else:
         if decay:
             torch._foreach_add_(velocities, params, alpha=-decay * lr)
         torch._foreach_add_(velocities, grads, alpha=-lr)
-        torch._foreach_add_(params, velocities)
+    torch._foreach_add_(params, velocities)
 
 
 def param_groups(model: nn.Module, weight_decay: float, bias_decay: bool = True) -> list[dict]:
@@ -99,10 +111,10 @@ def velocity_state(model: nn.Module, optimizer: PaperSGD, *, copy: bool = True) 
 
 
 def load_velocity_state(model: nn.Module, optimizer: PaperSGD, state: Mapping[str, Tensor]) -> None:
-    """Load velocities saved by :func:`velocity_state` from either layout into ``optimizer``."""
+    """Load velocities saved by :func:`velocity_state` from either layout into ``optimizer``,
+    into the velocity tensors it already has (a compiled step holds them at fixed addresses)."""
     split = getattr(model, "split_towers", dict)
     per_param = split(state)
     for name, p in model.named_parameters():
         if name in per_param:
-            v = torch.empty_like(p, memory_format=torch.preserve_format)
-            optimizer.state[p]["velocity"] = v.copy_(per_param[name])
+            optimizer.velocities([p])[0].copy_(per_param[name])

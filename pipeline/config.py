@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
+from typing import Literal, get_args
 
 NORMALIZE_MODES = ("mean_image", "channel")
 DTYPES = ("float32", "float16", "bfloat16")
+Handover = Literal["host", "stream"]
+Affinity = Literal["none", "spare_core"]
+MemoryFormat = Literal["contiguous", "channels_last"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,19 @@ class LoaderConfig:
     # issue #55: error #8 on A100 and a SIGSEGV that kills the process on H100, for ordinary
     # in-bounds windows.  `make gpu-check` probes it in a child process on each card.
     gpu_roi_decode: bool = False
+    # nvJPEG's chroma upsampling: True interpolates like libjpeg-turbo (the decoder the mean image
+    # and the PCA came from: mean 0.004 levels apart on an H200); False is nvJPEG's default.
+    # Whether True keeps images off the hardware decoder is measured by `make gpu-check` (sweep).
+    jpeg_fancy_upsampling: bool = True
+    # How a GPU batch is handed to PyTorch (pipeline.iterator explains): "host" waits on the host
+    # for DALI's GPU work (as DALIGenericIterator does), "stream" makes PyTorch's stream wait.
+    handover: Handover = "host"
+    # "spare_core": DALI's worker threads are bound to every usable core but the last one, which
+    # is left to the training thread (DALI_AFFINITY_MASK + set_affinity); "none": the OS decides.
+    affinity: Affinity = "none"
+    # The normalised batch's layout: "channels_last" writes NHWC memory (what a channels_last
+    # model reads) instead of NCHW plus a conversion in the training step.  Same values.
+    memory_format: MemoryFormat = "contiguous"
 
     def validate(self) -> LoaderConfig:
         """Return self if every field makes sense, else raise ValueError naming the field."""
@@ -51,6 +68,11 @@ class LoaderConfig:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.crop < 1 or self.prefetch < 1:
             raise ValueError("crop and prefetch must be >= 1")
+        for name, kind in (("handover", Handover), ("affinity", Affinity), ("memory_format", MemoryFormat)):
+            if getattr(self, name) not in get_args(kind):
+                raise ValueError(f"{name} must be one of {get_args(kind)}, got {getattr(self, name)!r}")
+        if not 0 <= self.hw_decoder_load <= 1:
+            raise ValueError(f"hw_decoder_load must be in [0, 1], got {self.hw_decoder_load}")
         return self
 
     @property

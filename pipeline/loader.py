@@ -1,18 +1,17 @@
 """The PyTorch-facing DALI loader: (images, labels) batches on the target device, exact epochs,
 ``len()`` in batches, and mid-epoch resume through DALI pipeline checkpointing.
 
-Each batch is DALI's uint8 output (``RawBatch``) normalised by
-``pipeline.normalize.DeviceNormalizer`` on the target device.
+Each batch is DALI's uint8 output (``RawBatch``) taken by ``pipeline.iterator.DaliIterator`` and
+normalised by ``pipeline.normalize.DeviceNormalizer`` on the target device.
 
-Buffer ownership: the pipelines run with ``exec_dynamic=True``, and then DALI 2.4's
-``DALIGenericIterator`` does NOT copy: it hands out DALI-owned buffers through DLPack
-(``torch.from_dlpack``), and DALI may reuse a buffer once the last reference to it is gone.  On
-the CPU every use of a batch (normalising it, parsing its labels) is finished before the next
-batch is asked for, so references are enough.  On a GPU the reads are kernels queued on
-PyTorch's stream that may run long after the host has moved on, while DALI frees in its own
-stream order; so every GPU batch is held (``_GpuKeepAlive``) until an event recorded after its
-consumer's kernels has completed.  Nothing reads a batch after that: the normalised images and
-the parsed labels are new tensors.
+Buffer ownership: the pipelines run with ``exec_dynamic=True``, and then DALI does NOT copy: the
+iterator hands out DALI-owned buffers through DLPack (``torch.from_dlpack``), and DALI may reuse
+a buffer once the last reference to it is gone.  On the CPU every use of a batch (normalising it,
+parsing its labels) is finished before the next batch is asked for, so references are enough.
+On a GPU the reads are kernels queued on PyTorch's stream that may run long after the host has
+moved on, while DALI frees in its own stream order; so every GPU batch is held
+(``_GpuKeepAlive``) until an event recorded after its consumer's kernels has completed.  Nothing
+reads a batch after that: the normalised images and the parsed labels are new tensors.
 """
 from __future__ import annotations
 
@@ -23,14 +22,16 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from nvidia.dali.plugin.base_iterator import LastBatchPolicy
-from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from pipeline.graph import EVAL_OUTPUTS, READER, TRAIN_OUTPUTS, GraphSpec, build_pipeline
+from pipeline.iterator import DaliIterator
 from pipeline.labels import ascii_ints_torch, key_numbers
 from pipeline.normalize import DeviceNormalizer, RawBatch, to_device
 
-STATE_VERSION = 2  # 2: the uint8 graph (crop-window decode); older DALI checkpoints do not fit it
+# 3: the DALI checkpoint without DALIGenericIterator's counters (the position is epoch + batches).
+# 2: the same graph, saved through DALIGenericIterator: its checkpoints load the same way.
+STATE_VERSION = 3
+LOADABLE_VERSIONS = (2, 3)
 
 
 def device_id_for(device: torch.device) -> int | None:
@@ -98,11 +99,10 @@ class DaliLoader:
         self._keepalive = _GpuKeepAlive() if self.device.type == "cuda" else None
         self._it = self._iterator(None)
 
-    def _iterator(self, checkpoint: str | None) -> DALIGenericIterator:
+    def _iterator(self, checkpoint: bytes | None) -> DaliIterator:
         pipe = build_pipeline(self.spec, device_id_for(self.device), self.rank, checkpoint)
-        return DALIGenericIterator(
-            [pipe], list(TRAIN_OUTPUTS if self.spec.train else EVAL_OUTPUTS), reader_name=READER,
-            last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True, prepare_first_batch=False)
+        names = TRAIN_OUTPUTS if self.spec.train else EVAL_OUTPUTS
+        return DaliIterator(pipe, READER, names, self.spec.cfg.handover)
 
     def __len__(self) -> int:
         """Batches per epoch on this rank (the last one may be short)."""
@@ -115,15 +115,14 @@ class DaliLoader:
         With uneven shards this differs between ranks (and, for training, between epochs: DALI
         moves each rank to the next shard every epoch); ``len()`` is the same on every rank.
         """
-        # DALI 2.4 keeps the per-shard sizes and the current shard on the iterator (pinned version).
-        return int(self._it._shard_sizes_per_gpu_initial[self._it._shards_id[0]])
+        return self._it.samples(self.epoch)
 
     def raw_batches(self) -> Iterator[RawBatch]:
         """The epoch as DALI delivers it: uint8 crops (on the GPU with mixed decode) and draws,
         before normalisation.  ``__iter__`` is this plus ``self.normalizer``."""
-        for batch in self._it:
+        for batch in self._it.epoch(self.epoch, self._batches):
             self._batches += 1
-            raw = self._raw(batch[0])
+            raw = self._raw(batch)
             yield raw
             if self._keepalive is not None:  # the consumer has queued its reads of ``raw``
                 self._keepalive.hold(raw)
@@ -159,14 +158,14 @@ class DaliLoader:
         """The loader's position (a DALI checkpoint, taken after the last batch handed out)."""
         if not self.spec.train:
             raise ValueError("only the training loader is checkpointed (evaluation restarts from the top)")
-        return {"version": STATE_VERSION, "dali": _encode(self._it.checkpoints()[0]), "epoch": self.epoch,
+        return {"version": STATE_VERSION, "dali": _encode(self._it.checkpoint()), "epoch": self.epoch,
                 "batches": self._batches, "rank": self.rank, "num_shards": self.spec.num_shards,
                 "seed": self.spec.cfg.seed, "graph": graph_kind(self.spec), "tars": tar_list(self.spec)}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where ``state`` was taken (same shards, ranks and config)."""
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')!r}, expected {STATE_VERSION}")
+        if state.get("version") not in LOADABLE_VERSIONS:
+            raise ValueError(f"loader state version {state.get('version')!r}, expected one of {LOADABLE_VERSIONS}")
         mine = {"rank": self.rank, "num_shards": self.spec.num_shards, "seed": self.spec.cfg.seed,
                 "graph": graph_kind(self.spec), "tars": tar_list(self.spec)}
         theirs = {k: state.get(k, "cpu" if k == "graph" else None) for k in mine}

@@ -89,12 +89,19 @@ class RawBatch:
 
 class DeviceNormalizer(torch.nn.Module):
     """uint8 crops + draws -> ``flip(x - mean_image[crop]) + L @ alpha`` (or the channel mode)
-    as ``dtype`` CHW, on the device its buffers live on (``.to(device)``)."""
+    as ``dtype`` (N, 3, h, w), on the device its buffers live on (``.to(device)``).
+
+    ``cfg.memory_format`` "channels_last" writes the batch as NHWC memory (a (N, 3, h, w) tensor
+    with channels-last strides), which is what a channels_last model reads: with
+    ``dtype=bfloat16`` too, the training step then neither converts the layout (a copy of the
+    whole float32 batch) nor casts the input; the values are the same either way.
+    """
 
     def __init__(self, stats: DatasetStats, cfg: LoaderConfig) -> None:
         super().__init__()
         self.mode, self.crop = cfg.normalize, cfg.crop
         self.dtype = TORCH_DTYPES[cfg.dtype]
+        self.channels_last = cfg.memory_format == "channels_last"
         chw = torch.from_numpy(np.ascontiguousarray(stats.mean_image.transpose(2, 0, 1), np.float32))
         # Both orientations, so a flipped crop is a plain slice (flip = index reversal, done once).
         self.register_buffer("mean2", torch.stack([chw, chw.flip(-1)]).contiguous())
@@ -173,7 +180,9 @@ class DeviceNormalizer(torch.nn.Module):
         """CPU: one image at a time, so its ~1 MB working set stays in cache; mean crops are
         views.  Same arithmetic, in the same order, as ``_batched`` (bit-identical results)."""
         n, h, w = images.shape[:3]
-        out = self._pool.empty((n, 3, h, w), self.dtype)  # a released earlier batch if any
+        # a released earlier batch if any; channels_last: NHWC memory seen as (N, 3, h, w)
+        out = self._pool.empty((n, h, w, 3), self.dtype).permute(0, 3, 1, 2) if self.channels_last \
+            else self._pool.empty((n, 3, h, w), self.dtype)
         scratch = None if self.dtype == torch.float32 else torch.empty(3, h, w)
         scale, bias = self._channel_affine(offset)
         for i, ((x, y), m) in enumerate(zip(anchors.tolist(), mirror.tolist())):
@@ -191,18 +200,30 @@ class DeviceNormalizer(torch.nn.Module):
     def _batched(self, images: torch.Tensor, anchors: torch.Tensor, mirror: torch.Tensor,
                  offset: torch.Tensor) -> torch.Tensor:
         """GPU: one gather of every sample's mean crop (broadcast index tensors, nothing
-        materialised) and two elementwise kernels; no per-sample launches.  float32 result."""
+        materialised) and two elementwise kernels; no per-sample launches.  float32 result,
+        computed in NHWC memory when ``channels_last`` (the same values, element by element)."""
         n, h, w = images.shape[:3]
-        src = images.permute(0, 3, 1, 2)
-        src = torch.where(mirror.bool()[:, None, None, None], src.flip(-1), src)  # uint8, cheap on a GPU
+        src = images if self.channels_last else images.permute(0, 3, 1, 2)
+        flip = mirror.bool()[:, None, None, None]
+        src = torch.where(flip, src.flip(2 if self.channels_last else 3), src)  # uint8, cheap on a GPU
         if self.mode == "channel":
             scale, bias = self._channel_affine(offset)
-            return torch.addcmul(bias, src, scale[None])
+            if self.channels_last:
+                scale, bias = scale.reshape(3), bias.permute(0, 2, 3, 1)
+            return self._as_nchw(torch.addcmul(bias, src, scale[None]))
         x0 = torch.where(mirror.bool(), self.image_size[1] - anchors[:, 0] - w, anchors[:, 0])
-        rows = (anchors[:, 1, None] + torch.arange(h, device=images.device))[:, None, :, None]
-        cols = (x0[:, None] + torch.arange(w, device=images.device))[:, None, None, :]
-        chan = torch.arange(3, device=images.device)[None, :, None, None]
-        out = self.mean2[mirror[:, None, None, None], chan, rows, cols]  # (N, 3, h, w) float32
+        rows = anchors[:, 1, None] + torch.arange(h, device=images.device)
+        cols = x0[:, None] + torch.arange(w, device=images.device)
+        chan = torch.arange(3, device=images.device)
+        if self.channels_last:  # broadcast index shapes: the channel axis last in memory, or second
+            index = (chan[None, None, None, :], rows[:, :, None, None], cols[:, None, :, None])
+        else:
+            index = (chan[None, :, None, None], rows[:, None, :, None], cols[:, None, None, :])
+        out = self.mean2[(mirror[:, None, None, None], *index)]  # (N, 3, h, w) or (N, h, w, 3) float32
         torch.sub(src, out, out=out)
-        out += offset[:, :, None, None]
-        return out
+        out += offset[:, None, None, :] if self.channels_last else offset[:, :, None, None]
+        return self._as_nchw(out)
+
+    def _as_nchw(self, out: torch.Tensor) -> torch.Tensor:
+        """(N, 3, h, w) whatever the memory order the batch was computed in."""
+        return out.permute(0, 3, 1, 2) if self.channels_last else out

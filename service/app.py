@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from common.config import ConfigError, load_config, split_config_arg, to_dict
-from service.build import build, resolve
+from service.build import apply_cuda_sync, build, resolve
 from service.config import TrainConfig, validate
 from service.dist import RankError, Ranks
 from service.errors import EXIT_CONFIG, EXIT_OK, EXIT_RUNDIR, DataError, ServiceError, record_exit
@@ -154,6 +154,7 @@ def run_service(cfg: TrainConfig) -> int:
     except RankError as exc:
         raise ServiceError(EXIT_CONFIG, str(exc)) from None
     cfg = resolve(cfg, ranks)
+    apply_cuda_sync(cfg)  # before anything creates a CUDA context
     stop = StopFlag().install()  # before joining: torchrun may signal while the ranks meet
     ranks.start(torch.device(cfg.device))
     metrics = ServiceMetrics(build_labels(",".join(cfg.model.devices) or cfg.device, cfg.model.layout,

@@ -7,14 +7,17 @@ run directory's config.json), so everything downstream sees concrete values.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection
+import functools
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from model import AlexNet, PaperSGD, PlateauSchedule, prepare_model
+from common.cuda import set_sync
+from model import AlexNet, PaperSGD, PlateauSchedule, prepare_model, train_step
 from model.optim import param_groups
+from model.step import CompiledEval, CompiledStep
 from pipeline import build_eval_loader, build_train_loader
 from service.config import TrainConfig, lr_factor
 from service.data_errors import diagnose
@@ -46,6 +49,15 @@ class Parts:
     lr_rule: str = ""  # the global batch and the lr for it, said in the log and /status
     lr_scale: float = 1.0  # the lr rule's factor at this global batch (checkpoints record it)
     shard_check: ShardCheck | None = None  # polled after each step (a shard found corrupt stops the run)
+    # One training step, (images, labels) -> loss: model.train_step by default, or the compiled
+    # model.step.CompiledStep (model.compile step).  What evaluation runs: the model, or its
+    # compiled evaluation forward.
+    step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    evaluator: torch.nn.Module | None = None
+
+    def __post_init__(self) -> None:
+        if self.step is None:
+            self.step, self.evaluator = steps_for(self.cfg, self.model, self.trainable, self.optimizer, self.scaler)
 
     @property
     def autocast(self) -> torch.dtype | None:
@@ -78,6 +90,17 @@ def resolve(cfg: TrainConfig, ranks: Ranks) -> TrainConfig:
                                loader=cfg.loader.replace(seed=cfg.seed))
 
 
+def apply_cuda_sync(cfg: TrainConfig) -> None:
+    """``cuda_sync`` on every GPU this process uses: before anything creates their CUDA context."""
+    if cfg.cuda_sync == "auto" or torch.device(cfg.device).type != "cuda":
+        return
+    for index in sorted({torch.device(d).index or 0 for d in (*cfg.model.devices, cfg.device)}):
+        try:
+            set_sync(cfg.cuda_sync, index)
+        except RuntimeError as exc:
+            raise ServiceError(EXIT_CONFIG, f"cuda_sync {cfg.cuda_sync}: {exc}") from None
+
+
 def _tower_devices(device: torch.device, ranks: Ranks, two_gpus: bool) -> tuple[str, str]:
     """Tower a and b: cuda:0 and cuda:1 for one process; with several ranks, rank r of a node
     gets the pair cuda:2r, cuda:2r+1 (start torchrun with half as many processes as GPUs)."""
@@ -99,10 +122,23 @@ def build_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
     m = cfg.model
     torch.manual_seed(cfg.seed)  # the same initial weights for the same seed, in both layouts
     if m.layout == "towers":
-        model = AlexNet(num_classes, "towers", m.devices, bias_init=m.bias_init, dropout=m.dropout)
+        model = AlexNet(num_classes, "towers", m.devices, bias_init=m.bias_init, dropout=m.dropout, lrn=m.lrn)
     else:
-        model = AlexNet(num_classes, "grouped", bias_init=m.bias_init, dropout=m.dropout).to(cfg.device)
-    return prepare_model(model, channels_last=m.channels_last, compile=m.compile)
+        model = AlexNet(num_classes, "grouped", bias_init=m.bias_init, dropout=m.dropout, lrn=m.lrn).to(cfg.device)
+    return prepare_model(model, channels_last=m.channels_last, compile=m.compile == "model")
+
+
+def steps_for(cfg: TrainConfig, model: torch.nn.Module, trainable: torch.nn.Module, optimizer: PaperSGD,
+              scaler: torch.amp.GradScaler | None) -> tuple[Callable, torch.nn.Module]:
+    """(the training step, what evaluation runs) for ``cfg.model.compile``: ``model.train_step`` and
+    the model itself, or with ``step`` the compiled ``model.step.CompiledStep`` and ``CompiledEval``."""
+    m, autocast = cfg.model, AUTOCAST[cfg.model.autocast]
+    if m.compile != "step":
+        return functools.partial(train_step, trainable, optimizer, autocast_dtype=autocast,
+                                 channels_last=m.channels_last, scaler=scaler), model
+    step = CompiledStep(model, optimizer, cfg.loader.batch_size, trainable=trainable, autocast_dtype=autocast,
+                        channels_last=m.channels_last, mode=m.compile_mode)
+    return step, CompiledEval(model, cfg.loader.batch_size * cfg.eval_views, mode=m.compile_mode)
 
 
 def build(cfg: TrainConfig, ranks: Ranks, manifest: Manifest, exclude: Collection[str] = ()) -> Parts:
@@ -112,6 +148,7 @@ def build(cfg: TrainConfig, ranks: Ranks, manifest: Manifest, exclude: Collectio
     devices = sorted({p.device for p in model.parameters()}, key=str)
     if any(d.type == "cuda" for d in devices):
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
+        torch.backends.cudnn.benchmark_limit = cfg.model.cudnn_benchmark_limit
     if ranks.rank:  # the same initial weights everywhere, but each rank its own dropout draws
         torch.manual_seed(cfg.seed + 1_000_003 * ranks.rank)
     o = cfg.optim

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from common.cuda import CudaSync
+from model.alexnet import LrnImpl
+from model.step import CompileMode
 from pipeline.config import LoaderConfig
 
 
@@ -29,7 +32,13 @@ class ModelSettings:
     dropout: float = 0.5
     autocast: str = "none"  # "none" | "bfloat16" | "float16" (float16 adds a GradScaler)
     channels_last: bool = False
-    compile: bool = False
+    # "off"; "model": nn.Module.compile (forward and its backward; the optimizer eager; evaluation
+    # recompiles); "step": model.step, the whole training step (forward, backward, update) as one
+    # compiled function and evaluation as another, each compiled once.
+    compile: Literal["off", "model", "step"] = "off"
+    compile_mode: CompileMode = "default"  # torch.compile's mode; "reduce-overhead" adds CUDA graphs
+    lrn: LrnImpl = "torch"  # "window_sum": the same LRN as fusible elementwise ops (model.alexnet)
+    cudnn_benchmark_limit: int = 10  # cuDNN algorithms tried per convolution shape (0 = all); CUDA only
 
 
 @dataclass(frozen=True)
@@ -106,6 +115,7 @@ class TrainConfig:
     out: Path = Path("runs/default")
     epochs: int = 90
     device: str = "auto"  # "auto" = cuda:<LOCAL_RANK> when present, else cpu
+    cuda_sync: CudaSync = "auto"  # how the host waits for the GPU: spin, yield or block (common.cuda)
     seed: int = 0
     eval_views: int = 10  # 1 (centre crop) or 10 (the paper's views)
     log_every: int = 50  # steps between log lines (and GPU syncs)
@@ -123,9 +133,11 @@ class TrainConfig:
 # covers all its keys.  Everything else is the recipe and must match.
 OPERATIONAL = frozenset({
     "shards",  # the data is compared by content (the manifest's checksums), not by path
-    "out", "epochs", "device", "eval_views", "log_every", "fresh",
+    "out", "epochs", "device", "cuda_sync", "eval_views", "log_every", "fresh",
     "loader.threads", "loader.prefetch", "loader.hw_decoder_load", "loader.fast_idct", "loader.dtype",
+    "loader.handover", "loader.affinity", "loader.memory_format",
     "model.layout", "model.devices", "model.autocast", "model.channels_last", "model.compile",
+    "model.compile_mode", "model.lrn", "model.cudnn_benchmark_limit",
     "checkpoint", "http", "data", "debug",
 })
 
@@ -183,6 +195,15 @@ def _model_problems(cfg: TrainConfig) -> list[str]:
         problems.append(f"loader.dtype {cfg.loader.dtype} needs model.autocast bfloat16 or float16 "
                         "(with model.autocast none the float32 weights meet lower-precision images); "
                         "set both, or loader.dtype float32")
+    if m.compile == "step" and m.autocast == "float16":
+        problems.append("model.compile step does not take model.autocast float16 (its gradient scaler checks "
+                        "for overflow on the host every step): use bfloat16, or model.compile model")
+    if cfg.loader.memory_format == "channels_last" and not m.channels_last:
+        problems.append("loader.memory_format channels_last needs model.channels_last true (the batch is made "
+                        "in the model's layout); set both, or loader.memory_format contiguous")
+    if m.cudnn_benchmark_limit < 0:
+        problems.append(f"model.cudnn_benchmark_limit must be >= 0 (0 = try every algorithm), got "
+                        f"{m.cudnn_benchmark_limit}")
     if not 0 <= m.dropout < 1:
         problems.append(f"model.dropout must be in [0, 1), got {m.dropout}")
     if not math.isfinite(m.bias_init):

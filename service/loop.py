@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from model import EvalResult, evaluate, train_step
+from model import EvalResult, evaluate
 from service.build import Parts
 from service.checkpointer import CheckpointManager, LrRule, Resumed, Velocities
 from service.data_errors import diagnose, guarded
@@ -140,8 +140,7 @@ class Trainer:
     def _step(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         parts = self.parts
         images, labels = batch[0], batch[1]
-        loss = train_step(parts.trainable, parts.optimizer, images, labels, autocast_dtype=parts.autocast,
-                          channels_last=self.cfg.model.channels_last, scaler=parts.scaler)
+        loss = parts.step(images, labels)
         if self._ids is not None:
             self._ids.write(json.dumps({"epoch": self.progress.epoch + 1, "step": self.progress.step + 1,
                                         "ids": batch[2].tolist()}) + "\n")
@@ -209,7 +208,7 @@ class Trainer:
         p, parts = self.progress, self.parts
         self.board.update(phase="evaluating")
         try:
-            mine = evaluate(parts.model, self._eval_batches(), autocast_dtype=parts.autocast,
+            mine = evaluate(parts.evaluator, self._eval_batches(), autocast_dtype=parts.autocast,
                             channels_last=self.cfg.model.channels_last)
             result = EvalResult.combine(self.ranks.gather(mine))  # every rank's share of the split
         except Interrupted:

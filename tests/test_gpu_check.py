@@ -10,13 +10,14 @@ import pytest
 
 from tests.conftest import run_module
 
-PARTS = ["versions", "nvidia-smi", "data", "gpu-tests", "bench-model", "bench-pipeline", "service", "roi-probe"]
+PARTS = ["versions", "nvidia-smi", "data", "gpu-tests", "bench-model", "bench-pipeline", "sweep", "service",
+         "roi-probe"]
 
 
 def dry_run(tmp_path: Path) -> tuple[dict, str]:
     out = tmp_path / "out"
     result = run_module("bench.gpu_check", "--dry", "--out", str(out), "--data", str(tmp_path / "data"),
-                        "--seconds", "400", timeout=600)
+                        "--seconds", "1200", timeout=1500)
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads((out / "gpu_check.json").read_text()), result.stdout
 
@@ -28,14 +29,49 @@ def test_dry_mode_runs_every_part(tmp_path: Path) -> None:
     assert record["mode"] == "dry" and list(parts) == PARTS
     status = {name: parts[name]["status"] for name in PARTS}
     assert status == {"versions": "ok", "nvidia-smi": "skipped", "data": "ok", "gpu-tests": "skipped",
-                      "bench-model": "ok", "bench-pipeline": "ok", "service": "ok", "roi-probe": "skipped"}
+                      "bench-model": "ok", "bench-pipeline": "ok", "sweep": "ok", "service": "ok",
+                      "roi-probe": "skipped"}
     assert all(parts[n]["reason"] for n in PARTS if status[n] == "skipped")
     assert "tests collected" in parts["gpu-tests"]["results"]["collected"]
     assert parts["data"]["results"]["train"] == 16 and parts["data"]["results"]["val"] == 4
     assert parts["service"]["results"]["epochs"][0]["images_per_s"] > 0
+    check_sweep(tmp_path / "out", parts, record)
     assert (tmp_path / "out" / "model.json").is_file() and (tmp_path / "out" / "logs" / "service.log").is_file()
     for name in PARTS:  # the summary table
         assert f"\n{name} " in stdout
+
+
+def check_sweep(out: Path, parts: dict, record: dict) -> None:
+    """The sweep part: every stage ran (compiling configurations skipped in the dry mode), a
+    profile summary, a recommendation the service part then ran with, and the projection."""
+    sweep = json.loads((out / "sweep.json").read_text())
+    configs = sweep["configs"]
+    kinds = {r["kind"] for r in configs.values() if r["status"] == "ok"}
+    assert kinds == {"model", "pipeline", "train"} and (out / "sweep.png").is_file()
+    assert all(r["status"] == "skipped" and "compiling" in r["reason"] for r in configs.values()
+               if "--model.compile" in r["flags"] and r["flags"][r["flags"].index("--model.compile") + 1] != "off")
+    profiled = [r for r in configs.values() if r.get("profile")]
+    assert profiled and profiled[0]["profile"]["window_ms"] > 0 and profiled[0]["profile"]["steps"] == 2
+    assert all(r["ratio_to_model_alone"] > 0 and 0 <= r["data_wait_share"] < 1
+               for r in configs.values() if r["kind"] == "train" and r["status"] == "ok")
+    recommended = sweep["recommended"]
+    assert parts["service"]["results"]["flags"] == recommended["flags"]
+    criterion = parts["service"]["results"]["criterion_2"]
+    assert criterion["model_alone_images_per_s"] == recommended["model_alone_images_per_s"] > 0
+    assert criterion["met"] in (True, False)
+    projection = record["projection"]
+    assert projection["includes_evaluation"] and projection["total_hours"] > projection["train_hours"] > 0
+
+
+def test_a_sweep_configuration_that_fails_is_recorded_and_the_next_runs(sample_shards: Path, tmp_path: Path) -> None:
+    from bench.sweep import Config, Sweep
+
+    sweep = Sweep(sample_shards, tmp_path, seconds=300, dry=True)
+    bad = sweep.run(Config("pipeline: a setting that does not exist", "pipeline", ("--loader.warp", "9"), 60))
+    good = sweep.run(Config("pipeline: defaults", "pipeline", (), 120))
+    assert bad["status"] == "failed" and "unknown key 'loader.warp'" in bad["error"]
+    assert good["status"] == "ok" and good["images_per_s"] > 0
+    assert list(json.loads((tmp_path / "sweep.json").read_text())["configs"]) == [bad["name"], good["name"]]
 
 
 @pytest.mark.slow

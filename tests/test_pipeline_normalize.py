@@ -104,6 +104,33 @@ def test_half_dtypes_round_the_float32_result(stats, dtype):
     assert torch.equal(out, ref.to(out.dtype))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("mode", ["mean_image", "channel"])
+def test_channels_last_output_equals_the_nchw_float32_path(stats, mode, dtype):
+    """``memory_format="channels_last"`` (the model's layout, optionally its dtype): NHWC memory,
+    the same values as the float32 NCHW batch after the cast, on the CPU path and on the batched
+    (GPU) path."""
+    _, crops, anchors, mirror, alpha = draws(6)
+    ref = run(DeviceNormalizer(stats, LoaderConfig(normalize=mode)), crops, anchors, mirror, alpha)
+    norm = DeviceNormalizer(stats, LoaderConfig(normalize=mode, dtype=dtype, memory_format="channels_last"))
+    out = run(norm, crops, anchors, mirror, alpha)
+    assert out.shape == ref.shape and out.dtype == getattr(torch, dtype)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    assert torch.equal(out, ref.to(out.dtype))
+    offset = norm.offset(torch.from_numpy(alpha))
+    batched = norm._batched(torch.from_numpy(crops), torch.from_numpy(anchors), torch.from_numpy(mirror), offset)
+    assert batched.is_contiguous(memory_format=torch.channels_last) and torch.equal(batched, ref)
+
+
+def test_channels_last_eval_views(stats):
+    full = np.random.default_rng(5).integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
+    crops = torch.from_numpy(np.stack([view_stack(f, CROP, 10, flip=False) for f in full]))
+    ref = DeviceNormalizer(stats, LoaderConfig()).views(crops, 10)
+    out = DeviceNormalizer(stats, LoaderConfig(memory_format="channels_last")).views(crops, 10)
+    assert out.shape == ref.shape == (2, 10, 3, CROP, CROP) and torch.equal(out, ref)
+    assert out.flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("views", [1, 10])
 def test_eval_views_equal_numpy(stats, views):
     full = np.random.default_rng(4).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)

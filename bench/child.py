@@ -1,0 +1,45 @@
+"""Child processes with a time limit, for ``make gpu-check`` and its sweep: each measured thing
+runs in its own process group, so a crash, a hang or a CUDA error takes down only itself, and a
+timeout kills everything it started."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a child: the repository importable, output unbuffered."""
+    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, **(extra or {})}
+
+
+def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start ``argv`` in a new process group, stdout and stderr into ``log``."""
+    with log.open("w") as handle:
+        return subprocess.Popen(argv, cwd=ROOT, env=env or child_env(), stdout=handle, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def reap(proc: subprocess.Popen, limit: float) -> int | None:
+    """Wait up to ``limit`` seconds; the exit code, or None after killing the group on a timeout."""
+    try:
+        return proc.wait(timeout=max(limit, 1.0))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return None
+
+
+def failure(code: int | None, limit: float, log_text: str, lines: int = 25) -> str:
+    """One error text: how the child ended and the end of its log."""
+    if code is None:
+        how = f"timed out after {limit:.0f} s"
+    elif code < 0:
+        how = f"killed by signal {-code} ({signal.Signals(-code).name})"
+    else:
+        how = f"exit code {code}"
+    return how + "\n" + "\n".join(log_text.strip().splitlines()[-lines:])

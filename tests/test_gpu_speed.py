@@ -1,0 +1,108 @@
+"""Issue 13's GPU paths (marked ``gpu``; skipped without CUDA, run by ``make gpu-check``): the
+stream hand-over does not wait for the training stream, blocking CUDA syncs reach the context
+PyTorch and DALI share, and the compiled step with CUDA graphs compiles once and trains like the
+eager step."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import LoaderConfig, build_train_loader
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+ROOT = Path(__file__).resolve().parents[1]
+CFG = LoaderConfig(batch_size=16, threads=4, shuffle_buffer=64)
+
+
+def sleep_cycles(seconds: float) -> int:
+    """GPU clock cycles that ``torch.cuda._sleep`` spins for about ``seconds``."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(50_000_000)
+    end.record()
+    end.synchronize()
+    return int(50_000_000 * seconds / (start.elapsed_time(end) / 1e3))
+
+
+def test_stream_handover_returns_while_the_training_stream_is_busy(sample_shards: Path) -> None:
+    """A 2-second kernel queued on the training stream: ``next(loader)`` with the stream hand-over
+    returns long before it ends (the batch's kernels wait on the GPU, not the host), and once the
+    GPU has caught up the batch is the one the synchronising hand-over delivers."""
+    ahead = iter(build_train_loader(sample_shards, device="cuda:0", config=CFG.replace(handover="stream")))
+    synced = iter(build_train_loader(sample_shards, device="cuda:0", config=CFG.replace(handover="host")))
+    next(ahead), next(synced)  # pipeline start, first allocations
+    torch.cuda.synchronize()
+    cycles = sleep_cycles(2.0)
+    torch.cuda._sleep(cycles)
+    busy = torch.cuda.Event()
+    busy.record()
+    start = time.perf_counter()
+    images, labels = next(ahead)
+    took = time.perf_counter() - start
+    assert not busy.query(), "the 2-second kernel ended before next() returned: the test proves nothing"
+    assert took < 0.5, f"next() took {took:.2f} s with the training stream busy"
+    expected_images, expected_labels = next(synced)
+    torch.cuda.synchronize()
+    assert torch.equal(images, expected_images) and torch.equal(labels, expected_labels)
+
+
+def test_blocking_sync_reaches_the_shared_context() -> None:
+    """Set before anything creates the context (a fresh process), the flag is the one the context
+    PyTorch then creates (and DALI uses) runs with."""
+    code = ("from common.cuda import set_sync, current_sync; set_sync('blocking'); import torch; "
+            "torch.zeros(1, device='cuda'); torch.cuda.synchronize(); print(current_sync(0))")
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": path})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "('blocking', True)"
+
+
+def test_compiled_step_with_cuda_graphs_compiles_once_and_trains_like_eager() -> None:
+    """``mode="reduce-overhead"`` on the GPU (bf16, channels_last): one compilation for full, short
+    and empty batches and an lr drop; losses read after later replays (each step's loss is a copy,
+    not the graph's reused output); the same losses and updates as the eager step up to bf16."""
+    from torch._dynamo.utils import counters
+
+    from model import AlexNet, PaperSGD, load_velocity_state, velocity_state
+    from model.optim import param_groups
+    from model.step import CompiledStep
+
+    def replica():
+        torch.manual_seed(0)
+        m = AlexNet(num_classes=1000, bias_init=0.1, dropout=0.0).to("cuda").to(memory_format=torch.channels_last)
+        return m, PaperSGD(param_groups(m, 5e-4), lr=0.01)
+
+    (model, opt), (eager, eager_opt) = replica(), replica()
+    kw = dict(autocast_dtype=torch.bfloat16, channels_last=True)
+    step = CompiledStep(model, opt, 64, mode="reduce-overhead", **kw)
+    reference = CompiledStep(eager, eager_opt, 64, compile=False, **kw)
+    torch._dynamo.reset()
+    counters.clear()
+    losses, expected = [], []
+    for i, n in enumerate((64, 64, 64, 64, 17, 0, 64)):
+        with torch.no_grad():
+            for a, b in zip(eager.parameters(), model.parameters()):
+                a.copy_(b)
+        load_velocity_state(eager, eager_opt, velocity_state(model, opt))
+        if i == 3:
+            for o in (opt, eager_opt):
+                for group in o.param_groups:
+                    group["lr"] *= 0.1
+        gen = torch.Generator(device="cuda").manual_seed(i)
+        x = 50 * torch.randn(n, 3, 224, 224, device="cuda", generator=gen)
+        y = torch.randint(0, 1000, (n,), device="cuda", generator=gen)
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            losses.append(step(x, y))
+        expected.append(reference(x, y))
+        va, vb = velocity_state(model, opt), velocity_state(eager, eager_opt)
+        for name in va:
+            assert (va[name] - vb[name]).float().norm() <= 0.05 * vb[name].float().norm(), (i, name)
+    torch.testing.assert_close(torch.stack(losses), torch.stack(expected), rtol=2e-2, atol=1e-3)
+    assert counters["stats"]["unique_graphs"] >= 1

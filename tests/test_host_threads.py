@@ -1,0 +1,71 @@
+"""Host-thread settings: ``loader.affinity spare_core`` keeps DALI's worker threads off the last
+usable core (read back from the kernel), and ``cuda_sync`` needs the CUDA driver (on a machine
+without one it says so; on CPU runs the service never touches it)."""
+from __future__ import annotations
+
+import ctypes.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from common.cuda import set_sync
+from pipeline.graph import affinity_mask
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# In a fresh interpreter (DALI_AFFINITY_MASK is read as the pipeline's threads start): the CPUs
+# each DALI worker thread may run on, from /proc.
+WORKER = r"""
+import glob, json, sys
+from pipeline import LoaderConfig, build_train_loader
+loader = build_train_loader(sys.argv[1], config=LoaderConfig(batch_size=8, threads=3, affinity=sys.argv[2]))
+next(iter(loader))
+threads = {}
+for task in glob.glob("/proc/self/task/*"):
+    name = open(task + "/comm").read().strip()
+    if name.startswith("[DALI][TP"):
+        status = open(task + "/status").read().split("Cpus_allowed_list:")[1].split()[0]
+        threads[name] = status
+print(json.dumps(threads))
+"""
+
+
+def allowed_cpus(text: str) -> set[int]:
+    cpus: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def dali_worker_cpus(shards: Path, affinity: str) -> dict[str, set[int]]:
+    import json
+
+    out = subprocess.run([sys.executable, "-c", WORKER, str(shards), affinity], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    return {name: allowed_cpus(cpus) for name, cpus in json.loads(out.stdout.splitlines()[-1]).items()}
+
+
+def test_affinity_mask_gives_every_thread_a_core_but_the_last() -> None:
+    assert affinity_mask({0, 1, 2, 3}, 5) == "0,1,2,0,1"
+    assert affinity_mask({4, 7}, 3) == "4,4,4"
+    assert affinity_mask({3}, 2) == "3,3"  # one core: nothing to spare
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two usable cores")
+def test_spare_core_keeps_dali_workers_off_the_last_core(sample_shards: Path) -> None:
+    last = max(os.sched_getaffinity(0))
+    pinned = dali_worker_cpus(sample_shards, "spare_core")
+    assert len(pinned) == 3 and all(cpus and last not in cpus for cpus in pinned.values())
+    free = dali_worker_cpus(sample_shards, "none")
+    assert all(last in cpus for cpus in free.values())
+
+
+@pytest.mark.skipif(ctypes.util.find_library("cuda") is not None, reason="a CUDA driver is installed here")
+def test_cuda_sync_without_a_driver_says_so() -> None:
+    with pytest.raises(RuntimeError, match="libcuda.so.1"):
+        set_sync("blocking")
