@@ -54,7 +54,7 @@ def _spec(shards_dir: Path | str, split: str, rank: int, world_size: int, device
         tars=tuple(str(s.tar) for s in shards), indexes=tuple(str(s.index) for s in shards),
         stats=load_stats(manifest.stats_path), cfg=config.validate(), image_size=manifest.image_size,
         shard_id=rank, num_shards=world_size, gpu=device.type == "cuda", train=train, views=views,
-        debug=debug)
+        debug=debug, excluded=len(manifest.splits[split].shards) - len(shards))
 
 
 def build_train_loader(shards_dir: Path | str, rank: int = 0, world_size: int = 1,

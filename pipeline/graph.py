@@ -51,6 +51,7 @@ class GraphSpec:
     train: bool = True
     views: int = 1  # eval only: 1 (centre) or 10 (4 corners + centre, and their flips)
     debug: bool = False  # also return the full decoded image (tests)
+    excluded: int = 0  # tars of the split left out of ``tars`` (shards found corrupt)
 
 
 def _reader(spec: GraphSpec):

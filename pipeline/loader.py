@@ -169,6 +169,8 @@ class DaliLoader:
         mine = {"rank": self.rank, "num_shards": self.spec.num_shards, "seed": self.spec.cfg.seed,
                 "graph": graph_kind(self.spec), "tars": tar_list(self.spec)}
         theirs = {k: state.get(k, "cpu" if k == "graph" else None) for k in mine}
+        if state["version"] == 2 and not self.spec.excluded:  # before tars were recorded: every tar of the split
+            theirs["tars"] = mine["tars"]
         if mine != theirs:
             raise ValueError(f"loader state was saved with {theirs}, this loader has {mine}")
         self._it = self._iterator(_decode(state["dali"]))
