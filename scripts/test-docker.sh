@@ -47,8 +47,9 @@ install_missing() {  # Debian packages, as setup.sh does for headers: as root wi
     done
     [ ${#missing[@]} -eq 0 ] && return 0
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        say "installing ${missing[*]}"
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+        say "installing ${missing[*]}" >&2  # stderr: callers may capture stdout (root=$(rootfs))
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            "${missing[@]}"; } >"$CACHE/apt.log" 2>&1 || die "apt-get install ${missing[*]} failed: $(tail -3 "$CACHE/apt.log")"
     else
         die "needs ${missing[*]} (apt-get install ${missing[*]})"
     fi
