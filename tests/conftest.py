@@ -36,3 +36,13 @@ def sample_shards(sample_src: Path, tmp_path_factory: pytest.TempPathFactory) ->
     out = tmp_path_factory.mktemp("shards")
     build(ShardConfig(src=sample_src, out=out, shard_samples=20, workers=2).validate())
     return out
+
+
+@pytest.fixture(autouse=True)
+def no_stray_sharders():
+    """After each test, kill what is left of the sharder processes it started (tests.shards_proc):
+    a test that fails while looking for a hang must not leave the hang running."""
+    yield
+    started = getattr(sys.modules.get("tests.shards_proc"), "STARTED", [])
+    while started:
+        started.pop().kill()

@@ -66,10 +66,18 @@ def _main(argv: list[str]) -> int:
     return main(args)
 
 
+STARTED: list[Sharder] = []
+
+
 class Sharder:
-    """``python -m tests.shards_proc`` as the leader of a new session; its output collected by threads."""
+    """``python -m tests.shards_proc`` as the leader of a new session; its output collected by threads.
+
+    Every one started is remembered in ``STARTED``; the ``no_stray_sharders`` fixture kills what
+    is left of them after each test, so a failing test (a hang is what these tests look for)
+    never leaves processes behind."""
 
     def __init__(self, src: Path, out: Path, *args: str, patches: tuple[str, ...] = ()) -> None:
+        STARTED.append(self)
         cmd = [sys.executable, "-m", "tests.shards_proc", *patches, "--", "--src", str(src), "--out", str(out), *args]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -110,6 +118,15 @@ class Sharder:
     def workers(self) -> list[int]:
         """Process ids of the sharder's children."""
         return [pid for pid, parent in _processes().items() if parent[0] == self.proc.pid]
+
+    def kill(self) -> None:
+        """SIGKILL the sharder and everything left in its session."""
+        for pid in ([self.proc.pid] if self.proc.poll() is None else []) + self.strays():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait()
 
     def strays(self) -> list[int]:
         """Processes still in the sharder's session (its workers, when they outlive it)."""
