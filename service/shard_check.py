@@ -244,7 +244,7 @@ class ShardCheck:
 
     def _say_done(self, count: int, bad: int, total: int, seconds: float) -> None:
         self.log.say(f"shards: {count} checked against the manifest, {f'{bad} bad' if bad else 'all intact'} "
-                     f"({_size(total)} in {seconds:.1f} s, {total / 1e9 / max(seconds, 1e-9):.2f} GB/s)")
+                     f"({_size(total)} in {seconds:.2g} s, {total / 1e9 / max(seconds, 1e-9):.2f} GB/s)")
         self.log.event("shard_check", shards=count, bad=bad, bytes=total, seconds=round(seconds, 3))
 
     # -- the file ------------------------------------------------------------------------------
