@@ -36,6 +36,7 @@ from shards.devkit import (
     read_kaggle_solution, read_synset_names, read_val_labels,
 )
 from shards.sources import Inventory, Skip, Source
+from shards.tree import add_labelled, class_dirs, file_labeler, is_hidden, label_by_dir, scan_tree
 
 VAL_LABEL_NAMES = ("val_labels.txt", "val_labels.csv", "val.txt")  # layout (b), in root or val/
 NAME_FILES = ("LOC_synset_mapping.txt", "synset_words.txt")  # optional class names for (a), (b)
@@ -43,7 +44,6 @@ KAGGLE = Path("ILSVRC", "Data", "CLS-LOC")
 KAGGLE_SOLUTION, KAGGLE_NAMES = "LOC_val_solution.csv", "LOC_synset_mapping.txt"
 TRAIN_TAR, VAL_TAR = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"
 
-Label = tuple[str | None, str]  # (wnid, "") or (None, why the file has no class)
 Probe = list[tuple[str, bool]]  # (an expected path, whether it is there)
 
 
@@ -87,91 +87,12 @@ def scan(root: Path | str, val_labels: Path | None = None) -> Inventory:
     raise LayoutError(f"no ImageNet layout found under {root}; looked for (paths relative to it):\n  {looked_for}")
 
 
-# ---- shared by the extracted layouts (a), (b), (c) -------------------------------------
-
-def _class_dirs(top: Path) -> list[str]:
-    """Sorted wnid-shaped subdirectory names of ``top`` (empty classes count: indices must not shift)."""
-    if not top.is_dir():
-        return []
-    with os.scandir(top) as entries:
-        return sorted(e.name for e in entries if WNID_RE.fullmatch(e.name) and e.is_dir())
-
-
-def _walk(top: Path) -> Iterator[tuple[str, tuple[str, ...], list[str]]]:
-    """(directory, its path parts below ``top``, sorted file names) for every directory."""
-    chains = {os.fspath(top): frozenset({os.path.realpath(top)})}  # real paths of each dir's ancestors
-    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
-        chain = chains.pop(dirpath)
-        # Following links keeps symlinked class dirs; only a link back to an ancestor is cut, as it would loop.
-        subdirs = [(d, os.path.join(dirpath, d)) for d in sorted(dirnames)]
-        reals = {sub: os.path.realpath(sub) for _, sub in subdirs}
-        dirnames[:] = [d for d, sub in subdirs if reals[sub] not in chain]
-        chains.update((sub, chain | {reals[sub]}) for d, sub in subdirs if d in dirnames)
-        yield dirpath, Path(dirpath).relative_to(top).parts, sorted(filenames)
-
-
-def _is_hidden(parts: tuple[str, ...] | list[str]) -> bool:
-    """Whether a path (as parts) is or lies inside a dot-file (``.DS_Store``, ``._x``, ``.git/``)."""
-    return any(p.startswith(".") for p in parts)
-
-
-def _add(inv: Inventory, classes: set[str], split: str, path: str, label: Label, **where: int | str) -> None:
-    """Record ``path`` as a source of its class, or as skipped when it has no known class."""
-    wnid, reason = label
-    if wnid is None:
-        inv.skipped.append(Skip(path, reason, split))
-    elif wnid not in classes:
-        inv.skipped.append(Skip(path, f"unknown class {wnid}", split))
-    else:
-        inv.sources.append(Source(split, wnid, path, **where))  # type: ignore[arg-type]
-
-
-def _scan_tree(
-    inv: Inventory,
-    top: Path,
-    split: str,
-    label_of: Callable[[tuple[str, ...], str], Label],
-    skip_files: frozenset[str] = frozenset(),
-) -> None:
-    """Add every file under ``top``, labelled by ``label_of(dir parts below top, file name)``."""
-    classes = set(inv.classes)
-    for dirpath, rel, filenames in _walk(top):
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            if _is_hidden((*rel, name)):
-                inv.ignored.append(path)
-            elif path not in skip_files:
-                _add(inv, classes, split, path, label_of(rel, name))
-
-
-def _label_by_dir(rel: tuple[str, ...], _name: str) -> Label:
-    """The class of a file in ``<split>/<wnid>/``: its top directory."""
-    if not rel:
-        return None, "not in a class directory"
-    return (rel[0], "") if WNID_RE.fullmatch(rel[0]) else (None, "not a class directory")
-
-
-def _file_labeler(labels: dict[str, str], where: Path, classes: list[str]) -> Callable[[tuple[str, ...], str], Label]:
-    """Label files of a flat val dir by name (or name without extension) from a label file."""
-
-    def label_of(_rel: tuple[str, ...], name: str) -> Label:
-        token = labels.get(name) or labels.get(os.path.splitext(name)[0])
-        if token is None:
-            return None, f"no label in {where}"
-        if not token.isdigit():
-            return token, ""
-        index = int(token)  # Caffe's val.txt: 0-based position in the sorted wnids
-        if index < len(classes):
-            return classes[index], ""
-        return None, f"label {index} in {where} names no class (there are {len(classes)})"
-
-    return label_of
-
+# ---- shared by the extracted layouts (a), (b), (c); their tree walk is shards.tree ----
 
 def _extracted(layout: str, root: Path, train: Path, names_file: Path | None) -> Inventory:
     """An inventory with the train split of an extracted ``train/<wnid>/`` tree and class names."""
-    inv = Inventory(layout=layout, root=str(root), classes=_class_dirs(train))
-    _scan_tree(inv, train, "train", _label_by_dir)
+    inv = Inventory(layout=layout, root=str(root), classes=class_dirs(train))
+    scan_tree(inv, train, "train", label_by_dir)
     if names_file is not None:
         names = read_synset_names(names_file)
         inv.names = {w: names[w] for w in inv.classes if w in names}
@@ -193,19 +114,19 @@ def _find_val_labels(root: Path, explicit: Path | None) -> Path | None:
 # ---- the layouts ---------------------------------------------------------------------
 
 def _probe_a(root: Path, _labels: Path | None) -> Probe:
-    return [("train/<wnid>/", bool(_class_dirs(root / "train"))), ("val/<wnid>/", bool(_class_dirs(root / "val")))]
+    return [("train/<wnid>/", bool(class_dirs(root / "train"))), ("val/<wnid>/", bool(class_dirs(root / "val")))]
 
 
 def _scan_a(root: Path, _labels: Path | None) -> Inventory:
     inv = _extracted(LAYOUTS[0].name, root, root / "train", _names_file(root))
-    _scan_tree(inv, root / "val", "val", _label_by_dir)
+    scan_tree(inv, root / "val", "val", label_by_dir)
     return inv
 
 
 def _probe_b(root: Path, labels: Path | None) -> Probe:
     wanted = str(labels) if labels is not None else " or ".join(f"{{.,val}}/{n}" for n in VAL_LABEL_NAMES)
     return [
-        ("train/<wnid>/", bool(_class_dirs(root / "train"))),
+        ("train/<wnid>/", bool(class_dirs(root / "train"))),
         ("val/", (root / "val").is_dir()),
         (f"label file {wanted}", _find_val_labels(root, labels) is not None),
     ]
@@ -215,14 +136,14 @@ def _scan_b(root: Path, labels: Path | None) -> Inventory:
     label_file = _find_val_labels(root, labels)
     assert label_file is not None  # the probe found it
     inv = _extracted(f"{LAYOUTS[1].name} labelled by {label_file}", root, root / "train", _names_file(root))
-    label_of = _file_labeler(read_val_labels(label_file), label_file, inv.classes)
-    _scan_tree(inv, root / "val", "val", label_of, skip_files=frozenset({str(label_file)}))
+    label_of = file_labeler(read_val_labels(label_file), label_file, inv.classes)
+    scan_tree(inv, root / "val", "val", label_of, skip_files=frozenset({str(label_file)}))
     return inv
 
 
 def _probe_c(root: Path, _labels: Path | None) -> Probe:
     return [
-        (f"{KAGGLE.as_posix()}/train/<wnid>/", bool(_class_dirs(root / KAGGLE / "train"))),
+        (f"{KAGGLE.as_posix()}/train/<wnid>/", bool(class_dirs(root / KAGGLE / "train"))),
         (f"{KAGGLE.as_posix()}/val/", (root / KAGGLE / "val").is_dir()),
         (KAGGLE_SOLUTION, (root / KAGGLE_SOLUTION).is_file()),
         (KAGGLE_NAMES, (root / KAGGLE_NAMES).is_file()),
@@ -232,7 +153,7 @@ def _probe_c(root: Path, _labels: Path | None) -> Probe:
 def _scan_c(root: Path, _labels: Path | None) -> Inventory:
     inv = _extracted(LAYOUTS[2].name, root, root / KAGGLE / "train", root / KAGGLE_NAMES)
     solution = root / KAGGLE_SOLUTION
-    _scan_tree(inv, root / KAGGLE / "val", "val", _file_labeler(read_kaggle_solution(solution), solution, inv.classes))
+    scan_tree(inv, root / KAGGLE / "val", "val", file_labeler(read_kaggle_solution(solution), solution, inv.classes))
     return inv
 
 
@@ -264,7 +185,7 @@ def _scan_d(root: Path, _labels: Path | None) -> Inventory:
     with tarsafe.open_plain(val) as tar:
         for info, path, offset in _tar_files(inv, tar, val, "val", base=0):
             label = devkit.label(PurePosixPath(info.name).name)
-            _add(inv, classes, "val", path, label, tar=val, offset=offset, size=info.size)
+            add_labelled(inv, classes, "val", path, label, tar=val, offset=offset, size=info.size)
     return inv
 
 
@@ -283,7 +204,7 @@ def _tar_files(
         reason = tarsafe.unsafe_reason(info)
         if reason is not None:
             inv.skipped.append(Skip(path, reason, split))
-        elif _is_hidden(PurePosixPath(info.name).parts):
+        elif is_hidden(PurePosixPath(info.name).parts):
             inv.ignored.append(path)
         else:
             yield info, path, base + info.offset_data
