@@ -176,17 +176,9 @@ def newest_valid(out: Path, log: Callable[[str], None]) -> tuple[Path, dict[str,
         aside = path.with_name(path.name + ".corrupt")
         os.replace(path, aside)
         log(f"checkpoint {path} is unreadable ({why}); moved to {aside.name}, trying the previous one")
-    for path in prune_corrupt(out):
+    for path in prune(out, KEEP_CORRUPT, CORRUPT):
         log(f"deleted {path.name}: only the newest {KEEP_CORRUPT} unreadable checkpoints are kept for inspection")
     return found
-
-
-def prune_corrupt(out: Path, keep: int = KEEP_CORRUPT) -> list[Path]:
-    """Delete all but the newest ``keep`` ``*.corrupt`` files; returns what was deleted."""
-    old = [p for _, p in list_checkpoints(out, CORRUPT)[:-keep]]
-    for p in old:
-        p.unlink(missing_ok=True)
-    return old
 
 
 def remove_stale_temps(out: Path) -> list[Path]:
@@ -197,9 +189,10 @@ def remove_stale_temps(out: Path) -> list[Path]:
     return stale
 
 
-def prune(out: Path, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` checkpoints; returns what was deleted."""
-    old = [p for _, p in list_checkpoints(out)[:-keep]]
+def prune(out: Path, keep: int, pattern: re.Pattern = NAME) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints (or files ``pattern`` names, e.g.
+    ``CORRUPT``); returns what was deleted."""
+    old = [p for _, p in list_checkpoints(out, pattern)[:-keep]]
     for p in old:
         p.unlink(missing_ok=True)
     return old
