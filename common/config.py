@@ -26,23 +26,29 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+def _coerce_union(value: Any, tp: Any, key: str, where: str) -> Any:
+    """``value`` as the first member of the union ``tp`` that accepts it (``None``, or the string
+    "none", where the union allows None); the first member's complaint when none does."""
+    options = typing.get_args(tp)
+    if value is None or (isinstance(value, str) and value.lower() == "none" and type(None) in options):
+        if type(None) in options:
+            return None
+    errors = []
+    for option in options:
+        if option is type(None):
+            continue
+        try:
+            return _coerce(value, option, key, where)
+        except ConfigError as exc:
+            errors.append(str(exc))
+    raise ConfigError(errors[0] if errors else f"{where}: {key} cannot be None")
+
+
 def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     """Check (and, for strings from the command line, parse) ``value`` against ``tp``."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None or (isinstance(value, str) and value.lower() == "none" and type(None) in options):
-            if type(None) in options:
-                return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, key, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{where}: {key} cannot be None")
+        return _coerce_union(value, tp, key, where)
     if origin is typing.Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
