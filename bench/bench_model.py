@@ -213,8 +213,7 @@ def _print_table(results: list[Result], peak_name: str) -> None:
     print(f"share = model FLOP rate ({TRAIN_FLOP_PER_IMAGE / 1e9} GFLOP/image) / {peak_name}")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Run the benchmark grid, print the table, write the JSON report and the chart."""
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--report", type=Path, default=Path("bench/model.json"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -227,7 +226,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--compile", choices=["off", "on", "both"])
     p.add_argument("--grid", choices=["full", "short"], default="full",
                    help="short: the bf16 channels_last fast path and one change at a time from it")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark grid, print the table, write the JSON report and the chart."""
+    args = _arguments(argv)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     if on_gpu:
