@@ -22,7 +22,9 @@ JSON was written.  Parts:
   service       the training service for 3 epochs at the paper's batch 128 with the sweep's
                 recommended settings (without a sweep: bf16, channels_last, compiled model),
                 10-view evaluation: images/s and data-wait share end to end, against the model
-                alone of the same configuration (issue 13's criterion 2)
+                alone of the same configuration (issue 13's criterion 2).  Run without the
+                sweep (``--parts service``) after one into the same OUT, it runs that sweep's
+                recommendation on that run's shards: a GPU lent call by call does the two apart
   roi-probe     nvImageCodec's GPU ROI decode (NVIDIA/nvImageCodec#55) in a child: works or not
 
 At the end it prints and records (``projection``) the wall time of 90 ImageNet epochs with the
@@ -41,150 +43,11 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from bench import gpu_parts
-from bench.child import ROOT, child_env, failure, reap, spawn
-
-
-@dataclass
-class Context:
-    out: Path
-    data: Path
-    dry: bool
-    deadline: float
-    python: str = sys.executable
-    only: tuple[str, ...] = ()  # --parts: run these, skip the others
-    env: dict[str, str] = field(default_factory=dict)  # for every part's process
-    service_flags: tuple[str, ...] = ()  # the sweep's recommendation, once the sweep part has run
-
-    def module(self, name: str, *args: object) -> list[str]:
-        return [self.python, "-m", name, *map(str, args)]
-
-
-@dataclass
-class Part:
-    """One measured part: its commands (run in order, one time limit), how to read its output."""
-
-    name: str
-    cap: float  # seconds at most
-    commands: Callable[[Context], list[list[str]]]
-    read: Callable[[Context, str], dict] = lambda ctx, log: {}
-    cuda_only: bool = False  # dry mode: the commands only start it; the part reports skipped
-    needs: tuple[str, ...] = ()  # parts that must have succeeded first
-    record: dict = field(default_factory=dict)
-
-
-def result_line(ctx: Context, log: str) -> dict:
-    """The ``RESULT {...}`` line a ``bench.gpu_parts`` child prints."""
-    lines = [line for line in log.splitlines() if line.startswith("RESULT ")]
-    if not lines:
-        raise RuntimeError("the part printed no RESULT line")
-    return json.loads(lines[-1][len("RESULT "):])
-
-
-def data_commands(ctx: Context) -> list[list[str]]:
-    per_class, val = (8, 2) if ctx.dry else (900, 50)
-    sample, shards = ctx.data / "sample", ctx.data / "shards"
-    return [ctx.module("sampledata", "--out", sample, "--train_per_class", per_class, "--val_per_class", val,
-                       *(["--classes", 2] if ctx.dry else []), "--workers", 0),
-            ctx.module("shards", "--src", sample, "--out", shards, "--shard_samples", 8 if ctx.dry else 1000,
-                       "--workers", 0)]
-
-
-def gpu_test_commands(ctx: Context) -> list[list[str]]:
-    base = ctx.module("pytest", "-m", "gpu", "-p", "no:cacheprovider", "-rA", str(ROOT / "tests"))
-    return [base + ["--collect-only", "-q"]] if ctx.dry else [base + ["-q", "--junitxml", ctx.out / "gpu_tests.xml"]]
-
-
-def gpu_test_read(ctx: Context, log: str) -> dict:
-    if ctx.dry:
-        return {"collected": log.strip().splitlines()[-1]}
-    summary = gpu_parts.junit_summary(ctx.out / "gpu_tests.xml")
-    if summary["failed"]:
-        raise RuntimeError(f"{len(summary['failed'])} gpu test(s) failed: {json.dumps(summary['failed'])[:1500]}")
-    return summary
-
-
-def model_commands(ctx: Context) -> list[list[str]]:
-    extra = ["--batch", 2, "--warmup", 0, "--iters", 1, "--layouts", "grouped"] if ctx.dry else []
-    return [ctx.module("bench.bench_model", "--grid", "short", "--report", ctx.out / "model.json", *extra)]
-
-
-def pipeline_commands(ctx: Context) -> list[list[str]]:
-    size = ["--images", 32, "--repeat", 1, "--warmup", 1, "--batch", 8] if ctx.dry else ["--images", 6144, "--repeat", 3]
-    return [ctx.module("bench.bench_pipeline", "--shards", ctx.data / "shards", "--report", ctx.out / "pipeline.json",
-                       "--configs", "gpu-check", *size)]
-
-
-# The service part's settings without a sweep recommendation: the fast path measured in run 2.
-SERVICE_DEFAULT = ("--loader.batch_size", "128", "--model.autocast", "bfloat16", "--model.channels_last", "true",
-                   "--model.compile", "model")
-SERVICE_DRY = ("--loader.batch_size", "8", "--model.autocast", "none")
-
-
-def service_flags(ctx: Context) -> tuple[str, ...]:
-    """The sweep's recommended configuration when the sweep part ran, else the default fast path."""
-    return ctx.service_flags or (SERVICE_DRY if ctx.dry else SERVICE_DEFAULT)
-
-
-def service_commands(ctx: Context) -> list[list[str]]:
-    run = ctx.data / "service-run"
-    return [ctx.module("service", "--shards", ctx.data / "shards", "--out", run, "--eval_views", 10, "--fresh", "true",
-                       "--log_every", 20, "--model.bias_init", 0.1, "--http.port", 0, "--http.host", "127.0.0.1",
-                       "--checkpoint.every_seconds", 0, "--epochs", 1 if ctx.dry else 3, *service_flags(ctx))]
-
-
-def service_read(ctx: Context, log: str) -> dict:
-    """images/s and data-wait share per epoch, and the last epoch against the model alone of the
-    same configuration (issue 13's criterion 2): the sweep's measurement of exactly these flags,
-    or bench-model's compiled bf16 channels_last configuration for the default flags."""
-    alone, source = None, None
-    if ctx.service_flags:
-        alone, source = gpu_parts.sweep_summary(ctx.out / "sweep.json")["recommended"].get(
-            "model_alone_images_per_s"), "sweep: the recommended configuration's step on one of its batches"
-    elif (ctx.out / "model.json").is_file():
-        configs = gpu_parts.model_summary(ctx.out / "model.json")["configs"]
-        alone = (configs.get("grouped bf16 channels_last compiled") or {}).get("images_per_s")
-        source = "bench-model: grouped bf16 channels_last compiled"
-    return {"flags": list(service_flags(ctx)), **gpu_parts.service_summary(ctx.data / "service-run", alone, source)}
-
-
-def sweep_commands(ctx: Context) -> list[list[str]]:
-    # What is left of the budget, less what the service part needs after it (when it runs).
-    reserve = SERVICE_RESERVE if not ctx.only or "service" in ctx.only else 20
-    budget = max(30.0, min(SWEEP_CAP, ctx.deadline - time.time() - reserve))
-    return [ctx.module("bench.sweep", "--shards", ctx.data / "shards", "--out", ctx.out, "--seconds", round(budget),
-                       *(["--dry"] if ctx.dry else []))]
-
-
-def sweep_read(ctx: Context, log: str) -> dict:
-    summary = gpu_parts.sweep_summary(ctx.out / "sweep.json")
-    if summary.get("recommended"):
-        ctx.service_flags = tuple(summary["recommended"]["flags"])
-    return summary
-
-
-SWEEP_CAP = 420  # issue 13: the grid in under 7 minutes
-SERVICE_RESERVE = 150  # seconds kept for the service part (3 short epochs, compiled from the shared cache)
-
-
-PARTS = [
-    Part("versions", 60, lambda c: [c.module("bench.gpu_parts", "versions")], result_line),
-    Part("nvidia-smi", 30, lambda c: [c.module("bench.gpu_parts", "nvidia-smi")], result_line, cuda_only=True),
-    Part("data", 300, data_commands, lambda c, log: gpu_parts.data_summary(c.data / "shards")),
-    Part("gpu-tests", 300, gpu_test_commands, gpu_test_read, cuda_only=True),
-    Part("bench-model", 240, model_commands, lambda c, log: gpu_parts.model_summary(c.out / "model.json")),
-    Part("bench-pipeline", 200, pipeline_commands,
-         lambda c, log: gpu_parts.pipeline_summary(c.out / "pipeline.json"), needs=("data",)),
-    Part("sweep", SWEEP_CAP, sweep_commands, sweep_read, needs=("data",)),
-    Part("service", 240, service_commands, service_read, needs=("data",)),
-    Part("roi-probe", 60, lambda c: [c.module("bench.gpu_parts", "roi-probe", c.data / "shards")], result_line,
-         cuda_only=True, needs=("data",)),
-]
-SIDE_BY_SIDE = {"data": "gpu-tests"}  # CPU-bound data generation next to the tests (own small data)
+from bench.child import child_env, failure, reap, spawn
+from bench.gpu_check_parts import PARTS, SIDE_BY_SIDE, Context, Part, earlier_sweep
 
 
 def start(part: Part, ctx: Context) -> tuple[subprocess.Popen, Path] | None:
@@ -219,11 +82,13 @@ def finish(part: Part, ctx: Context, proc: subprocess.Popen, log: Path) -> None:
 
 
 def skip_reason(part: Part, ctx: Context, records: dict[str, dict]) -> str | None:
-    """Why ``part`` cannot run now, or None."""
+    """Why ``part`` cannot run now, or None.  The data part's shards, once made (their manifest is
+    written last), serve a later run that does not select it (``--parts service`` after a sweep)."""
     if ctx.only and part.name not in ctx.only:
         return "not selected (--parts)"
     for need in part.needs:
-        if records.get(need, {}).get("status") != "ok":
+        ready = need == "data" and need not in ctx.only and (ctx.data / "shards" / "manifest.json").is_file()
+        if records.get(need, {}).get("status") != "ok" and not ready:
             return f"needs the {need} part, which did not succeed"
     if ctx.deadline - time.time() < 15:
         return "the time budget (--seconds) is spent"
@@ -300,7 +165,15 @@ def main(argv: list[str] | None = None) -> int:
               "seconds_budget": args.seconds, "python": sys.executable}
     print(f"gpu-check: {'DRY mode (no CUDA device): every part starts at a tiny size' if dry else 'GPU mode'}, "
           f"budget {args.seconds:.0f} s, results in {args.out}", flush=True)
+    earlier = earlier_sweep(ctx)
+    if earlier:
+        ctx.service_flags = tuple(earlier["recommended"]["flags"])
+        print(f"gpu-check: the service part runs the recommendation of the sweep in {ctx.out / 'sweep.json'} "
+              f"(started {earlier['started']}): {earlier['recommended']['name']}", flush=True)
     records = run_parts(ctx, header)
+    if earlier:  # the projection's evaluation rate and the summary's sweep line come from it
+        records["sweep"].update(results=earlier, reason=f"not selected (--parts); results of the sweep in "
+                                f"{ctx.out / 'sweep.json'}, started {earlier['started']}")
     header["projection"] = gpu_parts.project(records)
     path = write_json(ctx, header, records)
     print_summary(records, path)

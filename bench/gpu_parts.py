@@ -145,6 +145,7 @@ def sweep_summary(path: Path) -> dict:
     summary = json.loads(path.read_text())
     status = [r["status"] for r in summary["configs"].values()]
     return {"recommended": summary.get("recommended"), "projection": summary.get("projection"),
+            "mode": summary.get("mode"), "started": summary.get("started"),
             **{s: status.count(s) for s in ("ok", "failed", "skipped")}}
 
 

@@ -2,25 +2,27 @@
 
     python -m bench.sweep --shards DIR --out DIR [--seconds 420] [--dry]
 
-Three stages, in this order, each configuration a set of the service's own flags measured by
+Each configuration (``bench.sweep_configs``) is a set of the service's own flags measured by
 ``bench.sweep_child`` in its own process with its own time limit (a crash or hang loses that
 configuration only); every result is written as it arrives (``OUT/sweep/<name>.json``, and the
-summary ``OUT/sweep.json`` after each), so a sweep cut short still returns what it measured:
+summary ``OUT/sweep.json`` after each), so a sweep cut short still returns what it measured.
 
-1. model alone (synthetic batches on the GPU, batch 128, bf16): the compiled whole step, with
-   CUDA graphs, with the bf16 channels_last input the normaliser can emit, LRN as window sums,
-   NCHW, cuDNN trying every algorithm, eager, and batches 256/512 with the linear lr rule (options
-   only: the recipe is batch 128).  The 10-view evaluation forward is timed for the projection.
-2. pipeline alone (the GPU training loader, normalised batches): the hardware decoder's share
-   (``hw_decoder_load`` 0.65, 1.0 and 0, with and without fancy upsampling: CPU time per image
-   tells how many images took the hybrid path, whose Huffman decode runs on DALI's threads),
-   threads and prefetch, the stream hand-over.
-3. end to end (the loader feeding the step, data wait measured as the service does): the service
-   as configured today, then the fastest batch-128 model configuration of stage 1 with the
-   loader's defaults (both with a ``torch.profiler`` window) and with each lever on its own (threads
-   and prefetch, hardware decoder, stream hand-over, DALI off the training core, blocking CUDA
-   syncs, bf16 channels_last batches), then the levers that helped, combined: the recommendation,
-   with the projected wall time of 90 epochs.
+What there is to measure takes longer than the budget: each model configuration compiles a graph
+of its own (about a minute each on a GPU machine), while end-to-end runs on a graph already
+compiled load it from the inductor cache in seconds.  So the order is the order a decision needs
+(``plan``): the model the service would run (the compiled step with CUDA graphs) and its 10-view
+evaluation rate; end to end on it with the loader's defaults (a ``torch.profiler`` window), with
+each lever on its own (stream hand-over, threads and prefetch, the hardware decoder, DALI off the
+training core, blocking CUDA syncs, bf16 channels_last batches) and with the levers that helped
+combined, which gives the recommendation and the projected wall time of 90 epochs; then the
+pipeline alone (the hardware decoder's share: ``hw_decoder_load`` 0.65, 1.0 and 0, with and
+without fancy upsampling, CPU time per image telling how many images took the hybrid path; threads
+and prefetch; the stream hand-over); the service as configured today; and last the other model
+configurations (without CUDA graphs, bf16 channels_last input, LRN as window sums, NCHW, cuDNN
+trying every algorithm, eager, batches 256/512 with the linear lr rule: options only, the recipe
+is batch 128), with the levers that helped re-run on a faster one.  A configuration that would
+compile a new graph in less time than is left (the first compile's wall time, once measured) is
+skipped, saying so, and cheaper ones after it still run.
 
 The dry mode (no GPU; ``tests/test_gpu_check.py``) runs the same stages on the CPU at a tiny size
 with fewer pipeline configurations and levers; configurations that compile are skipped there
@@ -33,70 +35,15 @@ import json
 import re
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from bench.child import child_env, failure, reap, spawn
 from bench.gpu_parts import projection
+from bench.sweep_configs import (BASE_MODELS, DRY, LEVERS, MODEL, PIPELINE, SIZES, TODAY, Config, values)
 
-BASE = ("--model.autocast", "bfloat16", "--model.channels_last", "true", "--loader.batch_size", "128")
-STEP = ("--model.compile", "step")
-GRAPHS = (*STEP, "--model.compile_mode", "reduce-overhead")
-BF16_BATCHES = ("--loader.dtype", "bfloat16", "--loader.memory_format", "channels_last")
-DRY = ("--loader.batch_size", "8", "--loader.threads", "2", "--model.autocast", "none", "--model.channels_last", "false")
-# kind: (warmup batches, timed batches) on a GPU and in the dry mode
-SIZES = {"model": ((15, 60), (1, 2)), "pipeline": ((10, 60), (1, 3)), "train": ((25, 150), (1, 3))}
-
-
-@dataclass(frozen=True)
-class Config:
-    name: str
-    kind: str  # "model" | "pipeline" | "train"
-    flags: tuple[str, ...]
-    cap: float  # seconds
-    eval: bool = False  # model: also time the 10-view evaluation forward
-    profile: bool = False  # train: a torch.profiler window after the timed one
-
-    @property
-    def compiles(self) -> bool:
-        values = dict(zip(self.flags[::2], self.flags[1::2]))
-        return values.get("--model.compile", "off") != "off"
-
-
-MODEL = [
-    Config("model: compiled step", "model", (*BASE, *STEP), 240, eval=True),
-    Config("model: compiled step + CUDA graphs", "model", (*BASE, *GRAPHS), 150, eval=True),
-    Config("model: step + graphs, bf16 channels_last batches", "model", (*BASE, *GRAPHS, *BF16_BATCHES), 120),
-    Config("model: step + graphs, LRN window_sum", "model", (*BASE, *GRAPHS, "--model.lrn", "window_sum"), 150),
-    Config("model: step + graphs, NCHW", "model", (*BASE, *GRAPHS, "--model.channels_last", "false"), 150),
-    Config("model: step + graphs, cuDNN tries every algorithm", "model",
-           (*BASE, *GRAPHS, "--model.cudnn_benchmark_limit", "0"), 120),
-    Config("model: eager", "model", (*BASE, "--model.compile", "off"), 60, eval=True),
-    Config("model: step + graphs, batch 256 (lr 0.02, linear rule)", "model",
-           (*BASE, *GRAPHS, "--loader.batch_size", "256", "--optim.lr", "0.02"), 150),
-    Config("model: step + graphs, batch 512 (lr 0.04, linear rule)", "model",
-           (*BASE, *GRAPHS, "--loader.batch_size", "512", "--optim.lr", "0.04"), 150),
-]
-PIPELINE = [Config(f"pipeline: {label}", "pipeline", (*BASE, "--model.compile", "off", *flags), 60) for label, flags in (
-    ("defaults (hw decoder 0.65, fancy upsampling, all cores, prefetch 2)", ()),
-    ("hw_decoder_load 1.0", ("--loader.hw_decoder_load", "1.0")),
-    ("hw_decoder_load 1.0, no fancy upsampling",
-     ("--loader.hw_decoder_load", "1.0", "--loader.jpeg_fancy_upsampling", "false")),
-    ("no fancy upsampling", ("--loader.jpeg_fancy_upsampling", "false")),
-    ("hw_decoder_load 0 (all hybrid: the CPU-time reference)", ("--loader.hw_decoder_load", "0")),
-    ("8 threads, prefetch 4", ("--loader.threads", "8", "--loader.prefetch", "4")),
-    ("stream hand-over", ("--loader.handover", "stream")),
-)]
-TODAY = Config("e2e: the service today (compile model, loader defaults)", "train", (*BASE, "--model.compile", "model"),
-               200, profile=True)
-LEVERS = [
-    ("8 threads, prefetch 4", ("--loader.threads", "8", "--loader.prefetch", "4")),
-    ("stream hand-over", ("--loader.handover", "stream")),
-    ("hw decoder 1.0", ("--loader.hw_decoder_load", "1.0")),
-    ("DALI off the training core", ("--loader.affinity", "spare_core")),
-    ("blocking CUDA syncs", ("--cuda_sync", "blocking")),
-    ("bf16 channels_last batches", BF16_BATCHES),
-]
+FRESH_COMPILE_GUESS = 90.0  # seconds a configuration with a graph not compiled yet needs, until one is measured
+MIN_SECONDS = 20.0  # what any configuration needs: a process with torch and DALI, a loader, a few batches
 
 
 def slug(name: str) -> str:
@@ -104,12 +51,19 @@ def slug(name: str) -> str:
 
 
 class Sweep:
-    """Runs configurations one at a time within the budget and keeps the summary on disk."""
+    """Runs configurations one at a time within the budget and keeps the summary on disk.
 
-    def __init__(self, shards: Path, out: Path, seconds: float, dry: bool) -> None:
-        self.shards, self.out, self.dry = shards, out, dry
-        self.deadline = time.time() + seconds
+    It remembers which graphs have been compiled (into the shared inductor cache) and how long a
+    configuration that compiles a new graph took, so a configuration that cannot finish in what is
+    left of the budget is skipped, saying so, and the cheaper ones after it still run."""
+
+    def __init__(self, shards: Path, out: Path, seconds: float, dry: bool,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.shards, self.out, self.dry, self.clock = shards, out, dry, clock
+        self.deadline = clock() + seconds
         self.records: dict[str, dict] = {}
+        self.compiled: set[tuple] = set()
+        self.fresh_seconds: float | None = None  # wall time of the first configuration that compiled
         self.summary = {"mode": "dry" if dry else "gpu", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                         "seconds_budget": seconds, "configs": self.records}
         (out / "sweep").mkdir(parents=True, exist_ok=True)
@@ -117,14 +71,24 @@ class Sweep:
 
     def run(self, config: Config) -> dict:
         """Measure ``config`` in a child (or record why not); returns its record."""
+        if config.name in self.records:
+            return self.records[config.name]
         flags = (*config.flags, *DRY) if self.dry else config.flags
-        left = self.deadline - time.time()
+        left, fresh = self.deadline - self.clock(), bool(config.graphs - self.compiled)
+        need = (self.fresh_seconds or FRESH_COMPILE_GUESS) if fresh else MIN_SECONDS
         if self.dry and config.compiles:
             record = {"status": "skipped", "reason": "dry mode: compiling AlexNet on a CPU takes minutes"}
-        elif left < 20:
+        elif left < MIN_SECONDS:
             record = {"status": "skipped", "reason": "the sweep's time budget is spent"}
+        elif left < need:
+            record = {"status": "skipped", "reason": f"a graph not compiled yet: needs ~{need:.0f} s "
+                      f"({'measured' if self.fresh_seconds else 'guessed'}), {left:.0f} s of the budget left"}
         else:
             record = self._child(config, flags, min(config.cap, left))
+            if record["status"] == "ok":
+                if fresh and self.fresh_seconds is None:
+                    self.fresh_seconds = record["wall_seconds"]
+                self.compiled |= config.graphs
         record = {"name": config.name, "kind": config.kind, "flags": list(flags), **record}
         self.records[config.name] = record
         self.save()
@@ -144,10 +108,10 @@ class Sweep:
         # perf_hints: inductor says in the log why it skipped CUDA graphs for a graph, if it did
         code = reap(spawn([sys.executable, "-m", "bench.sweep_child", json.dumps(spec), str(result)], log,
                           child_env({"TORCH_LOGS": "perf_hints"})), limit)
+        wall = round(time.time() - start, 1)
         if code == 0 and result.is_file():
-            return json.loads(result.read_text())
-        return {"status": "failed", "seconds": round(time.time() - start, 1),
-                "error": failure(code, limit, log.read_text(errors="replace"))}
+            return {**json.loads(result.read_text()), "wall_seconds": wall}
+        return {"status": "failed", "seconds": wall, "error": failure(code, limit, log.read_text(errors="replace"))}
 
     def save(self) -> Path:
         path = self.out / "sweep.json"
@@ -156,14 +120,29 @@ class Sweep:
         tmp.replace(path)
         return path
 
+    def recommend(self) -> None:
+        """The fastest end-to-end configuration so far, with its projection, into the summary."""
+        ran = [r for r in self.records.values() if r["kind"] == "train" and rate(r)]
+        if not ran:
+            return
+        best = max(ran, key=rate)
+        self.summary["recommended"] = {key: best.get(key) for key in (
+            "name", "flags", "images_per_s", "data_wait_share", "model_alone_images_per_s", "ratio_to_model_alone")}
+        self.summary["projection"] = projection(best["images_per_s"], eval_for(self, tuple(best["flags"])))
+        self.save()
+
 
 def rate(record: dict | None) -> float:
     return record.get("images_per_s", 0.0) if record and record.get("status") == "ok" else 0.0
 
 
+def batch_128(config: Config) -> bool:
+    return values(config.flags).get("--loader.batch_size") == "128"
+
+
 def best_model(sweep: Sweep) -> Config | None:
     """The fastest batch-128 model configuration that ran (the recipe's batch)."""
-    done = [c for c in MODEL if "--loader.batch_size" not in c.flags[len(BASE):] and rate(sweep.records.get(c.name))]
+    done = [c for c in MODEL if batch_128(c) and rate(sweep.records.get(c.name))]
     return max(done, key=lambda c: rate(sweep.records[c.name]), default=None)
 
 
@@ -171,35 +150,59 @@ def pairs(flags: tuple[str, ...]) -> set[tuple[str, str]]:
     return set(zip(flags[::2], flags[1::2]))
 
 
-def end_to_end(sweep: Sweep) -> Config:
-    """Stage 3; returns the fastest configuration end to end (the recommendation)."""
-    ran = [TODAY]
-    sweep.run(TODAY)
-    model = best_model(sweep) or Config("model: eager", "model", (*BASE, "--model.compile", "off"), 60)
+def end_to_end(sweep: Sweep, model: Config, levers: list) -> list[tuple[str, tuple[str, ...]]]:
+    """The loader feeding ``model``'s step with the loader's defaults, then with each lever on its
+    own, then the levers that helped (over 2%) combined; returns the levers that helped."""
     base = Config(f"e2e: {model.name.removeprefix('model: ')}", "train", model.flags, 150, profile=True)
-    ran.append(base)
     base_rate = rate(sweep.run(base))
     helped = []
-    for label, flags in LEVERS[:1] if sweep.dry else LEVERS:
+    for label, flags in levers:
         if pairs(flags) <= pairs(base.flags):
             continue  # already part of the base configuration
         lever = Config(f"{base.name} + {label}", "train", (*base.flags, *flags), 120)
-        ran.append(lever)
-        if rate(sweep.run(lever)) > 1.02 * base_rate:
+        if base_rate and rate(sweep.run(lever)) > 1.02 * base_rate:
             helped.append((label, flags))
     if len(helped) > 1:
-        combined = Config(f"{base.name} + " + " + ".join(label for label, _ in helped), "train",
-                          (*base.flags, *(x for _, flags in helped for x in flags)), 150, profile=True)
-        ran.append(combined)
-        sweep.run(combined)
-    return max(ran, key=lambda c: rate(sweep.records.get(c.name)))
+        sweep.run(Config(f"{base.name} + " + " + ".join(label for label, _ in helped), "train",
+                         (*base.flags, *(x for _, flags in helped for x in flags)), 150, profile=True))
+    return helped
 
 
-def eval_for(sweep: Sweep, config: Config) -> float | None:
-    """The 10-view evaluation rate (views/s) measured for the same compile setting as ``config``."""
-    mode = {k: v for k, v in zip(config.flags[::2], config.flags[1::2]) if k.startswith("--model.compile")}
+def plan(sweep: Sweep) -> None:
+    """Everything, in the order a decision needs it, so a budget cut short loses the least useful:
+
+    1. the model the end-to-end stage stands on: the compiled step with CUDA graphs (else without,
+       else eager), with the 10-view evaluation rate;
+    2. end to end on it: the loader's defaults, each lever, the levers that helped combined: the
+       recommendation (graphs from the cache: seconds each, not a compile);
+    3. the pipeline alone (no compile: the decoder's share, threads, the hand-over);
+    4. the service as configured today (a compile of its own);
+    5. the other model configurations (each a graph of its own: a compile each), and if one of them
+       beats stage 1's model, end to end on it with the levers that helped.
+    """
+    dry = sweep.dry
+    model = next((c for c in BASE_MODELS if rate(sweep.run(c))), None)
+    levers = LEVERS[:1] if dry else LEVERS
+    helped = end_to_end(sweep, model, levers) if model else []
+    sweep.recommend()
+    for config in PIPELINE[:1] + PIPELINE[-1:] if dry else PIPELINE:
+        sweep.run(config)
+    sweep.run(TODAY)
+    for config in MODEL:
+        sweep.run(config)
+    better = best_model(sweep)
+    if model and better and rate(sweep.records[better.name]) > 1.02 * rate(sweep.records[model.name]):
+        end_to_end(sweep, better, helped)
+    sweep.recommend()
+
+
+def eval_for(sweep: Sweep, flags: tuple[str, ...]) -> float | None:
+    """The 10-view evaluation rate (views/s) measured for the same compile setting as ``flags``."""
+    def mode(f: tuple[str, ...]) -> dict:
+        return {k: v for k, v in values(f).items() if k.startswith("--model.compile")}
+
     rates = [r.get("eval_views_per_s") for c in MODEL if (r := sweep.records.get(c.name)) and r.get("eval_views_per_s")
-             and {k: v for k, v in zip(c.flags[::2], c.flags[1::2]) if k.startswith("--model.compile")} == mode]
+             and mode(c.flags) == mode(flags)]
     return max(rates, default=None)
 
 
@@ -235,18 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry", action="store_true", help="the CPU dry mode (tiny sizes, no compiled configurations)")
     args = p.parse_args(argv)
     sweep = Sweep(args.shards.resolve(), args.out.resolve(), args.seconds, args.dry)
-    for config in MODEL + (PIPELINE[:1] + PIPELINE[-1:] if args.dry else PIPELINE):
-        sweep.run(config)
-    chosen = end_to_end(sweep)
-    if rate(sweep.records.get(chosen.name)):
-        record = sweep.records[chosen.name]
-        sweep.summary["recommended"] = {"name": chosen.name, "flags": record["flags"],
-                                        "images_per_s": record["images_per_s"],
-                                        "data_wait_share": record.get("data_wait_share"),
-                                        "model_alone_images_per_s": record.get("model_alone_images_per_s"),
-                                        "ratio_to_model_alone": record.get("ratio_to_model_alone")}
-        sweep.summary["projection"] = projection(record["images_per_s"], eval_for(sweep, chosen))
-    sweep.save()
+    plan(sweep)
     report(sweep)
     print(f"wrote {sweep.out / 'sweep.json'} (each configuration: {sweep.out / 'sweep'}, logs: "
           f"{sweep.out / 'logs' / 'sweep'})")

@@ -36,6 +36,7 @@ def test_dry_mode_runs_every_part(tmp_path: Path) -> None:
     assert parts["data"]["results"]["train"] == 16 and parts["data"]["results"]["val"] == 4
     assert parts["service"]["results"]["epochs"][0]["images_per_s"] > 0
     check_sweep(tmp_path / "out", parts, record)
+    check_service_after_the_sweep(tmp_path, record)
     assert (tmp_path / "out" / "model.json").is_file() and (tmp_path / "out" / "logs" / "service.log").is_file()
     for name in PARTS:  # the summary table
         assert f"\n{name} " in stdout
@@ -61,6 +62,22 @@ def check_sweep(out: Path, parts: dict, record: dict) -> None:
     assert criterion["met"] in (True, False)
     projection = record["projection"]
     assert projection["includes_evaluation"] and projection["total_hours"] > projection["train_hours"] > 0
+
+
+def check_service_after_the_sweep(tmp_path: Path, first: dict) -> None:
+    """A second run of the service part alone (a GPU lent call by call: the sweep in one, the
+    service in the next) runs the first run's recommendation on its shards, with its projection."""
+    out = tmp_path / "out"
+    result = run_module("bench.gpu_check", "--dry", "--out", str(out), "--data", str(tmp_path / "data"),
+                        "--seconds", "600", "--parts", "service", timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads((out / "gpu_check.json").read_text())
+    parts, recommended = record["parts"], json.loads((out / "sweep.json").read_text())["recommended"]
+    assert "runs the recommendation of the sweep" in result.stdout
+    assert parts["service"]["status"] == "ok" and parts["service"]["results"]["flags"] == recommended["flags"]
+    assert parts["data"]["status"] == "skipped" and "results of the sweep" in parts["sweep"]["reason"]
+    assert record["projection"]["includes_evaluation"]
+    assert record["projection"]["eval_views_per_s"] == first["projection"]["eval_views_per_s"]
 
 
 def test_a_sweep_configuration_that_fails_is_recorded_and_the_next_runs(sample_shards: Path, tmp_path: Path) -> None:

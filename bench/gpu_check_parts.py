@@ -1,0 +1,164 @@
+"""``make gpu-check``'s parts (``bench.gpu_check`` runs them): for each, its commands, its time
+limit, what it needs, and how its output is read.  The measuring itself happens in the commands'
+own processes (``bench.gpu_parts``, ``bench.bench_model``, ``bench.bench_pipeline``, ``bench.sweep``,
+``python -m service``)."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from bench import gpu_parts
+from bench.child import ROOT
+
+
+@dataclass
+class Context:
+    out: Path
+    data: Path
+    dry: bool
+    deadline: float
+    python: str = sys.executable
+    only: tuple[str, ...] = ()  # --parts: run these, skip the others
+    env: dict[str, str] = field(default_factory=dict)  # for every part's process
+    service_flags: tuple[str, ...] = ()  # the sweep's recommendation, once the sweep part has run
+
+    def module(self, name: str, *args: object) -> list[str]:
+        return [self.python, "-m", name, *map(str, args)]
+
+
+@dataclass
+class Part:
+    """One measured part: its commands (run in order, one time limit), how to read its output."""
+
+    name: str
+    cap: float  # seconds at most
+    commands: Callable[[Context], list[list[str]]]
+    read: Callable[[Context, str], dict] = lambda ctx, log: {}
+    cuda_only: bool = False  # dry mode: the commands only start it; the part reports skipped
+    needs: tuple[str, ...] = ()  # parts that must have succeeded first
+    record: dict = field(default_factory=dict)
+
+
+def result_line(ctx: Context, log: str) -> dict:
+    """The ``RESULT {...}`` line a ``bench.gpu_parts`` child prints."""
+    lines = [line for line in log.splitlines() if line.startswith("RESULT ")]
+    if not lines:
+        raise RuntimeError("the part printed no RESULT line")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def data_commands(ctx: Context) -> list[list[str]]:
+    per_class, val = (8, 2) if ctx.dry else (900, 50)
+    sample, shards = ctx.data / "sample", ctx.data / "shards"
+    return [ctx.module("sampledata", "--out", sample, "--train_per_class", per_class, "--val_per_class", val,
+                       *(["--classes", 2] if ctx.dry else []), "--workers", 0),
+            ctx.module("shards", "--src", sample, "--out", shards, "--shard_samples", 8 if ctx.dry else 1000,
+                       "--workers", 0)]
+
+
+def gpu_test_commands(ctx: Context) -> list[list[str]]:
+    base = ctx.module("pytest", "-m", "gpu", "-p", "no:cacheprovider", "-rA", str(ROOT / "tests"))
+    return [base + ["--collect-only", "-q"]] if ctx.dry else [base + ["-q", "--junitxml", ctx.out / "gpu_tests.xml"]]
+
+
+def gpu_test_read(ctx: Context, log: str) -> dict:
+    if ctx.dry:
+        return {"collected": log.strip().splitlines()[-1]}
+    summary = gpu_parts.junit_summary(ctx.out / "gpu_tests.xml")
+    if summary["failed"]:
+        raise RuntimeError(f"{len(summary['failed'])} gpu test(s) failed: {json.dumps(summary['failed'])[:1500]}")
+    return summary
+
+
+def model_commands(ctx: Context) -> list[list[str]]:
+    extra = ["--batch", 2, "--warmup", 0, "--iters", 1, "--layouts", "grouped"] if ctx.dry else []
+    return [ctx.module("bench.bench_model", "--grid", "short", "--report", ctx.out / "model.json", *extra)]
+
+
+def pipeline_commands(ctx: Context) -> list[list[str]]:
+    size = ["--images", 32, "--repeat", 1, "--warmup", 1, "--batch", 8] if ctx.dry else ["--images", 6144, "--repeat", 3]
+    return [ctx.module("bench.bench_pipeline", "--shards", ctx.data / "shards", "--report", ctx.out / "pipeline.json",
+                       "--configs", "gpu-check", *size)]
+
+
+# The service part's settings without a sweep recommendation: the fast path measured in run 2.
+SERVICE_DEFAULT = ("--loader.batch_size", "128", "--model.autocast", "bfloat16", "--model.channels_last", "true",
+                   "--model.compile", "model")
+SERVICE_DRY = ("--loader.batch_size", "8", "--model.autocast", "none")
+
+
+def service_flags(ctx: Context) -> tuple[str, ...]:
+    """The sweep's recommended configuration when the sweep part ran, else the default fast path."""
+    return ctx.service_flags or (SERVICE_DRY if ctx.dry else SERVICE_DEFAULT)
+
+
+def service_commands(ctx: Context) -> list[list[str]]:
+    run = ctx.data / "service-run"
+    return [ctx.module("service", "--shards", ctx.data / "shards", "--out", run, "--eval_views", 10, "--fresh", "true",
+                       "--log_every", 20, "--model.bias_init", 0.1, "--http.port", 0, "--http.host", "127.0.0.1",
+                       "--checkpoint.every_seconds", 0, "--epochs", 1 if ctx.dry else 3, *service_flags(ctx))]
+
+
+def service_read(ctx: Context, log: str) -> dict:
+    """images/s and data-wait share per epoch, and the last epoch against the model alone of the
+    same configuration (issue 13's criterion 2): the sweep's measurement of exactly these flags,
+    or bench-model's compiled bf16 channels_last configuration for the default flags."""
+    alone, source = None, None
+    if ctx.service_flags:
+        alone, source = gpu_parts.sweep_summary(ctx.out / "sweep.json")["recommended"].get(
+            "model_alone_images_per_s"), "sweep: the recommended configuration's step on one of its batches"
+    elif (ctx.out / "model.json").is_file():
+        configs = gpu_parts.model_summary(ctx.out / "model.json")["configs"]
+        alone = (configs.get("grouped bf16 channels_last compiled") or {}).get("images_per_s")
+        source = "bench-model: grouped bf16 channels_last compiled"
+    return {"flags": list(service_flags(ctx)), **gpu_parts.service_summary(ctx.data / "service-run", alone, source)}
+
+
+def sweep_commands(ctx: Context) -> list[list[str]]:
+    # What is left of the budget, less what the service part needs after it (when it runs).
+    reserve = SERVICE_RESERVE if not ctx.only or "service" in ctx.only else 20
+    budget = max(30.0, min(SWEEP_CAP, ctx.deadline - time.time() - reserve))
+    return [ctx.module("bench.sweep", "--shards", ctx.data / "shards", "--out", ctx.out, "--seconds", round(budget),
+                       *(["--dry"] if ctx.dry else []))]
+
+
+def sweep_read(ctx: Context, log: str) -> dict:
+    summary = gpu_parts.sweep_summary(ctx.out / "sweep.json")
+    if summary.get("recommended"):
+        ctx.service_flags = tuple(summary["recommended"]["flags"])
+    return summary
+
+
+def earlier_sweep(ctx: Context) -> dict | None:
+    """A sweep this run does not repeat (``--parts`` without it) whose summary is in OUT already,
+    in the same mode, with a recommendation: the service part runs that.  A GPU lent for ten
+    minutes a call gets the sweep in one call and the service part in the next (docs/benchmarks.md)."""
+    path = ctx.out / "sweep.json"
+    if not ctx.only or "sweep" in ctx.only or not path.is_file():
+        return None
+    summary = gpu_parts.sweep_summary(path)
+    return summary if summary["recommended"] and summary["mode"] == ("dry" if ctx.dry else "gpu") else None
+
+
+SWEEP_CAP = 420  # issue 13: the grid in under 7 minutes
+SERVICE_RESERVE = 150  # seconds kept for the service part (3 short epochs, compiled from the shared cache)
+
+
+PARTS = [
+    Part("versions", 60, lambda c: [c.module("bench.gpu_parts", "versions")], result_line),
+    Part("nvidia-smi", 30, lambda c: [c.module("bench.gpu_parts", "nvidia-smi")], result_line, cuda_only=True),
+    Part("data", 300, data_commands, lambda c, log: gpu_parts.data_summary(c.data / "shards")),
+    Part("gpu-tests", 300, gpu_test_commands, gpu_test_read, cuda_only=True),
+    Part("bench-model", 240, model_commands, lambda c, log: gpu_parts.model_summary(c.out / "model.json")),
+    Part("bench-pipeline", 200, pipeline_commands,
+         lambda c, log: gpu_parts.pipeline_summary(c.out / "pipeline.json"), needs=("data",)),
+    Part("sweep", SWEEP_CAP, sweep_commands, sweep_read, needs=("data",)),
+    Part("service", 240, service_commands, service_read, needs=("data",)),
+    Part("roi-probe", 60, lambda c: [c.module("bench.gpu_parts", "roi-probe", c.data / "shards")], result_line,
+         cuda_only=True, needs=("data",)),
+]
+SIDE_BY_SIDE = {"data": "gpu-tests"}  # CPU-bound data generation next to the tests (own small data)

@@ -1,0 +1,93 @@
+"""The sweep's configurations (``bench.sweep``): each a list of the service's own flags.
+
+A configuration names what it measures; ``bench.sweep`` decides the order they run in (the
+measurements a decision needs first, within the budget).  What a configuration costs is mostly
+compilation: the first compile of a graph (AlexNet's whole training step) takes on the order of a
+minute, a graph compiled before in the same inductor cache loads in seconds.  ``Config.graphs``
+names the graphs a configuration compiles by the flags that shape them, so the sweep can tell a
+cheap configuration (its graphs compiled already) from an expensive one before it starts it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BASE = ("--model.autocast", "bfloat16", "--model.channels_last", "true", "--loader.batch_size", "128")
+STEP = ("--model.compile", "step")
+GRAPHS = (*STEP, "--model.compile_mode", "reduce-overhead")
+BF16_BATCHES = ("--loader.dtype", "bfloat16", "--loader.memory_format", "channels_last")
+DRY = ("--loader.batch_size", "8", "--loader.threads", "2", "--model.autocast", "none", "--model.channels_last", "false")
+# kind: (warmup batches, timed batches) on a GPU and in the dry mode
+SIZES = {"model": ((15, 60), (1, 2)), "pipeline": ((10, 60), (1, 3)), "train": ((25, 150), (1, 3))}
+# Flags that change the compiled graph (its inputs' dtype, layout and shape, the model, the mode).
+# cudnn_benchmark_limit and the loader's own settings do not: the graph is the same, from the cache.
+GRAPH_FLAGS = ("--loader.dtype", "--loader.memory_format", "--loader.batch_size", "--loader.crop")
+
+
+def values(flags: tuple[str, ...]) -> dict[str, str]:
+    """``--key value`` pairs as a dict (the later of repeated keys wins, as in the service's parser)."""
+    return dict(zip(flags[::2], flags[1::2]))
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    kind: str  # "model" | "pipeline" | "train"
+    flags: tuple[str, ...]
+    cap: float  # seconds
+    eval: bool = False  # model: also time the 10-view evaluation forward
+    profile: bool = False  # train: a torch.profiler window after the timed one
+
+    @property
+    def compiles(self) -> bool:
+        return values(self.flags).get("--model.compile", "off") != "off" and self.kind != "pipeline"
+
+    @property
+    def graphs(self) -> frozenset[tuple]:
+        """The graphs this configuration compiles (none when nothing does): the training step, and
+        the evaluation forward when it is timed, each identified by the flags that shape it."""
+        if not self.compiles:
+            return frozenset()
+        shape = tuple(sorted((k, v) for k, v in values(self.flags).items()
+                             if (k.startswith("--model.") and k != "--model.cudnn_benchmark_limit") or k in GRAPH_FLAGS))
+        return frozenset({("step", shape)} | ({("eval", shape)} if self.eval else set()))
+
+
+MODEL = [
+    Config("model: compiled step + CUDA graphs", "model", (*BASE, *GRAPHS), 150, eval=True),
+    Config("model: compiled step", "model", (*BASE, *STEP), 240, eval=True),
+    Config("model: step + graphs, bf16 channels_last batches", "model", (*BASE, *GRAPHS, *BF16_BATCHES), 120),
+    Config("model: step + graphs, LRN window_sum", "model", (*BASE, *GRAPHS, "--model.lrn", "window_sum"), 150),
+    Config("model: step + graphs, NCHW", "model", (*BASE, *GRAPHS, "--model.channels_last", "false"), 150),
+    Config("model: step + graphs, cuDNN tries every algorithm", "model",
+           (*BASE, *GRAPHS, "--model.cudnn_benchmark_limit", "0"), 120),
+    Config("model: eager", "model", (*BASE, "--model.compile", "off"), 60, eval=True),
+    Config("model: step + graphs, batch 256 (lr 0.02, linear rule)", "model",
+           (*BASE, *GRAPHS, "--loader.batch_size", "256", "--optim.lr", "0.02"), 150),
+    Config("model: step + graphs, batch 512 (lr 0.04, linear rule)", "model",
+           (*BASE, *GRAPHS, "--loader.batch_size", "512", "--optim.lr", "0.04"), 150),
+]
+# The first of these that runs is the model the end-to-end stage is built on.
+BASE_MODELS = [c for c in MODEL if c.name in ("model: compiled step + CUDA graphs", "model: compiled step",
+                                               "model: eager")]
+PIPELINE = [Config(f"pipeline: {label}", "pipeline", (*BASE, "--model.compile", "off", *flags), 60) for label, flags in (
+    ("defaults (hw decoder 0.65, fancy upsampling, all cores, prefetch 2)", ()),
+    ("hw_decoder_load 1.0", ("--loader.hw_decoder_load", "1.0")),
+    ("hw_decoder_load 1.0, no fancy upsampling",
+     ("--loader.hw_decoder_load", "1.0", "--loader.jpeg_fancy_upsampling", "false")),
+    ("no fancy upsampling", ("--loader.jpeg_fancy_upsampling", "false")),
+    ("hw_decoder_load 0 (all hybrid: the CPU-time reference)", ("--loader.hw_decoder_load", "0")),
+    ("8 threads, prefetch 4", ("--loader.threads", "8", "--loader.prefetch", "4")),
+    ("stream hand-over", ("--loader.handover", "stream")),
+)]
+TODAY = Config("e2e: the service today (compile model, loader defaults)", "train", (*BASE, "--model.compile", "model"),
+               200, profile=True)
+# End-to-end levers, most likely to matter first (the hand-over is issue 13's main suspect; one run
+# gained 20% from threads and prefetch).  bf16 batches change the step's input, so the graph: last.
+LEVERS = [
+    ("stream hand-over", ("--loader.handover", "stream")),
+    ("8 threads, prefetch 4", ("--loader.threads", "8", "--loader.prefetch", "4")),
+    ("hw decoder 1.0", ("--loader.hw_decoder_load", "1.0")),
+    ("DALI off the training core", ("--loader.affinity", "spare_core")),
+    ("blocking CUDA syncs", ("--cuda_sync", "blocking")),
+    ("bf16 channels_last batches", BF16_BATCHES),
+]

@@ -1,0 +1,108 @@
+"""The sweep's order and budget on a GPU machine (``bench.sweep.plan``), without one.
+
+What a configuration costs on a GPU is mostly compilation, and that cannot happen here, so the
+child process is replaced by a table of what each configuration measured and how long it took
+(the numbers are of the order seen on an H200: a first compile ~70 s, a graph from the cache
+~20 s).  What is tested is the plan: which configurations run, in which order, which are skipped
+when the budget cannot hold their compile, and that the recommendation is on disk as soon as the
+end-to-end stage ends.  The real children run in the dry mode in ``tests/test_gpu_check.py``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench.sweep import Sweep, plan
+from bench.sweep_configs import Config
+
+FRESH, CACHED, PIPELINE = 70.0, 20.0, 12.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Scripted(Sweep):
+    """A sweep whose children are a script: each configuration's rate and wall time."""
+
+    def __init__(self, tmp: Path, seconds: float, rates: dict[str, float]) -> None:
+        self.fake_clock, self.rates, self.order = Clock(), rates, []
+        super().__init__(tmp, tmp, seconds, dry=False, clock=self.fake_clock)
+
+    def _child(self, config: Config, flags: tuple[str, ...], limit: float) -> dict:
+        self.order.append(config.name)
+        wall = PIPELINE if config.kind == "pipeline" else FRESH if config.graphs - self.compiled else CACHED
+        self.fake_clock.now += min(wall, limit)
+        if wall > limit:
+            return {"status": "failed", "seconds": limit, "error": f"timed out after {limit:.0f} s"}
+        rate = next((r for key, r in self.rates.items() if key in config.name), 10_000.0)
+        record = {"status": "ok", "images_per_s": rate, "wall_seconds": wall}
+        if config.kind == "train":
+            record.update(data_wait_share=0.1, model_alone_images_per_s=25_000.0, ratio_to_model_alone=rate / 25_000)
+        if config.eval:
+            record["eval_views_per_s"] = 60_000.0
+        return record
+
+
+RATES = {"stream hand-over + 8 threads": 18_000.0, "stream hand-over": 16_000.0, "8 threads": 15_000.0, "model: compiled step + CUDA graphs": 25_000.0,
+         "e2e: compiled step + CUDA graphs": 12_000.0}
+
+
+def test_a_short_budget_measures_what_the_decision_needs_first(tmp_path: Path) -> None:
+    # 70 s for the model, 20 s each for 7 end-to-end runs on its graph, 70 s for the bf16-batch
+    # lever's new graph, 84 s for the 7 pipeline configurations: 364 s; then 50 s are left
+    sweep = Scripted(tmp_path, seconds=414, rates=RATES)
+    plan(sweep)
+    assert sweep.order[:4] == ["model: compiled step + CUDA graphs", "e2e: compiled step + CUDA graphs",
+                               "e2e: compiled step + CUDA graphs + stream hand-over",
+                               "e2e: compiled step + CUDA graphs + 8 threads, prefetch 4"]
+    records = sweep.records
+    assert all(records[n]["status"] == "ok" for n in sweep.order)
+    recommended = json.loads((tmp_path / "sweep.json").read_text())["recommended"]
+    assert recommended["name"] == "e2e: compiled step + CUDA graphs + stream hand-over + 8 threads, prefetch 4"
+    assert recommended["images_per_s"] == 18_000.0
+    # a new graph does not fit in 50 s: skipped, saying so; the cheaper ones after it still run
+    skipped = {n: r["reason"] for n, r in records.items() if r["status"] == "skipped"}
+    assert "needs ~70 s (measured), 50 s of the budget left" in skipped[
+        "e2e: the service today (compile model, loader defaults)"]
+    # (the bf16-batch model's step is the bf16 lever's graph: from the cache too)
+    assert sweep.order[-2:] == ["model: step + graphs, bf16 channels_last batches",
+                                "model: step + graphs, cuDNN tries every algorithm"]
+    assert all("not compiled yet" in why or "budget is spent" in why for why in skipped.values())
+    assert sweep.fake_clock.now - 1000.0 <= 414
+
+
+def test_a_long_budget_runs_everything_and_reruns_the_levers_on_a_faster_model(tmp_path: Path) -> None:
+    rates = {**RATES, "model: step + graphs, LRN window_sum": 30_000.0}
+    sweep = Scripted(tmp_path, seconds=3600, rates=rates)
+    plan(sweep)
+    records = sweep.records
+    assert [n for n, r in records.items() if r["status"] != "ok"] == []
+    kinds = [records[n]["kind"] for n in sweep.order]
+    first_pipeline, today = kinds.index("pipeline"), sweep.order.index(
+        "e2e: the service today (compile model, loader defaults)")
+    assert "model" not in kinds[2:first_pipeline] and today > first_pipeline  # e2e before the rest
+    rerun = [n for n in sweep.order if n.startswith("e2e: step + graphs, LRN window_sum")]
+    assert rerun == ["e2e: step + graphs, LRN window_sum", "e2e: step + graphs, LRN window_sum + stream hand-over",
+                     "e2e: step + graphs, LRN window_sum + 8 threads, prefetch 4",
+                     "e2e: step + graphs, LRN window_sum + stream hand-over + 8 threads, prefetch 4"]
+    # each configuration ran once, and the projection uses the compiled step's evaluation rate
+    assert len(sweep.order) == len(set(sweep.order))
+    summary = json.loads((tmp_path / "sweep.json").read_text())
+    assert summary["projection"]["eval_views_per_s"] == 60_000.0
+
+
+def test_cached_graphs_are_told_from_new_ones() -> None:
+    from bench.sweep_configs import BF16_BATCHES, MODEL
+
+    graphs, step = MODEL[0], MODEL[1]
+    lever = Config("e2e", "train", (*graphs.flags, "--loader.handover", "stream", "--loader.threads", "8"), 60)
+    bf16 = Config("e2e bf16", "train", (*graphs.flags, *BF16_BATCHES), 60)
+    cudnn = next(c for c in MODEL if "cuDNN" in c.name)
+    assert lever.graphs <= graphs.graphs and cudnn.graphs <= graphs.graphs
+    assert bf16.graphs - graphs.graphs and step.graphs - graphs.graphs
+    assert Config("pipeline", "pipeline", graphs.flags, 60).graphs == frozenset()
