@@ -39,7 +39,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 from service.config import TrainConfig
 from service.data_errors import damaged_samples
