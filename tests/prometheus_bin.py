@@ -178,6 +178,8 @@ def fetch(series: str) -> tuple[str, Path]:
             raise Unavailable(f"{INDEX} does not match {SUITE}'s InRelease (a mirror mid-update? try again)")
         chosen = choose(lzma.decompress((tmp / "Packages.xz").read_bytes()).decode(), series)
         version = chosen["prometheus"]["Version"]
+        if (have := installed(series)) and have[0] == version:
+            return have  # --refresh, and sid has nothing newer
         tree, sources = tmp / "tree", []
         for fields in chosen.values():
             url, deb = f"{MIRROR}/{fields['Filename']}", tmp / Path(fields["Filename"]).name
@@ -212,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="on failure, print one line and exit 0: the tests that need Prometheus skip")
     parser.add_argument("--refresh", action="store_true", help=f"read {SUITE}'s index even when the series is here")
     args = parser.parse_args(argv)
+    series = ""
     try:
         series = pinned_series()
         found = None if args.refresh else installed(series)
@@ -220,8 +223,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"into {CACHE}", file=sys.stderr)
             found = fetch(series)
     except Unavailable as e:
-        skips = "; the tests that need Prometheus will skip" if args.optional else ""
-        print(f"prometheus_bin: {e}{skips}", file=sys.stderr)
+        kept = installed(series) if series else None  # a --refresh that failed leaves it in place
+        then = f"; keeping {kept[0]}" if kept else "; the tests that need Prometheus will skip" if args.optional else ""
+        print(f"prometheus_bin: {e}{then}", file=sys.stderr)
         return 0 if args.optional else 1
     print(found[0], found[1])
     return 0

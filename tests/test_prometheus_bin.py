@@ -101,6 +101,8 @@ def test_a_fetch_unpacks_the_newest_complete_pair_of_the_series_and_reruns_offli
     prometheus, promtool = pb.binaries()
     assert subprocess.run([promtool], capture_output=True, text=True).stdout == "promtool, version 3.5.9+ds1-1\n"
     assert "prometheus_3.5.9+ds1-1_amd64.deb" in (archive / "cache" / version / "SOURCES").read_text()
+    shutil.rmtree(archive / "mirror" / "pool")  # --refresh reads the index: the same version is not fetched again
+    assert pb.main(["--refresh"]) == 0 and capsys.readouterr().out.split() == [version, bindir]
     shutil.rmtree(archive / "mirror")  # offline: the unpacked packages are enough
     assert pb.main([]) == 0 and capsys.readouterr().out.split() == [version, bindir]
     assert sorted(p.name for p in (archive / "cache").iterdir()) == [version, "current"]  # no leftovers
