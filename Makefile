@@ -104,10 +104,17 @@ shards-docker: ## make shards inside the image (no local environment): make shar
 	$(call docker_check,shards-docker)
 	@SRC="$(SRC)" OUT="$(OUT)" ARGS="$(ARGS)" bash scripts/stack.sh shards
 
+# Prometheus and promtool of the series docker/compose.yaml pins, for the tests that run them:
+# Debian sid's packages, checked and unpacked into .cache/prometheus once (tests/prometheus_bin.py).
+# Where they cannot be had, one line says so and those tests skip; .ci/run requires them.
+PROMETHEUS_FOR_TESTS = $(PY) -m tests.prometheus_bin --optional >/dev/null
+
 test: setup ## run the test suite (CPU only)
+	@$(PROMETHEUS_FOR_TESTS)
 	$(PY) -m pytest -q $(ARGS)
 
 test-fast: setup ## the tests not marked slow (the edit-test loop; make test runs them all)
+	@$(PROMETHEUS_FOR_TESTS)
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
 test-docker: setup ## build the image and run make train GPUS=none for real (as root, starts a Docker engine if none runs; ~15 min)

@@ -10,7 +10,8 @@
 #    - the base (debian:trixie-slim): `debootstrap --variant=minbase trixie` imported under that
 #      tag, plus this machine's CA bundle and pip settings, so pip inside the build trusts what the
 #      host trusts (a machine that inspects TLS); docker/Dockerfile itself stays as shipped.
-#    - Prometheus: Debian's prometheus package (2.53) on that base, under compose's tag.
+#    - Prometheus: on that base, the binaries of the series compose pins that the host tests run
+#      (Debian sid's prometheus and promtool, tests/prometheus_bin.py), laid out as in its image.
 #    - Grafana: no package or image reachable; a stand-in that only idles, so the stack starts as
 #      the user's does (the test checks its mounts, and every dashboard query against Prometheus).
 # 4. pytest tests/docker_stack.py (not collected by `make test`).
@@ -23,6 +24,7 @@ COMPOSE_MIN=2.24.4
 SUITE=trixie
 MIRROR=http://deb.debian.org/debian
 STANDIN_LABEL=alexnet2012.stand-in
+PY=${PY:-.venv/bin/python}
 mkdir -p "$CACHE"
 started=0 dockerd_pid=""
 say() { echo "test-docker: $*"; }
@@ -146,13 +148,36 @@ standin_base() {
         --change 'CMD ["bash"]' - "$tag" >/dev/null
 }
 
-standin_build() {  # tag, base tag, Dockerfile lines (legacy builder: no build context needed)
-    local tag=$1 base=$2
-    shift 2
+standin_build() {  # tag, base tag, build context (- for none), Dockerfile lines (legacy builder)
+    local tag=$1 base=$2 context=(-)
+    [ "$3" = - ] || context=(-f - "$3")
+    shift 3
     say "building a stand-in for $tag"
     printf '%s\n' "FROM $base" "LABEL $STANDIN_LABEL=\"made by scripts/test-docker.sh\"" "$@" \
-        | docker build -q -t "$tag" - >"$CACHE/standin-build.log" 2>&1 \
+        | docker build -q -t "$tag" "${context[@]}" >"$CACHE/standin-build.log" 2>&1 \
         || die "building a stand-in for $tag failed: $(tail -5 "$CACHE/standin-build.log")"
+}
+
+label() { docker image inspect -f "{{index .Config.Labels \"$2\"}}" "$1" 2>/dev/null; }
+
+# Prometheus as in its own image: /bin/prometheus and /bin/promtool (/bin is /usr/bin), run as
+# nobody in /prometheus, owned by nobody.  The binaries are the host tests' (Debian sid's build of
+# the series compose pins), named in a label: a stand-in made from anything else (Debian trixie's
+# 2.53 package, before) is made again.
+standin_prometheus() {
+    local tag=$1 base=$2 out version bindir
+    if docker image inspect "$tag" >/dev/null 2>&1 && [ -z "$(label "$tag" "$STANDIN_LABEL")" ]; then
+        return 0  # the real image
+    fi
+    out=$("$PY" -m tests.prometheus_bin 2>"$CACHE/prometheus-bin.log") \
+        || die "no Prometheus binaries for the stand-in of $tag: $(tail -1 "$CACHE/prometheus-bin.log")"
+    read -r version bindir <<<"$out"
+    [ "$(label "$tag" "$STANDIN_LABEL.prometheus")" = "$version" ] && return 0
+    docker image rm -f "$tag" >/dev/null 2>&1 || true
+    have_image "$tag" && return 0  # a registry answers now
+    standin_build "$tag" "$base" "$bindir" "LABEL $STANDIN_LABEL.prometheus=\"$version\"" \
+        "COPY prometheus promtool /usr/bin/" "RUN mkdir /prometheus && chown nobody:nogroup /prometheus" \
+        "USER nobody" "WORKDIR /prometheus" 'ENTRYPOINT ["/bin/prometheus"]'
 }
 
 standins() {
@@ -162,12 +187,8 @@ standins() {
     grafana=$(sed -n 's/^ *image: \(grafana\/grafana:.*\)$/\1/p' docker/compose.yaml)
     [ -n "$base" ] && [ -n "$prom" ] && [ -n "$grafana" ] || die "cannot read the image tags of docker/"
     have_image "$base" || standin_base "$base"
-    # Prometheus as in its own image: /bin/prometheus (/bin is /usr/bin) as nobody, /prometheus owned by nobody.
-    have_image "$prom" || standin_build "$prom" "$base" \
-        "RUN apt-get update && apt-get install -y --no-install-recommends prometheus && rm -rf /var/lib/apt/lists/* \\" \
-        " && mkdir /prometheus && chown nobody:nogroup /prometheus" \
-        "USER nobody" "WORKDIR /prometheus" 'ENTRYPOINT ["/bin/prometheus"]'
-    have_image "$grafana" || standin_build "$grafana" "$base" "USER 472" \
+    standin_prometheus "$prom" "$base"
+    have_image "$grafana" || standin_build "$grafana" "$base" - "USER 472" \
         "ENTRYPOINT [\"/bin/sh\", \"-c\", \"trap 'exit 0' TERM INT; while :; do sleep 1; done\"]"
     for image in "$base" "$prom" "$grafana"; do
         docker image inspect -f "{{index .Config.Labels \"$STANDIN_LABEL\"}}" "$image" | grep -q . \
@@ -184,7 +205,6 @@ standins
 say "stand-ins in use: $(paste -sd' ' "$CACHE/standins" 2>/dev/null || echo none)"
 say "ready after $(($(date +%s) - t0)) s; running tests/docker_stack.py"
 set +e
-PY=${PY:-.venv/bin/python}
 TQDM_DISABLE=1 "$PY" -m pytest -p no:cacheprovider -s -q tests/docker_stack.py "$@"
 code=$?
 set -e

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from sampledata.generate import SampleConfig, generate
+from tests.prometheus_bin import pinned_series
 from tests.test_docker_metrics import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,6 +150,14 @@ def test_prometheus_scrapes_the_trainer_with_its_rank(stack: Path) -> None:
         return [t for t in targets if t["scrapeUrl"] == "http://127.0.0.1:9431/metrics" and t["health"] == "up"]
     (target,) = wait_for("Prometheus scraping 127.0.0.1:9431 (up)", rank0, 120)
     assert target["labels"]["rank"] == "0" and target["labels"]["job"] == "alexnet"
+
+
+def test_prometheus_is_the_series_compose_pins(stack: Path) -> None:
+    """The real image or the stand-in (Debian sid's build of that series, as the host tests run):
+    the dashboard's queries below are answered by the PromQL the user's stack has."""
+    with urllib.request.urlopen(f"{PROMETHEUS}/api/v1/status/buildinfo", timeout=10) as r:
+        version = json.load(r)["data"]["version"]
+    assert version.startswith(pinned_series() + "."), f"the stack runs Prometheus {version}, compose pins {pinned_series()}"
 
 
 def test_build_info_carries_the_real_revision(stack: Path) -> None:

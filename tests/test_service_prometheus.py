@@ -1,10 +1,12 @@
-"""A real Prometheus server scrapes a running service (Debian's ``prometheus`` package: ``.ci/run``
-installs it); its query API must see the images counter grow, ``promtool check metrics`` must be
-clean on a live scrape, and /healthz and /status must answer while the loop trains."""
+"""A real Prometheus server, of the series docker/compose.yaml pins (tests/prometheus_bin.py fetches
+it; make test and .ci/run run that), scrapes a running service; its query API must see the images
+counter grow and answer every query of the Grafana dashboard with data (as make test-docker does
+in Docker), ``promtool check metrics`` must be clean on a live scrape, and /healthz and /status
+must answer while the loop trains."""
 from __future__ import annotations
 
 import json
-import shutil
+import math
 import subprocess
 import time
 import urllib.parse
@@ -13,14 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.docker_stack import DASHBOARD, GPU_PANELS
+from tests.prometheus_bin import binaries, skip_reason
 from tests.service_proc import Service, free_port
 
-PROMETHEUS, PROMTOOL = shutil.which("prometheus"), shutil.which("promtool")
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(PROMETHEUS is None or PROMTOOL is None,
-                       reason="needs Debian's prometheus package (apt-get install prometheus; .ci/run installs it)"),
-]
+PROMETHEUS, PROMTOOL = binaries() or (None, None)
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(PROMETHEUS is None, reason=skip_reason())]
 
 
 def _get(url: str) -> str:
@@ -59,6 +59,20 @@ def _wait_for_rate(base: str, timeout: float) -> float:
     raise AssertionError(f"Prometheus never saw the images counter grow within {timeout} s")
 
 
+def _wait_for_dashboard_data(base: str, timeout: float) -> None:
+    """Every query of the dashboard (the GPU panels excepted) answers with a finite value: the
+    PromQL the user's Grafana sends, against the Prometheus series the stack runs."""
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    queries = {f"{p['title']}: {t['expr']}": t["expr"] for p in panels if p["title"] not in GPU_PANELS
+               for t in p["targets"]}
+    assert len(queries) >= 15, queries
+    deadline = time.monotonic() + timeout
+    while missing := [k for k, e in queries.items()
+                      if not any(math.isfinite(float(r["value"][1])) for r in _query(base, e))]:
+        assert time.monotonic() < deadline, f"dashboard queries without data from Prometheus: {missing}"
+        time.sleep(2)
+
+
 def test_prometheus_scrapes_a_training_service(sample_shards: Path, tmp_path: Path) -> None:
     service = Service(sample_shards, tmp_path / "run", "--epochs", "20")
     prometheus = None
@@ -79,6 +93,7 @@ def test_prometheus_scrapes_a_training_service(sample_shards: Path, tmp_path: Pa
         info = _query(prom, "alexnet_build_info")
         assert info[0]["metric"]["layout"] == "grouped" and info[0]["metric"]["rank"] == "0"
         assert _query(prom, "alexnet_samples_failed_total")[0]["value"][1] == "0"
+        _wait_for_dashboard_data(prom, timeout=180)  # the last values: an evaluation and a checkpoint
         service.signal()
         assert service.wait(timeout=60) == 0, service.stderr
     finally:
