@@ -18,9 +18,10 @@ combined, which gives the recommendation and the projected wall time of 90 epoch
 pipeline alone (the hardware decoder's share: ``hw_decoder_load`` 0.65, 1.0 and 0, with and
 without fancy upsampling, CPU time per image telling how many images took the hybrid path; threads
 and prefetch; the stream hand-over); the service as configured today; and last the other model
-configurations (without CUDA graphs, bf16 channels_last input, LRN as window sums, NCHW, cuDNN
-trying every algorithm, eager, batches 256/512 with the linear lr rule: options only, the recipe
-is batch 128), with the levers that helped re-run on a faster one.  A configuration that would
+configurations (without CUDA graphs; each model lever alone: LRN as window sums, conv1 on 4
+channels, bf16 channels_last input, NCHW, cuDNN trying every algorithm; eager; batches 256/512
+with the linear lr rule: options only, the recipe is batch 128), the model levers that gained
+combined, and the end-to-end levers that helped re-run on the fastest model.  A configuration that would
 compile a new graph in less time than is left (the first compile's wall time, once measured) is
 skipped, saying so, and cheaper ones after it still run.
 
@@ -40,7 +41,8 @@ from typing import Callable
 
 from bench.child import child_env, failure, reap, spawn
 from bench.gpu_parts import projection
-from bench.sweep_configs import (BASE_MODELS, DRY, LEVERS, MODEL, PIPELINE, SIZES, TODAY, Config, values)
+from bench.sweep_configs import (BASE_MODELS, DRY, LEVERS, MODEL, MODEL_LEVERS, PIPELINE, SIZES, TODAY, Config,
+                                 model_lever, values)
 
 FRESH_COMPILE_GUESS = 90.0  # seconds a configuration with a graph not compiled yet needs, until one is measured
 MIN_SECONDS = 20.0  # what any configuration needs: a process with torch and DALI, a loader, a few batches
@@ -62,6 +64,7 @@ class Sweep:
         self.shards, self.out, self.dry, self.clock = shards, out, dry, clock
         self.deadline = clock() + seconds
         self.records: dict[str, dict] = {}
+        self.configs: dict[str, Config] = {}  # what ran or was tried, by name
         self.compiled: set[tuple] = set()
         self.fresh_seconds: float | None = None  # wall time of the first configuration that compiled
         self.summary = {"mode": "dry" if dry else "gpu", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -73,6 +76,7 @@ class Sweep:
         """Measure ``config`` in a child (or record why not); returns its record."""
         if config.name in self.records:
             return self.records[config.name]
+        self.configs[config.name] = config
         flags = (*config.flags, *DRY) if self.dry else config.flags
         left, fresh = self.deadline - self.clock(), bool(config.graphs - self.compiled)
         need = (self.fresh_seconds or FRESH_COMPILE_GUESS) if fresh else MIN_SECONDS
@@ -142,8 +146,16 @@ def batch_128(config: Config) -> bool:
 
 def best_model(sweep: Sweep) -> Config | None:
     """The fastest batch-128 model configuration that ran (the recipe's batch)."""
-    done = [c for c in MODEL if batch_128(c) and rate(sweep.records.get(c.name))]
+    done = [c for c in sweep.configs.values() if c.kind == "model" and batch_128(c) and rate(sweep.records[c.name])]
     return max(done, key=lambda c: rate(sweep.records[c.name]), default=None)
+
+
+def combined_model(sweep: Sweep) -> None:
+    """The model levers that each gained over 2% on the compiled step with CUDA graphs, together."""
+    base = rate(sweep.records.get(BASE_MODELS[0].name))
+    helped = [lever for lever in MODEL_LEVERS if base and rate(sweep.records.get(model_lever(lever).name)) > 1.02 * base]
+    if len(helped) > 1:
+        sweep.run(model_lever(*helped))
 
 
 def pairs(flags: tuple[str, ...]) -> set[tuple[str, str]]:
@@ -177,8 +189,9 @@ def plan(sweep: Sweep) -> None:
        recommendation (graphs from the cache: seconds each, not a compile);
     3. the pipeline alone (no compile: the decoder's share, threads, the hand-over);
     4. the service as configured today (a compile of its own);
-    5. the other model configurations (each a graph of its own: a compile each), and if one of them
-       beats stage 1's model, end to end on it with the levers that helped.
+    5. the other model configurations (each a graph of its own: a compile each), the model levers
+       that gained combined, and if one of them beats stage 1's model, end to end on it with the
+       levers that helped.
     """
     dry = sweep.dry
     model = next((c for c in BASE_MODELS if rate(sweep.run(c))), None)
@@ -190,6 +203,7 @@ def plan(sweep: Sweep) -> None:
     sweep.run(TODAY)
     for config in MODEL:
         sweep.run(config)
+    combined_model(sweep)
     better = best_model(sweep)
     if model and better and rate(sweep.records[better.name]) > 1.02 * rate(sweep.records[model.name]):
         end_to_end(sweep, better, helped)

@@ -52,23 +52,34 @@ class Config:
         return frozenset({("step", shape)} | ({("eval", shape)} if self.eval else set()))
 
 
-MODEL = [
+# The models the end-to-end stage can stand on, in order: the first of these that runs is it.
+BASE_MODELS = [
     Config("model: compiled step + CUDA graphs", "model", (*BASE, *GRAPHS), 150, eval=True),
     Config("model: compiled step", "model", (*BASE, *STEP), 240, eval=True),
-    Config("model: step + graphs, bf16 channels_last batches", "model", (*BASE, *GRAPHS, *BF16_BATCHES), 120),
-    Config("model: step + graphs, LRN window_sum", "model", (*BASE, *GRAPHS, "--model.lrn", "window_sum"), 150),
-    Config("model: step + graphs, NCHW", "model", (*BASE, *GRAPHS, "--model.channels_last", "false"), 150),
-    Config("model: step + graphs, cuDNN tries every algorithm", "model",
-           (*BASE, *GRAPHS, "--model.cudnn_benchmark_limit", "0"), 120),
     Config("model: eager", "model", (*BASE, "--model.compile", "off"), 60, eval=True),
-    Config("model: step + graphs, batch 256 (lr 0.02, linear rule)", "model",
-           (*BASE, *GRAPHS, "--loader.batch_size", "256", "--optim.lr", "0.02"), 150),
-    Config("model: step + graphs, batch 512 (lr 0.04, linear rule)", "model",
-           (*BASE, *GRAPHS, "--loader.batch_size", "512", "--optim.lr", "0.04"), 150),
 ]
-# The first of these that runs is the model the end-to-end stage is built on.
-BASE_MODELS = [c for c in MODEL if c.name in ("model: compiled step + CUDA graphs", "model: compiled step",
-                                               "model: eager")]
+# Each on top of the compiled step with CUDA graphs, alone; those that gain are then combined.
+MODEL_LEVERS = [
+    ("LRN window_sum", ("--model.lrn", "window_sum")),
+    ("conv1 on 4 channels", ("--model.input_channels", "4")),
+    ("bf16 channels_last batches", BF16_BATCHES),
+    ("NCHW", ("--model.channels_last", "false")),
+    ("cuDNN tries every algorithm", ("--model.cudnn_benchmark_limit", "0")),
+]
+BATCHES = [  # options only: the recipe is batch 128
+    Config(f"model: step + graphs, batch {b} (lr {lr}, linear rule)", "model",
+           (*BASE, *GRAPHS, "--loader.batch_size", str(b), "--optim.lr", lr), 150)
+    for b, lr in ((256, "0.02"), (512, "0.04"))
+]
+
+
+def model_lever(*levers: tuple[str, tuple[str, ...]]) -> Config:
+    """The compiled step with CUDA graphs and ``levers`` on top."""
+    return Config("model: step + graphs, " + " + ".join(label for label, _ in levers), "model",
+                  (*BASE, *GRAPHS, *(x for _, flags in levers for x in flags)), 150)
+
+
+MODEL = [*BASE_MODELS[:2], *(model_lever(lever) for lever in MODEL_LEVERS), BASE_MODELS[2], *BATCHES]
 PIPELINE = [Config(f"pipeline: {label}", "pipeline", (*BASE, "--model.compile", "off", *flags), 60) for label, flags in (
     ("defaults (hw decoder 0.65, fancy upsampling, all cores, prefetch 2)", ()),
     ("hw_decoder_load 1.0", ("--loader.hw_decoder_load", "1.0")),

@@ -51,6 +51,8 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         return _coerce_union(value, tp, key, where)
     if origin is typing.Literal:
         allowed = typing.get_args(tp)
+        if isinstance(value, str):  # from the command line: "4" is the member 4 of Literal[3, 4]
+            value = next((a for a in allowed if not isinstance(a, str) and str(a) == value), value)
         if value not in allowed:
             raise ConfigError(f"{where}: {key} must be one of {list(allowed)}, got {value!r}")
         return value

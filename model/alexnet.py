@@ -21,14 +21,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.init import init_paper
+from model.lrn import LrnImpl, local_response_norm
 
 Layout = Literal["grouped", "towers"]
-LrnImpl = Literal["torch", "window_sum"]
+InputChannels = Literal[3, 4]
 DeviceLike = torch.device | str | int
 
-# Project constants (SPEC 1): code-faithful LRN (PyTorch divides alpha by size, as Krizhevsky's
-# code did), and 3 px of zero padding bottom/right so a 224 input gives a whole 55x55 conv1 map.
-LRN = dict(size=5, alpha=1e-4, beta=0.75, k=2.0)
+# 3 px of zero padding bottom/right so a 224 input gives a whole 55x55 conv1 map.
 CONV1_PAD = (0, 3, 0, 3)  # (left, right, top, bottom)
 
 # Per-tower shapes. "own": a tower sees only its own previous layer; "both": it sees both towers
@@ -43,54 +42,6 @@ CONVS: dict[str, tuple[int, int, int, int, int, str]] = {
 }
 # fc: (in features, out features per tower); both take both towers' outputs.
 FCS: dict[str, tuple[int, int]] = {"fc6": (256 * 6 * 6, 2048), "fc7": (4096, 2048)}
-
-
-LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def local_response_norm(x: Tensor, towers: int = 1, fp32: bool = True, impl: LrnImpl = "torch") -> Tensor:
-    """LRN with the project constants, applied to each tower's channels separately.
-
-    With ``towers=2`` the first and second halves of the channels are normalised on their own,
-    so the 5-channel window never reaches across the tower boundary (as on the paper's GPUs).
-    ``fp32``: a float16/bfloat16 input is normalised in float32 and cast back.  LRN squares its
-    input: in float16 any activation above 256 squares to inf and its output becomes 0 (conv1's
-    ReLU outputs reach that easily on 0..255 pixels); bfloat16 keeps the range but the sum of
-    squares loses digits.  (PyTorch's CPU kernels also have no float16/bfloat16 LRN at all.)
-    ``impl``: "torch" is ``F.local_response_norm``; "window_sum" the same formula written as
-    elementwise ops (:func:`_lrn_window_sum`), equal to it up to float rounding.
-    """
-    dtype = x.dtype
-    if fp32 and dtype in LOW_PRECISION:
-        x = x.float()
-    if impl == "window_sum":
-        out = _lrn_window_sum(x, towers)
-    elif towers == 1:
-        out = F.local_response_norm(x, **LRN)
-    else:
-        out = torch.cat([F.local_response_norm(h, **LRN) for h in x.chunk(towers, dim=1)], dim=1)
-    return out.to(dtype)
-
-
-def _lrn_window_sum(x: Tensor, towers: int) -> Tensor:
-    """``x / (k + alpha * mean of x^2 over the 5-channel window)^beta``, every tower at once, the
-    window sum as five shifted slices of the zero-padded squares.
-
-    Why: ``F.local_response_norm`` squares, pads a 5-D view and runs ``avg_pool3d`` over it (and
-    the towers layout adds a chunk and a cat), a chain of passes over conv1's and conv2's large
-    maps forward and backward; these slices are plain elementwise arithmetic that
-    ``torch.compile`` can fuse with the ReLU before them.  Same formula and divisor (the padded
-    window average), so it equals the PyTorch LRN up to the summation order's rounding.
-    """
-    n, c, h, w = x.shape
-    size, per_tower = LRN["size"], c // towers
-    squares = (x * x).view(n, towers, per_tower, h, w)
-    padded = F.pad(squares, (0, 0, 0, 0, size // 2, (size - 1) // 2))
-    total = padded[:, :, :per_tower]
-    for i in range(1, size):
-        total = total + padded[:, :, i:i + per_tower]
-    div = (total / size).reshape(n, c, h, w).mul(LRN["alpha"]).add(LRN["k"]).pow(LRN["beta"])
-    return x / div
 
 
 def _norm_pool(x: Tensor, towers: int = 1, lrn_fp32: bool = True, lrn: LrnImpl = "torch") -> Tensor:
@@ -172,6 +123,10 @@ class AlexNet(nn.Module):
             :func:`local_response_norm`; ``make gpu-check`` measures what it costs).
         lrn: how LRN is computed, "torch" or "window_sum" (the same function, fusible under
             ``torch.compile``; :func:`local_response_norm`).
+        input_channels: 4 gives the image a fourth channel of zeros in the pad conv1 needs anyway,
+            and conv1 a zero weight for it (:meth:`_first_conv`): the same function and the same
+            parameters (conv1.weight stays 96x3x11x11), for cuDNN's NHWC kernels, which want a
+            channel count of 4 or 8 to use tensor cores on a first layer; 3 is the plain conv.
     """
 
     def __init__(
@@ -184,12 +139,16 @@ class AlexNet(nn.Module):
         dropout: float = 0.5,
         lrn_fp32: bool = True,
         lrn: LrnImpl = "torch",
+        input_channels: InputChannels = 3,
     ) -> None:
         super().__init__()
         if layout not in ("grouped", "towers"):
             raise ValueError(f"layout must be 'grouped' or 'towers', got {layout!r}")
         if lrn not in ("torch", "window_sum"):
             raise ValueError(f"lrn must be 'torch' or 'window_sum', got {lrn!r}")
+        if input_channels not in (3, 4):
+            raise ValueError(f"input_channels must be 3 or 4, got {input_channels!r}")
+        self.input_channels = input_channels
         self.layout: Layout = layout
         self.dropout = dropout
         self.lrn_fp32, self.lrn = lrn_fp32, lrn
@@ -240,11 +199,20 @@ class AlexNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits for a batch of 3x224x224 images (N, 3, 224, 224) -> (N, num_classes)."""
-        x = F.pad(x, CONV1_PAD)
+        x = F.pad(x, CONV1_PAD + ((0, 1) if self.input_channels == 4 else ()))
         return self._forward_grouped(x) if self.layout == "grouped" else self._forward_towers(x)
 
+    @staticmethod
+    def _first_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
+        """conv1; on a 4-channel input (``input_channels=4``) with its weight padded by a zero
+        input channel, so the zero channel adds exactly nothing and gets no gradient."""
+        if x.shape[1] == conv.in_channels:
+            return conv(x)
+        weight = F.pad(conv.weight, (0, 0, 0, 0, 0, x.shape[1] - conv.in_channels))
+        return F.conv2d(x, weight, conv.bias, conv.stride, conv.padding)
+
     def _forward_grouped(self, x: Tensor) -> Tensor:
-        x = _norm_pool(self.conv1(x), 2, self.lrn_fp32, self.lrn)
+        x = _norm_pool(self._first_conv(self.conv1, x), 2, self.lrn_fp32, self.lrn)
         x = _norm_pool(self.conv2(x), 2, self.lrn_fp32, self.lrn)
         x = F.relu(self.conv3(x))
         x = F.relu(self.conv4(x))
@@ -255,7 +223,9 @@ class AlexNet(nn.Module):
 
     def _forward_towers(self, x: Tensor) -> Tensor:
         # Both towers see the whole image; every later device crossing is an _exchange.
-        a, b = self.conv1(x.to(self.conv1.a.weight.device), x.to(self.conv1.b.weight.device))
+        xa, xb = x.to(self.conv1.a.weight.device), x.to(self.conv1.b.weight.device)
+        a, b = self.conv1(xa, xb) if self.input_channels == 3 else (
+            self._first_conv(self.conv1.a, xa), self._first_conv(self.conv1.b, xb))
         norm = lambda t: _norm_pool(t, 1, self.lrn_fp32, self.lrn)  # noqa: E731
         a, b = self.conv2(norm(a), norm(b))
         a, b = self.conv3(*_exchange(norm(a), norm(b)))

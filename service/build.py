@@ -122,9 +122,11 @@ def build_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
     m = cfg.model
     torch.manual_seed(cfg.seed)  # the same initial weights for the same seed, in both layouts
     if m.layout == "towers":
-        model = AlexNet(num_classes, "towers", m.devices, bias_init=m.bias_init, dropout=m.dropout, lrn=m.lrn)
+        model = AlexNet(num_classes, "towers", m.devices, bias_init=m.bias_init, dropout=m.dropout, lrn=m.lrn,
+                        input_channels=m.input_channels)
     else:
-        model = AlexNet(num_classes, "grouped", bias_init=m.bias_init, dropout=m.dropout, lrn=m.lrn).to(cfg.device)
+        model = AlexNet(num_classes, "grouped", bias_init=m.bias_init, dropout=m.dropout, lrn=m.lrn,
+                        input_channels=m.input_channels).to(cfg.device)
     return prepare_model(model, channels_last=m.channels_last, compile=m.compile == "model")
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Literal
 
 from common.cuda import CudaSync
-from model.alexnet import LrnImpl
+from model.alexnet import InputChannels
+from model.lrn import LrnImpl
 from model.step import CompileMode
 from pipeline.config import LoaderConfig
 
@@ -37,7 +38,10 @@ class ModelSettings:
     # compiled function and evaluation as another, each compiled once.
     compile: Literal["off", "model", "step"] = "off"
     compile_mode: CompileMode = "default"  # torch.compile's mode; "reduce-overhead" adds CUDA graphs
-    lrn: LrnImpl = "torch"  # "window_sum": the same LRN as fusible elementwise ops (model.alexnet)
+    lrn: LrnImpl = "torch"  # "window_sum": the same LRN as fusible elementwise ops (model.lrn)
+    # 4: conv1 reads the image with a fourth, zero channel (the same function and parameters;
+    # cuDNN's NHWC first-layer kernels want 4 channels, not 3: model.AlexNet)
+    input_channels: InputChannels = 3
     cudnn_benchmark_limit: int = 10  # cuDNN algorithms tried per convolution shape (0 = all); CUDA only
 
 
@@ -137,7 +141,7 @@ OPERATIONAL = frozenset({
     "loader.threads", "loader.prefetch", "loader.hw_decoder_load", "loader.fast_idct", "loader.dtype",
     "loader.handover", "loader.affinity", "loader.memory_format",
     "model.layout", "model.devices", "model.autocast", "model.channels_last", "model.compile",
-    "model.compile_mode", "model.lrn", "model.cudnn_benchmark_limit",
+    "model.compile_mode", "model.lrn", "model.cudnn_benchmark_limit", "model.input_channels",
     "checkpoint", "http", "data", "debug",
 })
 

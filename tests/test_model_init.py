@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from model import AlexNet
-from model.alexnet import local_response_norm
+from model.lrn import local_response_norm
 
 ONE_BIAS = {"conv2", "conv4", "conv5", "fc6", "fc7"}
 ZERO_BIAS = {"conv1", "conv3", "fc8"}

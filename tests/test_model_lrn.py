@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from model import AlexNet
-from model.alexnet import LRN, local_response_norm
+from model.lrn import LRN, local_response_norm
 
 
 def relu_maps(channels: int = 96, seed: int = 0) -> torch.Tensor:

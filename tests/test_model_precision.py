@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model import AlexNet, PaperSGD, param_groups, train_step
-from model.alexnet import local_response_norm
+from model.lrn import local_response_norm
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA")])]

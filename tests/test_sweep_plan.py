@@ -77,7 +77,10 @@ def test_a_short_budget_measures_what_the_decision_needs_first(tmp_path: Path) -
 
 
 def test_a_long_budget_runs_everything_and_reruns_the_levers_on_a_faster_model(tmp_path: Path) -> None:
-    rates = {**RATES, "model: step + graphs, LRN window_sum": 30_000.0}
+    # two model levers gain on their own, more together: combined, then end to end on that
+    rates = {"model: step + graphs, LRN window_sum + conv1 on 4 channels": 33_000.0,
+             "model: step + graphs, LRN window_sum": 30_000.0, "model: step + graphs, conv1 on 4 channels": 27_000.0,
+             **RATES}
     sweep = Scripted(tmp_path, seconds=3600, rates=rates)
     plan(sweep)
     records = sweep.records
@@ -86,10 +89,13 @@ def test_a_long_budget_runs_everything_and_reruns_the_levers_on_a_faster_model(t
     first_pipeline, today = kinds.index("pipeline"), sweep.order.index(
         "e2e: the service today (compile model, loader defaults)")
     assert "model" not in kinds[2:first_pipeline] and today > first_pipeline  # e2e before the rest
-    rerun = [n for n in sweep.order if n.startswith("e2e: step + graphs, LRN window_sum")]
-    assert rerun == ["e2e: step + graphs, LRN window_sum", "e2e: step + graphs, LRN window_sum + stream hand-over",
-                     "e2e: step + graphs, LRN window_sum + 8 threads, prefetch 4",
-                     "e2e: step + graphs, LRN window_sum + stream hand-over + 8 threads, prefetch 4"]
+    combined = "step + graphs, LRN window_sum + conv1 on 4 channels"
+    assert sweep.order.index(f"model: {combined}") > sweep.order.index("model: step + graphs, batch 512 (lr 0.04, "
+                                                                       "linear rule)")
+    rerun = [n for n in sweep.order if n.startswith(f"e2e: {combined}")]
+    assert rerun == [f"e2e: {combined}", f"e2e: {combined} + stream hand-over", f"e2e: {combined} + 8 threads, prefetch 4",
+                     f"e2e: {combined} + stream hand-over + 8 threads, prefetch 4"]
+    assert records[rerun[0]]["flags"].count("--model.input_channels") == 1
     # each configuration ran once, and the projection uses the compiled step's evaluation rate
     assert len(sweep.order) == len(set(sweep.order))
     summary = json.loads((tmp_path / "sweep.json").read_text())
