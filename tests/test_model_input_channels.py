@@ -57,3 +57,22 @@ def test_the_service_flag_reaches_the_model(sample_shards) -> None:
     cfg = resolve(parse(["--shards", str(sample_shards), "--model.input_channels", "4"]), Ranks())
     assert cfg.model.input_channels == 4
     assert build_model(cfg, 10).input_channels == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_four_input_channels_on_cudnn_in_bf16_channels_last() -> None:
+    """The path the lever is for: cuDNN, bf16 autocast, NHWC.  The same network within bf16's
+    rounding (the two convolutions may use different algorithms, so not bit for bit)."""
+    plain, padded = pair("grouped").cuda(), pair("grouped", input_channels=4).cuda()
+    padded.load_state_dict(plain.state_dict())
+    plain, padded = (m.to(memory_format=torch.channels_last).eval() for m in (plain, padded))
+    x = (50 * torch.randn(16, 3, 224, 224, device="cuda")).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cuda", torch.bfloat16):
+        out_plain, out_padded = plain(x).float(), padded(x).float()
+    assert (out_padded - out_plain).norm() / out_plain.norm() < 2e-2
+    out_plain.square().mean().backward()
+    out_padded.square().mean().backward()
+    g_plain, g_padded = plain.conv1.weight.grad, padded.conv1.weight.grad
+    assert g_padded.shape == (96, 3, 11, 11)
+    assert (g_padded - g_plain).norm() / g_plain.norm() < 3e-2
