@@ -11,7 +11,8 @@ its code, never with a traceback.  Process supervisors (Docker, torchrun, system
     4  a checkpoint could not be written (disk full, permissions)
     5  the run directory cannot be created or written (read-only, not this user's): checked at
        start, before anything slow, so it fails in a second rather than after building the loaders
-    143 / 130  a second SIGTERM / SIGINT: immediate exit, no checkpoint (killed by the signal)
+    143 / 130  SIGTERM / SIGINT again, a second or more after the first stop signal: immediate exit,
+               no checkpoint (128 + the signal, as a shell reports a process the signal killed)
 
 Codes 1-5 are problems a restart cannot fix.  A supervisor that restarts crashes
 (docker/entrypoint.sh) must tell them from a crash, which torchrun hides (it exits 1 whatever its

@@ -1,4 +1,5 @@
-"""SIGTERM/SIGINT/SIGHUP: the first one asks the loop to stop, a second one ends the process at once.
+"""SIGTERM/SIGINT/SIGHUP: the first one asks the loop to stop; one that comes again later ends the
+process at once.
 
 torchrun and Docker send SIGTERM and SIGKILL 30 s later (SPEC 8); Ctrl-C is SIGINT; a closed
 terminal or ssh session is SIGHUP, whose default action would kill the process on the spot and
@@ -11,15 +12,26 @@ handler against its own thread until SIGKILL.)  The loop polls ``requested`` aft
 (and every evaluation batch), finishes the step, writes a checkpoint and returns; the process
 then exits 0.
 
-The handler also puts the signals back to the operating system's default action, so a second
-signal terminates the process immediately, even while the main thread is inside a long C call
-(a convolution, a DALI wait) where a Python handler could not run yet.
+One stop often arrives twice: a signal to a process group reaches the service and its parent,
+and the parent passes it on (GNU make sends SIGTERM to its recipe, torchrun to its ranks, a shell
+or an init to its child).  Ending the process on that copy lost the checkpoint the first one asked
+for (``make train-local`` under a group SIGTERM, 2 runs in 3 here).  So a signal within
+``DUPLICATE_SECONDS`` of the first is the same request; one after that means "now": the process
+exits at once with 128 + the signal's number (143 for SIGTERM, 130 for SIGINT), as the shell
+reports a process the signal killed.  That second signal is seen by a watcher thread, through
+the wakeup file descriptor Python's C-level handler writes every signal's number to, so it works
+even while the main thread is inside a long C call (a convolution, a DALI wait) where the
+Python-level handler cannot run yet.
 """
 from __future__ import annotations
 
+import os
 import signal
+import threading
+import time
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+DUPLICATE_SECONDS = 1.0  # a copy forwarded by a parent arrives within milliseconds
 
 
 class StopFlag:
@@ -32,7 +44,8 @@ class StopFlag:
     def __init__(self) -> None:
         self.requested = False
         self.signal_name: str | None = None
-        self._installed = False
+        self._by_signal = False
+        self._wakeup: tuple[int, int] | None = None  # (write end of the watcher's pipe, the previous wakeup fd)
 
     def request(self, reason: str) -> None:
         """Ask for a stop from code (the same path as a signal)."""
@@ -40,21 +53,45 @@ class StopFlag:
         self.requested = True
 
     def install(self) -> StopFlag:
-        """Handle SIGTERM, SIGINT and SIGHUP in this (main) thread."""
+        """Handle SIGTERM, SIGINT and SIGHUP in this (main) thread; start the watcher."""
+        read, write = os.pipe()
+        os.set_blocking(write, False)
+        self._wakeup = (write, signal.set_wakeup_fd(write, warn_on_full_buffer=False))
+        threading.Thread(target=_watch, args=(read,), name="stop-signal-watcher", daemon=True).start()
         for sig in SIGNALS:
             signal.signal(sig, self._handle)
-        self._installed = True
         return self
 
     def _handle(self, signum: int, frame: object) -> None:
-        for sig in SIGNALS:  # the next one is the OS default: terminate now
-            signal.signal(sig, signal.SIG_DFL)
-        self.signal_name = signal.Signals(signum).name
+        if not self._by_signal:  # a repeat (within DUPLICATE_SECONDS, else the watcher exits) changes nothing
+            self._by_signal = True
+            self.signal_name = signal.Signals(signum).name
         self.requested = True
 
     def uninstall(self) -> None:
         """Back to Python's defaults (tests and benchmarks that run the loop in-process)."""
-        if self._installed:
-            for sig in SIGNALS:
-                signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
-            self._installed = False
+        if self._wakeup is None:
+            return
+        write, previous = self._wakeup
+        for sig in SIGNALS:
+            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+        signal.set_wakeup_fd(previous)
+        os.close(write)  # the watcher reads the end of its pipe and returns
+        self._wakeup = None
+
+
+def _watch(read: int) -> None:
+    """Every signal's number as Python's C handler writes it; exit on a stop signal that comes
+    ``DUPLICATE_SECONDS`` or more after the first."""
+    first, numbers = None, {int(s) for s in SIGNALS}
+    with os.fdopen(read, "rb", buffering=0) as pipe:
+        while chunk := pipe.read(64):
+            now = time.monotonic()
+            for signum in (n for n in chunk if n in numbers):
+                if first is None:
+                    first = now
+                elif now - first >= DUPLICATE_SECONDS:
+                    name = signal.Signals(signum).name
+                    os.write(2, f"{name} again {now - first:.1f} s after the first stop signal: exiting now, "
+                                f"without the checkpoint the first one asked for\n".encode())
+                    os._exit(128 + signum)

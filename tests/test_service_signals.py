@@ -7,6 +7,7 @@ import fcntl
 import os
 import re
 import select
+import signal
 import subprocess
 import sys
 import termios
@@ -19,7 +20,7 @@ from tests.service_proc import ROOT, TINY, checkpoint_steps, events
 
 # A process that requests stops from code in a tight loop (the main thread is inside
 # StopFlag.request most of the time) while another thread sends it SIGTERM, round after round.
-# The handler ran when SIGTERM is back to its default action.
+# The handler ran when the flag names the signal.
 BURST = r"""
 import os, random, signal, sys, threading
 from service.signals import StopFlag
@@ -27,9 +28,10 @@ from service.signals import StopFlag
 for i in range(int(sys.argv[1])):
     flag = StopFlag().install()
     threading.Timer(random.uniform(0, 0.002), os.kill, (os.getpid(), signal.SIGTERM)).start()
-    while signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+    while flag.signal_name != "SIGTERM":
         flag.request("a stop on another rank")
-    assert flag.requested and flag.signal_name == "SIGTERM", (i, flag.signal_name)
+    assert flag.requested, i
+    flag.uninstall()
 print("handled", i + 1)
 """
 
@@ -90,3 +92,62 @@ def test_a_closed_terminal_stops_with_a_checkpoint(sample_shards: Path, tmp_path
     assert len(stopped) == 1 and stopped[0]["reason"] == "SIGHUP"
     assert checkpoint_steps(out) == [stopped[0]["step"]] and 2 <= stopped[0]["step"] < 6
     assert f"stopped (SIGHUP) at step {stopped[0]['step']}" in stderr and "Traceback" not in stderr
+
+
+# A process that, once a stop is requested, works 2 s more in Python (the step and the checkpoint
+# a stop waits for) and then exits 0; or (argv[1] == "c") sits in one long C call (a matmul).
+STOPPING = r"""
+import signal, sys, time
+import torch
+from service.signals import StopFlag
+
+flag = StopFlag().install()
+print("ready", flush=True)
+if sys.argv[1] == "c":
+    torch.set_num_threads(1)
+    a = torch.ones(8192, 8192)
+    a @ a  # tens of seconds on one core, in C: the Python-level handler cannot run meanwhile
+    print("the C call ended", flush=True)
+    sys.exit(0)
+while not flag.requested:
+    time.sleep(0.01)
+print("stopping", flush=True)
+end = time.monotonic() + 2
+while time.monotonic() < end:
+    time.sleep(0.01)
+print("stopped with a checkpoint", flush=True)
+"""
+
+
+def _stopping(mode: str) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", STOPPING, mode], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def test_the_same_stop_delivered_twice_still_checkpoints() -> None:
+    """A group SIGTERM reaches the service and its parent, which passes it on (GNU make, torchrun):
+    the copy, milliseconds later, must not end the process before its checkpoint."""
+    proc = _stopping("python")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.stdout.readline().strip() == "stopping"
+    proc.send_signal(signal.SIGTERM)  # the forwarded copy
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and out.strip() == "stopped with a checkpoint", (proc.returncode, err)
+
+
+def test_a_later_second_signal_ends_the_process_even_inside_a_long_c_call() -> None:
+    proc = _stopping("c")
+    time.sleep(0.5)  # inside the matmul
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    try:
+        out, err = proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the second SIGTERM did not end a process inside a long C call")
+    assert time.monotonic() - sent < 2 and proc.returncode == 143 and "the C call ended" not in out
+    assert "SIGTERM again" in err and "without the checkpoint" in err, err
