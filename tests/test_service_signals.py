@@ -119,17 +119,29 @@ print("stopped with a checkpoint", flush=True)
 """
 
 
-def _stopping(mode: str) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", STOPPING, mode], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "ready"
-    return proc
+@pytest.fixture
+def stopping():
+    """Start STOPPING in a mode; whatever the test does, the process does not outlive it."""
+    procs = []
+
+    def start(mode: str) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-c", STOPPING, mode], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "ready"
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
-def test_the_same_stop_delivered_twice_still_checkpoints() -> None:
+def test_the_same_stop_delivered_twice_still_checkpoints(stopping) -> None:
     """A group SIGTERM reaches the service and its parent, which passes it on (GNU make, torchrun):
     the copy, milliseconds later, must not end the process before its checkpoint."""
-    proc = _stopping("python")
+    proc = stopping("python")
     proc.send_signal(signal.SIGTERM)
     assert proc.stdout.readline().strip() == "stopping"
     proc.send_signal(signal.SIGTERM)  # the forwarded copy
@@ -137,8 +149,8 @@ def test_the_same_stop_delivered_twice_still_checkpoints() -> None:
     assert proc.returncode == 0 and out.strip() == "stopped with a checkpoint", (proc.returncode, err)
 
 
-def test_a_later_second_signal_ends_the_process_even_inside_a_long_c_call() -> None:
-    proc = _stopping("c")
+def test_a_later_second_signal_ends_the_process_even_inside_a_long_c_call(stopping) -> None:
+    proc = stopping("c")
     time.sleep(0.5)  # inside the matmul
     proc.send_signal(signal.SIGTERM)
     time.sleep(1.5)
@@ -147,7 +159,6 @@ def test_a_later_second_signal_ends_the_process_even_inside_a_long_c_call() -> N
     try:
         out, err = proc.communicate(timeout=10)
     except subprocess.TimeoutExpired:
-        proc.kill()
         pytest.fail("the second SIGTERM did not end a process inside a long C call")
     assert time.monotonic() - sent < 2 and proc.returncode == 143 and "the C call ended" not in out
     assert "SIGTERM again" in err and "without the checkpoint" in err, err
