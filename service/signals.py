@@ -13,9 +13,10 @@ handler against its own thread until SIGKILL.)  The loop polls ``requested`` aft
 then exits 0.
 
 One stop often arrives twice: a signal to a process group reaches the service and its parent,
-and the parent passes it on (GNU make sends SIGTERM to its recipe, torchrun to its ranks, a shell
-or an init to its child).  Ending the process on that copy lost the checkpoint the first one asked
-for (``make train-local`` under a group SIGTERM, 2 runs in 3 here).  So a signal within
+and the parent passes it on (GNU make sends SIGTERM to its recipe, as do shells and inits that
+forward signals to a child in their own group; torchrun starts its ranks in sessions of their own,
+so they get only its copy).  Ending the process on that copy lost the checkpoint the first one
+asked for (``make train-local`` under a group SIGTERM, 2 runs in 3 here).  So a signal within
 ``DUPLICATE_SECONDS`` of the first is the same request; one after that means "now": the process
 exits at once with 128 + the signal's number (143 for SIGTERM, 130 for SIGINT), as the shell
 reports a process the signal killed.  That second signal is seen by a watcher thread, through

@@ -26,11 +26,13 @@ class Service:
     """One service process; its stdout and stderr are collected by threads as they arrive."""
 
     def __init__(self, shards: Path, out: Path, *args: str, env: dict[str, str] | None = None,
-                 launcher: tuple[str, ...] = ()) -> None:
+                 launcher: tuple[str, ...] = (), group: bool = False) -> None:
+        """``group``: in a process group of its own (a terminal's job), for :meth:`signal_group`."""
         cmd = [sys.executable, *launcher, "-m", "service", "--shards", str(shards), "--out", str(out), *TINY, *args]
         full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, bufsize=1)
+                                     text=True, bufsize=1, start_new_session=group)
+        self.group = group
         self.lines: list[str] = []
         self.errors: list[str] = []
         self._readers = [threading.Thread(target=self._read, args=(s, sink), daemon=True)
@@ -72,6 +74,11 @@ class Service:
         """The base URL the service printed at start (``http://127.0.0.1:PORT``)."""
         return self.wait_for(r"metrics: (http://[^/]+)/metrics").group(1)
 
+    def signal_group(self, sig: int = signal.SIGTERM) -> None:
+        """``sig`` to every process of the group (started with ``group=True``): the launcher and
+        its ranks at once, as a closed terminal or a service manager stopping a unit does."""
+        os.killpg(self.proc.pid, sig)
+
     def signal(self, sig: int = signal.SIGTERM) -> None:
         self.proc.send_signal(sig)
 
@@ -82,6 +89,11 @@ class Service:
         return rc
 
     def kill(self) -> None:
+        if self.group:  # the ranks too, should the launcher have gone first
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()

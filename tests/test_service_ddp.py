@@ -77,6 +77,26 @@ def test_sigterm_to_torchrun_stops_every_rank_with_one_checkpoint(sample_shards:
     assert "Traceback" not in service.stdout.split("SignalException")[0]  # no rank failed
 
 
+def test_sigterm_to_the_whole_process_group_stops_every_rank_with_one_checkpoint(sample_shards: Path,
+                                                                                  tmp_path: Path) -> None:
+    """A closed terminal or a service manager stopping the unit signals the whole process group.
+    torchrun starts its ranks in sessions of their own, so they get the agent's copy alone: every
+    rank still stops at the same step with one checkpoint (a rank in the group too would get the
+    signal twice: ``tests/test_service_signals.py``)."""
+    out = tmp_path / "run"
+    service = Service(sample_shards, out, "--epochs", "3", launcher=TORCHRUN_2, group=True)
+    try:
+        service.wait_for(r"epoch 2 step 1/3")
+        service.signal_group(signal.SIGTERM)
+        service.wait(timeout=60)
+    finally:
+        service.kill()
+    stopped = [events(out, "stopped", rank) for rank in (0, 1)]
+    assert all(len(s) == 1 and s[0]["reason"] == "SIGTERM" for s in stopped), service.stdout + service.stderr
+    step = stopped[0][0]["step"]
+    assert stopped[1][0]["step"] == step and checkpoint_steps(out)[-1] == step
+
+
 def test_a_checkpoint_moves_from_one_rank_to_two_and_back(sample_shards: Path, tmp_path: Path) -> None:
     """Epoch 1 on one process, epoch 2 on two ranks, epoch 3 on one again: each run resumes the
     last, the data is split anew, and the lr follows the rule for its global batch."""
