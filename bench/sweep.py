@@ -43,6 +43,7 @@ from bench.child import child_env, failure, reap, spawn
 from bench.gpu_parts import projection
 from bench.sweep_configs import (BASE_MODELS, DRY, LEVERS, MODEL, MODEL_LEVERS, PIPELINE, SIZES, TODAY, Config,
                                  model_lever, values)
+from bench.sweep_toml import write_recommendation
 
 FRESH_COMPILE_GUESS = 90.0  # seconds a configuration with a graph not compiled yet needs, until one is measured
 MIN_SECONDS = 20.0  # what any configuration needs: a process with torch and DALI, a loader, a few batches
@@ -254,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     sweep = Sweep(args.shards.resolve(), args.out.resolve(), args.seconds, args.dry)
     plan(sweep)
     report(sweep)
+    toml = write_recommendation(sweep.out, sweep.summary, sweep.shards)
+    if toml:
+        print(f"\nthe recommendation as config lines ({toml}):\n{toml.read_text()}")
     print(f"wrote {sweep.out / 'sweep.json'} (each configuration: {sweep.out / 'sweep'}, logs: "
           f"{sweep.out / 'logs' / 'sweep'})")
     return 0

@@ -57,6 +57,7 @@ def check_sweep(out: Path, parts: dict, record: dict) -> None:
                for r in configs.values() if r["kind"] == "train" and r["status"] == "ok")
     recommended = sweep["recommended"]
     assert parts["service"]["results"]["flags"] == recommended["flags"]
+    assert recommended["name"] in (out / "recommended.toml").read_text()
     criterion = parts["service"]["results"]["criterion_2"]
     assert criterion["model_alone_images_per_s"] == recommended["model_alone_images_per_s"] > 0
     assert criterion["met"] in (True, False)

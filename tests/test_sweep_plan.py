@@ -112,3 +112,23 @@ def test_cached_graphs_are_told_from_new_ones() -> None:
     assert lever.graphs <= graphs.graphs and cudnn.graphs <= graphs.graphs
     assert bf16.graphs - graphs.graphs and step.graphs - graphs.graphs
     assert Config("pipeline", "pipeline", graphs.flags, 60).graphs == frozenset()
+
+
+def test_the_recommendation_as_config_lines_is_the_configuration_measured(sample_shards: Path, tmp_path: Path) -> None:
+    """OUT/recommended.toml, loaded as a config file, gives the service exactly the configuration
+    the flags gave it (typed by the service's parser: numbers, booleans, top-level keys first)."""
+    from bench.sweep_toml import write_recommendation
+    from service.app import parse
+
+    flags = ["--model.autocast", "bfloat16", "--model.channels_last", "true", "--loader.batch_size", "128",
+             "--model.compile", "step", "--model.input_channels", "4", "--cuda_sync", "blocking",
+             "--loader.hw_decoder_load", "1.0", "--loader.handover", "stream"]
+    summary = {"mode": "gpu", "started": "now", "recommended": {
+        "name": "e2e: x", "flags": flags, "images_per_s": 20_000.0, "data_wait_share": 0.03, "ratio_to_model_alone": 0.95}}
+    path = write_recommendation(tmp_path, summary, sample_shards)
+    text = path.read_text()
+    assert "20000 images/s, data wait 3.0%, 0.95x the same step alone" in text
+    assert text.index('cuda_sync = "blocking"') < text.index("[model]") and "input_channels = 4" in text
+    assert parse(["--config", str(path), "--shards", str(sample_shards)]) == parse(["--shards", str(sample_shards),
+                                                                                   *flags])
+    assert write_recommendation(tmp_path, {"mode": "gpu", "started": "now"}, sample_shards) is None
