@@ -82,12 +82,14 @@ def finish(part: Part, ctx: Context, proc: subprocess.Popen, log: Path) -> None:
 
 
 def skip_reason(part: Part, ctx: Context, records: dict[str, dict]) -> str | None:
-    """Why ``part`` cannot run now, or None.  The data part's shards, once made (their manifest is
-    written last), serve a later run that does not select it (``--parts service`` after a sweep)."""
+    """Why ``part`` cannot run now, or None.  A needed part not selected counts as done when an
+    earlier run left what it makes (``Part.made``: ``--parts service`` after a sweep)."""
     if ctx.only and part.name not in ctx.only:
         return "not selected (--parts)"
+    by_name = {p.name: p for p in PARTS}
     for need in part.needs:
-        ready = need == "data" and need not in ctx.only and (ctx.data / "shards" / "manifest.json").is_file()
+        made = by_name[need].made
+        ready = need not in ctx.only and made is not None and made(ctx)
         if records.get(need, {}).get("status") != "ok" and not ready:
             return f"needs the {need} part, which did not succeed"
     if ctx.deadline - time.time() < 15:

@@ -40,6 +40,9 @@ class Part:
     read: Callable[[Context, str], dict] = lambda ctx, log: {}
     cuda_only: bool = False  # dry mode: the commands only start it; the part reports skipped
     needs: tuple[str, ...] = ()  # parts that must have succeeded first
+    # What an earlier run of the part left that a later run not selecting it can use instead
+    # (the data part's shards: their manifest is written last); None: nothing lasts.
+    made: Callable[[Context], bool] | None = None
     record: dict = field(default_factory=dict)
 
 
@@ -151,7 +154,8 @@ SERVICE_RESERVE = 150  # seconds kept for the service part (3 short epochs, comp
 PARTS = [
     Part("versions", 60, lambda c: [c.module("bench.gpu_parts", "versions")], result_line),
     Part("nvidia-smi", 30, lambda c: [c.module("bench.gpu_parts", "nvidia-smi")], result_line, cuda_only=True),
-    Part("data", 300, data_commands, lambda c, log: gpu_parts.data_summary(c.data / "shards")),
+    Part("data", 300, data_commands, lambda c, log: gpu_parts.data_summary(c.data / "shards"),
+         made=lambda c: (c.data / "shards" / "manifest.json").is_file()),
     Part("gpu-tests", 300, gpu_test_commands, gpu_test_read, cuda_only=True),
     Part("bench-model", 240, model_commands, lambda c, log: gpu_parts.model_summary(c.out / "model.json")),
     Part("bench-pipeline", 200, pipeline_commands,
