@@ -19,7 +19,8 @@ pipeline alone (the hardware decoder's share: ``hw_decoder_load`` 0.65, 1.0 and 
 without fancy upsampling, CPU time per image telling how many images took the hybrid path; threads
 and prefetch; the stream hand-over); the service as configured today; and last the other model
 configurations (without CUDA graphs; each model lever alone: LRN as window sums, conv1 on 4
-channels, bf16 channels_last input, NCHW, cuDNN trying every algorithm; eager; batches 256/512
+channels, bf16 channels_last input, NCHW, cuDNN trying every algorithm, the towers layout's plain
+convolutions instead of grouped ones; eager; batches 256/512
 with the linear lr rule: options only, the recipe is batch 128), the model levers that gained
 combined, and the end-to-end levers that helped re-run on the fastest model.  A configuration that would
 compile a new graph in less time than is left (the first compile's wall time, once measured) is

@@ -65,6 +65,10 @@ MODEL_LEVERS = [
     ("bf16 channels_last batches", BF16_BATCHES),
     ("NCHW", ("--model.channels_last", "false")),
     ("cuDNN tries every algorithm", ("--model.cudnn_benchmark_limit", "0")),
+    # The towers layout on one GPU: conv2/4/5 as two plain convolutions on the halves instead of
+    # one groups=2 convolution (cuDNN's grouped kernels are not always its fastest), the same
+    # function and state dict (tests/test_model_layouts.py).
+    ("two towers as plain convs", ("--model.layout", "towers")),
 ]
 BATCHES = [  # options only: the recipe is batch 128
     Config(f"model: step + graphs, batch {b} (lr {lr}, linear rule)", "model",

@@ -66,6 +66,27 @@ def test_padded_short_and_empty_batches_equal_the_unpadded_step() -> None:
         step(*batch(5))
 
 
+def test_the_step_on_the_towers_layout_on_one_device_equals_the_grouped_step() -> None:
+    """The sweep's "two towers as plain convs" lever (``--model.layout towers`` on one GPU) runs
+    this step on a towers model: each step leaves the same weights and velocities as the grouped
+    model's eager ``train_step`` (its optimizer buckets hold 30 parameters, not 16)."""
+    grouped, grouped_opt = replica()
+    torch.manual_seed(0)
+    towers = AlexNet(num_classes=10, layout="towers", devices=("cpu", "cpu"), bias_init=0.1, dropout=0.0)
+    towers.load_state_dict(grouped.state_dict())
+    towers_opt = PaperSGD(param_groups(towers, 5e-4), lr=0.01)
+    step = CompiledStep(towers, towers_opt, batch_size=4, compile=False)
+    for n in (4, 3):
+        images, labels = batch(n, seed=n)
+        torch.testing.assert_close(step(images, labels), train_step(grouped, grouped_opt, images, labels),
+                                   rtol=1e-5, atol=1e-6)
+        weights, velocities = towers.state_dict(), velocity_state(towers, towers_opt)
+        for name, want in velocity_state(grouped, grouped_opt).items():
+            atol = 1e-5 * float(want.abs().max()) + 1e-12
+            torch.testing.assert_close(velocities[name], want, rtol=0, atol=atol, msg=name)
+            torch.testing.assert_close(weights[name], grouped.state_dict()[name], rtol=1e-6, atol=atol, msg=name)
+
+
 def copy_state(dst: AlexNet, dst_opt: PaperSGD, src: AlexNet, src_opt: PaperSGD) -> None:
     with torch.no_grad():
         for a, b in zip(dst.parameters(), src.parameters()):
