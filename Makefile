@@ -105,7 +105,7 @@ shards-docker: ## make shards inside the image (no local environment): make shar
 	@SRC="$(SRC)" OUT="$(OUT)" ARGS="$(ARGS)" bash scripts/stack.sh shards
 
 # Prometheus and promtool of the series docker/compose.yaml pins, for the tests that run them:
-# Debian sid's packages, checked and unpacked into .cache/prometheus once (tests/prometheus_bin.py).
+# Debian sid's (or testing's) packages, checked and unpacked into .cache/prometheus once (tests/prometheus_bin.py).
 # Where they cannot be had, one line says so and those tests skip; .ci/run requires them.
 PROMETHEUS_FOR_TESTS = $(PY) -m tests.prometheus_bin --optional >/dev/null
 

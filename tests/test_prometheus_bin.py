@@ -71,20 +71,26 @@ def stanza(deb: Path, package: str, version: str) -> str:
             f"Filename: pool/main/p/prometheus/{deb.name}\nSHA256: {hashlib.sha256(deb.read_bytes()).hexdigest()}\n")
 
 
+def suite(work: Path, name: str, packages: list[tuple[str, str]]) -> str:
+    """A suite of the fake mirror with ``packages``; its (signed) Release text."""
+    paragraphs = [stanza(fake_deb(work, p, v), p, v) for p, v in packages]
+    index = lzma.compress(("Package: other\nVersion: 1\n\n" + "\n".join(paragraphs)).encode())
+    (work / "mirror" / "dists" / name / pb.INDEX).parent.mkdir(parents=True)
+    (work / "mirror" / "dists" / name / pb.INDEX).write_bytes(index)
+    return f"Suite: {name}\nSHA256:\n {hashlib.sha256(index).hexdigest()} {len(index)} {pb.INDEX}\n"
+
+
 @pytest.fixture
 def archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """sid as a directory: prometheus 3.5.9 and promtool 3.5.9, a 3.5.10 prometheus without its
-    promtool and a 3.6 pair; the module's mirror and cache pointed there."""
+    promtool and a 3.6 pair; testing with a 3.4 pair; the module's mirror and cache pointed there."""
     if not shutil.which("dpkg-deb"):
         pytest.skip("needs dpkg-deb (Debian's dpkg)")
-    paragraphs = [stanza(fake_deb(tmp_path, p, v), p, v) for p, v in [
+    releases = {"sid": suite(tmp_path, "sid", [
         ("prometheus", "3.5.9+ds1-1"), ("promtool", "3.5.9+ds1-1"), ("prometheus", "3.5.10+ds1-1"),
-        ("prometheus", "3.6.0+ds1-1"), ("promtool", "3.6.0+ds1-1")]]
-    index = lzma.compress(("Package: other\nVersion: 1\n\n" + "\n".join(paragraphs)).encode())
-    (tmp_path / "mirror" / "dists" / "sid" / pb.INDEX).parent.mkdir(parents=True)
-    (tmp_path / "mirror" / "dists" / "sid" / pb.INDEX).write_bytes(index)
-    release = f"Suite: unstable\nSHA256:\n {hashlib.sha256(index).hexdigest()} {len(index)} {pb.INDEX}\n"
-    monkeypatch.setattr(pb, "signed_release", lambda tmp: release)
+        ("prometheus", "3.6.0+ds1-1"), ("promtool", "3.6.0+ds1-1")]),
+        "testing": suite(tmp_path, "testing", [("prometheus", "3.4.2+ds1-1"), ("promtool", "3.4.2+ds1-1")])}
+    monkeypatch.setattr(pb, "signed_release", lambda tmp, name: releases[name])
     monkeypatch.setattr(pb, "MIRROR", (tmp_path / "mirror").as_uri())
     monkeypatch.setattr(pb, "CACHE", tmp_path / "cache")
     monkeypatch.delenv("PROMETHEUS", raising=False)
@@ -118,12 +124,22 @@ def test_a_deb_that_does_not_match_the_index_is_refused(archive: Path, capsys: p
     assert pb.binaries() is None and [p.name for p in (archive / "cache").iterdir()] == []
 
 
-def test_sid_without_the_series_is_one_line_naming_what_it_has(archive: Path, monkeypatch: pytest.MonkeyPatch,
-                                                               capsys: pytest.CaptureFixture) -> None:
+def test_a_series_sid_has_moved_past_comes_from_testing(archive: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(pb, "pinned_series", lambda: "3.4")
+    assert pb.main([]) == 0
+    version, bindir = capsys.readouterr().out.split()
+    assert version == "3.4.2+ds1-1" and pb.binaries() == (f"{bindir}/prometheus", f"{bindir}/promtool")
+    assert subprocess.run([f"{bindir}/promtool"], capture_output=True, text=True).stdout == (
+        "promtool, version 3.4.2+ds1-1\n")
+
+
+def test_no_suite_with_the_series_is_one_line_naming_what_each_has(archive: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture) -> None:
     monkeypatch.setattr(pb, "pinned_series", lambda: "3.7")
     assert pb.main(["--optional"]) == 0  # make test: the tests that need Prometheus skip
     (line,) = capsys.readouterr().err.splitlines()[1:]
-    assert line == ("prometheus_bin: Debian sid has no prometheus and promtool 3.7.x any more (it has 3.5.10+ds1-1, "
-                    "3.5.9+ds1-1, 3.6.0+ds1-1); move docker/compose.yaml's prom/prometheus pin to the series sid has; "
-                    "the tests that need Prometheus will skip")
+    assert line == ("prometheus_bin: Debian sid and testing have no prometheus and promtool 3.7.x any more (sid has "
+                    "3.5.10+ds1-1, 3.5.9+ds1-1, 3.6.0+ds1-1; testing has 3.4.2+ds1-1): move docker/compose.yaml's "
+                    "prom/prometheus pin to a series they have; the tests that need Prometheus will skip")
     assert pb.main([]) == 1  # .ci/run: it must be there
