@@ -21,7 +21,7 @@ class ConfigError(ValueError):
     """A configuration key or value that cannot be accepted."""
 
 
-def _field_types(cls: type) -> dict[str, Any]:
+def field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
@@ -95,7 +95,7 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
 
 def _merge(cls: type[T], base: T, table: dict[str, Any], where: str, prefix: str = "") -> T:
     """Return ``base`` with the keys of ``table`` applied, recursing into nested dataclasses."""
-    fields = _field_types(cls)
+    fields = field_types(cls)
     changes: dict[str, Any] = {}
     for key, value in table.items():
         name = f"{prefix}{key}"

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from common.config import ConfigError, load_config, split_config_arg, to_dict
+from common.config_help import settings_help, wants_help
 from service.build import apply_cuda_sync, build, resolve
 from service.config import TrainConfig, validate
 from service.dist import RankError, Ranks
@@ -186,6 +187,10 @@ def run_service(cfg: TrainConfig) -> int:
 
 def main(argv: list[str]) -> int:
     """Entry point: a user-facing error is one line on stderr and its exit code (see service.errors)."""
+    if wants_help(argv):
+        print(settings_help(TrainConfig, "python -m service", "The AlexNet training service: trains on shards "
+                            "written by `make shards`, checkpoints to --out, serves /metrics, /healthz and /status."))
+        return EXIT_OK
     try:
         return run_service(parse(argv))
     except ServiceError as exc:

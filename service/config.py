@@ -47,7 +47,7 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class OptimSettings:
-    """The paper's rule and schedule (SPEC section 2)."""
+    """The paper's update rule and learning-rate schedule (docs/reference.md)."""
 
     lr: float = 0.01
     momentum: float = 0.9

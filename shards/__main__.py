@@ -5,6 +5,7 @@ import signal
 import sys
 
 from common.config import ConfigError, load_config, split_config_arg
+from common.config_help import settings_help, wants_help
 from shards.build import Interrupted, TooManySkipped, build
 from shards.config import ShardConfig
 from shards.layouts import LayoutError
@@ -23,6 +24,10 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str]) -> int:
+    if wants_help(argv):
+        print(settings_help(ShardConfig, "python -m shards", "Shards an ImageNet layout (--src) into checked, "
+                            "shuffled WebDataset tars, DALI indexes, a manifest and the dataset statistics (--out)."))
+        return 0
     path, overrides = split_config_arg(argv)
     try:
         cfg = load_config(ShardConfig, path, overrides).validate()
