@@ -4,11 +4,17 @@ timeout kills everything it started."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def slug(name: str) -> str:
+    """A file name for a configuration's name."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:80]
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -8,23 +8,15 @@ configuration only); every result is written as it arrives (``OUT/sweep/<name>.j
 summary ``OUT/sweep.json`` after each), so a sweep cut short still returns what it measured.
 
 What there is to measure takes longer than the budget: each model configuration compiles a graph
-of its own (about a minute each on a GPU machine), while end-to-end runs on a graph already
-compiled load it from the inductor cache in seconds.  So the order is the order a decision needs
-(``plan``): the model the service would run (the compiled step with CUDA graphs) and its 10-view
-evaluation rate; end to end on it with the loader's defaults (a ``torch.profiler`` window), with
-each lever on its own (stream hand-over, threads and prefetch, the hardware decoder, DALI off the
-training core, blocking CUDA syncs, bf16 channels_last batches) and with the levers that helped
-combined, which gives the recommendation and the projected wall time of 90 epochs; then the
-pipeline alone (the hardware decoder's share: ``hw_decoder_load`` 0.65, 1.0 and 0, with and
-without fancy upsampling, CPU time per image telling how many images took the hybrid path; threads
-and prefetch; the stream hand-over); the service as configured today; and last the other model
-configurations (without CUDA graphs; each model lever alone: LRN as window sums, conv1 on 4
-channels, bf16 channels_last input, NCHW, cuDNN trying every algorithm, the towers layout's plain
-convolutions instead of grouped ones; eager; batches 256/512
-with the linear lr rule: options only, the recipe is batch 128), the model levers that gained
-combined, and the end-to-end levers that helped re-run on the fastest model.  A configuration that would
-compile a new graph in less time than is left (the first compile's wall time, once measured) is
-skipped, saying so, and cheaper ones after it still run.
+of its own (about a minute each on a GPU machine), while a configuration whose graph is compiled
+loads it from the shared inductor cache in seconds.  So one round of graphs is compiled ahead, side
+by side (``bench.sweep_compile``), and the order is the order a decision needs (``plan`` says what
+and why): the model the service would run and its 10-view evaluation rate; end to end on it, each
+lever alone and the levers that helped together, which gives the recommendation and the projected
+wall time of 90 epochs; the model levers compiled ahead; the pipeline alone (the hardware
+decoder's share: CPU time per image tells how many images took the hybrid path); the service as
+configured today; the rest.  A configuration that would compile a new graph in less time than is
+left (one compile's measured wall time) is skipped, saying so, and cheaper ones after it still run.
 
 The dry mode (no GPU; ``tests/test_gpu_check.py``) runs the same stages on the CPU at a tiny size
 with fewer pipeline configurations and levers; configurations that compile are skipped there
@@ -34,24 +26,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
-from bench.child import child_env, failure, reap, spawn
+from bench.child import child_env, failure, reap, slug, spawn
 from bench.gpu_parts import projection
-from bench.sweep_configs import (BASE_MODELS, DRY, LEVERS, MODEL, MODEL_LEVERS, PIPELINE, SIZES, TODAY, Config,
+from bench.sweep_compile import PARALLEL, compile_many
+from bench.sweep_configs import (AHEAD, BASE_MODELS, DRY, LEVERS, MODEL, MODEL_LEVERS, PIPELINE, SIZES, TODAY, Config,
                                  model_lever, values)
 from bench.sweep_toml import write_recommendation
 
+AHEAD_SHARE = 0.45  # of the budget, at most, for compiling ahead (bench.sweep_compile)
 FRESH_COMPILE_GUESS = 90.0  # seconds a configuration with a graph not compiled yet needs, until one is measured
 MIN_SECONDS = 20.0  # what any configuration needs: a process with torch and DALI, a loader, a few batches
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:80]
 
 
 class Sweep:
@@ -100,6 +89,36 @@ class Sweep:
         self.save()
         print(f"sweep: {config.name}: {record['status']} {headline(record)}", flush=True)
         return record
+
+    def precompile(self, configs: list[Config], seconds: float, most: int = PARALLEL) -> None:
+        """Compile the graphs of the first ``most`` of ``configs`` with graphs not compiled yet
+        (each graph once) side by side, for at most ``seconds`` (``bench.sweep_compile``): those
+        that compiled then cost a cached run.  One round of ``PARALLEL`` takes about as long as one
+        compile, which the first model needs anyway; a second round would cost the same again
+        before anything is measured.  Not in the dry mode (nothing compiles there)."""
+        todo, seen = [], set(self.compiled)
+        for config in configs:
+            if config.graphs - seen and len(todo) < most:
+                todo.append(config)
+                seen |= config.graphs
+        limit = min(seconds, self.deadline - self.clock() - MIN_SECONDS)
+        if self.dry or not todo or limit < MIN_SECONDS:
+            return
+        print(f"sweep: compiling {len(todo)} configurations' graphs ahead, side by side (at most {limit:.0f} s)",
+              flush=True)
+        results = self._compile_many(todo, limit)
+        for config in todo:
+            if results[config.name]["status"] == "ok":
+                self.compiled |= config.graphs
+        walls = [r["wall_seconds"] for r in results.values() if r["status"] == "ok"]
+        if walls and self.fresh_seconds is None:  # side by side: an upper bound of one compile alone
+            self.fresh_seconds = min(walls)
+        self.summary["compiled_ahead"] = results
+        self.save()
+        print("sweep: compiled ahead: " + ", ".join(f"{n}: {r['status']}" for n, r in results.items()), flush=True)
+
+    def _compile_many(self, configs: list[Config], limit: float) -> dict[str, dict]:
+        return compile_many(configs, self.shards, self.out, limit)
 
     def _child(self, config: Config, flags: tuple[str, ...], limit: float) -> dict:
         name = slug(config.name)
@@ -185,21 +204,29 @@ def end_to_end(sweep: Sweep, model: Config, levers: list) -> list[tuple[str, tup
 def plan(sweep: Sweep) -> None:
     """Everything, in the order a decision needs it, so a budget cut short loses the least useful:
 
+    0. one round of graphs compiled ahead, side by side (the first ``PARALLEL`` of ``AHEAD``, in
+       at most ``AHEAD_SHARE`` of the budget): each configuration whose graphs compiled then costs
+       a cached run, not a compile;
     1. the model the end-to-end stage stands on: the compiled step with CUDA graphs (else without,
        else eager), with the 10-view evaluation rate;
     2. end to end on it: the loader's defaults, each lever, the levers that helped combined: the
        recommendation (graphs from the cache: seconds each, not a compile);
-    3. the pipeline alone (no compile: the decoder's share, threads, the hand-over);
-    4. the service as configured today (a compile of its own);
-    5. the other model configurations (each a graph of its own: a compile each), the model levers
+    3. the model configurations compiled ahead (criterion 1's levers, seconds each);
+    4. the pipeline alone (no compile: the decoder's share, threads, the hand-over);
+    5. the service as configured today;
+    6. the other model configurations (a compile each where not compiled ahead), the model levers
        that gained combined, and if one of them beats stage 1's model, end to end on it with the
        levers that helped.
     """
     dry = sweep.dry
+    sweep.precompile(AHEAD, AHEAD_SHARE * (sweep.deadline - sweep.clock()))
     model = next((c for c in BASE_MODELS if rate(sweep.run(c))), None)
     levers = LEVERS[:1] if dry else LEVERS
     helped = end_to_end(sweep, model, levers) if model else []
     sweep.recommend()
+    for config in MODEL:
+        if config.graphs and config.graphs <= sweep.compiled:
+            sweep.run(config)
     for config in PIPELINE[:1] + PIPELINE[-1:] if dry else PIPELINE:
         sweep.run(config)
     sweep.run(TODAY)

@@ -96,6 +96,12 @@ PIPELINE = [Config(f"pipeline: {label}", "pipeline", (*BASE, "--model.compile", 
 )]
 TODAY = Config("e2e: the service today (compile model, loader defaults)", "train", (*BASE, "--model.compile", "model"),
                200, profile=True)
+# What the sweep may compile ahead, side by side (bench.sweep_compile), most needed first: the model
+# the end-to-end stage stands on, the bf16-batch lever's step (the one end-to-end lever with a graph
+# of its own), the model levers (criterion 1), then the rest.
+_BF16_LEVER = model_lever(next(lever for lever in MODEL_LEVERS if lever[1] == BF16_BATCHES))
+AHEAD = [BASE_MODELS[0], _BF16_LEVER, *(model_lever(lever) for lever in MODEL_LEVERS if lever[1] != BF16_BATCHES),
+         BASE_MODELS[1], TODAY, *BATCHES]
 # End-to-end levers, most likely to matter first (the hand-over is issue 13's main suspect; one run
 # gained 20% from threads and prefetch).  bf16 batches change the step's input, so the graph: last.
 LEVERS = [

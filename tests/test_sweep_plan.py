@@ -16,6 +16,7 @@ from bench.sweep import Sweep, plan
 from bench.sweep_configs import Config
 
 FRESH, CACHED, PIPELINE = 70.0, 20.0, 12.0
+AHEAD = 90.0  # one compile among six side by side: a little slower than alone
 
 
 class Clock:
@@ -29,9 +30,17 @@ class Clock:
 class Scripted(Sweep):
     """A sweep whose children are a script: each configuration's rate and wall time."""
 
-    def __init__(self, tmp: Path, seconds: float, rates: dict[str, float]) -> None:
-        self.fake_clock, self.rates, self.order = Clock(), rates, []
+    def __init__(self, tmp: Path, seconds: float, rates: dict[str, float], broken: tuple[str, ...] = ()) -> None:
+        self.fake_clock, self.rates, self.order, self.ahead, self.broken = Clock(), rates, [], [], broken
         super().__init__(tmp, tmp, seconds, dry=False, clock=self.fake_clock)
+
+    def _compile_many(self, configs: list[Config], limit: float) -> dict[str, dict]:
+        """All at once (one round), each AHEAD seconds; a broken one fails at once."""
+        self.ahead = [c.name for c in configs]
+        self.fake_clock.now += min(AHEAD, limit)
+        return {c.name: {"status": "failed", "wall_seconds": 5.0, "error": "exit code 1"} if c.name in self.broken
+                else {"status": "ok" if AHEAD <= limit else "failed", "wall_seconds": min(AHEAD, limit)}
+                for c in configs}
 
     def _child(self, config: Config, flags: tuple[str, ...], limit: float) -> dict:
         self.order.append(config.name)
@@ -53,10 +62,14 @@ RATES = {"stream hand-over + 8 threads": 18_000.0, "stream hand-over": 16_000.0,
 
 
 def test_a_short_budget_measures_what_the_decision_needs_first(tmp_path: Path) -> None:
-    # 70 s for the model, 20 s each for 7 end-to-end runs on its graph, 70 s for the bf16-batch
-    # lever's new graph, 84 s for the 7 pipeline configurations: 364 s; then 50 s are left
-    sweep = Scripted(tmp_path, seconds=414, rates=RATES)
+    # 90 s compiling six graphs ahead side by side; then 20 s each for the model, 8 end-to-end runs
+    # and 6 model configurations on those graphs, 12 s each for the 7 pipeline configurations:
+    # 474 s; of the 46 s left, eager (no compile) takes 20, and no new graph fits
+    sweep = Scripted(tmp_path, seconds=520, rates=RATES)
     plan(sweep)
+    assert sweep.ahead == ["model: compiled step + CUDA graphs", "model: step + graphs, bf16 channels_last batches",
+                           "model: step + graphs, LRN window_sum", "model: step + graphs, conv1 on 4 channels",
+                           "model: step + graphs, NCHW", "model: step + graphs, two towers as plain convs"]
     assert sweep.order[:4] == ["model: compiled step + CUDA graphs", "e2e: compiled step + CUDA graphs",
                                "e2e: compiled step + CUDA graphs + stream hand-over",
                                "e2e: compiled step + CUDA graphs + 8 threads, prefetch 4"]
@@ -65,15 +78,34 @@ def test_a_short_budget_measures_what_the_decision_needs_first(tmp_path: Path) -
     recommended = json.loads((tmp_path / "sweep.json").read_text())["recommended"]
     assert recommended["name"] == "e2e: compiled step + CUDA graphs + stream hand-over + 8 threads, prefetch 4"
     assert recommended["images_per_s"] == 18_000.0
-    # a new graph does not fit in 50 s: skipped, saying so; the cheaper ones after it still run
+    # criterion 1's levers, compiled ahead, right after the end-to-end stage and before the pipeline
+    # (the cuDNN lever's graph is the base model's; the bf16 one the end-to-end lever's)
+    assert sweep.order[9:15] == ["model: step + graphs, LRN window_sum", "model: step + graphs, conv1 on 4 channels",
+                                 "model: step + graphs, bf16 channels_last batches", "model: step + graphs, NCHW",
+                                 "model: step + graphs, cuDNN tries every algorithm",
+                                 "model: step + graphs, two towers as plain convs"]
+    assert [records[n]["kind"] for n in sweep.order[15:22]] == ["pipeline"] * 7
+    # a new graph does not fit in 46 s (one compile took 90 s side by side): skipped, saying so;
+    # the cheaper ones after it still run
     skipped = {n: r["reason"] for n, r in records.items() if r["status"] == "skipped"}
-    assert "needs ~70 s (measured), 50 s of the budget left" in skipped[
-        "e2e: the service today (compile model, loader defaults)"]
-    # (the bf16-batch model's step is the bf16 lever's graph: from the cache too)
-    assert sweep.order[-2:] == ["model: step + graphs, bf16 channels_last batches",
-                                "model: step + graphs, cuDNN tries every algorithm"]
-    assert all("not compiled yet" in why or "budget is spent" in why for why in skipped.values())
-    assert sweep.fake_clock.now - 1000.0 <= 414
+    assert skipped["e2e: the service today (compile model, loader defaults)"] == (
+        "a graph not compiled yet: needs ~90 s (measured), 46 s of the budget left")
+    assert sweep.order[-1] == "model: eager" and set(skipped) == {
+        "e2e: the service today (compile model, loader defaults)", "model: compiled step",
+        "model: step + graphs, batch 256 (lr 0.02, linear rule)", "model: step + graphs, batch 512 (lr 0.04, linear rule)"}
+    assert sweep.fake_clock.now - 1000.0 <= 520
+
+
+def test_a_graph_that_fails_to_compile_ahead_is_left_to_the_budget(tmp_path: Path) -> None:
+    """A compile ahead that fails (or is cut off) leaves its configuration uncompiled: it then
+    costs a fresh compile when its turn comes, as without the stage; the others are not held up."""
+    sweep = Scripted(tmp_path, seconds=3600, rates=RATES, broken=("model: step + graphs, NCHW",))
+    plan(sweep)
+    ahead = json.loads((tmp_path / "sweep.json").read_text())["compiled_ahead"]
+    assert ahead["model: step + graphs, NCHW"]["status"] == "failed" and len(ahead) == 6
+    assert sweep.records["model: step + graphs, NCHW"]["status"] == "ok"  # compiled in its own turn
+    cached = sweep.order[9:14]
+    assert "model: step + graphs, NCHW" not in cached and "model: step + graphs, two towers as plain convs" in cached
 
 
 def test_a_long_budget_runs_everything_and_reruns_the_levers_on_a_faster_model(tmp_path: Path) -> None:
@@ -88,7 +120,7 @@ def test_a_long_budget_runs_everything_and_reruns_the_levers_on_a_faster_model(t
     kinds = [records[n]["kind"] for n in sweep.order]
     first_pipeline, today = kinds.index("pipeline"), sweep.order.index(
         "e2e: the service today (compile model, loader defaults)")
-    assert "model" not in kinds[2:first_pipeline] and today > first_pipeline  # e2e before the rest
+    assert set(kinds[1:9]) == {"train"} and today > first_pipeline  # e2e before the rest
     combined = "step + graphs, LRN window_sum + conv1 on 4 channels"
     assert sweep.order.index(f"model: {combined}") > sweep.order.index("model: step + graphs, batch 512 (lr 0.04, "
                                                                        "linear rule)")
