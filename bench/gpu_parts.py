@@ -146,6 +146,8 @@ def sweep_summary(path: Path) -> dict:
     status = [r["status"] for r in summary["configs"].values()]
     return {"recommended": summary.get("recommended"), "projection": summary.get("projection"),
             "mode": summary.get("mode"), "started": summary.get("started"),
+            "compiled_ahead": {name: f"{r['status']} ({r['wall_seconds']:.0f} s)"
+                               for name, r in summary.get("compiled_ahead", {}).items()},
             **{s: status.count(s) for s in ("ok", "failed", "skipped")}}
 
 
