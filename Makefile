@@ -20,7 +20,7 @@ docker_check = $(eval _why := $(shell GPUS="$(GPUS)" bash scripts/stack.sh check
 SHARD_CONFIG := $(if $(filter $(SAMPLE),$(SRC)),--config configs/shards-sample.toml,)
 
 .PHONY: help setup sample-data shards bench-shards bench-pipeline bench-model bench-service bench-shard-check \
-	gpu-check preview demo train-local test test-fast test-docker clean train stop logs shards-docker
+	gpu-check preview demo train-local predict test test-fast test-docker clean train stop logs shards-docker
 
 # Each of these is optional and overrides the config file; the defaults differ by target.
 train stop logs: CONFIG ?= configs/paper.toml
@@ -87,6 +87,11 @@ train-local: setup ## the service here, no Docker: make train-local [CONFIG=conf
 	@if [ "$(SHARDS)" = "data/shards" ] && [ ! -f data/shards/manifest.json ]; then $(MAKE) --no-print-directory shards; fi
 	@echo '$(subst ','\'',$(TRAIN_LOCAL))'
 	@exec $(TRAIN_LOCAL)
+
+predict: RUN ?= runs/demo
+predict: setup ## what a trained run says images are (10 views, top 5): make predict IMAGES="a.jpg b.png" [RUN=runs/demo ARGS="--json"]
+	$(if $(strip $(IMAGES)),,$(error make predict needs IMAGES, the image files to classify, e.g. IMAGES="data/sample/val/n90000001/*.JPEG"))
+	$(strip $(PY) -m service.predict --run $(RUN) $(ARGS) $(IMAGES))
 
 train: ## Docker + GPUs: make train SHARDS=... RUN=... [GPUS=all|N|0,1|none] [NPROC=..] [CONFIG=..], GRAFANA_PASSWORD set
 	$(call docker_check,train)

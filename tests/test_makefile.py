@@ -21,6 +21,14 @@ def test_train_local_echoes_its_command_on_one_line() -> None:
     assert f"echo '{command}'" in out.splitlines() and f"exec {command}" in out.splitlines()
 
 
+def test_predict_runs_the_predictor_on_the_images_or_says_it_needs_them() -> None:
+    out = subprocess.run(["make", "-n", "--no-print-directory", "predict", "IMAGES=a.jpg b.png", "RUN=/r"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert ".venv/bin/python -m service.predict --run /r a.jpg b.png" in out.splitlines()
+    missing = subprocess.run(["make", "-n", "--no-print-directory", "predict"], cwd=ROOT, capture_output=True, text=True)
+    assert missing.returncode == 2 and "make predict needs IMAGES, the image files to classify" in missing.stderr
+
+
 @pytest.mark.slow
 def test_a_group_sigterm_lets_the_service_checkpoint_before_make_ends(sample_shards: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"

@@ -1,0 +1,152 @@
+"""``python -m service.predict``: what a trained model says an image is.
+
+    python -m service.predict --run runs/paper [--shards DIR] [--views 10] [--top 5] IMAGE ...
+
+An image is seen exactly as the service's evaluation sees the validation images, so a prediction
+here is the one the logged validation error was counted from:
+
+* the shards' preparation (``shards.imaging.prepare``: shorter side to the shards' size, the centre
+  square, JPEG at the shards' quality), so a validation image gives the bytes its shard holds;
+* the evaluation views (``pipeline.views``: the paper's four corners and centre, each also
+  mirrored, or the centre alone) with the training set's mean image subtracted under each view
+  (``pipeline.normalize.DeviceNormalizer``, the loaders' own normaliser);
+* the softmax averaged over the views (``model.train_step.view_averaged_probs``, evaluation's rule).
+
+The class names and the mean image come from the shards the model was trained on.  Their data
+fingerprint must be the checkpoint's: another dataset's mean image or class order would give
+confident, wrong answers, so a mismatch is one line and exit code 2, not a prediction.
+Reading the checkpoint changes nothing in the run directory (unreadable checkpoints are skipped,
+not set aside as the service does).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model import AlexNet
+from model.train_step import view_averaged_probs
+from pipeline.config import LoaderConfig
+from pipeline.normalize import DeviceNormalizer
+from pipeline.reference import decode
+from pipeline.stats import load_stats
+from pipeline.views import view_stack
+from service.checkpoint import OtherVersion, Unreadable, load, scan
+from service.errors import EXIT_CONFIG, ServiceError
+from service.state import data_fingerprint
+from shards import manifest as contract
+from shards.imaging import BadImage, prepare
+
+
+@dataclass(frozen=True)
+class Prediction:
+    image: Path
+    top: list[tuple[str, str, float]]  # (wnid, name, probability), most likely first
+
+
+class Predictor:
+    """A checkpoint's model with its shards' classes and mean image, ready for images."""
+
+    def __init__(self, run: Path, shards: Path | None = None, views: int = 10, device: str = "cpu") -> None:
+        self.checkpoint, payload = newest_checkpoint(run)
+        cfg = payload["config"]
+        self.manifest = _matching_shards(shards or Path(cfg["shards"]), payload["identity"]["data"], self.checkpoint)
+        self.views, self.device = views, torch.device(device)
+        m = cfg["model"]
+        self.model = AlexNet(self.manifest.num_classes, bias_init=m["bias_init"], dropout=m["dropout"], lrn=m["lrn"],
+                             input_channels=m.get("input_channels", 3))
+        self.model.load_state_dict(payload["model"])
+        self.model.to(self.device).eval()
+        loader = LoaderConfig(crop=cfg["loader"]["crop"], normalize=cfg["loader"]["normalize"])
+        self.normalizer = DeviceNormalizer(load_stats(self.manifest.stats_path), loader).to(self.device)
+        params = self.manifest.record["parameters"]
+        self.size, self.quality, self.crop = int(params["size"]), int(params["quality"]), loader.crop
+
+    @torch.no_grad()
+    def probabilities(self, data: bytes) -> torch.Tensor:
+        """The view-averaged softmax (classes,) for one image file's bytes (``BadImage`` if unreadable)."""
+        image = decode(prepare(data, self.size, self.quality).jpeg)
+        crops = torch.from_numpy(np.ascontiguousarray(view_stack(image, self.crop, self.views, flip=False)))
+        batch = self.normalizer.views(crops[None], self.views)
+        return view_averaged_probs(self.model, batch.to(self.device))[0].cpu()
+
+    def predict(self, path: Path, top: int = 5) -> Prediction:
+        probs = self.probabilities(path.read_bytes())
+        values, indices = probs.topk(min(top, probs.numel()))
+        return Prediction(path, [(self.manifest.classes[i], self.manifest.names[i], float(v))
+                                 for v, i in zip(values.tolist(), indices.tolist())])
+
+
+def newest_checkpoint(run: Path) -> tuple[Path, dict]:
+    """``run`` itself when it is a checkpoint file, else the newest readable one in the directory."""
+    if run.is_file():
+        try:
+            return run, load(run)
+        except Unreadable as exc:
+            raise ServiceError(EXIT_CONFIG, f"--run {run}: not a readable checkpoint: {exc}") from None
+        except OtherVersion as exc:
+            raise exc.refusal() from None
+    if not run.is_dir():
+        raise ServiceError(EXIT_CONFIG, f"--run {run}: no such run directory or checkpoint file")
+    found, unreadable = scan(run)
+    if found is None:
+        why = f" ({len(unreadable)} unreadable: {unreadable[0][0].name}, {unreadable[0][1]})" if unreadable else ""
+        raise ServiceError(EXIT_CONFIG, f"--run {run}: no readable checkpoint-*.pt in it{why}: train first "
+                           "(python -m service --out ...) or name a checkpoint file")
+    return found
+
+
+def _matching_shards(root: Path, fingerprint: str, checkpoint: Path) -> contract.Manifest:
+    """The shards the checkpoint was trained on (their manifest), or one line saying why not."""
+    try:
+        manifest = contract.load(root, splits=("train",))
+    except contract.ManifestError as exc:
+        raise ServiceError(EXIT_CONFIG, f"the shards the model was trained on are needed for its classes and mean "
+                           f"image: {exc}; name them with --shards") from None
+    if data_fingerprint(manifest.record) != fingerprint:
+        raise ServiceError(EXIT_CONFIG, f"{root} are not the shards {checkpoint.name} was trained on (data "
+                           f"fingerprint {data_fingerprint(manifest.record)}, the checkpoint's {fingerprint}): "
+                           "their classes or mean image would not be the model's; name the right ones with --shards")
+    return manifest
+
+
+def _line(p: Prediction) -> str:
+    return f"{p.image}: " + "  ".join(f"{wnid} {name} {100 * prob:.1f}%" for wnid, name, prob in p.top)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service.predict", description=__doc__.split("\n\n")[0])
+    parser.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, ... anything make shards reads)")
+    parser.add_argument("--run", type=Path, required=True, help="a run directory (its newest checkpoint) or a checkpoint")
+    parser.add_argument("--shards", type=Path, help="the shards it was trained on (default: the path in its config)")
+    parser.add_argument("--views", type=int, choices=(1, 10), default=10, help="10: the paper's views; 1: the centre")
+    parser.add_argument("--top", type=int, default=5, help="classes to show per image")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--json", action="store_true", help="one JSON object per image instead of a line")
+    args = parser.parse_args(argv)
+    try:
+        predictor = Predictor(args.run, args.shards, args.views, args.device)
+    except ServiceError as exc:
+        print(f"predict: {exc}", file=sys.stderr)
+        return exc.code
+    failed = 0
+    for path in args.images:
+        try:
+            p = predictor.predict(path, args.top)
+        except (OSError, BadImage) as exc:
+            failed += 1
+            print(f"predict: {path}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}",
+                  file=sys.stderr)
+            continue
+        print(json.dumps({"image": str(p.image), "top": [{"wnid": w, "name": n, "probability": round(v, 6)}
+                                                         for w, n, v in p.top]}) if args.json else _line(p), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
