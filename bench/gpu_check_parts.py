@@ -122,9 +122,11 @@ def service_read(ctx: Context, log: str) -> dict:
 
 
 def sweep_commands(ctx: Context) -> list[list[str]]:
-    # What is left of the budget, less what the service part needs after it (when it runs).
-    reserve = SERVICE_RESERVE if not ctx.only or "service" in ctx.only else 20
-    budget = max(30.0, min(SWEEP_CAP, ctx.deadline - time.time() - reserve))
+    # What is left of the budget, less what the service part needs after it (when it runs) and the
+    # sweep's own report after its last configuration: killed in its report, the sweep would leave
+    # its children (each in a session of its own) running on the GPU.
+    reserve = SERVICE_RESERVE if not ctx.only or "service" in ctx.only else 0
+    budget = max(30.0, min(SWEEP_CAP, ctx.deadline - time.time() - reserve - SWEEP_TEARDOWN))
     return [ctx.module("bench.sweep", "--shards", ctx.data / "shards", "--out", ctx.out, "--seconds", round(budget),
                        *(["--dry"] if ctx.dry else []))]
 
@@ -148,6 +150,7 @@ def earlier_sweep(ctx: Context) -> dict | None:
 
 
 SWEEP_CAP = 420  # issue 13: the grid in under 7 minutes
+SWEEP_TEARDOWN = 40  # after its budget: the table, the chart (matplotlib's import) and recommended.toml
 SERVICE_RESERVE = 150  # seconds kept for the service part (3 short epochs, compiled from the shared cache)
 
 
@@ -160,7 +163,7 @@ PARTS = [
     Part("bench-model", 240, model_commands, lambda c, log: gpu_parts.model_summary(c.out / "model.json")),
     Part("bench-pipeline", 200, pipeline_commands,
          lambda c, log: gpu_parts.pipeline_summary(c.out / "pipeline.json"), needs=("data",)),
-    Part("sweep", SWEEP_CAP, sweep_commands, sweep_read, needs=("data",)),
+    Part("sweep", SWEEP_CAP + SWEEP_TEARDOWN, sweep_commands, sweep_read, needs=("data",)),
     Part("service", 240, service_commands, service_read, needs=("data",)),
     Part("roi-probe", 60, lambda c: [c.module("bench.gpu_parts", "roi-probe", c.data / "shards")], result_line,
          cuda_only=True, needs=("data",)),

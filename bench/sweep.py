@@ -134,8 +134,9 @@ class Sweep:
         code = reap(spawn([sys.executable, "-m", "bench.sweep_child", json.dumps(spec), str(result)], log,
                           child_env({"TORCH_LOGS": "perf_hints"})), limit)
         wall = round(time.time() - start, 1)
-        if code == 0 and result.is_file():
-            return {**json.loads(result.read_text()), "wall_seconds": wall}
+        if result.is_file():  # written before the exit, whatever the teardown did after it
+            teardown = {} if code == 0 else {"teardown": failure(code, limit, log.read_text(errors="replace"), 3)}
+            return {**json.loads(result.read_text()), "wall_seconds": wall, **teardown}
         return {"status": "failed", "seconds": wall, "error": failure(code, limit, log.read_text(errors="replace"))}
 
     def save(self) -> Path:

@@ -48,7 +48,7 @@ def compile_many(configs: list[Config], shards: Path, out: Path, limit: float) -
                 continue
             code = reap(proc, 0.0) if proc.poll() is None else proc.returncode
             wall = round(time.time() - started, 1)
-            results[name] = {"status": "ok", "wall_seconds": wall} if code == 0 and result.is_file() else {
+            results[name] = {"status": "ok", "wall_seconds": wall} if result.is_file() else {
                 "status": "failed", "wall_seconds": wall, "error": failure(code, wall, log.read_text(errors="replace"))}
             del running[name]
         if time.time() >= end:

@@ -8,6 +8,9 @@ compiled together, inductor fuses the update into the gradient computation's las
 ``mode="reduce-overhead"`` can replay the whole step as CUDA graphs.  With torch >= 2.13 Dynamo
 traces ``loss.backward()`` into the same graph (``trace_autograd_ops``); older versions break the
 graph there and compile the forward (with its backward, by AOTAutograd) and the update apart.
+Gated on the version, not on the flag: torch 2.11 (the GPU machines' PyTorch so far) already has
+the flag, but the backward traced into the graph has only been tested from 2.13 on
+(``tests/test_model_step.py``), while the graph break is torch.compile's long-standing path.
 
 What would recompile, and does not (``tests/test_model_step.py`` counts Dynamo's graphs):
 
@@ -37,6 +40,9 @@ from torch import Tensor, nn
 from model.optim import PaperSGD, paper_update_
 
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+# Dynamo traces ``loss.backward()`` into the step's graph (see the module docstring).
+BACKWARD_IN_GRAPH = (hasattr(torch._dynamo.config, "trace_autograd_ops")
+                     and torch.torch_version.TorchVersion(torch.__version__) >= (2, 13))
 
 
 def _devices_of(params: list[Tensor]) -> list[torch.device]:
@@ -71,7 +77,7 @@ class CompiledStep:
             torch._dynamo.mark_static_address(tensor)  # fixed addresses: CUDA graphs read them in place
         self._ones: dict[torch.device, Tensor] = {}
         whole = trainable is None or trainable is model  # DDP's reducer needs the eager backward
-        self._trace_backward = whole and hasattr(torch._dynamo.config, "trace_autograd_ops")
+        self._trace_backward = whole and BACKWARD_IN_GRAPH
         self._fn = torch.compile(self._step, mode=mode) if compile else self._step
 
     @property

@@ -44,13 +44,16 @@ def device_id_for(device: torch.device) -> int | None:
 class _GpuKeepAlive:
     """Keep DALI-owned GPU batches alive until the GPU has run the kernels that read them."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
         self._held: deque[tuple[torch.cuda.Event, object]] = deque()
 
     def hold(self, batch: object) -> None:
-        """Call after the consumer queued its reads of ``batch`` on the current stream."""
+        """Call after the consumer queued its reads of ``batch`` on the loader device's current
+        stream.  That device's, not the current device's: a process given ``cuda:1`` without
+        ``torch.cuda.set_device`` would otherwise record on cuda:0 and free the batch early."""
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(self.device))
         self._held.append((event, batch))
         while self._held and self._held[0][0].query():  # query() never blocks
             self._held.popleft()
@@ -96,7 +99,7 @@ class DaliLoader:
         self.normalizer = DeviceNormalizer(spec.stats, spec.cfg).to(self.device)
         self.epoch = 0
         self._batches = 0  # batches delivered in the current epoch
-        self._keepalive = _GpuKeepAlive() if self.device.type == "cuda" else None
+        self._keepalive = _GpuKeepAlive(self.device) if self.device.type == "cuda" else None
         self._it = self._iterator(None)
 
     def _iterator(self, checkpoint: bytes | None) -> DaliIterator:

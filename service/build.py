@@ -143,9 +143,12 @@ def steps_for(cfg: TrainConfig, model: torch.nn.Module, trainable: torch.nn.Modu
     return step, CompiledEval(model, cfg.loader.batch_size * cfg.eval_views, mode=m.compile_mode)
 
 
-def build(cfg: TrainConfig, ranks: Ranks, manifest: Manifest, exclude: Collection[str] = ()) -> Parts:
+def build(cfg: TrainConfig, ranks: Ranks, manifest: Manifest, exclude: Collection[str] = (),
+          loaders: bool = True) -> Parts:
     """Model, optimizer, schedule, scaler and loaders of a resolved ``cfg``; the loaders leave
-    out the tars named in ``exclude`` (shards found corrupt)."""
+    out the tars named in ``exclude`` (shards found corrupt).  ``loaders=False``: none (``None``),
+    for measuring the step alone (``bench.sweep_child``) without two DALI pipelines' threads,
+    memory and decoder state beside it."""
     model = build_model(cfg, manifest.num_classes)
     devices = sorted({p.device for p in model.parameters()}, key=str)
     if any(d.type == "cuda" for d in devices):
@@ -166,9 +169,11 @@ def build(cfg: TrainConfig, ranks: Ranks, manifest: Manifest, exclude: Collectio
     # float16 (CUDA only, see resolve): the scaler keeps small gradients from flushing to zero.
     scaler = torch.amp.GradScaler("cuda") if cfg.model.autocast == "float16" else None
     train = _loader(manifest, "train", lambda: build_train_loader(
-        cfg.shards, ranks.rank, ranks.world_size, device, cfg.loader, ids=cfg.debug.ids, exclude=exclude))
+        cfg.shards, ranks.rank, ranks.world_size, device, cfg.loader, ids=cfg.debug.ids, exclude=exclude)) \
+        if loaders else None
     val = _loader(manifest, "val", lambda: build_eval_loader(
-        cfg.shards, ranks.rank, ranks.world_size, device, cfg.loader, views=cfg.eval_views, exclude=exclude))
+        cfg.shards, ranks.rank, ranks.world_size, device, cfg.loader, views=cfg.eval_views, exclude=exclude)) \
+        if loaders else None
     return Parts(cfg, device, devices, model, ranks.wrap(model, device), optimizer, schedule, scaler, train, val,
                  manifest.num_classes, lr_rule, scale)
 

@@ -106,3 +106,21 @@ def test_a_failing_part_is_recorded_and_the_rest_still_runs(tmp_path: Path) -> N
     for name in ("bench-pipeline", "service", "roi-probe"):
         assert parts[name]["status"] == "skipped" and "data part" in parts[name]["reason"]
     assert parts["bench-model"]["status"] == "ok" and parts["versions"]["status"] == "ok"
+
+
+@pytest.mark.parametrize("seconds, only", [(1000, ("sweep",)), (300, ("sweep",)), (600, ("sweep", "service"))])
+def test_the_sweep_part_outlives_its_budget_by_its_report(tmp_path: Path, seconds: float, only: tuple) -> None:
+    """The sweep's budget ends at least 40 s before gpu-check would kill it (its part's limit):
+    killed while writing its table, chart and recommendation, it would leave its own children,
+    each in a session of its own, running on the GPU into the next part."""
+    import time
+
+    from bench.gpu_check_parts import PARTS, SERVICE_RESERVE, Context, sweep_commands
+
+    ctx = Context(tmp_path, tmp_path, dry=False, deadline=time.time() + seconds, only=only)
+    command = sweep_commands(ctx)[0]
+    budget = float(command[command.index("--seconds") + 1])
+    cap = next(p for p in PARTS if p.name == "sweep").cap
+    assert 30 <= budget <= 420 and min(cap, seconds) - budget >= 40  # the part's limit, less the budget
+    if "service" in only:  # and the service part still has its time after the report
+        assert seconds - budget - SERVICE_RESERVE >= 40

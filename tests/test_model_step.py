@@ -8,7 +8,7 @@ from torch._dynamo.utils import counters
 
 from model import AlexNet, PaperSGD, PlateauSchedule, evaluate, load_velocity_state, train_step, velocity_state
 from model.optim import paper_update_, param_groups
-from model.step import CompiledEval, CompiledStep
+from model.step import BACKWARD_IN_GRAPH, CompiledEval, CompiledStep
 
 
 def replica(num_classes: int = 10, dropout: float = 0.0) -> tuple[AlexNet, PaperSGD]:
@@ -143,7 +143,7 @@ def test_compiled_step_equals_eager_and_compiles_once() -> None:
             evaluate(model, [(images[:, None].expand(3, 10, 3, 224, 224), labels)])
             evaluate(model, [(images[:1], labels[:1])])
     assert counters["stats"]["unique_graphs"] == graphs
-    if hasattr(torch._dynamo.config, "trace_autograd_ops"):  # torch >= 2.13: the backward is in the graph
+    if BACKWARD_IN_GRAPH:  # torch >= 2.13: the backward is in the graph
         assert graphs == 1 and not counters["graph_break"]
 
 
