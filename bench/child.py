@@ -35,9 +35,18 @@ def reap(proc: subprocess.Popen, limit: float) -> int | None:
     try:
         return proc.wait(timeout=max(limit, 1.0))
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill(proc)
         return None
+
+
+def kill(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc``'s process group (all it started) if it still runs, and reap it."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
 
 
 def failure(code: int | None, limit: float, log_text: str, lines: int = 25) -> str:

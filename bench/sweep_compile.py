@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
-from bench.child import child_env, failure, reap, slug, spawn
+from bench.child import child_env, failure, kill, slug, spawn
 from bench.sweep_configs import Config
 
 PARALLEL = 6  # compiles side by side: a 16-core machine gives each 2 of Triton's compile threads and spare cores
@@ -43,15 +44,19 @@ def compile_many(configs: list[Config], shards: Path, out: Path, limit: float) -
             config = queue.pop(0)
             running[config.name] = (*_start(config, shards, out, env), time.time())
         time.sleep(POLL)
+        late = time.time() >= end
+        if late:  # every child still compiling is killed at once, not one after another
+            for proc, *_ in running.values():
+                kill(proc)
         for name, (proc, result, log, started) in list(running.items()):
-            if proc.poll() is None and time.time() < end:
+            if proc.poll() is None and not late:
                 continue
-            code = reap(proc, 0.0) if proc.poll() is None else proc.returncode
+            code = None if late and proc.returncode == -signal.SIGKILL else proc.wait()
             wall = round(time.time() - started, 1)
             results[name] = {"status": "ok", "wall_seconds": wall} if result.is_file() else {
                 "status": "failed", "wall_seconds": wall, "error": failure(code, wall, log.read_text(errors="replace"))}
             del running[name]
-        if time.time() >= end:
+        if late:
             queue.clear()
     for config in configs:
         results.setdefault(config.name, {"status": "not started", "wall_seconds": 0.0})
