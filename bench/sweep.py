@@ -31,9 +31,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from bench.child import child_env, failure, reap, slug, spawn
+from bench.child import child_env, failure, reap, slug
 from bench.gpu_parts import projection
-from bench.sweep_compile import PARALLEL, compile_many
+from bench.sweep_compile import PARALLEL, compile_many, start_child
 from bench.sweep_configs import (AHEAD, BASE_MODELS, DRY, LEVERS, MODEL, MODEL_LEVERS, PIPELINE, SIZES, TODAY, Config,
                                  model_lever, values)
 from bench.sweep_toml import write_recommendation
@@ -122,17 +122,15 @@ class Sweep:
 
     def _child(self, config: Config, flags: tuple[str, ...], limit: float) -> dict:
         name = slug(config.name)
-        result = self.out / "sweep" / f"{name}.json"
         warmup, steps = SIZES[config.kind][self.dry]
         spec = {"name": config.name, "kind": config.kind, "flags": list(flags), "shards": str(self.shards),
                 "warmup": warmup, "steps": steps, "eval_batches": (1 if self.dry else 4) if config.eval else 0,
                 "profile_steps": (2 if self.dry else 20) if config.profile else 0,
                 "trace": str(self.out / "sweep" / f"{name}-trace.json.gz")}
-        log = self.out / "logs" / "sweep" / f"{name}.log"
         start = time.time()
         # perf_hints: inductor says in the log why it skipped CUDA graphs for a graph, if it did
-        code = reap(spawn([sys.executable, "-m", "bench.sweep_child", json.dumps(spec), str(result)], log,
-                          child_env({"TORCH_LOGS": "perf_hints"})), limit)
+        proc, result, log = start_child(name, spec, self.out, child_env({"TORCH_LOGS": "perf_hints"}))
+        code = reap(proc, limit)
         wall = round(time.time() - start, 1)
         if result.is_file():  # written before the exit, whatever the teardown did after it
             teardown = {} if code == 0 else {"teardown": failure(code, limit, log.read_text(errors="replace"), 3)}

@@ -65,9 +65,14 @@ def compile_many(configs: list[Config], shards: Path, out: Path, limit: float) -
 
 def _start(config: Config, shards: Path, out: Path, env: dict[str, str]):
     """A child compiling ``config``'s graphs: (process, its result file, its log)."""
-    name = slug("compile " + config.name)
     spec = {"name": config.name, "kind": "model", "flags": list(config.flags), "shards": str(shards),
             "warmup": 1, "steps": 1, "eval_batches": 1 if config.eval else 0, "profile_steps": 0}
+    return start_child(slug("compile " + config.name), spec, out, env)
+
+
+def start_child(name: str, spec: dict, out: Path, env: dict[str, str]):
+    """``bench.sweep_child`` on ``spec``, its result in ``OUT/sweep/<name>.json`` (an old one
+    removed first) and its output in ``OUT/logs/sweep/<name>.log``: (process, result, log)."""
     result, log = out / "sweep" / f"{name}.json", out / "logs" / "sweep" / f"{name}.log"
     result.unlink(missing_ok=True)
     proc = spawn([sys.executable, "-m", "bench.sweep_child", json.dumps(spec), str(result)], log, env)
