@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,18 @@ def test_a_group_sigterm_lets_the_service_checkpoint_before_make_ends(sample_sha
     # GNU make waits for the service (its checkpoint), then dies of the signal itself (143 in a
     # shell) although the service exited 0: the README says so and names the command to run instead.
     assert rc == -signal.SIGTERM, (rc, make.stderr.read())
+
+
+def test_the_suite_keeps_only_the_failed_tests_temporary_directories(tmp_path: Path) -> None:
+    """The project's pytest settings, on two throwaway tests that each write 1 MB to tmp_path."""
+    (tmp_path / "test_two.py").write_text(
+        "def test_passes(tmp_path):\n    (tmp_path / 'blob').write_bytes(bytes(1 << 20))\n\n"
+        "def test_fails(tmp_path):\n    (tmp_path / 'blob').write_bytes(bytes(1 << 20))\n    assert False\n")
+    root = tmp_path / "temproot"
+    root.mkdir()
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", str(ROOT / "pyproject.toml"),
+                           "--rootdir", str(tmp_path), str(tmp_path / "test_two.py")],
+                          env={**os.environ, "PYTEST_DEBUG_TEMPROOT": str(root)}, capture_output=True, text=True)
+    assert "1 failed, 1 passed" in done.stdout, done.stdout + done.stderr
+    kept = sorted(p.parent.name for p in root.rglob("blob"))
+    assert kept == ["test_fails0"], kept
