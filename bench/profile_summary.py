@@ -15,6 +15,15 @@ GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 API_CATEGORIES = ("cuda_runtime", "cuda_driver")
 
 
+def window_profiler(cuda: bool):
+    """``torch.profiler.profile`` for one window (CPU, plus CUDA when ``cuda``). ``acc_events`` only
+    keeps events across profiling cycles, and a window is one cycle: it is set because torch 2.11
+    (the GPU machines' version) warns on every window that a next cycle would clear this one's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []), acc_events=True)
+
+
 def _busy(intervals: list[tuple[float, float]]) -> float:
     """Length of the union of (start, end) intervals."""
     total, end = 0.0, float("-inf")

@@ -105,12 +105,9 @@ def pipeline_rate(parts: Parts, warmup: int, batches: int) -> dict:
 
 def profiled(parts: Parts, batches, steps: int, trace: Path) -> dict:
     """A ``torch.profiler`` window of ``steps`` loader-fed steps, summarised (bench.profile_summary)."""
-    from torch.profiler import ProfilerActivity, profile
+    from bench.profile_summary import summarize, window_profiler
 
-    from bench.profile_summary import summarize
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities) as prof:
+    with window_profiler(cuda=torch.cuda.is_available()) as prof:
         for _, (x, y) in zip(range(steps), batches):
             parts.step(x, y)
         sync(parts)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
-from bench.profile_summary import summarize
+from bench.profile_summary import summarize, window_profiler
 
 
 def event(cat: str, name: str, ts: float, dur: float, tid: object = 1, **args) -> dict:
@@ -41,11 +42,10 @@ def test_sync_time_idle_training_stream_and_top_kernels() -> None:
     assert [k["name"] for k in s["top_kernels"]] == ["lrn", "conv"] and s["top_kernels"][0]["share"] == 0.5455
 
 
+@pytest.mark.filterwarnings("error")  # torch 2.11 warned on every window before window_profiler set acc_events
 def test_a_real_cpu_trace(tmp_path: Path) -> None:
-    from torch.profiler import ProfilerActivity, profile
-
     x = torch.randn(64, 64)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with window_profiler(cuda=False) as prof:
         for _ in range(3):
             (x @ x).relu()
     path = tmp_path / "trace.json"
