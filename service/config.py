@@ -25,8 +25,8 @@ from pipeline.config import LoaderConfig
 class ModelSettings:
     """Which AlexNet layout, where, and how fast (see ``model.AlexNet``)."""
 
-    # "grouped" (one device), "towers" (one tower per device) or "auto": towers when two GPUs
-    # are visible to this process, grouped otherwise (the paper's two GPUs when there are two).
+    # "grouped" (one device), "towers" (one tower per device) or "auto": towers when a single
+    # process (not torchrun) sees two GPUs, grouped otherwise (the paper's two GPUs when there are two).
     layout: str = "grouped"
     devices: tuple[str, ...] = ()  # towers: (device_a, device_b); empty = cuda:0,cuda:1 or the run's device twice
     bias_init: float = 1.0  # the paper's non-zero bias; Caffe's 0.1 avoids a long flat start

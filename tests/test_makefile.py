@@ -68,3 +68,11 @@ def test_the_suite_keeps_only_the_failed_tests_temporary_directories(tmp_path: P
     assert "1 failed, 1 passed" in done.stdout, done.stdout + done.stderr
     kept = sorted(p.parent.name for p in root.rglob("blob"))
     assert kept == ["test_fails0"], kept
+
+
+def test_demo_serves_on_the_port_make_is_given() -> None:
+    """The taken-port error says `PORT=N`: make demo must honour it as train-local does."""
+    out = subprocess.run(["make", "-n", "--no-print-directory", "demo", "PORT=9500"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    service = [line for line in out.splitlines() if " -m service --config configs/demo.toml" in line]
+    assert len(service) == 1 and "--http.port 9500" in service[0], out

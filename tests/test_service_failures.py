@@ -124,4 +124,5 @@ def test_port_in_use_is_one_clear_line(sample_shards: Path, tmp_path: Path) -> N
         rc, service = run_service(sample_shards, tmp_path / "run", "--http.port", str(port), timeout=120)
     assert rc == 3
     assert service.stderr.strip() == (f"service: port {port} on 127.0.0.1 is already in use (another run or "
-                                      "exporter?): stop it or choose another port with --http.port N (make: PORT=N)")
+                                      "exporter?): stop it or choose another port with --http.port N "
+                                      "(make demo / train-local: PORT=N)")
