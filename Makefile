@@ -74,7 +74,7 @@ gpu-check: ## every GPU path measured in one go (dry mode without a GPU): [OUT=d
 preview: shards ## a grid of augmented training images from the pipeline: data/preview.png
 	$(PY) -m pipeline.preview --shards $(OUT) --out data/preview.png
 
-demo: preview ## the main job on the sample data: shards -> pipeline -> the training service for 6 epochs -> predictions
+demo: preview ## the main job on the sample data: shards -> pipeline -> the training service for 6 epochs -> predictions [PORT=9431 TRAIN_ARGS=...]
 	$(PY) -m service --config configs/demo.toml --shards $(OUT) --http.port $(PORT) $(TRAIN_ARGS)
 	@echo "What the trained model says about three validation images (make predict IMAGES=... for any others):"
 	@$(PY) -m service.predict --run runs/demo --shards $(OUT) --top 3 $$(ls $(SAMPLE)/val/*/*.JPEG | awk 'NR % 27 == 1' | head -3)
