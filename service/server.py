@@ -119,7 +119,8 @@ class HttpEndpoint:
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise ServiceError(EXIT_PORT, f"port {port} on {host} is already in use (another run or exporter?): "
-                                   "stop it or choose another port with --http.port N (make demo / train-local: PORT=N)") from None
+                                   "stop it or choose another port with --http.port N "
+                                   "(make demo / train-local: PORT=N)") from None
             raise ServiceError(EXIT_PORT, f"cannot serve HTTP on {host}:{port}: {exc.strerror or exc}") from None
         self._server.registry, self._server.board = registry, board
         self.host, self.port = host, self._server.server_address[1]

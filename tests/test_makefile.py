@@ -62,8 +62,8 @@ def test_the_suite_keeps_only_the_failed_tests_temporary_directories(tmp_path: P
         "def test_fails(tmp_path):\n    (tmp_path / 'blob').write_bytes(bytes(1 << 20))\n    assert False\n")
     root = tmp_path / "temproot"
     root.mkdir()
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", str(ROOT / "pyproject.toml"),
-                           "--rootdir", str(tmp_path), str(tmp_path / "test_two.py")],
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "-c", str(ROOT / "pyproject.toml"), "--rootdir", str(tmp_path), str(tmp_path / "test_two.py")],
                           env={**os.environ, "PYTEST_DEBUG_TEMPROOT": str(root)}, capture_output=True, text=True)
     assert "1 failed, 1 passed" in done.stdout, done.stdout + done.stderr
     kept = sorted(p.parent.name for p in root.rglob("blob"))
