@@ -19,7 +19,7 @@ from model import AlexNet, PaperSGD, PlateauSchedule, prepare_model, train_step
 from model.optim import param_groups
 from model.step import CompiledEval, CompiledStep
 from pipeline import build_eval_loader, build_train_loader
-from service.config import TrainConfig, lr_factor
+from service.config import ModelSettings, TrainConfig, lr_factor
 from service.data_errors import diagnose
 from service.dist import Ranks
 from service.errors import EXIT_CONFIG, ServiceError
@@ -117,16 +117,21 @@ def _tower_devices(device: torch.device, ranks: Ranks, two_gpus: bool) -> tuple[
     return ("cuda:0", "cuda:1") if two_gpus else (str(device), str(device))
 
 
+def alexnet(m: ModelSettings, num_classes: int, layout: str = "grouped", devices: tuple[str, ...] = ()) -> AlexNet:
+    """The AlexNet that ``m``'s architecture settings describe, in ``layout``: the one place that maps
+    the settings to the model, for the service and for ``service.predict``."""
+    return AlexNet(num_classes, layout, devices or None, bias_init=m.bias_init, dropout=m.dropout, lrn=m.lrn,
+                   input_channels=m.input_channels)
+
+
 def build_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
     """The AlexNet of ``cfg.model`` on its device(s), with the paper's initialisation."""
     m = cfg.model
     torch.manual_seed(cfg.seed)  # the same initial weights for the same seed, in both layouts
     if m.layout == "towers":
-        model = AlexNet(num_classes, "towers", m.devices, bias_init=m.bias_init, dropout=m.dropout, lrn=m.lrn,
-                        input_channels=m.input_channels)
+        model = alexnet(m, num_classes, "towers", m.devices)
     else:
-        model = AlexNet(num_classes, "grouped", bias_init=m.bias_init, dropout=m.dropout, lrn=m.lrn,
-                        input_channels=m.input_channels).to(cfg.device)
+        model = alexnet(m, num_classes).to(cfg.device)
     return prepare_model(model, channels_last=m.channels_last, compile=m.compile == "model")
 
 

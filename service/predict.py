@@ -21,6 +21,7 @@ not set aside as the service does).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -29,14 +30,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import AlexNet
 from model.train_step import view_averaged_probs
 from pipeline.config import LoaderConfig
 from pipeline.normalize import DeviceNormalizer
 from pipeline.reference import decode
 from pipeline.stats import load_stats
 from pipeline.views import view_stack
+from service.build import alexnet
 from service.checkpoint import OtherVersion, Unreadable, load, scan
+from service.config import ModelSettings
 from service.errors import EXIT_CONFIG, ServiceError
 from service.state import data_fingerprint
 from shards import manifest as contract
@@ -57,9 +59,9 @@ class Predictor:
         cfg = payload["config"]
         self.manifest = _matching_shards(shards or Path(cfg["shards"]), payload["identity"]["data"], self.checkpoint)
         self.views, self.device = views, torch.device(device)
-        m = cfg["model"]
-        self.model = AlexNet(self.manifest.num_classes, bias_init=m["bias_init"], dropout=m["dropout"], lrn=m["lrn"],
-                             input_channels=m.get("input_channels", 3))
+        known = {f.name for f in dataclasses.fields(ModelSettings)}  # an older checkpoint's missing keys: defaults
+        settings = ModelSettings(**{k: v for k, v in cfg["model"].items() if k in known})
+        self.model = alexnet(settings, self.manifest.num_classes)  # grouped: the same state dict as the towers
         self.model.load_state_dict(payload["model"])
         self.model.to(self.device).eval()
         loader = LoaderConfig(crop=cfg["loader"]["crop"], normalize=cfg["loader"]["normalize"])
