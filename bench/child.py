@@ -1,12 +1,16 @@
 """Child processes with a time limit, for ``make gpu-check`` and its sweep: each measured thing
 runs in its own process group, so a crash, a hang or a CUDA error takes down only itself, and a
-timeout kills everything it started."""
+timeout kills everything it started.  A child also dies with the process that started it: in a
+session of its own, it would otherwise outlive a parent killed from outside (``timeout``,
+``kill -9``) and go on using the GPU."""
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +31,23 @@ def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subp
     """Start ``argv`` in a new process group, stdout and stderr into ``log``."""
     with log.open("w") as handle:
         return subprocess.Popen(argv, cwd=ROOT, env=env or child_env(), stdout=handle, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_dies_with(os.getpid()))
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _dies_with(parent: int):
+    """What the child runs between fork and exec (Linux): SIGKILL when ``parent`` (its starting
+    thread) ends, and exit at once if it ended already, before the request was made."""
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def request() -> None:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)
+    return request
 
 
 def reap(proc: subprocess.Popen, limit: float) -> int | None:

@@ -28,7 +28,9 @@ JSON was written.  Parts:
   roi-probe     nvImageCodec's GPU ROI decode (NVIDIA/nvImageCodec#55) in a child: works or not
 
 At the end it prints and records (``projection``) the wall time of 90 ImageNet epochs with the
-10-view evaluation each epoch at the measured rates.
+10-view evaluation each epoch at the measured rates.  Stopped by SIGTERM or SIGINT (a runner's
+``timeout``, Ctrl-C), it kills the parts still running, records them as stopped (the sweep with
+the results it had written), writes the JSON with the projection, and exits with 128 + the signal.
 
 Without a GPU (or with ``--dry``) the same parts run in a dry mode on the CPU, at a tiny size,
 and the CUDA-only ones only start (collect, import) and report skipped: ``tests/test_gpu_check.py``
@@ -40,14 +42,15 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from bench import gpu_parts
-from bench.child import child_env, failure, reap, spawn
-from bench.gpu_check_parts import PARTS, SIDE_BY_SIDE, Context, Part, earlier_sweep
+from bench.child import child_env, failure, kill, reap, spawn
+from bench.gpu_check_parts import PARTS, SIDE_BY_SIDE, Context, Part, earlier_sweep, keep_files
 
 
 def start(part: Part, ctx: Context) -> tuple[subprocess.Popen, Path] | None:
@@ -67,18 +70,44 @@ def finish(part: Part, ctx: Context, proc: subprocess.Popen, log: Path) -> None:
     """Wait within the part's limit, then record ok / failed with the error."""
     limit = max(1.0, min(part.cap, ctx.deadline - time.time()))
     code = reap(proc, limit - (time.time() - part.record["started"]))
+    settle(part, ctx, log, failure(code, limit, log.read_text(errors="replace")) if code != 0 else None)
+
+
+def settle(part: Part, ctx: Context, log: Path, error: str | None) -> None:
+    """Record how the part ended: ok with its results, or failed with ``error`` (with the results
+    it left all the same where the part can tell: ``Part.salvage``).  Its kept files are copied."""
     text = log.read_text(errors="replace")
     part.record["seconds"] = round(time.time() - part.record.pop("started"), 1)
-    if code != 0:
-        part.record.update(status="failed", error=failure(code, limit, text))
-    else:
-        try:
-            part.record["results"] = part.read(ctx, text)
-            part.record["status"] = "skipped" if ctx.dry and part.cuda_only else "ok"
-            if part.record["status"] == "skipped":
-                part.record["reason"] = "no CUDA device (dry mode: the part started and checked its inputs)"
-        except Exception as exc:  # a part's output that cannot be read is that part's failure
-            part.record.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:2000])
+    keep_files(part, ctx)
+    if error is not None:
+        part.record.update(status="failed", error=error)
+        if part.salvage:
+            try:
+                part.record["results"] = part.read(ctx, text)
+            except Exception:  # nothing usable was left: the error says why
+                pass
+        return
+    try:
+        part.record["results"] = part.read(ctx, text)
+        part.record["status"] = "skipped" if ctx.dry and part.cuda_only else "ok"
+        if part.record["status"] == "skipped":
+            part.record["reason"] = "no CUDA device (dry mode: the part started and checked its inputs)"
+    except Exception as exc:  # a part's output that cannot be read is that part's failure
+        part.record.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:2000])
+
+
+class Stopped(Exception):
+    """SIGTERM or SIGINT arrived while the parts ran."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop(signum: int, frame: object) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):  # one stop: the clean-up is not interrupted again
+        signal.signal(sig, signal.SIG_IGN)
+    raise Stopped(signum)
 
 
 def skip_reason(part: Part, ctx: Context, records: dict[str, dict]) -> str | None:
@@ -108,18 +137,26 @@ def run_parts(ctx: Context, header: dict) -> dict:
         if part.name in done:
             continue
         group = [part] + ([by_name[SIDE_BY_SIDE[part.name]]] if part.name in SIDE_BY_SIDE else [])
-        running = []
-        for member in group:
-            done.add(member.name)
-            reason = skip_reason(member, ctx, records)
-            if reason:
-                member.record.update(status="skipped", reason=reason)
-                continue
-            print(f"gpu-check: {member.name} ...", flush=True)
-            running.append((member, *start(member, ctx)))
-        for member, proc, log in running:
-            finish(member, ctx, proc, log)
-            print(f"gpu-check: {member.name}: {member.record['status']} ({member.record['seconds']} s)", flush=True)
+        running: list[tuple[Part, subprocess.Popen, Path]] = []
+        try:
+            for member in group:
+                done.add(member.name)
+                reason = skip_reason(member, ctx, records)
+                if reason:
+                    member.record.update(status="skipped", reason=reason)
+                    continue
+                print(f"gpu-check: {member.name} ...", flush=True)
+                running.append((member, *start(member, ctx)))
+            for member, proc, log in running:
+                finish(member, ctx, proc, log)
+                print(f"gpu-check: {member.name}: {member.record['status']} ({member.record['seconds']} s)",
+                      flush=True)
+        except Stopped as stop:
+            for member, proc, log in running:
+                if "started" in member.record:  # still running: killed with all it started
+                    kill(proc)
+                    settle(member, ctx, log, f"stopped by {stop} after {time.time() - member.record['started']:.0f} s")
+            raise
         write_json(ctx, header, records)
     return records
 
@@ -172,7 +209,21 @@ def main(argv: list[str] | None = None) -> int:
         ctx.service_flags = tuple(earlier["recommended"]["flags"])
         print(f"gpu-check: the service part runs the recommendation of the sweep in {ctx.out / 'sweep.json'} "
               f"(started {earlier['started']}): {earlier['recommended']['name']}", flush=True)
-    records = run_parts(ctx, header)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stop)
+    stopped = None
+    try:
+        records = run_parts(ctx, header)
+    except Stopped as stop:
+        stopped = stop
+        header["stopped"] = f"by {stop}: the parts still running were killed, the rest did not start"
+        records = {p.name: p.record for p in PARTS}
+        for record in records.values():
+            record.setdefault("status", "skipped")
+            record.setdefault("reason", f"the run was stopped by {stop}")
+        print(f"gpu-check: stopped by {stop}", flush=True)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # the JSON is written whatever arrives now
+        signal.signal(sig, signal.SIG_IGN)
     if earlier:  # the projection's evaluation rate and the summary's sweep line come from it
         records["sweep"].update(results=earlier, reason=f"not selected (--parts); results of the sweep in "
                                 f"{ctx.out / 'sweep.json'}, started {earlier['started']}")
@@ -181,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     print_summary(records, path)
     if header["projection"]:
         print(f"projection: {gpu_parts.projection_line(header['projection'])}")
-    return 0
+    return 128 + stopped.signum if stopped else 0
 
 
 if __name__ == "__main__":

@@ -5,9 +5,11 @@ own processes (``bench.gpu_parts``, ``bench.bench_model``, ``bench.bench_pipelin
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +27,7 @@ class Context:
     only: tuple[str, ...] = ()  # --parts: run these, skip the others
     env: dict[str, str] = field(default_factory=dict)  # for every part's process
     service_flags: tuple[str, ...] = ()  # the sweep's recommendation, once the sweep part has run
+    started: float = field(default_factory=time.time)  # this run's start (what an earlier run left predates it)
 
     def module(self, name: str, *args: object) -> list[str]:
         return [self.python, "-m", name, *map(str, args)]
@@ -43,7 +46,20 @@ class Part:
     # What an earlier run of the part left that a later run not selecting it can use instead
     # (the data part's shards: their manifest is written last); None: nothing lasts.
     made: Callable[[Context], bool] | None = None
+    # ``read`` after a failure too: what the part wrote as it went (the sweep's summary) counts.
+    salvage: bool = False
+    # Files the part's run leaves outside OUT that belong with the results, copied into
+    # OUT/<part>/ however the part ended (the service run's log and curve, not its checkpoints).
+    keep: Callable[[Context], list[Path]] = lambda ctx: []
     record: dict = field(default_factory=dict)
+
+
+def keep_files(part: Part, ctx: Context) -> None:
+    """Copy ``part.keep``'s files that exist into OUT/<part>/."""
+    for path in part.keep(ctx):
+        if path.is_file():
+            (ctx.out / part.name).mkdir(exist_ok=True)
+            shutil.copy2(path, ctx.out / part.name / path.name)
 
 
 def result_line(ctx: Context, log: str) -> dict:
@@ -63,9 +79,13 @@ def data_commands(ctx: Context) -> list[list[str]]:
                        "--workers", 0)]
 
 
+GPU_TEST_TIMEOUT = 180  # seconds per test (the slowest compiles a training step): a hang costs that, not the part
+
+
 def gpu_test_commands(ctx: Context) -> list[list[str]]:
     base = ctx.module("pytest", "-m", "gpu", "-p", "no:cacheprovider", "-rA", str(ROOT / "tests"))
-    return [base + ["--collect-only", "-q"]] if ctx.dry else [base + ["-q", "--junitxml", ctx.out / "gpu_tests.xml"]]
+    return [base + ["--collect-only", "-q"]] if ctx.dry else [
+        base + ["-q", "--timeout", GPU_TEST_TIMEOUT, "--junitxml", ctx.out / "gpu_tests.xml"]]
 
 
 def gpu_test_read(ctx: Context, log: str) -> dict:
@@ -97,6 +117,9 @@ SERVICE_DRY = ("--loader.batch_size", "8", "--model.autocast", "none")
 def service_flags(ctx: Context) -> tuple[str, ...]:
     """The sweep's recommended configuration when the sweep part ran, else the default fast path."""
     return ctx.service_flags or (SERVICE_DRY if ctx.dry else SERVICE_DEFAULT)
+
+
+SERVICE_KEEPS = ("history.json", "log.jsonl", "curve.png", "config.json", "shard-checks.json")
 
 
 def service_commands(ctx: Context) -> list[list[str]]:
@@ -132,7 +155,13 @@ def sweep_commands(ctx: Context) -> list[list[str]]:
 
 
 def sweep_read(ctx: Context, log: str) -> dict:
+    """The sweep's summary (also after a failure: it is rewritten after every configuration),
+    unless it is an earlier run's: then this run's sweep wrote none."""
     summary = gpu_parts.sweep_summary(ctx.out / "sweep.json")
+    started = datetime.strptime(summary["started"], "%Y-%m-%dT%H:%M:%S%z").timestamp()
+    if started < ctx.started - 1:
+        raise RuntimeError(f"{ctx.out / 'sweep.json'} is an earlier sweep's (started {summary['started']}): "
+                           "this run's sweep wrote no summary")
     if summary.get("recommended"):
         ctx.service_flags = tuple(summary["recommended"]["flags"])
     return summary
@@ -163,8 +192,9 @@ PARTS = [
     Part("bench-model", 240, model_commands, lambda c, log: gpu_parts.model_summary(c.out / "model.json")),
     Part("bench-pipeline", 200, pipeline_commands,
          lambda c, log: gpu_parts.pipeline_summary(c.out / "pipeline.json"), needs=("data",)),
-    Part("sweep", SWEEP_CAP + SWEEP_TEARDOWN, sweep_commands, sweep_read, needs=("data",)),
-    Part("service", 240, service_commands, service_read, needs=("data",)),
+    Part("sweep", SWEEP_CAP + SWEEP_TEARDOWN, sweep_commands, sweep_read, needs=("data",), salvage=True),
+    Part("service", 240, service_commands, service_read, needs=("data",),
+         keep=lambda c: [c.data / "service-run" / name for name in SERVICE_KEEPS]),
     Part("roi-probe", 60, lambda c: [c.module("bench.gpu_parts", "roi-probe", c.data / "shards")], result_line,
          cuda_only=True, needs=("data",)),
 ]

@@ -62,6 +62,7 @@ class Sweep:
                         "seconds_budget": seconds, "configs": self.records}
         (out / "sweep").mkdir(parents=True, exist_ok=True)
         (out / "logs" / "sweep").mkdir(parents=True, exist_ok=True)
+        self.save()  # at once: an earlier sweep's summary in OUT is never taken for this one's
 
     def run(self, config: Config) -> dict:
         """Measure ``config`` in a child (or record why not); returns its record."""

@@ -45,6 +45,14 @@ BACKWARD_IN_GRAPH = (hasattr(torch._dynamo.config, "trace_autograd_ops")
                      and torch.torch_version.TorchVersion(torch.__version__) >= (2, 13))
 
 
+def uses_cudagraphs(mode: CompileMode) -> bool:
+    """Whether ``torch.compile``'s ``mode`` records CUDA graphs: "reduce-overhead" and, on
+    torch 2.11 and 2.13, "max-autotune" too (inductor's own table, not a list of names here)."""
+    from torch._inductor import list_mode_options
+
+    return bool(list_mode_options(mode).get("triton.cudagraphs"))
+
+
 def _devices_of(params: list[Tensor]) -> list[torch.device]:
     return sorted({p.device for p in params}, key=str)
 
@@ -63,7 +71,7 @@ class CompiledStep:
                  channels_last: bool = False, mode: CompileMode = "default", compile: bool = True) -> None:
         self.model, self.trainable, self.optimizer = model, trainable or model, optimizer
         self.batch_size, self.autocast_dtype, self.channels_last = batch_size, autocast_dtype, channels_last
-        self.cudagraphs = compile and mode == "reduce-overhead"
+        self.cudagraphs = compile and uses_cudagraphs(mode)
         self._buckets, self._lrs, self._lr_values = [], {}, {}
         for g, group in enumerate(optimizer.param_groups):
             params = [p for p in group["params"] if p.requires_grad]
@@ -154,7 +162,7 @@ class CompiledEval(nn.Module):
     def __init__(self, model: nn.Module, batch_size: int, *, mode: CompileMode = "default", compile: bool = True):
         super().__init__()
         self.model, self.batch_size = model, batch_size
-        self.cudagraphs = compile and mode == "reduce-overhead"
+        self.cudagraphs = compile and uses_cudagraphs(mode)
         self._fn = torch.compile(self.model, mode=mode) if compile else self.model
 
     @property

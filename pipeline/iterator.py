@@ -97,7 +97,7 @@ class DaliIterator:
         if any(len(out) != self.batch_size for out in batch):
             raise RuntimeError(f"DALI returned a batch of {[len(o) for o in batch]} samples, expected "
                                f"{self.batch_size} (the reader pads every batch)")
-        tensors = {name: torch.from_dlpack(out.as_tensor()) for name, out in zip(self.names, batch)}
+        tensors = {name: _to_torch(out, bound=stream is not None) for name, out in zip(self.names, batch)}
         self.pipe.release_outputs()  # a no-op with exec_dynamic: the tensors keep their buffers
         self.pipe.schedule_run()
         return tensors
@@ -105,3 +105,14 @@ class DaliIterator:
     def checkpoint(self) -> bytes:
         """DALI's checkpoint of the pipeline after the last batch taken (reader position, RNGs)."""
         return self.pipe.checkpoint()
+
+
+def _to_torch(out, bound: bool) -> torch.Tensor:
+    """A DALI output as a torch tensor on its buffer (DLPack).  ``bound``: the outputs were
+    taken on PyTorch's stream, and DLPack's stream argument makes that stream wait for DALI's
+    work on this buffer.  Otherwise DALI waited on the host already (``share_outputs()`` without
+    a stream), and the import says so (``stream=-1``: no synchronisation): with the default, DALI
+    would make PyTorch's stream wait for an event recorded on its own stream now, behind the
+    batches it has queued since (the prefetch), a wait on work this batch does not need."""
+    tensor = out.as_tensor()
+    return torch.from_dlpack(tensor if bound else tensor.__dlpack__(stream=-1))

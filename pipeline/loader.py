@@ -10,8 +10,10 @@ a buffer once the last reference to it is gone.  On the CPU every use of a batch
 parsing its labels) is finished before the next batch is asked for, so references are enough.
 On a GPU the reads are kernels queued on PyTorch's stream that may run long after the host has
 moved on, while DALI frees in its own stream order; so every GPU batch is held
-(``_GpuKeepAlive``) until an event recorded after its consumer's kernels has completed.  Nothing
-reads a batch after that: the normalised images and the parsed labels are new tensors.
+(``_GpuKeepAlive``) until an event recorded after its consumer's kernels has completed.  Held is
+every output DALI handed out, not what ``RawBatch`` keeps: the label bytes are read by a queued
+kernel too (``ascii_ints_torch``), and ``RawBatch`` keeps only its result.  Nothing reads a batch
+after that: the normalised images and the parsed labels are new tensors.
 """
 from __future__ import annotations
 
@@ -128,7 +130,7 @@ class DaliLoader:
             raw = self._raw(batch)
             yield raw
             if self._keepalive is not None:  # the consumer has queued its reads of ``raw``
-                self._keepalive.hold(raw)
+                self._keepalive.hold(batch)
         self.epoch += 1
         self._batches = 0
 

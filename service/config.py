@@ -37,7 +37,7 @@ class ModelSettings:
     # recompiles); "step": model.step, the whole training step (forward, backward, update) as one
     # compiled function and evaluation as another, each compiled once.
     compile: Literal["off", "model", "step"] = "off"
-    compile_mode: CompileMode = "default"  # torch.compile's mode; "reduce-overhead" adds CUDA graphs
+    compile_mode: CompileMode = "default"  # torch.compile's mode; "reduce-overhead" and "max-autotune" add CUDA graphs
     lrn: LrnImpl = "torch"  # "window_sum": the same LRN as fusible elementwise ops (model.lrn)
     # 4: conv1 reads the image with a fourth, zero channel (the same function and parameters;
     # cuDNN's NHWC first-layer kernels want 4 channels, not 3: model.AlexNet)

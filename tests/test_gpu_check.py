@@ -4,10 +4,16 @@ JSON is always written (exit 0)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from bench.child import ROOT, child_env
 from tests.conftest import run_module
 
 PARTS = ["versions", "nvidia-smi", "data", "gpu-tests", "bench-model", "bench-pipeline", "sweep", "service",
@@ -38,6 +44,9 @@ def test_dry_mode_runs_every_part(tmp_path: Path) -> None:
     check_sweep(tmp_path / "out", parts, record)
     check_service_after_the_sweep(tmp_path, record)
     assert (tmp_path / "out" / "model.json").is_file() and (tmp_path / "out" / "logs" / "service.log").is_file()
+    # the service run's record comes back with the results (its checkpoints stay with the data)
+    kept = {p.name for p in (tmp_path / "out" / "service").iterdir()}
+    assert {"history.json", "log.jsonl", "curve.png"} <= kept and not any(k.endswith(".pt") for k in kept)
     for name in PARTS:  # the summary table
         assert f"\n{name} " in stdout
 
@@ -92,6 +101,22 @@ def test_a_sweep_configuration_that_fails_is_recorded_and_the_next_runs(sample_s
     assert list(json.loads((tmp_path / "sweep.json").read_text())["configs"]) == [bad["name"], good["name"]]
 
 
+
+def test_an_earlier_runs_sweep_summary_is_never_taken_for_this_runs(tmp_path: Path) -> None:
+    """A sweep that died before writing anything leaves the last run's sweep.json in OUT: read
+    after the failure (``Part.salvage``), it must not pass for this run's results."""
+    from bench.gpu_check_parts import Context, sweep_read
+
+    old = {"mode": "gpu", "started": "2026-01-01T00:00:00+0000", "configs": {}, "recommended": {"flags": ["-x"]}}
+    (tmp_path / "sweep.json").write_text(json.dumps(old))
+    ctx = Context(tmp_path, tmp_path, dry=False, deadline=time.time() + 60)
+    with pytest.raises(RuntimeError, match="earlier sweep"):
+        sweep_read(ctx, "")
+    assert ctx.service_flags == ()
+    fresh = {**old, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    (tmp_path / "sweep.json").write_text(json.dumps(fresh))
+    assert sweep_read(ctx, "")["recommended"] == {"flags": ["-x"]} and ctx.service_flags == ("-x",)
+
 @pytest.mark.slow
 def test_a_failing_part_is_recorded_and_the_rest_still_runs(tmp_path: Path) -> None:
     """An unreadable image in the generated dataset: sharding fails (too many skipped), the
@@ -124,3 +149,96 @@ def test_the_sweep_part_outlives_its_budget_by_its_report(tmp_path: Path, second
     assert 30 <= budget <= 420 and min(cap, seconds) - budget >= 40  # the part's limit, less the budget
     if "service" in only:  # and the service part still has its time after the report
         assert seconds - budget - SERVICE_RESERVE >= 40
+
+
+
+def processes_naming(text: str) -> list[int]:
+    """Live processes whose command line contains ``text``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().decode(errors="replace") \
+                    and alive(int(entry.name)):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_sigterm_kills_the_running_parts_and_keeps_what_they_measured(tmp_path: Path) -> None:
+    """The runner's ``timeout`` sends SIGTERM: gpu-check kills the running part with everything
+    it started (the sweep's own child included), records it as stopped with the results it had
+    written (the sweep's summary), marks the parts that never started, writes the JSON and exits
+    with 128 + 15."""
+    out, data = tmp_path / "out", tmp_path / "data"
+    proc = subprocess.Popen([sys.executable, "-m", "bench.gpu_check", "--dry", "--out", str(out), "--data", str(data),
+                             "--seconds", "900", "--parts", "versions,data,sweep,service"],
+                            cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        end = time.time() + 600
+        while time.time() < end and proc.poll() is None and not any(
+                r.get("status") == "ok" for r in summary_configs(out / "sweep.json")):
+            time.sleep(0.5)
+        assert proc.poll() is None, "gpu-check ended before its sweep measured a configuration"
+        proc.send_signal(signal.SIGTERM)
+        stdout, _ = proc.communicate(timeout=60)
+        time.sleep(1)
+        left = processes_naming(str(out))
+    finally:
+        proc.kill()
+        for pid in processes_naming(str(out)):  # a failed test leaves nothing running either
+            os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, stdout[-2000:]
+    record = json.loads((out / "gpu_check.json").read_text())
+    sweep, service = record["parts"]["sweep"], record["parts"]["service"]
+    assert record["stopped"].startswith("by SIGTERM") and "stopped by SIGTERM" in stdout
+    assert sweep["status"] == "failed" and sweep["error"].startswith("stopped by SIGTERM")
+    assert sweep["results"]["ok"] >= 1
+    assert service["status"] == "skipped" and "stopped by SIGTERM" in service["reason"]
+    assert not left, "a part or its child outlived gpu-check"
+
+
+def summary_configs(path: Path) -> list[dict]:
+    try:
+        return list(json.loads(path.read_text())["configs"].values())
+    except (OSError, ValueError, KeyError):
+        return []
+
+# A parent that starts one long child with bench.child.spawn, prints its pid, then waits.
+PARENT = r"""
+import pathlib, sys, time
+from bench.child import spawn
+proc = spawn([sys.executable, "-c", "import time; time.sleep(120)"], pathlib.Path(sys.argv[1]))
+print(proc.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie nobody reaps, as in a container without an init, counts as ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_a_child_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
+    """gpu-check's parts and the sweep's configurations each run in a session of their own; a
+    parent killed from outside (the runner's ``timeout``, ``kill -9``) must not leave them
+    running on the GPU behind it."""
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(tmp_path / "child.log")], cwd=ROOT,
+                              env=child_env(), stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    try:
+        assert alive(child)
+        parent.kill()
+        parent.wait()
+        end = time.time() + 10
+        while alive(child) and time.time() < end:
+            time.sleep(0.1)
+        assert not alive(child), "the child outlived the process that started it"
+    finally:
+        if alive(child):
+            os.kill(child, signal.SIGKILL)

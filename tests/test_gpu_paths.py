@@ -13,6 +13,7 @@ from pipeline import LoaderConfig, build_eval_loader, build_train_loader
 from pipeline.normalize import DeviceNormalizer
 from pipeline.stats import load_stats
 from shards.manifest import load
+from tests.cuda_sleep import sleep_cycles
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 CFG = LoaderConfig(batch_size=16, threads=4, shuffle_buffer=64)
@@ -86,15 +87,26 @@ def test_mixed_decode_matches_the_cpu_decode(sample_shards: Path) -> None:
     assert diff.mean() < 1.0 and (diff > 8).mean() < 0.001
 
 
-def test_batches_survive_the_host_running_ahead(sample_shards: Path) -> None:
+@pytest.mark.parametrize("handover", ["host", "stream"])
+def test_batches_survive_the_host_running_ahead(sample_shards: Path, handover: str) -> None:
     """DALI hands out its own GPU buffers (no copy) and may reuse them once released; the loader
     holds each batch until the GPU has run the kernels that read it.  The same seeded epoch read
-    twice, once with the host running ahead (no sync until the end) and once synchronising after
-    every batch, must give identical normalised batches."""
+    twice, once with the training stream 20 ms behind the host at every batch (a kernel queued
+    before each batch is taken, no sync until the end: the batch's reads run long after the host
+    moved on) and once synchronising after every batch, must give identical images and labels."""
+    lag = sleep_cycles(0.02)
+
     def epoch(sync_each: bool) -> list[torch.Tensor]:
-        loader = build_train_loader(sample_shards, device="cuda:0", config=CFG)
+        loader = build_train_loader(sample_shards, device="cuda:0", config=CFG.replace(handover=handover))
         out = []
-        for images, labels in loader:
+        batches = iter(loader)
+        while True:
+            if not sync_each:
+                torch.cuda._sleep(lag)
+            try:
+                images, labels = next(batches)
+            except StopIteration:
+                break
             out.append(torch.cat([images.flatten(1), labels[:, None].float()], dim=1) * 1.0)
             if sync_each:
                 torch.cuda.synchronize()

@@ -14,20 +14,11 @@ import pytest
 import torch
 
 from pipeline import LoaderConfig, build_train_loader
+from tests.cuda_sleep import sleep_cycles
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 ROOT = Path(__file__).resolve().parents[1]
 CFG = LoaderConfig(batch_size=16, threads=4, shuffle_buffer=64)
-
-
-def sleep_cycles(seconds: float) -> int:
-    """GPU clock cycles that ``torch.cuda._sleep`` spins for about ``seconds``."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    torch.cuda._sleep(50_000_000)
-    end.record()
-    end.synchronize()
-    return int(50_000_000 * seconds / (start.elapsed_time(end) / 1e3))
 
 
 def test_stream_handover_returns_while_the_training_stream_is_busy(sample_shards: Path) -> None:

@@ -169,3 +169,15 @@ def test_compiled_evaluation_compiles_once_and_equals_eager() -> None:
     assert compiled.loss == pytest.approx(eager.loss, rel=1e-5)
     with pytest.raises(ValueError, match="at most 20"):
         evaluator(views.flatten(0, 1))
+
+
+@pytest.mark.parametrize("mode, graphs", [("default", False), ("reduce-overhead", True), ("max-autotune", True),
+                                          ("max-autotune-no-cudagraphs", False)])
+def test_every_mode_that_records_cuda_graphs_marks_each_step(mode: str, graphs: bool) -> None:
+    """Each step and evaluation call starts a new CUDA-graph generation
+    (``cudagraph_mark_step_begin``) in every compile mode that records graphs: "max-autotune"
+    does too, and was treated as one that does not."""
+    model, opt = replica()
+    assert CompiledStep(model, opt, 4, mode=mode).cudagraphs is graphs
+    assert CompiledEval(model, 4, mode=mode).cudagraphs is graphs
+    assert not CompiledStep(model, opt, 4, mode=mode, compile=False).cudagraphs

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -185,6 +186,32 @@ def test_loader_is_raw_batches_through_the_normalizer(sample_shards):
     assert images.dtype == torch.bfloat16 and images.shape == (32, 3, 224, 224)
     assert torch.equal(images, loader.normalize(raw)) and torch.equal(labels, raw.labels)
 
+
+def storages(obj: object) -> set[int]:
+    """The storages of every tensor in ``obj`` (nested dicts, tuples, lists, dataclasses)."""
+    if isinstance(obj, torch.Tensor):
+        return {obj.untyped_storage().data_ptr()} if obj.numel() else set()
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (tuple, list)) else \
+        vars(obj).values() if hasattr(obj, "__dict__") else ()
+    return set().union(*map(storages, items))
+
+
+def test_everything_dali_handed_out_is_held_until_the_consumer_ran(sample_shards):
+    """On a GPU a batch's buffers stay alive (``_GpuKeepAlive``) until the kernels queued on it
+    have run; the label bytes are read by one of them (``ascii_ints_torch``), so they must be
+    held too, not only what ``RawBatch`` keeps (they were not: a lagging stream could then parse
+    a later batch's labels).  Checked on the CPU with a keep-alive that records what it holds."""
+    loader = build_train_loader(sample_shards, config=CFG)
+    handed_out, held = [], []
+    take = loader._it._take
+    loader._it._take = lambda: handed_out.append(take()) or handed_out[-1]
+    loader._keepalive = SimpleNamespace(hold=held.append)
+    for _ in loader:
+        pass
+    assert len(held) == len(handed_out) == len(loader)
+    for outputs, kept in zip(handed_out, held):
+        assert {"images", "labels", "anchors", "mirror", "alpha"} <= set(outputs)
+        assert storages(outputs) <= storages(kept)
 
 def test_average_views():
     logits = torch.randn(3 * 10, 5)
