@@ -107,7 +107,8 @@ class Sweep:
             return
         print(f"sweep: compiling {len(todo)} configurations' graphs ahead, side by side (at most {limit:.0f} s)",
               flush=True)
-        results = self._compile_many(todo, limit)
+        # the first is the model stage 1 runs: it may finish its compile after the others stop
+        results = self._compile_many(todo, limit, self.deadline - self.clock() - MIN_SECONDS)
         for config in todo:
             if results[config.name]["status"] == "ok":
                 self.compiled |= config.graphs
@@ -118,8 +119,8 @@ class Sweep:
         self.save()
         print("sweep: compiled ahead: " + ", ".join(f"{n}: {r['status']}" for n, r in results.items()), flush=True)
 
-    def _compile_many(self, configs: list[Config], limit: float) -> dict[str, dict]:
-        return compile_many(configs, self.shards, self.out, limit)
+    def _compile_many(self, configs: list[Config], limit: float, first_limit: float) -> dict[str, dict]:
+        return compile_many(configs, self.shards, self.out, limit, first_limit)
 
     def _child(self, config: Config, flags: tuple[str, ...], limit: float) -> dict:
         name = slug(config.name)

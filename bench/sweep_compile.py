@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -32,31 +31,40 @@ PARALLEL = 6  # compiles side by side: a 16-core machine gives each 2 of Triton'
 POLL = 0.5  # seconds
 
 
-def compile_many(configs: list[Config], shards: Path, out: Path, limit: float) -> dict[str, dict]:
+def compile_many(configs: list[Config], shards: Path, out: Path, limit: float,
+                 first_limit: float | None = None) -> dict[str, dict]:
     """Compile ``configs`` (in order, ``PARALLEL`` at a time) within ``limit`` seconds; per name,
-    ``{"status": "ok" | "failed" | "not started", "wall_seconds", "error"?}``."""
+    ``{"status": "ok" | "failed" | "not started", "wall_seconds", "error"?}``.
+
+    ``first_limit`` (at least ``limit``): the first configuration, the one the sweep runs next,
+    may go on compiling until then while the others are cut off at ``limit``.  Killing it would
+    throw away the part of its compile that is not in the cache yet, only for the sweep to start
+    that compile again at once."""
     threads = max(1, (os.cpu_count() or PARALLEL) // PARALLEL)
     env = child_env({"TORCHINDUCTOR_COMPILE_THREADS": str(threads), "TORCH_LOGS": "perf_hints"})
     queue, running, results = list(configs), {}, {}
-    end = time.time() + limit
+    start = time.time()
+    end = start + limit
+    ends = {c.name: end for c in configs} | ({configs[0].name: start + max(limit, first_limit)}
+                                            if configs and first_limit else {})
     while queue or running:
         while queue and len(running) < PARALLEL and time.time() < end - 1:
             config = queue.pop(0)
             running[config.name] = (*_start(config, shards, out, env), time.time())
         time.sleep(POLL)
-        late = time.time() >= end
-        if late:  # every child still compiling is killed at once, not one after another
-            for proc, *_ in running.values():
-                kill(proc)
+        now = time.time()
         for name, (proc, result, log, started) in list(running.items()):
-            if proc.poll() is None and not late:
+            cut = proc.poll() is None and now >= ends[name]
+            if proc.poll() is None and not cut:
                 continue
-            code = None if late and proc.returncode == -signal.SIGKILL else proc.wait()
+            if cut:  # every child cut off at the limit is killed in this pass, at once
+                kill(proc)
+            code = None if cut else proc.wait()
             wall = round(time.time() - started, 1)
             results[name] = {"status": "ok", "wall_seconds": wall} if result.is_file() else {
                 "status": "failed", "wall_seconds": wall, "error": failure(code, wall, log.read_text(errors="replace"))}
             del running[name]
-        if late:
+        if now >= end:
             queue.clear()
     for config in configs:
         results.setdefault(config.name, {"status": "not started", "wall_seconds": 0.0})

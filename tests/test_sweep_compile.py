@@ -34,3 +34,16 @@ def test_what_the_limit_cuts_off_is_failed_or_not_started(sample_shards: Path, t
     assert len(started) == 6 and all(r["status"] == "failed" and r["error"].startswith("timed out") for r in started)
     assert max(r["wall_seconds"] for r in started) < 4  # all killed at the limit, at once
     assert [results[c.name]["status"] for c in many[6:]] == ["not started"] * 2
+
+
+
+@pytest.mark.slow
+def test_the_first_may_compile_on_after_the_others_are_cut_off(sample_shards: Path, tmp_path: Path) -> None:
+    """The first configuration (the model the sweep runs next) has its own, later limit: it
+    finishes while the others, cut off at the common limit, are killed at once."""
+    (tmp_path / "sweep").mkdir(), (tmp_path / "logs" / "sweep").mkdir(parents=True)
+    many = [EAGER] + [Config(f"model: eager {i}", "model", EAGER.flags, 60) for i in range(2)]
+    results = compile_many(many, sample_shards, tmp_path, limit=2, first_limit=240)
+    assert results[EAGER.name]["status"] == "ok" and results[EAGER.name]["wall_seconds"] > 2, results
+    assert all(results[c.name]["status"] == "failed" and results[c.name]["error"].startswith("timed out")
+               for c in many[1:])

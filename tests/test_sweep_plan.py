@@ -34,12 +34,14 @@ class Scripted(Sweep):
         self.fake_clock, self.rates, self.order, self.ahead, self.broken = Clock(), rates, [], [], broken
         super().__init__(tmp, tmp, seconds, dry=False, clock=self.fake_clock)
 
-    def _compile_many(self, configs: list[Config], limit: float) -> dict[str, dict]:
-        """All at once (one round), each AHEAD seconds; a broken one fails at once."""
+    def _compile_many(self, configs: list[Config], limit: float, first_limit: float) -> dict[str, dict]:
+        """All at once (one round), each AHEAD seconds; a broken one fails at once; the first may
+        go on until ``first_limit``, the others are cut off at ``limit``."""
         self.ahead = [c.name for c in configs]
-        self.fake_clock.now += min(AHEAD, limit)
+        limits = {c.name: max(limit, first_limit) if i == 0 else limit for i, c in enumerate(configs)}
+        self.fake_clock.now += max(min(AHEAD, limits[c.name]) for c in configs if c.name not in self.broken)
         return {c.name: {"status": "failed", "wall_seconds": 5.0, "error": "exit code 1"} if c.name in self.broken
-                else {"status": "ok" if AHEAD <= limit else "failed", "wall_seconds": min(AHEAD, limit)}
+                else {"status": "ok" if AHEAD <= limits[c.name] else "failed", "wall_seconds": min(AHEAD, limits[c.name])}
                 for c in configs}
 
     def _child(self, config: Config, flags: tuple[str, ...], limit: float) -> dict:
@@ -107,6 +109,20 @@ def test_a_graph_that_fails_to_compile_ahead_is_left_to_the_budget(tmp_path: Pat
     cached = sweep.order[9:14]
     assert "model: step + graphs, NCHW" not in cached and "model: step + graphs, two towers as plain convs" in cached
 
+
+
+def test_the_model_stage_1_needs_finishes_its_compile_ahead_when_the_others_are_cut_off(tmp_path: Path) -> None:
+    """A budget whose 45% for compiling ahead is less than one compile: the others are cut off at
+    that limit, the first (stage 1's model) compiles on, so stage 1 loads it instead of compiling
+    it again from the start."""
+    sweep = Scripted(tmp_path, seconds=180, rates=RATES)  # 81 s ahead, a compile takes 90
+    plan(sweep)
+    ahead = json.loads((tmp_path / "sweep.json").read_text())["compiled_ahead"]
+    first, *others = sweep.ahead
+    assert ahead[first] == {"status": "ok", "wall_seconds": AHEAD}
+    assert all(ahead[name]["status"] == "failed" and ahead[name]["wall_seconds"] < AHEAD for name in others)
+    assert sweep.order[:2] == [first, "e2e: compiled step + CUDA graphs"]
+    assert sweep.records[first]["status"] == "ok" and sweep.records[first]["wall_seconds"] == CACHED
 
 def test_a_long_budget_runs_everything_and_reruns_the_levers_on_a_faster_model(tmp_path: Path) -> None:
     # two model levers gain on their own, more together: combined, then end to end on that
