@@ -60,6 +60,9 @@ BASE_MODELS = [
 ]
 # Each on top of the compiled step with CUDA graphs, alone; those that gain are then combined.
 MODEL_LEVERS = [
+    # The forward, backward and update in one graph where torch breaks at backward() by default
+    # (2.11, the GPU machines' version; with 2.13 "auto" traces it already: the same graph).
+    ("backward in the graph", ("--model.trace_backward", "on")),
     ("LRN window_sum", ("--model.lrn", "window_sum")),
     ("conv1 on 4 channels", ("--model.input_channels", "4")),
     ("bf16 channels_last batches", BF16_BATCHES),

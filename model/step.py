@@ -8,9 +8,11 @@ compiled together, inductor fuses the update into the gradient computation's las
 ``mode="reduce-overhead"`` can replay the whole step as CUDA graphs.  With torch >= 2.13 Dynamo
 traces ``loss.backward()`` into the same graph (``trace_autograd_ops``); older versions break the
 graph there and compile the forward (with its backward, by AOTAutograd) and the update apart.
-Gated on the version, not on the flag: torch 2.11 (the GPU machines' PyTorch so far) already has
-the flag, but the backward traced into the graph has only been tested from 2.13 on
-(``tests/test_model_step.py``), while the graph break is torch.compile's long-standing path.
+``trace_backward="auto"`` gates it on the version, not on the flag: torch 2.11 (the GPU machines'
+PyTorch so far) already has the flag, and the traced backward passes the compiled-equals-eager
+test there on the CPU (``tests/test_model_step.py`` runs it with "on" on every version that has
+the flag), but the graph break is torch.compile's long-standing path; "on" traces it wherever
+the flag exists (a lever of ``make gpu-check``'s sweep), "off" always breaks.
 
 What would recompile, and does not (``tests/test_model_step.py`` counts Dynamo's graphs):
 
@@ -40,9 +42,18 @@ from torch import Tensor, nn
 from model.optim import PaperSGD, paper_update_
 
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
-# Dynamo traces ``loss.backward()`` into the step's graph (see the module docstring).
-BACKWARD_IN_GRAPH = (hasattr(torch._dynamo.config, "trace_autograd_ops")
-                     and torch.torch_version.TorchVersion(torch.__version__) >= (2, 13))
+TraceBackward = Literal["auto", "on", "off"]
+# Whether this torch can trace ``loss.backward()`` into a graph at all, and whether "auto" does.
+CAN_TRACE_BACKWARD = hasattr(torch._dynamo.config, "trace_autograd_ops")
+BACKWARD_IN_GRAPH = CAN_TRACE_BACKWARD and torch.torch_version.TorchVersion(torch.__version__) >= (2, 13)
+
+
+def traces_backward(setting: TraceBackward) -> bool:
+    """Whether the compiled step traces its backward with ``setting`` on this torch."""
+    if setting == "on" and not CAN_TRACE_BACKWARD:
+        raise ValueError(f"torch {torch.__version__} cannot trace backward() into a graph "
+                         "(no torch._dynamo.config.trace_autograd_ops): use auto or off")
+    return setting == "on" or (setting == "auto" and BACKWARD_IN_GRAPH)
 
 
 def uses_cudagraphs(mode: CompileMode) -> bool:
@@ -63,12 +74,14 @@ class CompiledStep:
 
     ``model`` is the AlexNet (its parameters are updated), ``trainable`` what the forward runs
     (the model, or its DDP wrapper: then the backward stays outside the graph, where DDP's
-    gradient hooks run).  ``compile=False`` runs the same function eagerly (tests, debugging).
+    gradient hooks run, whatever ``trace_backward`` says).  ``compile=False`` runs the same
+    function eagerly (tests, debugging).
     """
 
     def __init__(self, model: nn.Module, optimizer: PaperSGD, batch_size: int, *,
                  trainable: nn.Module | None = None, autocast_dtype: torch.dtype | None = None,
-                 channels_last: bool = False, mode: CompileMode = "default", compile: bool = True) -> None:
+                 channels_last: bool = False, mode: CompileMode = "default", compile: bool = True,
+                 trace_backward: TraceBackward = "auto") -> None:
         self.model, self.trainable, self.optimizer = model, trainable or model, optimizer
         self.batch_size, self.autocast_dtype, self.channels_last = batch_size, autocast_dtype, channels_last
         self.cudagraphs = compile and uses_cudagraphs(mode)
@@ -85,7 +98,7 @@ class CompiledStep:
             torch._dynamo.mark_static_address(tensor)  # fixed addresses: CUDA graphs read them in place
         self._ones: dict[torch.device, Tensor] = {}
         whole = trainable is None or trainable is model  # DDP's reducer needs the eager backward
-        self._trace_backward = whole and BACKWARD_IN_GRAPH
+        self._trace_backward = whole and traces_backward(trace_backward)
         self._fn = torch.compile(self._step, mode=mode) if compile else self._step
 
     @property

@@ -144,7 +144,7 @@ def steps_for(cfg: TrainConfig, model: torch.nn.Module, trainable: torch.nn.Modu
         return functools.partial(train_step, trainable, optimizer, autocast_dtype=autocast,
                                  channels_last=m.channels_last, scaler=scaler), model
     step = CompiledStep(model, optimizer, cfg.loader.batch_size, trainable=trainable, autocast_dtype=autocast,
-                        channels_last=m.channels_last, mode=m.compile_mode)
+                        channels_last=m.channels_last, mode=m.compile_mode, trace_backward=m.trace_backward)
     return step, CompiledEval(model, cfg.loader.batch_size * cfg.eval_views, mode=m.compile_mode)
 
 

@@ -17,7 +17,7 @@ from typing import Literal
 from common.cuda import CudaSync
 from model.alexnet import InputChannels
 from model.lrn import LrnImpl
-from model.step import CompileMode
+from model.step import CAN_TRACE_BACKWARD, CompileMode, TraceBackward
 from pipeline.config import LoaderConfig
 
 
@@ -38,6 +38,10 @@ class ModelSettings:
     # compiled function and evaluation as another, each compiled once.
     compile: Literal["off", "model", "step"] = "off"
     compile_mode: CompileMode = "default"  # torch.compile's mode; "reduce-overhead" and "max-autotune" add CUDA graphs
+    # model.compile step: "on" traces loss.backward() into the step's one graph, "off" breaks the
+    # graph there (forward+backward, then the update), "auto" traces from torch 2.13 on (model.step);
+    # with several ranks (DDP) the backward stays outside the graph either way
+    trace_backward: TraceBackward = "auto"
     lrn: LrnImpl = "torch"  # "window_sum": the same LRN as fusible elementwise ops (model.lrn)
     # 4: conv1 reads the image with a fourth, zero channel (the same function and parameters;
     # cuDNN's NHWC first-layer kernels want 4 channels, not 3: model.AlexNet)
@@ -141,7 +145,7 @@ OPERATIONAL = frozenset({
     "loader.threads", "loader.prefetch", "loader.hw_decoder_load", "loader.fast_idct", "loader.dtype",
     "loader.handover", "loader.affinity", "loader.memory_format",
     "model.layout", "model.devices", "model.autocast", "model.channels_last", "model.compile",
-    "model.compile_mode", "model.lrn", "model.cudnn_benchmark_limit", "model.input_channels",
+    "model.compile_mode", "model.trace_backward", "model.lrn", "model.cudnn_benchmark_limit", "model.input_channels",
     "checkpoint", "http", "data", "debug",
 })
 
@@ -202,6 +206,9 @@ def _model_problems(cfg: TrainConfig) -> list[str]:
     if m.compile == "step" and m.autocast == "float16":
         problems.append("model.compile step does not take model.autocast float16 (its gradient scaler checks "
                         "for overflow on the host every step): use bfloat16, or model.compile model")
+    if m.trace_backward == "on" and (m.compile != "step" or not CAN_TRACE_BACKWARD):
+        problems.append("model.trace_backward on needs model.compile step and a torch that can trace backward() "
+                        "into a graph (one with torch._dynamo.config.trace_autograd_ops): use auto or off")
     if cfg.loader.memory_format == "channels_last" and not m.channels_last:
         problems.append("loader.memory_format channels_last needs model.channels_last true (the batch is made "
                         "in the model's layout); set both, or loader.memory_format contiguous")

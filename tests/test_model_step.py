@@ -8,7 +8,7 @@ from torch._dynamo.utils import counters
 
 from model import AlexNet, PaperSGD, PlateauSchedule, evaluate, load_velocity_state, train_step, velocity_state
 from model.optim import paper_update_, param_groups
-from model.step import BACKWARD_IN_GRAPH, CompiledEval, CompiledStep
+from model.step import BACKWARD_IN_GRAPH, CAN_TRACE_BACKWARD, CompiledEval, CompiledStep, traces_backward
 
 
 def replica(num_classes: int = 10, dropout: float = 0.0) -> tuple[AlexNet, PaperSGD]:
@@ -102,10 +102,16 @@ def assert_same_update(a: AlexNet, b: AlexNet, opt_a: PaperSGD, opt_b: PaperSGD,
 
 
 @pytest.mark.slow
-def test_compiled_step_equals_eager_and_compiles_once() -> None:
+@pytest.mark.parametrize("trace", [
+    "auto",
+    pytest.param("on", marks=pytest.mark.skipif(BACKWARD_IN_GRAPH or not CAN_TRACE_BACKWARD,
+                                                 reason="the same as auto here, or not possible")),
+    "off"])
+def test_compiled_step_equals_eager_and_compiles_once(trace: str) -> None:
     """The real AlexNet (1000 classes, dropout 0.5) compiled on the CPU: one compilation, then no
     recompile for the lr drop, a short and an empty last batch, a resume (velocities loaded in
-    place) and evaluation.  Each step is compared with the same step run eagerly from the same
+    place) and evaluation, with the backward traced into the graph or the graph broken there
+    (``trace_backward``; "on" is the 2.11 lever, tested where "auto" does not trace).  Each step is compared with the same step run eagerly from the same
     weights, velocities and RNG state (inductor's ``fallback_random`` draws the dropout masks as
     eager PyTorch does): the same loss, and the same update up to float rounding.  (Rounding
     alone can move a max-pool's argmax between two nearly equal values, which moves a few
@@ -113,7 +119,8 @@ def test_compiled_step_equals_eager_and_compiles_once() -> None:
     step; a wrong lr or a missing momentum term would be O(1).)"""
     eager, eager_opt = replica(1000, dropout=0.5)
     model, opt = replica(1000, dropout=0.5)
-    step, eager_step = CompiledStep(model, opt, batch_size=2), CompiledStep(eager, eager_opt, 2, compile=False)
+    step = CompiledStep(model, opt, batch_size=2, trace_backward=trace)
+    eager_step = CompiledStep(eager, eager_opt, 2, compile=False)
     schedules = PlateauSchedule(opt, patience=1), PlateauSchedule(eager_opt, patience=1)
     torch._dynamo.reset()
     counters.clear()
@@ -143,8 +150,10 @@ def test_compiled_step_equals_eager_and_compiles_once() -> None:
             evaluate(model, [(images[:, None].expand(3, 10, 3, 224, 224), labels)])
             evaluate(model, [(images[:1], labels[:1])])
     assert counters["stats"]["unique_graphs"] == graphs
-    if BACKWARD_IN_GRAPH:  # torch >= 2.13: the backward is in the graph
+    if traces_backward(trace):  # one graph: forward, backward and update
         assert graphs == 1 and not counters["graph_break"]
+    else:  # forward with its backward (AOTAutograd), then the update
+        assert graphs == 2 and sum(counters["graph_break"].values()) == 1
 
 
 @pytest.mark.slow

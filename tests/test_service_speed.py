@@ -21,6 +21,8 @@ from tests.service_proc import TINY
     (["--model.compile", "step", "--model.autocast", "float16"],
      "model.compile step does not take model.autocast float16"),
     (["--model.compile_mode", "fast"], "model.compile_mode must be one of"),
+    (["--model.trace_backward", "yes"], "model.trace_backward must be one of"),
+    (["--model.compile", "model", "--model.trace_backward", "on"], "model.trace_backward on needs model.compile step"),
     (["--model.lrn", "fused"], "model.lrn must be one of"),
     (["--model.cudnn_benchmark_limit", "-1"], "model.cudnn_benchmark_limit must be >= 0"),
     (["--loader.memory_format", "channels_last"], "loader.memory_format channels_last needs model.channels_last true"),
@@ -39,8 +41,10 @@ def test_speed_settings_that_fit_together_pass() -> None:
     cfg = parse(["--model.compile", "step", "--model.compile_mode", "reduce-overhead", "--model.lrn", "window_sum",
                  "--model.channels_last", "true", "--model.autocast", "bfloat16", "--loader.dtype", "bfloat16",
                  "--loader.memory_format", "channels_last", "--loader.handover", "stream", "--cuda_sync", "blocking",
-                 "--loader.affinity", "spare_core", "--loader.jpeg_fancy_upsampling", "false"])
+                 "--loader.affinity", "spare_core", "--loader.jpeg_fancy_upsampling", "false",
+                 "--model.trace_backward", "on"])
     assert (cfg.model.compile, cfg.loader.handover, cfg.cuda_sync) == ("step", "stream", "blocking")
+    assert cfg.model.trace_backward == "on"
 
 
 @pytest.mark.slow
