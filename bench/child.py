@@ -1,8 +1,11 @@
 """Child processes with a time limit, for ``make gpu-check`` and its sweep: each measured thing
 runs in its own process group, so a crash, a hang or a CUDA error takes down only itself, and a
 timeout kills everything it started.  A child also dies with the process that started it: in a
-session of its own, it would otherwise outlive a parent killed from outside (``timeout``,
-``kill -9``) and go on using the GPU."""
+session of its own, it would otherwise outlive a parent killed from outside (``kill -9``, an
+out-of-memory kill) and go on using the GPU.  That covers the child itself (a sweep's
+configuration, a part's last command, which bash runs in its own place), not processes the child
+forked before (the first command of a part's ``a && b``): those go with the child's process group,
+which a parent still alive kills on a stop (``bench.gpu_check``)."""
 from __future__ import annotations
 
 import ctypes
@@ -35,17 +38,20 @@ def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subp
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# Looked up here, in the parent: the child, forked from a process with CUDA's threads running,
+# should only make the call (a dlopen between fork and exec could deadlock on a lock one of
+# those threads held).
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 
 
 def _dies_with(parent: int):
     """What the child runs between fork and exec (Linux): SIGKILL when ``parent`` (its starting
     thread) ends, and exit at once if it ended already, before the request was made."""
-    if not sys.platform.startswith("linux"):
+    if _PRCTL is None:
         return None
 
     def request() -> None:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:
+        if _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL) != 0 or os.getppid() != parent:
             os._exit(1)
     return request
 
@@ -59,14 +65,17 @@ def reap(proc: subprocess.Popen, limit: float) -> int | None:
         return None
 
 
-def kill(proc: subprocess.Popen) -> None:
-    """SIGKILL ``proc``'s process group (all it started) if it still runs, and reap it."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait()
+def kill(*procs: subprocess.Popen) -> None:
+    """SIGKILL each process group (all each started) that still runs, all of them first, then
+    reap them: a GPU process can take seconds to go, and they go together."""
+    for proc in procs:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for proc in procs:
+        proc.wait()
 
 
 def failure(code: int | None, limit: float, log_text: str, lines: int = 25) -> str:

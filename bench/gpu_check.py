@@ -5,7 +5,7 @@ its own data, runs each part in a child process with its own time limit (a crash
 error in one part cannot take the others down), records each part as ok / failed (with the
 error) / skipped (with the reason) in ``OUT/gpu_check.json`` (rewritten after every part, so a
 run cut short still returns what it measured), prints a summary table, and exits 0 whenever the
-JSON was written.  Parts:
+JSON was written (128 + the signal when a signal stopped it: see the end).  Parts:
 
   versions      interpreter, torch/CUDA/cuDNN/DALI/nvImageCodec versions, what torch sees
   nvidia-smi    card, driver, memory, clocks
@@ -39,6 +39,7 @@ runs it, so the script cannot rot.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -70,15 +71,18 @@ def finish(part: Part, ctx: Context, proc: subprocess.Popen, log: Path) -> None:
     """Wait within the part's limit, then record ok / failed with the error."""
     limit = max(1.0, min(part.cap, ctx.deadline - time.time()))
     code = reap(proc, limit - (time.time() - part.record["started"]))
-    settle(part, ctx, log, failure(code, limit, log.read_text(errors="replace")) if code != 0 else None)
+    with _deferred():
+        settle(part, ctx, log, failure(code, limit, log.read_text(errors="replace")) if code != 0 else None)
 
 
 def settle(part: Part, ctx: Context, log: Path, error: str | None) -> None:
     """Record how the part ended: ok with its results, or failed with ``error`` (with the results
     it left all the same where the part can tell: ``Part.salvage``).  Its kept files are copied."""
     text = log.read_text(errors="replace")
-    part.record["seconds"] = round(time.time() - part.record.pop("started"), 1)
-    keep_files(part, ctx)
+    started = part.record.pop("started")
+    part.record["seconds"] = round(time.time() - started, 1)
+    if problem := keep_files(part, ctx, started):
+        part.record["keep_error"] = problem
     if error is not None:
         part.record.update(status="failed", error=error)
         if part.salvage:
@@ -96,18 +100,34 @@ def settle(part: Part, ctx: Context, log: Path, error: str | None) -> None:
         part.record.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:2000])
 
 
-class Stopped(Exception):
-    """SIGTERM or SIGINT arrived while the parts ran."""
+class Stopped(BaseException):
+    """SIGTERM or SIGINT arrived while the parts ran.  A BaseException, as KeyboardInterrupt is:
+    no ``except Exception`` around a part's reading may take it for that part's failure."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
 
 
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
 def _stop(signum: int, frame: object) -> None:
-    for sig in (signal.SIGTERM, signal.SIGINT):  # one stop: the clean-up is not interrupted again
+    """The handler: one stop, then both signals are ignored, so the clean-up runs to its end."""
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def _deferred():
+    """A stop that arrives in here is handled as the block ends: starting a part (a child running
+    but not yet listed, so never killed) or recording one (half a record) is never cut in two."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def skip_reason(part: Part, ctx: Context, records: dict[str, dict]) -> str | None:
@@ -146,7 +166,8 @@ def run_parts(ctx: Context, header: dict) -> dict:
                     member.record.update(status="skipped", reason=reason)
                     continue
                 print(f"gpu-check: {member.name} ...", flush=True)
-                running.append((member, *start(member, ctx)))
+                with _deferred():
+                    running.append((member, *start(member, ctx)))
             for member, proc, log in running:
                 finish(member, ctx, proc, log)
                 print(f"gpu-check: {member.name}: {member.record['status']} ({member.record['seconds']} s)",
@@ -159,6 +180,29 @@ def run_parts(ctx: Context, header: dict) -> dict:
             raise
         write_json(ctx, header, records)
     return records
+
+
+def run_until_stopped(ctx: Context, header: dict) -> tuple[dict, Stopped | None]:
+    """``run_parts``, or what it had done when SIGTERM or SIGINT stopped it (the parts still
+    running then killed and recorded as stopped, the rest as not started): the records, and the
+    stop.  The signals are ignored afterwards: the JSON is written whatever arrives then."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _stop)
+    try:
+        return run_parts(ctx, header), None
+    except Stopped as stop:
+        header["stopped"] = f"by {stop}: the parts still running were killed, the rest did not start"
+        records = {p.name: p.record for p in PARTS}
+        for record in records.values():
+            if record.pop("started", None) is not None:  # stopped before it was recorded
+                record.update(status="failed", error=f"stopped by {stop}")
+            record.setdefault("status", "skipped")
+            record.setdefault("reason", f"the run was stopped by {stop}")
+        print(f"gpu-check: stopped by {stop}", flush=True)
+        return records, stop
+    finally:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def write_json(ctx: Context, header: dict, records: dict[str, dict]) -> Path:
@@ -209,21 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         ctx.service_flags = tuple(earlier["recommended"]["flags"])
         print(f"gpu-check: the service part runs the recommendation of the sweep in {ctx.out / 'sweep.json'} "
               f"(started {earlier['started']}): {earlier['recommended']['name']}", flush=True)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _stop)
-    stopped = None
-    try:
-        records = run_parts(ctx, header)
-    except Stopped as stop:
-        stopped = stop
-        header["stopped"] = f"by {stop}: the parts still running were killed, the rest did not start"
-        records = {p.name: p.record for p in PARTS}
-        for record in records.values():
-            record.setdefault("status", "skipped")
-            record.setdefault("reason", f"the run was stopped by {stop}")
-        print(f"gpu-check: stopped by {stop}", flush=True)
-    for sig in (signal.SIGTERM, signal.SIGINT):  # the JSON is written whatever arrives now
-        signal.signal(sig, signal.SIG_IGN)
+    records, stopped = run_until_stopped(ctx, header)
     if earlier:  # the projection's evaluation rate and the summary's sweep line come from it
         records["sweep"].update(results=earlier, reason=f"not selected (--parts); results of the sweep in "
                                 f"{ctx.out / 'sweep.json'}, started {earlier['started']}")

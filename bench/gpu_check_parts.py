@@ -54,12 +54,21 @@ class Part:
     record: dict = field(default_factory=dict)
 
 
-def keep_files(part: Part, ctx: Context) -> None:
-    """Copy ``part.keep``'s files that exist into OUT/<part>/."""
-    for path in part.keep(ctx):
-        if path.is_file():
-            (ctx.out / part.name).mkdir(exist_ok=True)
-            shutil.copy2(path, ctx.out / part.name / path.name)
+def keep_files(part: Part, ctx: Context, since: float) -> str | None:
+    """Copy ``part.keep``'s files written since the part started into OUT/<part>/, in place of
+    what an earlier run left there (an earlier run's files, where this one stopped before writing
+    its own, would pass for this run's): OUT is what comes back from a GPU machine, the data
+    folder is not.  A copy that fails is said in the returned line, never raised."""
+    folder = ctx.out / part.name
+    try:
+        shutil.rmtree(folder, ignore_errors=True)
+        for path in part.keep(ctx):
+            if path.is_file() and path.stat().st_mtime >= since - 1:
+                folder.mkdir(exist_ok=True)
+                shutil.copy2(path, folder / path.name)
+    except OSError as exc:
+        return f"keeping {part.name}'s files failed: {exc}"
+    return None
 
 
 def result_line(ctx: Context, log: str) -> dict:
@@ -79,13 +88,15 @@ def data_commands(ctx: Context) -> list[list[str]]:
                        "--workers", 0)]
 
 
-GPU_TEST_TIMEOUT = 180  # seconds per test (the slowest compiles a training step): a hang costs that, not the part
+# Seconds per test (the slowest compiles a training step): a hang costs that, not the part's
+# limit.  Set as pytest-timeout's ini option: without the plugin it is a warning, not an error.
+GPU_TEST_TIMEOUT = 180
 
 
 def gpu_test_commands(ctx: Context) -> list[list[str]]:
     base = ctx.module("pytest", "-m", "gpu", "-p", "no:cacheprovider", "-rA", str(ROOT / "tests"))
     return [base + ["--collect-only", "-q"]] if ctx.dry else [
-        base + ["-q", "--timeout", GPU_TEST_TIMEOUT, "--junitxml", ctx.out / "gpu_tests.xml"]]
+        base + ["-q", "-o", f"timeout={GPU_TEST_TIMEOUT}", "--junitxml", ctx.out / "gpu_tests.xml"]]
 
 
 def gpu_test_read(ctx: Context, log: str) -> dict:
@@ -146,8 +157,8 @@ def service_read(ctx: Context, log: str) -> dict:
 
 def sweep_commands(ctx: Context) -> list[list[str]]:
     # What is left of the budget, less what the service part needs after it (when it runs) and the
-    # sweep's own report after its last configuration: killed in its report, the sweep would leave
-    # its children (each in a session of its own) running on the GPU.
+    # sweep's own report after its last configuration: killed in its report, the sweep would lose
+    # its table, chart and recommended.toml (its summary, sweep.json, is written as it goes).
     reserve = SERVICE_RESERVE if not ctx.only or "service" in ctx.only else 0
     budget = max(30.0, min(SWEEP_CAP, ctx.deadline - time.time() - reserve - SWEEP_TEARDOWN))
     return [ctx.module("bench.sweep", "--shards", ctx.data / "shards", "--out", ctx.out, "--seconds", round(budget),

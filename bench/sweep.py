@@ -96,7 +96,9 @@ class Sweep:
         (each graph once) side by side, for at most ``seconds`` (``bench.sweep_compile``): those
         that compiled then cost a cached run.  One round of ``PARALLEL`` takes about as long as one
         compile, which the first model needs anyway; a second round would cost the same again
-        before anything is measured.  Not in the dry mode (nothing compiles there)."""
+        before anything is measured.  The first of them (``configs`` lists stage 1's model first)
+        may compile on past ``seconds``, up to its own cap: cut off, its compile would only start
+        again at once in stage 1.  Not in the dry mode (nothing compiles there)."""
         todo, seen = [], set(self.compiled)
         for config in configs:
             if config.graphs - seen and len(todo) < most:
@@ -105,10 +107,10 @@ class Sweep:
         limit = min(seconds, self.deadline - self.clock() - MIN_SECONDS)
         if self.dry or not todo or limit < MIN_SECONDS:
             return
-        print(f"sweep: compiling {len(todo)} configurations' graphs ahead, side by side (at most {limit:.0f} s)",
-              flush=True)
-        # the first is the model stage 1 runs: it may finish its compile after the others stop
-        results = self._compile_many(todo, limit, self.deadline - self.clock() - MIN_SECONDS)
+        first_limit = max(limit, min(todo[0].cap, self.deadline - self.clock() - MIN_SECONDS))
+        print(f"sweep: compiling {len(todo)} configurations' graphs ahead, side by side (at most {limit:.0f} s, "
+              f"the first at most {first_limit:.0f} s)", flush=True)
+        results = self._compile_many(todo, limit, first_limit)
         for config in todo:
             if results[config.name]["status"] == "ok":
                 self.compiled |= config.graphs
@@ -206,8 +208,8 @@ def plan(sweep: Sweep) -> None:
     """Everything, in the order a decision needs it, so a budget cut short loses the least useful:
 
     0. one round of graphs compiled ahead, side by side (the first ``PARALLEL`` of ``AHEAD``, in
-       at most ``AHEAD_SHARE`` of the budget): each configuration whose graphs compiled then costs
-       a cached run, not a compile;
+       at most ``AHEAD_SHARE`` of the budget, stage 1's model up to its own cap): each
+       configuration whose graphs compiled then costs a cached run, not a compile;
     1. the model the end-to-end stage stands on: the compiled step with CUDA graphs (else without,
        else eager), with the 10-view evaluation rate;
     2. end to end on it: the loader's defaults, each lever, the levers that helped combined: the

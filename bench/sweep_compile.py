@@ -53,13 +53,12 @@ def compile_many(configs: list[Config], shards: Path, out: Path, limit: float,
             running[config.name] = (*_start(config, shards, out, env), time.time())
         time.sleep(POLL)
         now = time.time()
+        cut = {name for name, (proc, *_) in running.items() if proc.poll() is None and now >= ends[name]}
+        kill(*(running[name][0] for name in cut))  # all together, not one after another
         for name, (proc, result, log, started) in list(running.items()):
-            cut = proc.poll() is None and now >= ends[name]
-            if proc.poll() is None and not cut:
+            if proc.poll() is None:
                 continue
-            if cut:  # every child cut off at the limit is killed in this pass, at once
-                kill(proc)
-            code = None if cut else proc.wait()
+            code = None if name in cut else proc.wait()
             wall = round(time.time() - started, 1)
             results[name] = {"status": "ok", "wall_seconds": wall} if result.is_file() else {
                 "status": "failed", "wall_seconds": wall, "error": failure(code, wall, log.read_text(errors="replace"))}

@@ -61,7 +61,8 @@ BASE_MODELS = [
 # Each on top of the compiled step with CUDA graphs, alone; those that gain are then combined.
 MODEL_LEVERS = [
     # The forward, backward and update in one graph where torch breaks at backward() by default
-    # (2.11, the GPU machines' version; with 2.13 "auto" traces it already: the same graph).
+    # (2.11, the GPU machines' version; with 2.13 "auto" traces it already: the same graph, which
+    # then loads from the inductor cache, at the cost of a place in the round compiled ahead).
     ("backward in the graph", ("--model.trace_backward", "on")),
     ("LRN window_sum", ("--model.lrn", "window_sum")),
     ("conv1 on 4 channels", ("--model.input_channels", "4")),

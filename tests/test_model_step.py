@@ -111,9 +111,10 @@ def test_compiled_step_equals_eager_and_compiles_once(trace: str) -> None:
     """The real AlexNet (1000 classes, dropout 0.5) compiled on the CPU: one compilation, then no
     recompile for the lr drop, a short and an empty last batch, a resume (velocities loaded in
     place) and evaluation, with the backward traced into the graph or the graph broken there
-    (``trace_backward``; "on" is the 2.11 lever, tested where "auto" does not trace).  Each step is compared with the same step run eagerly from the same
-    weights, velocities and RNG state (inductor's ``fallback_random`` draws the dropout masks as
-    eager PyTorch does): the same loss, and the same update up to float rounding.  (Rounding
+    (``trace_backward``; "on" is the 2.11 lever, tested where "auto" does not trace).  Each step
+    is compared with the same step run eagerly from the same weights, velocities and RNG state
+    (inductor's ``fallback_random`` draws the dropout masks as eager PyTorch does): the same loss,
+    and the same update up to float rounding.  (Rounding
     alone can move a max-pool's argmax between two nearly equal values, which moves a few
     gradient entries of the conv layers: about 1e-3 of their norm, measured against a float64
     step; a wrong lr or a missing momentum term would be O(1).)"""

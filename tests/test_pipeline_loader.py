@@ -213,6 +213,7 @@ def test_everything_dali_handed_out_is_held_until_the_consumer_ran(sample_shards
         assert {"images", "labels", "anchors", "mirror", "alpha"} <= set(outputs)
         assert storages(outputs) <= storages(kept)
 
+
 def test_average_views():
     logits = torch.randn(3 * 10, 5)
     probs = average_views(logits, 10)

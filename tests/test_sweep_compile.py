@@ -36,7 +36,6 @@ def test_what_the_limit_cuts_off_is_failed_or_not_started(sample_shards: Path, t
     assert [results[c.name]["status"] for c in many[6:]] == ["not started"] * 2
 
 
-
 @pytest.mark.slow
 def test_the_first_may_compile_on_after_the_others_are_cut_off(sample_shards: Path, tmp_path: Path) -> None:
     """The first configuration (the model the sweep runs next) has its own, later limit: it

@@ -59,7 +59,8 @@ class Scripted(Sweep):
         return record
 
 
-RATES = {"stream hand-over + 8 threads": 18_000.0, "stream hand-over": 16_000.0, "8 threads": 15_000.0, "model: compiled step + CUDA graphs": 25_000.0,
+RATES = {"stream hand-over + 8 threads": 18_000.0, "stream hand-over": 16_000.0, "8 threads": 15_000.0,
+         "model: compiled step + CUDA graphs": 25_000.0,
          "e2e: compiled step + CUDA graphs": 12_000.0}
 
 
@@ -94,7 +95,8 @@ def test_a_short_budget_measures_what_the_decision_needs_first(tmp_path: Path) -
         "a graph not compiled yet: needs ~90 s (measured), 46 s of the budget left")
     assert sweep.order[-1] == "model: eager" and set(skipped) == {
         "e2e: the service today (compile model, loader defaults)", "model: compiled step",
-        "model: step + graphs, two towers as plain convs", "model: step + graphs, batch 256 (lr 0.02, linear rule)", "model: step + graphs, batch 512 (lr 0.04, linear rule)"}
+        "model: step + graphs, two towers as plain convs", "model: step + graphs, batch 256 (lr 0.02, linear rule)",
+        "model: step + graphs, batch 512 (lr 0.04, linear rule)"}
     assert sweep.fake_clock.now - 1000.0 <= 520
 
 
@@ -110,7 +112,6 @@ def test_a_graph_that_fails_to_compile_ahead_is_left_to_the_budget(tmp_path: Pat
     assert "model: step + graphs, NCHW" not in cached and "model: step + graphs, cuDNN tries every algorithm" in cached
 
 
-
 def test_the_model_stage_1_needs_finishes_its_compile_ahead_when_the_others_are_cut_off(tmp_path: Path) -> None:
     """A budget whose 45% for compiling ahead is less than one compile: the others are cut off at
     that limit, the first (stage 1's model) compiles on, so stage 1 loads it instead of compiling
@@ -123,6 +124,7 @@ def test_the_model_stage_1_needs_finishes_its_compile_ahead_when_the_others_are_
     assert all(ahead[name]["status"] == "failed" and ahead[name]["wall_seconds"] < AHEAD for name in others)
     assert sweep.order[:2] == [first, "e2e: compiled step + CUDA graphs"]
     assert sweep.records[first]["status"] == "ok" and sweep.records[first]["wall_seconds"] == CACHED
+
 
 def test_a_long_budget_runs_everything_and_reruns_the_levers_on_a_faster_model(tmp_path: Path) -> None:
     # two model levers gain on their own, more together: combined, then end to end on that
