@@ -173,10 +173,10 @@ def run_parts(ctx: Context, header: dict) -> dict:
                 print(f"gpu-check: {member.name}: {member.record['status']} ({member.record['seconds']} s)",
                       flush=True)
         except Stopped as stop:
-            for member, proc, log in running:
-                if "started" in member.record:  # still running: killed with all it started
-                    kill(proc)
-                    settle(member, ctx, log, f"stopped by {stop} after {time.time() - member.record['started']:.0f} s")
+            unsettled = [(member, proc, log) for member, proc, log in running if "started" in member.record]
+            kill(*(proc for _, proc, _ in unsettled))  # still running: killed together, with all they started
+            for member, _, log in unsettled:
+                settle(member, ctx, log, f"stopped by {stop} after {time.time() - member.record['started']:.0f} s")
             raise
         write_json(ctx, header, records)
     return records
