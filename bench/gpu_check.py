@@ -112,8 +112,18 @@ class Stopped(BaseException):
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
+class _Gate:
+    """Where a stop waits while a part starts or is recorded (``_deferred``)."""
+
+    depth = 0  # _deferred blocks entered and not left
+    pending: int | None = None  # the signal that arrived in one
+
+
 def _stop(signum: int, frame: object) -> None:
     """The handler: one stop, then both signals are ignored, so the clean-up runs to its end."""
+    if _Gate.depth:
+        _Gate.pending = signum
+        return
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     raise Stopped(signum)
@@ -122,12 +132,19 @@ def _stop(signum: int, frame: object) -> None:
 @contextlib.contextmanager
 def _deferred():
     """A stop that arrives in here is handled as the block ends: starting a part (a child running
-    but not yet listed, so never killed) or recording one (half a record) is never cut in two."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    but not yet listed, so never killed) or recording one (half a record) is never cut in two.
+    Held back by the handler, not by blocking the signals: a child inherits a blocked mask
+    through exec and ignores SIGTERM all its life: ``multiprocessing.Pool``'s exit, which
+    terminates its workers with SIGTERM, then hangs (the data part's ``sampledata`` timed out in
+    CI; a Pool of 8 hangs so here too)."""
+    _Gate.depth += 1
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        _Gate.depth -= 1
+        if not _Gate.depth and _Gate.pending is not None:
+            signum, _Gate.pending = _Gate.pending, None
+            _stop(signum, None)
 
 
 def skip_reason(part: Part, ctx: Context, records: dict[str, dict]) -> str | None:

@@ -37,7 +37,7 @@ def test_dry_mode_runs_every_part(tmp_path: Path) -> None:
     status = {name: parts[name]["status"] for name in PARTS}
     assert status == {"versions": "ok", "nvidia-smi": "skipped", "data": "ok", "gpu-tests": "skipped",
                       "bench-model": "ok", "bench-pipeline": "ok", "sweep": "ok", "service": "ok",
-                      "roi-probe": "skipped"}
+                      "roi-probe": "skipped"}, {n: r.get("error") for n, r in parts.items() if "error" in r}
     assert all(parts[n]["reason"] for n in PARTS if status[n] == "skipped")
     assert "tests collected" in parts["gpu-tests"]["results"]["collected"]
     assert parts["data"]["results"]["train"] == 16 and parts["data"]["results"]["val"] == 4
@@ -244,3 +244,33 @@ def test_a_child_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
         parent.communicate()
         if child and alive(child):
             os.kill(child, signal.SIGKILL)
+
+
+# A part that prints the signals its process has blocked and ignored (hex masks, bit n-1 for signal n).
+PROBE = "grep -E '^Sig(Blk|Ign)' /proc/self/status"
+
+
+def test_a_part_runs_with_the_stop_signals_neither_blocked_nor_ignored(tmp_path: Path, monkeypatch) -> None:
+    """gpu-check holds a stop back while it starts a part; the part must not inherit that.  A
+    child that ignores SIGTERM hangs ``multiprocessing.Pool``'s exit (its workers are ended with
+    SIGTERM): the data part's ``sampledata`` timed out in CI when the stop was held back by
+    blocking the signals."""
+    from bench import gpu_check
+    from bench.gpu_check_parts import Context, Part
+
+    probe = Part("probe", 60, lambda ctx: [["bash", "-c", PROBE]], lambda ctx, log: {"log": log})
+    monkeypatch.setattr(gpu_check, "PARTS", [probe])
+    monkeypatch.setattr(gpu_check, "SIDE_BY_SIDE", {})
+    (tmp_path / "logs").mkdir()
+    ctx = Context(tmp_path, tmp_path, dry=True, deadline=time.time() + 120)
+    handlers = {sig: signal.getsignal(sig) for sig in gpu_check.STOP_SIGNALS}
+    try:
+        records, stop = gpu_check.run_until_stopped(ctx, {})
+    finally:  # it leaves them ignored: pytest's own Ctrl-C comes back
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert stop is None and records["probe"]["status"] == "ok", records
+    masks = dict(line.split(":") for line in records["probe"]["results"]["log"].split("\n") if line)
+    for name, mask in masks.items():
+        for sig in gpu_check.STOP_SIGNALS:
+            assert not int(mask, 16) >> (sig - 1) & 1, f"{sig.name} is in the part's {name}: {mask.strip()}"
