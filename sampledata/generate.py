@@ -134,6 +134,10 @@ def _write_all(cfg: SampleConfig, plan: list, bar) -> None:
     with get_context("fork").Pool(workers) as pool:
         for done in pool.imap_unordered(_write_chunk, chunks):
             bar.update(done)
+        # The workers end on their own before the with's terminate(): that sends SIGTERM, and
+        # where the signal is blocked or ignored (inherited from a parent) it hangs (~1 in 40).
+        pool.close()
+        pool.join()
 
 
 def generate(cfg: SampleConfig) -> int:
