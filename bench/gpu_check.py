@@ -10,7 +10,7 @@ JSON was written (128 + the signal when a signal stopped it: see the end).  Part
   versions      interpreter, torch/CUDA/cuDNN/DALI/nvImageCodec versions, what torch sees
   nvidia-smi    card, driver, memory, clocks
   data          the sample dataset scaled up (10,800 training images at ImageNet sizes, all
-                cores) and sharded with ``python -m shards``   } these two run side by side
+                cores but 4) and sharded with ``python -m shards``  } these two run side by side
   gpu-tests     ``pytest -m gpu`` (towers on cuda:0/cuda:1 or cuda:0 twice, no host sync in the
                 training loop, GPU normaliser vs CPU, nvJPEG vs CPU decode)  }
   bench-model   ``bench.bench_model --grid short``: bf16/fp32, channels_last, compile, towers,

@@ -5,6 +5,7 @@ own processes (``bench.gpu_parts``, ``bench.bench_model``, ``bench.bench_pipelin
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -79,13 +80,21 @@ def result_line(ctx: Context, log: str) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
+# Cores the data part leaves to the gpu-tests part beside it: a test there times ``next(loader)``
+# against a busy training stream (tests/test_gpu_speed.py), and the loader's DALI threads need
+# cores to do it in.  On the 16-core H200 machine the data part then writes with 12 processes.
+CORES_FOR_GPU_TESTS = 4
+
+
 def data_commands(ctx: Context) -> list[list[str]]:
     per_class, val = (8, 2) if ctx.dry else (900, 50)
     sample, shards = ctx.data / "sample", ctx.data / "shards"
+    # dry: one per core (0): a tiny dataset, and the gpu tests only collect
+    workers = 0 if ctx.dry else max(1, len(os.sched_getaffinity(0)) - CORES_FOR_GPU_TESTS)
     return [ctx.module("sampledata", "--out", sample, "--train_per_class", per_class, "--val_per_class", val,
-                       *(["--classes", 2] if ctx.dry else []), "--workers", 0),
+                       *(["--classes", 2] if ctx.dry else []), "--workers", workers),
             ctx.module("shards", "--src", sample, "--out", shards, "--shard_samples", 8 if ctx.dry else 1000,
-                       "--workers", 0)]
+                       "--workers", workers)]
 
 
 # Seconds per test (the slowest compiles a training step): a hang costs that, not the part's

@@ -150,6 +150,18 @@ def test_the_sweep_part_outlives_its_budget_by_its_report(tmp_path: Path, second
         assert seconds - budget - SERVICE_RESERVE >= 40
 
 
+def test_the_data_part_leaves_cores_to_the_gpu_tests_beside_it(tmp_path: Path) -> None:
+    """On a GPU machine the data part (every image written by a process of its own) runs side by
+    side with the GPU tests, one of which times ``next(loader)``: it must not take every core."""
+    from bench.gpu_check_parts import CORES_FOR_GPU_TESTS, SIDE_BY_SIDE, Context, data_commands
+
+    assert SIDE_BY_SIDE["data"] == "gpu-tests"
+    cores = len(os.sched_getaffinity(0))
+    for command in data_commands(Context(tmp_path, tmp_path, dry=False, deadline=time.time() + 60)):
+        workers = int(command[command.index("--workers") + 1])
+        assert 1 <= workers == max(1, cores - CORES_FOR_GPU_TESTS), command
+
+
 def processes_naming(text: str) -> list[int]:
     """Live processes whose command line contains ``text``."""
     found = []
