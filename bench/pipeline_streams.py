@@ -84,10 +84,15 @@ def pil_floor(jpegs: list[bytes], processes: int, chunk: int = 512) -> Iterator[
     _JPEGS[:] = [(jpegs[i::processes] * chunk)[:chunk] for i in range(processes)]
     with get_context("fork").Pool(processes) as pool:
         pool.map(_pil_decode, range(processes))  # imports, first allocations
-        while True:
-            done = pool.map(_pil_decode, range(processes), chunksize=1)
-            _CHILD_CPU[0] += sum(cpu for _, cpu in done)
-            yield sum(n for n, _ in done)
+        try:
+            while True:
+                done = pool.map(_pil_decode, range(processes), chunksize=1)
+                _CHILD_CPU[0] += sum(cpu for _, cpu in done)
+                yield sum(n for n, _ in done)
+        except GeneratorExit:  # closed between rounds: the idle workers end on their own (the
+            pool.close()       # with's terminate() relies on SIGTERM reaching them)
+            pool.join()
+            raise
 
 
 def dali_decode_only(shards: Path, threads: int, batch: int, device: str) -> Iterator[int]:
