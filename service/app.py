@@ -157,7 +157,16 @@ def run_service(cfg: TrainConfig) -> int:
     cfg = resolve(cfg, ranks)
     apply_cuda_sync(cfg)  # before anything creates a CUDA context
     stop = StopFlag().install()  # before joining: torchrun may signal while the ranks meet
-    ranks.start(torch.device(cfg.device))
+    try:
+        ranks.start(torch.device(cfg.device))
+        return _serve(cfg, ranks, stop)
+    finally:  # joining or the endpoint may fail too: an in-process caller gets its handlers back
+        stop.uninstall()
+        ranks.close()
+
+
+def _serve(cfg: TrainConfig, ranks: Ranks, stop: StopFlag) -> int:
+    """The metrics endpoint, the run log and the trainer, for the joined ranks."""
     metrics = ServiceMetrics(build_labels(",".join(cfg.model.devices) or cfg.device, cfg.model.layout,
                                           ranks.world_size))
     board = StatusBoard(cfg.http.stall_seconds, phase="starting", last_checkpoint=None, last_evaluation=None)
@@ -181,8 +190,6 @@ def run_service(cfg: TrainConfig) -> int:
             trainer.close()
         endpoint.close()
         log.close()
-        stop.uninstall()
-        ranks.close()
 
 
 def main(argv: list[str]) -> int:

@@ -47,6 +47,7 @@ class StopFlag:
         self.signal_name: str | None = None
         self._by_signal = False
         self._wakeup: tuple[int, int] | None = None  # (write end of the watcher's pipe, the previous wakeup fd)
+        self._previous: dict = {}  # the handlers install() replaced, for uninstall()
 
     def request(self, reason: str) -> None:
         """Ask for a stop from code (the same path as a signal)."""
@@ -60,7 +61,7 @@ class StopFlag:
         self._wakeup = (write, signal.set_wakeup_fd(write, warn_on_full_buffer=False))
         threading.Thread(target=_watch, args=(read,), name="stop-signal-watcher", daemon=True).start()
         for sig in SIGNALS:
-            signal.signal(sig, self._handle)
+            self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum: int, frame: object) -> None:
@@ -70,12 +71,13 @@ class StopFlag:
         self.requested = True
 
     def uninstall(self) -> None:
-        """Back to Python's defaults (tests and benchmarks that run the loop in-process)."""
+        """Back to the handlers there were before (tests and benchmarks that run the loop
+        in-process: pytest's Ctrl-C, a SIGHUP that ``nohup`` ignores)."""
         if self._wakeup is None:
             return
         write, previous = self._wakeup
-        for sig in SIGNALS:
-            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+        for sig, handler in self._previous.items():  # None: not set from Python; the default then
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
         signal.set_wakeup_fd(previous)
         os.close(write)  # the watcher reads the end of its pipe and returns
         self._wakeup = None

@@ -162,3 +162,30 @@ def test_a_later_second_signal_ends_the_process_even_inside_a_long_c_call(stoppi
         pytest.fail("the second SIGTERM did not end a process inside a long C call")
     assert time.monotonic() - sent < 2 and proc.returncode == 143 and "the C call ended" not in out
     assert "SIGTERM again" in err and "without the checkpoint" in err, err
+
+
+def test_a_service_run_in_process_gives_the_signal_handlers_back(sample_shards: Path, tmp_path: Path) -> None:
+    """Benchmarks and tests run the service in-process.  However the run ends (here it cannot
+    start: its port is taken), the caller gets its own handlers back: pytest's Ctrl-C, and a
+    SIGHUP that ``nohup`` ignores stays ignored."""
+    import socket
+
+    from service.app import parse, run_service
+    from service.errors import ServiceError
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        cfg = parse(["--shards", str(sample_shards), "--out", str(tmp_path / "run"), *TINY,
+                     "--http.port", str(taken.getsockname()[1])])
+        with pytest.raises(ServiceError, match="already in use"):
+            run_service(cfg)
+        after = {sig: signal.getsignal(sig) for sig in before}
+    finally:
+        taken.close()
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    assert after == {**before, signal.SIGHUP: signal.SIG_IGN}
