@@ -94,9 +94,7 @@ class Service:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        kill_all(self.proc)
 
 
 def run_service(shards: Path, out: Path, *args: str, timeout: float = 300,
@@ -120,7 +118,62 @@ def checkpoint_steps(out: Path) -> list[int]:
     return sorted(int(p.name.split("-")[1].split(".")[0]) for p in out.glob("checkpoint-*.pt"))
 
 
-def free_port() -> int:
+def free_port(count: int = 1) -> int:
+    """A free port on 127.0.0.1, and the ``count - 1`` ports after it free too (torchrun's ranks
+    serve their metrics on the base port + their local rank)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + count <= 65536 and all(_bindable(port) for port in range(base + 1, base + count)):
+            return base
+    raise RuntimeError(f"no {count} free ports in a row on 127.0.0.1")
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie nobody reaps, as in a container without an init, counts as ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, children first."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit():
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry.name))
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(0), [])
+        found += below
+        todo += below
+    return found
+
+
+def kill_all(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc`` and everything below it, then reap it.  Its process group is not enough:
+    torchrun starts each rank in a session of its own, and a rank left behind by a failed test
+    (stuck in gloo, or training on) would load the machine under the tests after it."""
+    if proc.poll() is None:
+        for pid in [proc.pid, *descendants(proc.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    proc.wait()

@@ -16,6 +16,7 @@ import pytest
 
 from bench.child import ROOT, child_env
 from tests.conftest import run_module
+from tests.service_proc import alive
 
 PARTS = ["versions", "nvidia-smi", "data", "gpu-tests", "bench-model", "bench-pipeline", "sweep", "service",
          "roi-probe"]
@@ -224,15 +225,6 @@ proc = spawn([sys.executable, "-c", "import time; time.sleep(120)"], pathlib.Pat
 print(proc.pid, flush=True)
 time.sleep(120)
 """
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie nobody reaps, as in a container without an init, counts as ended)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
 
 
 def test_a_child_dies_with_the_process_that_started_it(tmp_path: Path) -> None:

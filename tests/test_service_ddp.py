@@ -34,7 +34,7 @@ def _scrape(port: int) -> str:
 
 
 def test_two_ranks_train_one_model_on_disjoint_halves(sample_shards: Path, tmp_path: Path) -> None:
-    out, port = tmp_path / "run", free_port()
+    out, port = tmp_path / "run", free_port(2)
     service = Service(sample_shards, out, "--epochs", "2", "--debug.ids", "true", "--http.port", str(port),
                       launcher=TORCHRUN_2)
     try:

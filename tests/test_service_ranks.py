@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from sampledata.generate import SampleConfig, generate
 from service import checkpoint as ckpt
 from shards.build import build
 from shards.config import ShardConfig
-from tests.service_proc import ROOT, TORCHRUN_2, checkpoint_steps, events, run_service
+from tests.service_proc import ROOT, TORCHRUN_2, alive, checkpoint_steps, descendants, events, kill_all, run_service
 
 pytestmark = pytest.mark.slow
 ODD = ("--loader.batch_size", "32", "--epochs", "1")
@@ -112,13 +113,46 @@ ranks.close()
 def test_the_lagged_agreement_gives_every_rank_the_same_answers_one_step_late(tmp_path: Path) -> None:
     script = tmp_path / "agree.py"
     script.write_text(AGREE)
-    done = subprocess.run([sys.executable, *TORCHRUN_2, str(script)], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rank0, rank1 = json.loads(done.stdout.strip().splitlines()[-1])
+    proc = subprocess.Popen([sys.executable, *TORCHRUN_2, str(script)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        kill_all(proc)  # on a timeout, the ranks too
+    assert proc.returncode == 0, stderr[-3000:]
+    rank0, rank1 = json.loads(stdout.strip().splitlines()[-1])
     assert rank0 == rank1
     answers = {tag: flags for flags, tag in rank0[:-1]}
     assert rank0[0] == [[False, False], None]  # nothing asked before step 1
     assert answers[3] == [False, True] and answers[7] == [True, False]  # read after steps 4 and 8
     assert all(flags == [False, False] for tag, flags in answers.items() if tag not in (3, 7))
     assert rank0[-1] == [[True], None]  # blocking, at once
+
+
+def test_a_torchrun_run_the_tests_kill_leaves_no_rank_behind(tmp_path: Path) -> None:
+    """torchrun starts each rank in a session of its own, so killing it, or its process group,
+    leaves the ranks running: ``kill_all``, which the tests' clean-up uses, must reach them."""
+    script = tmp_path / "sleep.py"
+    script.write_text("import time\ntime.sleep(300)\n")
+    proc = subprocess.Popen([sys.executable, *TORCHRUN_2, str(script)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    ranks: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(ranks) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            ranks = [pid for pid in descendants(proc.pid) if str(script) in _cmdline(pid)]
+        assert len(ranks) == 2, "torchrun did not start its two ranks"
+    finally:
+        kill_all(proc)
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in ranks) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in ranks if alive(pid)], "a rank outlived the killed torchrun"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
