@@ -124,7 +124,7 @@ def _write_chunk(args: tuple[SampleConfig, list]) -> int:
 
 def _write_all(cfg: SampleConfig, plan: list, bar) -> None:
     """Every planned file, in ``cfg.workers`` processes (forked after the photos are loaded)."""
-    workers = cfg.workers or os.cpu_count() or 1
+    workers = cfg.workers or len(os.sched_getaffinity(0))  # the cores this process may use
     if workers == 1:
         for item in plan:
             _write(cfg, item)

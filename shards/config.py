@@ -41,8 +41,9 @@ class ShardConfig:
 
     @property
     def processes(self) -> int:
-        """Worker processes actually used."""
-        return self.workers or os.cpu_count() or 1
+        """Worker processes actually used: 0 = one per core this process may run on (a
+        container's cpuset or ``taskset`` counts, not the host's core count)."""
+        return self.workers or len(os.sched_getaffinity(0))
 
     def output_parameters(self) -> dict:
         """The settings that determine the bytes written (recorded in the manifest and journal)."""

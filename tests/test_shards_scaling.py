@@ -6,6 +6,8 @@ import io
 import json
 import os
 import re
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,6 +21,7 @@ from shards.build import build
 from shards.config import ShardConfig
 from shards.sources import Source
 from shards.workers import Workers
+from tests.conftest import ROOT
 from tests.shards_proc import Sharder
 
 
@@ -150,3 +153,14 @@ def test_source_is_compact() -> None:
     source = Source("train", "n00000001", "/data/train/n00000001/x.JPEG")
     assert not hasattr(source, "__dict__")
     assert os.path.basename(source.path) == "x.JPEG"
+
+
+def test_workers_0_means_one_per_core_the_process_may_run_on() -> None:
+    """In a container limited to a few of the host's cores (a cpuset, ``taskset``), ``--workers 0``
+    starts one process per core it may use, not one per core of the host."""
+    code = ("import os; from pathlib import Path; from shards.config import ShardConfig; "
+            "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "print(ShardConfig(src=Path('src'), out=Path('out')).processes)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "1", done.stderr
