@@ -89,12 +89,12 @@ class Service:
         return rc
 
     def kill(self) -> None:
-        if self.group:  # the ranks too, should the launcher have gone first
+        kill_all(self.proc)  # first: once the launcher is gone, what it started is no longer below it
+        if self.group:  # the rest of its group, should the launcher have gone first
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        kill_all(self.proc)
 
 
 def run_service(shards: Path, out: Path, *args: str, timeout: float = 300,
