@@ -14,6 +14,8 @@ import threading
 import time
 from pathlib import Path
 
+from tests.procs import kill_all
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ("--loader.batch_size", "24", "--loader.threads", "2", "--log_every", "1", "--eval_views", "1",
         "--model.bias_init", "0.1", "--http.host", "127.0.0.1", "--http.port", "0")
@@ -137,43 +139,3 @@ def _bindable(port: int) -> bool:
         except OSError:
             return False
         return True
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie nobody reaps, as in a container without an init, counts as ended)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid``, children first."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit():
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(entry.name))
-        except (OSError, IndexError, ValueError):  # gone meanwhile
-            continue
-    found, todo = [], [pid]
-    while todo:
-        below = children.get(todo.pop(0), [])
-        found += below
-        todo += below
-    return found
-
-
-def kill_all(proc: subprocess.Popen) -> None:
-    """SIGKILL ``proc`` and everything below it, then reap it.  Its process group is not enough:
-    torchrun starts each rank in a session of its own, and a rank left behind by a failed test
-    (stuck in gloo, or training on) would load the machine under the tests after it."""
-    if proc.poll() is None:
-        for pid in [proc.pid, *descendants(proc.pid)]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    proc.wait()

@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tests.procs import processes
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -117,7 +119,7 @@ class Sharder:
 
     def workers(self) -> list[int]:
         """Process ids of the sharder's children."""
-        return [pid for pid, parent in _processes().items() if parent[0] == self.proc.pid]
+        return [pid for pid, parent in processes().items() if parent[0] == self.proc.pid]
 
     def kill(self) -> None:
         """SIGKILL the sharder and everything left in its session."""
@@ -130,20 +132,7 @@ class Sharder:
 
     def strays(self) -> list[int]:
         """Processes still in the sharder's session (its workers, when they outlive it)."""
-        return [pid for pid, (_, session) in _processes().items() if session == self.proc.pid]
-
-
-def _processes() -> dict[int, tuple[int, int]]:
-    """pid -> (parent pid, session id) of every live process, from /proc."""
-    table = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z":
-            table[int(stat.parent.name)] = (int(fields[1]), int(fields[3]))
-    return table
+        return [pid for pid, (_, session) in processes().items() if session == self.proc.pid]
 
 
 if __name__ == "__main__":

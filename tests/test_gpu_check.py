@@ -16,7 +16,7 @@ import pytest
 
 from bench.child import ROOT, child_env
 from tests.conftest import run_module
-from tests.service_proc import alive
+from tests.procs import alive, processes_naming
 
 PARTS = ["versions", "nvidia-smi", "data", "gpu-tests", "bench-model", "bench-pipeline", "sweep", "service",
          "roi-probe"]
@@ -161,19 +161,6 @@ def test_the_data_part_leaves_cores_to_the_gpu_tests_beside_it(tmp_path: Path) -
     for command in data_commands(Context(tmp_path, tmp_path, dry=False, deadline=time.time() + 60)):
         workers = int(command[command.index("--workers") + 1])
         assert 1 <= workers == max(1, cores - CORES_FOR_GPU_TESTS), command
-
-
-def processes_naming(text: str) -> list[int]:
-    """Live processes whose command line contains ``text``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().decode(errors="replace") \
-                    and alive(int(entry.name)):
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
 
 
 @pytest.mark.slow

@@ -18,7 +18,8 @@ from sampledata.generate import SampleConfig, generate
 from service import checkpoint as ckpt
 from shards.build import build
 from shards.config import ShardConfig
-from tests.service_proc import ROOT, TORCHRUN_2, alive, checkpoint_steps, descendants, events, kill_all, run_service
+from tests.procs import alive, cmdline, descendants, kill_all
+from tests.service_proc import ROOT, TORCHRUN_2, checkpoint_steps, events, run_service
 
 pytestmark = pytest.mark.slow
 ODD = ("--loader.batch_size", "32", "--epochs", "1")
@@ -141,7 +142,7 @@ def test_a_torchrun_run_the_tests_kill_leaves_no_rank_behind(tmp_path: Path) -> 
         deadline = time.monotonic() + 60
         while len(ranks) < 2 and time.monotonic() < deadline:
             time.sleep(0.2)
-            ranks = [pid for pid in descendants(proc.pid) if str(script) in _cmdline(pid)]
+            ranks = [pid for pid in descendants(proc.pid) if str(script) in cmdline(pid)]
         assert len(ranks) == 2, "torchrun did not start its two ranks"
     finally:
         kill_all(proc)
@@ -149,10 +150,3 @@ def test_a_torchrun_run_the_tests_kill_leaves_no_rank_behind(tmp_path: Path) -> 
     while any(alive(pid) for pid in ranks) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [pid for pid in ranks if alive(pid)], "a rank outlived the killed torchrun"
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
