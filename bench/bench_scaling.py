@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(json.dumps(record, indent=2) + "\n")
     bars(args.report.with_suffix(".png"), {f"{r['ranks']} rank(s) x batch {r['batch_per_rank']}": r["images_per_s"]
-                                          for r in results},
+                                           for r in results},
          "training images/s, all ranks", f"service, global batch {args.global_batch}, {cores} cores")
     print(f"wrote {args.report} and {args.report.with_suffix('.png')}")
     return record

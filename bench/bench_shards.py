@@ -155,7 +155,7 @@ def main() -> None:
     parser.add_argument("--scan-images", type=int, default=100_000, help="hard links scanned for the scan cost")
     args = parser.parse_args()
     files = sorted(str(p) for p in args.src.rglob("*.JPEG"))
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0))  # a container's cpuset, as make shards --workers 0
     counts = sorted({1, 2, cores})
     import PIL
 

@@ -33,7 +33,6 @@ def machine() -> dict:
             "load_average_at_end": os.getloadavg()}  # "at_start" is added by main()
 
 
-
 LABELS = {
     "pipeline": "(1) DALI pipeline up to the uint8 batch (GPU service path)",
     "pipeline_fast_idct": "(1') the same with the fast IDCT (fast_idct=True)",

@@ -40,13 +40,13 @@ def compile_many(configs: list[Config], shards: Path, out: Path, limit: float,
     may go on compiling until then while the others are cut off at ``limit``.  Killing it would
     throw away the part of its compile that is not in the cache yet, only for the sweep to start
     that compile again at once."""
-    threads = max(1, (os.cpu_count() or PARALLEL) // PARALLEL)
+    threads = max(1, len(os.sched_getaffinity(0)) // PARALLEL)
     env = child_env({"TORCHINDUCTOR_COMPILE_THREADS": str(threads), "TORCH_LOGS": "perf_hints"})
     queue, running, results = list(configs), {}, {}
     start = time.time()
     end = start + limit
     ends = {c.name: end for c in configs} | ({configs[0].name: start + max(limit, first_limit)}
-                                            if configs and first_limit else {})
+                                             if configs and first_limit else {})
     while queue or running:
         while queue and len(running) < PARALLEL and time.time() < end - 1:
             config = queue.pop(0)

@@ -160,4 +160,3 @@ def build_pipeline(spec: GraphSpec, device_id: int | None, rank: int = 0,
         enable_checkpointing=spec.train, checkpoint=checkpoint, set_affinity=pinned)
     pipe.build()
     return pipe
-

@@ -106,4 +106,3 @@ def open_nested(f: BinaryIO, member: tarfile.TarInfo) -> tarfile.TarFile:
     should be unbuffered for the same reason as in ``open_plain``.
     """
     return tarfile.open(fileobj=_Window(f, member.offset_data, member.size), mode="r:")  # type: ignore[arg-type]
-

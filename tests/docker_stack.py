@@ -46,7 +46,8 @@ def make(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
                             text=True, timeout=timeout)
     name = " ".join(("make", args[0], *(a for a in args[1:] if a.startswith("GPUS"))))
     TIMES[name + f" ({sum(k.startswith(name) for k in TIMES) + 1})"] = time.monotonic() - t0
-    assert result.returncode == 0, f"make {' '.join(args)}: exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    assert result.returncode == 0, (f"make {' '.join(args)}: exit {result.returncode}\n"
+                                    f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
     return result
 
 

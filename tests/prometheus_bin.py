@@ -7,9 +7,9 @@ for a scrape without a valid Content-Type).  Debian sid packages 3.x, linked aga
 newer, which runs on bookworm: this module fetches sid's ``prometheus`` and ``promtool`` packages
 of the pinned series, or testing's when sid has moved past it (testing takes sid's packages days
 to weeks later, so it keeps a series for a while after sid has a newer one), and unpacks them with
-``dpkg-deb -x`` into .cache/prometheus/<version>/ (nothing is installed).  make test, make test-fast and .ci/run run it before the tests, make
-test-docker builds its Prometheus stand-in image from the same binary, and the tests find the
-binaries through ``binaries()``.
+``dpkg-deb -x`` into .cache/prometheus/<version>/ (nothing is installed).  make test, make
+test-fast and .ci/run run it before the tests, make test-docker builds its Prometheus stand-in
+image from the same binary, and the tests find the binaries through ``binaries()``.
 
 What is downloaded is checked as apt checks it: the suite's InRelease against Debian's archive
 keyring (gpgv), the SHA256 of Packages.xz against InRelease, each .deb's SHA256 against Packages.

@@ -204,7 +204,8 @@ def test_dashboard_panels() -> None:
 
     assert "sum(rate(alexnet_train_images_total[1m]))" in panel("throughput")
     assert "sum by (rank) (rate(alexnet_train_images_total[1m]))" in panel("throughput")
-    assert re.search(r"rate\(alexnet_train_data_wait_seconds_sum\[1m\]\).*/.*rate\(alexnet_train_step_seconds_sum", panel("data-wait"))
+    wait_share = r"rate\(alexnet_train_data_wait_seconds_sum\[1m\]\).*/.*rate\(alexnet_train_step_seconds_sum"
+    assert re.search(wait_share, panel("data-wait"))
     assert panel("step time").count("histogram_quantile(") >= 3 and "alexnet_train_step_seconds_bucket" in panel("step time")
     assert "alexnet_train_loss" in panel("loss")
     assert "alexnet_val_top1_error" in panel("validation error") and "alexnet_val_top5_error" in panel("validation error")

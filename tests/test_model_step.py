@@ -105,7 +105,7 @@ def assert_same_update(a: AlexNet, b: AlexNet, opt_a: PaperSGD, opt_b: PaperSGD,
 @pytest.mark.parametrize("trace", [
     "auto",
     pytest.param("on", marks=pytest.mark.skipif(BACKWARD_IN_GRAPH or not CAN_TRACE_BACKWARD,
-                                                 reason="the same as auto here, or not possible")),
+                                                reason="the same as auto here, or not possible")),
     "off"])
 def test_compiled_step_equals_eager_and_compiles_once(trace: str) -> None:
     """The real AlexNet (1000 classes, dropout 0.5) compiled on the CPU: one compilation, then no

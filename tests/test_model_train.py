@@ -55,7 +55,6 @@ def test_evaluate_accepts_single_view_batches():
     assert (result.top1_error, result.top5_error, result.images) == (0.5, 0.0, 2)
 
 
-
 def test_evaluate_skips_empty_batches_and_weights_by_real_images():
     """A rank's share of an uneven split ends with a batch of 0 images (pipeline.loader): it is
     skipped (its views cannot even be reshaped), and the metrics are means over real images."""
@@ -88,6 +87,7 @@ def test_ten_views_cut_the_windows_the_eval_loader_cuts():
     images = torch.arange(3 * 9 * 11, dtype=torch.float32).view(1, 3, 9, 11)  # 9-6 and 11-6: odd margins
     expected = view_stack(images[0].permute(1, 2, 0).numpy(), 6, 10)  # (10, 6, 6, C), HWC
     assert torch.equal(ten_views(images, size=6)[0], torch.from_numpy(expected.copy()).permute(0, 3, 1, 2))
+
 
 def test_ten_views_are_corners_centre_and_mirrors():
     images = torch.arange(2 * 3 * 10 * 12, dtype=torch.float32).view(2, 3, 10, 12)

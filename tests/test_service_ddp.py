@@ -78,7 +78,7 @@ def test_sigterm_to_torchrun_stops_every_rank_with_one_checkpoint(sample_shards:
 
 
 def test_sigterm_to_the_whole_process_group_stops_every_rank_with_one_checkpoint(sample_shards: Path,
-                                                                                  tmp_path: Path) -> None:
+                                                                                 tmp_path: Path) -> None:
     """A closed terminal or a service manager stopping the unit signals the whole process group.
     torchrun starts its ranks in sessions of their own, so they get the agent's copy alone: every
     rank still stops at the same step with one checkpoint (a rank in the group too would get the

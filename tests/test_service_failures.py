@@ -42,7 +42,8 @@ def test_damaged_newest_checkpoints_are_set_aside_and_the_previous_one_used(
     assert rc == 0, service.stderr
     assert f"checkpoint {newest} is unreadable" in service.stderr
     assert f"checkpoint {second} is unreadable (checksum mismatch" in service.stderr
-    assert "from " + str(out / "checkpoint-000000002.pt") in service.stdout and "epoch 1 step 2/6 (step 2 in all)" in service.stdout
+    assert "from " + str(out / "checkpoint-000000002.pt") in service.stdout
+    assert "epoch 1 step 2/6 (step 2 in all)" in service.stdout
     assert (out / "checkpoint-000000006.pt.corrupt").exists() and checkpoint_steps(out) == [2, 4, 6]
 
 

@@ -72,7 +72,7 @@ def test_a_prediction_is_what_the_evaluation_counted(trained: Path, sample_shard
 
 @pytest.mark.slow
 def test_the_command_prints_the_top_classes_and_names_what_it_cannot_read(trained: Path, sample_src: Path,
-                                                                            tmp_path: Path) -> None:
+                                                                          tmp_path: Path) -> None:
     image = next((sample_src / "val").rglob("*.JPEG"))
     broken = tmp_path / "notes.JPEG"
     broken.write_text("not an image")

@@ -110,7 +110,7 @@ def test_checks_are_remembered_until_the_file_changes(sample_shards: Path, tmp_p
 
 
 def test_background_check_stops_at_the_next_step_and_says_what_was_used(sample_shards: Path,
-                                                                       tmp_path: Path) -> None:
+                                                                        tmp_path: Path) -> None:
     shards = tmp_path / "shards"
     shutil.copytree(sample_shards, shards)
     flip_jpeg_bytes(shards / "val" / "val-000001.tar")
