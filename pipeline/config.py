@@ -47,6 +47,7 @@ class LoaderConfig:
     handover: Handover = "host"
     # "spare_core": DALI's worker threads are bound to every usable core but the last one, which
     # is left to the training thread (DALI_AFFINITY_MASK + set_affinity); "none": the OS decides.
+    # With several ranks on a machine the service gives each rank its own share of the cores first.
     affinity: Affinity = "none"
     # The normalised batch's layout: "channels_last" writes NHWC memory (what a channels_last
     # model reads) instead of NCHW plus a conversion in the training step.  Same values.

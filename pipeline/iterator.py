@@ -2,13 +2,17 @@
 
 Why not ``DALIGenericIterator``: it takes each batch with ``Pipeline.share_outputs()`` and no
 stream, which DALI documents as "synchronised with the host": the training thread waits on a CUDA
-event until DALI's GPU work for that batch has run, and on a busy GPU that work waits behind the
-training step's kernels.  ``set_sync_debug_mode`` cannot see that wait (it is inside DALI, not a
-torch call).  With ``handover="stream"`` the outputs are bound to PyTorch's current stream instead
+event until DALI's GPU work for that batch has run.  DALI's streams are non-blocking, so that work
+is not queued behind the training stream's kernels, but it shares the GPU with them, and while
+they fill the GPU a batch not yet done when it is asked for makes the host wait.
+``set_sync_debug_mode`` cannot see that wait (it is inside DALI, not a torch call).  With
+``handover="stream"`` the outputs are bound to PyTorch's current stream instead
 (``share_outputs(cuda_stream=...)``: DALI makes the stream wait for its event, the host does not
 wait), so the consumer's kernels are queued after DALI's and the host runs on.  ``"host"`` keeps
-the synchronising hand-over (what ``DALIGenericIterator`` does); which one is faster end to end
-is a GPU measurement (``make gpu-check``'s sweep).  On the CPU (no device) both are the same.
+the synchronising hand-over (what ``DALIGenericIterator`` does).  Neither waits for the training
+stream's own queued kernels (``tests/test_gpu_speed.py``); whether the host's wait for DALI's
+unfinished work costs time end to end is a GPU measurement (``make gpu-check``'s sweep).  On the
+CPU (no device) both are the same.
 
 The epoch arithmetic is DALI's own, for a reader with ``pad_last_batch=True`` and the PARTIAL
 policy (``nvidia.dali.plugin.base_iterator``), computed from the public ``reader_meta``:
@@ -90,9 +94,14 @@ class DaliIterator:
 
     def _take(self) -> dict[str, torch.Tensor]:
         """One batch as torch tensors (DLPack, no copy), then the next run is scheduled."""
-        stream = None
-        if self.handover == "stream" and self.pipe.device_id is not None:
-            stream = torch.cuda.current_stream(self.pipe.device_id)
+        if self.pipe.device_id is None:
+            return self._take_on(None)
+        # The pipeline's device current: the DLPack import makes a stream wait on DALI's event
+        # on the current device, so a process given cuda:1 without set_device would reach cuda:0.
+        with torch.cuda.device(self.pipe.device_id):
+            return self._take_on(torch.cuda.current_stream() if self.handover == "stream" else None)
+
+    def _take_on(self, stream: torch.cuda.Stream | None) -> dict[str, torch.Tensor]:
         batch = self.pipe.share_outputs(cuda_stream=stream)
         if any(len(out) != self.batch_size for out in batch):
             raise RuntimeError(f"DALI returned a batch of {[len(o) for o in batch]} samples, expected "

@@ -60,6 +60,15 @@ class _GpuKeepAlive:
         while self._held and self._held[0][0].query():  # query() never blocks
             self._held.popleft()
 
+    def __del__(self) -> None:
+        """A loader let go of (a finished evaluation, a rebuilt pipeline) must not free batches
+        that queued kernels still read: DALI's memory pool is shared by the device's pipelines."""
+        try:
+            for event, _ in self._held:
+                event.synchronize()
+        except Exception:  # interpreter shutdown: CUDA may be gone already, and so is every reader
+            pass
+
 
 def graph_kind(spec: GraphSpec) -> str:
     """Which training graph a loader state belongs to (their DALI checkpoints differ)."""
@@ -128,9 +137,11 @@ class DaliLoader:
         for batch in self._it.epoch(self.epoch, self._batches):
             self._batches += 1
             raw = self._raw(batch)
-            yield raw
-            if self._keepalive is not None:  # the consumer has queued its reads of ``raw``
-                self._keepalive.hold(batch)
+            try:
+                yield raw
+            finally:  # the consumer queued its reads of ``raw``, also if it stops here (close, break)
+                if self._keepalive is not None:
+                    self._keepalive.hold(batch)
         self.epoch += 1
         self._batches = 0
 

@@ -20,7 +20,7 @@ import torch
 
 from common.config import ConfigError, load_config, split_config_arg, to_dict
 from common.config_help import settings_help, wants_help
-from service.build import apply_cuda_sync, build, resolve
+from service.build import apply_cuda_sync, build, resolve, share_cores
 from service.config import TrainConfig, validate
 from service.dist import RankError, Ranks
 from service.errors import EXIT_CONFIG, EXIT_OK, EXIT_RUNDIR, DataError, ServiceError, record_exit
@@ -156,6 +156,7 @@ def run_service(cfg: TrainConfig) -> int:
         raise ServiceError(EXIT_CONFIG, str(exc)) from None
     cfg = resolve(cfg, ranks)
     apply_cuda_sync(cfg)  # before anything creates a CUDA context
+    share_cores(cfg, ranks)
     stop = StopFlag().install()  # before joining: torchrun may signal while the ranks meet
     try:
         ranks.start(torch.device(cfg.device))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -99,6 +100,19 @@ def apply_cuda_sync(cfg: TrainConfig) -> None:
             set_sync(cfg.cuda_sync, index)
         except RuntimeError as exc:
             raise ServiceError(EXIT_CONFIG, f"cuda_sync {cfg.cuda_sync}: {exc}") from None
+
+
+def share_cores(cfg: TrainConfig, ranks: Ranks) -> set[int] | None:
+    """With ``loader.affinity spare_core`` and several ranks on this machine, run this rank on its
+    own share of the cores (``Ranks.core_share``): the DALI threads it binds, one core each with
+    the share's last core left to its training thread, and ``loader.threads 0`` (one per core)
+    then count within that share, not on the cores every other rank binds too.  Returns the
+    share, or None when nothing was changed."""
+    if cfg.loader.affinity != "spare_core" or ranks.local_world_size <= 1:
+        return None
+    share = ranks.core_share(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, share)  # before any worker thread starts: they inherit it
+    return share
 
 
 def _tower_devices(device: torch.device, ranks: Ranks, two_gpus: bool) -> tuple[str, str]:

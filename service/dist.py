@@ -51,16 +51,34 @@ class Ranks:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1  # ranks on this machine (1 also when a launcher does not say)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Ranks:
         """Read torchrun's variables (absent = a single process)."""
         env = os.environ if env is None else env
-        ranks = cls(_int_env(env, "RANK", 0), _int_env(env, "WORLD_SIZE", 1), _int_env(env, "LOCAL_RANK", 0))
-        if ranks.world_size < 1 or not 0 <= ranks.rank < ranks.world_size or ranks.local_rank < 0:
-            raise RankError(f"RANK={ranks.rank} WORLD_SIZE={ranks.world_size} LOCAL_RANK={ranks.local_rank} "
-                            "is not a valid torchrun environment")
+        local = _int_env(env, "LOCAL_WORLD_SIZE", 0)  # torchrun sets it; other launchers may not
+        ranks = cls(_int_env(env, "RANK", 0), _int_env(env, "WORLD_SIZE", 1), _int_env(env, "LOCAL_RANK", 0),
+                    local or 1)
+        if ranks.world_size < 1 or not 0 <= ranks.rank < ranks.world_size or ranks.local_rank < 0 \
+                or local and not (ranks.local_rank < local <= ranks.world_size):
+            given = f" LOCAL_WORLD_SIZE={local}" if local else ""
+            raise RankError(f"RANK={ranks.rank} WORLD_SIZE={ranks.world_size} LOCAL_RANK={ranks.local_rank}"
+                            f"{given} is not a valid torchrun environment")
         return ranks
+
+    def core_share(self, cores: set[int]) -> set[int]:
+        """This rank's part of the machine's ``cores``: the sorted cores cut into one contiguous
+        run per local rank (sizes differ by at most one), so that ranks binding threads to cores
+        (``loader.affinity spare_core``) do not all bind to the same ones.  Fewer cores than
+        ranks: one core each, shared round-robin."""
+        usable, n = sorted(cores), self.local_world_size
+        if n <= 1:
+            return set(usable)
+        if len(usable) < n:
+            return {usable[self.local_rank % len(usable)]}
+        i = self.local_rank
+        return set(usable[i * len(usable) // n:(i + 1) * len(usable) // n])
 
     @property
     def is_main(self) -> bool:

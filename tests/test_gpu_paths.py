@@ -19,13 +19,14 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 CFG = LoaderConfig(batch_size=16, threads=4, shuffle_buffer=64)
 
 
-def test_loader_and_train_step_never_synchronise(sample_shards: Path) -> None:
+@pytest.mark.parametrize("handover", ["host", "stream"])
+def test_loader_and_train_step_never_synchronise(sample_shards: Path, handover: str) -> None:
     """A loader step and a bf16 training step under ``set_sync_debug_mode("error")``: any call
     that makes the host wait for the GPU (a pageable copy, ``.item()``...) raises."""
     from model import AlexNet, PaperSGD, prepare_model, train_step
 
     cuda = torch.device("cuda:0")
-    loader = build_train_loader(sample_shards, device=cuda, config=CFG)
+    loader = build_train_loader(sample_shards, device=cuda, config=CFG.replace(handover=handover))
     model = prepare_model(AlexNet(num_classes=6, bias_init=0.1).to(cuda), channels_last=True)
     opt = PaperSGD(model.parameters())
     batches = iter(loader)
@@ -45,19 +46,25 @@ def test_loader_and_train_step_never_synchronise(sample_shards: Path) -> None:
     assert torch.isfinite(total)
 
 
-@pytest.mark.parametrize("mode", ["mean_image", "channel"])
-def test_gpu_normaliser_matches_cpu(sample_shards: Path, mode: str) -> None:
+@pytest.mark.parametrize("mode,dtype,memory_format", [
+    ("mean_image", "float32", "contiguous"), ("channel", "float32", "contiguous"),
+    ("mean_image", "bfloat16", "channels_last"), ("mean_image", "float32", "channels_last")])
+def test_gpu_normaliser_matches_cpu(sample_shards: Path, mode: str, dtype: str, memory_format: str) -> None:
     """The same uint8 crops and draws through the batched GPU path and the per-sample CPU path:
-    bit-identical in the paper's mean-image mode; the channel mode's fused multiply-add may
-    round differently on the GPU, within 1e-4."""
+    bit-identical in the paper's mean-image mode, in each output dtype and layout (both round
+    once, from float32); the channel mode's fused multiply-add may round differently on the GPU,
+    within 1e-4."""
     stats = load_stats(load(sample_shards).stats_path)
-    cfg = LoaderConfig(normalize=mode)
+    cfg = LoaderConfig(normalize=mode, dtype=dtype, memory_format=memory_format)
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (8, 224, 224, 3), dtype=torch.uint8, generator=gen)
     anchors, mirror = torch.randint(0, 33, (8, 2), generator=gen), torch.randint(0, 2, (8,), generator=gen)
     alpha = 0.1 * torch.randn(8, 3, generator=gen)
     cpu = DeviceNormalizer(stats, cfg)(images, anchors, mirror, alpha)
-    gpu = DeviceNormalizer(stats, cfg).to("cuda")(images, anchors, mirror, alpha).cpu()
+    gpu = DeviceNormalizer(stats, cfg).to("cuda")(images, anchors, mirror, alpha)
+    layout = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
+    assert gpu.dtype == cpu.dtype == getattr(torch, dtype) and gpu.is_contiguous(memory_format=layout)
+    gpu = gpu.cpu()
     if mode == "mean_image":
         assert torch.equal(cpu, gpu)
     else:
@@ -116,3 +123,18 @@ def test_batches_survive_the_host_running_ahead(sample_shards: Path, handover: s
     ahead, synced = epoch(False), epoch(True)
     assert len(ahead) == len(synced) > 1
     assert all(torch.equal(a, b) for a, b in zip(ahead, synced))
+
+
+def test_a_batch_is_held_when_its_consumer_stops_mid_epoch(sample_shards: Path) -> None:
+    """A consumer that leaves the epoch (``break``, an exception, ``close()``) after queueing its
+    reads of a batch: the batch is held like any other until those reads have run, not freed
+    with the generator while they wait behind the training stream's queue."""
+    loader = build_train_loader(sample_shards, device="cuda:0", config=CFG.replace(handover="stream"))
+    for images, _ in loader:
+        torch.cuda._sleep(sleep_cycles(1.0))
+        read = images * 1.0  # queued behind the 1-second kernel
+        break
+    held = loader._keepalive._held
+    assert held and not held[-1][0].query(), "the batch was let go while a queued kernel still reads it"
+    torch.cuda.synchronize()
+    assert torch.isfinite(read).all()

@@ -1,6 +1,7 @@
 """Host-thread settings: ``loader.affinity spare_core`` keeps DALI's worker threads off the last
-usable core (read back from the kernel), and ``cuda_sync`` needs the CUDA driver (on a machine
-without one it says so; on CPU runs the service never touches it)."""
+usable core (read back from the kernel), and with several ranks on a machine each rank's on its
+own share of the cores; ``cuda_sync`` needs the CUDA driver (on a machine without one it says so;
+on CPU runs the service never touches it)."""
 from __future__ import annotations
 
 import ctypes.util
@@ -19,16 +20,23 @@ ROOT = Path(__file__).resolve().parents[1]
 # In a fresh interpreter (DALI_AFFINITY_MASK is read as the pipeline's threads start): the CPUs
 # each DALI worker thread may run on, from /proc.
 WORKER = r"""
-import glob, json, sys
+import glob, json, os, sys
 from pipeline import LoaderConfig, build_train_loader
-loader = build_train_loader(sys.argv[1], config=LoaderConfig(batch_size=8, threads=3, affinity=sys.argv[2]))
+config = LoaderConfig(batch_size=8, threads=3, affinity=sys.argv[2])
+if len(sys.argv) > 3:  # local rank argv[3] of argv[4] on this machine: the service's share first
+    from service.build import share_cores
+    from service.config import TrainConfig
+    from service.dist import Ranks
+    local, ranks = int(sys.argv[3]), int(sys.argv[4])
+    share_cores(TrainConfig(loader=config), Ranks(local, ranks, local, ranks))
+loader = build_train_loader(sys.argv[1], config=config)
 next(iter(loader))
 threads = {}
 for task in glob.glob("/proc/self/task/*"):
     name = open(task + "/comm").read().strip()
-    if name.startswith("[DALI][TP"):
+    if name.startswith("[DALI][TP") or task.endswith(f"/{os.getpid()}"):
         status = open(task + "/status").read().split("Cpus_allowed_list:")[1].split()[0]
-        threads[name] = status
+        threads["main" if task.endswith(f"/{os.getpid()}") else name] = status
 print(json.dumps(threads))
 """
 
@@ -41,11 +49,13 @@ def allowed_cpus(text: str) -> set[int]:
     return cpus
 
 
-def dali_worker_cpus(shards: Path, affinity: str) -> dict[str, set[int]]:
+def dali_worker_cpus(shards: Path, affinity: str, *local: int) -> dict[str, set[int]]:
+    """The CPUs of each DALI worker thread and of the main thread ("main"); ``local``: (local
+    rank, local ranks) for a service rank among several on this machine."""
     import json
 
-    out = subprocess.run([sys.executable, "-c", WORKER, str(shards), affinity], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = subprocess.run([sys.executable, "-c", WORKER, str(shards), affinity, *map(str, local)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr[-2000:]
     return {name: allowed_cpus(cpus) for name, cpus in json.loads(out.stdout.splitlines()[-1]).items()}
 
@@ -60,9 +70,26 @@ def test_affinity_mask_gives_every_thread_a_core_but_the_last() -> None:
 def test_spare_core_keeps_dali_workers_off_the_last_core(sample_shards: Path) -> None:
     last = max(os.sched_getaffinity(0))
     pinned = dali_worker_cpus(sample_shards, "spare_core")
+    main = pinned.pop("main")
     assert len(pinned) == 3 and all(cpus and last not in cpus for cpus in pinned.values())
+    assert main == os.sched_getaffinity(0)  # the training thread is not pinned
     free = dali_worker_cpus(sample_shards, "none")
     assert all(last in cpus for cpus in free.values())
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two usable cores")
+def test_spare_core_gives_each_rank_of_a_machine_its_own_cores(sample_shards: Path) -> None:
+    """Two ranks on one machine, each binding its DALI threads: every rank the same mask would
+    put both ranks' threads on the same cores (all but the last) and leave the last idle."""
+    ranks = [dali_worker_cpus(sample_shards, "spare_core", local, 2) for local in (0, 1)]
+    cores = sorted(os.sched_getaffinity(0))
+    shares = [set(cores[:len(cores) // 2]), set(cores[len(cores) // 2:])]
+    for share, cpus in zip(shares, ranks):
+        assert cpus.pop("main") == share  # the rank runs on its share, its training thread included
+        assert len(cpus) == 3 and all(c and c <= share for c in cpus.values()), (share, cpus)
+    assert not set().union(*ranks[0].values()) & set().union(*ranks[1].values())
+    unpinned = dali_worker_cpus(sample_shards, "none", 1, 2)  # only spare_core binds, the share too
+    assert unpinned.pop("main") == set(cores)
 
 
 @pytest.mark.skipif(ctypes.util.find_library("cuda") is not None, reason="a CUDA driver is installed here")

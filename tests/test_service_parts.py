@@ -66,9 +66,24 @@ def test_ranks_from_the_torchrun_environment() -> None:
     assert (r.is_main, r.http_port(9431), r.http_port(0), r.suffix()) == (False, 9432, 0, ".rank3")
     assert r.distributed and not Ranks().distributed
     assert Ranks().gather("x") == ["x"] and Ranks().any(True) == (True,) and Ranks().any(False, True) == (False, True)
-    for env in ({"RANK": "2", "WORLD_SIZE": "2"}, {"WORLD_SIZE": "two"}):
+    assert r.local_world_size == 1  # a launcher that does not say: nothing is split by it
+    assert Ranks.from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}) \
+        == Ranks(3, 4, 1, 2)
+    for env in ({"RANK": "2", "WORLD_SIZE": "2"}, {"WORLD_SIZE": "two"},
+                {"WORLD_SIZE": "4", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "2"},
+                {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "4"}):
         with pytest.raises(RankError):
             Ranks.from_env(env)
+
+
+def test_each_local_rank_gets_its_own_contiguous_share_of_the_cores() -> None:
+    cores = set(range(4, 20))  # 16 cores, say a container's cpuset 4-19
+    shares = [Ranks(r, 8, r % 4, 4).core_share(cores) for r in range(4)]
+    assert shares == [set(range(4, 8)), set(range(8, 12)), set(range(12, 16)), set(range(16, 20))]
+    assert [len(Ranks(r, 3, r, 3).core_share(set(range(8)))) for r in range(3)] == [2, 3, 3]
+    assert set().union(*(Ranks(r, 3, r, 3).core_share(set(range(8))) for r in range(3))) == set(range(8))
+    assert Ranks(0, 8, 0, 1).core_share(cores) == cores  # one rank on this machine: every core
+    assert [Ranks(r, 4, r, 4).core_share({0, 1}) for r in range(4)] == [{0}, {1}, {0}, {1}]  # fewer cores than ranks
 
 
 def _payload(step: int) -> dict:
