@@ -193,7 +193,8 @@ def build(cfg: TrainConfig, ranks: Ranks, manifest: Manifest, exclude: Collectio
     val = _loader(manifest, "val", lambda: build_eval_loader(
         cfg.shards, ranks.rank, ranks.world_size, device, cfg.loader, views=cfg.eval_views, exclude=exclude)) \
         if loaders else None
-    return Parts(cfg, device, devices, model, ranks.wrap(model, device), optimizer, schedule, scaler, train, val,
+    trainable = ranks.wrap(model, device, compiled=cfg.model.compile != "off")
+    return Parts(cfg, device, devices, model, trainable, optimizer, schedule, scaler, train, val,
                  manifest.num_classes, lr_rule, scale)
 
 

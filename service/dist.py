@@ -107,15 +107,10 @@ class Ranks:
             dist.destroy_process_group()
         _CONTROL.clear()
 
-    def wrap(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-        """The module the training step runs: ``model`` itself for one process, else a
-        ``DistributedDataParallel`` replica (gradients averaged over the ranks).  A towers model
-        spans two devices, so DDP gets no ``device_ids`` then (its multi-device mode)."""
-        if not self.distributed:
-            return model
-        devices = {p.device for p in model.parameters()}
-        ids = [device] if device.type == "cuda" and len(devices) == 1 else None
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    def wrap(self, model: torch.nn.Module, device: torch.device, compiled: bool = False) -> torch.nn.Module:
+        """The module the training step runs: ``model`` itself for one process, else
+        ``replica(model, device, compiled)``."""
+        return replica(model, device, compiled) if self.distributed else model
 
     def barrier(self) -> None:
         """Wait until every rank got here (host side)."""
@@ -166,6 +161,26 @@ class Ranks:
     def info(self) -> dict[str, Any]:
         """For logs and /status."""
         return {"rank": self.rank, "world_size": self.world_size, "local_rank": self.local_rank}
+
+
+def replica(model: torch.nn.Module, device: torch.device, compiled: bool = False) -> torch.nn.Module:
+    """A ``DistributedDataParallel`` replica of ``model`` (gradients averaged over the ranks) in
+    the joined process group.  A towers model spans two devices, so DDP gets no ``device_ids``
+    then (its multi-device mode).
+
+    ``compiled``: the step will run it through torch.compile.  Dynamo then splits the graph at
+    DDP's gradient buckets (``optimize_ddp``, so each bucket's all-reduce can start during the
+    backward pass), and with torch 2.13's Inductor that split lost the gradient flowing back
+    across it: one compiled step left conv1-conv5 without their gradients (the update was weight
+    decay alone) while fc6-fc8 trained (``tests/test_service_ddp.py``; Inductor's layout
+    optimisation off, or a single bucket, also avoided it; 2.11 was right).  Without the split
+    the backward is one graph and the all-reduces start when it ends, a cost the sweep can
+    measure, where a silently untrained network is not a trade-off."""
+    if compiled:
+        torch._dynamo.config.optimize_ddp = False
+    devices = {p.device for p in model.parameters()}
+    ids = [device] if device.type == "cuda" and len(devices) == 1 else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
 class Agreement:
