@@ -60,10 +60,12 @@ def keep_files(part: Part, ctx: Context, since: float) -> str | None:
     what an earlier run left there (an earlier run's files, where this one stopped before writing
     its own, would pass for this run's): OUT is what comes back from a GPU machine, the data
     folder is not.  A copy that fails is said in the returned line, never raised."""
-    folder = ctx.out / part.name
+    folder, paths = ctx.out / part.name, part.keep(ctx)
+    if not paths:  # OUT/<part> is the part's own then (the sweep writes a file per configuration there)
+        return None
     try:
         shutil.rmtree(folder, ignore_errors=True)
-        for path in part.keep(ctx):
+        for path in paths:
             if path.is_file() and path.stat().st_mtime >= since - 1:
                 folder.mkdir(exist_ok=True)
                 shutil.copy2(path, folder / path.name)

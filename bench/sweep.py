@@ -89,6 +89,8 @@ class Sweep:
         self.records[config.name] = record
         self.save()
         print(f"sweep: {config.name}: {record['status']} {headline(record)}", flush=True)
+        if config.kind == "train" and rate(record):  # a sweep cut off later still recommends
+            self.recommend()
         return record
 
     def precompile(self, configs: list[Config], seconds: float, most: int = PARALLEL) -> None:
@@ -264,16 +266,21 @@ def headline(record: dict) -> str:
 
 
 def report(sweep: Sweep) -> None:
-    """The table on stdout and the chart next to the summary."""
-    from bench.charts import bars
-
+    """The table on stdout and the chart next to the summary (a chart that cannot be drawn is
+    said, and costs nothing else: the summary and the recommendation are written before)."""
     print(f"\n{'configuration':<78} {'status':<8} result")
     for name, record in sweep.records.items():
         print(f"{name:<78} {record['status']:<8} {headline(record)}")
     done = {name: r["images_per_s"] for name, r in sweep.records.items() if r["status"] == "ok"}
-    if done:
+    if not done:
+        return
+    try:
+        from bench.charts import bars
+
         bars(sweep.out / "sweep.png", done, "images/s (model and e2e: training; pipeline: normalised batches)",
              f"issue 13 sweep ({sweep.summary['mode']} mode)")
+    except Exception as exc:  # matplotlib missing or failing: the numbers are in the table and JSON
+        print(f"sweep: no chart ({type(exc).__name__}: {exc})", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -285,8 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     sweep = Sweep(args.shards.resolve(), args.out.resolve(), args.seconds, args.dry)
     plan(sweep)
+    toml = write_recommendation(sweep.out, sweep.summary, sweep.shards)  # before the chart: it may fail
     report(sweep)
-    toml = write_recommendation(sweep.out, sweep.summary, sweep.shards)
     if toml:
         print(f"\nthe recommendation as config lines ({toml}):\n{toml.read_text()}")
     print(f"wrote {sweep.out / 'sweep.json'} (each configuration: {sweep.out / 'sweep'}, logs: "

@@ -207,10 +207,12 @@ class Trainer:
         """Evaluate the epoch just trained, step the schedule, checkpoint; False when stopped."""
         p, parts = self.progress, self.parts
         self.board.update(phase="evaluating")
+        start = time.perf_counter()
         try:
             mine = evaluate(parts.evaluator, self._eval_batches(), autocast_dtype=parts.autocast,
                             channels_last=self.cfg.model.channels_last)
             result = EvalResult.combine(self.ranks.gather(mine))  # every rank's share of the split
+            seconds = time.perf_counter() - start  # the gather waited for every rank's results
         except Interrupted:
             self._checkpoint("stop")
             return False
@@ -219,7 +221,8 @@ class Trainer:
         record = dict(epoch=p.epoch, lr=lr, train_loss=p.epoch_loss_sum / max(p.step_in_epoch, 1),
                       top1_error=result.top1_error, top5_error=result.top5_error, val_loss=result.loss,
                       images_per_s=p.epoch_images / max(p.epoch_seconds, 1e-9),
-                      data_share=p.epoch_data_seconds / max(p.epoch_seconds, 1e-9))
+                      data_share=p.epoch_data_seconds / max(p.epoch_seconds, 1e-9), eval_seconds=seconds,
+                      eval_views_per_s=result.images * self.cfg.eval_views / max(seconds, 1e-9))
         p.history.append(record)
         p.evaluated = p.epoch
         self.report_evaluation(record)

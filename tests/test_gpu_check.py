@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.child import ROOT, child_env
+from bench.child import ROOT, child_env, slug
 from tests.conftest import run_module
 from tests.procs import alive, processes_naming
 
@@ -74,6 +74,13 @@ def check_sweep(out: Path, parts: dict, record: dict) -> None:
     assert criterion["met"] in (True, False)
     projection = record["projection"]
     assert projection["includes_evaluation"] and projection["total_hours"] > projection["train_hours"] > 0
+    evaluation = parts["service"]["results"]["epochs"][-1]["eval_views_per_s"]
+    assert projection["eval_rate_from"] == "service part, last epoch" and projection["eval_views_per_s"] == round(
+        evaluation, 1)
+    # each configuration's record and the profiled one's whole trace come back with the summary
+    files = {p.name for p in (out / "sweep").iterdir()}
+    assert {f"{slug(name)}.json" for name, r in configs.items() if r["status"] == "ok"} <= files
+    assert any(f.endswith("-trace.json.gz") for f in files)
 
 
 def check_service_after_the_sweep(tmp_path: Path, first: dict) -> None:
@@ -88,8 +95,45 @@ def check_service_after_the_sweep(tmp_path: Path, first: dict) -> None:
     assert "runs the recommendation of the sweep" in result.stdout
     assert parts["service"]["status"] == "ok" and parts["service"]["results"]["flags"] == recommended["flags"]
     assert parts["data"]["status"] == "skipped" and "results of the sweep" in parts["sweep"]["reason"]
-    assert record["projection"]["includes_evaluation"]
-    assert record["projection"]["eval_views_per_s"] == first["projection"]["eval_views_per_s"]
+    assert record["projection"]["includes_evaluation"] and record["projection"]["eval_views_per_s"] > 0
+    assert record["projection"]["eval_rate_from"] == "service part, last epoch"
+
+
+def test_the_projection_takes_each_rate_from_the_best_source_there_is() -> None:
+    """Training and evaluation from the service part's last epoch; a service record without an
+    evaluation rate takes the sweep's projection's, and a sweep that recommended nothing still
+    gives its fastest measured evaluation: the headline never drops the evaluation for want of a
+    recommendation.  Without a service part, the sweep's projection as it is."""
+    from bench.gpu_parts import project
+
+    def service(evaluation):
+        return {"status": "ok", "results": {"epochs": [{"images_per_s": 20_000.0, "eval_views_per_s": evaluation}]}}
+
+    swept = {"status": "ok", "results": {"projection": {"eval_views_per_s": 90_000.0, "train_hours": 1.0},
+                                         "eval_views_per_s": 95_000.0}}
+    unrecommended = {"status": "ok", "results": {"projection": None, "eval_views_per_s": 95_000.0}}
+    p = project({"service": service(80_000.0), "sweep": swept})
+    assert (p["eval_views_per_s"], p["eval_rate_from"], p["train_images_per_s"]) == (
+        80_000.0, "service part, last epoch", 20_000.0)
+    assert project({"service": service(None), "sweep": swept})["eval_views_per_s"] == 90_000.0
+    p = project({"service": service(None), "sweep": unrecommended})
+    assert (p["eval_views_per_s"], p["eval_rate_from"], p["includes_evaluation"]) == (95_000.0, "sweep", True)
+    p = project({"service": service(None)})
+    assert not p["includes_evaluation"] and p["eval_rate_from"] is None
+    assert project({"service": {"status": "failed"}, "sweep": swept})["train_hours"] == 1.0
+    assert project({"service": {"status": "failed"}, "sweep": unrecommended}) is None
+
+
+def test_keeping_a_parts_files_leaves_a_part_that_keeps_none_alone(tmp_path: Path) -> None:
+    """The sweep writes a file per configuration into OUT/sweep itself: keeping files for parts
+    (the service part's log and curve, copied into OUT/service) must not clear it."""
+    from bench.gpu_check_parts import PARTS as ALL, Context, keep_files
+
+    ctx = Context(tmp_path / "out", tmp_path / "data", dry=True, deadline=time.time() + 60)
+    (ctx.out / "sweep").mkdir(parents=True)
+    (ctx.out / "sweep" / "e2e.json").write_text("{}")
+    assert keep_files(next(p for p in ALL if p.name == "sweep"), ctx, time.time()) is None
+    assert (ctx.out / "sweep" / "e2e.json").is_file()
 
 
 def test_a_sweep_configuration_that_fails_is_recorded_and_the_next_runs(sample_shards: Path, tmp_path: Path) -> None:

@@ -61,13 +61,16 @@ def test_blocking_sync_reaches_the_shared_context() -> None:
 
 def test_compiled_step_with_cuda_graphs_compiles_once_and_trains_like_eager() -> None:
     """``mode="reduce-overhead"`` on the GPU (bf16, channels_last): one compilation for full, short
-    and empty batches and an lr drop; losses read after later replays (each step's loss is a copy,
-    not the graph's reused output); the same losses and updates as the eager step up to bf16."""
+    and empty batches, an lr drop and an evaluation between steps (its own compiled function,
+    as the service runs it every epoch); losses read after later replays (each step's loss is a
+    copy, not the graph's reused output); CUDA graphs actually used (Inductor skips them with a
+    log line alone, e.g. for a mutated input that is not a static address); the same losses and
+    updates as the eager step up to bf16."""
     from torch._dynamo.utils import counters
 
-    from model import AlexNet, PaperSGD, load_velocity_state, velocity_state
+    from model import AlexNet, PaperSGD, evaluate, load_velocity_state, velocity_state
     from model.optim import param_groups
-    from model.step import CompiledStep
+    from model.step import BACKWARD_IN_GRAPH, CompiledEval, CompiledStep
 
     def replica():
         torch.manual_seed(0)
@@ -77,6 +80,7 @@ def test_compiled_step_with_cuda_graphs_compiles_once_and_trains_like_eager() ->
     (model, opt), (eager, eager_opt) = replica(), replica()
     kw = dict(autocast_dtype=torch.bfloat16, channels_last=True)
     step = CompiledStep(model, opt, 64, mode="reduce-overhead", **kw)
+    evaluator = CompiledEval(model, 20, mode="reduce-overhead")
     reference = CompiledStep(eager, eager_opt, 64, compile=False, **kw)
     torch._dynamo.reset()
     counters.clear()
@@ -95,9 +99,15 @@ def test_compiled_step_with_cuda_graphs_compiles_once_and_trains_like_eager() ->
         y = torch.randint(0, 1000, (n,), device="cuda", generator=gen)
         with torch._dynamo.config.patch(error_on_recompile=i > 0):
             losses.append(step(x, y))
+            if i in (2, 5):  # the first evaluation compiles its own function, the second reuses it
+                views = x[:2, None].expand(2, 10, 3, 224, 224) if n else x.new_zeros(0, 10, 3, 224, 224)
+                result = evaluate(evaluator, [(views, y[:2])], autocast_dtype=torch.bfloat16, channels_last=True)
+                assert result.images == min(n, 2)
         expected.append(reference(x, y))
         va, vb = velocity_state(model, opt), velocity_state(eager, eager_opt)
         for name in va:
             assert (va[name] - vb[name]).float().norm() <= 0.05 * vb[name].float().norm(), (i, name)
     torch.testing.assert_close(torch.stack(losses), torch.stack(expected), rtol=2e-2, atol=1e-3)
-    assert counters["stats"]["unique_graphs"] >= 1
+    # the step's graphs (one with backward() traced, else two and a break) and the evaluation's
+    assert counters["stats"]["unique_graphs"] == (1 if BACKWARD_IN_GRAPH else 2) + 1
+    assert not counters["inductor"]["cudagraph_skips"], "Inductor ran a graph without CUDA graphs (see its log)"
