@@ -22,6 +22,9 @@ def local_response_norm(x: Tensor, towers: int = 1, fp32: bool = True, impl: Lrn
     input: in float16 any activation above 256 squares to inf and its output becomes 0 (conv1's
     ReLU outputs reach that easily on 0..255 pixels); bfloat16 keeps the range but the sum of
     squares loses digits.  (PyTorch's CPU kernels also have no float16/bfloat16 LRN at all.)
+    With ``fp32=False`` under CUDA autocast the input's precision covers the squares and the
+    window sum only: ``pow`` is on autocast's float32 list, so the denominator and the division
+    run in float32 and the result is cast back; a "LRN in bf16" measurement is of that mix.
     ``impl``: "torch" is ``F.local_response_norm``; "window_sum" the same formula written as
     elementwise ops (:func:`_lrn_window_sum`), equal to it up to float rounding.
     """

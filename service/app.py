@@ -20,7 +20,7 @@ import torch
 
 from common.config import ConfigError, load_config, split_config_arg, to_dict
 from common.config_help import settings_help, wants_help
-from service.build import apply_cuda_sync, build, resolve, share_cores
+from service.build import apply_cuda_sync, build, compile_note, resolve, share_cores
 from service.config import TrainConfig, validate
 from service.dist import RankError, Ranks
 from service.errors import EXIT_CONFIG, EXIT_OK, EXIT_RUNDIR, DataError, ServiceError, record_exit
@@ -103,6 +103,8 @@ def start(cfg: TrainConfig, ranks: Ranks, metrics: ServiceMetrics, board: Status
             f"{trainer.chance:.1%}), device {cfg.device}, layout {cfg.model.layout}, batch {cfg.loader.batch_size}"
             f" x {ranks.world_size} rank(s), {len(parts.train)} steps per epoch, {cfg.epochs} epochs")
     log.say(f"data parallel: {parts.lr_rule}" if ranks.distributed else parts.lr_rule)
+    if note := compile_note(cfg):
+        log.say(note)
     board.update(run_id=trainer.run_id, **ranks.info(), global_batch=cfg.loader.batch_size * ranks.world_size,
                  lr_rule=parts.lr_rule,
                  epochs=cfg.epochs, epoch=p.epoch + 1, step=p.step, device=cfg.device, layout=cfg.model.layout,

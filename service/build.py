@@ -18,7 +18,7 @@ import torch
 from common.cuda import set_sync
 from model import AlexNet, PaperSGD, PlateauSchedule, prepare_model, train_step
 from model.optim import param_groups
-from model.step import CompiledEval, CompiledStep
+from model.step import CompiledEval, CompiledStep, uses_cudagraphs
 from pipeline import build_eval_loader, build_train_loader
 from service.config import ModelSettings, TrainConfig, lr_factor
 from service.data_errors import diagnose
@@ -100,6 +100,17 @@ def apply_cuda_sync(cfg: TrainConfig) -> None:
             set_sync(cfg.cuda_sync, index)
         except RuntimeError as exc:
             raise ServiceError(EXIT_CONFIG, f"cuda_sync {cfg.cuda_sync}: {exc}") from None
+
+
+def compile_note(cfg: TrainConfig) -> str | None:
+    """What a resolved ``cfg`` will not get that its settings suggest: CUDA graphs for a model on
+    two devices (the towers layout on two GPUs).  Inductor records none for a graph whose tensors
+    span devices and runs it without them, saying so only in its log."""
+    m = cfg.model
+    if m.compile == "off" or not uses_cudagraphs(m.compile_mode) or len(set(m.devices)) < 2:
+        return None
+    return (f"model.compile_mode {m.compile_mode}: no CUDA graphs for a model on {' and '.join(m.devices)} (a "
+            "graph spanning two devices runs without them); model.layout grouped on one GPU keeps them")
 
 
 def share_cores(cfg: TrainConfig, ranks: Ranks) -> set[int] | None:

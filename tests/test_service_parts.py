@@ -219,3 +219,15 @@ def test_float16_needs_a_gpu_and_auto_layout_resolves_per_machine() -> None:
     assert (cfg.device, cfg.model.layout, cfg.loader.seed) == ("cpu", "grouped", 3)
     towers = resolve(parse(["--model.layout", "towers", "--device", "cpu"]), Ranks())
     assert towers.model.devices == ("cpu", "cpu")
+
+
+def test_a_compiled_model_on_two_gpus_is_told_it_gets_no_cuda_graphs() -> None:
+    from service.build import compile_note
+
+    towers = parse(["--model.compile", "step", "--model.compile_mode", "reduce-overhead"])
+    two = dataclasses.replace(towers, model=dataclasses.replace(towers.model, layout="towers",
+                                                                devices=("cuda:0", "cuda:1")))
+    assert "no CUDA graphs for a model on cuda:0 and cuda:1" in compile_note(two)
+    one = dataclasses.replace(two, model=dataclasses.replace(two.model, devices=("cuda:0", "cuda:0")))
+    default = dataclasses.replace(two, model=dataclasses.replace(two.model, compile_mode="default"))
+    assert compile_note(one) is compile_note(default) is compile_note(towers) is None
