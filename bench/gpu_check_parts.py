@@ -215,7 +215,8 @@ PARTS = [
     Part("bench-pipeline", 200, pipeline_commands,
          lambda c, log: gpu_parts.pipeline_summary(c.out / "pipeline.json"), needs=("data",)),
     Part("sweep", SWEEP_CAP + SWEEP_TEARDOWN, sweep_commands, sweep_read, needs=("data",), salvage=True),
-    Part("service", 240, service_commands, service_read, needs=("data",),
+    # salvage: a run cut off in epoch 2 or 3 still has the epochs it finished (``--fresh``: only its own)
+    Part("service", 240, service_commands, service_read, needs=("data",), salvage=True,
          keep=lambda c: [c.data / "service-run" / name for name in SERVICE_KEEPS]),
     Part("roi-probe", 60, lambda c: [c.module("bench.gpu_parts", "roi-probe", c.data / "shards")], result_line,
          cuda_only=True, needs=("data",)),

@@ -136,6 +136,29 @@ def test_keeping_a_parts_files_leaves_a_part_that_keeps_none_alone(tmp_path: Pat
     assert (ctx.out / "sweep" / "e2e.json").is_file()
 
 
+def test_a_service_run_cut_off_keeps_the_epochs_it_finished(tmp_path: Path) -> None:
+    """The deadline kills the service part in its third epoch: the part is failed, with the
+    two epochs its run finished (its history, which ``--fresh`` started empty)."""
+    import dataclasses
+
+    from bench.gpu_check import settle
+    from bench.gpu_check_parts import PARTS as ALL, Context
+
+    ctx = Context(tmp_path / "out", tmp_path / "data", dry=True, deadline=time.time() + 60)
+    run = ctx.data / "service-run"
+    run.mkdir(parents=True)
+    history = [{"epoch": e, "images_per_s": 100.0 * e, "data_share": 0.1, "eval_views_per_s": 900.0,
+                "train_loss": 2.0, "top1_error": 0.5} for e in (1, 2)]
+    (run / "history.json").write_text(json.dumps(history))
+    (ctx.out / "logs").mkdir(parents=True)
+    log = ctx.out / "logs" / "service.log"
+    log.write_text("epoch 3 step 40/100\n")
+    part = dataclasses.replace(next(p for p in ALL if p.name == "service"), record={"started": time.time() - 5})
+    settle(part, ctx, log, "stopped by SIGTERM (the deadline)")
+    assert part.record["status"] == "failed" and [e["epoch"] for e in part.record["results"]["epochs"]] == [1, 2]
+    assert (ctx.out / "service" / "history.json").is_file()  # kept with the results, as after a finished run
+
+
 def test_a_sweep_configuration_that_fails_is_recorded_and_the_next_runs(sample_shards: Path, tmp_path: Path) -> None:
     from bench.sweep import Config, Sweep
 
