@@ -213,8 +213,8 @@ def run_until_stopped(ctx: Context, header: dict) -> tuple[dict, Stopped | None]
         for record in records.values():
             if record.pop("started", None) is not None:  # stopped before it was recorded
                 record.update(status="failed", error=f"stopped by {stop}")
-            record.setdefault("status", "skipped")
-            record.setdefault("reason", f"the run was stopped by {stop}")
+            elif "status" not in record:  # never started (a part that ended keeps its record as it is)
+                record.update(status="skipped", reason=f"the run was stopped by {stop}")
         print(f"gpu-check: stopped by {stop}", flush=True)
         return records, stop
     finally:

@@ -186,6 +186,9 @@ def sweep_read(ctx: Context, log: str) -> dict:
                            "this run's sweep wrote no summary")
     if summary.get("recommended"):
         ctx.service_flags = tuple(summary["recommended"]["flags"])
+    if not summary["ok"]:  # a sweep that measured nothing did not succeed, whatever its exit code
+        raise RuntimeError(f"no configuration was measured ({summary['failed']} failed, {summary['skipped']} "
+                           f"skipped): see {ctx.out / 'sweep.json'} and {ctx.out / 'logs' / 'sweep'}")
     return summary
 
 

@@ -181,9 +181,13 @@ def test_an_earlier_runs_sweep_summary_is_never_taken_for_this_runs(tmp_path: Pa
     with pytest.raises(RuntimeError, match="earlier sweep"):
         sweep_read(ctx, "")
     assert ctx.service_flags == ()
-    fresh = {**old, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    fresh = {**old, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "configs": {"e2e": {"status": "ok"}}}
     (tmp_path / "sweep.json").write_text(json.dumps(fresh))
     assert sweep_read(ctx, "")["recommended"] == {"flags": ["-x"]} and ctx.service_flags == ("-x",)
+    nothing = {**fresh, "configs": {"e2e": {"status": "failed"}, "model": {"status": "skipped"}}}
+    (tmp_path / "sweep.json").write_text(json.dumps(nothing))
+    with pytest.raises(RuntimeError, match=r"no configuration was measured \(1 failed, 1 skipped\)"):
+        sweep_read(ctx, "")
 
 
 @pytest.mark.slow
@@ -261,6 +265,7 @@ def test_sigterm_kills_the_running_parts_and_keeps_what_they_measured(tmp_path: 
     assert sweep["status"] == "failed" and sweep["error"].startswith("stopped by SIGTERM")
     assert sweep["results"]["ok"] >= 1
     assert service["status"] == "skipped" and "stopped by SIGTERM" in service["reason"]
+    assert record["parts"]["data"]["status"] == "ok" and "reason" not in record["parts"]["data"]
     assert not left, "a part or its child outlived gpu-check"
 
 
