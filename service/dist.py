@@ -174,8 +174,9 @@ def replica(model: torch.nn.Module, device: torch.device, compiled: bool = False
     across it: one compiled step left conv1-conv5 without their gradients (the update was weight
     decay alone) while fc6-fc8 trained (``tests/test_service_ddp.py``; Inductor's layout
     optimisation off, or a single bucket, also avoided it; 2.11 was right).  Without the split
-    the backward is one graph and the all-reduces start when it ends, a cost the sweep can
-    measure, where a silently untrained network is not a trade-off."""
+    the backward is one graph and the all-reduces start when it ends: each step pays the
+    all-reduce's time (about a millisecond on 8 NVLink GPUs, docs/benchmarks.md "Data
+    parallelism") instead of a network silently left untrained."""
     if compiled:
         torch._dynamo.config.optimize_ddp = False
     devices = {p.device for p in model.parameters()}
