@@ -19,7 +19,7 @@ from common.cuda import set_sync
 from model import AlexNet, PaperSGD, PlateauSchedule, prepare_model, train_step
 from model.optim import param_groups
 from model.step import CompiledEval, CompiledStep, uses_cudagraphs
-from pipeline import build_eval_loader, build_train_loader
+from pipeline import LoaderConfig, build_eval_loader, build_train_loader
 from service.config import ModelSettings, TrainConfig, lr_factor
 from service.data_errors import diagnose
 from service.dist import Ranks
@@ -87,8 +87,18 @@ def resolve(cfg: TrainConfig, ranks: Ranks) -> TrainConfig:
             raise ServiceError(EXIT_CONFIG, f"model.devices names {d}, but only {torch.cuda.device_count()} "
                                "CUDA device(s) are visible")
     model = dataclasses.replace(m, layout=layout, devices=tuple(devices))
-    return dataclasses.replace(cfg, device=str(device), model=model,
-                               loader=cfg.loader.replace(seed=cfg.seed))
+    return dataclasses.replace(cfg, device=str(device), model=model, loader=_rank_loader(cfg, ranks))
+
+
+def _rank_loader(cfg: TrainConfig, ranks: Ranks) -> LoaderConfig:
+    """The loader settings of this rank: the run's seed, and with several ranks on this machine
+    ``threads 0`` (one DALI thread per core) counted on this rank's share of the cores, not on
+    all of them for every rank (8 ranks on 16 cores: 2 threads each, not 16).  With
+    ``spare_core`` the rank runs on its share (``share_cores``), which counts the same."""
+    loader = cfg.loader.replace(seed=cfg.seed)
+    if loader.threads == 0 and ranks.local_world_size > 1:
+        loader = loader.replace(threads=len(ranks.core_share(os.sched_getaffinity(0))))
+    return loader
 
 
 def apply_cuda_sync(cfg: TrainConfig) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -219,6 +220,19 @@ def test_float16_needs_a_gpu_and_auto_layout_resolves_per_machine() -> None:
     assert (cfg.device, cfg.model.layout, cfg.loader.seed) == ("cpu", "grouped", 3)
     towers = resolve(parse(["--model.layout", "towers", "--device", "cpu"]), Ranks())
     assert towers.model.devices == ("cpu", "cpu")
+
+
+def test_one_dali_thread_per_core_counts_the_cores_of_this_ranks_share() -> None:
+    """``loader.threads 0`` with several ranks on the machine: each rank its share of the cores,
+    not all of them (every rank's pool on every core oversubscribes them ranks-fold)."""
+    from service.build import resolve
+
+    cores = len(os.sched_getaffinity(0))
+    alone = resolve(parse(["--device", "cpu"]), Ranks())
+    assert alone.loader.threads == 0 and alone.loader.num_threads == cores
+    shares = [resolve(parse(["--device", "cpu"]), Ranks(r, 2, r, 2)).loader.threads for r in (0, 1)]
+    assert shares == ([cores // 2, cores - cores // 2] if cores > 1 else [1, 1])
+    assert resolve(parse(["--device", "cpu", "--loader.threads", "5"]), Ranks(1, 2, 1, 2)).loader.threads == 5
 
 
 def test_a_compiled_model_on_two_gpus_is_told_it_gets_no_cuda_graphs() -> None:
