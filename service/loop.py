@@ -228,7 +228,7 @@ class Trainer:
         self.report_evaluation(record)
         self.log.say(f"epoch {p.epoch}/{self.cfg.epochs}: train loss {record['train_loss']:.4f}, val top-1 error "
                      f"{result.top1_error:.1%} (chance {self.chance:.1%}), top-5 error {result.top5_error:.1%} "
-                     f"({self.cfg.eval_views}-view), {record['images_per_s']:.1f} img/s"
+                     f"({self.cfg.eval_views}-view, {seconds:.1f} s), {record['images_per_s']:.1f} img/s"
                      + (f"; lr -> {parts.schedule.lrs[0]:g}" if dropped else ""))
         if self.ranks.is_main:
             self.log.history(p.history, self.chance)
