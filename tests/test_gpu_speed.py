@@ -65,7 +65,7 @@ def test_compiled_step_with_cuda_graphs_compiles_once_and_trains_like_eager() ->
     as the service runs it every epoch); losses read after later replays (each step's loss is a
     copy, not the graph's reused output); CUDA graphs actually used (Inductor skips them with a
     log line alone, e.g. for a mutated input that is not a static address); the same losses and
-    updates as the eager step up to bf16."""
+    updates as the eager step up to bf16; and no host-GPU synchronisation in a replayed step."""
     from torch._dynamo.utils import counters
 
     from model import AlexNet, PaperSGD, evaluate, load_velocity_state, velocity_state
@@ -111,3 +111,15 @@ def test_compiled_step_with_cuda_graphs_compiles_once_and_trains_like_eager() ->
     # the step's graphs (one with backward() traced, else two and a break) and the evaluation's
     assert counters["stats"]["unique_graphs"] == (1 if BACKWARD_IN_GRAPH else 2) + 1
     assert not counters["inductor"]["cudagraph_skips"], "Inductor ran a graph without CUDA graphs (see its log)"
+    # Replayed, the step never makes the host wait for the GPU: a full batch, an lr drop (a
+    # fill of the lr tensors), a short batch (the padding).
+    x, y = 50 * torch.randn(64, 3, 224, 224, device="cuda"), torch.randint(0, 1000, (64,), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(x, y)
+        for group in opt.param_groups:
+            group["lr"] *= 0.1
+        step(x[:17], y[:17])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
