@@ -100,13 +100,19 @@ class RunLog:
         return path
 
     def history(self, records: list[dict[str, Any]], chance: float) -> Path:
-        """history.json and curve.png from the per-epoch records; returns the curve's path."""
+        """history.json and curve.png from the per-epoch records; returns the curve's path.  A
+        curve that cannot be drawn is said and skipped: the epoch's checkpoint comes after this,
+        and a plot is not worth an epoch of training."""
         self.write_json("history.json", records)
         curve = self.out / "curve.png"
         if records:
             tmp = self.out / ".curve.tmp.png"
-            plot_history(records, tmp, chance=chance)
-            tmp.replace(curve)
+            try:
+                plot_history(records, tmp, chance=chance)
+                tmp.replace(curve)
+            except Exception as exc:  # matplotlib missing or failing, a font cache it cannot write
+                self.warn(f"{curve} not drawn ({type(exc).__name__}: {exc}); {self.out / 'history.json'} "
+                          "has the numbers")
         return curve
 
     def close(self) -> None:

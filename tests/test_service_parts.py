@@ -245,3 +245,22 @@ def test_a_compiled_model_on_two_gpus_is_told_it_gets_no_cuda_graphs() -> None:
     one = dataclasses.replace(two, model=dataclasses.replace(two.model, devices=("cuda:0", "cuda:0")))
     default = dataclasses.replace(two, model=dataclasses.replace(two.model, compile_mode="default"))
     assert compile_note(one) is compile_note(default) is compile_note(towers) is None
+
+
+def test_a_curve_that_cannot_be_drawn_costs_only_the_curve(tmp_path: Path, monkeypatch, capfd) -> None:
+    """The history is written before the epoch's checkpoint: a plot that fails (matplotlib, its
+    font cache) must not end the run and lose the epoch; it is said on stderr."""
+    from service import runlog
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no usable font")
+
+    monkeypatch.setattr(runlog, "plot_history", broken)
+    log = runlog.RunLog(tmp_path, console=False).open()
+    records = [{"epoch": 1, "top1_error": 0.5, "top5_error": 0.2, "train_loss": 1.0, "val_loss": 1.1}]
+    try:
+        log.history(records, 0.9)
+    finally:
+        log.close()
+    assert json.loads((tmp_path / "history.json").read_text()) == records and not (tmp_path / "curve.png").exists()
+    assert "curve.png not drawn (RuntimeError: no usable font)" in capfd.readouterr().err
