@@ -16,6 +16,7 @@ Several ranks: the stop and checkpoint decisions are agreed by every rank (a ste
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -238,7 +239,8 @@ class Trainer:
         return not self._stop_requested()
 
     def report_evaluation(self, record: dict[str, Any]) -> None:
-        self.metrics.evaluation(record["top1_error"], record["top5_error"], record["val_loss"])
+        self.metrics.evaluation(record["top1_error"], record["top5_error"], record["val_loss"],
+                                record.get("eval_seconds", math.nan))  # a history from before it was timed
         self.board.update(last_evaluation={k: record[k] for k in ("epoch", "top1_error", "top5_error", "val_loss")})
 
     def _eval_batches(self):

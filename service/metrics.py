@@ -13,6 +13,7 @@ histograms: a few microseconds, no device synchronisation.
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import os
 import subprocess
 import tomllib
@@ -94,6 +95,8 @@ class ServiceMetrics:
         self.top1 = Gauge(p + "val_top1_error", "Validation top-1 error of the last evaluation (0..1)", registry=r)
         self.top5 = Gauge(p + "val_top5_error", "Validation top-5 error of the last evaluation (0..1)", registry=r)
         self.val_loss = Gauge(p + "val_loss", "Validation cross-entropy of the last evaluation", registry=r)
+        self.eval_seconds = Gauge(p + "eval_duration_seconds", "Wall time of the last evaluation (all its views)",
+                                  registry=r)
         self.last_checkpoint = Gauge(p + "last_checkpoint_timestamp_seconds",
                                      "Unix time the last checkpoint became durable", registry=r)
         self.checkpoint_seconds = Histogram(p + "checkpoint_duration_seconds", "Time the training loop was "
@@ -109,7 +112,7 @@ class ServiceMetrics:
                                "sign of life", registry=r)
         # Not known yet: NaN (no value in PromQL), not 0, which would read as "0% error" or
         # "the last checkpoint was in 1970".
-        for gauge in (self.loss, self.top1, self.top5, self.val_loss, self.last_checkpoint):
+        for gauge in (self.loss, self.top1, self.top5, self.val_loss, self.eval_seconds, self.last_checkpoint):
             gauge.set(float("nan"))
 
     def step(self, images: int, step_seconds: float, data_seconds: float, beat: float) -> None:
@@ -127,7 +130,8 @@ class ServiceMetrics:
                 self.gpu_allocated.labels(device=str(d)).set(torch.cuda.memory_allocated(d))
                 self.gpu_reserved.labels(device=str(d)).set(torch.cuda.memory_reserved(d))
 
-    def evaluation(self, top1: float, top5: float, loss: float) -> None:
+    def evaluation(self, top1: float, top5: float, loss: float, seconds: float = math.nan) -> None:
         self.top1.set(top1)
         self.top5.set(top5)
         self.val_loss.set(loss)
+        self.eval_seconds.set(seconds)

@@ -83,6 +83,7 @@ def test_dashboard_queries_only_metrics_the_service_exports(sample_shards: Path,
         names, _ = exported(text)
         assert wanted <= names, (f"the dashboard queries metrics the service does not export: {sorted(wanted - names)}"
                                  f"\n/metrics:\n{text[:3000]}")
+        assert exported(text)[1].get("alexnet_eval_duration_seconds", 0) > 0  # the evaluation's wall time
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -30,7 +30,8 @@ CONTRACT = [
     "alexnet_build_info", "alexnet_train_images_total", "alexnet_train_steps_total",
     "alexnet_train_step_seconds_bucket", "alexnet_train_data_wait_seconds_bucket", "alexnet_train_loss",
     "alexnet_learning_rate", "alexnet_epoch", "alexnet_val_top1_error", "alexnet_val_top5_error", "alexnet_val_loss",
-    "alexnet_last_checkpoint_timestamp_seconds", "alexnet_checkpoint_duration_seconds_bucket",
+    "alexnet_eval_duration_seconds", "alexnet_last_checkpoint_timestamp_seconds",
+    "alexnet_checkpoint_duration_seconds_bucket",
     "alexnet_samples_failed_total", "alexnet_gpu_memory_allocated_bytes", "alexnet_gpu_memory_reserved_bytes",
     "alexnet_heartbeat_timestamp_seconds",
 ]
@@ -172,6 +173,7 @@ def test_metric_names_of_the_contract() -> None:
     for label in ("version", "git_revision", "torch", "dali", "device", "layout", "world_size"):
         assert f'{label}="' in info
     assert "alexnet_train_images_total 24.0" in text and "alexnet_val_top1_error NaN" in text
+    assert "alexnet_eval_duration_seconds NaN" in text  # before the first evaluation: not known, not 0
     assert "process_resident_memory_bytes" in text and "python_gc" in text
     if found := binaries():  # the promtool of the series compose pins (test_service_prometheus.py lints a live scrape)
         lint = subprocess.run([found[1], "check", "metrics"], input=text, capture_output=True, text=True)
