@@ -211,5 +211,6 @@ def test_dashboard_panels() -> None:
     assert "alexnet_val_top1_error" in panel("validation error") and "alexnet_val_top5_error" in panel("validation error")
     assert "alexnet_learning_rate" in panel("learning rate")
     assert "alexnet_epoch" in panel("epoch")
+    assert "alexnet_eval_duration_seconds" in panel("evaluation time")
     assert "time() -" in panel("checkpoint age") and "alexnet_last_checkpoint_timestamp_seconds" in panel("checkpoint age")
     assert "DCGM_FI_DEV_GPU_UTIL" in panel("GPU utilisation") and "DCGM_FI_DEV_FB_USED" in panel("GPU memory")
