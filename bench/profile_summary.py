@@ -13,6 +13,9 @@ from collections import Counter, defaultdict
 
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 API_CATEGORIES = ("cuda_runtime", "cuda_driver")
+# The ``record_function`` the caller wraps its window's closing synchronisation in: that wait is the
+# GPU finishing what the window queued, not a wait of the training loop (``drain_ms``).
+WINDOW_END = "window_end"
 
 
 def window_profiler(cuda: bool):
@@ -43,10 +46,13 @@ def _main_thread(events: list[dict]) -> object:
 
 def _syncs(events: list[dict], main: object) -> dict:
     calls = [e for e in events if e.get("cat") in API_CATEGORIES and "Synchronize" in e.get("name", "")]
-    on_main = [e for e in calls if e["tid"] == main]
+    ends = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == WINDOW_END and e["tid"] == main]
+    drain = [e for e in calls if e["tid"] == main and any(a <= e["ts"] <= b for a, b in ends)]
+    on_main = [e for e in calls if e["tid"] == main and e not in drain]
     return {"training_thread_ms": round(sum(e["dur"] for e in on_main) / 1e3, 3),
             "other_threads_ms": round(sum(e["dur"] for e in calls if e["tid"] != main) / 1e3, 3),
-            "calls_on_training_thread": dict(Counter(e["name"] for e in on_main))}
+            "calls_on_training_thread": dict(Counter(e["name"] for e in on_main)),
+            "drain_ms": round(sum(e["dur"] for e in drain) / 1e3, 3)}
 
 
 def _streams(gpu: list[dict]) -> dict[str, float]:
@@ -59,8 +65,13 @@ def _streams(gpu: list[dict]) -> dict[str, float]:
     return {k: round(_busy(v) / 1e3, 3) for k, v in intervals.items()}
 
 
-def summarize(trace: dict, steps: int, top: int = 10) -> dict:
-    """The summary of a Chrome trace (``prof.export_chrome_trace``) of ``steps`` training steps."""
+def summarize(trace: dict, steps: int, top: int = 10, main: object = None, cuda: bool = False) -> dict:
+    """The summary of a Chrome trace (``prof.export_chrome_trace``) of ``steps`` training steps.
+    ``main``: the training thread's id (``threading.get_native_id()``, what the trace records);
+    None guesses it (the thread with the most operators; on a GPU autograd's own thread may run
+    more).  ``cuda``: the window was profiled with CUDA activities; a trace without a single CUDA
+    API call then means the CUDA tracer (CUPTI) did not run, and the sync times are unknown
+    (None, ``cuda_trace`` false), not zero."""
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
     if not events:
         raise ValueError("the trace has no timed events")
@@ -68,8 +79,10 @@ def summarize(trace: dict, steps: int, top: int = 10) -> dict:
     window_ms = (max(e["ts"] + e["dur"] for e in events) - start) / 1e3
     gpu = [e for e in events if e.get("cat") in GPU_CATEGORIES]
     busy = _streams(gpu)
-    summary = {"steps": steps, "window_ms": round(window_ms, 3),
-               "host_blocked_in_cuda_sync": _syncs(events, _main_thread(events)),
+    traced = not cuda or any(e.get("cat") in API_CATEGORIES for e in events)
+    summary = {"steps": steps, "window_ms": round(window_ms, 3), "cuda_trace": traced if cuda else None,
+               "host_blocked_in_cuda_sync": _syncs(events, _main_thread(events) if main is None else main)
+               if traced else None,
                "stream_busy_ms": busy, "training_stream": None, "gpu_idle_ms_on_training_stream": None,
                "gpu_idle_share_on_training_stream": None, "top_kernels": []}
     if busy:

@@ -130,7 +130,9 @@ class Sweep:
         name = slug(config.name)
         warmup, steps = SIZES[config.kind][self.dry]
         spec = {"name": config.name, "kind": config.kind, "flags": list(flags), "shards": str(self.shards),
-                "warmup": warmup, "steps": steps, "eval_batches": (1 if self.dry else 4) if config.eval else 0,
+                "warmup": warmup, "steps": steps, "eval_batches": (1 if self.dry else 12) if config.eval else 0,
+                # with CUDA graphs a function's first call runs eagerly, its second records the graph
+                "eval_warmup": 1 if self.dry else 3,
                 "profile_steps": (2 if self.dry else 20) if config.profile else 0,
                 "trace": str(self.out / "sweep" / f"{name}-trace.json.gz")}
         start = time.time()

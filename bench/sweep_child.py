@@ -4,7 +4,7 @@
 
 SPEC: ``name``, ``kind`` ("model", "pipeline" or "train"), ``flags`` (the service's own
 ``--section.key value`` settings), ``shards``, ``warmup``/``steps`` (batches), ``eval_batches``,
-``profile_steps`` and ``trace`` (train only).  Everything is built by the service's own code
+``eval_warmup``, ``profile_steps`` and ``trace`` (train only).  Everything is built by the service's own code
 (``service.build``), so a configuration measured here is the one ``python -m service`` runs with
 the same flags.
 
@@ -21,6 +21,7 @@ import gzip
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -47,7 +48,8 @@ def endless(loader):
 
 
 def synthetic(parts: Parts, views: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch shaped and typed like the loader's: (B, 3, 224, 224) or (B, V, 3, 224, 224)."""
+    """A batch shaped and typed like the loader's: (B, 3, 224, 224) or (B, V, 3, 224, 224), in
+    memory of its own as the loader's (not a broadcast view, which every call would copy)."""
     cfg = parts.cfg.loader
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[cfg.dtype]
     images = 50 * torch.randn(cfg.batch_size, 3, cfg.crop, cfg.crop, device=parts.device)
@@ -55,7 +57,7 @@ def synthetic(parts: Parts, views: int = 0) -> tuple[torch.Tensor, torch.Tensor]
         images = images.contiguous(memory_format=torch.channels_last)
     images = images.to(dtype)
     if views:
-        images = images[:, None].expand(-1, views, -1, -1, -1)
+        images = images[:, None].repeat(1, views, 1, 1, 1)
     return images, torch.randint(0, parts.num_classes, (cfg.batch_size,), device=parts.device)
 
 
@@ -76,15 +78,22 @@ def timed_steps(parts: Parts, batches, warmup: int, steps: int) -> dict:
             "data_wait_share": round(window.data_share, 4), "warmup_seconds": round(warm, 1)}
 
 
-def eval_rate(parts: Parts, batches: int) -> float:
-    """Views per second of the evaluation forward on 10-view batches (evaluate's own sync at the end)."""
-    views, labels = synthetic(parts, views=10)
-    work = [(views, labels)] * batches
+def eval_rate(parts: Parts, batches: int, warmup: int) -> float:
+    """Views per second of the evaluation forward on batches of ``eval_views`` views (evaluate's
+    own sync at the end of each call), after ``warmup`` calls: with CUDA graphs a compiled
+    function's first call runs eagerly and its second records the graph
+    (torch._inductor.cudagraph_trees), so timing starts at the third."""
+    views = parts.cfg.eval_views
+    images, labels = synthetic(parts, views=views) if views > 1 else synthetic(parts)
     m = parts.cfg.model
-    evaluate(parts.evaluator, work[:1], autocast_dtype=parts.autocast, channels_last=m.channels_last)  # warm-up
+
+    def calls(n: int) -> None:
+        evaluate(parts.evaluator, [(images, labels)] * n, autocast_dtype=parts.autocast, channels_last=m.channels_last)
+
+    calls(warmup)
     start = time.perf_counter()
-    evaluate(parts.evaluator, work, autocast_dtype=parts.autocast, channels_last=m.channels_last)
-    return round(batches * views.shape[0] * 10 / (time.perf_counter() - start), 1)
+    calls(batches)
+    return round(batches * images.shape[0] * views / (time.perf_counter() - start), 1)
 
 
 def pipeline_rate(parts: Parts, warmup: int, batches: int) -> dict:
@@ -104,23 +113,30 @@ def pipeline_rate(parts: Parts, warmup: int, batches: int) -> dict:
 
 
 def profiled(parts: Parts, batches, steps: int, trace: Path) -> dict:
-    """A ``torch.profiler`` window of ``steps`` loader-fed steps, summarised (bench.profile_summary)."""
-    from bench.profile_summary import summarize, window_profiler
+    """A ``torch.profiler`` window of ``steps`` loader-fed steps, summarised (bench.profile_summary):
+    the closing synchronisation is marked as the window's end (the GPU draining what the window
+    queued, not a wait of the loop), and the training thread is named, not guessed."""
+    from bench.profile_summary import WINDOW_END, summarize, window_profiler
 
-    with window_profiler(cuda=torch.cuda.is_available()) as prof:
+    cuda = torch.cuda.is_available()
+    with window_profiler(cuda=cuda) as prof:
         for _, (x, y) in zip(range(steps), batches):
             parts.step(x, y)
-        sync(parts)
+        with torch.profiler.record_function(WINDOW_END):
+            sync(parts)
     raw = trace.with_suffix("")
     prof.export_chrome_trace(str(raw))
     data = json.loads(raw.read_text())
     with gzip.open(trace, "wt") as f:  # the whole trace, for Perfetto / chrome://tracing
         json.dump(data, f)
     raw.unlink()
-    return summarize(data, steps)
+    return summarize(data, steps, main=threading.get_native_id(), cuda=cuda)
 
 
-def run(spec: dict) -> dict:
+def run(spec: dict, save) -> dict:
+    """The configuration's measurements; ``save(result)`` writes what there is before a profile
+    (the profiler on CUDA graphs has crashed processes: pytorch#75504), so that a profile that
+    fails, even natively, costs the profile alone."""
     cfg = resolve(parse(["--shards", spec["shards"], *spec["flags"]]), Ranks())
     apply_cuda_sync(cfg)
     kind, warmup, steps = spec["kind"], spec["warmup"], spec["steps"]
@@ -132,7 +148,7 @@ def run(spec: dict) -> dict:
         fixed = synthetic(parts)
         result.update(timed_steps(parts, iter(lambda: fixed, None), warmup, steps))
         if spec.get("eval_batches"):
-            result["eval_views_per_s"] = eval_rate(parts, spec["eval_batches"])
+            result["eval_views_per_s"] = eval_rate(parts, spec["eval_batches"], spec.get("eval_warmup", 1))
     else:
         batches = endless(parts.train)
         result.update(timed_steps(parts, batches, warmup, steps))
@@ -141,9 +157,18 @@ def run(spec: dict) -> dict:
         alone = timed_steps(parts, iter(lambda: fixed, None), 2, steps)["images_per_s"]
         result.update(model_alone_images_per_s=alone, ratio_to_model_alone=round(result["images_per_s"] / alone, 4))
         if spec.get("profile_steps"):
-            result["profile"] = profiled(parts, batches, spec["profile_steps"], Path(spec["trace"]))
-    result["graphs"] = counters["stats"]["unique_graphs"]
-    result["graph_breaks"] = sum(counters["graph_break"].values())
+            save(compiled(result))
+            try:
+                result["profile"] = profiled(parts, batches, spec["profile_steps"], Path(spec["trace"]))
+            except Exception as exc:  # the measurement stands without its profile
+                result["profile_error"] = f"{type(exc).__name__}: {exc}"[:500]
+    return compiled(result)
+
+
+def compiled(result: dict) -> dict:
+    """``result`` with what was compiled (graphs, breaks) and the GPU memory peak."""
+    result = {**result, "graphs": counters["stats"]["unique_graphs"],
+              "graph_breaks": sum(counters["graph_break"].values())}
     if torch.cuda.is_available():
         result["max_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return result
@@ -153,8 +178,15 @@ def main(argv: list[str]) -> int:
     spec, out = json.loads(argv[0]), Path(argv[1])
     start = time.perf_counter()
     record = {"name": spec["name"], "kind": spec["kind"], "flags": spec["flags"], "pid": os.getpid()}
-    record.update(run(spec), seconds=round(time.perf_counter() - start, 1), status="ok")
-    out.write_text(json.dumps(record, indent=1) + "\n")
+
+    def save(result: dict) -> dict:
+        done = {**record, **result, "seconds": round(time.perf_counter() - start, 1), "status": "ok"}
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(done, indent=1) + "\n")
+        tmp.replace(out)  # whole or not at all: the parent reads it whatever happens after
+        return done
+
+    record = save(run(spec, save))
     print(json.dumps(record), flush=True)
     sys.stderr.flush()
     # The result is on disk: skip the teardown of DALI's pipelines and CUDA graph pools, which can

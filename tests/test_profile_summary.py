@@ -30,12 +30,17 @@ def test_sync_time_idle_training_stream_and_top_kernels() -> None:
         event("gpu_memcpy", "Memcpy HtoD", 6000, 3000, tid=7, stream=7, device=0),
         event("kernel", "nvjpeg", 4000, 500, tid=20, stream=20, device=0),
         event("cpu_op", "aten::empty", 9900, 100),
+        event("user_annotation", "window_end", 9000, 1000), event("cuda_runtime", "cudaDeviceSynchronize", 9100, 800),
         {"ph": "M", "name": "process_name", "pid": 1, "tid": 0, "args": {"name": "python"}},
     ]}
     s = summarize(trace, steps=2, top=2)
-    assert s["window_ms"] == 10.0 and s["steps"] == 2
+    assert s["window_ms"] == 10.0 and s["steps"] == 2 and s["cuda_trace"] is None
+    # the closing sync (inside window_end) is the GPU draining the window, not the loop waiting
     assert s["host_blocked_in_cuda_sync"] == {"training_thread_ms": 3.0, "other_threads_ms": 1.0,
-                                              "calls_on_training_thread": {"cudaEventSynchronize": 1}}
+                                              "calls_on_training_thread": {"cudaEventSynchronize": 1},
+                                              "drain_ms": 0.8}
+    named = summarize(trace, steps=2, main=2)["host_blocked_in_cuda_sync"]  # told, not guessed
+    assert (named["training_thread_ms"], named["other_threads_ms"], named["drain_ms"]) == (1.0, 3.8, 0.0)
     assert s["stream_busy_ms"] == {"device 0 stream 7": 7.0, "device 0 stream 20": 0.5}
     assert s["training_stream"] == "device 0 stream 7"
     assert s["gpu_idle_ms_on_training_stream"] == 3.0 and s["gpu_idle_share_on_training_stream"] == 0.3
@@ -53,3 +58,7 @@ def test_a_real_cpu_trace(tmp_path: Path) -> None:
     s = summarize(json.loads(path.read_text()), steps=3)
     assert s["window_ms"] > 0 and s["training_stream"] is None and s["top_kernels"] == []
     assert s["host_blocked_in_cuda_sync"]["training_thread_ms"] == 0
+    # profiled with CUDA, but no CUDA API call in the trace: the tracer did not run, so the sync
+    # times are unknown, not zero
+    blind = summarize(json.loads(path.read_text()), steps=3, cuda=True)
+    assert blind["cuda_trace"] is False and blind["host_blocked_in_cuda_sync"] is None
