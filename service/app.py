@@ -158,14 +158,17 @@ def run_service(cfg: TrainConfig) -> int:
         raise ServiceError(EXIT_CONFIG, str(exc)) from None
     cfg = resolve(cfg, ranks)
     apply_cuda_sync(cfg)  # before anything creates a CUDA context
-    share_cores(cfg, ranks)
     stop = StopFlag().install()  # before joining: torchrun may signal while the ranks meet
+    allowed = None
     try:
         ranks.start(torch.device(cfg.device))
+        cfg, allowed = share_cores(cfg, *ranks.core_peers())
         return _serve(cfg, ranks, stop)
-    finally:  # joining or the endpoint may fail too: an in-process caller gets its handlers back
+    finally:  # joining or the endpoint may fail too: an in-process caller gets its state back
         stop.uninstall()
         ranks.close()
+        if allowed is not None:
+            os.sched_setaffinity(0, allowed)
 
 
 def _serve(cfg: TrainConfig, ranks: Ranks, stop: StopFlag) -> int:

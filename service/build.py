@@ -19,10 +19,10 @@ from common.cuda import set_sync
 from model import AlexNet, PaperSGD, PlateauSchedule, prepare_model, train_step
 from model.optim import param_groups
 from model.step import CompiledEval, CompiledStep, uses_cudagraphs
-from pipeline import LoaderConfig, build_eval_loader, build_train_loader
+from pipeline import build_eval_loader, build_train_loader
 from service.config import ModelSettings, TrainConfig, lr_factor
 from service.data_errors import diagnose
-from service.dist import Ranks
+from service.dist import Ranks, core_share
 from service.errors import EXIT_CONFIG, ServiceError
 from shards.manifest import Manifest
 
@@ -87,18 +87,8 @@ def resolve(cfg: TrainConfig, ranks: Ranks) -> TrainConfig:
             raise ServiceError(EXIT_CONFIG, f"model.devices names {d}, but only {torch.cuda.device_count()} "
                                "CUDA device(s) are visible")
     model = dataclasses.replace(m, layout=layout, devices=tuple(devices))
-    return dataclasses.replace(cfg, device=str(device), model=model, loader=_rank_loader(cfg, ranks))
-
-
-def _rank_loader(cfg: TrainConfig, ranks: Ranks) -> LoaderConfig:
-    """The loader settings of this rank: the run's seed, and with several ranks on this machine
-    ``threads 0`` (one DALI thread per core) counted on this rank's share of the cores, not on
-    all of them for every rank (8 ranks on 16 cores: 2 threads each, not 16).  With
-    ``spare_core`` the rank runs on its share (``share_cores``), which counts the same."""
-    loader = cfg.loader.replace(seed=cfg.seed)
-    if loader.threads == 0 and ranks.local_world_size > 1:
-        loader = loader.replace(threads=len(ranks.core_share(os.sched_getaffinity(0))))
-    return loader
+    return dataclasses.replace(cfg, device=str(device), model=model,
+                               loader=cfg.loader.replace(seed=cfg.seed))
 
 
 def apply_cuda_sync(cfg: TrainConfig) -> None:
@@ -123,17 +113,22 @@ def compile_note(cfg: TrainConfig) -> str | None:
             "graph spanning two devices runs without them); model.layout grouped on one GPU keeps them")
 
 
-def share_cores(cfg: TrainConfig, ranks: Ranks) -> set[int] | None:
-    """With ``loader.affinity spare_core`` and several ranks on this machine, run this rank on its
-    own share of the cores (``Ranks.core_share``): the DALI threads it binds, one core each with
-    the share's last core left to its training thread, and ``loader.threads 0`` (one per core)
-    then count within that share, not on the cores every other rank binds too.  Returns the
-    share, or None when nothing was changed."""
-    if cfg.loader.affinity != "spare_core" or ranks.local_world_size <= 1:
-        return None
-    share = ranks.core_share(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, share)  # before any worker thread starts: they inherit it
-    return share
+def share_cores(cfg: TrainConfig, place: int, peers: int) -> tuple[TrainConfig, set[int] | None]:
+    """This rank's part of cores it shares with ``peers`` ranks (``Ranks.core_peers``: ranks on
+    this machine allowed the same cores), before any DALI or compile thread starts: ``threads 0``
+    (a DALI thread per core) becomes this rank's share of them, not all of them for every rank
+    (8 ranks on 16 cores: 2 each, not 16), and with ``loader.affinity spare_core`` the whole
+    process runs on its share (its DALI threads, the training thread, torch.compile's workers:
+    threads inherit it), so that the ranks do not bind their DALI threads to the same cores.
+    Returns the config and, when the process was bound, the cores it was allowed before."""
+    cores = os.sched_getaffinity(0)
+    share = core_share(cores, place, peers)
+    if cfg.loader.threads == 0 and peers > 1:
+        cfg = dataclasses.replace(cfg, loader=cfg.loader.replace(threads=len(share)))
+    if cfg.loader.affinity != "spare_core" or peers <= 1:
+        return cfg, None
+    os.sched_setaffinity(0, share)
+    return cfg, cores
 
 
 def _tower_devices(device: torch.device, ranks: Ranks, two_gpus: bool) -> tuple[str, str]:

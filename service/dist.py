@@ -19,6 +19,7 @@ copy to the device and a synchronisation per step.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -51,34 +52,25 @@ class Ranks:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    local_world_size: int = 1  # ranks on this machine (1 also when a launcher does not say)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Ranks:
         """Read torchrun's variables (absent = a single process)."""
         env = os.environ if env is None else env
-        local = _int_env(env, "LOCAL_WORLD_SIZE", 0)  # torchrun sets it; other launchers may not
-        ranks = cls(_int_env(env, "RANK", 0), _int_env(env, "WORLD_SIZE", 1), _int_env(env, "LOCAL_RANK", 0),
-                    local or 1)
-        if ranks.world_size < 1 or not 0 <= ranks.rank < ranks.world_size or ranks.local_rank < 0 \
-                or local and not (ranks.local_rank < local <= ranks.world_size):
-            given = f" LOCAL_WORLD_SIZE={local}" if local else ""
-            raise RankError(f"RANK={ranks.rank} WORLD_SIZE={ranks.world_size} LOCAL_RANK={ranks.local_rank}"
-                            f"{given} is not a valid torchrun environment")
+        ranks = cls(_int_env(env, "RANK", 0), _int_env(env, "WORLD_SIZE", 1), _int_env(env, "LOCAL_RANK", 0))
+        if ranks.world_size < 1 or not 0 <= ranks.rank < ranks.world_size or ranks.local_rank < 0:
+            raise RankError(f"RANK={ranks.rank} WORLD_SIZE={ranks.world_size} LOCAL_RANK={ranks.local_rank} "
+                            "is not a valid torchrun environment")
         return ranks
 
-    def core_share(self, cores: set[int]) -> set[int]:
-        """This rank's part of the machine's ``cores``: the sorted cores cut into one contiguous
-        run per local rank (sizes differ by at most one), so that ranks binding threads to cores
-        (``loader.affinity spare_core``) do not all bind to the same ones.  Fewer cores than
-        ranks: one core each, shared round-robin."""
-        usable, n = sorted(cores), self.local_world_size
-        if n <= 1:
-            return set(usable)
-        if len(usable) < n:
-            return {usable[self.local_rank % len(usable)]}
-        i = self.local_rank
-        return set(usable[i * len(usable) // n:(i + 1) * len(usable) // n])
+    def core_peers(self) -> tuple[int, int]:
+        """(this rank's place, how many) among the joined ranks on this machine that may run on
+        exactly the same cores as this one: those share them.  Ranks a launcher already bound
+        to cores of their own (``srun --cpu-bind``, a NUMA binding) have none; ranks started
+        side by side (torchrun) on one machine or container share all of its cores."""
+        me = (socket.gethostname(), sorted(os.sched_getaffinity(0)))
+        peers = [rank for rank, other in enumerate(self.gather(me)) if other == me]
+        return peers.index(self.rank), len(peers)
 
     @property
     def is_main(self) -> bool:
@@ -182,6 +174,18 @@ def replica(model: torch.nn.Module, device: torch.device, compiled: bool = False
     devices = {p.device for p in model.parameters()}
     ids = [device] if device.type == "cuda" and len(devices) == 1 else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def core_share(cores: set[int], place: int, peers: int) -> set[int]:
+    """Place ``place``'s part of ``cores`` shared by ``peers`` ranks: the sorted cores cut into
+    one contiguous run per rank (sizes differ by at most one), so that ranks binding threads to
+    cores do not all bind to the same ones.  Fewer cores than ranks: one core each, round-robin."""
+    usable = sorted(cores)
+    if peers <= 1:
+        return set(usable)
+    if len(usable) < peers:
+        return {usable[place % len(usable)]}
+    return set(usable[place * len(usable) // peers:(place + 1) * len(usable) // peers])
 
 
 class Agreement:

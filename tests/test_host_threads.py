@@ -23,12 +23,10 @@ WORKER = r"""
 import glob, json, os, sys
 from pipeline import LoaderConfig, build_train_loader
 config = LoaderConfig(batch_size=8, threads=3, affinity=sys.argv[2])
-if len(sys.argv) > 3:  # local rank argv[3] of argv[4] on this machine: the service's share first
+if len(sys.argv) > 3:  # place argv[3] of argv[4] ranks sharing this machine's cores: the service's share first
     from service.build import share_cores
     from service.config import TrainConfig
-    from service.dist import Ranks
-    local, ranks = int(sys.argv[3]), int(sys.argv[4])
-    share_cores(TrainConfig(loader=config), Ranks(local, ranks, local, ranks))
+    config = share_cores(TrainConfig(loader=config), int(sys.argv[3]), int(sys.argv[4]))[0].loader
 loader = build_train_loader(sys.argv[1], config=config)
 next(iter(loader))
 threads = {}

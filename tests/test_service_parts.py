@@ -18,7 +18,7 @@ import torch
 from service import checkpoint as ckpt
 from service.app import parse
 from service.config import TrainConfig
-from service.dist import RankError, Ranks
+from service.dist import RankError, Ranks, core_share
 from service.errors import ConfigMismatch, ServiceError
 from service.metrics import ServiceMetrics, build_labels
 from service.server import HttpEndpoint
@@ -68,24 +68,20 @@ def test_ranks_from_the_torchrun_environment() -> None:
     assert (r.is_main, r.http_port(9431), r.http_port(0), r.suffix()) == (False, 9432, 0, ".rank3")
     assert r.distributed and not Ranks().distributed
     assert Ranks().gather("x") == ["x"] and Ranks().any(True) == (True,) and Ranks().any(False, True) == (False, True)
-    assert r.local_world_size == 1  # a launcher that does not say: nothing is split by it
-    assert Ranks.from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}) \
-        == Ranks(3, 4, 1, 2)
-    for env in ({"RANK": "2", "WORLD_SIZE": "2"}, {"WORLD_SIZE": "two"},
-                {"WORLD_SIZE": "4", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "2"},
-                {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "4"}):
+    for env in ({"RANK": "2", "WORLD_SIZE": "2"}, {"WORLD_SIZE": "two"}):
         with pytest.raises(RankError):
             Ranks.from_env(env)
+    assert Ranks().core_peers() == (0, 1)  # one process: it shares its cores with nobody
 
 
-def test_each_local_rank_gets_its_own_contiguous_share_of_the_cores() -> None:
+def test_each_rank_sharing_cores_gets_its_own_contiguous_part() -> None:
     cores = set(range(4, 20))  # 16 cores, say a container's cpuset 4-19
-    shares = [Ranks(r, 8, r % 4, 4).core_share(cores) for r in range(4)]
-    assert shares == [set(range(4, 8)), set(range(8, 12)), set(range(12, 16)), set(range(16, 20))]
-    assert [len(Ranks(r, 3, r, 3).core_share(set(range(8)))) for r in range(3)] == [2, 3, 3]
-    assert set().union(*(Ranks(r, 3, r, 3).core_share(set(range(8))) for r in range(3))) == set(range(8))
-    assert Ranks(0, 8, 0, 1).core_share(cores) == cores  # one rank on this machine: every core
-    assert [Ranks(r, 4, r, 4).core_share({0, 1}) for r in range(4)] == [{0}, {1}, {0}, {1}]  # fewer cores than ranks
+    assert [core_share(cores, i, 4) for i in range(4)] == [set(range(4, 8)), set(range(8, 12)),
+                                                           set(range(12, 16)), set(range(16, 20))]
+    assert [len(core_share(set(range(8)), i, 3)) for i in range(3)] == [2, 3, 3]
+    assert set().union(*(core_share(set(range(8)), i, 3) for i in range(3))) == set(range(8))
+    assert core_share(cores, 0, 1) == cores  # shared with nobody: every core
+    assert [core_share({0, 1}, i, 4) for i in range(4)] == [{0}, {1}, {0}, {1}]  # fewer cores than ranks
 
 
 def _payload(step: int) -> dict:
@@ -225,16 +221,18 @@ def test_float16_needs_a_gpu_and_auto_layout_resolves_per_machine() -> None:
 
 
 def test_one_dali_thread_per_core_counts_the_cores_of_this_ranks_share() -> None:
-    """``loader.threads 0`` with several ranks on the machine: each rank its share of the cores,
-    not all of them (every rank's pool on every core oversubscribes them ranks-fold)."""
-    from service.build import resolve
+    """``loader.threads 0`` with two ranks sharing this machine's cores: each rank its part of
+    them, not all of them (every rank's pool on every core oversubscribes them ranks-fold); the
+    process itself stays unbound without ``spare_core``."""
+    from service.build import share_cores
 
     cores = len(os.sched_getaffinity(0))
-    alone = resolve(parse(["--device", "cpu"]), Ranks())
-    assert alone.loader.threads == 0 and alone.loader.num_threads == cores
-    shares = [resolve(parse(["--device", "cpu"]), Ranks(r, 2, r, 2)).loader.threads for r in (0, 1)]
-    assert shares == ([cores // 2, cores - cores // 2] if cores > 1 else [1, 1])
-    assert resolve(parse(["--device", "cpu", "--loader.threads", "5"]), Ranks(1, 2, 1, 2)).loader.threads == 5
+    alone, bound = share_cores(parse(["--device", "cpu"]), 0, 1)
+    assert alone.loader.threads == 0 and alone.loader.num_threads == cores and bound is None
+    shares = [share_cores(parse(["--device", "cpu"]), place, 2) for place in (0, 1)]
+    assert [cfg.loader.threads for cfg, _ in shares] == ([cores // 2, cores - cores // 2] if cores > 1 else [1, 1])
+    assert all(bound is None for _, bound in shares) and len(os.sched_getaffinity(0)) == cores
+    assert share_cores(parse(["--device", "cpu", "--loader.threads", "5"]), 1, 2)[0].loader.threads == 5
 
 
 def test_a_compiled_model_on_two_gpus_is_told_it_gets_no_cuda_graphs() -> None:
