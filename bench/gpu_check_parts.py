@@ -163,6 +163,9 @@ def service_read(ctx: Context, log: str) -> dict:
         configs = gpu_parts.model_summary(ctx.out / "model.json")["configs"]
         alone = (configs.get("grouped bf16 channels_last compiled") or {}).get("images_per_s")
         source = "bench-model: grouped bf16 channels_last compiled"
+    history = ctx.data / "service-run" / "history.json"
+    if history.is_file() and history.stat().st_mtime < ctx.started - 1:  # the run died before --fresh cleared it
+        raise RuntimeError(f"{history} is an earlier run's: this run's service wrote no epoch")
     return {"flags": list(service_flags(ctx)), **gpu_parts.service_summary(ctx.data / "service-run", alone, source)}
 
 

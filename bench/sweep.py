@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from bench.child import child_env, failure, reap, slug
+from bench.sweep_report import headline, report
 from bench.gpu_parts import projection
 from bench.sweep_compile import PARALLEL, compile_many, start_child
 from bench.sweep_configs import (AHEAD, BASE_MODELS, DRY, LEVERS, MODEL, MODEL_LEVERS, PIPELINE, SIZES, TODAY, Config,
@@ -139,11 +140,8 @@ class Sweep:
         # perf_hints: inductor says in the log why it skipped CUDA graphs for a graph, if it did
         proc, result, log = start_child(name, spec, self.out, child_env({"TORCH_LOGS": "perf_hints"}))
         code = reap(proc, limit)
-        wall = round(time.time() - start, 1)
-        if result.is_file():  # written before the exit, whatever the teardown did after it
-            teardown = {} if code == 0 else {"teardown": failure(code, limit, log.read_text(errors="replace"), 3)}
-            return {**json.loads(result.read_text()), "wall_seconds": wall, **teardown}
-        return {"status": "failed", "seconds": wall, "error": failure(code, limit, log.read_text(errors="replace"))}
+        return child_record(result, code, limit, log.read_text(errors="replace"), round(time.time() - start, 1),
+                            config.profile)
 
     def save(self) -> Path:
         path = self.out / "sweep.json"
@@ -162,6 +160,20 @@ class Sweep:
             "name", "flags", "images_per_s", "data_wait_share", "model_alone_images_per_s", "ratio_to_model_alone")}
         self.summary["projection"] = projection(best["images_per_s"], eval_for(self, tuple(best["flags"])))
         self.save()
+
+
+def child_record(result: Path, code: int | None, limit: float, log: str, wall: float, profiled: bool) -> dict:
+    """What a child's run gave: its result file, written before the exit (and before a profile),
+    whatever came after it.  A child that then failed lost its profile (ended in it) or hung or
+    crashed in its teardown; the wall time until the measurement was written is the
+    configuration's, not the hang's (it may stand for a compile's time: ``fresh_seconds``)."""
+    if not result.is_file():
+        return {"status": "failed", "seconds": wall, "error": failure(code, limit, log)}
+    record = json.loads(result.read_text())
+    if code == 0:
+        return {**record, "wall_seconds": wall}
+    lost = "profile_error" if profiled and not {"profile", "profile_error"} & set(record) else "teardown"
+    return {**record, "wall_seconds": record.get("seconds", wall), lost: failure(code, limit, log, 3)}
 
 
 def rate(record: dict | None) -> float:
@@ -254,35 +266,6 @@ def eval_for(sweep: Sweep, flags: tuple[str, ...]) -> float | None:
     rates = [r.get("eval_views_per_s") for c in MODEL if (r := sweep.records.get(c.name)) and r.get("eval_views_per_s")
              and mode(c.flags) == mode(flags)]
     return max(rates, default=None)
-
-
-def headline(record: dict) -> str:
-    if record["status"] != "ok":
-        return (record.get("reason") or record.get("error") or "").splitlines()[0][:100]
-    parts = [f"{record['images_per_s']:.0f} img/s"]
-    for key, fmt in (("data_wait_share", "data wait {:.1%}"), ("ratio_to_model_alone", "{:.2f}x model alone"),
-                     ("eval_views_per_s", "eval {:.0f} views/s"), ("cpu_us_per_image", "{:.0f} CPU us/image")):
-        if record.get(key) is not None:
-            parts.append(fmt.format(record[key]))
-    return ", ".join(parts)
-
-
-def report(sweep: Sweep) -> None:
-    """The table on stdout and the chart next to the summary (a chart that cannot be drawn is
-    said, and costs nothing else: the summary and the recommendation are written before)."""
-    print(f"\n{'configuration':<78} {'status':<8} result")
-    for name, record in sweep.records.items():
-        print(f"{name:<78} {record['status']:<8} {headline(record)}")
-    done = {name: r["images_per_s"] for name, r in sweep.records.items() if r["status"] == "ok"}
-    if not done:
-        return
-    try:
-        from bench.charts import bars
-
-        bars(sweep.out / "sweep.png", done, "images/s (model and e2e: training; pipeline: normalised batches)",
-             f"issue 13 sweep ({sweep.summary['mode']} mode)")
-    except Exception as exc:  # matplotlib missing or failing: the numbers are in the table and JSON
-        print(f"sweep: no chart ({type(exc).__name__}: {exc})", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,8 +64,9 @@ class _GpuKeepAlive:
         """A loader let go of (a finished evaluation, a rebuilt pipeline) must not free batches
         that queued kernels still read: DALI's memory pool is shared by the device's pipelines."""
         try:
-            for event, _ in self._held:
-                event.synchronize()
+            if not torch.cuda.is_current_stream_capturing():  # a wait would break a CUDA graph's capture
+                for event, _ in self._held:
+                    event.synchronize()
         except Exception:  # interpreter shutdown: CUDA may be gone already, and so is every reader
             pass
 
