@@ -9,6 +9,7 @@ which a parent still alive kills on a stop (``bench.gpu_check``)."""
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import re
 import signal
@@ -79,6 +80,15 @@ def kill(*procs: subprocess.Popen) -> None:
                 pass
     for proc in procs:
         proc.wait()
+
+
+def write_json(path: Path, value: dict) -> Path:
+    """``value`` as ``path``, whole or not at all (a reader, the parent after a kill, never sees
+    half a file)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=1) + "\n")
+    tmp.replace(path)
+    return path
 
 
 def failure(code: int | None, limit: float, log_text: str, lines: int = 25) -> str:

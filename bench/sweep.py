@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from bench.child import child_env, failure, reap, slug
+from bench.child import child_env, failure, reap, slug, write_json
 from bench.sweep_report import headline, report
 from bench.gpu_parts import projection
 from bench.sweep_compile import PARALLEL, compile_many, start_child
@@ -144,11 +144,7 @@ class Sweep:
                             config.profile)
 
     def save(self) -> Path:
-        path = self.out / "sweep.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({**self.summary, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1) + "\n")
-        tmp.replace(path)
-        return path
+        return write_json(self.out / "sweep.json", {**self.summary, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
     def recommend(self) -> None:
         """The fastest end-to-end configuration so far, with its projection, into the summary."""

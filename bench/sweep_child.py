@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch._dynamo.utils import counters
 
+from bench.child import write_json
 from model import evaluate
 from service.app import parse
 from service.build import Parts, apply_cuda_sync, build, resolve
@@ -181,9 +182,7 @@ def main(argv: list[str]) -> int:
 
     def save(result: dict) -> dict:
         done = {**record, **result, "seconds": round(time.perf_counter() - start, 1), "status": "ok"}
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(done, indent=1) + "\n")
-        tmp.replace(out)  # whole or not at all: the parent reads it whatever happens after
+        write_json(out, done)  # whole: the parent reads it whatever happens after
         return done
 
     record = save(run(spec, save))
