@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -59,67 +60,97 @@ def test_blocking_sync_reaches_the_shared_context() -> None:
     assert out.stdout.strip() == "('blocking', True)"
 
 
-def test_compiled_step_with_cuda_graphs_compiles_once_and_trains_like_eager() -> None:
-    """``mode="reduce-overhead"`` on the GPU (bf16, channels_last): one compilation for full, short
-    and empty batches, an lr drop and an evaluation between steps (its own compiled function,
-    as the service runs it every epoch); losses read after later replays (each step's loss is a
-    copy, not the graph's reused output); CUDA graphs actually used (Inductor skips them with a
-    log line alone, e.g. for a mutated input that is not a static address); the same losses and
-    updates as the eager step up to bf16; and no host-GPU synchronisation in a replayed step."""
+@pytest.fixture(scope="module")
+def compiled_run() -> SimpleNamespace:
+    """``mode="reduce-overhead"`` on the GPU (bf16, channels_last), compiled once for the module and
+    driven beside the eager step through full, short and empty batches, an lr drop and an
+    evaluation between steps (its own compiled function, as the service runs it every epoch).
+    Each step starts both from the compiled step's weights and velocity, so each comparison is
+    of one step.  Losses are read after later replays (each step's loss is a copy, not the
+    graph's reused output)."""
     from torch._dynamo.utils import counters
 
-    from model import AlexNet, PaperSGD, evaluate, load_velocity_state, velocity_state
-    from model.optim import param_groups
-    from model.step import BACKWARD_IN_GRAPH, CompiledEval, CompiledStep
+    from model import evaluate, load_velocity_state, velocity_state
+    from model.step import CompiledEval, CompiledStep
 
-    def replica():
-        torch.manual_seed(0)
-        m = AlexNet(num_classes=1000, bias_init=0.1, dropout=0.0).to("cuda").to(memory_format=torch.channels_last)
-        return m, PaperSGD(param_groups(m, 5e-4), lr=0.01)
-
-    (model, opt), (eager, eager_opt) = replica(), replica()
+    (model, opt), (eager, eager_opt) = _replica(), _replica()
     kw = dict(autocast_dtype=torch.bfloat16, channels_last=True)
     step = CompiledStep(model, opt, 64, mode="reduce-overhead", **kw)
     evaluator = CompiledEval(model, 20, mode="reduce-overhead")
     reference = CompiledStep(eager, eager_opt, 64, compile=False, **kw)
     torch._dynamo.reset()
     counters.clear()
-    losses, expected = [], []
+    run = SimpleNamespace(step=step, opt=opt, losses=[], expected=[], velocity_off=[])
     for i, n in enumerate((64, 64, 64, 64, 17, 0, 64)):
         with torch.no_grad():
             for a, b in zip(eager.parameters(), model.parameters()):
                 a.copy_(b)
         load_velocity_state(eager, eager_opt, velocity_state(model, opt))
         if i == 3:
-            for o in (opt, eager_opt):
-                for group in o.param_groups:
-                    group["lr"] *= 0.1
-        gen = torch.Generator(device="cuda").manual_seed(i)
-        x = 50 * torch.randn(n, 3, 224, 224, device="cuda", generator=gen)
-        y = torch.randint(0, 1000, (n,), device="cuda", generator=gen)
+            _scale_lr((opt, eager_opt), 0.1)
+        x, y = _batch(n, seed=i)
         with torch._dynamo.config.patch(error_on_recompile=i > 0):
-            losses.append(step(x, y))
+            run.losses.append(step(x, y))
             if i in (2, 5):  # the first evaluation compiles its own function, the second reuses it
                 views = x[:2, None].expand(2, 10, 3, 224, 224) if n else x.new_zeros(0, 10, 3, 224, 224)
                 result = evaluate(evaluator, [(views, y[:2])], autocast_dtype=torch.bfloat16, channels_last=True)
                 assert result.images == min(n, 2)
-        expected.append(reference(x, y))
+        run.expected.append(reference(x, y))
         va, vb = velocity_state(model, opt), velocity_state(eager, eager_opt)
-        for name in va:
-            assert (va[name] - vb[name]).float().norm() <= 0.05 * vb[name].float().norm(), (i, name)
-    torch.testing.assert_close(torch.stack(losses), torch.stack(expected), rtol=2e-2, atol=1e-3)
-    # the step's graphs (one with backward() traced, else two and a break) and the evaluation's
-    assert counters["stats"]["unique_graphs"] == (1 if BACKWARD_IN_GRAPH else 2) + 1
-    assert not counters["inductor"]["cudagraph_skips"], "Inductor ran a graph without CUDA graphs (see its log)"
-    # Replayed, the step never makes the host wait for the GPU: a full batch, an lr drop (a
-    # fill of the lr tensors), a short batch (the padding).
-    x, y = 50 * torch.randn(64, 3, 224, 224, device="cuda"), torch.randint(0, 1000, (64,), device="cuda")
+        run.velocity_off += [(i, name) for name in va
+                             if (va[name] - vb[name]).float().norm() > 0.05 * vb[name].float().norm()]
+    run.unique_graphs = counters["stats"]["unique_graphs"]
+    run.cudagraph_skips = counters["inductor"]["cudagraph_skips"]
+    return run
+
+
+def _replica() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    from model import AlexNet, PaperSGD
+    from model.optim import param_groups
+
+    torch.manual_seed(0)
+    m = AlexNet(num_classes=1000, bias_init=0.1, dropout=0.0).to("cuda").to(memory_format=torch.channels_last)
+    return m, PaperSGD(param_groups(m, 5e-4), lr=0.01)
+
+
+def _scale_lr(optimizers: tuple[torch.optim.Optimizer, ...], factor: float) -> None:
+    for o in optimizers:
+        for group in o.param_groups:
+            group["lr"] *= factor
+
+
+def _batch(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    x = 50 * torch.randn(n, 3, 224, 224, device="cuda", generator=gen)
+    return x, torch.randint(0, 1000, (n,), device="cuda", generator=gen)
+
+
+def test_the_compiled_step_trains_like_the_eager_step(compiled_run: SimpleNamespace) -> None:
+    """The same losses and velocity updates as the eager step, up to bf16, at every step."""
+    torch.testing.assert_close(torch.stack(compiled_run.losses), torch.stack(compiled_run.expected), rtol=2e-2, atol=1e-3)
+    assert not compiled_run.velocity_off, "(step, parameter) whose update is off by more than 5%"
+
+
+def test_the_compiled_step_compiles_once_and_runs_as_cuda_graphs(compiled_run: SimpleNamespace) -> None:
+    """One compilation for every batch size, the lr drop and the evaluation (recompiling raised in
+    the fixture); the step's graphs (one with backward() traced, else two and a break) and the
+    evaluation's; and CUDA graphs actually used: Inductor skips them with a log line alone, e.g.
+    for a mutated input that is not a static address."""
+    from model.step import BACKWARD_IN_GRAPH
+
+    assert compiled_run.unique_graphs == (1 if BACKWARD_IN_GRAPH else 2) + 1
+    assert not compiled_run.cudagraph_skips, "Inductor ran a graph without CUDA graphs (see its log)"
+
+
+def test_a_replayed_compiled_step_never_waits_on_the_gpu(compiled_run: SimpleNamespace) -> None:
+    """Replayed, the step never makes the host wait for the GPU: a full batch, an lr drop (a fill
+    of the lr tensors), a short batch (the padding)."""
+    x, y = _batch(64, seed=99)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        step(x, y)
-        for group in opt.param_groups:
-            group["lr"] *= 0.1
-        step(x[:17], y[:17])
+        compiled_run.step(x, y)
+        _scale_lr((compiled_run.opt,), 0.1)
+        compiled_run.step(x[:17], y[:17])
     finally:
         torch.cuda.set_sync_debug_mode(0)
