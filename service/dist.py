@@ -165,7 +165,10 @@ def replica(model: torch.nn.Module, device: torch.device, compiled: bool = False
     backward pass), and with torch 2.13's Inductor that split lost the gradient flowing back
     across it: one compiled step left conv1-conv5 without their gradients (the update was weight
     decay alone) while fc6-fc8 trained (``tests/test_service_ddp.py``; Inductor's layout
-    optimisation off, or a single bucket, also avoided it; 2.11 was right).  Without the split
+    optimisation off, or a single bucket, also avoided it; 2.11 was right).  The mechanism is one
+    PyTorch's developers describe for the split (pytorch/pytorch#108235): each piece is compiled
+    apart, and a piece whose output Inductor lays out otherwise than eager hands the next piece
+    tensors with strides that piece was not compiled for.  Without the split
     the backward is one graph and the all-reduces start when it ends: each step pays the
     all-reduce's time (about a millisecond on 8 NVLink GPUs, docs/benchmarks.md "Data
     parallelism") instead of a network silently left untrained."""
