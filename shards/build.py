@@ -149,6 +149,47 @@ def _kept(phase: str, writers: list[SplitWriter]) -> str:
     return f"interrupted ({phase}): {what}; {resume} (it re-verifies the kept shards' sha256 first, then goes on)"
 
 
+def _same_build(cfg: ShardConfig, inventory: Inventory, m: contract.Manifest) -> bool:
+    """Whether ``m`` (the manifest in ``cfg.out``) is what this run would write: the same sources
+    in the same order with the same settings (each split's journal carries the fingerprint and
+    covers every source), the same files left out at the scan, and the statistics over the same
+    number of training images."""
+    for split in contract.SPLITS:
+        sources = ordered(inventory, split, cfg.seed)
+        entries = Journal(cfg.out / split, fingerprint(cfg, split, sources, inventory.classes))._read()
+        if (entries[-1]["end"] if entries else 0) != len(sources):
+            return False
+    scan_skipped = [{"path": s.path, "reason": s.reason, "split": s.split} for s in inventory.skipped]
+    record = m.record
+    train = m.splits["train"].samples
+    images = json.loads(m.stats_path.read_text()).get("images")
+    return (record["skipped"][:len(scan_skipped)] == scan_skipped and record["ignored"] == inventory.ignored
+            and record["parameters"].get("layout") == inventory.layout and images == min(cfg.stats_images or train, train))
+
+
+def unchanged(cfg: ShardConfig, inventory: Inventory, workers: Workers) -> dict | None:
+    """The manifest record of ``cfg.out`` when the directory is finished, this run would write it
+    again unchanged, and every shard still has its manifest sha256; None otherwise.  Why: a
+    re-run used to delete the manifest first and write it back at its end, so one stopped early
+    (``make demo`` re-runs ``make shards``; Ctrl-C in its first seconds) left a finished
+    directory without a manifest, which training refuses.  Trusting nothing on disk is kept: the
+    shards are re-hashed, as a resume does, while the manifest stays."""
+    try:
+        m = contract.load(cfg.out)  # the files' presence and sizes; their contents below
+        if not _same_build(cfg, inventory, m):
+            return None
+    except (contract.ManifestError, OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+    tars = [s for split in contract.SPLITS for s in m.splits[split].shards]
+    gb = sum(s.bytes for s in tars) / 1e9
+    print(f"shards: {cfg.out} is finished from these sources and settings: re-verifying the sha256 of "
+          f"{len(tars)} shards ({gb:.1f} GB) on {cfg.processes} processes", flush=True)
+    if workers.map(sha256_file, [s.tar for s in tars]) != [s.sha256 for s in tars]:
+        print("shards: a shard differs from the manifest: rebuilding what changed", flush=True)
+        return None
+    return m.record
+
+
 class _Job:
     """One ``build``: the phases in order, and what the interrupt line needs to know."""
 
@@ -198,9 +239,15 @@ class _Job:
         print(f"shards: {cfg.src}: layout {inventory.layout}, {len(inventory.classes)} classes, "
               f"{len(inventory.sources)} images found", flush=True)
         cfg.out.mkdir(parents=True, exist_ok=True)
-        (cfg.out / "manifest.json").unlink(missing_ok=True)  # the manifest marks a finished directory
         try:
             with Workers(cfg.processes) as workers:
+                with self.phases.phase("resume check", workers):
+                    record = unchanged(cfg, inventory, workers)
+                if record is not None:
+                    print(f"shards: {cfg.out} is complete and unchanged; nothing to do", flush=True)
+                    self.phases.current = "done"
+                    return record
+                (cfg.out / "manifest.json").unlink(missing_ok=True)  # the manifest marks a finished directory
                 record, results = self._write(inventory, workers)
                 moments = self._statistics(results, workers)
             with self.phases.phase("manifest"):

@@ -1,6 +1,8 @@
 """Interrupt `python -m shards` with real signals; the re-run gives the uninterrupted output."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -96,7 +98,44 @@ def test_rerun_says_it_reverifies_the_finished_shards(sample_src: Path, tmp_path
     """Resume re-hashes every finished shard (~37 s of one core at ImageNet size): it says so first."""
     cfg = ShardConfig(src=sample_src, out=tmp_path, shard_samples=30, workers=2).validate()
     build(cfg)
+    (tmp_path / "manifest.json").unlink()  # an unfinished directory: every shard written, no manifest
     capsys.readouterr()
     build(cfg)
     shards = len(contract.load(tmp_path).splits["train"].shards)
     assert f"resuming train: re-verifying the sha256 of {shards} finished shards" in capsys.readouterr().out
+
+
+def test_a_rerun_of_a_finished_directory_leaves_it_as_it_was(sample_src: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Same sources and settings: the shards are re-hashed and nothing is written, the manifest
+    included (a re-run used to delete it first and write it back at its end).  Another
+    statistics sample is a change: the statistics are computed again."""
+    cfg = ShardConfig(src=sample_src, out=tmp_path, shard_samples=30, workers=2).validate()
+    build(cfg)
+    manifest = tmp_path / "manifest.json"
+    before, stamp = _tree(tmp_path), (manifest.stat().st_ino, manifest.stat().st_mtime_ns)
+    capsys.readouterr()
+    build(cfg)
+    m = contract.load(tmp_path)
+    shards = sum(len(m.splits[s].shards) for s in contract.SPLITS)
+    out = capsys.readouterr().out
+    assert f"re-verifying the sha256 of {shards} shards" in out and "complete and unchanged; nothing to do" in out
+    assert (manifest.stat().st_ino, manifest.stat().st_mtime_ns) == stamp and _tree(tmp_path) == before
+    build(dataclasses.replace(cfg, stats_images=100))
+    assert json.loads((tmp_path / "stats.json").read_text())["images"] == 100
+
+
+def test_a_rerun_of_a_finished_directory_stopped_early_keeps_its_manifest(sample_src: Path, tmp_path: Path) -> None:
+    """Ctrl-C in a re-run's first seconds (``make demo`` re-runs ``make shards``) leaves the
+    finished directory readable: before, the manifest was gone until the re-run's end."""
+    subprocess.run([sys.executable, "-m", "shards", "--src", str(sample_src), "--out", str(tmp_path), *ARGS],
+                   cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True, capture_output=True)
+    proc = subprocess.Popen([sys.executable, "-m", "shards", "--src", str(sample_src), "--out", str(tmp_path), *ARGS],
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if "re-verifying" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    proc.communicate(timeout=60)
+    contract.load(tmp_path, deep=True)  # raises when the manifest is missing or a shard differs from it
