@@ -13,8 +13,8 @@ When (``data.verify``): ``background`` (default) starts training at once while r
 the shards not checked before in one thread at the lowest CPU priority (nice 19), in the order
 the ranks' readers first reach them; ``before`` builds the loaders only once every shard is
 checked (a thread per core, up to 16: nothing unchecked is ever read).  Cost (``bench/bench_shard_check.py``,
-docs/benchmarks.md): sha256 runs at about 1-1.5 GB/s per core here, so ImageNet's ~140 GB is
-about two minutes of one core once, next to a run of days.
+docs/benchmarks.md): sha256 runs at about 1-1.5 GB/s per core here, so ImageNet's ~31 GB of shards
+is under a minute of one core once, next to a run of hours.
 
 Remembered: ``<out>/shard-checks.json`` keeps each result under the tar's path with its size,
 mtime_ns, ctime_ns, inode and the manifest's sha256, so a restart hashes only the shards whose
