@@ -15,7 +15,9 @@ STACK = SHARDS="$(SHARDS)" RUN="$(RUN)" GPUS="$(GPUS)" NPROC="$(NPROC)" CONFIG="
 # A Docker target that cannot run here (no docker, no engine, no NVIDIA runtime) stops with
 # $(error): one line and a non-zero exit, without make's second "*** Error" line.  Expanded only
 # when the recipe that uses it runs.
-docker_check = $(eval _why := $(shell GPUS="$(GPUS)" bash scripts/stack.sh check $(1)))$(if $(_why),$(error $(_why)))
+# GRAFANA_PASSWORD_SET: whether it is set, not the password itself (a command line shows in ps).
+docker_check = $(eval _why := $(shell GPUS="$(GPUS)" GRAFANA_PASSWORD_SET=$(if $(GRAFANA_PASSWORD),1) \
+	bash scripts/stack.sh check $(1)))$(if $(_why),$(error $(_why)))
 # The sample data gets small shards (configs/shards-sample.toml); real datasets the defaults.
 SHARD_CONFIG := $(if $(filter $(SAMPLE),$(SRC)),--config configs/shards-sample.toml,)
 
@@ -91,8 +93,13 @@ train-local: setup ## the service here, no Docker: make train-local [CONFIG=conf
 	@exec $(TRAIN_LOCAL)
 
 predict: RUN ?= runs/demo
+# Checked when make reads this file, so that a missing IMAGES is said before setup runs.
+ifneq ($(filter predict,$(MAKECMDGOALS)),)
+ifeq ($(strip $(IMAGES)),)
+$(error make predict needs IMAGES, the image files to classify, e.g. IMAGES="data/sample/val/n90000001/*.JPEG")
+endif
+endif
 predict: setup ## what a trained run says images are (10 views, top 5): make predict IMAGES="a.jpg b.png" [RUN=runs/demo ARGS="--json"]
-	$(if $(strip $(IMAGES)),,$(error make predict needs IMAGES, the image files to classify, e.g. IMAGES="data/sample/val/n90000001/*.JPEG"))
 	$(strip $(PY) -m service.predict --run $(RUN) $(ARGS) $(IMAGES))
 
 train: ## Docker + GPUs: make train SHARDS=... RUN=... [GPUS=all|N|0,1|none] [NPROC=..] [CONFIG=..], GRAFANA_PASSWORD set
@@ -124,7 +131,7 @@ test-fast: setup ## the tests not marked slow (the edit-test loop; make test run
 	@$(PROMETHEUS_FOR_TESTS)
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
-test-docker: setup ## build the image and run make train GPUS=none for real (as root, starts a Docker engine if none runs; ~15 min)
+test-docker: setup ## build the image and run make train GPUS=none for real (as root, starts a Docker engine if none runs; 2-5 min, up to 12 when pip is slow)
 	@bash scripts/test-docker.sh $(ARGS)
 
 clean: ## remove generated data, runs and benchmark output (keeps .venv)

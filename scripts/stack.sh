@@ -35,6 +35,8 @@ blocker() {
         echo "make $target: needs the docker compose plugin v$COMPOSE_MIN or newer (for !override)$instead"
     elif [ "$target" = train ] && [ "${GPUS:-all}" != none ] && ! nvidia_ok; then
         echo "make $target: Docker has no NVIDIA runtime (install the NVIDIA Container Toolkit, or GPUS=none for the CPU)$instead"
+    elif [ "$target" = train ] && [ -z "${GRAFANA_PASSWORD:-}${GRAFANA_PASSWORD_SET:-}" ]; then
+        echo "make train: set GRAFANA_PASSWORD, the Grafana admin password (e.g. make train GRAFANA_PASSWORD=... SHARDS=... RUN=...)"
     fi
 }
 
@@ -101,7 +103,6 @@ up() {
     local why gpus owner host services=()
     why=$(blocker train)
     [ -z "$why" ] || die "$why"
-    : "${GRAFANA_PASSWORD:?make train: set GRAFANA_PASSWORD, the Grafana admin password}"
     [ -f "${SHARDS:?set SHARDS}/manifest.json" ] || die "make train: $SHARDS has no manifest.json; make shards (or make shards-docker) first"
     CONFIG=${CONFIG:-configs/paper.toml}
     [ -f "$CONFIG" ] || die "make train: no config file $CONFIG"
@@ -169,7 +170,7 @@ case ${1:-} in
         compose_existing stop ;;
     logs)
         why=$(blocker logs); [ -z "$why" ] || die "$why"
-        compose_existing logs -f trainer ;;
+        if [ -t 1 ]; then compose_existing logs -f trainer; else compose_existing --ansi never logs -f trainer; fi ;;
     shards) shards ;;
     gpus) gpu_override ;;  # print the trainer's GPU request for GPUS (what `up` passes to compose)
     *) die "usage: $0 check TARGET | up | stop | logs | shards | gpus" ;;

@@ -35,8 +35,9 @@ def fake_path(tmp_path: Path, docker: str | None) -> str:
     return str(bin_dir)
 
 
-def make(path: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {"PATH": path, "HOME": str(tmp_path), "GRAFANA_PASSWORD": "x", "DOCKER_LOG": str(tmp_path / "docker.log")}
+def make(path: str, tmp_path: Path, *args: str, **environ: str) -> subprocess.CompletedProcess:
+    env = {"PATH": path, "HOME": str(tmp_path), "GRAFANA_PASSWORD": "x", "DOCKER_LOG": str(tmp_path / "docker.log"),
+           **environ}
     return subprocess.run(["make", "--no-print-directory", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=120)
 
@@ -102,6 +103,19 @@ def test_make_train_gpus_none_needs_no_nvidia_runtime_and_starts_no_dcgm(tmp_pat
     assert call["args"].endswith("up -d --build trainer prometheus grafana")  # everything but dcgm-exporter
     assert call["CONFIG"] == str(ROOT / "configs" / "demo.toml") and call["RUN"] == str(run)
     assert "GPUS=none" in result.stdout
+
+
+def test_make_train_without_a_grafana_password_says_so_in_one_line(tmp_path: Path) -> None:
+    """As every other reason ``make train`` cannot start: one line, and nothing handed to docker
+    (before: the shell's ``${GRAFANA_PASSWORD:?}`` text, then make's own error line)."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "manifest.json").write_text("{}")
+    result = make(fake_path(tmp_path, RECORDER), tmp_path, "train", "GPUS=none", f"SHARDS={shards}", f"RUN={tmp_path}/run",
+                  GRAFANA_PASSWORD="")
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode != 0 and len(output.splitlines()) == 1 and "set GRAFANA_PASSWORD" in output, output
+    assert not (tmp_path / "docker.log").exists() and not (tmp_path / "run").exists()
 
 
 def test_shards_docker_needs_no_compose(tmp_path: Path) -> None:

@@ -26,8 +26,11 @@ def test_predict_runs_the_predictor_on_the_images_or_says_it_needs_them() -> Non
     out = subprocess.run(["make", "-n", "--no-print-directory", "predict", "IMAGES=a.jpg b.png", "RUN=/r"],
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert ".venv/bin/python -m service.predict --run /r a.jpg b.png" in out.splitlines()
-    missing = subprocess.run(["make", "-n", "--no-print-directory", "predict"], cwd=ROOT, capture_output=True, text=True)
+    # -B: setup counts as out of date; the missing IMAGES is said before anything would run
+    missing = subprocess.run(["make", "-n", "-B", "--no-print-directory", "predict"], cwd=ROOT, capture_output=True,
+                             text=True)
     assert missing.returncode == 2 and "make predict needs IMAGES, the image files to classify" in missing.stderr
+    assert not missing.stdout, missing.stdout
 
 
 @pytest.mark.slow
