@@ -46,7 +46,7 @@ from service.dist import Ranks
 from service.errors import DataError
 from service.metrics import ServiceMetrics
 from service.runlog import RunLog
-from shards.manifest import CORRUPT, Manifest, Shard, shard_problem
+from shards.manifest import CORRUPT, INDEX, Manifest, Shard, shard_problem
 from shards.tarwriter import atomic_write_text
 
 CACHE = "shard-checks.json"
@@ -60,6 +60,7 @@ class Finding:
     split: str
     shard: Shard
     text: str  # "<split> shard <tar>: <problem>; <samples>"
+    index: bool = False  # the problem is the shard's DALI index (fixed by rewriting it, not the shards)
 
 
 def _size(nbytes: int) -> str:
@@ -120,7 +121,8 @@ class ShardCheck:
         if findings and self.settings.on_corrupt == "stop":
             first = findings[0]
             more = f" (and {len(findings) - 1} more shard(s))" if len(findings) > 1 else ""
-            raise DataError(f"{first.text}{more}; found before this start trained on anything; {self._hint()}")
+            raise DataError(f"{first.text}{more}; found before this start trained on anything; "
+                            f"{self._hint(first)}")
         for f in findings:
             self.log.warn(f"service: {f.text}; skipped: left out of the {f.split} reader, {f.shard.samples} "
                           "sample(s) not used (alexnet_samples_failed_total)")
@@ -193,7 +195,7 @@ class ShardCheck:
         if self._found:
             self._halt.set()
             raise DataError(f"{self._found[0].text}; found by the background check at step {step}: "
-                            f"{self._consumed(self._found[0], step)}; {self._hint()}")
+                            f"{self._consumed(self._found[0], step)}; {self._hint(self._found[0])}")
 
     def finish(self, step: int) -> None:
         """A finished run: wait for the background pass, so no run ends 0 on unchecked data."""
@@ -218,7 +220,7 @@ class ShardCheck:
 
     def _finding(self, split: str, shard: Shard, problem: str) -> Finding:
         samples = f"; {damaged_samples(shard.tar, self.manifest.num_classes)}" if problem == CORRUPT else ""
-        return Finding(split, shard, f"{split} shard {shard.tar}: {problem}{samples}")
+        return Finding(split, shard, f"{split} shard {shard.tar}: {problem}{samples}", problem.startswith(INDEX))
 
     def _consumed(self, finding: Finding, step: int) -> str:
         """What may have used the shard, as exactly as the loop knows it."""
@@ -237,9 +239,12 @@ class ShardCheck:
             return f"{now}; it was intact when last checked ({when}), so earlier starts since then may have used it too"
         return now + f"; it had never been checked, so earlier starts (steps 1..{s0}) may have used it too"
 
-    def _hint(self) -> str:
+    def _hint(self, finding: Finding) -> str:
+        skip = "leave bad shards out: --data.on_corrupt skip --data.verify before"
+        if finding.index:  # its text says how to rewrite the index
+            return f"or {skip}"
         return (f"restore the shard from a copy or re-create the shards (make shards SRC=<imagenet> "
-                f"OUT={self.manifest.root}); or leave bad shards out: --data.on_corrupt skip --data.verify before")
+                f"OUT={self.manifest.root}); or {skip}")
 
     def _say_done(self, count: int, bad: int, total: int, seconds: float) -> None:
         self.log.say(f"shards: {count} checked against the manifest, {f'{bad} bad' if bad else 'all intact'} "

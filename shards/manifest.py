@@ -82,21 +82,73 @@ def _split(root: Path, name: str, entry: dict, num_classes: int) -> Split:
 
 
 CORRUPT = "contents differ from the manifest's sha256 (corrupt)"
+INDEX = "its index"  # how every problem of a shard's DALI index begins: its fix is wds2idx, not make shards
+
+
+def index_fix(shard: Shard) -> str:
+    """How to rewrite a shard's index from its tar: DALI's ``wds2idx`` (installed with DALI, next to
+    the environment's python) writes the very bytes ``make shards`` wrote (tests/test_shards_output.py),
+    in a second; ``make shards`` itself would keep a present index of a tar that still matches."""
+    return f"rewrite it from the tar: wds2idx {shard.tar} {shard.index}"
+
+
+def _entry_end(line: bytes, members: int) -> int | None:
+    """The end (offset + size) of the furthest member of an index line ``<ext> <offset> <size>
+    <name>`` x ``members``; None when it is not such a line (cut short, say)."""
+    fields = line.split()
+    groups = [fields[i:i + 4] for i in range(0, len(fields), 4)]
+    if len(fields) != 4 * members or not all(name.endswith(b"." + ext) and offset.isdigit() and size.isdigit()
+                                             for ext, offset, size, name in groups):
+        return None
+    return max(int(offset) + int(size) for _, offset, size, _ in groups)
+
+
+def index_problem(shard: Shard, tar_bytes: int) -> str | None:
+    """What is wrong with ``shard``'s DALI index against the manifest (None: nothing seen).
+
+    DALI trusts the index blindly: a stale one (of an older or another tar) with fewer entries
+    makes the reader skip the other samples without a word, one with more reads garbage.  So its
+    header, its entry count and its last entry's end are checked against the manifest's sample
+    count and the tar's size.  Read whole: a line per sample (~100 MB for ImageNet's train split,
+    a fraction of a second), against the ~140 GB the hash reads; not a per-entry check."""
+    try:
+        lines = [ln for ln in shard.index.read_bytes().splitlines() if ln.strip()]
+    except OSError as exc:
+        return f"{INDEX} {shard.index} cannot be read ({exc.strerror or exc}); {index_fix(shard)}"
+    head = lines[0].split() if lines else []
+    entries = len(lines) - 1
+    if len(head) != 2 or head[0] != b"v1.2" or not head[1].isdigit():
+        what = "is empty" if not lines else "does not begin with the `v1.2 <samples>` line of DALI's format"
+    elif int(head[1]) != shard.samples or entries != shard.samples:
+        what = (f"lists {int(head[1])} sample(s) in its header and has {entries} entries where the manifest "
+                f"has {shard.samples} (stale: of another tar, or truncated)")
+    elif not entries:
+        return None  # a shard of no samples (the manifest's count says so)
+    elif (end := _entry_end(lines[-1], len(lines[1].split()) // 4)) is None:  # members as in the first sample
+        what = "ends in a malformed entry (truncated?)"
+    elif end > tar_bytes:
+        what = f"points to byte {end}, past the end of the tar ({tar_bytes} bytes): it is of another tar"
+    else:
+        return None
+    return f"{INDEX} {shard.index} {what}; {index_fix(shard)}"
 
 
 def shard_problem(shard: Shard, deep: bool = True) -> str | None:
     """What is wrong with ``shard`` against the manifest (None: it matches): missing tar or
-    index, another size, or (``deep``) other contents.  The one place that decides whether a
-    shard is still the one ``make shards`` wrote."""
+    index, another size, an index that does not fit the tar (``index_problem``), or (``deep``)
+    other contents.  The one place that decides whether a shard is still the one ``make shards``
+    wrote."""
     from shards.tarwriter import sha256_file  # late import: readers rarely need hashing
 
     if not shard.tar.is_file():
         return "missing (the manifest lists it)"
     if not shard.index.is_file():
-        return f"its index {shard.index.name} is missing"
+        return f"{INDEX} {shard.index} is missing; {index_fix(shard)}"
     size = shard.tar.stat().st_size
     if size != shard.bytes:
         return f"{size} bytes, the manifest says {shard.bytes} (truncated or modified)"
+    if problem := index_problem(shard, size):
+        return problem
     if deep and sha256_file(shard.tar) != shard.sha256:
         return CORRUPT
     return None
@@ -107,7 +159,8 @@ def _check_files(m: Manifest, splits: tuple[str, ...], deep: bool, exclude: Coll
         for shard in m.splits[name].shards:
             problem = None if shard.tar.name in exclude else shard_problem(shard, deep)
             if problem:
-                raise ManifestError(f"{shard.tar}: {problem}; {_hint(m.root)}")
+                fix = "" if problem.startswith(INDEX) else f"; {_hint(m.root)}"  # an index's fix is in its problem
+                raise ManifestError(f"{shard.tar}: {problem}{fix}")
 
 
 def load(root: Path | str, splits: tuple[str, ...] = SPLITS, deep: bool = False,
