@@ -2,10 +2,12 @@
 
 DALI stops the whole pipeline on the first sample it cannot read or decode (SPEC 6: it cannot
 skip one), and its message names the tar for a read error but not for a decode error
-(``nvImageCodec failure: '#3'``).  So, when the message names no shard, the shards of the split
-are checked against the manifest (present, size, sha256) and the ones that changed since
-``make shards`` wrote them are named.  Hashing reads the whole split (minutes on ImageNet), but
-only on this failure path, and the run is over anyway.
+(``nvImageCodec failure: '#3'``); for an index it cannot parse it names the ``.idx``, which is
+then checked (``index_problem``) and named with the command that rewrites it.  Otherwise, when
+the message names no shard, the shards of the split are checked against the manifest (present,
+size, index, sha256) and the ones that changed since ``make shards`` wrote them are named.
+Hashing reads the whole split (minutes on ImageNet), but only on this failure path, and the run
+is over anyway.
 
 A shard that differs from the manifest is then read sample by sample (``damaged_samples``):
 the manifest has one checksum per tar, not per sample, so a strict decode (Pillow, which
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from service.errors import DataError
-from shards.manifest import Manifest, Shard, shard_problem
+from shards.manifest import INDEX, Manifest, Shard, index_fix, index_problem, shard_problem
 
 T = TypeVar("T")
 _NOISE = ("Current pipeline object is no longer valid", "C++ context", "Critical error in pipeline")
@@ -100,7 +102,10 @@ def diagnose(exc: BaseException, manifest: Manifest, split: str) -> DataError:
     text = str(exc)
     reason = dali_reason(text)
     hint = f"re-create the shards (make shards SRC=<imagenet> OUT={manifest.root}) or restore them from a copy"
-    named = [str(s.tar) for s in manifest.splits[split].shards if str(s.tar) in text]
+    shards = manifest.splits[split].shards
+    if indexed := [s for s in shards if str(s.index) in text]:  # DALI names the index it cannot parse
+        return _index_error(indexed[0], split, reason)
+    named = [str(s.tar) for s in shards if str(s.tar) in text]
     if named:
         return DataError(f"{split} shard {named[0]} cannot be read ({reason}); {hint}")
     print(f"service: the {split} loader failed ({reason}); checking its {len(manifest.splits[split].shards)} "
@@ -108,12 +113,23 @@ def diagnose(exc: BaseException, manifest: Manifest, split: str) -> DataError:
     bad = changed_shards(manifest, split)
     if bad:
         (shard, problem), more = bad[0], f" (and {len(bad) - 1} more shard(s))" if len(bad) > 1 else ""
+        if problem.startswith(INDEX):  # the tar is as written; its problem says how to rewrite the index
+            return DataError(f"{split} shard {shard.tar}: {problem}{more}; the loader failed with: {reason}")
         samples = f"; {damaged_samples(shard.tar, manifest.num_classes)}" if shard.tar.is_file() else ""
         return DataError(f"{split} shard {shard.tar}: {problem}{samples}{more}; the loader failed with: {reason}; "
                          f"{hint}")
     return DataError(f"the {split} loader failed ({reason}) although every {split} shard in {manifest.root} "
                      "matches its manifest checksum: the data is as written; the failure is elsewhere "
                      "(memory, DALI, the decoder)")
+
+
+def _index_error(shard: Shard, split: str, reason: str) -> DataError:
+    """The loader failed on ``shard``'s DALI index: what the contract's check says of it, else DALI's
+    own reason (an index can pass the cheap check and still be damaged inside); the tar is not at
+    fault, so the fix is rewriting the index, not the shards."""
+    problem = index_problem(shard, shard.tar.stat().st_size) if shard.tar.is_file() else None
+    problem = problem or f"{INDEX} {shard.index} is damaged; {index_fix(shard)}"
+    return DataError(f"{split} shard {shard.tar}: {problem}; the loader failed with: {reason}")
 
 
 def guarded(batches: Iterable[T], on_error: Callable[[BaseException], DataError]) -> Iterator[T]:

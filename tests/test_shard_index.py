@@ -9,7 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from pipeline import LoaderConfig, _spec
+from pipeline.loader import DaliLoader
+from service.build import _loader
+from service.errors import DataError
 from shards import manifest as contract
 from tests.service_proc import run_service
 
@@ -84,3 +89,19 @@ def test_a_damaged_index_is_named_by_the_manifest_check(shards: Path, how: str) 
 def test_the_manifests_own_indexes_pass(sample_shards: Path) -> None:
     m = contract.load(sample_shards)
     assert all(contract.index_problem(s, s.bytes) is None for split in m.splits.values() for s in split.shards)
+
+
+@pytest.mark.parametrize("how", ["empty", "no header"])
+def test_a_loader_that_fails_on_its_index_is_diagnosed_as_the_index(shards: Path, how: str) -> None:
+    """An index damaged after the start's check (DALI opens it when the loader is built): DALI's
+    own error names the ``.idx``, and so must the diagnosis, not "every shard matches"."""
+    tar, index = shards / "train" / "train-000002.tar", shards / "train" / "train-000002.idx"
+    manifest = contract.load(shards)
+    spec = _spec(shards, "train", 0, 1, torch.device("cpu"), LoaderConfig(batch_size=24, threads=1), True, 1, False)
+    said = _damage(index, how)
+    with pytest.raises(DataError) as info:
+        _loader(manifest, "train", lambda: DaliLoader(spec, torch.device("cpu")))
+    message = str(info.value)
+    assert message.startswith(f"train shard {tar}: its index {index} {said}"), message
+    assert f"wds2idx {tar} {index}" in message and "the loader failed with: " in message
+    assert "elsewhere" not in message and "make shards" not in message
