@@ -8,6 +8,7 @@ type are rejected with a message that names the key and the source it came from.
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 import types
 import typing
@@ -135,6 +136,23 @@ def _overrides_to_table(args: list[str]) -> dict[str, Any]:
     return table
 
 
+def _read_toml(path: Path) -> dict[str, Any]:
+    """The table of a TOML file; ``ConfigError`` naming the file when it cannot be read, is not
+    UTF-8 (TOML's only encoding) or is not TOML: a setting's problem, not a traceback."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read ({exc.strerror or exc}): make it readable for uid "
+                          f"{os.getuid()}, or pass another --config") from None
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {data[exc.start:exc.start + 1]!r}); "
+                          "TOML files are UTF-8: save it as UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
 def load_config(cls: type[T], toml_path: Path | str | None = None, overrides: list[str] | None = None) -> T:
     """Build ``cls`` from its defaults, an optional TOML file and ``--key value`` overrides."""
     config = cls()
@@ -142,12 +160,7 @@ def load_config(cls: type[T], toml_path: Path | str | None = None, overrides: li
         path = Path(toml_path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        with path.open("rb") as f:
-            try:
-                table = tomllib.load(f)
-            except tomllib.TOMLDecodeError as exc:
-                raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-        config = _merge(cls, config, table, str(path))
+        config = _merge(cls, config, _read_toml(path), str(path))
     if overrides:
         config = _merge(cls, config, _overrides_to_table(overrides), "command line")
     return config

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from shards.manifest import ManifestError, rerun_hint
+
 
 @dataclass(frozen=True)
 class DatasetStats:
@@ -36,23 +38,54 @@ class DatasetStats:
 
 
 def load_stats(stats_path: Path | str) -> DatasetStats:
-    """Read ``stats.json`` and the mean image it names; raise ValueError if anything is off."""
+    """Read ``stats.json`` and the mean image it names.  Both are files of the shard directory's
+    contract (``shards.manifest``), so anything off (unreadable, not JSON, a key missing, a
+    truncated ``.npy``, wrong shapes) is its ``ManifestError`` (a ValueError) naming the file and
+    the fix, which the service and the tools print as one line."""
     stats_path = Path(stats_path)
-    record = json.loads(stats_path.read_text())
-    mean_image = np.load(stats_path.parent / record["mean_image"]).astype(np.float32)
-    stats = DatasetStats(
-        mean=np.asarray(record["mean"], np.float32),
-        std=np.asarray(record["std"], np.float32),
-        eigval=np.asarray(record["eigval"], np.float64),
-        eigvec=np.asarray(record["eigvec"], np.float64),
-        mean_image=mean_image,
-    )
+    record = _record(stats_path)
+    try:
+        mean_path = stats_path.parent / record["mean_image"]
+        stats = DatasetStats(
+            mean=np.asarray(record["mean"], np.float32),
+            std=np.asarray(record["std"], np.float32),
+            eigval=np.asarray(record["eigval"], np.float64),
+            eigvec=np.asarray(record["eigvec"], np.float64),
+            mean_image=_mean_image(mean_path),
+        )
+    except KeyError as exc:
+        raise _bad(stats_path, f"lacks the key {exc.args[0]!r}") from None
+    except (TypeError, ValueError) as exc:
+        raise _bad(stats_path, f"has a value of the wrong kind ({exc})") from None
     if stats.mean.shape != (3,) or stats.std.shape != (3,) or stats.eigval.shape != (3,) \
-            or stats.eigvec.shape != (3, 3) or mean_image.ndim != 3 or mean_image.shape[2] != 3:
-        raise ValueError(f"{stats_path}: unexpected shapes in the dataset statistics")
+            or stats.eigvec.shape != (3, 3) or stats.mean_image.ndim != 3 or stats.mean_image.shape[2] != 3:
+        raise _bad(stats_path, "has unexpected shapes in the dataset statistics")
     if np.any(stats.eigval < 0) or np.any(stats.std <= 0):
-        raise ValueError(f"{stats_path}: negative eigenvalues or non-positive std")
+        raise _bad(stats_path, "has negative eigenvalues or non-positive std")
     return stats
+
+
+def _bad(path: Path, what: str) -> ManifestError:
+    return ManifestError(f"{path} {what}; {rerun_hint(path.parent)}")
+
+
+def _record(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise _bad(path, f"cannot be read ({exc.strerror or exc})") from None
+    except ValueError as exc:  # not UTF-8, not JSON
+        raise _bad(path, f"is not valid JSON ({exc})") from None
+    if not isinstance(record, dict):
+        raise _bad(path, "is JSON but not an object")
+    return record
+
+
+def _mean_image(path: Path) -> np.ndarray:
+    try:
+        return np.load(path).astype(np.float32)
+    except (OSError, ValueError, EOFError) as exc:  # missing, truncated ("file seems not fully written?"), not .npy
+        raise _bad(path, f"cannot be read as the mean image ({exc})") from None
 
 
 def lighting_offset(stats: DatasetStats, alpha: np.ndarray) -> np.ndarray:

@@ -23,8 +23,8 @@ from pipeline import build_eval_loader, build_train_loader
 from service.config import ModelSettings, TrainConfig, lr_factor
 from service.data_errors import diagnose
 from service.dist import Ranks, core_share
-from service.errors import EXIT_CONFIG, ServiceError
-from shards.manifest import Manifest
+from service.errors import EXIT_CONFIG, DataError, ServiceError
+from shards.manifest import Manifest, ManifestError
 
 if TYPE_CHECKING:
     from service.shard_check import ShardCheck
@@ -215,8 +215,11 @@ def build(cfg: TrainConfig, ranks: Ranks, manifest: Manifest, exclude: Collectio
 
 
 def _loader(manifest: Manifest, split: str, make):
-    """Build a loader; a failure while DALI opens the shards is a data error naming the shard."""
+    """Build a loader; a failure while DALI opens the shards is a data error naming the shard, a
+    file of the shard directory the loader reads first (the statistics) one naming that file."""
     try:
         return make()
+    except ManifestError as exc:
+        raise DataError(str(exc)) from None
     except (RuntimeError, OSError) as exc:
         raise diagnose(exc, manifest, split) from None

@@ -14,6 +14,7 @@ Layout of a shard directory::
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,13 @@ class Manifest:
 
 def _hint(root: Path) -> str:
     return f"(re)create it with `make shards SRC=<imagenet> OUT={root}`"
+
+
+def rerun_hint(root: Path) -> str:
+    """For the files ``make shards`` writes last (the statistics, the manifest): a re-run keeps
+    the shards it finished (its journal) and writes them again."""
+    return (f"re-run the sharding, `make shards SRC=<imagenet> OUT={root}`: it keeps the shards already written "
+            "and writes the statistics and the manifest again")
 
 
 def _split(root: Path, name: str, entry: dict, num_classes: int) -> Split:
@@ -163,26 +171,33 @@ def _check_files(m: Manifest, splits: tuple[str, ...], deep: bool, exclude: Coll
                 raise ManifestError(f"{shard.tar}: {problem}{fix}")
 
 
-def load(root: Path | str, splits: tuple[str, ...] = SPLITS, deep: bool = False,
-         exclude: Collection[str] = ()) -> Manifest:
-    """Read and check ``root/manifest.json`` and the files of ``splits`` but the tars named in
-    ``exclude`` (left out by the reader); raises ``ManifestError`` naming the problem and the fix."""
-    root = Path(root).resolve()
-    path = root / "manifest.json"
-    if not path.is_file():
-        raise ManifestError(f"{path} not found: {root} is not a finished shard directory; {_hint(root)}")
+def _read(path: Path, root: Path) -> dict:
+    """The JSON object of ``manifest.json``; one that cannot be read, is not UTF-8 JSON or not an
+    object is a ``ManifestError`` naming the file and what to do (no traceback: the reader's
+    entry points turn it into one line)."""
     try:
-        record = json.loads(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ManifestError(f"{path} cannot be read ({exc.strerror or exc}): make it readable for uid "
+                            f"{os.getuid()}") from None
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{path} is not UTF-8 text (byte {exc.start}); {_hint(root)}") from None
+    try:
+        record = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ManifestError(f"{path} is not valid JSON ({exc}); {_hint(root)}") from None
-    if record.get("format") != FORMAT or record.get("format_version") != VERSION:
-        raise ManifestError(f"{path}: format {record.get('format')!r} version {record.get('format_version')!r}, "
-                            f"this code reads {FORMAT!r} version {VERSION}; {_hint(root)}")
-    missing = [s for s in splits if s not in record.get("splits", {})]
+    if not isinstance(record, dict):
+        raise ManifestError(f"{path} is JSON but not an object; {_hint(root)}")
+    return record
+
+
+def _manifest(root: Path, record: dict, splits: tuple[str, ...]) -> Manifest:
+    """The record's parts as a ``Manifest``; a missing key is a ``KeyError`` naming it."""
+    missing = [s for s in splits if s not in record["splits"]]
     if missing:
-        raise ManifestError(f"{path} has no split(s) {missing}; {_hint(root)}")
+        raise ManifestError(f"{root / 'manifest.json'} has no split(s) {missing}; {_hint(root)}")
     classes = tuple(c["wnid"] for c in record["classes"])
-    m = Manifest(
+    return Manifest(
         root=root,
         classes=classes,
         names=tuple(c.get("name") or c["wnid"] for c in record["classes"]),
@@ -191,6 +206,28 @@ def load(root: Path | str, splits: tuple[str, ...] = SPLITS, deep: bool = False,
         stats_path=root / record["stats"],
         record=record,
     )
+
+
+def load(root: Path | str, splits: tuple[str, ...] = SPLITS, deep: bool = False,
+         exclude: Collection[str] = ()) -> Manifest:
+    """Read and check ``root/manifest.json`` and the files of ``splits`` but the tars named in
+    ``exclude`` (left out by the reader); raises ``ManifestError`` naming the problem and the fix."""
+    root = Path(root).resolve()
+    path = root / "manifest.json"
+    if not path.is_file():
+        raise ManifestError(f"{path} not found: {root} is not a finished shard directory; {_hint(root)}")
+    record = _read(path, root)
+    if record.get("format") != FORMAT or record.get("format_version") != VERSION:
+        raise ManifestError(f"{path}: format {record.get('format')!r} version {record.get('format_version')!r}, "
+                            f"this code reads {FORMAT!r} version {VERSION}; {_hint(root)}")
+    try:
+        m = _manifest(root, record, splits)
+    except ManifestError:
+        raise
+    except KeyError as exc:  # the key's name is all a KeyError says
+        raise ManifestError(f"{path} lacks the required key {exc.args[0]!r}; {_hint(root)}") from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ManifestError(f"{path} has a value of the wrong kind ({exc}); {_hint(root)}") from None
     if "train" in splits and not m.stats_path.is_file():
         raise ManifestError(f"{m.stats_path} not found (dataset statistics); {_hint(root)}")
     _check_files(m, splits, deep, exclude)

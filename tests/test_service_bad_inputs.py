@@ -1,0 +1,95 @@
+"""Input files the service cannot use are one line naming the file and what to do, with the
+documented exit code (2: a setting, 1: the data), never a traceback: a config file that is not
+UTF-8 or cannot be read, a ``manifest.json`` that cannot be read, is not UTF-8 or JSON or lacks a
+key, dataset statistics that are not JSON or a truncated mean image.  Real service processes on
+copies of the sample shards.
+
+Root reads any file whatever its mode, so "cannot be read" runs the service in a user namespace
+of its own (``unshare --user``: the files' owner bits then apply to it), skipped where that is not
+allowed."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.errors import EXIT_CONFIG, EXIT_DATA
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def service(*args: str, unreadable: Path | None = None) -> subprocess.CompletedProcess:
+    """``python -m service args`` to its end; ``unreadable``: a file made unreadable to it (mode 0)."""
+    prefix: list[str] = []
+    if unreadable is not None:
+        unreadable.chmod(0)
+        if os.getuid() == 0:
+            prefix = ["unshare", "--user"]
+            probe = subprocess.run([*prefix, "cat", str(unreadable)], capture_output=True, text=True)
+            if probe.returncode == 0 or "Permission denied" not in probe.stderr:
+                pytest.skip(f"no user namespace to make a file unreadable to root here ({probe.stderr.strip()})")
+    cmd = [*prefix, sys.executable, "-m", "service", *args, "--http.port", "0", "--epochs", "1"]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def one_line(result: subprocess.CompletedProcess, code: int) -> str:
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("service: "), line
+    return line
+
+
+@pytest.fixture
+def shards(sample_shards: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "shards"
+    shutil.copytree(sample_shards, copy)
+    return copy
+
+
+@pytest.mark.parametrize("how", ["not UTF-8", "unreadable"])
+def test_a_config_file_it_cannot_read_is_one_line_and_exit_2(how: str, tmp_path: Path) -> None:
+    toml = tmp_path / "run.toml"
+    toml.write_bytes(b'name = "caf\xe9"\n' if how == "not UTF-8" else b"epochs = 1\n")  # Latin-1, not UTF-8
+    result = service("--config", str(toml), "--out", str(tmp_path / "run"),
+                     unreadable=toml if how == "unreadable" else None)
+    line = one_line(result, EXIT_CONFIG)
+    said = "not UTF-8 text (byte 11" if how == "not UTF-8" else "cannot be read (Permission denied)"
+    assert str(toml) in line and said in line, line
+    assert not (tmp_path / "run").exists()  # a setting: nothing started
+
+
+@pytest.mark.parametrize("how", ["unreadable", "not UTF-8", "not JSON", "no classes"])
+def test_a_manifest_it_cannot_use_is_one_line_and_exit_1(how: str, shards: Path, tmp_path: Path) -> None:
+    path = shards / "manifest.json"
+    record = json.loads(path.read_text())
+    if how == "not UTF-8":
+        path.write_bytes(path.read_bytes().replace(b'"format"', b'"\xff"', 1))
+    elif how == "not JSON":
+        path.write_text(path.read_text()[:100])  # cut short, as a full disk leaves it
+    elif how == "no classes":
+        del record["classes"]
+        path.write_text(json.dumps(record))
+    result = service("--shards", str(shards), "--out", str(tmp_path / "run"),
+                     unreadable=path if how == "unreadable" else None)
+    line = one_line(result, EXIT_DATA)
+    said = {"unreadable": "cannot be read (Permission denied)", "not UTF-8": "is not UTF-8 text",
+            "not JSON": "is not valid JSON", "no classes": "lacks the required key 'classes'"}[how]
+    assert f"{path} {said}" in line, line
+
+
+@pytest.mark.parametrize("how", ["truncated mean image", "stats not JSON"])
+def test_statistics_it_cannot_use_are_one_line_and_exit_1(how: str, shards: Path, tmp_path: Path) -> None:
+    path = shards / ("mean_image.npy" if how == "truncated mean image" else "stats.json")
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])  # as an interrupted copy leaves it
+    result = service("--shards", str(shards), "--out", str(tmp_path / "run"))
+    line = one_line(result, EXIT_DATA)
+    said = "cannot be read as the mean image" if how == "truncated mean image" else "is not valid JSON"
+    assert f"{path} {said}" in line, line
+    assert f"re-run the sharding, `make shards SRC=<imagenet> OUT={shards}`" in line, line
