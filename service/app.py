@@ -80,7 +80,7 @@ def start(cfg: TrainConfig, ranks: Ranks, metrics: ServiceMetrics, board: Status
           stop: StopFlag) -> Trainer:
     """Check the shards, build everything, resume the newest valid checkpoint if there is one."""
     try:
-        check = ShardCheck(cfg, contract.load(cfg.shards, splits=()), ranks, log, metrics)
+        check = ShardCheck(cfg, contract.load(cfg.shards, splits=()), ranks, log, metrics, stop)
         excluded = check.prepare()  # names a missing, truncated or (cached / verify before) corrupt shard
         manifest = contract.load(cfg.shards, exclude=excluded)  # and the rest, before DALI opens a file
     except contract.ManifestError as exc:

@@ -4,7 +4,8 @@ Anything the user can fix (a setting, the shards, the port, the run directory) i
 ``ServiceError``; ``service.app.main`` prints its message as one line on stderr and exits with
 its code, never with a traceback.  Process supervisors (Docker, torchrun, systemd) see:
 
-    0  finished all epochs, or stopped by SIGTERM/SIGINT after writing a checkpoint
+    0  finished all epochs, or stopped by SIGTERM/SIGINT after writing a checkpoint (or, during
+       the shard check before training, with nothing trained yet to checkpoint: ``StoppedAtStart``)
     1  a data error: missing, truncated or undecodable shard (the message names it)
     2  a setting is invalid, or does not match the run directory's checkpoints
     3  the HTTP port cannot be served (in use, or not allowed)
@@ -61,3 +62,11 @@ class ConfigMismatch(ServiceError):
 
     def __init__(self, message: str) -> None:
         super().__init__(EXIT_CONFIG, message)
+
+
+class StoppedAtStart(ServiceError):
+    """A stop request honoured before training began (the shard check of ``data.verify before``):
+    not a failure, so exit 0, with the one line saying what was left undone."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(EXIT_OK, message)

@@ -14,7 +14,10 @@ the shards not checked before in one thread at the lowest CPU priority (nice 19)
 the ranks' readers first reach them; ``before`` builds the loaders only once every shard is
 checked (a thread per core, up to 16: nothing unchecked is ever read).  Cost (``bench/bench_shard_check.py``,
 docs/benchmarks.md): sha256 runs at about 1-1.5 GB/s per core here, so ImageNet's ~31 GB of shards
-is under a minute of one core once, next to a run of hours.
+is under a minute of one core once, next to a run of hours.  A stop request (SIGTERM, SIGINT,
+SIGHUP) during ``before``'s check ends it within a block of each hash (torchrun's grace is 30 s,
+a shard on slow storage can take longer): exit 0 before anything was trained, one line saying so
+(``StoppedAtStart``), the shards checked so far remembered and the rest checked at the next start.
 
 Remembered: ``<out>/shard-checks.json`` keeps each result under the tar's path with its size,
 mtime_ns, ctime_ns, inode and the manifest's sha256, so a restart hashes only the shards whose
@@ -37,17 +40,19 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from service.config import TrainConfig
 from service.data_errors import damaged_samples
 from service.dist import Ranks
-from service.errors import DataError
+from service.errors import DataError, StoppedAtStart
 from service.metrics import ServiceMetrics
 from service.runlog import RunLog
+from service.signals import StopFlag
 from shards.manifest import CORRUPT, INDEX, Manifest, Shard, shard_problem
-from shards.tarwriter import atomic_write_text
+from shards.tarwriter import HashStopped, atomic_write_text
 
 CACHE = "shard-checks.json"
 FORMAT = "alexnet2012-shard-checks"
@@ -99,8 +104,9 @@ class ShardCheck:
     ``finish`` at the end of a finished run, ``close`` always."""
 
     def __init__(self, cfg: TrainConfig, manifest: Manifest, ranks: Ranks, log: RunLog,
-                 metrics: ServiceMetrics) -> None:
+                 metrics: ServiceMetrics, stop: StopFlag | None = None) -> None:
         self.settings, self.manifest, self.ranks, self.log, self.metrics = cfg.data, manifest, ranks, log, metrics
+        self.stop = stop  # a stop request ends the check before training (the loop handles it after)
         self.path = cfg.out / CACHE
         self._cache = self._read() if ranks.is_main else {}
         self._todo: list[tuple[str, Shard]] = []
@@ -117,7 +123,9 @@ class ShardCheck:
         """Before the loaders are built: check what must be (sizes always, contents with
         ``before``), then act on every finding on every rank; returns the tar names to leave out."""
         findings = self._check_at_start() if self.ranks.is_main else None
-        findings = self.ranks.gather(findings)[0]
+        findings = self.ranks.gather(findings)[0]  # rank 0's verdict, or why it stopped, for every rank
+        if isinstance(findings, str):
+            raise StoppedAtStart(findings)
         if findings and self.settings.on_corrupt == "stop":
             first = findings[0]
             more = f" (and {len(findings) - 1} more shard(s))" if len(findings) > 1 else ""
@@ -131,7 +139,7 @@ class ShardCheck:
             self.metrics.samples_failed.inc(f.shard.samples)
         return frozenset(f.shard.tar.name for f in findings)
 
-    def _check_at_start(self) -> list[Finding]:
+    def _check_at_start(self) -> list[Finding] | str:
         findings, todo, cached = [], [], 0
         for split, shard in self._shards():
             problem = shard_problem(shard, deep=False)
@@ -144,7 +152,10 @@ class ShardCheck:
             if problem:
                 findings.append(self._finding(split, shard, problem))
         if self.settings.verify == "before" and todo:
-            findings += self._hash_now(todo)
+            hashed = self._hash_now(todo)
+            if isinstance(hashed, str):
+                return hashed
+            findings += hashed
             todo = []
         self._todo = todo
         self.log.say(f"shards: {cached} checked before ({self.path.name}), {len(findings)} bad, {len(todo)} "
@@ -152,13 +163,16 @@ class ShardCheck:
                         else "left to check"))
         return findings
 
-    def _hash_now(self, todo: list[tuple[str, Shard]]) -> list[Finding]:
+    def _hash_now(self, todo: list[tuple[str, Shard]]) -> list[Finding] | str:
+        """Hash ``todo`` on every core: the findings, or (a stop request) the line saying so."""
         total, start = sum(s.bytes for _, s in todo), time.monotonic()
         self.log.say(f"shards: checking {len(todo)} shard(s), {_size(total)}, against the manifest before "
                      "training (data.verify before)...")
         # hashlib lets go of the GIL; beyond ~16 readers the storage, not the CPU, sets the pace
         with ThreadPoolExecutor(min(len(os.sched_getaffinity(0)), 16)) as pool:
-            problems = list(pool.map(self._check, [shard for _, shard in todo]))
+            problems = list(pool.map(lambda shard: self._check(shard, self._stop_requested), [s for _, s in todo]))
+        if HashStopped in problems:
+            return self._interrupted(sum(p is not HashStopped for p in problems), len(todo))
         bad = [self._finding(split, shard, p) for (split, shard), p in zip(todo, problems) if p]
         self._say_done(len(todo), len(bad), total, time.monotonic() - start)
         return bad
@@ -185,7 +199,9 @@ class ShardCheck:
         for split, shard in self._todo:
             if self._halt.is_set():
                 return
-            problem = self._check(shard)
+            problem = self._check(shard, self._halt.is_set)
+            if problem is HashStopped:  # closed
+                return
             if problem:
                 self._found.append(self._finding(split, shard, problem))
         self._say_done(len(self._todo), len(self._found), total, time.monotonic() - start)
@@ -212,11 +228,27 @@ class ShardCheck:
 
     # -- results -------------------------------------------------------------------------------
 
-    def _check(self, shard: Shard) -> str | None:
+    def _check(self, shard: Shard, stop: Callable[[], bool]) -> str | None | type[HashStopped]:
+        """The shard's problem (remembered), or ``HashStopped`` once ``stop()``: nothing remembered."""
         key = _key(shard)
-        problem = shard_problem(shard)
+        try:
+            problem = shard_problem(shard, stop=stop)
+        except HashStopped:
+            return HashStopped
         self._remember(shard, key, problem)
         return problem
+
+    def _stop_requested(self) -> bool:
+        """Polled while hashing before training.  (Not by the background pass: a run that finishes
+        despite a late stop request still waits for it, so no run ends 0 on unchecked shards.)"""
+        return self.stop is not None and self.stop.requested
+
+    def _interrupted(self, done: int, total: int) -> str:
+        why = self.stop.signal_name if self.stop is not None else None
+        self.log.event("shard_check_interrupted", reason=why, shards=done, of=total)
+        return (f"stopped ({why}) during the shard check before training (data.verify before), after {done} of "
+                f"{total} shard(s): nothing was trained or checkpointed; the check runs again at the next start "
+                f"(the {done} checked are remembered in {self.path})")
 
     def _finding(self, split: str, shard: Shard, problem: str) -> Finding:
         samples = f"; {damaged_samples(shard.tar, self.manifest.num_classes)}" if problem == CORRUPT else ""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,11 +141,11 @@ def index_problem(shard: Shard, tar_bytes: int) -> str | None:
     return f"{INDEX} {shard.index} {what}; {index_fix(shard)}"
 
 
-def shard_problem(shard: Shard, deep: bool = True) -> str | None:
+def shard_problem(shard: Shard, deep: bool = True, stop: Callable[[], bool] | None = None) -> str | None:
     """What is wrong with ``shard`` against the manifest (None: it matches): missing tar or
     index, another size, an index that does not fit the tar (``index_problem``), or (``deep``)
     other contents.  The one place that decides whether a shard is still the one ``make shards``
-    wrote."""
+    wrote.  ``stop``: see ``sha256_file`` (``HashStopped``)."""
     from shards.tarwriter import sha256_file  # late import: readers rarely need hashing
 
     if not shard.tar.is_file():
@@ -157,7 +157,7 @@ def shard_problem(shard: Shard, deep: bool = True) -> str | None:
         return f"{size} bytes, the manifest says {shard.bytes} (truncated or modified)"
     if problem := index_problem(shard, size):
         return problem
-    if deep and sha256_file(shard.tar) != shard.sha256:
+    if deep and sha256_file(shard.tar, stop) != shard.sha256:
         return CORRUPT
     return None
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,10 +155,18 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def sha256_file(path: Path) -> str:
-    """sha256 of a file, read in 1 MiB blocks."""
+class HashStopped(Exception):
+    """``sha256_file`` gave up because its ``stop`` said so."""
+
+
+def sha256_file(path: Path, stop: Callable[[], bool] | None = None) -> str:
+    """sha256 of a file, read in 1 MiB blocks.  ``stop``, polled before each block (a few hundred
+    per second per core), raises ``HashStopped`` when true: a check of a ~140 GB dataset must give
+    way to a SIGTERM within torchrun's 30 s, also inside one large or slowly read shard."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(1 << 20):
+        while not (stop is not None and stop()) and (block := f.read(1 << 20)):
             digest.update(block)
+    if stop is not None and stop():
+        raise HashStopped(str(path))
     return digest.hexdigest()
