@@ -65,7 +65,12 @@ class Predictor:
         self.model.load_state_dict(payload["model"])
         self.model.to(self.device).eval()
         loader = LoaderConfig(crop=cfg["loader"]["crop"], normalize=cfg["loader"]["normalize"])
-        self.normalizer = DeviceNormalizer(load_stats(self.manifest.stats_path), loader).to(self.device)
+        try:
+            stats = load_stats(self.manifest.stats_path)  # not in the data fingerprint: checked on its own
+        except contract.ManifestError as exc:
+            raise ServiceError(EXIT_CONFIG, f"the mean image of the shards the model was trained on is needed: "
+                                            f"{exc}") from None
+        self.normalizer = DeviceNormalizer(stats, loader).to(self.device)
         params = self.manifest.record["parameters"]
         self.size, self.quality, self.crop = int(params["size"]), int(params["quality"]), loader.crop
 

@@ -102,6 +102,14 @@ def test_other_shards_or_no_checkpoint_are_refused_in_one_line(trained: Path, sa
     assert run.returncode == 2 and run.stdout == ""
     (line,) = run.stderr.splitlines()
     assert line.startswith(f"predict: {other} are not the shards checkpoint-") and "--shards" in line
+    other = tmp_path / "same-shards"  # the same data, its mean image cut short by an interrupted copy
+    shutil.copytree(sample_shards, other)
+    mean = other / "mean_image.npy"
+    mean.write_bytes(mean.read_bytes()[:1000])
+    run = predict("--run", trained, "--shards", other, image)
+    assert run.returncode == 2 and run.stdout == "" and "Traceback" not in run.stderr, run.stderr
+    (line,) = run.stderr.splitlines()
+    assert f"{mean} cannot be read as the mean image" in line and "re-run the sharding" in line, line
     empty = tmp_path / "empty-run"
     empty.mkdir()
     run = predict("--run", empty, image)
