@@ -150,7 +150,14 @@ def finish(trainer: Trainer, finished: bool, log: RunLog) -> int:
 
 
 def run_service(cfg: TrainConfig) -> int:
-    """Run a validated config to the end (or to a requested stop); returns the exit code."""
+    """Run a validated config to the end (or to a requested stop); returns the exit code.
+
+    A ``--shards`` that is no shard directory at all (a typo, the images themselves) is said
+    before the run directory, the port or the ranks are touched: nothing is left behind."""
+    try:
+        contract.load(cfg.shards, splits=())
+    except contract.ManifestError as exc:
+        raise DataError(str(exc)) from None
     check_run_dir(cfg.out)
     try:
         ranks = Ranks.from_env()

@@ -71,6 +71,20 @@ def _hint(root: Path) -> str:
     return f"(re)create it with `make shards SRC=<imagenet> OUT={root}`"
 
 
+def _not_shards(root: Path) -> str:
+    """Why ``root`` is no shard directory, and what to do: the images themselves (a layout
+    ``make shards`` reads: split folders of class folders) are to be sharded into another
+    directory, not into themselves."""
+    if root.exists() and not root.is_dir():
+        return f"{root} is a file, not a shard directory (the folder make shards wrote, with manifest.json)"
+    if not root.is_dir():
+        return f"{root} does not exist; {_hint(root)}"
+    if any(p.is_dir() for split in ("train", "val") if (root / split).is_dir() for p in (root / split).iterdir()):
+        return (f"{root} holds images (train/<class>/...), not shards: shard them first, "
+                f"`make shards SRC={root} OUT=<a new directory>`, and train on that directory")
+    return f"{root / 'manifest.json'} not found: {root} is not a finished shard directory; {_hint(root)}"
+
+
 def rerun_hint(root: Path) -> str:
     """For the files ``make shards`` writes last (the statistics, the manifest): a re-run keeps
     the shards it finished (its journal) and writes them again."""
@@ -215,7 +229,7 @@ def load(root: Path | str, splits: tuple[str, ...] = SPLITS, deep: bool = False,
     root = Path(root).resolve()
     path = root / "manifest.json"
     if not path.is_file():
-        raise ManifestError(f"{path} not found: {root} is not a finished shard directory; {_hint(root)}")
+        raise ManifestError(_not_shards(root))
     record = _read(path, root)
     if record.get("format") != FORMAT or record.get("format_version") != VERSION:
         raise ManifestError(f"{path}: format {record.get('format')!r} version {record.get('format_version')!r}, "
