@@ -90,8 +90,16 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     if tp is Path:
         if not isinstance(value, (str, Path)):
             raise ConfigError(f"{where}: {key} must be a path, got {value!r}")
-        return Path(value)
+        return _path(value, f"{where}: {key}")
     raise ConfigError(f"{where}: {key} has unsupported type {tp!r}")
+
+
+def _path(value: str | Path, what: str, hint: str = " (use . for the working directory)") -> Path:
+    """``value`` as a path, refusing an empty one: ``Path("")`` is ``.``, so an empty ``--out``
+    would put a run's files in (and ``--fresh true`` delete them from) the working directory."""
+    if isinstance(value, str) and not value.strip():
+        raise ConfigError(f"{what} is empty: give a path{hint}")
+    return Path(value)
 
 
 def _merge(cls: type[T], base: T, table: dict[str, Any], where: str, prefix: str = "") -> T:
@@ -172,9 +180,9 @@ def split_config_arg(argv: list[str]) -> tuple[Path | None, list[str]]:
     i = 0
     while i < len(argv):
         if argv[i] == "--config" and i + 1 < len(argv):
-            path, i = Path(argv[i + 1]), i + 2
+            path, i = _path(argv[i + 1], "command line: --config", ""), i + 2
         elif argv[i].startswith("--config="):
-            path, i = Path(argv[i].split("=", 1)[1]), i + 1
+            path, i = _path(argv[i].split("=", 1)[1], "command line: --config", ""), i + 1
         else:
             rest.append(argv[i])
             i += 1

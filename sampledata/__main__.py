@@ -13,8 +13,8 @@ def main(argv: list[str]) -> int:
         print(settings_help(SampleConfig, "python -m sampledata", "Writes the sample dataset: an ImageNet-layout "
                             "tree (with ImageNet's quirks) made from the embedded photos, for `make shards`."))
         return 0
-    path, overrides = split_config_arg(argv)
     try:
+        path, overrides = split_config_arg(argv)
         cfg = load_config(SampleConfig, path, overrides)
     except ConfigError as exc:
         print(f"sampledata: {exc}", file=sys.stderr)

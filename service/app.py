@@ -41,8 +41,8 @@ RUN_FILES = ("checkpoint-*.pt", "checkpoint-*.pt.corrupt", ".checkpoint-*.tmp", 
 
 def parse(argv: list[str]) -> TrainConfig:
     """The validated config of a command line; ``ServiceError`` (exit 2) naming the key if not."""
-    path, overrides = split_config_arg(argv)
     try:
+        path, overrides = split_config_arg(argv)
         cfg = load_config(TrainConfig, path, overrides)
     except ConfigError as exc:
         raise ServiceError(EXIT_CONFIG, str(exc)) from None

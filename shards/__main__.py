@@ -28,8 +28,8 @@ def main(argv: list[str]) -> int:
         print(settings_help(ShardConfig, "python -m shards", "Shards an ImageNet layout (--src) into checked, "
                             "shuffled WebDataset tars, DALI indexes, a manifest and the dataset statistics (--out)."))
         return 0
-    path, overrides = split_config_arg(argv)
     try:
+        path, overrides = split_config_arg(argv)
         cfg = load_config(ShardConfig, path, overrides).validate()
     except ConfigError as exc:
         print(f"shards: {exc}", file=sys.stderr)

@@ -54,3 +54,15 @@ def test_bad_toml_is_rejected_naming_the_file(tmp_path: Path) -> None:
     toml.write_text("[optim\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(Job, toml)
+
+
+def test_an_empty_path_is_rejected_not_read_as_the_working_directory(tmp_path: Path) -> None:
+    toml = tmp_path / "job.toml"
+    toml.write_text('out = ""\n')
+    with pytest.raises(ConfigError, match=f"{toml}: out is empty: give a path"):
+        load_config(Job, toml)
+    with pytest.raises(ConfigError, match="command line: out is empty"):
+        load_config(Job, None, ["--out", " "])
+    with pytest.raises(ConfigError, match="command line: --config is empty"):
+        split_config_arg(["--config=", "--steps", "3"])
+    assert load_config(Job, None, ["--out", "."]).out == Path(".")  # said explicitly, the working directory is fine

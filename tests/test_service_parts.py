@@ -49,6 +49,9 @@ CONTRACT = [
     (["--http.port", "70000"], "http.port must be in 0..65535"),
     (["--device", "gpu"], "device must be auto, cpu, cuda or cuda:N"),
     (["--checkpoint.every_steps", "often"], "checkpoint.every_steps must be int"),
+    (["--out", ""], "command line: out is empty: give a path"),  # not ".": the working directory
+    (["--shards="], "command line: shards is empty: give a path"),
+    (["--config", ""], "command line: --config is empty: give a path"),
 ])
 def test_bad_settings_are_rejected_naming_the_key(args: list[str], message: str) -> None:
     with pytest.raises(ServiceError, match=message) as info:
