@@ -22,6 +22,12 @@ class ConfigError(ValueError):
     """A configuration key or value that cannot be accepted."""
 
 
+# Field metadata key: a setting that is an action for one start, not a standing part of a config
+# (the service's ``fresh``, which deletes the run).  A config file is read again at every start,
+# restarts included, so such a key is refused there; its value is why, said in the refusal.
+COMMAND_LINE_ONLY = "command_line_only"
+
+
 def field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
@@ -102,19 +108,24 @@ def _path(value: str | Path, what: str, hint: str = " (use . for the working dir
     return Path(value)
 
 
-def _merge(cls: type[T], base: T, table: dict[str, Any], where: str, prefix: str = "") -> T:
-    """Return ``base`` with the keys of ``table`` applied, recursing into nested dataclasses."""
+def _merge(cls: type[T], base: T, table: dict[str, Any], where: str, prefix: str = "", file: bool = False) -> T:
+    """Return ``base`` with the keys of ``table`` applied, recursing into nested dataclasses.
+    ``file``: the table is a config file's, where ``COMMAND_LINE_ONLY`` keys are refused."""
     fields = field_types(cls)
+    actions = {f.name: f.metadata.get(COMMAND_LINE_ONLY) for f in dataclasses.fields(cls)} if file else {}
     changes: dict[str, Any] = {}
     for key, value in table.items():
         name = f"{prefix}{key}"
         if key not in fields:
             raise ConfigError(f"{where}: unknown key {name!r}; valid keys: {', '.join(prefix + k for k in fields)}")
+        if actions.get(key):
+            raise ConfigError(f"{where}: {name} is a command-line-only setting ({actions[key]}): remove it from the file "
+                              f"and give --{name} on the command line of the one start that needs it")
         tp = fields[key]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: {name} must be a table")
-            changes[key] = _merge(tp, getattr(base, key), value, where, f"{name}.")
+            changes[key] = _merge(tp, getattr(base, key), value, where, f"{name}.", file)
         else:
             changes[key] = _coerce(value, tp, name, where)
     return dataclasses.replace(base, **changes)
@@ -168,7 +179,7 @@ def load_config(cls: type[T], toml_path: Path | str | None = None, overrides: li
         path = Path(toml_path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        config = _merge(cls, config, _read_toml(path), str(path))
+        config = _merge(cls, config, _read_toml(path), str(path), file=True)
     if overrides:
         config = _merge(cls, config, _overrides_to_table(overrides), "command line")
     return config

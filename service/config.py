@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from common.config import COMMAND_LINE_ONLY
 from common.cuda import CudaSync
 from model.alexnet import InputChannels
 from model.lrn import LrnImpl
@@ -127,7 +128,11 @@ class TrainConfig:
     seed: int = 0
     eval_views: int = 10  # 1 (centre crop) or 10 (the paper's views)
     log_every: int = 50  # steps between log lines (and GPU syncs)
-    fresh: bool = False  # true: delete this run directory's checkpoints and logs, start over
+    # true: delete this run directory's checkpoints and logs, start over.  Command line only: a
+    # config file is read again at every start (docker/entrypoint.sh's restarts too), and would
+    # wipe the run each time.
+    fresh: bool = field(default=False, metadata={COMMAND_LINE_ONLY: "it deletes the run directory's checkpoints "
+                                                 "and logs, and a file is read again at every start and restart"})
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     model: ModelSettings = field(default_factory=ModelSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)

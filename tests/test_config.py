@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError, load_config, split_config_arg
+from common.config import COMMAND_LINE_ONLY, ConfigError, load_config, split_config_arg
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ class Job:
     devices: tuple[str, ...] = ("cpu",)
     dtype: str | None = None
     optim: Optim = field(default_factory=Optim)
+    wipe: bool = field(default=False, metadata={COMMAND_LINE_ONLY: "it deletes things"})
 
 
 def test_defaults_then_toml_then_flags(tmp_path: Path) -> None:
@@ -66,3 +67,12 @@ def test_an_empty_path_is_rejected_not_read_as_the_working_directory(tmp_path: P
     with pytest.raises(ConfigError, match="command line: --config is empty"):
         split_config_arg(["--config=", "--steps", "3"])
     assert load_config(Job, None, ["--out", "."]).out == Path(".")  # said explicitly, the working directory is fine
+
+
+def test_a_command_line_only_key_is_refused_in_a_file(tmp_path: Path) -> None:
+    toml = tmp_path / "job.toml"
+    toml.write_text("steps = 3\nwipe = false\n")
+    with pytest.raises(ConfigError, match=f"{toml}: wipe is a command-line-only setting \\(it deletes things\\)"):
+        load_config(Job, toml)
+    toml.write_text("steps = 3\n")
+    assert load_config(Job, toml, ["--wipe", "true"]) == Job(steps=3, wipe=True)

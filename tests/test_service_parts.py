@@ -59,6 +59,18 @@ def test_bad_settings_are_rejected_naming_the_key(args: list[str], message: str)
     assert info.value.code == 2
 
 
+def test_fresh_is_refused_in_a_config_file(tmp_path: Path) -> None:
+    """A file is read again at every start (the entrypoint's restarts too): fresh there would wipe
+    the run each time, so it is taken from the command line only."""
+    toml = tmp_path / "run.toml"
+    toml.write_text("epochs = 2\nfresh = true\n")
+    with pytest.raises(ServiceError, match=f"{toml}: fresh is a command-line-only setting") as info:
+        parse(["--config", str(toml)])
+    assert info.value.code == 2
+    toml.write_text("epochs = 2\n")
+    assert parse(["--config", str(toml), "--fresh", "true"]).fresh is True
+
+
 def test_good_settings_pass_and_reduced_precision_input_needs_autocast() -> None:
     cfg = parse(["--loader.dtype", "bfloat16", "--model.autocast", "bfloat16", "--optim.bias_decay", "false"])
     assert cfg.loader.dtype == "bfloat16" and cfg.optim.bias_decay is False
