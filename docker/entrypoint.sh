@@ -14,8 +14,9 @@
 #
 # Why the restarts are here and not Docker's (compose.yaml says restart: "no"): Docker's
 # on-failure restarts on every non-zero exit, so a run directory the trainer cannot write, a bad
-# setting, a missing shard or a taken port (exit 5, 2, 1, 3: service/errors.py) would print the
-# same line and restart forever.  Those need a person, so the container stops with that code.
+# setting, a missing shard, a taken port or a diverged run (exit 5, 2, 1, 3, 6: service/errors.py)
+# would print the same line and restart forever (a diverged run resumed diverges again).  Those
+# need a person, so the container stops with that code.
 # The service records such a code in ALEXNET_EXIT_FILE, since torchrun exits 1 whatever its ranks
 # did; an exit without one is a crash (a traceback, a signal, the kernel's OOM killer), which is
 # restarted, and the service resumes from its newest checkpoint.

@@ -5,7 +5,7 @@ that the run directory can be written (exit 5 naming it), the signal handlers ar
 the HTTP port is bound next (a taken port is exit 3 at once), then the shards are checked (exit 1
 naming the shard), the model and loaders are built, and the newest valid checkpoint in the run
 directory is resumed.  Then the loop runs until all epochs are done or a SIGTERM/SIGINT/SIGHUP stops it
-after a checkpoint (exit 0 either way).
+after a checkpoint (exit 0 either way), or the training diverges (exit 6, ``service.divergence``).
 """
 from __future__ import annotations
 

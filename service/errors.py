@@ -12,10 +12,12 @@ its code, never with a traceback.  Process supervisors (Docker, torchrun, system
     4  a checkpoint could not be written (disk full, permissions)
     5  the run directory cannot be created or written (read-only, not this user's): checked at
        start, before anything slow, so it fails in a second rather than after building the loaders
+    6  training diverged: a non-finite loss or weight (too high a learning rate); the run stops
+       before checkpointing it, so the newest checkpoint is the last good state (service.divergence)
     143 / 130  SIGTERM / SIGINT again, a second or more after the first stop signal: immediate exit,
                no checkpoint (128 + the signal, as a shell reports a process the signal killed)
 
-Codes 1-5 are problems a restart cannot fix.  A supervisor that restarts crashes
+Codes 1-6 are problems a restart cannot fix (a diverged run resumed would diverge again).  A supervisor that restarts crashes
 (docker/entrypoint.sh) must tell them from a crash, which torchrun hides (it exits 1 whatever its
 ranks did): with ``ALEXNET_EXIT_FILE`` set, ``record_exit`` writes the code there as well.
 """
@@ -29,6 +31,7 @@ EXIT_CONFIG = 2
 EXIT_PORT = 3
 EXIT_CHECKPOINT = 4
 EXIT_RUNDIR = 5
+EXIT_DIVERGED = 6
 
 
 def record_exit(code: int) -> None:
@@ -70,3 +73,10 @@ class StoppedAtStart(ServiceError):
 
     def __init__(self, message: str) -> None:
         super().__init__(EXIT_OK, message)
+
+
+class Diverged(ServiceError):
+    """The training loss or the weights stopped being finite numbers."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(EXIT_DIVERGED, message)

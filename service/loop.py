@@ -4,7 +4,8 @@ Per step the loop only takes host timestamps and updates counters (no device syn
 ``log_every`` steps it synchronises every device the model uses (both GPUs for the towers
 layout) once, reads the loss and writes a log line.  After each step it checks the stop flag
 (a signal) and whether a checkpoint is due (every N steps and/or every T seconds); each epoch
-ends with an evaluation, the plateau schedule and a checkpoint.
+ends with an evaluation, the plateau schedule and a checkpoint.  A loss or weight that is not
+finite (read at those same log intervals and before checkpoints) stops the run: ``service.divergence``.
 
 Resume is exact: the checkpoint holds the loader's position, so a restarted run continues the
 interrupted epoch with the batches it had not yet trained on, with the same dropout draws.
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 from model import EvalResult, evaluate
+from service import divergence
 from service.build import Parts
 from service.checkpointer import CheckpointManager, LrRule, Resumed, Velocities
 from service.data_errors import diagnose, guarded
@@ -133,6 +135,7 @@ class Trainer:
             last = time.perf_counter()  # a checkpoint's blocking time is not a step's
         p.epoch += 1
         p.epoch_loss_sum += loss_sum.item()
+        self._check_finite(divergence.state_problem(p.epoch_loss_sum, parts.model))  # before its evaluation
         if self._stop_requested():
             self._checkpoint("stop")
             return False
@@ -174,6 +177,15 @@ class Trainer:
         self.log.say(f"epoch {epoch} step {p.step_in_epoch}/{steps} loss {value:.4f} "
                      f"{w.images_per_s:.1f} img/s{per_rank} data-wait {w.data_share:.0%}")
         self.log.event("train", **fields, window_steps=w.steps, window_seconds=round(w.seconds, 4))
+        self._check_finite(divergence.loss_problem(value))
+
+    def _check_finite(self, problem: str | None) -> None:
+        """Stop with exit 6 when ``problem`` (or another rank's) says the run diverged
+        (``service.divergence``); every rank calls this at the same points."""
+        problem = divergence.agreed(self.ranks, problem)
+        if problem is not None:
+            self.writer.wait()  # the newest good checkpoint durable before it is named
+            raise divergence.refusal(problem, self.progress.step, self.position(), self.cfg.optim.lr, self.cfg.out)
 
     def _sync(self) -> None:
         for d in self.parts.devices:
@@ -262,6 +274,7 @@ class Trainer:
         if loss_sum is not None:  # fold the device-side loss sum into the saved progress
             p.epoch_loss_sum += loss_sum.item()
             loss_sum.zero_()
+        self._check_finite(divergence.state_problem(p.epoch_loss_sum, self.parts.model))  # never saved diverged
         self.checkpoints.save(reason)
         blocked = time.perf_counter() - start
         self.metrics.checkpoint_seconds.observe(blocked)

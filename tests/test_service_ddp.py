@@ -155,3 +155,22 @@ def test_a_compiled_step_on_a_ddp_replica_updates_every_layer_as_the_eager_step(
     assert len(ratios) == 16
     wrong = {name: r for name, r in ratios.items() if abs(float(r) - 1) > 0.01}
     assert not wrong, f"compiled DDP updates differ from eager (update ratios): {wrong}"
+
+
+def test_a_diverging_run_stops_every_rank_at_the_same_step_with_exit_6(sample_shards: Path, tmp_path: Path) -> None:
+    """lr 5 (10 for the global batch) overflows the loss; the ranks agree on the verdict, so both stop
+    at one step (no rank left waiting in an all-reduce) and record exit 6 for the entrypoint."""
+    out, exit_file = tmp_path / "run", tmp_path / "exit-code"
+    service = Service(sample_shards, out, "--epochs", "3", "--optim.lr", "5", "--http.port", str(free_port(2)),
+                      launcher=TORCHRUN_2, env={"ALEXNET_EXIT_FILE": str(exit_file)})
+    try:
+        rc = service.wait(300)
+    finally:
+        service.kill()
+    assert rc != 0 and exit_file.read_text() == "6\n", service.stderr  # torchrun itself exits 1
+    lines = [line for line in service.stderr.splitlines() if line.startswith("service: ")]
+    assert len(lines) == 2 and lines[0] == lines[1] and "training diverged at step" in lines[0], service.stderr
+    assert not events(out, "finished", 0) and not events(out, "finished", 1)
+    for path in out.glob("checkpoint-*.pt"):
+        model = torch.load(path, map_location="cpu", weights_only=True)["model"]
+        assert all(torch.isfinite(t).all() for t in model.values()), path

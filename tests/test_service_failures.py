@@ -3,12 +3,14 @@ another run, bad shards, bad settings, a taken port.  Each ends with a clear mes
 exit code, never a traceback or a hang."""
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.service_proc import Service, checkpoint_steps, run_service
 
@@ -127,3 +129,29 @@ def test_port_in_use_is_one_clear_line(sample_shards: Path, tmp_path: Path) -> N
     assert service.stderr.strip() == (f"service: port {port} on 127.0.0.1 is already in use (another run or "
                                       "exporter?): stop it or choose another port with --http.port N "
                                       "(make demo / train-local: PORT=N)")
+
+
+@pytest.mark.slow
+def test_a_diverging_run_stops_with_exit_6_and_keeps_its_last_good_checkpoint(
+        sample_shards: Path, tmp_path: Path) -> None:
+    """lr 5 overflows the loss within an epoch.  The step count puts a checkpoint on step 4, which
+    is where the loss first became NaN (between log windows: --log_every 100), so it is the check
+    before a checkpoint that catches it: nothing NaN is written and the finite step-2 checkpoint is
+    not pruned for it (keep 1)."""
+    out, exit_file = tmp_path / "run", tmp_path / "exit-code"
+    service = Service(sample_shards, out, "--epochs", "2", "--optim.lr", "5", "--checkpoint.keep", "1",
+                      "--checkpoint.every_steps", "2", "--log_every", "100",
+                      env={"ALEXNET_EXIT_FILE": str(exit_file)})
+    try:
+        rc = service.wait(240)
+    finally:
+        service.kill()
+    assert rc == 6 and exit_file.read_text() == "6\n", service.stderr  # docker/entrypoint.sh: not restarted
+    (line,) = service.stderr.strip().splitlines()
+    assert re.match(r"service: training diverged at step \d+ \(epoch 1 step \d/6\): the epoch's summed training "
+                    r"loss is nan; stopped without checkpointing it, the newest good checkpoint is ", line), line
+    assert "Lower optim.lr (now 5)" in line and "finished" not in service.stdout
+    (kept,) = out.glob("checkpoint-*.pt")
+    assert str(kept) in line
+    model = torch.load(kept, map_location="cpu", weights_only=True)["model"]
+    assert all(torch.isfinite(t).all() for t in model.values())
