@@ -1,6 +1,7 @@
 """Loader configuration: one frozen dataclass shared by the DALI and the reference loaders."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, replace
 from typing import Literal, get_args
@@ -61,8 +62,8 @@ class LoaderConfig:
             raise ValueError(f"threads must be >= 0 (0 = all cores), got {self.threads}")
         if self.shuffle_buffer < 1:
             raise ValueError(f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
-        if self.sigma < 0:
-            raise ValueError(f"sigma must be >= 0, got {self.sigma}")
+        if not (math.isfinite(self.sigma) and self.sigma >= 0):  # nan < 0 is False: nan passed before
+            raise ValueError(f"sigma must be a finite number >= 0, got {self.sigma}")
         if self.normalize not in NORMALIZE_MODES:
             raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {self.normalize!r}")
         if self.dtype not in DTYPES:

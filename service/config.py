@@ -184,10 +184,12 @@ def validate(cfg: TrainConfig) -> list[str]:
     need(o.lr_scaling in LR_SCALING, f"optim.lr_scaling must be one of {LR_SCALING}, got {o.lr_scaling!r}")
     c = cfg.checkpoint
     need(c.every_steps >= 0, f"checkpoint.every_steps must be >= 0 (0 = off), got {c.every_steps}")
-    need(c.every_seconds >= 0, f"checkpoint.every_seconds must be >= 0 (0 = off), got {c.every_seconds}")
+    need(math.isfinite(c.every_seconds) and c.every_seconds >= 0,
+         f"checkpoint.every_seconds must be a finite number >= 0 (0 = off), got {c.every_seconds}")
     need(c.keep >= 1, f"checkpoint.keep must be >= 1, got {c.keep}")
     need(0 <= cfg.http.port <= 65535, f"http.port must be in 0..65535 (0 = any free port), got {cfg.http.port}")
-    need(cfg.http.stall_seconds > 0, f"http.stall_seconds must be > 0, got {cfg.http.stall_seconds}")
+    need(math.isfinite(cfg.http.stall_seconds) and cfg.http.stall_seconds > 0,
+         f"http.stall_seconds must be a finite number > 0, got {cfg.http.stall_seconds}")
     need(cfg.data.on_corrupt != "skip" or cfg.data.verify == "before",
          "data.on_corrupt skip needs data.verify before: a shard can only be left out of the readers before they "
          "are built, so every shard must be checked first (add --data.verify before)")

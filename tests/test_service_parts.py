@@ -49,6 +49,10 @@ CONTRACT = [
     (["--http.port", "70000"], "http.port must be in 0..65535"),
     (["--device", "gpu"], "device must be auto, cpu, cuda or cuda:N"),
     (["--checkpoint.every_steps", "often"], "checkpoint.every_steps must be int"),
+    (["--loader.sigma", "nan"], "loader.sigma must be a finite number >= 0, got nan"),  # nan < 0 is False
+    (["--loader.sigma", "inf"], "loader.sigma must be a finite number >= 0, got inf"),
+    (["--checkpoint.every_seconds", "inf"], "checkpoint.every_seconds must be a finite number >= 0"),
+    (["--http.stall_seconds", "inf"], "http.stall_seconds must be a finite number > 0"),
     (["--out", ""], "command line: out is empty: give a path"),  # not ".": the working directory
     (["--shards="], "command line: shards is empty: give a path"),
     (["--config", ""], "command line: --config is empty: give a path"),
