@@ -42,6 +42,22 @@ CONVS: dict[str, tuple[int, int, int, int, int, str]] = {
 }
 # fc: (in features, out features per tower); both take both towers' outputs.
 FCS: dict[str, tuple[int, int]] = {"fc6": (256 * 6 * 6, 2048), "fc7": (4096, 2048)}
+POOLED = ("conv1", "conv2", "conv5")  # followed by the overlapping 3/2 max pool
+
+
+def feature_side(side: int) -> int:
+    """The side of the map fc6 gets from a ``side`` x ``side`` input; fc6 takes 6 (``FCS``).  The
+    layers' arithmetic, so that a crop the network cannot take is refused before anything is built
+    rather than failing in the first forward pass."""
+    for name, (_, _, k, stride, pad, _) in CONVS.items():
+        side = (side + (sum(CONV1_PAD[:2]) if name == "conv1" else 2 * pad) - k) // stride + 1
+        if name in POOLED:
+            side = (side - 3) // 2 + 1
+    return side
+
+
+# Every input side the network takes: 224 (the paper's crop) to 255.
+INPUT_SIDES = tuple(s for s in range(1, 1024) if feature_side(s) == 6)
 
 
 def _norm_pool(x: Tensor, towers: int = 1, lrn_fp32: bool = True, lrn: LrnImpl = "torch") -> Tensor:

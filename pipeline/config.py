@@ -7,6 +7,11 @@ from dataclasses import dataclass, replace
 from typing import Literal, get_args
 
 NORMALIZE_MODES = ("mean_image", "channel")
+# Batches DALI prepares ahead.  Each is a whole output batch held in memory (128 x 3 x 224 x 224
+# float32: 77 MB, per pipeline); 4 is the deepest measured (docs/benchmarks.md), and gains stop
+# once the queue covers the decode's jitter.  16 leaves room to experiment; 100000 asked for
+# terabytes and the process died of it.
+MAX_PREFETCH = 16
 DTYPES = ("float32", "float16", "bfloat16")
 Handover = Literal["host", "stream"]
 Affinity = Literal["none", "spare_core"]
@@ -68,8 +73,11 @@ class LoaderConfig:
             raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {self.normalize!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.crop < 1 or self.prefetch < 1:
-            raise ValueError("crop and prefetch must be >= 1")
+        if self.crop < 1:
+            raise ValueError(f"crop must be >= 1, got {self.crop}")
+        if not 1 <= self.prefetch <= MAX_PREFETCH:
+            raise ValueError(f"prefetch must be in 1..{MAX_PREFETCH} (batches held ahead, each a whole batch "
+                             f"in memory), got {self.prefetch}")
         for name, kind in (("handover", Handover), ("affinity", Affinity), ("memory_format", MemoryFormat)):
             if getattr(self, name) not in get_args(kind):
                 raise ValueError(f"{name} must be one of {get_args(kind)}, got {getattr(self, name)!r}")

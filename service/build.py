@@ -20,7 +20,7 @@ from model import AlexNet, PaperSGD, PlateauSchedule, prepare_model, train_step
 from model.optim import param_groups
 from model.step import CompiledEval, CompiledStep, uses_cudagraphs
 from pipeline import build_eval_loader, build_train_loader
-from service.config import ModelSettings, TrainConfig, lr_factor
+from service.config import FLOAT32_MAX, ModelSettings, TrainConfig, lr_factor
 from service.data_errors import diagnose
 from service.dist import Ranks, core_share
 from service.errors import EXIT_CONFIG, DataError, ServiceError
@@ -195,6 +195,9 @@ def build(cfg: TrainConfig, ranks: Ranks, manifest: Manifest, exclude: Collectio
     global_batch = cfg.loader.batch_size * ranks.world_size
     scale = lr_factor(o, ranks.world_size)
     lr = o.lr * scale
+    if lr > FLOAT32_MAX:  # the optimizer holds it as float32
+        raise ServiceError(EXIT_CONFIG, f"optim.lr {o.lr:g} x {scale:g} ({o.lr_scaling} rule, {ranks.world_size} "
+                           "ranks) is beyond float32's range: lower optim.lr")
     lr_rule = (f"global batch {global_batch} ({cfg.loader.batch_size} x {ranks.world_size} rank(s)), lr {lr:g} "
                f"(optim.lr {o.lr:g} per rank's batch x {scale:g}, the {o.lr_scaling} rule)")
     optimizer = PaperSGD(param_groups(model, o.weight_decay, o.bias_decay), lr=lr, momentum=o.momentum,

@@ -16,7 +16,7 @@ from typing import Literal
 
 from common.config import COMMAND_LINE_ONLY
 from common.cuda import CudaSync
-from model.alexnet import InputChannels
+from model.alexnet import INPUT_SIDES, InputChannels
 from model.lrn import LrnImpl
 from model.step import CAN_TRACE_BACKWARD, CompileMode, TraceBackward
 from pipeline.config import LoaderConfig
@@ -155,6 +155,11 @@ OPERATIONAL = frozenset({
 })
 
 LAYOUTS = ("grouped", "towers", "auto")
+# The seed is 0 .. 2**32 - 1, what every seeded library takes; the service derives per-rank and
+# per-device seeds by adding offsets (rank * 1_000_003), which stay far below torch's 2**64 limit.
+MAX_SEED = 2**32 - 1
+# The optimizer keeps its hyperparameters as float32: a larger value does not convert.
+FLOAT32_MAX = 3.4028234663852886e38
 AUTOCAST = ("none", "bfloat16", "float16")
 
 
@@ -170,6 +175,7 @@ def validate(cfg: TrainConfig) -> list[str]:
     need(cfg.eval_views in (1, 10), f"eval_views must be 1 or 10, got {cfg.eval_views}")
     need(cfg.log_every >= 1, f"log_every must be >= 1, got {cfg.log_every}")
     need(_device_name_ok(cfg.device), f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    need(0 <= cfg.seed <= MAX_SEED, f"seed must be in 0..{MAX_SEED}, got {cfg.seed}")
     try:
         cfg.loader.validate()
     except ValueError as exc:
@@ -178,7 +184,8 @@ def validate(cfg: TrainConfig) -> list[str]:
     o = cfg.optim
     for key in ("lr", "momentum", "weight_decay"):
         value = getattr(o, key)
-        need(math.isfinite(value) and value >= 0, f"optim.{key} must be a number >= 0, got {value}")
+        need(math.isfinite(value) and 0 <= value <= FLOAT32_MAX,
+             f"optim.{key} must be a number >= 0 (at most float32's {FLOAT32_MAX:.4g}), got {value}")
     need(o.patience >= 1, f"optim.patience must be >= 1, got {o.patience}")
     need(o.max_drops >= 0, f"optim.max_drops must be >= 0, got {o.max_drops}")
     need(o.lr_scaling in LR_SCALING, f"optim.lr_scaling must be one of {LR_SCALING}, got {o.lr_scaling!r}")
@@ -224,6 +231,9 @@ def _model_problems(cfg: TrainConfig) -> list[str]:
                         f"{m.cudnn_benchmark_limit}")
     if not 0 <= m.dropout < 1:
         problems.append(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if cfg.loader.crop not in INPUT_SIDES:
+        problems.append(f"loader.crop {cfg.loader.crop} does not fit the network: fc6 takes the 6x6 map that "
+                        f"crops of {INPUT_SIDES[0]} to {INPUT_SIDES[-1]} px give (the paper's is 224)")
     if not math.isfinite(m.bias_init):
         problems.append(f"model.bias_init must be a finite number, got {m.bias_init}")
     return problems

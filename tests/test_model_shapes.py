@@ -103,3 +103,17 @@ def test_bad_arguments():
     if torch.cuda.device_count() < 2:
         with pytest.raises(ValueError):
             AlexNet(num_classes=10, layout="towers")
+
+
+def test_input_sides_are_the_crops_the_network_takes(models):
+    """``INPUT_SIDES`` (the layers' arithmetic, what the service validates loader.crop against)
+    agrees with the real forward pass at both ends and just outside them."""
+    from model.alexnet import INPUT_SIDES
+    model = models["grouped"].eval()
+    assert (INPUT_SIDES[0], INPUT_SIDES[-1]) == (224, 255) and len(INPUT_SIDES) == 32
+    with torch.no_grad():
+        for side in (INPUT_SIDES[0], INPUT_SIDES[-1]):
+            assert model(torch.zeros(1, 3, side, side)).shape == (1, 1000)
+        for side in (INPUT_SIDES[0] - 1, INPUT_SIDES[-1] + 1):
+            with pytest.raises(RuntimeError):
+                model(torch.zeros(1, 3, side, side))
