@@ -14,6 +14,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -76,6 +77,23 @@ def clear_run(log: RunLog) -> None:
     log.say(f"fresh start: deleted {len(removed)} file(s) of the previous run in {log.out}")
 
 
+def check_fits_data(cfg: TrainConfig, manifest: contract.Manifest, excluded: Collection[str], world_size: int) -> None:
+    """The settings only the shards can judge, once their manifest is read and before the model is
+    built (exit 2 naming them): a crop larger than the images fails in the loader, and a batch
+    larger than a rank's share of the images trains nothing, after allocating it (100000 images:
+    the kernel's OOM killer)."""
+    problems, size, b = [], manifest.image_size, cfg.loader.batch_size
+    if cfg.loader.crop > size:
+        problems.append(f"loader.crop {cfg.loader.crop} is larger than the {size}x{size} px images of {cfg.shards} "
+                        f"(its manifest.json): use at most {size}")
+    images = sum(s.samples for s in manifest.splits["train"].shards if s.tar.name not in excluded)
+    if b > images // world_size:
+        problems.append(f"loader.batch_size {b} is more than the {images // world_size} training images each of the "
+                        f"{world_size} rank(s) gets per epoch from {cfg.shards}: use at most {images // world_size}")
+    if problems:
+        raise ServiceError(EXIT_CONFIG, "invalid settings for these shards: " + "; ".join(problems))
+
+
 def start(cfg: TrainConfig, ranks: Ranks, metrics: ServiceMetrics, board: StatusBoard, log: RunLog,
           stop: StopFlag) -> Trainer:
     """Check the shards, build everything, resume the newest valid checkpoint if there is one."""
@@ -85,6 +103,7 @@ def start(cfg: TrainConfig, ranks: Ranks, metrics: ServiceMetrics, board: Status
         manifest = contract.load(cfg.shards, exclude=excluded)  # and the rest, before DALI opens a file
     except contract.ManifestError as exc:
         raise DataError(str(exc)) from None
+    check_fits_data(cfg, manifest, excluded, ranks.world_size)
     ident = identity(cfg, data_fingerprint(manifest.record))
     parts = build(cfg, ranks, manifest, excluded)
     parts.shard_check = check

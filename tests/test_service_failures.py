@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from shards.build import build
+from shards.config import ShardConfig
 from tests.service_proc import Service, checkpoint_steps, run_service
 
 
@@ -155,3 +157,22 @@ def test_a_diverging_run_stops_with_exit_6_and_keeps_its_last_good_checkpoint(
     assert str(kept) in line
     model = torch.load(kept, map_location="cpu", weights_only=True)["model"]
     assert all(torch.isfinite(t).all() for t in model.values())
+
+
+def test_a_batch_larger_than_a_ranks_share_of_the_images_is_refused_before_the_model(sample_shards: Path,
+                                                                                     tmp_path: Path) -> None:
+    rc, service = run_service(sample_shards, tmp_path / "run", "--loader.batch_size", "100000", timeout=120)
+    assert rc == 2, service.stderr
+    assert service.stderr.strip() == (f"service: invalid settings for these shards: loader.batch_size 100000 is more "
+                                      f"than the 144 training images each of the 1 rank(s) gets per epoch from "
+                                      f"{sample_shards}: use at most 144")
+    assert "train: " not in service.stdout  # refused before the model and the loaders were built
+
+
+def test_a_crop_larger_than_the_shards_images_is_refused_naming_their_size(sample_src: Path, tmp_path: Path) -> None:
+    shards = tmp_path / "shards"
+    build(ShardConfig(src=sample_src, out=shards, size=232, shard_samples=50, workers=2).validate())
+    rc, service = run_service(shards, tmp_path / "run", "--loader.crop", "240", timeout=120)
+    assert rc == 2, service.stderr
+    assert service.stderr.strip() == (f"service: invalid settings for these shards: loader.crop 240 is larger than "
+                                      f"the 232x232 px images of {shards} (its manifest.json): use at most 232")
