@@ -7,6 +7,7 @@ type are rejected with a message that names the key and the source it came from.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import tomllib
@@ -106,6 +107,14 @@ def _path(value: str | Path, what: str, hint: str = " (use . for the working dir
     if isinstance(value, str) and not value.strip():
         raise ConfigError(f"{what} is empty: give a path{hint}")
     return Path(value)
+
+
+def path_arg(value: str) -> Path:
+    """An ``argparse`` ``type=`` for paths: an empty one is refused, as in settings (``_path``)."""
+    try:
+        return _path(value, "path")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _merge(cls: type[T], base: T, table: dict[str, Any], where: str, prefix: str = "", file: bool = False) -> T:

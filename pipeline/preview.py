@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from common.config import path_arg
 from pipeline import LoaderConfig, build_train_loader
 from pipeline.normalize import RawBatch
 
@@ -40,8 +41,8 @@ def grid(tiles: np.ndarray, cols: int, pad: int = 4) -> Image.Image:
 def main(argv: list[str] | None = None) -> Path:
     """Save ``--count`` augmented training images as a grid PNG."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shards", type=Path, required=True)
-    parser.add_argument("--out", type=Path, default=Path("preview.png"))
+    parser.add_argument("--shards", type=path_arg, required=True)
+    parser.add_argument("--out", type=path_arg, default=Path("preview.png"))
     parser.add_argument("--count", type=int, default=32)
     parser.add_argument("--cols", type=int, default=8)
     parser.add_argument("--sigma", type=float, default=0.1, help="PCA lighting sigma (try 1.0 to see it)")

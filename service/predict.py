@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.config import path_arg
 from model.train_step import view_averaged_probs
 from pipeline.config import LoaderConfig
 from pipeline.normalize import DeviceNormalizer
@@ -128,9 +129,11 @@ def _line(p: Prediction) -> str:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m service.predict", description=__doc__.split("\n\n")[0])
-    parser.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, ... anything make shards reads)")
-    parser.add_argument("--run", type=Path, required=True, help="a run directory (its newest checkpoint) or a checkpoint")
-    parser.add_argument("--shards", type=Path, help="the shards it was trained on (default: the path in its config)")
+    parser.add_argument("images", nargs="+", type=path_arg,
+                        help="image files (JPEG, PNG, ... anything make shards reads)")
+    parser.add_argument("--run", type=path_arg, required=True,
+                        help="a run directory (its newest checkpoint) or a checkpoint")
+    parser.add_argument("--shards", type=path_arg, help="the shards it was trained on (default: the path in its config)")
     parser.add_argument("--views", type=int, choices=(1, 10), default=10, help="10: the paper's views; 1: the centre")
     parser.add_argument("--top", type=int, default=5, help="classes to show per image")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")

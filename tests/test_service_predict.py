@@ -115,3 +115,12 @@ def test_other_shards_or_no_checkpoint_are_refused_in_one_line(trained: Path, sa
     run = predict("--run", empty, image)
     assert run.returncode == 2 and run.stderr == (f"predict: --run {empty}: no readable checkpoint-*.pt in it: "
                                                   "train first (python -m service --out ...) or name a checkpoint file\n")
+
+
+@pytest.mark.parametrize("args", [["image.jpg", "--run", ""], ["image.jpg", "--run", "run", "--shards="], [""]])
+def test_an_empty_path_is_refused_not_read_as_the_working_directory(args: list[str],
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    from service.predict import main
+    with pytest.raises(SystemExit) as info:
+        main(args + (["--run", "run"] if args == [""] else []))
+    assert info.value.code == 2 and "path is empty: give a path" in capsys.readouterr().err
