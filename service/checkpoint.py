@@ -12,7 +12,9 @@ Loading uses ``torch.load(weights_only=True)``: a checkpoint cannot run code.  E
 a CRC-32 of its contents, checked on load: ``torch.load`` alone returns tensors whose bytes were
 damaged without complaint.  A file that does not load (truncated, corrupt, not ours) is renamed
 ``*.corrupt`` once an older one has loaded; at most ``KEEP_CORRUPT`` of them are kept (a
-flapping disk must not fill the volume with 455 MB files).  When no checkpoint loads, nothing
+flapping disk must not fill the volume with 455 MB files).  A file that cannot be *opened or read*
+(permissions, an I/O error: ``OSError``) is not damaged and is never set aside: the run is refused
+naming it (exit 2), rather than silently rolled back to an older file.  When no checkpoint loads, nothing
 is renamed and the run is refused: starting over from step 0 must be asked for
 (``--fresh true``), never happen silently.  A checkpoint of another format *version* is not
 damaged: it is refused naming both versions, or upgraded where this code knows how.
@@ -132,6 +134,8 @@ def load(path: Path) -> dict[str, Any]:
     is not a usable one, ``OtherVersion`` if it is a sound file of a version this code cannot read."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise  # EACCES, EIO, EMFILE...: says nothing about the file's contents (see cannot_read)
     except Exception as exc:  # truncated zip, bad pickle, a forbidden global: all "unreadable"
         raise Unreadable(_load_error(exc)) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -150,8 +154,8 @@ def load(path: Path) -> dict[str, Any]:
 
 def scan(out: Path) -> tuple[tuple[Path, dict[str, Any]] | None, list[tuple[Path, str]]]:
     """The newest checkpoint that loads, and the (path, reason) of the unreadable newer ones.
-    Changes nothing on disk.  A file of another format version stops the search (exit 2): the
-    older files would silently lose its progress."""
+    Changes nothing on disk.  A file of another format version, or one that cannot be opened or
+    read, stops the search (exit 2): the older files would silently lose its progress."""
     unreadable = []
     for _, path in reversed(list_checkpoints(out)):
         try:
@@ -160,7 +164,17 @@ def scan(out: Path) -> tuple[tuple[Path, dict[str, Any]] | None, list[tuple[Path
             unreadable.append((path, str(exc)))
         except OtherVersion as exc:
             raise exc.refusal() from None
+        except OSError as exc:
+            raise cannot_read(path, exc) from None
     return None, unreadable
+
+
+def cannot_read(path: Path, exc: OSError) -> ServiceError:
+    """Exit 2 for a checkpoint that could not be opened or read.  It may well be sound: renaming it
+    ``*.corrupt`` and resuming an older one would silently throw its progress away."""
+    return ServiceError(EXIT_CONFIG, f"checkpoint {path} cannot be read ({exc.strerror or exc}) by uid {os.getuid()}; "
+                        "nothing was changed and no older checkpoint is used instead. Make it readable for that user "
+                        "(or repair the disk) and run the same command again")
 
 
 def newest_valid(out: Path, log: Callable[[str], None]) -> tuple[Path, dict[str, Any]] | None:

@@ -38,7 +38,7 @@ from pipeline.reference import decode
 from pipeline.stats import load_stats
 from pipeline.views import view_stack
 from service.build import alexnet
-from service.checkpoint import OtherVersion, Unreadable, load, scan
+from service.checkpoint import OtherVersion, Unreadable, cannot_read, load, scan
 from service.config import ModelSettings
 from service.errors import EXIT_CONFIG, ServiceError
 from service.state import data_fingerprint
@@ -99,6 +99,8 @@ def newest_checkpoint(run: Path) -> tuple[Path, dict]:
             raise ServiceError(EXIT_CONFIG, f"--run {run}: not a readable checkpoint: {exc}") from None
         except OtherVersion as exc:
             raise exc.refusal() from None
+        except OSError as exc:
+            raise cannot_read(run, exc) from None
     if not run.is_dir():
         raise ServiceError(EXIT_CONFIG, f"--run {run}: no such run directory or checkpoint file")
     found, unreadable = scan(run)

@@ -3,6 +3,8 @@ another format version, RNG states of devices this machine does not have, a pick
 run code, a full disk (a real tmpfs), and the bound on ``*.corrupt`` files."""
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +14,7 @@ import torch
 
 from service import checkpoint as ckpt
 from tests.mounts import tmpfs
-from tests.service_proc import Service, checkpoint_steps, run_service
+from tests.service_proc import ROOT, TINY, Service, checkpoint_steps, run_service
 from tests.test_service_failures import _copy_run, finished_run  # noqa: F401 (a fixture: checkpoints 2, 4, 6)
 
 
@@ -43,6 +45,37 @@ def test_every_checkpoint_unreadable_is_refused_unless_fresh(finished_run: Path,
         fresh.wait_for(r"new run ")
     finally:
         fresh.kill()
+
+
+# Root reads any file: these capabilities are what make a permission refuse it (setpriv drops them).
+NO_DAC = "-dac_override,-dac_read_search"
+
+
+@pytest.mark.slow
+def test_a_checkpoint_that_cannot_be_read_is_refused_not_set_aside(finished_run: Path, sample_shards: Path,
+                                                                   tmp_path: Path) -> None:
+    """A sound newest checkpoint the service may not read (another user's, mode 600) is no
+    damage: renaming it and resuming an older one would silently lose its progress."""
+    out = _copy_run(finished_run, tmp_path)
+    newest = ckpt.path_for(out, 6)
+    os.chmod(newest, 0o600)
+    launcher: list[str] = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("root reads any file; dropping that needs setpriv (util-linux)")
+        os.chown(newest, 65534, 65534)  # nobody's
+        launcher = ["setpriv", f"--bounding-set={NO_DAC}", f"--inh-caps={NO_DAC}"]
+    else:
+        os.chmod(newest, 0)
+    cmd = [*launcher, sys.executable, "-m", "service", "--shards", str(sample_shards), "--out", str(out), *TINY,
+           "--epochs", "1"]
+    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=180)
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"service: checkpoint {newest} cannot be read (Permission denied) by uid "), line
+    assert "nothing was changed" in line and "resuming" not in done.stdout
+    assert checkpoint_steps(out) == [2, 4, 6] and not list(out.glob("*.corrupt"))  # nothing set aside
 
 
 @pytest.mark.slow
