@@ -180,6 +180,7 @@ def run_service(cfg: TrainConfig) -> int:
     check_run_dir(cfg.out)
     try:
         ranks = Ranks.from_env()
+        ranks.http_port(cfg.http.port)  # in range for every rank here: each refuses before any joins
     except RankError as exc:
         raise ServiceError(EXIT_CONFIG, str(exc)) from None
     cfg = resolve(cfg, ranks)

@@ -52,15 +52,19 @@ class Ranks:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1  # the ranks on this machine (torchrun's LOCAL_WORLD_SIZE)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Ranks:
         """Read torchrun's variables (absent = a single process)."""
         env = os.environ if env is None else env
-        ranks = cls(_int_env(env, "RANK", 0), _int_env(env, "WORLD_SIZE", 1), _int_env(env, "LOCAL_RANK", 0))
-        if ranks.world_size < 1 or not 0 <= ranks.rank < ranks.world_size or ranks.local_rank < 0:
+        local_rank = _int_env(env, "LOCAL_RANK", 0)
+        ranks = cls(_int_env(env, "RANK", 0), _int_env(env, "WORLD_SIZE", 1), local_rank,
+                    _int_env(env, "LOCAL_WORLD_SIZE", local_rank + 1))
+        if (ranks.world_size < 1 or not 0 <= ranks.rank < ranks.world_size
+                or not 0 <= ranks.local_rank < ranks.local_world_size):
             raise RankError(f"RANK={ranks.rank} WORLD_SIZE={ranks.world_size} LOCAL_RANK={ranks.local_rank} "
-                            "is not a valid torchrun environment")
+                            f"LOCAL_WORLD_SIZE={ranks.local_world_size} is not a valid torchrun environment")
         return ranks
 
     def core_peers(self) -> tuple[int, int]:
@@ -110,7 +114,14 @@ class Ranks:
             dist.barrier(group=_CONTROL[0])
 
     def http_port(self, base: int) -> int:
-        """Base port + LOCAL_RANK (0 stays 0: any free port)."""
+        """Base port + LOCAL_RANK (0 stays 0: any free port).  ``RankError`` when the last rank
+        on this machine would get a port past 65535: every rank says so alike, before joining
+        (socket's bind raised ``OverflowError``, a traceback, on that rank alone)."""
+        last = base + self.local_world_size - 1
+        if base and last > 65535:
+            raise RankError(f"http.port {base}: each of the {self.local_world_size} ranks on this machine serves on "
+                            f"http.port + its LOCAL_RANK, up to {last}, past the last port 65535: choose --http.port "
+                            f"{65536 - self.local_world_size} or lower (or 0: any free ports)")
         return base + self.local_rank if base else 0
 
     def device(self, name: str) -> torch.device:

@@ -174,3 +174,21 @@ def test_a_diverging_run_stops_every_rank_at_the_same_step_with_exit_6(sample_sh
     for path in out.glob("checkpoint-*.pt"):
         model = torch.load(path, map_location="cpu", weights_only=True)["model"]
         assert all(torch.isfinite(t).all() for t in model.values()), path
+
+
+def test_a_base_port_past_the_last_ranks_range_is_one_line_on_every_rank(sample_shards: Path, tmp_path: Path) -> None:
+    """--http.port 65535 on two ranks: rank 1 would need port 65536.  Every rank refuses alike
+    before joining (not an OverflowError traceback from rank 1's bind, and rank 0 left waiting)."""
+    exit_file = tmp_path / "exit-code"
+    service = Service(sample_shards, tmp_path / "run", "--http.port", "65535", launcher=TORCHRUN_2,
+                      env={"ALEXNET_EXIT_FILE": str(exit_file)})
+    try:
+        service.wait(timeout=120)
+    finally:
+        service.kill()
+    ranks_said = [line for line in service.errors if line.startswith("service: ")]
+    assert ranks_said == ["service: http.port 65535: each of the 2 ranks on this machine serves on http.port + its "
+                          "LOCAL_RANK, up to 65536, past the last port 65535: choose --http.port 65534 or lower "
+                          "(or 0: any free ports)"] * 2, service.stderr
+    assert "OverflowError" not in service.stderr and "[rank" not in service.stderr
+    assert exit_file.read_text() == "2\n"

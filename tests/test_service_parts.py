@@ -98,6 +98,18 @@ def test_ranks_from_the_torchrun_environment() -> None:
     assert Ranks().core_peers() == (0, 1)  # one process: it shares its cores with nobody
 
 
+def test_every_local_rank_refuses_a_base_port_its_last_rank_cannot_have() -> None:
+    """65535 on two ranks: rank 1 would need 65536; rank 0 refuses too, so no rank joins alone."""
+    for local_rank in (0, 1):
+        ranks = Ranks.from_env({"RANK": str(local_rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(local_rank),
+                                "LOCAL_WORLD_SIZE": "2"})
+        with pytest.raises(RankError, match=r"http.port 65535: each of the 2 ranks .* up to 65536, .* "
+                                            r"choose --http.port 65534 or lower"):
+            ranks.http_port(65535)
+        assert ranks.http_port(65534) == 65534 + local_rank and ranks.http_port(0) == 0
+    assert Ranks().http_port(65535) == 65535
+
+
 def test_each_rank_sharing_cores_gets_its_own_contiguous_part() -> None:
     cores = set(range(4, 20))  # 16 cores, say a container's cpuset 4-19
     assert [core_share(cores, i, 4) for i in range(4)] == [set(range(4, 8)), set(range(8, 12)),
