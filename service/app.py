@@ -1,8 +1,9 @@
 """``python -m service [--config FILE] [--section.key value ...]``: the training service.
 
 Start-up order matters for the user: settings are checked first (exit 2 naming the key), then
-that the run directory can be written (exit 5 naming it), the signal handlers are installed and
-the HTTP port is bound next (a taken port is exit 3 at once), then the shards are checked (exit 1
+that the run directory can be written (exit 5 naming it), the signal handlers are installed, the
+run directory is locked (another service's: exit 5 naming it, ``service.rundir_lock``) and the
+HTTP port is bound next (a taken port is exit 3 at once), then the shards are checked (exit 1
 naming the shard), the model and loaders are built, and the newest valid checkpoint in the run
 directory is resumed.  Then the loop runs until all epochs are done or a SIGTERM/SIGINT/SIGHUP stops it
 after a checkpoint (exit 0 either way), or the training diverges (exit 6, ``service.divergence``).
@@ -27,6 +28,7 @@ from service.dist import RankError, Ranks
 from service.errors import EXIT_CONFIG, EXIT_OK, EXIT_RUNDIR, DataError, ServiceError, record_exit
 from service.loop import Trainer
 from service.metrics import ServiceMetrics, build_labels
+from service.rundir_lock import RunDirLock
 from service.runlog import RunLog
 from service.server import HttpEndpoint
 from service.shard_check import ShardCheck
@@ -186,14 +188,17 @@ def run_service(cfg: TrainConfig) -> int:
     cfg = resolve(cfg, ranks)
     apply_cuda_sync(cfg)  # before anything creates a CUDA context
     stop = StopFlag().install()  # before joining: torchrun may signal while the ranks meet
-    allowed = None
+    allowed, lock = None, None
     try:
+        lock = RunDirLock(cfg.out, ranks.rank)  # before joining: a second job refuses, never waits for peers
         ranks.start(torch.device(cfg.device))
         cfg, allowed = share_cores(cfg, *ranks.core_peers())
         return _serve(cfg, ranks, stop)
     finally:  # joining or the endpoint may fail too: an in-process caller gets its state back
         stop.uninstall()
         ranks.close()
+        if lock is not None:
+            lock.close()
         if allowed is not None:
             os.sched_setaffinity(0, allowed)
 

@@ -14,7 +14,7 @@ import torch
 
 from shards.build import build
 from shards.config import ShardConfig
-from tests.service_proc import Service, checkpoint_steps, run_service
+from tests.service_proc import TORCHRUN_2, Service, checkpoint_steps, run_service
 
 
 @pytest.fixture(scope="module")
@@ -176,3 +176,56 @@ def test_a_crop_larger_than_the_shards_images_is_refused_naming_their_size(sampl
     assert rc == 2, service.stderr
     assert service.stderr.strip() == (f"service: invalid settings for these shards: loader.crop 240 is larger than "
                                       f"the 232x232 px images of {shards} (its manifest.json): use at most 232")
+
+
+def _in_use(out: Path, pid: int, rank: int = 0) -> str:
+    return (f"service: run directory {out} is in use by another service (pid {pid} on {socket.gethostname()}, "
+            f"rank {rank}): two runs in one directory overwrite each other's checkpoints. Stop that one first, or "
+            "choose another directory with --out")
+
+
+@pytest.mark.slow
+def test_a_second_service_on_a_run_directory_in_use_is_refused_and_a_kill_frees_it(sample_shards: Path,
+                                                                                   tmp_path: Path) -> None:
+    """Two services on one --out overwrote each other's checkpoints, and the second one's start
+    deleted the first one's checkpoint in flight.  The lock dies with its process (kill -9)."""
+    out = tmp_path / "run"
+    first = Service(sample_shards, out, "--epochs", "50")
+    try:
+        first.wait_for(r"epoch 1 step 1/6")
+        in_flight = out / f".checkpoint-000000099.pt.{first.proc.pid}.tmp"
+        in_flight.write_bytes(b"the first service is writing this")
+        rc, second = run_service(sample_shards, out, "--epochs", "1", timeout=120)
+        assert rc == 5 and second.stdout == "", second.stderr
+        assert second.stderr.strip() == _in_use(out, first.proc.pid)
+        assert in_flight.exists() and first.proc.poll() is None  # nothing of the first one's touched
+    finally:
+        first.kill()  # SIGKILL: no handler runs, the kernel drops the lock
+    again = Service(sample_shards, out, "--epochs", "1")
+    try:
+        again.wait_for(r"new run |resuming run ")
+        assert not in_flight.exists()  # now a stale temporary file, removed
+    finally:
+        again.kill()
+
+
+@pytest.mark.slow
+def test_a_second_torchrun_job_on_a_run_directory_in_use_fails_at_once(sample_shards: Path, tmp_path: Path) -> None:
+    """The ranks of one job share the directory (a lock per rank); a second job's ranks each find
+    theirs held and refuse before joining: no rank is left waiting for a peer."""
+    out, exit_file = tmp_path / "run", tmp_path / "exit-code"
+    first = Service(sample_shards, out, "--epochs", "50", launcher=TORCHRUN_2)
+    try:
+        first.wait_for(r"epoch 1 step 1/3")
+        second = Service(sample_shards, out, "--epochs", "1", launcher=TORCHRUN_2,
+                         env={"ALEXNET_EXIT_FILE": str(exit_file)})
+        try:
+            second.wait(timeout=120)
+        finally:
+            second.kill()
+        refusal = f"service: run directory {out} is in use by another service (pid "
+        said = [line for line in second.errors if line.startswith(refusal)]
+        assert sorted(line.split("rank ")[1][0] for line in said) == ["0", "1"], second.stderr
+        assert exit_file.read_text() == "5\n" and first.proc.poll() is None
+    finally:
+        first.kill()
