@@ -245,8 +245,13 @@ def tensor_bytes(payload: dict[str, Any]) -> int:
     return sum(t.nelement() * t.element_size() for t in tensors)
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e6:,.0f} MB" if n >= 1e6 else f"{n:,} bytes"
+
+
 def write_failure(exc: BaseException, path: Path, needed: int) -> str:
-    """The user's line for a failed write of ``path`` (``needed`` bytes).  A full disk is named
+    """The user's line for a failed write of ``path`` (``needed`` bytes) in the run directory: a
+    checkpoint, or a log file (``service.runlog``), which fails the same way.  A full disk is named
     as such: torch's zip writer reports it as ``RuntimeError: [enforce fail at
     inline_container.cc:...] unexpected pos``, which says nothing to a person."""
     out = path.parent
@@ -259,8 +264,8 @@ def write_failure(exc: BaseException, path: Path, needed: int) -> str:
     intact = (f"the older checkpoints are intact ({', '.join(older)}): the run resumes from {older[-1]}"
               if older else "there is no older checkpoint")
     if full:
-        return (f"the disk is full: {path.name} needs about {needed / 1e6:,.0f} MB, {(free or 0) / 1e6:,.0f} MB "
-                f"are free; {intact}. Free some space (or move the run directory) and run the same command again")
+        return (f"the disk is full: {path.name} needs about {_size(needed)}, {_size(free or 0)} are free; {intact}. "
+                "Free some space (or move the run directory) and run the same command again")
     return f"{type(exc).__name__}: {exc}; {intact}"
 
 

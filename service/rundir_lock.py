@@ -42,8 +42,11 @@ class RunDirLock:
             raise ServiceError(EXIT_RUNDIR, f"run directory {out} is in use by another service{holder}: two runs in "
                                             "one directory overwrite each other's checkpoints. Stop that one first, "
                                             "or choose another directory with --out") from None
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        try:  # for the message a second service prints; the lock holds without it (a full disk)
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        except OSError:
+            pass
 
     def _holder(self) -> str:
         """`` (pid N on HOST, rank r)`` as the holder wrote it; empty if it has not yet."""

@@ -10,6 +10,10 @@
 
 Only rank 0 writes the history and the curve; every rank writes its own JSON log
 (``log.rank<r>.jsonl`` for rank r > 0).
+
+A log or JSON file that cannot be written (a full disk, an I/O error) stops the run as a failed
+checkpoint write does: exit 4 and one line saying so (``service.checkpoint.write_failure``), not
+an ``OSError`` traceback.  The checkpoints on disk are intact and the run resumes from them.
 """
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from service.checkpoint import write_failure
+from service.errors import EXIT_CHECKPOINT, ServiceError
 from service.plot import plot_history
 
 
@@ -70,6 +76,7 @@ class RunLog:
         self.jsonl_path = out / f"log{suffix}.jsonl"
         self._jsonl = None
         self._lock = threading.Lock()  # the checkpoint writer thread logs too
+        self._failure: ServiceError | None = None  # a failed JSON log write, for the main thread to raise
 
     def open(self) -> RunLog:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -85,18 +92,37 @@ class RunLog:
         _emit(line, 2)
 
     def event(self, kind: str, **fields: Any) -> None:
-        """One JSON line: {"time": unix seconds, "event": kind, ...fields}."""
+        """One JSON line: {"time": unix seconds, "event": kind, ...fields}.  A write that fails is
+        raised in the main thread, now or at its next event or ``close``: other threads log too
+        (the checkpoint writer, the shard check), and an exception would only end their thread."""
         record = {"time": round(time.time(), 3), "event": kind, **fields}
+        line = json.dumps(record, default=str) + "\n"
         with self._lock:
             if self._jsonl is not None:
-                self._jsonl.write(json.dumps(record, default=str) + "\n")
+                try:
+                    self._jsonl.write(line)
+                except OSError as exc:
+                    self._abandon()
+                    self._failure = _failed(exc, self.jsonl_path, len(line))
+        self._raise_failure()
+
+    def _raise_failure(self) -> None:
+        """The failed write, once, if this is the main thread (later events are not written)."""
+        if self._failure is not None and threading.current_thread() is threading.main_thread():
+            failure, self._failure = self._failure, None
+            raise failure
 
     def write_json(self, name: str, value: Any) -> Path:
         """``out/name`` replaced atomically (readers never see half a file)."""
         path = self.out / name
         tmp = path.with_name(f".{name}.tmp")
-        tmp.write_text(json.dumps(value, indent=1, default=str) + "\n")
-        tmp.replace(path)
+        text = json.dumps(value, indent=1, default=str) + "\n"
+        try:
+            tmp.write_text(text)
+            tmp.replace(path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise _failed(exc, path, len(text)) from None
         return path
 
     def history(self, records: list[dict[str, Any]], chance: float) -> Path:
@@ -115,8 +141,26 @@ class RunLog:
                           "has the numbers")
         return curve
 
+    def _abandon(self) -> None:
+        """Drop the JSON log after a failed write: its unwritten buffer would fail every later
+        write and the final flush again, and one failure is all there is to say."""
+        try:
+            self._jsonl.close()
+        except OSError:
+            pass
+        self._jsonl = None
+
     def close(self) -> None:
         with self._lock:
             if self._jsonl is not None:
-                self._jsonl.close()
+                try:
+                    self._jsonl.close()
+                except OSError as exc:
+                    self._failure = self._failure or _failed(exc, self.jsonl_path, 0)
                 self._jsonl = None
+        self._raise_failure()
+
+
+def _failed(exc: OSError, path: Path, needed: int) -> ServiceError:
+    """Exit 4, said as a failed checkpoint write is: the same owner of the message."""
+    return ServiceError(EXIT_CHECKPOINT, f"writing {path} failed: {write_failure(exc, path, needed)}")

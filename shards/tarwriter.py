@@ -144,10 +144,15 @@ def _write_synced(path: Path, data: bytes) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a fsynced temp file in the same directory, then rename."""
+    """Write ``data`` to ``path`` via a fsynced temp file in the same directory, then rename.
+    A write that fails (a full disk) leaves no temp file behind."""
     tmp = path.with_name(f".{path.name}.tmp")
-    _write_synced(tmp, data)
-    os.replace(tmp, path)
+    try:
+        _write_synced(tmp, data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:

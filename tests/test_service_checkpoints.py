@@ -4,6 +4,7 @@ run code, a full disk (a real tmpfs), and the bound on ``*.corrupt`` files."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -180,3 +181,45 @@ def test_a_full_disk_says_so_and_keeps_the_older_checkpoints(small_disk: Path, s
     assert "inline_container" not in service.stderr
     assert checkpoint_steps(out) == [2] and ckpt.load(ckpt.path_for(out, 2))["progress"]["step"] == 2
     assert not list(out.glob(".checkpoint-*.tmp"))
+
+
+def _fill(disk: Path) -> None:
+    """Write a file until the disk is full (ENOSPC)."""
+    with open(disk / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(bytes(1 << 16))
+        except OSError:
+            pass
+        with pytest.raises(OSError):
+            f.write(bytes(4096))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["start", "training"])
+def test_a_full_disk_under_the_logs_says_so_as_for_a_checkpoint(when: str, sample_shards: Path, tmp_path: Path) -> None:
+    """A full disk hit by a log write (at start, or log.jsonl while training) was an OSError
+    traceback and exit 1; now it is said as a checkpoint write on a full disk is (exit 4)."""
+    with tmpfs(tmp_path / "disk", "size=4m") as disk:
+        out = disk / "run"
+        out.mkdir()
+        if when == "start":
+            _fill(disk)
+        # batch 8: 18 steps per epoch, so the train events after the fill need a new page of the
+        # log before the epoch's end (about 270 bytes each; tmpfs allocates 4 kB pages)
+        service = Service(sample_shards, out, "--epochs", "50", "--loader.batch_size", "8")
+        try:
+            if when == "training":
+                service.wait_for(r"epoch 1 step 1/18")
+                _fill(disk)
+            rc = service.wait(timeout=240)
+        finally:
+            service.kill()
+        assert rc == 4 and "Traceback" not in service.stderr, service.stderr
+        (line,) = [line for line in service.stderr.splitlines() if line.startswith("service: writing ")]
+        # at start the shard check's thread may log before config.json is written: either is named
+        named = r"(config\.json|log\.jsonl)" if when == "start" else r"(log\.jsonl)"
+        assert re.match(rf"service: writing {re.escape(str(out))}/{named} failed: the disk is full: \1 needs about ",
+                        line), line
+        assert "bytes are free; there is no older checkpoint. Free some space" in line
+        assert not list(out.glob(".*.tmp"))
