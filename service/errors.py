@@ -9,9 +9,10 @@ its code, never with a traceback.  Process supervisors (Docker, torchrun, system
     1  a data error: missing, truncated or undecodable shard (the message names it)
     2  a setting is invalid, or does not match the run directory's checkpoints
     3  the HTTP port cannot be served (in use, or not allowed)
-    4  a checkpoint could not be written (disk full, permissions)
-    5  the run directory cannot be created or written (read-only, not this user's): checked at
-       start, before anything slow, so it fails in a second rather than after building the loaders
+    4  a checkpoint (or a log file) could not be written (disk full, permissions)
+    5  the run directory cannot be created or written (read-only, not this user's), or another
+       service runs in it (``service.rundir_lock``): checked at start, before anything slow, so it
+       fails in a second rather than after building the loaders
     6  training diverged: a non-finite loss or weight (too high a learning rate); the run stops
        before checkpointing it, so the newest checkpoint is the last good state (service.divergence)
     143 / 130  SIGTERM / SIGINT again, a second or more after the first stop signal: immediate exit,
