@@ -203,12 +203,30 @@ def run_service(cfg: TrainConfig) -> int:
             os.sched_setaffinity(0, allowed)
 
 
+def serve_http(cfg: TrainConfig, ranks: Ranks, metrics: ServiceMetrics, board: StatusBoard) -> HttpEndpoint:
+    """This rank's endpoint, or every rank stops with the first failure (a taken port: exit 3).
+    Each rank binds its own port after joining; when one could not, the others used to run on
+    into their next collective and die of its departure (a gloo traceback on rank 0)."""
+    endpoint, error = None, None
+    try:
+        endpoint = HttpEndpoint(cfg.http.host, ranks.http_port(cfg.http.port), metrics.registry, board)
+    except ServiceError as exc:
+        error = (exc.code, str(exc))
+    failed = [(rank, e) for rank, e in enumerate(ranks.gather(error)) if e is not None]
+    if failed:
+        if endpoint is not None:
+            endpoint.close()
+        rank, (code, message) = failed[0] if error is None else (ranks.rank, error)
+        raise ServiceError(code, message if rank == ranks.rank else f"rank {rank}: {message}")
+    return endpoint.start()
+
+
 def _serve(cfg: TrainConfig, ranks: Ranks, stop: StopFlag) -> int:
     """The metrics endpoint, the run log and the trainer, for the joined ranks."""
     metrics = ServiceMetrics(build_labels(",".join(cfg.model.devices) or cfg.device, cfg.model.layout,
                                           ranks.world_size))
     board = StatusBoard(cfg.http.stall_seconds, phase="starting", last_checkpoint=None, last_evaluation=None)
-    endpoint = HttpEndpoint(cfg.http.host, ranks.http_port(cfg.http.port), metrics.registry, board).start()
+    endpoint = serve_http(cfg, ranks, metrics, board)
     log = RunLog(cfg.out, ranks.suffix(), console=ranks.is_main)  # one console voice: rank 0's
     trainer = None
     try:

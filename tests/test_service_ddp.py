@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -192,3 +193,24 @@ def test_a_base_port_past_the_last_ranks_range_is_one_line_on_every_rank(sample_
                           "(or 0: any free ports)"] * 2, service.stderr
     assert "OverflowError" not in service.stderr and "[rank" not in service.stderr
     assert exit_file.read_text() == "2\n"
+
+
+def test_a_taken_port_of_one_rank_stops_every_rank_with_one_line(sample_shards: Path, tmp_path: Path) -> None:
+    """Rank 1's port (base + 1) is taken: rank 1 says so, and rank 0 says which rank failed and
+    why instead of dying of its departure in the next collective (a gloo traceback)."""
+    exit_file, port = tmp_path / "exit-code", free_port(2)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port + 1))
+        taken.listen()
+        service = Service(sample_shards, tmp_path / "run", "--http.port", str(port), launcher=TORCHRUN_2,
+                          env={"ALEXNET_EXIT_FILE": str(exit_file)})
+        try:
+            service.wait(timeout=120)
+        finally:
+            service.kill()
+    in_use = (f"port {port + 1} on 127.0.0.1 is already in use (another run or exporter?): stop it or choose another "
+              "port with --http.port N (make demo / train-local: PORT=N)")
+    said = sorted(line for line in service.errors if line.startswith("service: "))
+    assert said == sorted([f"service: {in_use}", f"service: rank 1: {in_use}"]), service.stderr  # rank 1, rank 0
+    assert "RuntimeError" not in service.stderr and "Connection closed" not in service.stderr
+    assert exit_file.read_text() == "3\n"
