@@ -257,6 +257,7 @@ def main(argv: list[str]) -> int:
     try:
         return run_service(parse(argv))
     except ServiceError as exc:
-        print(f"service: {exc}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"service: {exc}\n")  # one write: the ranks of a torchrun job share stderr,
+        sys.stderr.flush()  # and print's text and newline, two writes, interleaved their lines
         record_exit(exc.code)
         return exc.code

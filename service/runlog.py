@@ -56,7 +56,9 @@ def _emit(line: str, fd: int) -> None:
     if fd in _GONE:
         return
     try:
-        print(line, file=sys.stdout if fd == 1 else sys.stderr, flush=True)
+        stream = sys.stdout if fd == 1 else sys.stderr
+        stream.write(line + "\n")  # one write (not print's two): the ranks of a job share the console
+        stream.flush()
         return
     except OSError:
         devnull = os.open(os.devnull, os.O_WRONLY)
