@@ -10,6 +10,7 @@ after a checkpoint (exit 0 either way), or the training diverges (exit 6, ``serv
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
@@ -55,12 +56,14 @@ def parse(argv: list[str]) -> TrainConfig:
     return cfg
 
 
-def check_run_dir(out: Path) -> None:
-    """Create the run directory and write a file in it, or fail in one line (exit 5).
+def check_run_dir(out: Path) -> bool:
+    """Create the run directory and write a file in it, or fail in one line (exit 5); returns
+    whether this call created it.
 
     Before anything slow: otherwise a read-only or foreign directory surfaces as an OSError
     traceback from the first log write, after the port, the shards and the loaders.
     """
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):
@@ -69,6 +72,7 @@ def check_run_dir(out: Path) -> None:
         raise ServiceError(EXIT_RUNDIR, f"run directory {out} cannot be written ({exc.strerror or exc}) by uid "
                                         f"{os.getuid()}: make it writable for that user, or choose another "
                                         "directory with --out") from None
+    return created
 
 
 def clear_run(log: RunLog) -> None:
@@ -173,13 +177,17 @@ def finish(trainer: Trainer, finished: bool, log: RunLog) -> int:
 def run_service(cfg: TrainConfig) -> int:
     """Run a validated config to the end (or to a requested stop); returns the exit code.
 
-    A ``--shards`` that is no shard directory at all (a typo, the images themselves) is said
-    before the run directory, the port or the ranks are touched: nothing is left behind."""
+    The run directory is checked first; a ``--shards`` that is no shard directory at all (a
+    typo, the images themselves) next, before the port, the ranks or a log: a run directory this
+    start created is removed again (still empty), so nothing is left behind."""
+    created = check_run_dir(cfg.out)
     try:
         contract.load(cfg.shards, splits=())
     except contract.ManifestError as exc:
+        if created:
+            with contextlib.suppress(OSError):
+                cfg.out.rmdir()
         raise DataError(str(exc)) from None
-    check_run_dir(cfg.out)
     try:
         ranks = Ranks.from_env()
         ranks.http_port(cfg.http.port)  # in range for every rank here: each refuses before any joins

@@ -99,8 +99,9 @@ def test_statistics_it_cannot_use_are_one_line_and_exit_1(how: str, shards: Path
 def test_shards_that_are_no_shard_directory_are_one_line_and_nothing_is_created(
         given: str, sample_src: Path, tmp_path: Path) -> None:
     """The images themselves get the command that shards them into another directory (before: the
-    hint to write shards into the image folder); and the line comes before anything is created or
-    printed (before: the metrics URLs, the run directory line and an empty log.jsonl came first)."""
+    hint to write shards into the image folder); and the line comes before anything is printed or
+    left behind (before: the metrics URLs, the run directory line and an empty log.jsonl came first;
+    the run directory, checked first, is removed again when this start created it)."""
     path = {"the images": sample_src, "a file": ROOT / "README.md", "a missing directory": tmp_path / "nope"}[given]
     run = tmp_path / "run"
     line = one_line(service("--shards", str(path), "--out", str(run)), EXIT_DATA)
