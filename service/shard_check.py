@@ -19,10 +19,8 @@ SIGHUP) during ``before``'s check ends it within a block of each hash (torchrun'
 a shard on slow storage can take longer): exit 0 before anything was trained, one line saying so
 (``StoppedAtStart``), the shards checked so far remembered and the rest checked at the next start.
 
-Remembered: ``<out>/shard-checks.json`` keeps each result under the tar's path with its size,
-mtime_ns, ctime_ns, inode and the manifest's sha256, so a restart hashes only the shards whose
-file changed (a rewrite or a copy changes the ctime even where the mtime is put back).  Bit rot
-under an untouched inode is not seen after the first check; delete the file to check again.
+Remembered: ``<out>/shard-checks.json`` (``service.shard_memory``), so that a restart hashes
+only the shards whose file changed.
 
 What then (``data.on_corrupt``): ``stop`` (default) exits 1 naming the shard and the damaged
 sample(s) and, when the background pass found it after training began, which steps may have
@@ -36,7 +34,6 @@ gather); a mismatch found later by the background pass stops rank 0 and torchrun
 """
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -52,10 +49,8 @@ from service.metrics import ServiceMetrics
 from service.runlog import RunLog
 from service.signals import StopFlag
 from shards.manifest import CORRUPT, INDEX, Manifest, Shard, shard_problem
-from shards.tarwriter import HashStopped, atomic_write_text
-
-CACHE = "shard-checks.json"
-FORMAT = "alexnet2012-shard-checks"
+from service.shard_memory import CheckMemory, file_key
+from shards.tarwriter import HashStopped
 
 
 @dataclass(frozen=True)
@@ -70,12 +65,6 @@ class Finding:
 
 def _size(nbytes: int) -> str:
     return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
-
-
-def _key(shard: Shard) -> dict[str, int | str]:
-    st = shard.tar.stat()
-    return {"sha256": shard.sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
-            "inode": st.st_ino}
 
 
 def reading_order(shards: tuple[Shard, ...], ranks: int) -> list[int]:
@@ -107,15 +96,12 @@ class ShardCheck:
                  metrics: ServiceMetrics, stop: StopFlag | None = None) -> None:
         self.settings, self.manifest, self.ranks, self.log, self.metrics = cfg.data, manifest, ranks, log, metrics
         self.stop = stop  # a stop request ends the check before training (the loop handles it after)
-        self.path = cfg.out / CACHE
-        self._cache = self._read() if ranks.is_main else {}
+        self.memory = CheckMemory(cfg.out, manifest, log.warn, read=ranks.is_main)
         self._todo: list[tuple[str, Shard]] = []
         self._found: list[Finding] = []  # by the background thread, read by the loop
         self._halt = threading.Event()
         self._thread: threading.Thread | None = None
         self._start_step = 0
-        self._lock = threading.Lock()  # the file is written from the hashing threads
-        self._write_failed = False
 
     # -- at start ------------------------------------------------------------------------------
 
@@ -144,7 +130,7 @@ class ShardCheck:
         for split, shard in self._shards():
             problem = shard_problem(shard, deep=False)
             if problem is None:
-                known, problem = self._cached(shard)
+                known, problem = self.memory.cached(shard)
                 if not known:
                     todo.append((split, shard))
                     continue
@@ -158,7 +144,7 @@ class ShardCheck:
             findings += hashed
             todo = []
         self._todo = todo
-        self.log.say(f"shards: {cached} checked before ({self.path.name}), {len(findings)} bad, {len(todo)} "
+        self.log.say(f"shards: {cached} checked before ({self.memory.path.name}), {len(findings)} bad, {len(todo)} "
                      + (f"({_size(sum(s.bytes for _, s in todo))}) to check in the background" if todo
                         else "left to check"))
         return findings
@@ -230,12 +216,12 @@ class ShardCheck:
 
     def _check(self, shard: Shard, stop: Callable[[], bool]) -> str | None | type[HashStopped]:
         """The shard's problem (remembered), or ``HashStopped`` once ``stop()``: nothing remembered."""
-        key = _key(shard)
+        key = file_key(shard)
         try:
             problem = shard_problem(shard, stop=stop)
         except HashStopped:
             return HashStopped
-        self._remember(shard, key, problem)
+        self.memory.remember(shard, key, problem)
         return problem
 
     def _stop_requested(self) -> bool:
@@ -248,7 +234,7 @@ class ShardCheck:
         self.log.event("shard_check_interrupted", reason=why, shards=done, of=total)
         return (f"stopped ({why}) during the shard check before training (data.verify before), after {done} of "
                 f"{total} shard(s): nothing was trained or checkpointed; the check runs again at the next start "
-                f"(the {done} checked are remembered in {self.path})")
+                f"(the {done} checked are remembered in {self.memory.path})")
 
     def _finding(self, split: str, shard: Shard, problem: str) -> Finding:
         samples = f"; {damaged_samples(shard.tar, self.manifest.num_classes)}" if problem == CORRUPT else ""
@@ -256,7 +242,7 @@ class ShardCheck:
 
     def _consumed(self, finding: Finding, step: int) -> str:
         """What may have used the shard, as exactly as the loop knows it."""
-        s0, entry = self._start_step, self._cache.get(str(finding.shard.tar), {})
+        s0, entry = self._start_step, self.memory.entry(finding.shard)
         if finding.split == "val":
             now = "the evaluations of this start may have read it (validation data: no step trained on it)"
         elif step > s0:
@@ -282,40 +268,3 @@ class ShardCheck:
         self.log.say(f"shards: {count} checked against the manifest, {f'{bad} bad' if bad else 'all intact'} "
                      f"({_size(total)} in {seconds:.2g} s, {total / 1e9 / max(seconds, 1e-9):.2f} GB/s)")
         self.log.event("shard_check", shards=count, bad=bad, bytes=total, seconds=round(seconds, 3))
-
-    # -- the file ------------------------------------------------------------------------------
-
-    def _read(self) -> dict[str, dict]:
-        try:
-            record = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}  # none yet, or unreadable: everything is checked again
-        return record.get("shards", {}) if record.get("format") == FORMAT else {}
-
-    def _cached(self, shard: Shard) -> tuple[bool, str | None]:
-        """(known, problem) from an earlier check of this very file."""
-        entry = self._cache.get(str(shard.tar))
-        key = _key(shard)
-        if entry is None or any(entry.get(k) != v for k, v in key.items()):
-            return False, None
-        return True, entry.get("problem")
-
-    def _remember(self, shard: Shard, key: dict, problem: str | None) -> None:
-        now = time.time()
-        listed = {str(s.tar) for split in self.manifest.splits.values() for s in split.shards}
-        with self._lock:
-            old = self._cache.get(str(shard.tar), {})
-            ok_at = now if problem is None else (old.get("ok_at") if old.get("sha256") == shard.sha256 else None)
-            self._cache[str(shard.tar)] = {**key, "problem": problem, "checked_at": now, "ok_at": ok_at}
-            record = {"format": FORMAT, "version": 1, "manifest": str(self.manifest.root / "manifest.json"),
-                      "shards": {k: v for k, v in self._cache.items() if k in listed}}
-            self._write(record)
-
-    def _write(self, record: dict) -> None:
-        try:
-            atomic_write_text(self.path, json.dumps(record, indent=1) + "\n")
-        except OSError as exc:
-            if not self._write_failed:
-                self._write_failed = True
-                self.log.warn(f"service: cannot write {self.path} ({exc.strerror or exc}): shard checks are not "
-                              "remembered, a restart checks the shards again")
