@@ -102,4 +102,14 @@ while :; do
     child=$!
     wait_child
     [ -z "$stopping" ] || exit "$crash"
+    # A restart resumes from the newest checkpoint: a --fresh of the first start (a config file
+    # cannot set it) would wipe the run again at every crash.  The loop's words are expanded
+    # before it runs, so rebuilding "$@" inside it is safe.
+    skip="" first=1
+    for arg in "$@"; do
+        [ "$first" = 1 ] && { set --; first=""; }
+        if [ -n "$skip" ]; then skip=""; continue; fi
+        case $arg in --fresh) skip=1; continue ;; --fresh=*) continue ;; esac
+        set -- "$@" "$arg"
+    done
 done

@@ -65,6 +65,17 @@ def test_a_crash_is_restarted_and_a_clean_exit_is_not(tmp_path: Path) -> None:
     assert "crashed (exit 139)" in result.stderr and len(result.stderr.splitlines()) == 1
 
 
+def test_a_restart_resumes_without_the_first_starts_fresh(tmp_path: Path) -> None:
+    """``--fresh true`` wipes the run once, at the first start; a crash restart resumes (before:
+    the same command line wiped the run at every restart)."""
+    body = '[ "$(wc -l < "$RUNS")" -lt 3 ] && { echo {name} "$@"; exit 139; }\necho {name} "$@"\nexit 0\n'
+    result = entrypoint(tmp_path, body, args=("--fresh", "true", "--epochs", "2", "--fresh=true"))
+    assert result.returncode == 0 and launches(tmp_path) == 3, result.stderr
+    first, *restarts = result.stdout.splitlines()
+    assert first.endswith("--fresh true --epochs 2 --fresh=true")
+    assert restarts == ["python -m service --http.host 127.0.0.1 --http.port 9431 --epochs 2"] * 2
+
+
 def test_crashes_in_a_row_give_up(tmp_path: Path) -> None:
     result = entrypoint(tmp_path, "exit 1\n", RESTARTS="2")  # a traceback's exit code, nothing recorded
     assert result.returncode == 1 and launches(tmp_path) == 3
