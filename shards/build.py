@@ -156,7 +156,7 @@ def _same_build(cfg: ShardConfig, inventory: Inventory, m: contract.Manifest) ->
     number of training images."""
     for split in contract.SPLITS:
         sources = ordered(inventory, split, cfg.seed)
-        entries = Journal(cfg.out / split, fingerprint(cfg, split, sources, inventory.classes))._read()
+        entries = Journal(cfg.out / split, fingerprint(cfg, split, sources, inventory.classes)).entries()
         if (entries[-1]["end"] if entries else 0) != len(sources):
             return False
     scan_skipped = [{"path": s.path, "reason": s.reason, "split": s.split} for s in inventory.skipped]

@@ -28,7 +28,8 @@ class Journal:
         self.path = directory / ".journal.jsonl"
         self.fingerprint = fingerprint
 
-    def _read(self) -> list[dict]:
+    def entries(self) -> list[dict]:
+        """The journal's entries when it is of this fingerprint (else none), up to a line cut short."""
         if not self.path.is_file():
             return []
         lines = self.path.read_text().splitlines()
@@ -62,7 +63,7 @@ class Journal:
     def resume(self, prefix: str, verify: Verifier) -> list[dict]:
         """Verified entries to keep; every other ``prefix-*`` file in the directory is removed."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        kept = self._verified_prefix(self._read(), verify)
+        kept = self._verified_prefix(self.entries(), verify)
         keep = {e[k] for e in kept for k in ("tar", "index") if e[k]}
         for path in self.directory.iterdir():
             stale = path.name.startswith(f"{prefix}-") and path.name not in keep

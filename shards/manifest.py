@@ -132,7 +132,7 @@ def index_problem(shard: Shard, tar_bytes: int) -> str | None:
     makes the reader skip the other samples without a word, one with more reads garbage.  So its
     header, its entry count and its last entry's end are checked against the manifest's sample
     count and the tar's size.  Read whole: a line per sample (~100 MB for ImageNet's train split,
-    a fraction of a second), against the ~140 GB the hash reads; not a per-entry check."""
+    a fraction of a second), against the ~31 GB of tars the hash reads; not a per-entry check."""
     try:
         lines = [ln for ln in shard.index.read_bytes().splitlines() if ln.strip()]
     except OSError as exc:
