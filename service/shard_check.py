@@ -47,9 +47,9 @@ from service.dist import Ranks
 from service.errors import DataError, StoppedAtStart
 from service.metrics import ServiceMetrics
 from service.runlog import RunLog
+from service.shard_memory import CheckMemory, file_key
 from service.signals import StopFlag
 from shards.manifest import CORRUPT, INDEX, Manifest, Shard, shard_problem
-from service.shard_memory import CheckMemory, file_key
 from shards.tarwriter import HashStopped
 
 
