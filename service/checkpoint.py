@@ -1,5 +1,6 @@
 """Checkpoint files: the format and its version, atomic writes, the newest readable file, keep the
-last K, write in the background.  (What goes into a file and when: ``service.checkpointer``.)
+last K.  (Writing them in the background: ``service.checkpoint_writer``; what goes into a file and
+when: ``service.checkpointer``.)
 
 A checkpoint is ``<out>/checkpoint-<global step>.pt`` (``torch.save`` of plain tensors, numbers,
 strings, lists and dicts).  It is written to a temporary file in the same directory, fsynced,
@@ -21,12 +22,8 @@ damaged: it is refused naming both versions, or upgraded where this code knows h
 """
 from __future__ import annotations
 
-import errno
 import os
 import re
-import shutil
-import threading
-import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +31,7 @@ from typing import Any
 
 import torch
 
-from service.errors import EXIT_CHECKPOINT, EXIT_CONFIG, ServiceError
+from service.errors import EXIT_CONFIG, ServiceError
 
 FORMAT = "alexnet2012-service-checkpoint"
 # 2: the RNG states of the CUDA devices in use, keyed by device ("cuda:1"); 1 had one state per
@@ -243,75 +240,3 @@ def tensor_bytes(payload: dict[str, Any]) -> int:
     tensors: list[torch.Tensor] = []
     _skeleton_and_tensors(payload, tensors)
     return sum(t.nelement() * t.element_size() for t in tensors)
-
-
-def _size(n: int) -> str:
-    return f"{n / 1e6:,.0f} MB" if n >= 1e6 else f"{n:,} bytes"
-
-
-def write_failure(exc: BaseException, path: Path, needed: int) -> str:
-    """The user's line for a failed write of ``path`` (``needed`` bytes) in the run directory: a
-    checkpoint, or a log file (``service.runlog``), which fails the same way.  A full disk is named
-    as such: torch's zip writer reports it as ``RuntimeError: [enforce fail at
-    inline_container.cc:...] unexpected pos``, which says nothing to a person."""
-    out = path.parent
-    try:
-        free = shutil.disk_usage(out).free  # the temporary file is gone: what a retry would have
-    except OSError:
-        free = None
-    full = (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or (free is not None and free < needed)
-    older = [p.name for _, p in list_checkpoints(out)]
-    intact = (f"the older checkpoints are intact ({', '.join(older)}): the run resumes from {older[-1]}"
-              if older else "there is no older checkpoint")
-    if full:
-        return (f"the disk is full: {path.name} needs about {_size(needed)}, {_size(free or 0)} are free; {intact}. "
-                "Free some space (or move the run directory) and run the same command again")
-    return f"{type(exc).__name__}: {exc}; {intact}"
-
-
-class CheckpointWriter:
-    """Writes payloads (already on the host) one at a time; optionally in a background thread.
-
-    ``on_written(path, write_seconds)`` runs once a file is durable (in the writer thread).
-    A failed write is raised as ``ServiceError`` (exit 4) by the next ``save``, ``wait`` or ``check``.
-    """
-
-    def __init__(self, out: Path, keep: int, background: bool,
-                 on_written: Callable[[Path, float], None] = lambda path, seconds: None) -> None:
-        self.out, self.keep, self.background, self.on_written = out, keep, background, on_written
-        self._thread: threading.Thread | None = None
-        self._error: str | None = None
-
-    def save(self, payload: dict[str, Any], step: int) -> None:
-        """Start writing ``payload`` as the checkpoint of ``step`` (after the previous write)."""
-        self.wait()
-        path = path_for(self.out, step)
-        if not self.background:
-            self._write(payload, path)
-            self.check()
-            return
-        self._thread = threading.Thread(target=self._write, args=(payload, path), name="checkpoint", daemon=True)
-        self._thread.start()
-
-    def _write(self, payload: dict[str, Any], path: Path) -> None:
-        try:
-            start = time.perf_counter()
-            payload["crc32"] = checksum(payload)
-            atomic_save(payload, path)
-            prune(self.out, self.keep)
-            self.on_written(path, time.perf_counter() - start)
-        except BaseException as exc:  # reported to the loop, never lost in the thread
-            self._error = write_failure(exc, path, tensor_bytes(payload))
-
-    def wait(self) -> None:
-        """Block until the write in flight (if any) is durable."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        self.check()
-
-    def check(self) -> None:
-        """Raise the error of a failed write (cheap: the loop calls it every step)."""
-        if self._error is not None:
-            message, self._error = self._error, None
-            raise ServiceError(EXIT_CHECKPOINT, f"writing a checkpoint in {self.out} failed: {message}")

@@ -30,6 +30,7 @@ import torch
 from common.config import to_dict
 from model import load_velocity_state, velocity_state
 from service import checkpoint as ckpt
+from service.checkpoint_writer import CheckpointWriter
 from service.config import TrainConfig
 from service.dist import Ranks
 from service.errors import EXIT_CONFIG, ServiceError
@@ -94,7 +95,7 @@ class CheckpointManager:
         self.shared, self.per_rank = shared, per_rank
         self.progress: Progress = shared["progress"]
         c = cfg.checkpoint
-        self.writer = ckpt.CheckpointWriter(cfg.out, c.keep, c.background, on_written)
+        self.writer = CheckpointWriter(cfg.out, c.keep, c.background, on_written)
         self.buffers = HostBuffers()
         self.saved_at: tuple[int, int] | None = None  # (step, evaluated) of the last checkpoint
         self.saved_step = -1  # the step of the last checkpoint, the same on every rank

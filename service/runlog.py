@@ -12,7 +12,7 @@ Only rank 0 writes the history and the curve; every rank writes its own JSON log
 (``log.rank<r>.jsonl`` for rank r > 0).
 
 A log or JSON file that cannot be written (a full disk, an I/O error) stops the run as a failed
-checkpoint write does: exit 4 and one line saying so (``service.checkpoint.write_failure``), not
+checkpoint write does: exit 4 and one line saying so (``service.checkpoint_writer.write_failure``), not
 an ``OSError`` traceback.  The checkpoints on disk are intact and the run resumes from them.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from service.checkpoint import write_failure
+from service.checkpoint_writer import write_failure
 from service.errors import EXIT_CHECKPOINT, ServiceError
 from service.plot import plot_history
 

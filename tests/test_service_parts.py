@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from service import checkpoint as ckpt
+from service.checkpoint_writer import CheckpointWriter
 from service.app import parse
 from service.config import TrainConfig
 from service.dist import RankError, Ranks, core_share
@@ -165,7 +166,7 @@ def test_newest_valid_sets_damaged_ones_aside_and_prune_keeps_k(tmp_path: Path) 
 
 def test_background_writer_reports_durable_files_and_failures(tmp_path: Path) -> None:
     written: list[Path] = []
-    writer = ckpt.CheckpointWriter(tmp_path, keep=1, background=True, on_written=lambda p, s: written.append(p))
+    writer = CheckpointWriter(tmp_path, keep=1, background=True, on_written=lambda p, s: written.append(p))
     writer.save(_payload(1), 1)
     writer.save(_payload(2), 2)  # waits for the first
     writer.wait()
