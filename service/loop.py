@@ -16,7 +16,6 @@ Several ranks: the stop and checkpoint decisions are agreed by every rank (a ste
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -61,7 +60,7 @@ class Trainer:
         per_rank = {"loaders": parts.train, "rng": RngState(parts.devices, self.cfg.seed, ranks.rank, log.warn)}
         self.checkpoints = CheckpointManager(self.cfg, ranks, log, identity, run_id, shared, per_rank, self._written)
         self.agreement = Agreement(ranks)
-        self._ids = open(self.cfg.out / f"ids{ranks.suffix()}.jsonl", "a") if self.cfg.debug.ids else None
+        self._ids = f"ids{ranks.suffix()}.jsonl" if self.cfg.debug.ids else None  # RunLog.append
 
     @property
     def run_id(self) -> str:
@@ -146,9 +145,8 @@ class Trainer:
         images, labels = batch[0], batch[1]
         loss = parts.step(images, labels)
         if self._ids is not None:
-            self._ids.write(json.dumps({"epoch": self.progress.epoch + 1, "step": self.progress.step + 1,
-                                        "ids": batch[2].tolist()}) + "\n")
-            self._ids.flush()
+            self.log.append(self._ids, {"epoch": self.progress.epoch + 1, "step": self.progress.step + 1,
+                                        "ids": batch[2].tolist()})
         return loss
 
     def _count_step(self, images: int, seconds: float, waited: float) -> None:
@@ -295,5 +293,3 @@ class Trainer:
             self.checkpoints.writer.wait()
         except ServiceError:
             pass
-        if self._ids is not None:
-            self._ids.close()

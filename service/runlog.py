@@ -79,6 +79,7 @@ class RunLog:
         self._jsonl = None
         self._lock = threading.Lock()  # the checkpoint writer thread logs too
         self._failure: ServiceError | None = None  # a failed JSON log write, for the main thread to raise
+        self._extra: dict[str, Any] = {}  # other JSON-lines files (``append``), by name
 
     def open(self) -> RunLog:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -113,6 +114,28 @@ class RunLog:
         if self._failure is not None and threading.current_thread() is threading.main_thread():
             failure, self._failure = self._failure, None
             raise failure
+
+    def append(self, name: str, record: dict[str, Any]) -> None:
+        """One JSON line appended to ``out/name`` and flushed (the main thread's own records, such
+        as ``--debug.ids``'s sample ids); a failed write is exit 4 like the JSON log's."""
+        path = self.out / name
+        line = json.dumps(record, default=str) + "\n"
+        try:
+            if name not in self._extra:
+                self._extra[name] = open(path, "a")
+            f = self._extra[name]
+            f.write(line)
+            f.flush()
+        except OSError as exc:
+            self._close_extra(name)
+            raise _failed(exc, path, len(line)) from None
+
+    def _close_extra(self, name: str) -> None:
+        try:
+            if (f := self._extra.pop(name, None)) is not None:
+                f.close()
+        except OSError:  # its unwritten buffer on a full disk: the failure was said already
+            pass
 
     def write_json(self, name: str, value: Any) -> Path:
         """``out/name`` replaced atomically (readers never see half a file)."""
@@ -153,6 +176,8 @@ class RunLog:
         self._jsonl = None
 
     def close(self) -> None:
+        for name in list(self._extra):
+            self._close_extra(name)
         with self._lock:
             if self._jsonl is not None:
                 try:

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -195,11 +196,19 @@ def _fill(disk: Path) -> None:
             f.write(bytes(4096))
 
 
+def _wait_for_event(log: Path, event: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while f'"event": "{event}"' not in (log.read_text() if log.exists() else ""):
+        assert time.monotonic() < deadline, f"no {event} event in {log}"
+        time.sleep(0.05)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("when", ["start", "training"])
+@pytest.mark.parametrize("when", ["start", "training", "ids"])
 def test_a_full_disk_under_the_logs_says_so_as_for_a_checkpoint(when: str, sample_shards: Path, tmp_path: Path) -> None:
-    """A full disk hit by a log write (at start, or log.jsonl while training) was an OSError
-    traceback and exit 1; now it is said as a checkpoint write on a full disk is (exit 4)."""
+    """A full disk hit by a log write (at start, log.jsonl while training, or the ids.jsonl of
+    ``--debug.ids``) was an OSError traceback and exit 1; now it is said as a checkpoint write on
+    a full disk is (exit 4)."""
     with tmpfs(tmp_path / "disk", "size=4m") as disk:
         out = disk / "run"
         out.mkdir()
@@ -207,10 +216,16 @@ def test_a_full_disk_under_the_logs_says_so_as_for_a_checkpoint(when: str, sampl
             _fill(disk)
         # batch 8: 18 steps per epoch, so the train events after the fill need a new page of the
         # log before the epoch's end (about 270 bytes each; tmpfs allocates 4 kB pages)
-        service = Service(sample_shards, out, "--epochs", "50", "--loader.batch_size", "8")
+        # ids.jsonl is created at the first step: filled after the start event (and config.json)
+        # and before that step, the disk has no page for it
+        ids = ("--debug.ids", "true") if when == "ids" else ()
+        service = Service(sample_shards, out, "--epochs", "50", "--loader.batch_size", "8", *ids)
         try:
-            if when == "training":
-                service.wait_for(r"epoch 1 step 1/18")
+            if when == "ids":
+                _wait_for_event(out / "log.jsonl", "start")
+            if when != "start":
+                if when == "training":
+                    service.wait_for(r"epoch 1 step 1/18")
                 _fill(disk)
             rc = service.wait(timeout=240)
         finally:
@@ -218,7 +233,7 @@ def test_a_full_disk_under_the_logs_says_so_as_for_a_checkpoint(when: str, sampl
         assert rc == 4 and "Traceback" not in service.stderr, service.stderr
         (line,) = [line for line in service.stderr.splitlines() if line.startswith("service: writing ")]
         # at start the shard check's thread may log before config.json is written: either is named
-        named = r"(config\.json|log\.jsonl)" if when == "start" else r"(log\.jsonl)"
+        named = {"start": r"(config\.json|log\.jsonl)", "training": r"(log\.jsonl)", "ids": r"(ids\.jsonl)"}[when]
         assert re.match(rf"service: writing {re.escape(str(out))}/{named} failed: the disk is full: \1 needs about ",
                         line), line
         assert "bytes are free; there is no older checkpoint. Free some space" in line
