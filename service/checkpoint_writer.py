@@ -44,11 +44,19 @@ def write_failure(exc: BaseException, path: Path, needed: int) -> str:
     return f"{type(exc).__name__}: {exc}; {intact}"
 
 
+def failed_write(out: Path, message: str, rank: int | None = None) -> ServiceError:
+    """Exit 4 with the line for a failed checkpoint write in ``out`` (``rank``'s, said by another)."""
+    by = f"rank {rank}: " if rank is not None else ""
+    return ServiceError(EXIT_CHECKPOINT, f"{by}writing a checkpoint in {out} failed: {message}")
+
+
 class CheckpointWriter:
     """Writes payloads (already on the host) one at a time; optionally in a background thread.
 
     ``on_written(path, write_seconds)`` runs once a file is durable (in the writer thread).
-    A failed write is raised as ``ServiceError`` (exit 4) by the next ``save``, ``wait`` or ``check``.
+    A failed write is raised as ``ServiceError`` (exit 4) by the next ``save``, ``wait`` or ``check``,
+    or read from ``failure`` by a caller that makes every rank of a job raise it at once
+    (``service.checkpointer``: only rank 0 writes).
     """
 
     def __init__(self, out: Path, keep: int, background: bool,
@@ -62,8 +70,7 @@ class CheckpointWriter:
         self.wait()
         path = path_for(self.out, step)
         if not self.background:
-            self._write(payload, path)
-            self.check()
+            self._write(payload, path)  # a failure is raised by the next ``check`` or ``wait``
             return
         self._thread = threading.Thread(target=self._write, args=(payload, path), name="checkpoint", daemon=True)
         self._thread.start()
@@ -78,15 +85,24 @@ class CheckpointWriter:
         except BaseException as exc:  # reported to the loop, never lost in the thread
             self._error = write_failure(exc, path, tensor_bytes(payload))
 
-    def wait(self) -> None:
-        """Block until the write in flight (if any) is durable."""
+    def join(self) -> None:
+        """Block until the write in flight (if any) has ended: durable, or ``failure`` says why not."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+
+    def wait(self) -> None:
+        """Block until the write in flight (if any) is durable; raise its failure."""
+        self.join()
         self.check()
+
+    @property
+    def failure(self) -> str | None:
+        """Why the last write failed, not yet raised; None when it did not (or is still writing)."""
+        return self._error
 
     def check(self) -> None:
         """Raise the error of a failed write (cheap: the loop calls it every step)."""
         if self._error is not None:
             message, self._error = self._error, None
-            raise ServiceError(EXIT_CHECKPOINT, f"writing a checkpoint in {self.out} failed: {message}")
+            raise failed_write(self.out, message)

@@ -30,7 +30,7 @@ import torch
 from common.config import to_dict
 from model import load_velocity_state, velocity_state
 from service import checkpoint as ckpt
-from service.checkpoint_writer import CheckpointWriter
+from service.checkpoint_writer import CheckpointWriter, failed_write
 from service.config import TrainConfig
 from service.dist import Ranks
 from service.errors import EXIT_CONFIG, ServiceError
@@ -118,16 +118,30 @@ class CheckpointManager:
         """Checkpoint now (every rank calls it; rank 0 writes).  Blocks for the copy to host
         memory only, or until the file is durable when stopping."""
         p = self.progress
-        per_rank = self.ranks.gather({k: s.state_dict() for k, s in self.per_rank.items()})
+        self.writer.join()  # rank 0: its buffers are about to be refilled
+        gathered = self.ranks.gather(({k: s.state_dict() for k, s in self.per_rank.items()}, self.writer.failure))
+        self._fail_together([failure for _, failure in gathered])
         if self.ranks.is_main and self.saved_at != (p.step, p.evaluated):
-            self.writer.wait()  # its buffers are about to be refilled
-            self.writer.save(self._payload(reason, per_rank), p.step)
+            self.writer.save(self._payload(reason, [state for state, _ in gathered]), p.step)
             self.saved_at = (p.step, p.evaluated)
         if reason == "stop":
-            self.writer.wait()
-            self.ranks.barrier()  # every rank exits once the file is durable
+            self.wait()  # every rank exits once the file is durable
         self.saved_step = p.step
         self._last_time = time.monotonic()
+
+    def wait(self) -> None:
+        """Every rank: the write in flight durable, or its failure raised on every rank."""
+        self.writer.join()
+        self._fail_together(self.ranks.gather(self.writer.failure))
+
+    def _fail_together(self, failures: list[str | None]) -> None:
+        """Exit 4 on every rank when a rank's write failed (rank 0's: it alone writes).  Raised on
+        rank 0 alone, the others ran on into their next collective and died of its departure
+        (a gloo traceback); every rank calls this at the same point with every rank's failure."""
+        for rank, failure in enumerate(failures):
+            if failure is not None:
+                self.writer.check()  # this rank's own
+                raise failed_write(self.cfg.out, failure, rank)
 
     def _payload(self, reason: str, per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         payload = {"format": ckpt.FORMAT, "version": ckpt.VERSION, "run_id": self.run_id, "reason": reason,

@@ -89,7 +89,7 @@ class Trainer:
                 return False
             if not self.evaluate_epoch():
                 return False
-        self.checkpoints.writer.wait()
+        self.checkpoints.wait()
         return True
 
     def position(self) -> str:
@@ -157,7 +157,6 @@ class Trainer:
         p.epoch_seconds += seconds
         p.epoch_data_seconds += waited
         self.metrics.step(images, seconds, waited, self.board.beat("training"))
-        self.writer.check()
         if self.parts.shard_check is not None:  # a shard the background check found corrupt stops the run
             self.parts.shard_check.poll(p.step)
 
@@ -182,7 +181,7 @@ class Trainer:
         (``service.divergence``); every rank calls this at the same points."""
         problem = divergence.agreed(self.ranks, problem)
         if problem is not None:
-            self.writer.wait()  # the newest good checkpoint durable before it is named
+            self.writer.join()  # the newest good checkpoint durable before it is named
             raise divergence.refusal(problem, self.progress.step, self.position(), self.cfg.optim.lr, self.cfg.out)
 
     def _sync(self) -> None:
@@ -196,10 +195,15 @@ class Trainer:
 
     def _agree(self) -> tuple[bool, bool]:
         """(stop, checkpoint due) after a step, the same on every rank.  A checkpoint by step count
-        needs no agreement; a stop or a checkpoint by time is the answer to the question asked
-        after the previous step (``Agreement.lagged``), unless a checkpoint came since."""
+        needs no agreement; a stop, a checkpoint by time or a failed checkpoint write (exit 4 on
+        every rank) is the answer to the question asked after the previous step
+        (``Agreement.lagged``), unless a checkpoint came since."""
         step = self.progress.step
-        (stop, by_time), asked = self.agreement.lagged(step, self.stop.requested, self.checkpoints.due_by_time())
+        (stop, by_time, failed), asked = self.agreement.lagged(step, self.stop.requested,
+                                                               self.checkpoints.due_by_time(),
+                                                               self.writer.failure is not None)
+        if failed:
+            self.checkpoints.wait()  # raises it everywhere
         by_time = by_time and asked is not None and self.checkpoints.saved_step < asked
         return self._stopping(stop), self.checkpoints.due_by_steps(step) or by_time
 
@@ -267,7 +271,7 @@ class Trainer:
         start = time.perf_counter()
         self.board.beat("checkpointing")
         if reason == "stop":
-            self.agreement.settle(2)  # nothing left in flight on the way out
+            self.agreement.settle(3)  # nothing left in flight on the way out
         p = self.progress
         if loss_sum is not None:  # fold the device-side loss sum into the saved progress
             p.epoch_loss_sum += loss_sum.item()

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.mounts import tmpfs
 from tests.service_proc import ROOT, TORCHRUN_2, Service, checkpoint_steps, events, free_port, run_service
 
 pytestmark = pytest.mark.slow
@@ -214,3 +215,27 @@ def test_a_taken_port_of_one_rank_stops_every_rank_with_one_line(sample_shards: 
     assert said == sorted([f"service: {in_use}", f"service: rank 1: {in_use}"]), service.stderr  # rank 1, rank 0
     assert "RuntimeError" not in service.stderr and "Connection closed" not in service.stderr
     assert exit_file.read_text() == "3\n"
+
+
+def test_a_full_disk_under_rank_0s_checkpoint_stops_every_rank_with_its_line(sample_shards: Path, tmp_path: Path) -> None:
+    """Rank 0 alone writes checkpoints; room for one, not for the second.  Its write failure is
+    agreed as a stop is, so rank 1 says rank 0's line and both exit 4, instead of rank 1 dying
+    of rank 0's departure in its next all-reduce (a gloo traceback)."""
+    exit_file = tmp_path / "exit-code"
+    with tmpfs(tmp_path / "disk", "size=700m") as disk:
+        out = disk / "run"
+        service = Service(sample_shards, out, "--epochs", "2", "--checkpoint.every_steps", "1",
+                          "--http.port", str(free_port(2)), launcher=TORCHRUN_2, env={"ALEXNET_EXIT_FILE": str(exit_file)})
+        try:
+            service.wait(timeout=300)
+        finally:
+            service.kill()
+        said = [line for line in service.errors if line.startswith("service: ")]
+        (own,) = [line for line in said if not line.startswith("service: rank 0: ")] or [service.stderr]
+        message = own.removeprefix("service: ")
+        assert sorted(said) == sorted([own, f"service: rank 0: {message}"]), service.stderr
+        assert message.startswith(f"writing a checkpoint in {out} failed: the disk is full: checkpoint-000000002.pt "
+                                  "needs about 455 MB"), message
+        # torchrun's own ChildFailedError traceback stays: no rank's (torchrun prefixes those "[rank1]:")
+        assert "[rank" not in service.stderr and "Connection closed" not in service.stderr, service.stderr
+        assert exit_file.read_text() == "4\n" and checkpoint_steps(out) == [1]
