@@ -28,7 +28,7 @@ from shards.config import ShardConfig
 from shards.journal import Journal
 from shards.layouts import scan
 from shards.sources import Inventory, Source
-from shards.tarwriter import atomic_write_text, sha256_file
+from shards.tarwriter import atomic_write_bytes, atomic_write_text, index_of, sha256_file
 from shards.workers import Workers
 from shards.write_split import SplitResult, SplitWriter, write_splits
 
@@ -173,20 +173,28 @@ def unchanged(cfg: ShardConfig, inventory: Inventory, workers: Workers) -> dict 
     re-run used to delete the manifest first and write it back at its end, so one stopped early
     (``make demo`` re-runs ``make shards``; Ctrl-C in its first seconds) left a finished
     directory without a manifest, which training refuses.  Trusting nothing on disk is kept: the
-    shards are re-hashed, as a resume does, while the manifest stays."""
+    shards are re-hashed, as a resume does, while the manifest stays.  An index that does not fit
+    its (unchanged) tar is rewritten from it: DALI would skip samples without a word, and the
+    service refuses such an index, naming this fix among others."""
     try:
-        m = contract.load(cfg.out)  # the files' presence and sizes; their contents below
+        m = contract.load(cfg.out, splits=())  # the record; the files below
         if not _same_build(cfg, inventory, m):
+            return None
+        tars = [s for split in contract.SPLITS for s in m.splits[split].shards]
+        if any(s.tar.stat().st_size != s.bytes for s in tars):
             return None
     except (contract.ManifestError, OSError, ValueError, KeyError, TypeError, IndexError):
         return None
-    tars = [s for split in contract.SPLITS for s in m.splits[split].shards]
     gb = sum(s.bytes for s in tars) / 1e9
     print(f"shards: {cfg.out} is finished from these sources and settings: re-verifying the sha256 of "
           f"{len(tars)} shards ({gb:.1f} GB) on {cfg.processes} processes", flush=True)
     if workers.map(sha256_file, [s.tar for s in tars]) != [s.sha256 for s in tars]:
         print("shards: a shard differs from the manifest: rebuilding what changed", flush=True)
         return None
+    for shard in tars:  # the tars are the manifest's: an index that does not fit is rewritten from its tar
+        if (defect := contract.index_defect(shard, shard.bytes)) is not None:
+            atomic_write_bytes(shard.index, index_of(shard.tar))
+            print(f"shards: rewrote {shard.index} from its tar (it {defect})", flush=True)
     return m.record
 
 

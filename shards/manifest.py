@@ -110,7 +110,8 @@ INDEX = "its index"  # how every problem of a shard's DALI index begins: its fix
 def index_fix(shard: Shard) -> str:
     """How to rewrite a shard's index from its tar: DALI's ``wds2idx`` (installed with DALI, next to
     the environment's python) writes the very bytes ``make shards`` wrote (tests/test_shards_output.py),
-    in a second; ``make shards`` itself would keep a present index of a tar that still matches."""
+    in a second; so does re-running ``make shards`` with the same sources and settings (it rewrites
+    every index that does not fit its tar, ``shards.build.unchanged``)."""
     return f"rewrite it from the tar: wds2idx {shard.tar} {shard.index}"
 
 
@@ -126,7 +127,13 @@ def _entry_end(line: bytes, members: int) -> int | None:
 
 
 def index_problem(shard: Shard, tar_bytes: int) -> str | None:
-    """What is wrong with ``shard``'s DALI index against the manifest (None: nothing seen).
+    """What is wrong with ``shard``'s DALI index, and how to fix it, in one line (None: nothing seen)."""
+    what = index_defect(shard, tar_bytes)
+    return None if what is None else f"{INDEX} {shard.index} {what}; {index_fix(shard)}"
+
+
+def index_defect(shard: Shard, tar_bytes: int) -> str | None:
+    """What is wrong with ``shard``'s DALI index against the manifest ("is empty"...; None: nothing seen).
 
     DALI trusts the index blindly: a stale one (of an older or another tar) with fewer entries
     makes the reader skip the other samples without a word, one with more reads garbage.  So its
@@ -136,23 +143,21 @@ def index_problem(shard: Shard, tar_bytes: int) -> str | None:
     try:
         lines = [ln for ln in shard.index.read_bytes().splitlines() if ln.strip()]
     except OSError as exc:
-        return f"{INDEX} {shard.index} cannot be read ({exc.strerror or exc}); {index_fix(shard)}"
+        return f"cannot be read ({exc.strerror or exc})"
     head = lines[0].split() if lines else []
     entries = len(lines) - 1
     if len(head) != 2 or head[0] != b"v1.2" or not head[1].isdigit():
-        what = "is empty" if not lines else "does not begin with the `v1.2 <samples>` line of DALI's format"
-    elif int(head[1]) != shard.samples or entries != shard.samples:
-        what = (f"lists {int(head[1])} sample(s) in its header and has {entries} entries where the manifest "
+        return "is empty" if not lines else "does not begin with the `v1.2 <samples>` line of DALI's format"
+    if int(head[1]) != shard.samples or entries != shard.samples:
+        return (f"lists {int(head[1])} sample(s) in its header and has {entries} entries where the manifest "
                 f"has {shard.samples} (stale: of another tar, or truncated)")
-    elif not entries:
+    if not entries:
         return None  # a shard of no samples (the manifest's count says so)
-    elif (end := _entry_end(lines[-1], len(lines[1].split()) // 4)) is None:  # members as in the first sample
-        what = "ends in a malformed entry (truncated?)"
-    elif end > tar_bytes:
-        what = f"points to byte {end}, past the end of the tar ({tar_bytes} bytes): it is of another tar"
-    else:
-        return None
-    return f"{INDEX} {shard.index} {what}; {index_fix(shard)}"
+    if (end := _entry_end(lines[-1], len(lines[1].split()) // 4)) is None:  # members as in the first sample
+        return "ends in a malformed entry (truncated?)"
+    if end > tar_bytes:
+        return f"points to byte {end}, past the end of the tar ({tar_bytes} bytes): it is of another tar"
+    return None
 
 
 def shard_problem(shard: Shard, deep: bool = True, stop: Callable[[], bool] | None = None) -> str | None:

@@ -136,6 +136,22 @@ def publish(written: Written, directory: Path, name: str) -> ShardInfo:
     return ShardInfo(tar, index, written.samples, written.bytes, written.sha256)
 
 
+def index_of(tar: Path) -> bytes:
+    """The DALI index of a shard, read back from its tar: the bytes ``ShardWriter`` wrote with it
+    (members grouped into samples by the name before their first dot, in tar order).  For a tar
+    that still has its manifest sha256 but an index that no longer fits it."""
+    samples: list[list[str]] = []
+    last = None
+    with tarfile.open(tar) as f:
+        for m in f:
+            key, ext = m.name.split(".", 1)
+            if key != last:
+                samples.append([])
+                last = key
+            samples[-1].append(f"{ext} {m.offset_data} {m.size} {m.name}")
+    return (f"v1.2 {len(samples)}\n" + "".join(" ".join(s) + "\n" for s in samples)).encode()
+
+
 def _write_synced(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)

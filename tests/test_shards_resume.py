@@ -139,3 +139,22 @@ def test_a_rerun_of_a_finished_directory_stopped_early_keeps_its_manifest(sample
             break
     proc.communicate(timeout=60)
     contract.load(tmp_path, deep=True)  # raises when the manifest is missing or a shard differs from it
+
+
+def test_a_rerun_rewrites_a_stale_index_from_its_tar(sample_src: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A tar that still has its sha256 with an index that no longer fits it (cut short: DALI
+    would skip samples without a word, and the service refuses it): a re-run rewrites that
+    index, the very bytes ``make shards`` wrote, and nothing else."""
+    cfg = ShardConfig(src=sample_src, out=tmp_path, shard_samples=30, workers=2).validate()
+    build(cfg)
+    shard = contract.load(tmp_path).splits["train"].shards[1]
+    good = shard.index.read_bytes()
+    shard.index.write_bytes(b"\n".join(good.splitlines()[:-3]) + b"\n")
+    before = {p: b for p, b in _tree(tmp_path).items() if p != shard.index.relative_to(tmp_path).as_posix()}
+    capsys.readouterr()
+    build(cfg)
+    assert shard.index.read_bytes() == good
+    assert f"shards: rewrote {shard.index} from its tar" in capsys.readouterr().out
+    assert {p: b for p, b in _tree(tmp_path).items() if p != shard.index.relative_to(tmp_path).as_posix()} == before
+    assert contract.index_problem(shard, shard.bytes) is None
