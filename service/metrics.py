@@ -101,9 +101,11 @@ class ServiceMetrics:
                                      "Unix time the last checkpoint became durable", registry=r)
         self.checkpoint_seconds = Histogram(p + "checkpoint_duration_seconds", "Time the training loop was "
                                             "blocked by one checkpoint", buckets=CHECKPOINT_BUCKETS, registry=r)
-        self.samples_failed = Counter(p + "samples_failed", "Samples that could not be read or decoded (the "
-                                      "run stops), or left out with a corrupt shard (data.on_corrupt skip)",
-                                      registry=r)
+        # Each sample once across the ranks (the dashboard sums them): a rank counts its own loader's
+        # failure, rank 0 the shards the whole job leaves out (service.shard_check).
+        self.samples_failed = Counter(p + "samples_failed", "Samples that could not be read or decoded by this "
+                                      "rank's loader (the run stops), or, on rank 0 for the whole job, left out "
+                                      "with a corrupt shard (data.on_corrupt skip)", registry=r)
         self.gpu_allocated = Gauge(p + "gpu_memory_allocated_bytes", "CUDA memory held by tensors", ["device"],
                                    registry=r)
         self.gpu_reserved = Gauge(p + "gpu_memory_reserved_bytes", "CUDA memory reserved by the caching "

@@ -26,8 +26,9 @@ What then (``data.on_corrupt``): ``stop`` (default) exits 1 naming the shard and
 sample(s) and, when the background pass found it after training began, which steps may have
 used it.  ``skip`` leaves the shard out of the readers when they are built (DALI reads a fixed
 list of tars and cannot skip a sample, so it needs ``verify before``), counts its samples in
-``alexnet_samples_failed_total`` and names shard and samples in the log; a restart with the shard
-repaired reads it again (its epoch restarts: the loader's saved position was for other tars).
+``alexnet_samples_failed_total`` (rank 0's only: once for the job) and names shard and samples
+in the log; a restart with the shard repaired reads it again (its epoch restarts: the loader's
+saved position was for other tars).
 
 Several ranks: rank 0 checks and writes the file, every rank follows its verdict at start (one
 gather); a mismatch found later by the background pass stops rank 0 and torchrun the others.
@@ -118,12 +119,19 @@ class ShardCheck:
             raise DataError(f"{first.text}{more}; found before this start trained on anything; "
                             f"{self._hint(first)}")
         for f in findings:
+            self._skip(f)
+        return frozenset(f.shard.tar.name for f in findings)
+
+    def _skip(self, f: Finding) -> None:
+        """Every rank leaves the shard out of its reader and logs it in its own JSON log, but the job
+        left its samples out once: rank 0 (whose verdict it is) counts them and says so, so that
+        ``sum(alexnet_samples_failed_total)`` over the ranks and the console each say it once."""
+        self.log.event("shard_skipped", split=f.split, shard=str(f.shard.tar), samples=f.shard.samples,
+                       reason=f.text)
+        if self.ranks.is_main:
             self.log.warn(f"service: {f.text}; skipped: left out of the {f.split} reader, {f.shard.samples} "
                           "sample(s) not used (alexnet_samples_failed_total)")
-            self.log.event("shard_skipped", split=f.split, shard=str(f.shard.tar), samples=f.shard.samples,
-                           reason=f.text)
             self.metrics.samples_failed.inc(f.shard.samples)
-        return frozenset(f.shard.tar.name for f in findings)
 
     def _check_at_start(self) -> list[Finding] | str:
         findings, todo, cached = [], [], 0

@@ -21,7 +21,7 @@ from service.metrics import ServiceMetrics, build_labels
 from service.runlog import RunLog
 from service.shard_check import ShardCheck, reading_order
 from shards import manifest as contract
-from tests.service_proc import Service, events, run_service
+from tests.service_proc import TORCHRUN_2, Service, events, free_port, run_service
 
 BAD_TAR = "train-000003.tar"  # samples train-00000060 .. 79 of the 8 shards of 20
 
@@ -82,6 +82,31 @@ def test_skip_leaves_the_shard_out_counts_it_and_trains_on(corrupt_shards, tmp_p
     rc, again = run_service(shards, out, *args)
     assert rc == 0 and "shards: 10 checked before (shard-checks.json), 1 bad, 0 left to check" in again.stdout
     assert "2 epoch(s) done" in again.stdout and "skipped" in again.stderr
+
+
+def _failed(port: int) -> float:
+    """This rank's ``alexnet_samples_failed_total``, scraped."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        line = next(ln for ln in r.read().decode().splitlines() if ln.startswith("alexnet_samples_failed_total "))
+    return float(line.split()[1])
+
+
+@pytest.mark.slow
+def test_two_ranks_count_and_say_a_skipped_shard_once(corrupt_shards, tmp_path: Path) -> None:
+    """Rank 0's verdict reaches every rank, but the job left the shard's 20 samples out once: the
+    dashboard's sum() over the ranks is 20, not 40, and the warning is one line, not one per rank."""
+    shards, _ = corrupt_shards
+    port = free_port(2)
+    service = Service(shards, tmp_path / "run", "--epochs", "1", "--data.on_corrupt", "skip", "--data.verify",
+                      "before", "--http.port", str(port), launcher=TORCHRUN_2)
+    try:
+        service.wait_for(r"epoch 1 step 1/3")
+        counts = [_failed(port + local_rank) for local_rank in (0, 1)]
+        assert service.wait() == 0, service.stderr
+    finally:
+        service.kill()
+    assert counts == [20.0, 0.0], counts  # was [20.0, 20.0]: sum() 40
+    assert service.stderr.count("sample(s) not used") == 1, service.stderr
 
 
 def _check(shards: Path, out: Path, *args: str) -> tuple[ShardCheck, RunLog]:
