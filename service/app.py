@@ -134,6 +134,8 @@ def start(cfg: TrainConfig, ranks: Ranks, metrics: ServiceMetrics, board: Status
                  lr_rule=parts.lr_rule,
                  epochs=cfg.epochs, epoch=p.epoch + 1, step=p.step, device=cfg.device, layout=cfg.model.layout,
                  resumed_from=str(found.path) if found else None)
+    metrics.epoch.set(min(p.evaluated + 1, cfg.epochs))  # known now (a resumed run: its checkpoint's), not
+    metrics.lr.set(parts.schedule.lrs[0])  # at the first log interval: no dip to NaN or 0 at a restart
     board.beat("starting")
     if ranks.is_main:
         log.write_json("config.json", to_dict(cfg))
@@ -234,6 +236,7 @@ def _serve(cfg: TrainConfig, ranks: Ranks, stop: StopFlag) -> int:
     metrics = ServiceMetrics(build_labels(",".join(cfg.model.devices) or cfg.device, cfg.model.layout,
                                           ranks.world_size))
     board = StatusBoard(cfg.http.stall_seconds, phase="starting", last_checkpoint=None, last_evaluation=None)
+    metrics.follow(board)  # before the endpoint serves: no scrape sees a heartbeat of 0
     endpoint = serve_http(cfg, ranks, metrics, board)
     log = RunLog(cfg.out, ranks.suffix(), console=ranks.is_main)  # one console voice: rank 0's
     trainer = None

@@ -156,7 +156,8 @@ class Trainer:
         p.epoch_images += images
         p.epoch_seconds += seconds
         p.epoch_data_seconds += waited
-        self.metrics.step(images, seconds, waited, self.board.beat("training"))
+        self.metrics.step(images, seconds, waited)
+        self.board.beat("training")
         if self.parts.shard_check is not None:  # a shard the background check found corrupt stops the run
             self.parts.shard_check.poll(p.step)
 

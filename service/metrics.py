@@ -23,6 +23,8 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
 
+from service.status import StatusBoard
+
 PREFIX = "alexnet_"
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,19 +113,25 @@ class ServiceMetrics:
         self.gpu_reserved = Gauge(p + "gpu_memory_reserved_bytes", "CUDA memory reserved by the caching "
                                   "allocator", ["device"], registry=r)
         self.heartbeat = Gauge(p + "heartbeat_timestamp_seconds", "Unix time of the training loop's last "
-                               "sign of life", registry=r)
-        # Not known yet: NaN (no value in PromQL), not 0, which would read as "0% error" or
-        # "the last checkpoint was in 1970".
-        for gauge in (self.loss, self.top1, self.top5, self.val_loss, self.eval_seconds, self.last_checkpoint):
+                               "sign of life (the heartbeat /healthz judges)", registry=r)
+        # Not known yet: NaN (no value in PromQL), not 0, which would read as "0% error", "the last
+        # checkpoint was in 1970" or "lr 0"; lr and epoch are known once the run has started (app.start).
+        for gauge in (self.loss, self.lr, self.epoch, self.top1, self.top5, self.val_loss, self.eval_seconds,
+                      self.last_checkpoint, self.heartbeat):
             gauge.set(float("nan"))
 
-    def step(self, images: int, step_seconds: float, data_seconds: float, beat: float) -> None:
+    def follow(self, board: StatusBoard) -> None:
+        """The heartbeat gauge reads ``board``'s last beat at each scrape: one heartbeat, the one
+        ``/healthz`` judges, moved by every beat (start, steps, evaluation batches, checkpoints) and
+        costing the beats nothing."""
+        self.heartbeat.set_function(lambda: board.last_beat)
+
+    def step(self, images: int, step_seconds: float, data_seconds: float) -> None:
         """One training step (host-side numbers only)."""
         self.images.inc(images)
         self.steps.inc()
         self.step_seconds.observe(step_seconds)
         self.data_wait.observe(data_seconds)
-        self.heartbeat.set(beat)
 
     def gpu_memory(self, devices: list[torch.device]) -> None:
         """Allocated/reserved bytes of each CUDA device the model uses (nothing on the CPU)."""

@@ -20,7 +20,7 @@ class StatusBoard:
         self._lock = threading.Lock()
         self._fields: dict[str, Any] = {"phase": "starting", **fields}
         self._beat_monotonic = time.monotonic()
-        self.last_beat = time.time()  # unix time, for the heartbeat metric
+        self.last_beat = time.time()  # unix time: the heartbeat metric reads it (ServiceMetrics.follow)
 
     def update(self, **fields: Any) -> None:
         with self._lock:

@@ -193,7 +193,7 @@ def test_identity_separates_recipe_from_operational_keys() -> None:
 
 def test_metric_names_of_the_contract() -> None:
     metrics = ServiceMetrics(build_labels("cpu", "grouped", 1))
-    metrics.step(24, 0.5, 0.01, 1.0)
+    metrics.step(24, 0.5, 0.01)
     metrics.checkpoint_seconds.observe(0.2)
     metrics.gpu_allocated.labels(device="cuda:0").set(1)
     metrics.gpu_reserved.labels(device="cuda:0").set(2)
