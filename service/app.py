@@ -25,8 +25,8 @@ from common.config import ConfigError, load_config, split_config_arg, to_dict
 from common.config_help import settings_help, wants_help
 from service.build import apply_cuda_sync, build, compile_note, resolve, share_cores
 from service.config import TrainConfig, validate
-from service.dist import RankError, Ranks
-from service.errors import EXIT_CONFIG, EXIT_OK, EXIT_RUNDIR, DataError, ServiceError, record_exit
+from service.dist import RankError, Ranks, peer_gone
+from service.errors import EXIT_CONFIG, EXIT_OK, EXIT_RUNDIR, DataError, PeerGone, ServiceError, record_exit
 from service.loop import Trainer
 from service.metrics import ServiceMetrics, build_labels
 from service.rundir_lock import RunDirLock
@@ -204,6 +204,10 @@ def run_service(cfg: TrainConfig) -> int:
         ranks.start(torch.device(cfg.device))
         cfg, allowed = share_cores(cfg, *ranks.core_peers())
         return _serve(cfg, ranks, stop)
+    except RuntimeError as exc:  # a collective whose peer rank is gone: that rank's line says why
+        if not (ranks.distributed and peer_gone(exc)):
+            raise
+        raise PeerGone(ranks.rank) from None
     finally:  # joining or the endpoint may fail too: an in-process caller gets its state back
         stop.uninstall()
         ranks.close()
@@ -270,5 +274,6 @@ def main(argv: list[str]) -> int:
     except ServiceError as exc:
         sys.stderr.write(f"service: {exc}\n")  # one write: the ranks of a torchrun job share stderr,
         sys.stderr.flush()  # and print's text and newline, two writes, interleaved their lines
-        record_exit(exc.code)
+        if exc.recorded:
+            record_exit(exc.code)
         return exc.code

@@ -31,6 +31,15 @@ T = TypeVar("T")
 _CONTROL: list = []  # the gloo group of the host-side agreements, once ``start`` has run
 
 
+# How gloo says a rank's process is gone (its TCP pair closed): another rank crashed or stopped.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def peer_gone(exc: BaseException) -> bool:
+    """Whether a collective failed because another rank of the job is gone, not of itself."""
+    return isinstance(exc, dist.DistNetworkError) or any(words in str(exc) for words in _PEER_GONE)
+
+
 class RankError(ValueError):
     """The torchrun environment is inconsistent or asks for what this version cannot do."""
 

@@ -6,7 +6,8 @@ its code, never with a traceback.  Process supervisors (Docker, torchrun, system
 
     0  finished all epochs, or stopped by SIGTERM/SIGINT after writing a checkpoint (or, during
        the shard check before training, with nothing trained yet to checkpoint: ``StoppedAtStart``)
-    1  a data error: missing, truncated or undecodable shard (the message names it)
+    1  a data error: missing, truncated or undecodable shard (the message names it); also a rank
+       of a torchrun job whose peer ended first (``PeerGone``: that rank's line and code say why)
     2  a setting is invalid, or does not match the run directory's checkpoints
     3  the HTTP port cannot be served (in use, or not allowed)
     4  a checkpoint (or a log file) could not be written (disk full, permissions)
@@ -49,6 +50,8 @@ def record_exit(code: int) -> None:
 class ServiceError(Exception):
     """A failure with a message for the user and the exit code that goes with it."""
 
+    recorded = True  # written to $ALEXNET_EXIT_FILE (``record_exit``)
+
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.code = code
@@ -81,3 +84,14 @@ class Diverged(ServiceError):
 
     def __init__(self, message: str) -> None:
         super().__init__(EXIT_DIVERGED, message)
+
+
+class PeerGone(ServiceError):
+    """Another rank of the job ended first, and this rank's next collective found it gone.  That
+    rank's own line says why, and the code it recorded is the diagnosis: this one is exit 1 like
+    any crash, and not recorded over it."""
+
+    recorded = False
+
+    def __init__(self, rank: int) -> None:
+        super().__init__(EXIT_DATA, f"rank {rank}: stopped: another rank of this job ended first; its own line says why")

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 import urllib.request
 from pathlib import Path
@@ -17,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from shards.tarwriter import sha256_file
 from tests.mounts import tmpfs
 from tests.service_proc import ROOT, TORCHRUN_2, Service, checkpoint_steps, events, free_port, run_service
 
@@ -239,3 +243,37 @@ def test_a_full_disk_under_rank_0s_checkpoint_stops_every_rank_with_its_line(sam
         # torchrun's own ChildFailedError traceback stays: no rank's (torchrun prefixes those "[rank1]:")
         assert "[rank" not in service.stderr and "Connection closed" not in service.stderr, service.stderr
         assert exit_file.read_text() == "4\n" and checkpoint_steps(out) == [1]
+
+
+def test_a_data_error_on_one_rank_is_one_line_on_the_other(sample_shards: Path, tmp_path: Path) -> None:
+    """One rank reads the last training shard, whose JPEGs lost their headers (the manifest's
+    sha256 made to match, so only the decoder can notice): that rank says its loader failed
+    (exit 1), and the other, whose next collective finds it gone, says so in one line pointing at
+    the first's instead of a gloo traceback, and leaves the exit code the first recorded."""
+    shards, exit_file = tmp_path / "shards", tmp_path / "exit-code"
+    shutil.copytree(sample_shards, shards)
+    tar = sorted((shards / "train").glob("*.tar"))[-1]
+    with tarfile.open(tar) as t:
+        starts = [m.offset_data for m in t.getmembers() if m.name.endswith(".jpg")]
+    with open(tar, "r+b") as f:
+        for start in starts:
+            f.seek(start)
+            f.write(b"NOT A JPEG")
+    record = json.loads((shards / "manifest.json").read_text())
+    for shard in record["splits"]["train"]["shards"]:
+        if shard["tar"] == tar.name:
+            shard["sha256"] = sha256_file(tar)
+    (shards / "manifest.json").write_text(json.dumps(record))
+    service = Service(shards, tmp_path / "run", "--epochs", "1", "--http.port", str(free_port(2)),
+                      launcher=TORCHRUN_2, env={"ALEXNET_EXIT_FILE": str(exit_file)})
+    try:
+        service.wait(timeout=300)
+    finally:
+        service.kill()
+    said = [line for line in service.errors if line.startswith("service: ")]
+    assert "[rank" not in service.stderr and "Connection closed" not in service.stderr, service.stderr
+    assert any("the train loader failed" in line for line in said), said  # one rank's own line
+    gone = [line for line in said if line.endswith(": stopped: another rank of this job ended first; its own "
+                                                   "line says why")]
+    assert len(gone) == 1 and re.fullmatch(r"service: rank [01]: .*", gone[0]), said
+    assert exit_file.read_text() == "1\n"
