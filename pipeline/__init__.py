@@ -47,6 +47,9 @@ def _spec(shards_dir: Path | str, split: str, rank: int, world_size: int, device
         raise ValueError(f"rank {rank} is not in [0, {world_size})")
     eval_views(views)  # validates ``views``
     manifest = load(shards_dir, splits=(split,) if split == "train" else (split, "train"), exclude=exclude)
+    if config.crop > manifest.image_size:  # DALI's draw of a train crop's anchor would crash the process
+        raise ValueError(f"crop {config.crop} does not fit the shards' {manifest.image_size}-pixel images "
+                         f"({manifest.root})")
     shards = [s for s in manifest.splits[split].shards if s.tar.name not in exclude]
     if not shards:
         raise ValueError(f"every {split} shard of {manifest.root} is left out")

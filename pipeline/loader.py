@@ -177,7 +177,14 @@ class DaliLoader:
             raise ValueError("only the training loader is checkpointed (evaluation restarts from the top)")
         return {"version": STATE_VERSION, "dali": _encode(self._it.checkpoint()), "epoch": self.epoch,
                 "batches": self._batches, "rank": self.rank, "num_shards": self.spec.num_shards,
-                "seed": self.spec.cfg.seed, "graph": graph_kind(self.spec), "tars": tar_list(self.spec)}
+                "seed": self.spec.cfg.seed, "graph": graph_kind(self.spec), "tars": tar_list(self.spec),
+                **self._reader_settings()}
+
+    def _reader_settings(self) -> dict:
+        """What the position's meaning depends on besides ranks and tars: ``batches`` counts batches
+        of this size, and DALI's checkpoint is of a reader shuffled this way."""
+        c = self.spec.cfg
+        return {"batch_size": c.batch_size, "shuffle_buffer": c.shuffle_buffer, "shuffle_shards": c.shuffle_shards}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where ``state`` was taken (same shards, ranks and config)."""
@@ -186,6 +193,8 @@ class DaliLoader:
         mine = {"rank": self.rank, "num_shards": self.spec.num_shards, "seed": self.spec.cfg.seed,
                 "graph": graph_kind(self.spec), "tars": tar_list(self.spec)}
         theirs = {k: state.get(k, "cpu" if k == "graph" else None) for k in mine}
+        reader = self._reader_settings()  # not recorded before (an older state): trusted, as then
+        mine, theirs = {**mine, **reader}, {**theirs, **{k: state.get(k, v) for k, v in reader.items()}}
         if state["version"] == 2 and not self.spec.excluded:  # before tars were recorded: every tar of the split
             theirs["tars"] = mine["tars"]
         if mine != theirs:

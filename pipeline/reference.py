@@ -79,7 +79,9 @@ class Transform:
 
 class ReferenceLoader:
     """DataLoader over one rank's samples; the same interface as ``pipeline.loader.DaliLoader``
-    (without checkpointing)."""
+    without checkpointing, and without its equal ``len()`` on every rank (this one is each rank's
+    own samples / batch): a baseline for benchmarks and tests, never fed to data-parallel ranks,
+    whose collectives need the same number of steps on each."""
 
     def __init__(self, tars: list[str], keys: list[str], stats: DatasetStats, cfg: LoaderConfig,
                  rank: int = 0, world_size: int = 1, train: bool = True, views: int = 1,

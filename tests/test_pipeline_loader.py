@@ -130,6 +130,24 @@ def test_state_dict_rejects_other_ranks(sample_shards):
         build_train_loader(sample_shards, 1, 2, "cpu", CFG).load_state_dict(state)
 
 
+@pytest.mark.parametrize("change", [{"batch_size": 7}, {"shuffle_buffer": 8}, {"shuffle_shards": False}])
+def test_state_dict_rejects_another_batch_or_shuffle(sample_shards, change):
+    """The position counts batches of the saved size and DALI's checkpoint is of the saved reader:
+    resumed with another batch size or shuffle, an epoch repeated or dropped samples (batch 16 -> 7:
+    18 delivered twice; shuffle buffer 64 -> 8: 18 never), so such a state is refused."""
+    state = build_train_loader(sample_shards, 0, 1, "cpu", CFG).state_dict()
+    with pytest.raises(ValueError, match=next(iter(change))):
+        build_train_loader(sample_shards, 0, 1, "cpu", CFG.replace(**change)).load_state_dict(state)
+
+
+@pytest.mark.parametrize("build", [build_train_loader, build_eval_loader])
+def test_a_crop_larger_than_the_images_is_refused(sample_shards, build):
+    """DALI's random anchor of a train crop past the image had an empty range to draw from: the
+    process died of SIGSEGV; said as the evaluation's view anchors already said it."""
+    with pytest.raises(ValueError, match="crop 257 does not fit the shards' 256-pixel images"):
+        build(sample_shards, 0, 1, "cpu", CFG.replace(crop=257))
+
+
 @pytest.mark.parametrize("views", [1, 10])
 def test_dali_eval_matches_reference_loader(sample_shards, views):
     """Deterministic views: DALI and Pillow decode the same JPEGs to within IDCT rounding."""
