@@ -16,7 +16,8 @@ from different files: DDP's broadcast at construction had happened before the re
 Same ranks, same graph: the exact position (every rank's loader state and RNG state).  Another
 number of ranks (or a checkpoint from the other decode graph): the weights, velocities,
 schedule and counters carry over, the data is split anew and an interrupted epoch restarts
-from its first step (said in the log), and the lrs move to this run's rule.
+from its first step (said in the log; an epoch stopped at its end, its evaluation pending, is
+not trained again and keeps its counters), and the lrs move to this run's rule.
 """
 from __future__ import annotations
 
@@ -205,8 +206,11 @@ class CheckpointManager:
             part = self.shared[key]
             if part is not None and payload.get(key) is not None:
                 part.load_state_dict(payload[key])
-        if not self._restore_position(path, payload):
-            self.progress.start_epoch()  # the interrupted epoch's data is taken again from its start
+        p = self.progress
+        if not self._restore_position(path, payload) and p.epoch == p.evaluated:
+            p.start_epoch()  # the interrupted epoch's data is taken again from its start
+        # A trained epoch whose evaluation is pending keeps its counters: its record's train loss
+        # and images/s come from them, and it is not trained again.
         self.run_id = payload["run_id"]
 
     def _restore_position(self, path: Path, payload: dict[str, Any]) -> bool:
@@ -215,16 +219,25 @@ class CheckpointManager:
         saved, rank, ranks = payload["loaders"], self.ranks.rank, self.ranks.world_size
         if len(saved) != ranks:
             self.log.warn(f"{path} was written by {len(saved)} rank(s), this run has {ranks}: the data is "
-                          "split anew, and an interrupted epoch restarts from its first step")
+                          f"{self._resplit()}")
             return False
         try:
             self.per_rank["loaders"].load_state_dict(saved[rank])
         except ValueError as exc:
             self.log.warn(f"{path}: the training loader's saved position does not fit this run ({exc}); "
-                          "an interrupted epoch restarts from its first step")
+                          f"the data is {self._resplit()}")
             return False
         self.per_rank["rng"].load_state_dict(payload["rng"][rank])
         return True
+
+    def _resplit(self) -> str:
+        """What a new split of the data changes: with an epoch's evaluation pending (a stop at its
+        end), nothing trained is redone, only the epochs after it are split anew."""
+        p = self.progress
+        if p.epoch > p.evaluated:
+            return (f"split anew from epoch {p.epoch + 1} on; epoch {p.epoch}, trained, is evaluated with its "
+                    "own counters")
+        return "split anew, and an interrupted epoch restarts from its first step"
 
     def _verify(self, path: Path, step: int, outcomes: list[tuple[int, tuple | None]]) -> None:
         """Every rank restored ``step`` from ``path``, or every rank stops with the first failure."""

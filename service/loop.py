@@ -241,6 +241,7 @@ class Trainer:
                       eval_views_per_s=result.images * self.cfg.eval_views / max(seconds, 1e-9))
         p.history.append(record)
         p.evaluated = p.epoch
+        p.start_epoch()  # now: counters kept across a change of ranks count another number of steps
         self.report_evaluation(record)
         self.log.say(f"epoch {p.epoch}/{self.cfg.epochs}: train loss {record['train_loss']:.4f}, val top-1 error "
                      f"{result.top1_error:.1%} (chance {self.chance:.1%}), top-5 error {result.top5_error:.1%} "

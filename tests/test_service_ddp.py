@@ -122,6 +122,31 @@ def test_a_checkpoint_moves_from_one_rank_to_two_and_back(sample_shards: Path, t
     assert events(out, "finished")[-1]["step"] == 6 + STEPS_2_RANKS + 6
 
 
+def test_an_epoch_trained_on_two_ranks_keeps_its_loss_when_evaluated_on_one(sample_shards: Path, tmp_path: Path) -> None:
+    """Stopped at epoch 1's end on two ranks, its evaluation pending; resumed on one process, where
+    the saved loader positions do not apply.  The epoch is trained, so it is not trained again, and
+    its record must hold the loss and speed the two ranks counted (they were zeroed: train loss
+    0.0, 0.0 img/s); epoch 2 is then a whole epoch of this run's 6 steps."""
+    out, args = tmp_path / "run", ("--epochs", "2", "--eval_views", "10")  # 10 views: a long evaluation to stop in
+    first = Service(sample_shards, out, *args, "--http.port", str(free_port(2)), launcher=TORCHRUN_2)
+    try:
+        first.wait_for(rf"epoch 1 step {STEPS_2_RANKS}/{STEPS_2_RANKS}")
+        first.signal(signal.SIGTERM)
+        first.wait(timeout=120)
+    finally:
+        first.kill()
+    assert f"at step {STEPS_2_RANKS}, epoch 1 trained, its evaluation pending" in first.stdout, first.stdout
+    losses = [e["loss"] for e in events(out, "train") if e["epoch"] == 1]  # rank 0's, whose progress is saved
+    rc, second = run_service(sample_shards, out, *args)
+    assert rc == 0, second.stderr
+    history = json.loads((out / "history.json").read_text())
+    assert history[0]["train_loss"] == pytest.approx(sum(losses) / STEPS_2_RANKS, rel=1e-5)
+    assert history[0]["images_per_s"] > 0 and events(out, "eval")[0]["train_loss"] == history[0]["train_loss"]
+    assert "epoch 1 step" not in second.stdout and "epoch 2 step 6/6" in second.stdout
+    assert "epoch 2 step 7/" not in second.stdout and events(out, "finished")[-1]["step"] == STEPS_2_RANKS + 6
+    assert "split anew from epoch 2 on; epoch 1, trained, is evaluated with its own counters" in second.stderr
+
+
 # One process group of one rank (gloo), so DDP's hooks and Dynamo's DDP handling run for real.
 COMPILED_DDP = r"""
 import os, sys
