@@ -4,6 +4,10 @@ process at once.
 torchrun and Docker send SIGTERM and SIGKILL 30 s later (SPEC 8); Ctrl-C is SIGINT; a closed
 terminal or ssh session is SIGHUP, whose default action would kill the process on the spot and
 lose up to ``checkpoint.every_seconds`` of work, so it is a stop request like the other two.
+Unless it is ignored when the service starts: ``nohup`` ignores it so that the run outlives the
+terminal, and it stays ignored.  SIGINT is handled even when ignored: a shell starts a
+background job (``&``, as ``docker/entrypoint.sh`` does) with SIGINT ignored, and the
+entrypoint's trap forwards Ctrl-C to the service as SIGINT.
 
 The handler only records the signal in plain attributes: no I/O, no locks, nothing that could
 deadlock against the code it interrupted.  (A ``threading.Event`` takes its condition's lock
@@ -55,12 +59,14 @@ class StopFlag:
         self.requested = True
 
     def install(self) -> StopFlag:
-        """Handle SIGTERM, SIGINT and SIGHUP in this (main) thread; start the watcher."""
+        """Handle SIGTERM, SIGINT and SIGHUP (unless ignored: ``nohup``) in this (main) thread; start the watcher."""
         read, write = os.pipe()
         os.set_blocking(write, False)
         self._wakeup = (write, signal.set_wakeup_fd(write, warn_on_full_buffer=False))
         threading.Thread(target=_watch, args=(read,), name="stop-signal-watcher", daemon=True).start()
         for sig in SIGNALS:
+            if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+                continue  # nohup's: the run is to outlive its terminal (see the module docstring)
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 

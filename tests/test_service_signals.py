@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.service_proc import ROOT, TINY, checkpoint_steps, events
+from tests.service_proc import ROOT, TINY, Service, checkpoint_steps, events
 
 # A process that requests stops from code in a tight loop (the main thread is inside
 # StopFlag.request most of the time) while another thread sends it SIGTERM, round after round.
@@ -92,6 +92,30 @@ def test_a_closed_terminal_stops_with_a_checkpoint(sample_shards: Path, tmp_path
     assert len(stopped) == 1 and stopped[0]["reason"] == "SIGHUP"
     assert checkpoint_steps(out) == [stopped[0]["step"]] and 2 <= stopped[0]["step"] < 6
     assert f"stopped (SIGHUP) at step {stopped[0]['step']}" in stderr and "Traceback" not in stderr
+
+
+# The service started by nohup (SIGHUP ignored, then exec'd), through the tests' Service helper.
+NOHUP = ("-c", "import os, sys; os.execvp('nohup', ['nohup', sys.executable, *sys.argv[1:]])")
+
+
+@pytest.mark.slow
+def test_under_nohup_a_sighup_leaves_the_run_training(sample_shards: Path, tmp_path: Path) -> None:
+    """``nohup python -m service ... &``, then the ssh session closes: the SIGHUP that nohup
+    ignores must stay ignored (the run was to outlive the terminal); a SIGTERM still stops it."""
+    out = tmp_path / "run"
+    service = Service(sample_shards, out, "--epochs", "2", launcher=NOHUP)
+    try:
+        service.wait_for(r"epoch 1 step 2/6")
+        service.signal(signal.SIGHUP)
+        service.wait_for(r"epoch 2 step 1/6")  # epoch 1 done and evaluated: the SIGHUP asked for nothing
+        service.signal(signal.SIGTERM)
+        rc = service.wait(timeout=120)
+    finally:
+        service.kill()
+    assert rc == 0, service.stderr
+    stopped = events(out, "stopped")
+    assert len(stopped) == 1 and stopped[0]["reason"] == "SIGTERM" and stopped[0]["step"] > 6, service.stdout
+    assert "SIGHUP" not in service.stdout + service.stderr and [e["epoch"] for e in events(out, "eval")] == [1]
 
 
 # A process that, once a stop is requested, works 2 s more in Python (the step and the checkpoint
