@@ -6,7 +6,7 @@ import sys
 
 from common.config import ConfigError, load_config, split_config_arg
 from common.config_help import settings_help, wants_help
-from shards.build import Interrupted, TooManySkipped, build
+from shards.build import Interrupted, OtherDataset, TooManySkipped, build
 from shards.config import ShardConfig
 from shards.layouts import LayoutError
 from shards.workers import WorkerError
@@ -38,7 +38,7 @@ def main(argv: list[str]) -> int:
         signal.signal(sig, _terminate)
     try:
         build(cfg)
-    except (LayoutError, TooManySkipped) as exc:
+    except (LayoutError, TooManySkipped, OtherDataset) as exc:
         print(f"shards: error: {exc}", file=sys.stderr)
         return 1
     except WorkerError as exc:

@@ -36,6 +36,27 @@ from shards.write_split import SplitResult, SplitWriter, write_splits
 PLAN = "runs-v2"
 
 
+class OtherDataset(RuntimeError):
+    """``--out`` holds the finished shards of another dataset: this run would replace them."""
+
+
+def check_same_dataset(cfg: ShardConfig, inventory: Inventory) -> None:
+    """Refuse to write over the finished shards of other classes.  Why: the Makefile's sample
+    targets (preview, demo) shard data/sample into data/shards, also the default --out for
+    ImageNet, and a ``make demo`` after ``make shards SRC=<imagenet>`` silently replaced ~31 GB of
+    shards (hours of work) with 720 sample images.  Other sources of the same classes are the same
+    dataset changed: what changed is rebuilt, as before."""
+    try:
+        m = contract.load(cfg.out, splits=())
+    except contract.ManifestError:
+        return  # nothing finished there
+    if list(m.classes) != list(inventory.classes):
+        raise OtherDataset(f"{cfg.out} holds the finished shards of another dataset ({len(m.classes)} classes, "
+                           f"{m.record.get('written', '?')} images), {cfg.src} has {len(inventory.classes)} "
+                           "classes: writing here would replace them. Choose another --out (make: OUT=dir), "
+                           f"or delete {cfg.out} first")
+
+
 class TooManySkipped(RuntimeError):
     """More inputs were unusable than ``max_skipped_fraction`` allows."""
 
@@ -246,6 +267,7 @@ class _Job:
             inventory = scan(cfg.src, cfg.val_labels)
         print(f"shards: {cfg.src}: layout {inventory.layout}, {len(inventory.classes)} classes, "
               f"{len(inventory.sources)} images found", flush=True)
+        check_same_dataset(cfg, inventory)
         cfg.out.mkdir(parents=True, exist_ok=True)
         try:
             with Workers(cfg.processes) as workers:

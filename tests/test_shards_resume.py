@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from shards import manifest as contract
+from sampledata.generate import SampleConfig, generate
 from shards.build import build
 from shards.config import ShardConfig
 from tests.conftest import ROOT
@@ -158,3 +159,19 @@ def test_a_rerun_rewrites_a_stale_index_from_its_tar(sample_src: Path, tmp_path:
     assert f"shards: rewrote {shard.index} from its tar" in capsys.readouterr().out
     assert {p: b for p, b in _tree(tmp_path).items() if p != shard.index.relative_to(tmp_path).as_posix()} == before
     assert contract.index_problem(shard, shard.bytes) is None
+
+
+def test_the_finished_shards_of_another_dataset_are_not_replaced(sample_src: Path, tmp_path: Path) -> None:
+    """``make demo`` shards the sample into data/shards, the default --out of ImageNet too: a
+    dataset of other classes is refused in one line (exit 1), and the shards there stay as they were."""
+    out, other = tmp_path / "shards", tmp_path / "other"
+    build(ShardConfig(src=sample_src, out=out, shard_samples=30, workers=2).validate())
+    generate(SampleConfig(out=other, classes=2, train_per_class=3, val_per_class=1, seed=5))
+    before = _tree(out)
+    done = subprocess.run([sys.executable, "-m", "shards", "--src", str(other), "--out", str(out), *ARGS], cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip() == (f"shards: error: {out} holds the finished shards of another dataset (6 classes, "
+                                   f"180 images), {other} has 2 classes: writing here would replace them. Choose "
+                                   f"another --out (make: OUT=dir), or delete {out} first")
+    assert _tree(out) == before
