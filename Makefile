@@ -134,5 +134,5 @@ test-fast: setup ## the tests not marked slow (the edit-test loop; make test run
 test-docker: setup ## build the image and run make train GPUS=none for real (as root, starts a Docker engine if none runs; 2-5 min, up to 12 when pip is slow)
 	@bash scripts/test-docker.sh $(ARGS)
 
-clean: ## remove generated data, runs and benchmark output (keeps .venv)
-	rm -rf data runs bench/*.json bench/*.png
+clean: ## remove what make demo, the tests and benchmarks wrote (keeps .venv, real shards in data/shards, runs other than runs/demo)
+	@bash scripts/clean.sh
