@@ -170,6 +170,8 @@ case ${1:-} in
         compose_existing stop ;;
     logs)
         why=$(blocker logs); [ -z "$why" ] || die "$why"
+        # compose follows nothing and exits 0 when there is no container: say so instead
+        [ -n "$(compose_existing ps -a -q trainer)" ] || die "make logs: the stack has no trainer container: make train starts it"
         if [ -t 1 ]; then compose_existing logs -f trainer; else compose_existing --ansi never logs -f trainer; fi ;;
     shards) shards ;;
     gpus) gpu_override ;;  # print the trainer's GPU request for GPUS (what `up` passes to compose)

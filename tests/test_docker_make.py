@@ -18,6 +18,7 @@ RECORDER = """case "$1" in
   info) echo '{}'; exit 0 ;;
   compose) [ "$2" = version ] && { echo 2.26.1; exit 0; } ;;
 esac
+case " $* " in *" ps -a -q trainer "*) [ -n "${NO_TRAINER:-}" ] || echo 4f2a9c1e ;; esac
 printf '%s\\n' "$*" "SHARDS=$SHARDS" "RUN=$RUN" "CONFIG=$CONFIG" >> "$DOCKER_LOG"
 """
 
@@ -90,6 +91,14 @@ def test_stop_and_logs_work_with_the_makefiles_defaults(target: str, tmp_path: P
         assert all(Path(p).is_absolute() for p in paths.values()), paths
         check = compose_config(tmp_path, ROOT / "docker" / "compose.yaml", **paths)
         assert check.returncode == 0, check.stderr
+
+
+def test_make_logs_without_a_trainer_container_says_so(tmp_path: Path) -> None:
+    """It printed nothing and exited 0 (compose follows no container without a word)."""
+    result = make(fake_path(tmp_path, RECORDER), tmp_path, "logs", NO_TRAINER="1")
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[0] == "make logs: the stack has no trainer container: make train starts it"
+    assert not any(" logs " in c["args"] for c in recorded(tmp_path)), recorded(tmp_path)
 
 
 def test_make_train_gpus_none_needs_no_nvidia_runtime_and_starts_no_dcgm(tmp_path: Path) -> None:
