@@ -90,6 +90,16 @@ class Service:
             r.join(timeout=10)
         return rc
 
+    def stop_at(self, pattern: str, sig: int = signal.SIGTERM, group: bool = False, timeout: float = 120) -> int:
+        """Signal ``sig`` (to the process group with ``group``) once a stdout line matches
+        ``pattern``; the exit code.  Killed whatever happens, as ``kill`` does."""
+        try:
+            self.wait_for(pattern)
+            (self.signal_group if group else self.signal)(sig)
+            return self.wait(timeout=timeout)
+        finally:
+            self.kill()
+
     def kill(self) -> None:
         kill_all(self.proc)  # first: once the launcher is gone, what it started is no longer below it
         if self.group:  # the rest of its group, should the launcher have gone first

@@ -94,12 +94,7 @@ def test_sigterm_to_the_whole_process_group_stops_every_rank_with_one_checkpoint
     signal twice: ``tests/test_service_signals.py``)."""
     out = tmp_path / "run"
     service = Service(sample_shards, out, "--epochs", "3", launcher=TORCHRUN_2, group=True)
-    try:
-        service.wait_for(r"epoch 2 step 1/3")
-        service.signal_group(signal.SIGTERM)
-        service.wait(timeout=60)
-    finally:
-        service.kill()
+    service.stop_at(r"epoch 2 step 1/3", group=True, timeout=60)
     stopped = [events(out, "stopped", rank) for rank in (0, 1)]
     assert all(len(s) == 1 and s[0]["reason"] == "SIGTERM" for s in stopped), service.stdout + service.stderr
     step = stopped[0][0]["step"]
@@ -129,12 +124,7 @@ def test_an_epoch_trained_on_two_ranks_keeps_its_loss_when_evaluated_on_one(samp
     0.0, 0.0 img/s); epoch 2 is then a whole epoch of this run's 6 steps."""
     out, args = tmp_path / "run", ("--epochs", "2", "--eval_views", "10")  # 10 views: a long evaluation to stop in
     first = Service(sample_shards, out, *args, "--http.port", str(free_port(2)), launcher=TORCHRUN_2)
-    try:
-        first.wait_for(rf"epoch 1 step {STEPS_2_RANKS}/{STEPS_2_RANKS}")
-        first.signal(signal.SIGTERM)
-        first.wait(timeout=120)
-    finally:
-        first.kill()
+    first.stop_at(rf"epoch 1 step {STEPS_2_RANKS}/{STEPS_2_RANKS}")
     assert f"at step {STEPS_2_RANKS}, epoch 1 trained, its evaluation pending" in first.stdout, first.stdout
     losses = [e["loss"] for e in events(out, "train") if e["epoch"] == 1]  # rank 0's, whose progress is saved
     rc, second = run_service(sample_shards, out, *args)
