@@ -20,8 +20,13 @@
 # The service records such a code in ALEXNET_EXIT_FILE, since torchrun exits 1 whatever its ranks
 # did; an exit without one is a crash (a traceback, a signal, the kernel's OOM killer), which is
 # restarted, and the service resumes from its newest checkpoint.
-# docker stop's SIGTERM reaches this script through tini (compose's init: true); it is passed on
-# to the launcher (torchrun forwards it to the ranks), which checkpoint and exit 0.
+# docker stop's SIGTERM (and SIGINT, SIGHUP) reaches this script through tini (compose's init:
+# true) and is passed on to the trainer, which checkpoints and exits 0: to python itself, and in
+# torchrun's case to its ranks, not to torchrun.  torchrun answers a signal with a SignalException
+# traceback and exit 1 (the container would exit 1, which means a data error), and SIGKILLs its
+# ranks 30 s later (TORCH_ELASTIC_SHUTDOWN_TIMEOUT), cutting a checkpoint write short on a slow
+# disk (455 MB took ~57 s on one).  Signalled directly, the ranks checkpoint and exit 0, torchrun
+# sees its workers succeed and exits 0, and compose's stop_grace_period is the only limit.
 set -u
 
 nproc=${NPROC:-auto}
@@ -45,7 +50,9 @@ set -- --http.host "$HTTP_HOST" --http.port "$HTTP_PORT" "$@"  # later flags in 
 export ALEXNET_EXIT_FILE="${ALEXNET_EXIT_FILE:-/tmp/alexnet-exit}"
 
 launch() {
+    launcher=torchrun
     if [ "$nnodes" = 1 ] && [ "$nproc" = 1 ]; then
+        launcher=python
         python -m service "$@" &
     elif [ "$nnodes" = 1 ]; then
         torchrun --standalone --nproc-per-node "$nproc" -m service "$@" &
@@ -72,13 +79,35 @@ wait_child() {
     child=""
 }
 
-child="" stopping=""
+# The pids whose parent is $1.  The image has no procps (pgrep), so from /proc: the parent is the
+# second field after the command name, which is in parentheses and may hold spaces or ')'.
+children() {
+    for stat in /proc/[0-9]*/stat; do
+        { read -r fields < "$stat"; } 2>/dev/null || continue  # gone meanwhile
+        fields=${fields##*) }
+        fields=${fields#* }
+        [ "${fields%% *}" = "$1" ] || continue
+        stat=${stat#/proc/}
+        echo "${stat%/stat}"
+    done
+}
+
+# torchrun starts its ranks in sessions of their own, so nothing else reaches them.  Before the
+# ranks exist (a multi-node rendezvous) torchrun itself gets the signal: there is nothing to save.
+child="" launcher="" stopping=""
 forward() {
     stopping=$1
-    [ -z "$child" ] || kill -s "$1" "$child" 2>/dev/null
+    [ -n "$child" ] || return 0
+    ranks=""
+    [ "$launcher" != torchrun ] || ranks=$(children "$child")
+    # shellcheck disable=SC2086  # one pid per word
+    kill -s "$1" ${ranks:-"$child"} 2>/dev/null
 }
 trap 'forward TERM' TERM
 trap 'forward INT' INT
+# A closed terminal or ssh session: the service stops on it as on SIGTERM; untrapped, it killed
+# this shell (the container exited 129) and the trainer with it, without a checkpoint.
+trap 'forward HUP' HUP
 
 crashes=0
 while :; do
@@ -97,7 +126,7 @@ while :; do
     fi
     echo "entrypoint: the trainer crashed (exit $code); restarting in ${RESTART_DELAY:-10} s, from its newest" \
         "checkpoint (crash $crashes of ${RESTARTS:-5} in a row)" >&2
-    crash=$code
+    crash=$code launcher=sleep
     sleep "${RESTART_DELAY:-10}" &
     child=$!
     wait_child

@@ -223,8 +223,38 @@ def test_make_stop_checkpoints_and_make_train_resumes(stack: Path, work: Path) -
     assert starts[1]["step"] == step and Path(starts[1]["resumed_from"]).name == name
     wait_for("training past the resumed step",
              lambda: any(e.get("step", 0) > step for e in events(stack, "train")), 300)
-    make("stop")
+    # A closed terminal's SIGHUP is a stop too: the entrypoint trapped only TERM and INT, so tini's
+    # SIGHUP killed it and the trainer, no checkpoint (Exited 129).
+    docker("kill", "-s", "HUP", trainer())
+    wait_for("the trainer to exit after SIGHUP", lambda: state(trainer())["Status"] == "exited", 60, every=1)
     assert state(trainer())["ExitCode"] == 0
+    _, hup = events(stack, "stopped")
+    name = Path(events(stack, "checkpoint")[-1]["path"]).name
+    assert hup["reason"] == "SIGHUP" and (stack / name).exists() and int(re.findall(r"\d+", name)[-1]) == hup["step"]
+    make("stop")
+
+
+def test_make_stop_with_two_ranks_checkpoints_and_exits_0(work: Path) -> None:
+    """NPROC=2: torchrun, as every multi-GPU make train runs.  The entrypoint passed make stop's
+    SIGTERM to torchrun, which raised SignalException (a traceback in make logs) and exited 1, the
+    container's exit code for a data error, though both ranks had checkpointed."""
+    run = work / "run-2-ranks"
+    make("train", "GPUS=none", "NPROC=2", f"SHARDS={work / 'shards'}", f"RUN={run}", f"CONFIG={work / 'tiny.toml'}")
+    wait_for("a training step", lambda: events(run, "train"), 300)
+    t0 = time.monotonic()
+    make("stop")
+    assert time.monotonic() - t0 < 30
+    s = state(trainer())
+    assert s["Status"] == "exited" and s["ExitCode"] == 0
+    logs = subprocess.run(["docker", "logs", trainer()], capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in logs.stdout + logs.stderr and "SignalException" not in logs.stdout + logs.stderr, \
+        (logs.stdout + logs.stderr)[-3000:]
+    (stopped,) = events(run, "stopped")
+    name = Path(events(run, "checkpoint")[-1]["path"]).name
+    assert stopped["world_size"] == 2 and stopped["reason"] == "SIGTERM"
+    assert (run / name).exists() and int(re.findall(r"\d+", name)[-1]) == stopped["step"]
+    rank1 = [json.loads(x) for x in (run / "log.rank1.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in rank1 if e.get("event") == "stopped"] == [stopped["step"]]  # both ranks stopped there
 
 
 def test_a_run_directory_the_trainer_cannot_write_stops_it_in_one_line(work: Path) -> None:

@@ -61,7 +61,7 @@ def test_compose_trainer(services: dict) -> None:
     assert t["ipc"] == "host" and t["init"] is True
     # Docker never restarts it: the entrypoint restarts crashes, a diagnosed problem stays down.
     assert t["restart"] == "no"
-    assert seconds(t["stop_grace_period"]) >= 60  # torchrun's 30 s window plus the checkpoint
+    assert seconds(t["stop_grace_period"]) >= 60  # a stop's checkpoint on a slow disk (~57 s at 8 MB/s)
     volumes = {v.split(":")[1]: v for v in t["volumes"]}
     assert volumes["/data/shards"].endswith(":ro") and volumes["/runs/run"].endswith(":rw")
     (gpus,) = t["deploy"]["resources"]["reservations"]["devices"]

@@ -20,13 +20,15 @@ ECHO = 'echo {name} "$@"\n'
 
 
 def entrypoint(tmp_path: Path, body: str = ECHO, args: tuple[str, ...] = ("--config", "c.toml"), popen: bool = False,
-               **env: str):
+               torchrun: str | None = None, **env: str):
     """docker/entrypoint.sh with python and torchrun replaced by scripts running ``body``
-    (``{name}`` is the replaced command's name; ``$RUNS`` counts the launches)."""
+    (``{name}`` is the replaced command's name; ``$RUNS`` counts the launches); ``torchrun``: a
+    whole script for torchrun instead."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     for name in ("python", "torchrun"):
-        (bin_dir / name).write_text('#!/bin/sh\necho x >> "$RUNS"\n' + body.replace("{name}", name))
+        text = '#!/bin/sh\necho x >> "$RUNS"\n' + body.replace("{name}", name)
+        (bin_dir / name).write_text(torchrun if name == "torchrun" and torchrun else text)
         (bin_dir / name).chmod(0o755)
     base = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HTTP_HOST": "127.0.0.1", "HTTP_PORT": "9431",
             "PROBE_FILE": str(tmp_path / "probe"), "ALEXNET_EXIT_FILE": str(tmp_path / "exit"),
@@ -91,19 +93,83 @@ def test_a_diagnosed_exit_is_not_restarted(nproc: str, launcher_code: int, tmp_p
     assert result.stderr.splitlines() == ["service: run directory /runs/run cannot be written"]  # nothing added
 
 
-def test_sigterm_reaches_the_service_and_its_exit_code_is_kept(tmp_path: Path) -> None:
-    body = ('trap \'echo TERM >> "$RUNS.signals"; exit 0\' TERM\ntouch "$RUNS.ready"\n'
+def wait_ready(tmp_path: Path, *names: str) -> None:
+    deadline = time.monotonic() + 30
+    while not all((tmp_path / n).exists() and (tmp_path / n).read_text() for n in names) \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def kill_left(tmp_path: Path, *names: str) -> None:
+    """The stand-ins that a signal did not reach (each wrote its pid to its ready file) would run on."""
+    for name in names:
+        try:
+            os.kill(int((tmp_path / name).read_text()), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_reaches_the_service_and_its_exit_code_is_kept(sig: signal.Signals, tmp_path: Path) -> None:
+    """docker stop (SIGTERM) or a SIGHUP to the container, through tini; an untrapped SIGHUP
+    killed the entrypoint (exit 129) and the service with it, without a checkpoint."""
+    body = ('trap \'echo TERM >> "$RUNS.signals"; exit 0\' TERM\n'
+            'trap \'echo HUP >> "$RUNS.signals"; exit 0\' HUP\necho $$ > "$RUNS.ready"\n'
             'while :; do sleep 0.1; done\n')
     proc = entrypoint(tmp_path, body, popen=True)
     try:
-        deadline = time.monotonic() + 30
-        while not (tmp_path / "runs.ready").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)  # docker stop, through tini
+        wait_ready(tmp_path, "runs.ready")
+        proc.send_signal(sig)
         code = proc.wait(timeout=20)
     finally:
         proc.kill()
-    assert code == 0 and (tmp_path / "runs.signals").read_text() == "TERM\n" and launches(tmp_path) == 1
+        kill_left(tmp_path, "runs.ready")
+    assert code == 0 and (tmp_path / "runs.signals").read_text() == sig.name[3:] + "\n" and launches(tmp_path) == 1
+
+
+# torchrun as far as signals go: two ranks in sessions of their own (as torchrun starts them) that
+# stop on a signal with exit 0; a signal to torchrun itself is its SignalException, exit 1.
+RANK = """import os, signal, sys, time
+def stop(signum, frame):
+    with open(os.environ["RUNS"] + ".signals", "a") as f:
+        f.write(f"rank{sys.argv[1]} {signal.Signals(signum).name}\\n")
+    sys.exit(0)
+for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(s, stop)
+with open(os.environ["RUNS"] + ".ready" + sys.argv[1], "w") as f:
+    f.write(str(os.getpid()))
+while True:
+    time.sleep(0.1)
+"""
+TORCHRUN = f"""#!{sys.executable}
+import os, signal, subprocess, sys
+def caught(signum, frame):
+    with open(os.environ["RUNS"] + ".signals", "a") as f:
+        f.write(f"torchrun {{signal.Signals(signum).name}}\\n")
+    sys.exit(1)
+for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(s, caught)
+open(os.environ["RUNS"], "a").write("x\\n")
+ranks = [subprocess.Popen([sys.executable, "-c", {RANK!r}, str(r)], start_new_session=True) for r in range(2)]
+sys.exit(max(r.wait() for r in ranks))
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_stop_signal_goes_to_torchruns_ranks_not_to_torchrun(sig: signal.Signals, tmp_path: Path) -> None:
+    """make stop with NPROC=2: passed to torchrun, the signal made it exit 1 with a traceback
+    (the container's exit 1, which means a data error) and SIGKILL its ranks 30 s later,
+    mid-checkpoint on a slow disk."""
+    proc = entrypoint(tmp_path, popen=True, torchrun=TORCHRUN, NPROC="2")
+    try:
+        wait_ready(tmp_path, "runs.ready0", "runs.ready1")
+        proc.send_signal(sig)
+        code = proc.wait(timeout=20)
+    finally:
+        proc.kill()
+        kill_left(tmp_path, "runs.ready0", "runs.ready1")
+    signals = sorted((tmp_path / "runs.signals").read_text().splitlines())
+    assert code == 0 and signals == [f"rank0 {sig.name}", f"rank1 {sig.name}"] and launches(tmp_path) == 1
 
 
 class Healthz(http.server.BaseHTTPRequestHandler):
