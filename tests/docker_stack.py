@@ -127,6 +127,15 @@ def test_shards_docker_builds_the_image_and_shards(work: Path) -> None:
     assert docker("image", "inspect", "-f", "{{.Config.User}}", "alexnet2012:latest") == "10001:10001"  # non-root
 
 
+def test_torch_compile_runs_in_the_image(work: Path) -> None:
+    """model.compile (configs/paper.toml sets it) compiles at run time; without a C++ compiler in the
+    image it failed with InvalidCxxCompiler and the entrypoint restarted the trainer 5 times."""
+    code = "import torch; f = torch.compile(lambda x: x.sin() + 1); print(f(torch.zeros(3)).tolist())"
+    result = subprocess.run(["docker", "run", "--rm", "--entrypoint", "python", "alexnet2012:latest", "-c", code],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "[1.0, 1.0, 1.0]", result.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def stack(work: Path) -> Path:
     """make train GPUS=none on the sample shards; the run directory."""
