@@ -142,6 +142,23 @@ def test_bad_gpus_are_refused(gpus: str) -> None:
     assert result.returncode != 0 and result.stdout == "" and len(result.stderr.splitlines()) == 1
 
 
+def test_the_by_hand_command_creates_run_and_runs_the_trainer_as_its_owner(tmp_path: Path) -> None:
+    """compose.yaml's comment, run with docker replaced by a stub: without make, TRAIN_UID/GID
+    defaulted to 10001 and Docker created a missing RUN as root's, so the trainer exited 5."""
+    header = DOCKER.joinpath("compose.yaml").read_text().split("\n\n")[0]
+    lines = [x[4:] for x in header.splitlines() if x.startswith("#   ")]  # the indented command
+    script = "\n".join(lines).replace("/fast/shards", str(tmp_path / "shards")).replace(
+        "/fast/runs/alexnet", str(tmp_path / "runs" / "alexnet"))
+    (tmp_path / "docker").write_text('#!/bin/sh\necho "$TRAIN_UID:$TRAIN_GID $*"\n')
+    (tmp_path / "docker").chmod(0o755)
+    result = subprocess.run(["bash", "-euc", script], env={"PATH": f"{tmp_path}:{os.environ['PATH']}"},
+                            capture_output=True, text=True, timeout=30)
+    run = tmp_path / "runs" / "alexnet"
+    assert result.returncode == 0 and run.is_dir(), result.stderr
+    assert result.stdout.split()[0] == f"{run.stat().st_uid}:{run.stat().st_gid}"
+    assert "compose -p alexnet -f docker/compose.yaml up -d --build" in result.stdout
+
+
 def test_dockerfile_passes_hadolint() -> None:
     result = subprocess.run([tool("hadolint"), str(DOCKER / "Dockerfile")], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
