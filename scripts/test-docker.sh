@@ -40,6 +40,12 @@ cleanup() {
     fi
 }
 trap cleanup EXIT
+# bash runs no EXIT trap when a signal it does not trap kills it (a CI cancel, timeout): dockerd,
+# its netns mount and the containers were left.  Trapped, the signal ends the script through exit
+# (once the command in the foreground, pytest, has returned), and cleanup runs.
+trap 'exit 129' HUP
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 install_missing() {  # Debian packages, as setup.sh does for headers: as root with apt, else say so
     local missing=() cmd pkg
