@@ -42,7 +42,10 @@ class LineProgress:
             line += f", {elapsed:.0f} s"
         elif rate > 0:
             line += f", ETA {(self.total - self.n) / rate:.0f} s"
-        print(line, file=self.file, flush=True)
+        # One write: print's two (text, then newline) let a stop signal's KeyboardInterrupt land
+        # between them, and the stop's own line was glued to this one (seen in tests/test_shards_signals.py)
+        self.file.write(line + "\n")
+        self.file.flush()
 
     def close(self) -> None:
         if not self._closed:
