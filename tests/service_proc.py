@@ -90,12 +90,12 @@ class Service:
             r.join(timeout=10)
         return rc
 
-    def stop_at(self, pattern: str, sig: int = signal.SIGTERM, group: bool = False, timeout: float = 120) -> int:
-        """Signal ``sig`` (to the process group with ``group``) once a stdout line matches
-        ``pattern``; the exit code.  Killed whatever happens, as ``kill`` does."""
+    def stop_at(self, pattern: str, group: bool = False, timeout: float = 120) -> int:
+        """SIGTERM (to the process group with ``group``) once a stdout line matches ``pattern``;
+        the exit code.  Killed whatever happens, as ``kill`` does."""
         try:
             self.wait_for(pattern)
-            (self.signal_group if group else self.signal)(sig)
+            (self.signal_group if group else self.signal)(signal.SIGTERM)
             return self.wait(timeout=timeout)
         finally:
             self.kill()
