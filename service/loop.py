@@ -11,8 +11,8 @@ Resume is exact: the checkpoint holds the loader's position, so a restarted run 
 interrupted epoch with the batches it had not yet trained on, with the same dropout draws.
 What a checkpoint holds, when it is due and how a run resumes: ``service.checkpointer``.
 
-Several ranks: the stop and checkpoint decisions are agreed by every rank (a step late, see
-``service.dist.Agreement``), so every rank stops and checkpoints at the same step.
+Several ranks: the stop and checkpoint decisions, and a failed checkpoint write, are agreed by
+every rank (a step late, ``service.dist.Agreement``): every rank stops or checkpoints at one step.
 """
 from __future__ import annotations
 
