@@ -44,8 +44,9 @@ def write_failure(exc: BaseException, path: Path, needed: int) -> str:
     return f"{type(exc).__name__}: {exc}; {intact}"
 
 
-def failed_write(out: Path, message: str, rank: int | None = None) -> ServiceError:
-    """Exit 4 with the line for a failed checkpoint write in ``out`` (``rank``'s, said by another)."""
+def write_error(out: Path, message: str, rank: int | None = None) -> ServiceError:
+    """The exit-4 error for a failed checkpoint write in ``out`` (``message``: ``write_failure``'s
+    line; ``rank``: whose write it was, when another rank says it)."""
     by = f"rank {rank}: " if rank is not None else ""
     return ServiceError(EXIT_CHECKPOINT, f"{by}writing a checkpoint in {out} failed: {message}")
 
@@ -102,7 +103,7 @@ class CheckpointWriter:
         return self._error
 
     def check(self) -> None:
-        """Raise the error of a failed write (cheap: the loop calls it every step)."""
+        """Raise the error of a failed write, once (a job's ranks: ``CheckpointManager.wait``)."""
         if self._error is not None:
             message, self._error = self._error, None
-            raise failed_write(self.out, message)
+            raise write_error(self.out, message)

@@ -31,7 +31,7 @@ import torch
 from common.config import to_dict
 from model import load_velocity_state, velocity_state
 from service import checkpoint as ckpt
-from service.checkpoint_writer import CheckpointWriter, failed_write
+from service.checkpoint_writer import CheckpointWriter, write_error
 from service.config import TrainConfig
 from service.dist import Ranks
 from service.errors import EXIT_CONFIG, ServiceError
@@ -142,7 +142,7 @@ class CheckpointManager:
         for rank, failure in enumerate(failures):
             if failure is not None:
                 self.writer.check()  # this rank's own
-                raise failed_write(self.cfg.out, failure, rank)
+                raise write_error(self.cfg.out, failure, rank)
 
     def _payload(self, reason: str, per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         payload = {"format": ckpt.FORMAT, "version": ckpt.VERSION, "run_id": self.run_id, "reason": reason,
