@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> dict:
         ckpt, e2 = _trainer(model, optimizer, loader, device, Path(tmp) / "ckpt", args.log_every, args.ckpt_every)
         runs = {"bare": lambda: [train_step(model, optimizer, x, y) for x, y in loader],
                 "service": plain.train_epoch,
-                "service + checkpoints": lambda: (ckpt.train_epoch(), ckpt.writer.wait())}
+                "service + checkpoints": lambda: (ckpt.train_epoch(), ckpt.checkpoints.writer.wait())}
         for name, fn in runs.items():  # warm-up: allocations, first checkpoint buffers
             fn()
             _sync(device)

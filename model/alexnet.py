@@ -242,7 +242,9 @@ class AlexNet(nn.Module):
         xa, xb = x.to(self.conv1.a.weight.device), x.to(self.conv1.b.weight.device)
         a, b = self.conv1(xa, xb) if self.input_channels == 3 else (
             self._first_conv(self.conv1.a, xa), self._first_conv(self.conv1.b, xb))
-        norm = lambda t: _norm_pool(t, 1, self.lrn_fp32, self.lrn)  # noqa: E731
+
+        def norm(t: Tensor) -> Tensor:
+            return _norm_pool(t, 1, self.lrn_fp32, self.lrn)
         a, b = self.conv2(norm(a), norm(b))
         a, b = self.conv3(*_exchange(norm(a), norm(b)))
         a, b = self.conv4(F.relu(a), F.relu(b))

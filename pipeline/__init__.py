@@ -22,6 +22,7 @@ import torch
 
 from pipeline.config import LoaderConfig
 from pipeline.stats import DatasetStats, load_stats
+from shards.manifest import Manifest
 
 __all__ = ["LoaderConfig", "DatasetStats", "load_stats", "build_train_loader", "build_eval_loader",
            "average_views", "dali_available"]
@@ -36,7 +37,7 @@ def dali_available() -> bool:
     return True
 
 
-def _spec(shards_dir: Path | str, split: str, rank: int, world_size: int, device: torch.device,
+def _spec(shards: Path | str | Manifest, split: str, rank: int, world_size: int, device: torch.device,
           config: LoaderConfig, train: bool, views: int, debug: bool, exclude: Collection[str] = ()):
     from shards.manifest import load  # the shard directory contract; fails early with a hint
 
@@ -46,7 +47,10 @@ def _spec(shards_dir: Path | str, split: str, rank: int, world_size: int, device
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, {world_size})")
     eval_views(views)  # validates ``views``
-    manifest = load(shards_dir, splits=(split,) if split == "train" else (split, "train"), exclude=exclude)
+    # A Manifest was loaded (and its files checked) by the caller: its index files are read whole,
+    # ~100 MB for ImageNet's train split, once per start rather than once per loader.
+    manifest = shards if isinstance(shards, Manifest) else \
+        load(shards, splits=(split,) if split == "train" else (split, "train"), exclude=exclude)
     if config.crop > manifest.image_size:  # DALI's draw of a train crop's anchor would crash the process
         raise ValueError(f"crop {config.crop} does not fit the shards' {manifest.image_size}-pixel images "
                          f"({manifest.root})")
@@ -60,23 +64,25 @@ def _spec(shards_dir: Path | str, split: str, rank: int, world_size: int, device
         debug=debug, excluded=len(manifest.splits[split].shards) - len(shards))
 
 
-def build_train_loader(shards_dir: Path | str, rank: int = 0, world_size: int = 1,
+def build_train_loader(shards: Path | str | Manifest, rank: int = 0, world_size: int = 1,
                        device: torch.device | str = "cpu", config: LoaderConfig | None = None,
                        *, ids: bool = False, exclude: Collection[str] = ()):
     """The training loader of one rank: random crop, flip, PCA lighting, mean subtraction.
 
     Yields ``(images (N,3,224,224), labels (N,) int64)`` on ``device`` (``(.., ids)`` if ``ids``);
-    supports ``len()``, ``state_dict()`` and ``load_state_dict()``.  ``exclude``: tar file names
-    left out of the reader (shards found corrupt).
+    supports ``len()``, ``state_dict()`` and ``load_state_dict()``.  ``shards``: the shard
+    directory, or its ``shards.manifest.Manifest`` already loaded and checked (with ``exclude``,
+    and the train split, whose statistics every split uses).  ``exclude``: tar file names left out
+    of the reader (shards found corrupt).
     """
     from pipeline.loader import DaliLoader
 
     device = torch.device(device)
-    spec = _spec(shards_dir, "train", rank, world_size, device, config or LoaderConfig(), True, 1, False, exclude)
+    spec = _spec(shards, "train", rank, world_size, device, config or LoaderConfig(), True, 1, False, exclude)
     return DaliLoader(spec, device, rank, ids=ids)
 
 
-def build_eval_loader(shards_dir: Path | str, rank: int = 0, world_size: int = 1,
+def build_eval_loader(shards: Path | str | Manifest, rank: int = 0, world_size: int = 1,
                       device: torch.device | str = "cpu", config: LoaderConfig | None = None,
                       *, views: int = 1, split: str = "val", ids: bool = False, exclude: Collection[str] = ()):
     """The evaluation loader: centre crop (``views=1``, images (N,3,224,224)) or the paper's 10
@@ -84,7 +90,7 @@ def build_eval_loader(shards_dir: Path | str, rank: int = 0, world_size: int = 1
     from pipeline.loader import DaliLoader
 
     device = torch.device(device)
-    spec = _spec(shards_dir, split, rank, world_size, device, config or LoaderConfig(), False, views, False, exclude)
+    spec = _spec(shards, split, rank, world_size, device, config or LoaderConfig(), False, views, False, exclude)
     return DaliLoader(spec, device, rank, ids=ids)
 
 

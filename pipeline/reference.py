@@ -100,7 +100,9 @@ class ReferenceLoader:
         urls = list(self.tars)
         if self.train and self.cfg.shuffle_shards:
             rng.shuffle(urls)
-        mine = lambda s: key_number(s["__key__"]) % self.world_size == self.rank  # noqa: E731
+
+        def mine(sample: dict) -> bool:
+            return key_number(sample["__key__"]) % self.world_size == self.rank
         ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, empty_check=False).select(mine)
         if self.train:
             ds = ds.shuffle(self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer,

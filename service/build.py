@@ -207,10 +207,10 @@ def build(cfg: TrainConfig, ranks: Ranks, manifest: Manifest, exclude: Collectio
     # float16 (CUDA only, see resolve): the scaler keeps small gradients from flushing to zero.
     scaler = torch.amp.GradScaler("cuda") if cfg.model.autocast == "float16" else None
     train = _loader(manifest, "train", lambda: build_train_loader(
-        cfg.shards, ranks.rank, ranks.world_size, device, cfg.loader, ids=cfg.debug.ids, exclude=exclude)) \
+        manifest, ranks.rank, ranks.world_size, device, cfg.loader, ids=cfg.debug.ids, exclude=exclude)) \
         if loaders else None
     val = _loader(manifest, "val", lambda: build_eval_loader(
-        cfg.shards, ranks.rank, ranks.world_size, device, cfg.loader, views=cfg.eval_views, exclude=exclude)) \
+        manifest, ranks.rank, ranks.world_size, device, cfg.loader, views=cfg.eval_views, exclude=exclude)) \
         if loaders else None
     trainable = ranks.wrap(model, device, compiled=cfg.model.compile != "off")
     return Parts(cfg, device, devices, model, trainable, optimizer, schedule, scaler, train, val,

@@ -66,10 +66,6 @@ class Trainer:
     def run_id(self) -> str:
         return self.checkpoints.run_id  # a resumed run keeps its id
 
-    @property
-    def writer(self):
-        return self.checkpoints.writer
-
     def resume(self) -> Resumed | None:
         """Continue from the newest readable checkpoint in the run directory, if there is one."""
         resumed = self.checkpoints.resume()
@@ -182,7 +178,7 @@ class Trainer:
         (``service.divergence``); every rank calls this at the same points."""
         problem = divergence.agreed(self.ranks, problem)
         if problem is not None:
-            self.writer.join()  # the newest good checkpoint durable before it is named
+            self.checkpoints.writer.join()  # the newest good checkpoint durable before it is named
             raise divergence.refusal(problem, self.progress.step, self.position(), self.cfg.optim.lr, self.cfg.out)
 
     def _sync(self) -> None:
@@ -202,7 +198,7 @@ class Trainer:
         step = self.progress.step
         (stop, by_time, failed), asked = self.agreement.lagged(step, self.stop.requested,
                                                                self.checkpoints.due_by_time(),
-                                                               self.writer.failure is not None)
+                                                               self.checkpoints.writer.failure is not None)
         if failed:
             self.checkpoints.wait()  # raises it everywhere
         by_time = by_time and asked is not None and self.checkpoints.saved_step < asked

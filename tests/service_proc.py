@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -132,14 +133,26 @@ def checkpoint_steps(out: Path) -> list[int]:
 
 def free_port(count: int = 1) -> int:
     """A free port on 127.0.0.1, and the ``count - 1`` ports after it free too (torchrun's ranks
-    serve their metrics on the base port + their local rank)."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + count <= 65536 and all(_bindable(port) for port in range(base + 1, base + count)):
+    serve their metrics on the base port + their local rank).
+
+    Drawn below the kernel's ephemeral range: a port from there (``bind(0)``'s) was free when
+    chosen but taken by an outgoing connection (gloo's store, another run's scrape) during the
+    seconds a service takes to start, and a rank exited 3 ("port ... already in use")."""
+    low = _ephemeral_low()
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(max(low - 12000, 1024), low - count)
+        if all(_bindable(port) for port in range(base, base + count)):
             return base
-    raise RuntimeError(f"no {count} free ports in a row on 127.0.0.1")
+    raise RuntimeError(f"no {count} free ports in a row on 127.0.0.1 below {low}")
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out for outgoing connections (Linux's default: 32768)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def _bindable(port: int) -> bool:

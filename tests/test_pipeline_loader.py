@@ -141,6 +141,22 @@ def test_state_dict_rejects_another_batch_or_shuffle(sample_shards, change):
 
 
 @pytest.mark.parametrize("build", [build_train_loader, build_eval_loader])
+def test_a_checked_manifest_is_not_read_again(sample_shards, tmp_path, build):
+    """The service checks the manifest and every index once at start and hands the ``Manifest``
+    over; the loaders read it again (manifest.json and each ``.idx``) when given only the path."""
+    copy = tmp_path / "shards"
+    copy.mkdir()
+    for f in sample_shards.rglob("*"):
+        if f.is_file():
+            (copy / f.relative_to(sample_shards)).parent.mkdir(parents=True, exist_ok=True)
+            (copy / f.relative_to(sample_shards)).symlink_to(f)
+    manifest, steps = load(copy), len(build(copy, 0, 1, "cpu", CFG))
+    (copy / "manifest.json").unlink()
+    loader = build(manifest, 0, 1, "cpu", CFG)
+    assert len(loader) == steps and len(next(iter(loader))[1]) == CFG.batch_size
+
+
+@pytest.mark.parametrize("build", [build_train_loader, build_eval_loader])
 def test_a_crop_larger_than_the_images_is_refused(sample_shards, build):
     """DALI's random anchor of a train crop past the image had an empty range to draw from: the
     process died of SIGSEGV; said as the evaluation's view anchors already said it."""
