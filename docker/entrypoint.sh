@@ -27,6 +27,10 @@
 # ranks 30 s later (TORCH_ELASTIC_SHUTDOWN_TIMEOUT), cutting a checkpoint write short on a slow
 # disk (455 MB took ~57 s on one).  Signalled directly, the ranks checkpoint and exit 0, torchrun
 # sees its workers succeed and exits 0, and compose's stop_grace_period is the only limit.
+# A rank is told once its stop handler is in (before, the signal would kill it: torchrun's exit
+# 1), and ranks that appear after the signal are told too.  Before torchrun has started any rank
+# (a node waiting minutes in the rendezvous for the others, or the first seconds) there is nothing
+# to save: torchrun is killed, one line says so, and the container exits 0.
 set -u
 
 nproc=${NPROC:-auto}
@@ -73,7 +77,12 @@ wait_child() {
     wait "$child"
     code=$?
     while kill -0 "$child" 2>/dev/null; do
-        wait "$child"
+        watch_torchrun
+        if [ -z "$unstarted" ]; then
+            wait "$child"
+        else  # without dash's "Killed" for the torchrun forward killed: the line below says why
+            wait "$child" 2>/dev/null
+        fi
         code=$?
     done
     child=""
@@ -92,16 +101,62 @@ children() {
     done
 }
 
-# torchrun starts its ranks in sessions of their own, so nothing else reaches them.  Before the
-# ranks exist (a multi-node rendezvous) torchrun itself gets the signal: there is nothing to save.
-child="" launcher="" stopping=""
+# Whether $1 handles SIGTERM (bit 14, signal 15, of the hex SigCgt in /proc/PID/status): a rank
+# of the service does once its stop handler is in, a few seconds after it starts (its imports).
+catches_term() {
+    mask=""
+    { while read -r key value; do [ "$key" = SigCgt: ] && mask=$value; done < "/proc/$1/status"; } 2>/dev/null
+    mask=${mask#"${mask%????????}"}  # signals 1-32: all 64 bits would overflow signed arithmetic
+    [ -n "$mask" ] && [ $((0x$mask >> 14 & 1)) = 1 ]
+}
+
+# Pass the stop signal to each rank of torchrun's that is not yet told and has its handler in;
+# one still starting is told at a later call (the signal's default action would kill it, and
+# torchrun, seeing a rank fail, would exit 1).  A rank is told once per signal: the service takes
+# a second signal a second later for "stop now, without the checkpoint".
+tell_ranks() {
+    for rank in $(children "$child"); do
+        case " $told " in *" $rank "*) continue ;; esac
+        catches_term "$rank" || continue
+        kill -s "$stopping" "$rank" 2>/dev/null
+        told="$told $rank"
+    done
+}
+
+# Once stopping, torchrun is polled until it is gone rather than waited for, to tell the ranks it
+# starts after the signal (or whose handler was not in yet): it would wait on them until Docker's
+# SIGKILL.  (The shell reaps torchrun while `sleep` runs; `wait` then gives its exit code.)
+watch_torchrun() {
+    if [ -z "$stopping" ] || [ "$launcher" != torchrun ] || [ -n "$unstarted" ]; then
+        return 0
+    fi
+    while kill -0 "$child" 2>/dev/null; do
+        tell_ranks
+        sleep 1
+    done
+}
+
+# torchrun starts its ranks in sessions of their own, so nothing else reaches them.  Before it has
+# started any (it waits in the rendezvous, or is still starting) there is nothing to save, and a
+# signal would make it print a traceback and exit 1: it is SIGKILLed instead.  Frozen (SIGSTOP)
+# first, it cannot start a rank between the look and the kill, so none is left behind.  The
+# rendezvous is left as torchrun's own signal handler leaves it: open, for this node to rejoin (or
+# gone, if this node hosts the store); the other nodes see a node lost either way.
+child="" launcher="" stopping="" told="" unstarted=""
 forward() {
-    stopping=$1
+    stopping=$1 told=""
     [ -n "$child" ] || return 0
-    ranks=""
-    [ "$launcher" != torchrun ] || ranks=$(children "$child")
-    # shellcheck disable=SC2086  # one pid per word
-    kill -s "$1" ${ranks:-"$child"} 2>/dev/null
+    if [ "$launcher" != torchrun ]; then
+        kill -s "$1" "$child" 2>/dev/null
+    elif [ -n "$unstarted" ]; then
+        return 0  # killed already
+    elif kill -s STOP "$child" 2>/dev/null && [ -z "$(children "$child")" ]; then
+        kill -s KILL "$child" 2>/dev/null
+        unstarted=1
+    else
+        kill -s CONT "$child" 2>/dev/null
+        tell_ranks
+    fi
 }
 trap 'forward TERM' TERM
 trap 'forward INT' INT
@@ -116,6 +171,10 @@ while :; do
     launch "$@"
     wait_child
     [ "$code" = 0 ] && exit 0
+    if [ -n "$unstarted" ]; then  # forward killed torchrun: $code is the kill's, or the trap's
+        echo "entrypoint: stopped before the trainer started; nothing to save" >&2
+        exit 0
+    fi
     [ -z "$stopping" ] || exit "$code"
     [ ! -s "$ALEXNET_EXIT_FILE" ] || exit "$(cat "$ALEXNET_EXIT_FILE")"  # diagnosed: the line is printed
     [ $(($(date +%s) - started)) -lt "${STABLE_SECONDS:-600}" ] || crashes=0
