@@ -8,8 +8,8 @@ The training service calls::
 and iterates ``(images, labels)``; see ``average_views`` for 10-view evaluation.
 
 Two stages, split the way fast GPU loaders split the work: the DALI graph (``pipeline.graph``)
-does the per-sample, data-dependent work in uint8 (read, decode only the crop window, flip,
-draw the lighting alpha); ``pipeline.normalize.DeviceNormalizer`` does the float arithmetic
+does the per-sample, data-dependent work in uint8 (read, decode only the crop window, draw the
+flip and the lighting alpha); ``pipeline.normalize.DeviceNormalizer`` does the float arithmetic
 (mean image at the crop, lighting, CHW, dtype) on the target device inside the loader.
 ``loader.raw_batches()`` yields the uint8 stage (``RawBatch``); ``loader.normalize(raw)`` the rest.
 """

@@ -13,7 +13,7 @@ Loading uses ``torch.load(weights_only=True)``: a checkpoint cannot run code.  E
 a CRC-32 of its contents, checked on load: ``torch.load`` alone returns tensors whose bytes were
 damaged without complaint.  A file that does not load (truncated, corrupt, not ours) is renamed
 ``*.corrupt`` once an older one has loaded; at most ``KEEP_CORRUPT`` of them are kept (a
-flapping disk must not fill the volume with 455 MB files).  A file that cannot be *opened or read*
+flapping disk must not fill the volume with ~490 MB files).  A file that cannot be *opened or read*
 (permissions, an I/O error: ``OSError``) is not damaged and is never set aside: the run is refused
 naming it (exit 2), rather than silently rolled back to an older file.  When no checkpoint loads, nothing
 is renamed and the run is refused: starting over from step 0 must be asked for
