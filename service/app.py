@@ -130,12 +130,14 @@ def start(cfg: TrainConfig, ranks: Ranks, metrics: ServiceMetrics, board: Status
     log.say(f"data parallel: {parts.lr_rule}" if ranks.distributed else parts.lr_rule)
     if note := compile_note(cfg):
         log.say(note)
+    # Known now (a resumed run: its checkpoint's), not at the first log interval: no dip to NaN or 0
+    # at a restart; /status says what the gauges say.
+    epoch, lr = min(p.evaluated + 1, cfg.epochs), parts.schedule.lrs[0]
     board.update(run_id=trainer.run_id, **ranks.info(), global_batch=cfg.loader.batch_size * ranks.world_size,
-                 lr_rule=parts.lr_rule,
-                 epochs=cfg.epochs, epoch=p.epoch + 1, step=p.step, device=cfg.device, layout=cfg.model.layout,
-                 resumed_from=str(found.path) if found else None)
-    metrics.epoch.set(min(p.evaluated + 1, cfg.epochs))  # known now (a resumed run: its checkpoint's), not
-    metrics.lr.set(parts.schedule.lrs[0])  # at the first log interval: no dip to NaN or 0 at a restart
+                 lr_rule=parts.lr_rule, epochs=cfg.epochs, epoch=epoch, lr=lr, step=p.step, device=cfg.device,
+                 layout=cfg.model.layout, resumed_from=str(found.path) if found else None)
+    metrics.epoch.set(epoch)
+    metrics.lr.set(lr)
     board.beat("starting")
     if ranks.is_main:
         log.write_json("config.json", to_dict(cfg))
@@ -173,6 +175,7 @@ def finish(trainer: Trainer, finished: bool, log: RunLog) -> int:
     digest = {"param_digest": param_digest(trainer.parts.model)} if ranks.distributed else {}
     log.event("finished" if finished else "stopped", step=p.step, epoch=p.epoch, reason=trainer.stop.signal_name,
               **digest, **ranks.info())
+    trainer.board.update(phase="finished" if finished else "stopped")  # until the endpoint closes
     return EXIT_OK
 
 

@@ -79,12 +79,13 @@ class Trainer:
     # -- the run -------------------------------------------------------------------------------
 
     def run(self) -> bool:
-        """Train and evaluate until ``cfg.epochs`` are done (True) or a stop was requested (False)."""
+        """Train and evaluate until ``cfg.epochs`` are done (True; also when a stop comes with the last
+        epoch's checkpoint) or a stop was requested (False)."""
         for _ in range(self.progress.evaluated, self.cfg.epochs):
             if self.progress.epoch == self.progress.evaluated and not self.train_epoch():
                 return False
             if not self.evaluate_epoch():
-                return False
+                return self.progress.evaluated == self.cfg.epochs
         self.checkpoints.wait()
         return True
 
@@ -251,9 +252,11 @@ class Trainer:
         return not self._stop_requested()
 
     def report_evaluation(self, record: dict[str, Any]) -> None:
+        """The evaluation's numbers, and the lr it left (a drop shows now, not at the next log line)."""
         self.metrics.evaluation(record["top1_error"], record["top5_error"], record["val_loss"],
                                 record.get("eval_seconds", math.nan))  # a history from before it was timed
-        self.board.update(last_evaluation={k: record[k] for k in ("epoch", "top1_error", "top5_error", "val_loss")})
+        self.metrics.lr.set(lr := self.parts.schedule.lrs[0])
+        self.board.update(lr=lr, last_evaluation={k: record[k] for k in ("epoch", "top1_error", "top5_error", "val_loss")})
 
     def _eval_batches(self):
         for images, labels, *_ in guarded(self.parts.val, lambda exc: self._data_error(exc, "val")):
@@ -279,7 +282,7 @@ class Trainer:
         blocked = time.perf_counter() - start
         self.metrics.checkpoint_seconds.observe(blocked)
         self.log.event("checkpoint_started", reason=reason, step=p.step, blocked_seconds=round(blocked, 4))
-        self.board.beat("training")
+        self.board.beat("stopping" if reason == "stop" else "training")
 
     def _written(self, path: Path, seconds: float) -> None:
         """In the writer thread, once ``path`` is durable."""

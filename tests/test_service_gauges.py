@@ -17,18 +17,25 @@ pytestmark = pytest.mark.slow
 GAUGES = ("alexnet_heartbeat_timestamp_seconds", "alexnet_learning_rate", "alexnet_epoch", "alexnet_train_steps_total")
 
 
-def _observe(url: str) -> tuple[float, dict, dict[str, float]]:
-    """(unix time before both requests, /status, the GAUGES from /metrics read after it)."""
-    before = time.time()
-    with urllib.request.urlopen(url + "/status", timeout=10) as r:
-        status = json.load(r)
+def _gauges(url: str) -> dict[str, float]:
     with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
         lines = r.read().decode().splitlines()
-    values = {name: float(value) for name, _, value in (ln.partition(" ") for ln in lines) if name in GAUGES}
-    return before, status, values
+    return {name: float(value) for name, _, value in (ln.partition(" ") for ln in lines) if name in GAUGES}
 
 
-def _watch(service: Service) -> list[tuple[float, dict, dict[str, float]]]:
+def _observe(url: str) -> tuple[float, dict, dict[str, float], bool]:
+    """(unix time before the requests, /status, the GAUGES from /metrics read after it, whether
+    epoch and lr read the same before /status too: /status then saw the values the gauges show)."""
+    before = time.time()
+    earlier = _gauges(url)
+    with urllib.request.urlopen(url + "/status", timeout=10) as r:
+        status = json.load(r)
+    values = _gauges(url)
+    steady = all(str(earlier[k]) == str(values[k]) for k in ("alexnet_epoch", "alexnet_learning_rate"))
+    return before, status, values, steady
+
+
+def _watch(service: Service) -> list[tuple[float, dict, dict[str, float], bool]]:
     """Every observation from the endpoint's first line until it closes (the run ended)."""
     url, seen = service.url(), []
     while True:
@@ -53,14 +60,39 @@ def test_heartbeat_lr_and_epoch_are_right_from_the_first_scrape_of_a_resumed_run
     finally:
         service.kill()
     assert "resuming run" in service.stdout
-    for before, status, m in seen:
+    for before, status, m, _ in seen:
         # One heartbeat: the metric is never older than the beat /status (and /healthz) judge by;
         # was 0 until the first step, and a step's time through evaluations and checkpoints.
         assert m["alexnet_heartbeat_timestamp_seconds"] >= before - status["heartbeat_age_seconds"] - 0.1, (status, m)
         # Unknown (NaN) until the checkpoint is read, then epoch 2 at the checkpoint's lr; never 0.
         assert math.isnan(m["alexnet_epoch"]) or m["alexnet_epoch"] == 2, m
         assert math.isnan(m["alexnet_learning_rate"]) or m["alexnet_learning_rate"] == pytest.approx(lr), m
-    phases = {status["phase"] for _, status, _ in seen}
+    phases = {status["phase"] for _, status, _, _ in seen}
     assert {"starting", "training"} <= phases, phases
-    mid_epoch = [m for _, _, m in seen if 0 < m["alexnet_train_steps_total"] < STEPS_PER_EPOCH]
+    mid_epoch = [m for _, _, m, _ in seen if 0 < m["alexnet_train_steps_total"] < STEPS_PER_EPOCH]
     assert mid_epoch and all(m["alexnet_learning_rate"] == pytest.approx(lr) for m in mid_epoch), mid_epoch
+
+
+def test_status_and_gauges_agree_through_a_pending_evaluation_and_an_lr_drop(sample_shards: Path,
+                                                                             tmp_path: Path) -> None:
+    """/status said epoch 2 while the gauge said 1 (the pending evaluation of epoch 1) and had no lr
+    until the first log line; after an lr drop both kept the old rate until the next log line (a
+    whole epoch at log_every 100).  An lr of 1e-12 leaves float32 weights unchanged: epoch 2's
+    error equals epoch 1's, so patience 1 lowers it to 1e-13 after epoch 2's evaluation."""
+    out, recipe = tmp_path / "run", ("--epochs", "3", "--optim.lr", "1e-12", "--optim.patience", "1")
+    first = Service(sample_shards, out, *recipe)
+    assert first.stop_at(r"epoch 1 step 5/6") == 0, first.stderr  # stops at the epoch's end, evaluation pending
+    service = Service(sample_shards, out, *recipe, "--log_every", "100")
+    try:
+        seen = _watch(service)
+        assert service.wait() == 0, service.stderr
+    finally:
+        service.kill()
+    assert "epoch 1 trained, its evaluation pending" in service.stdout and "lr -> 1e-13" in service.stdout
+    known = [(status, m) for _, status, m, steady in seen if steady and not math.isnan(m["alexnet_epoch"])]
+    assert known and all(status["epoch"] == m["alexnet_epoch"] and status["lr"] == m["alexnet_learning_rate"]
+                         for status, m in known), known
+    assert {s["phase"] for s, _ in known if s["epoch"] == 1} >= {"evaluating"}
+    # This process trains epochs 2 and 3 (steps 1-12); epoch 3 at the dropped rate from its first step.
+    epoch3 = [m for _, m in known if 6 < m["alexnet_train_steps_total"] < 12]
+    assert epoch3 and all(m["alexnet_learning_rate"] == pytest.approx(1e-13) for m in epoch3), epoch3

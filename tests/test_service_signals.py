@@ -143,6 +143,17 @@ print("stopped with a checkpoint", flush=True)
 """
 
 
+@pytest.mark.slow
+def test_a_stop_during_the_last_epochs_checkpoint_finds_the_run_finished(sample_shards: Path, tmp_path: Path) -> None:
+    """Every epoch trained and evaluated: the run is done, whatever the signal says (it said
+    "stopped ... run the same command again to resume" and skipped the wait for the background
+    shard check that a finished run owes)."""
+    service = Service(sample_shards, tmp_path / "run", "--epochs", "1")
+    assert service.stop_at(r"epoch 1/1: train loss") == 0, service.stderr  # printed before its checkpoint
+    assert "finished: 1 epoch(s)" in service.stdout and "stopped" not in service.stdout, service.stdout
+    assert [e["event"] for e in events(tmp_path / "run") if e["event"] in ("finished", "stopped")] == ["finished"]
+
+
 @pytest.fixture
 def stopping():
     """Start STOPPING in a mode; whatever the test does, the process does not outlive it."""
