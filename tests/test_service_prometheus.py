@@ -1,8 +1,8 @@
 """A real Prometheus server, of the series docker/compose.yaml pins (tests/prometheus_bin.py fetches
 it; make test and .ci/run run that), scrapes a running service; its query API must see the images
 counter grow and answer every query of the Grafana dashboard with data (as make test-docker does
-in Docker), ``promtool check metrics`` must be clean on a live scrape, and /healthz and /status
-must answer while the loop trains."""
+in Docker), ``promtool check metrics`` must be clean on a live scrape, /healthz and /status must
+answer while the loop trains, and the stack's alerting rules must evaluate without error, none firing."""
 from __future__ import annotations
 
 import json
@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.docker_stack import DASHBOARD, GPU_PANELS
+from tests.test_alerts import ALERTS, rules
 from tests.prometheus_bin import binaries, skip_reason
 from tests.service_proc import Service, free_port
 
@@ -36,7 +37,8 @@ def _query(base: str, promql: str) -> list[dict]:
 
 def _start_prometheus(target: str, tmp_path: Path) -> tuple[subprocess.Popen, str]:
     config = tmp_path / "prometheus.yml"
-    config.write_text("global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n"
+    config.write_text("global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n"
+                      f"rule_files: ['{ALERTS}']\nscrape_configs:\n"
                       f"  - job_name: alexnet\n    static_configs:\n      - targets: ['{target}']\n"
                       "        labels: {rank: '0'}\n")
     port = free_port()
@@ -73,6 +75,15 @@ def _wait_for_dashboard_data(base: str, timeout: float) -> None:
         time.sleep(2)
 
 
+def _assert_rules_evaluate_and_none_fires(base: str) -> None:
+    """The stack's alerting rules, evaluated by Prometheus against the live series: no evaluation
+    error, and nothing firing in a healthy run."""
+    loaded = [r for g in json.loads(_get(f"{base}/api/v1/rules"))["data"]["groups"] for r in g["rules"]]
+    assert sorted(r["name"] for r in loaded) == sorted(r["alert"] for r in rules())
+    assert all(r["health"] == "ok" and not r.get("lastError") for r in loaded), loaded
+    assert _query(base, 'ALERTS{alertstate="firing"}') == []
+
+
 def test_prometheus_scrapes_a_training_service(sample_shards: Path, tmp_path: Path) -> None:
     service = Service(sample_shards, tmp_path / "run", "--epochs", "20")
     prometheus = None
@@ -94,6 +105,7 @@ def test_prometheus_scrapes_a_training_service(sample_shards: Path, tmp_path: Pa
         assert info[0]["metric"]["layout"] == "grouped" and info[0]["metric"]["rank"] == "0"
         assert _query(prom, "alexnet_samples_failed_total")[0]["value"][1] == "0"
         _wait_for_dashboard_data(prom, timeout=180)  # the last values: an evaluation and a checkpoint
+        _assert_rules_evaluate_and_none_fires(prom)
         service.signal()
         assert service.wait(timeout=60) == 0, service.stderr
     finally:
