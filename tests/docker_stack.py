@@ -26,6 +26,7 @@ import pytest
 
 from sampledata.generate import SampleConfig, generate
 from tests.prometheus_bin import pinned_series
+from tests.test_alerts import rules as alert_rules
 from tests.test_docker_metrics import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,6 +169,17 @@ def test_prometheus_is_the_series_compose_pins(stack: Path) -> None:
     with urllib.request.urlopen(f"{PROMETHEUS}/api/v1/status/buildinfo", timeout=10) as r:
         version = json.load(r)["data"]["version"]
     assert version.startswith(pinned_series() + "."), f"the stack runs Prometheus {version}, compose pins {pinned_series()}"
+
+
+def test_prometheus_evaluates_the_alerting_rules(stack: Path) -> None:
+    """docker/prometheus/alerts.yml mounted next to prometheus.yml, loaded and evaluated without error."""
+    def evaluated():
+        with urllib.request.urlopen(f"{PROMETHEUS}/api/v1/rules", timeout=10) as r:
+            loaded = [rule for g in json.load(r)["data"]["groups"] for rule in g["rules"]]
+        return loaded if loaded and all(rule["health"] != "unknown" for rule in loaded) else None
+    loaded = wait_for("the alerting rules evaluated", evaluated, 60)
+    assert sorted(r["name"] for r in loaded) == sorted(r["alert"] for r in alert_rules()), loaded
+    assert all(r["health"] == "ok" for r in loaded), loaded
 
 
 def test_build_info_carries_the_real_revision(stack: Path) -> None:
