@@ -99,14 +99,14 @@ def main(argv: list[str] | None = None) -> dict | None:
         return worker(args)
     import tempfile
 
-    from bench.bench_model import machine
     from bench.charts import bars
+    from bench.record import finish, header
 
+    record = header("agree")
     with tempfile.TemporaryDirectory() as tmp:
         results = [run(n, args, Path(tmp)) for n in args.ranks]
-    record = {"benchmark": "agree", "machine": machine(), "load_average": os.getloadavg(),
-              "settings": {k: v for k, v in vars(args).items() if k not in ("report", "worker_out")},
-              "results": results}
+    finish(record).update({"settings": {k: v for k, v in vars(args).items() if k not in ("report", "worker_out")},
+                           "results": results})
     print(f"{'ranks':>5} | " + " | ".join(f"{m + ' ms/step':>18}" for m in MODES) + " | blocking cost | lagged cost")
     for r in results:
         med, cost = r["median_ms_per_step"], r["cost_ms_per_step"]

@@ -17,16 +17,12 @@ import dataclasses
 import gc
 import itertools
 import json
-import os
-import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from bench.record import finish, header, where
 from model import AlexNet, PaperSGD, prepare_model, train_step
 
 TRAIN_FLOP_PER_IMAGE = 4.3e9  # SPEC 1: ~1.45 GFLOP forward, about 3x that for a training step
@@ -138,38 +134,6 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int, iters: int) 
     return 2 * n**3 * iters / (time.perf_counter() - start) / 1e12
 
 
-def machine() -> dict:
-    """The machine, the card(s) and the versions the numbers belong to."""
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
-    info = {
-        "cpu": cpu,
-        "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "git_commit": commit,
-        "gpus": [],
-    }
-    if torch.cuda.is_available():
-        info["cuda"] = torch.version.cuda
-        info["cudnn"] = torch.backends.cudnn.version()
-        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        # "fp32" on the GPU means PyTorch's defaults: cuDNN convolutions may use TF32.
-        info["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
-        info["float32_matmul_precision"] = torch.get_float32_matmul_precision()
-    return info
-
-
 def plot(results: list[Result], title: str, path: Path) -> None:
     """Horizontal bars of images/s, one per configuration that ran."""
     import matplotlib
@@ -243,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     peak = matmul_tflops(device, peak_dtype, n=8192 if on_gpu else 2048, iters=50 if on_gpu else 5)
     peak_name = f"measured {'bf16' if on_gpu else 'fp32'} matmul rate {peak:.2f} TFLOP/s"
     print(peak_name, flush=True)
-    load_before = os.getloadavg()  # other jobs on the machine make CPU numbers noisy: record them
+    report = header("model train_step throughput")
     results = []
     for config in _grid(args, on_gpu):
         print(f"timing {config.label} ...", flush=True)
@@ -253,25 +217,20 @@ def main(argv: list[str] | None = None) -> dict:
         results.append(result)
     _print_table(results, peak_name)
 
-    info = machine()
-    report = {
-        "benchmark": "model train_step throughput",
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": info,
+    report.update({
         "device": str(device),
         "batch": args.batch,
         "warmup_steps": warmup,
         "timed_steps": iters,
         "train_flop_per_image": TRAIN_FLOP_PER_IMAGE,
-        "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
         "matmul_peak": {"dtype": "bf16" if on_gpu else "fp32", "tflops": peak},
         "results": [{**dataclasses.asdict(r.config), **{k: v for k, v in dataclasses.asdict(r).items() if k != "config"}}
                     for r in results],
-    }
+    })
+    finish(report)
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(json.dumps(report, indent=2) + "\n")
-    where = ", ".join(info["gpus"]) if on_gpu else f"{info['cpu']} ({info['cpu_cores']} cores)"
-    plot(results, f"AlexNet train step, batch {args.batch}, {where}", args.report.with_suffix(".png"))
+    plot(results, f"AlexNet train step, batch {args.batch}, {where(report, on_gpu)}", args.report.with_suffix(".png"))
     print(f"wrote {args.report} and {args.report.with_suffix('.png')}")
     return report
 

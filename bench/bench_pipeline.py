@@ -43,6 +43,7 @@ import torch
 
 from bench.pipeline_report import chart, print_table, report
 from bench.pipeline_streams import batch_sizes, cpu_seconds, streams
+from bench.record import finish, header
 from pipeline import LoaderConfig
 from pipeline.reference import build_reference_loader
 from shards.manifest import load
@@ -118,14 +119,14 @@ def main(argv: Iterable[str] | None = None) -> dict:
                         help="gpu-check: the GPU path and the CPU decode it is compared with")
     args = parser.parse_args(list(argv) if argv is not None else None)
     load(args.shards)  # fail early, with the fix, if the shards are not there
-    load_at_start = os.getloadavg()
+    head = header("input pipeline throughput", "dali", "pillow", "webdataset")
     runs, cpu = measure_all(args)
     normalize_ms = {"reused_output": normalizer_ms(args.shards, args.batch),
                     "fresh_output": normalizer_ms(args.shards, args.batch, reuse=False)}
-    record = report(runs, normalize_ms, args)
+    record = report(head, runs, normalize_ms, args)
     record["cpu_us_per_image"] = {k: statistics.median(v) for k, v in cpu.items()}
     record["cpu_runs"] = cpu
-    record["machine"]["load_average_at_start"] = load_at_start
+    finish(record)
     print_table(record, runs)
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(json.dumps(record, indent=2) + "\n")

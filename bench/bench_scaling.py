@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from bench.charts import bars
+from bench.record import finish, header
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +55,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--ranks", type=int, default=2, help="compared with 1 rank")
     p.add_argument("--global-batch", type=int, default=32)
     args = p.parse_args(argv)
-    cores = len(os.sched_getaffinity(0))
+    record = header("data-parallel scaling, same global batch")
+    cores = record["machine"]["cpu_cores"]
     with tempfile.TemporaryDirectory() as work:
         results = [run_ranks(args.shards, n, args.global_batch, max(1, cores // n), Path(work))
                    for n in (1, args.ranks)]
@@ -64,8 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{r['ranks']:>5} {r['batch_per_rank']:>10} {r['threads_per_rank']:>12} {r['images_per_s']:>9.1f}")
     print(f"speed-up 1 -> {args.ranks} ranks at global batch {args.global_batch}: {speedup:.2f}x "
           f"({cores} cores, load {os.getloadavg()[0]:.1f})")
-    record = {"benchmark": "data-parallel scaling, same global batch", "cores": cores,
-              "load_average_1min_end": os.getloadavg()[0], "results": results, "speedup": speedup}
+    finish(record).update({"results": results, "speedup": speedup})
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(json.dumps(record, indent=2) + "\n")
     bars(args.report.with_suffix(".png"), {f"{r['ranks']} rank(s) x batch {r['batch_per_rank']}": r["images_per_s"]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from bench.bench_model import machine
+from bench.record import finish, header, where
 from model import AlexNet, PaperSGD, PlateauSchedule, train_step
 from model.optim import param_groups
 from service.build import Parts
@@ -220,10 +219,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--shards", type=Path, help="also time the DALI training loader's state_dict() on these shards")
     p.add_argument("--tmp", default=None, help="where the checkpoints go (default: the system's temp dir)")
     args = p.parse_args(argv)
-    load_before = os.getloadavg()
+    report = header("service loop vs bare train_step")
     summary = run(args)
     summary.update(host_cost(args, torch.device(args.device)))
-    info = machine()
     med = summary["median_seconds_per_step"]
     print(f"\n{'loop':24} {'ms/step':>9}  (median of {args.rounds} runs of {args.steps} steps, batch {args.batch})")
     for name, seconds in med.items():
@@ -244,14 +242,12 @@ def main(argv: list[str] | None = None) -> dict:
           f"{1e6 * host['service']:.0f} us, bare loop {1e6 * host['bare']:.1f} us: "
           f"{100 * summary['loop_host_share_of_target_step']:.1f}% of a {TARGET_BATCH}-image step at "
           f"{TARGET_IMAGES_PER_S:,} images/s")
-    report = {"benchmark": "service loop vs bare train_step", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              "machine": info, "device": args.device, "batch": args.batch, "steps_per_run": args.steps,
-              "rounds": args.rounds, "log_every": args.log_every, "checkpoint_every_steps": args.ckpt_every,
-              "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]}, **summary}
+    report.update({"device": args.device, "batch": args.batch, "steps_per_run": args.steps, "rounds": args.rounds,
+                   "log_every": args.log_every, "checkpoint_every_steps": args.ckpt_every, **summary})
+    finish(report)
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(json.dumps(report, indent=2) + "\n")
-    where = ", ".join(info["gpus"]) if args.device.startswith("cuda") else f"{info['cpu']} ({info['cpu_cores']} cores)"
-    plot(summary, f"service loop vs bare train_step, batch {args.batch}, {where}", args.report.with_suffix(".png"))
+    plot(summary, f"service loop vs bare train_step, batch {args.batch}, {where(report, args.device.startswith('cuda'))}", args.report.with_suffix(".png"))
     print(f"wrote {args.report} and {args.report.with_suffix('.png')}")
     return report
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from bench.bench_model import machine
 from bench.charts import bars
+from bench.record import finish, header, where
 from model import AlexNet, PaperSGD, train_step
 from model.optim import param_groups
 from service.shard_check import lowest_priority
@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=200 if on_gpu else 4)
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args(argv)
-    cores, load_before = len(os.sched_getaffinity(0)), os.getloadavg()
+    report = header("shard check: sha256 and training next to it")
+    cores = report["machine"]["cpu_cores"]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "shard.bin"
         path.write_bytes(os.urandom(args.megabytes << 20))
@@ -151,15 +152,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  {name:46} {1e3 * seconds:8.0f}{extra}")
     for name, value in minutes.items():
         print(f"ImageNet's ~31 GB of shards, {name}: {value:.1f} min")
-    info = machine()
-    report = {"benchmark": "shard check: sha256 and training next to it", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              "machine": info, "file_megabytes": args.megabytes, "device": args.device, "batch": args.batch,
-              "steps_per_run": args.steps, "rounds": args.rounds,
-              "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]}, **summary}
+    report.update({"file_megabytes": args.megabytes, "device": args.device, "batch": args.batch,
+                   "steps_per_run": args.steps, "rounds": args.rounds, **summary})
+    finish(report)
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(json.dumps(report, indent=2) + "\n")
-    where = ", ".join(info["gpus"]) or f"{info['cpu']} ({info['cpu_cores']} cores)"
-    bars(args.report.with_suffix(".png"), rates, "GB/s (page cache)", f"sha256 of shard bytes, {where}",
+    bars(args.report.with_suffix(".png"), rates, "GB/s (page cache)", f"sha256 of shard bytes, {where(report)}",
          unit=" GB/s")
     print(f"wrote {args.report} and {args.report.with_suffix('.png')}")
     return report

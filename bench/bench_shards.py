@@ -20,7 +20,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import shutil
 import statistics
 import tempfile
@@ -31,6 +30,7 @@ from pathlib import Path
 from PIL import Image
 
 from bench.charts import bars
+from bench.record import finish, header
 from bench.shards_projection import (
     IMAGENET, PROJECTED_CORES, imagenet_like_tree, project, scan_seconds_per_image, task_cpu_per_image,
 )
@@ -140,13 +140,6 @@ def _table(results: dict, counts: list[int]) -> None:
               f"{p['writer_share']:.1%}, whole-shard efficiency {p['whole_shard_efficiency']:.0%})")
 
 
-def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--src", type=Path, default=Path("data/sample"))
@@ -155,23 +148,17 @@ def main() -> None:
     parser.add_argument("--scan-images", type=int, default=100_000, help="hard links scanned for the scan cost")
     args = parser.parse_args()
     files = sorted(str(p) for p in args.src.rglob("*.JPEG"))
-    cores = len(os.sched_getaffinity(0))  # a container's cpuset, as make shards --workers 0
+    results = header("make shards vs a bare decode+resize+encode loop; per-image costs; ImageNet projection",
+                     "pillow")
+    cores = results["machine"]["cpu_cores"]  # a container's cpuset, as make shards --workers 0
     counts = sorted({1, 2, cores})
-    import PIL
-
-    results: dict = {
-        "benchmark": "make shards vs a bare decode+resize+encode loop; per-image costs; ImageNet projection",
-        "images": len(files), "repeat": args.repeat, "stats_images_share": STATS_SHARE,
-        "scan_images": args.scan_images,
-        "machine": {"cpus": cores, "cpu": _cpu_name(),
-                    "python": platform.python_version(), "pillow_simd": PIL.__version__,
-                    "load_average_start": os.getloadavg()[0]},
-    }
+    results |= {"images": len(files), "repeat": args.repeat, "stats_images_share": STATS_SHARE,
+                "scan_images": args.scan_images}
     results |= measure(args.src, files, counts, args.repeat)
     results["projection_costs"] = projection_costs(args.src, files, results["costs"][cores], args.scan_images)
     results["projection"] = [project(results["projection_costs"], n, cores) for n in PROJECTED_CORES]
     results["projection"].append(project(results["projection_costs"], 64, cores, shard_samples=2500))
-    results["machine"]["load_average_end"] = os.getloadavg()[0]
+    finish(results)
     _table(results, counts)
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(json.dumps(results, indent=2) + "\n")

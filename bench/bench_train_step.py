@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from bench.charts import bars
+from bench.record import finish, header
 from model import AlexNet, PaperSGD, train_step
 from pipeline import LoaderConfig, build_train_loader
 from shards.manifest import load
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     manifest = load(args.shards)
+    record = header("train step, model-only vs loader-fed")
     autocast = torch.bfloat16 if device.type == "cuda" else None
     torch.manual_seed(0)
     model = AlexNet(manifest.num_classes, bias_init=0.1).to(device)
@@ -77,11 +79,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'fed by':<12} {'images/s':>9}  runs   (batch {args.batch}, {device}, load {os.getloadavg()[0]:.1f})")
     for k, v in runs.items():
         print(f"{k:<12} {medians[k]:>9.1f}  {', '.join(f'{x:.1f}' for x in v)}")
-    record = {"benchmark": "train step, model-only vs loader-fed", "device": str(device), "batch": args.batch,
-              "steps_per_run": args.steps, "repeat": args.repeat, "torch": torch.__version__,
-              "cores": len(os.sched_getaffinity(0)), "load_average_1min_end": os.getloadavg()[0],
-              "images_per_s": medians, "runs": runs,
-              "loader_fed_share_of_model_only": medians["loader-fed"] / medians["model-only"]}
+    finish(record).update({"device": str(device), "batch": args.batch, "steps_per_run": args.steps,
+                           "repeat": args.repeat, "images_per_s": medians, "runs": runs,
+                           "loader_fed_share_of_model_only": medians["loader-fed"] / medians["model-only"]})
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(json.dumps(record, indent=2) + "\n")
     bars(args.report.with_suffix(".png"), medians, "training images/s", f"train step, batch {args.batch}, {device}",

@@ -8,29 +8,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from pipeline import LoaderConfig
-
-
-def machine() -> dict:
-    """Where the numbers come from."""
-    import nvidia.dali
-    import PIL
-    import webdataset
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "gpu": gpu, "platform": platform.platform(),
-            "python": platform.python_version(), "dali": nvidia.dali.__version__, "torch": torch.__version__,
-            "pillow": PIL.__version__, "numpy": np.__version__, "webdataset": webdataset.__version__,
-            "load_average_at_end": os.getloadavg()}  # "at_start" is added by main()
 
 
 LABELS = {
@@ -51,13 +32,14 @@ def _ratio(med: dict[str, float], a: str, b: str) -> float | None:
     return med[a] / med[b] if a in med and b in med else None
 
 
-def report(runs: dict[str, list[float]], normalize_ms: dict[str, float], args: argparse.Namespace) -> dict:
-    """The JSON record: machine, versions, medians, every run, and the ratios (None where a
-    configuration was not measured)."""
+def report(head: dict, runs: dict[str, list[float]], normalize_ms: dict[str, float],
+           args: argparse.Namespace) -> dict:
+    """The JSON record: the header ``bench.record.header`` gave (machine, versions, load),
+    settings, medians, every run, and the ratios (None where a configuration was not measured)."""
     med = {k: statistics.median(v) for k, v in runs.items()}
     cores = len(os.sched_getaffinity(0))
     return {
-        "machine": machine(),
+        **head,
         "shards": str(Path(args.shards).resolve()),
         "settings": {"batch_size": args.batch, "images_per_run": args.images, "repeat": args.repeat,
                      "warmup_batches": args.warmup, "interleaved": True, "dtype": "float32",
@@ -101,7 +83,7 @@ def print_table(record: dict, runs: dict[str, list[float]]) -> None:
     ms = record["normalizer_cpu_ms_per_batch"]
     ratios = {"(1)/(3)": record["ratio"], "(1')/(3)": record["ratio_fast_idct"],
               "(1b)/(3)": record["ratio_with_cpu_normalize"], "(1)/DALI decode only": record["ratio_vs_dali_decode_only"],
-              f"scaling 1 -> {record['machine']['cores']} threads": record["scaling"]["speedup"]}
+              f"scaling 1 -> {record['machine']['cpu_cores']} threads": record["scaling"]["speedup"]}
     print("   ".join(f"{k} = {v:.2f}" for k, v in ratios.items() if v is not None))
     print(f"normaliser alone on this CPU, batch {record['settings']['batch_size']}: "
           + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items()))
