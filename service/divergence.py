@@ -33,11 +33,25 @@ def loss_problem(value: float, what: str = "the training loss") -> str | None:
 
 
 def weights_problem(model: torch.nn.Module) -> str | None:
-    """The first parameter with a non-finite value, or None.  One small device read per tensor:
-    only done before checkpoints, which copy every tensor to the host anyway."""
+    """The first parameter with a non-finite value, or None.
+
+    A NaN or inf anywhere makes its tensor's sum non-finite, so one sum per tensor and one device
+    read per device decide; only a run found diverged looks closer, to name the tensor.  On the
+    2-core development machine the 61M weights took 8.5 ms this way against 197 ms for an
+    ``isfinite().all()`` per tensor (a bool copy of every weight, and a read each), time the loop
+    stood still before every checkpoint and at every epoch's end.  A float32 sum also overflows
+    for weights near 1e31 and beyond: diverged as surely, and said so."""
+    groups: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
     for name, tensor in model.named_parameters():
-        if not bool(torch.isfinite(tensor.detach()).all()):
-            return f"weight {name} is not finite"
+        groups.setdefault(tensor.device, []).append((name, tensor.detach()))
+    for group in groups.values():
+        sums = torch.stack([t.sum(dtype=torch.float32) for _, t in group])
+        if bool(sums.isfinite().all()):
+            continue
+        for (name, tensor), total in zip(group, sums.tolist()):
+            if not math.isfinite(total):
+                finite = bool(torch.isfinite(tensor).all())
+                return f"weight {name} " + ("has values so large that their sum overflows" if finite else "is not finite")
     return None
 
 
