@@ -39,7 +39,8 @@ def weights_problem(model: torch.nn.Module) -> str | None:
     read per device decide; only a run found diverged looks closer, to name the tensor.  On the
     2-core development machine the 61M weights took 8.5 ms this way against 197 ms for an
     ``isfinite().all()`` per tensor (a bool copy of every weight, and a read each), time the loop
-    stood still before every checkpoint and at every epoch's end.  A float32 sum also overflows
+    stood still before every checkpoint and at every epoch's end: a checkpoint blocked it 134 ms
+    then, 38 ms now (``bench/cpu/service.json``, docs/benchmarks.md "Service").  A float32 sum also overflows
     for weights near 1e31 and beyond: diverged as surely, and said so."""
     groups: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
     for name, tensor in model.named_parameters():
