@@ -25,13 +25,20 @@
 # torchrun's case to its ranks, not to torchrun.  torchrun answers a signal with a SignalException
 # traceback and exit 1 (the container would exit 1, which means a data error), and SIGKILLs its
 # ranks 30 s later (TORCH_ELASTIC_SHUTDOWN_TIMEOUT), cutting a checkpoint write short on a slow
-# disk (an ImageNet checkpoint, ~490 MB, needs ~61 s at 8 MB/s).  Signalled directly, the ranks checkpoint and exit 0, torchrun
-# sees its workers succeed and exits 0, and compose's stop_grace_period is the only limit.
-# A rank is told once its stop handler is in (before, the signal would kill it: torchrun's exit
-# 1), and ranks that appear after the signal are told too.  Before torchrun has started any rank
-# (a node waiting minutes in the rendezvous for the others, or the first seconds) there is nothing
-# to save: torchrun is killed, one line says so, and the container exits 0.
+# disk (an ImageNet checkpoint, ~490 MB, needs ~61 s at 8 MB/s).  Signalled directly, the ranks
+# checkpoint and exit 0, torchrun sees its workers succeed and exits 0, and compose's
+# stop_grace_period is the only limit.  A rank is told once its stop handler is in (before, the
+# signal would kill it: torchrun's exit 1), and ranks that appear after the signal are told too.
+# With no trainer running yet (a node waiting minutes in the rendezvous for the others, the first
+# seconds of python's or a rank's start) there is nothing to save: the launcher is killed, one
+# line says so, and the container exits 0.  A diagnosed exit (ALEXNET_EXIT_FILE) keeps its code.
 set -u
+# Until `forward` is defined below: a stop is remembered (NPROC=auto asks torch for the GPUs first,
+# seconds), and no trainer is started for it.
+stopping=""
+trap 'stopping=TERM' TERM
+trap 'stopping=INT' INT
+trap 'stopping=HUP' HUP
 
 nproc=${NPROC:-auto}
 if [ "$nproc" = auto ] || [ -z "$nproc" ]; then
@@ -80,7 +87,7 @@ wait_child() {
         watch_torchrun
         if [ -z "$unstarted" ]; then
             wait "$child"
-        else  # without dash's "Killed" for the torchrun forward killed: the line below says why
+        else  # without dash's "Killed" for the process forward killed: the line below says why
             wait "$child" 2>/dev/null
         fi
         code=$?
@@ -110,13 +117,38 @@ catches_term() {
     [ -n "$mask" ] && [ $((0x$mask >> 14 & 1)) = 1 ]
 }
 
+# The second field of /proc/$1/stat: R, S, T (stopped), Z (exited, not reaped)...; empty when gone.
+proc_state() {
+    { read -r fields < "/proc/$1/stat"; } 2>/dev/null || return 0
+    fields=${fields##*) }
+    echo "${fields%% *}"
+}
+
+proc_comm() {
+    { read -r comm < "/proc/$1/comm"; } 2>/dev/null && echo "$comm"
+}
+
+# SIGSTOP is delivered asynchronously: wait (up to a second) until $1 is stopped, or gone.
+freeze() {
+    kill -s STOP "$1" 2>/dev/null || return 1
+    tries=0
+    while [ $tries -lt 100 ]; do
+        case $(proc_state "$1") in T|t|Z|"") return 0 ;; esac
+        sleep 0.01
+        tries=$((tries + 1))
+    done
+}
+
 # Pass the stop signal to each rank of torchrun's that is not yet told and has its handler in;
 # one still starting is told at a later call (the signal's default action would kill it, and
-# torchrun, seeing a rank fail, would exit 1).  A rank is told once per signal: the service takes
-# a second signal a second later for "stop now, without the checkpoint".
+# torchrun, seeing a rank fail, would exit 1).  A child with torchrun's own name is a rank forked
+# but not yet exec'd: it still carries torchrun's handlers, and the exec would drop the signal.
+# A rank is told once per signal: the service takes a second signal a second later for "stop
+# now, without the checkpoint".
 tell_ranks() {
     for rank in $(children "$child"); do
         case " $told " in *" $rank "*) continue ;; esac
+        [ "$(proc_comm "$rank")" != "$(proc_comm "$child")" ] || continue
         catches_term "$rank" || continue
         kill -s "$stopping" "$rank" 2>/dev/null
         told="$told $rank"
@@ -136,21 +168,29 @@ watch_torchrun() {
     done
 }
 
-# torchrun starts its ranks in sessions of their own, so nothing else reaches them.  Before it has
-# started any (it waits in the rendezvous, or is still starting) there is nothing to save, and a
-# signal would make it print a traceback and exit 1: it is SIGKILLed instead.  Frozen (SIGSTOP)
-# first, it cannot start a rank between the look and the kill, so none is left behind.  The
-# rendezvous is left as torchrun's own signal handler leaves it: open, for this node to rejoin (or
-# gone, if this node hosts the store); the other nodes see a node lost either way.
-child="" launcher="" stopping="" told="" unstarted=""
+# torchrun starts its ranks in sessions of their own, so nothing else reaches them.  When it has
+# no rank running (it waits in the rendezvous, is still starting, or its ranks have ended) there is
+# nothing to save, and a signal would make it print a traceback and exit 1: it is SIGKILLed
+# instead.  Frozen (SIGSTOP) first, it cannot start a rank between the look and the kill, so none
+# is left behind.  The rendezvous is left as torchrun's own signal handler leaves it: open, for
+# this node to rejoin (or gone, if this node hosts the store); the other nodes see a node lost.
+# Likewise python before its stop handler is in (its imports): killed, nothing to save, where the
+# signal's own default would have ended it with 143.  A signal before the launch (NPROC=auto asks
+# torch for the GPUs first) is passed on as soon as there is a child.
+child="" launcher="" told="" unstarted="" forwarded=""
 forward() {
     stopping=$1 told=""
     [ -n "$child" ] || return 0
-    if [ "$launcher" != torchrun ]; then
+    forwarded=1
+    if [ "$launcher" = sleep ]; then
         kill -s "$1" "$child" 2>/dev/null
     elif [ -n "$unstarted" ]; then
         return 0  # killed already
-    elif kill -s STOP "$child" 2>/dev/null && [ -z "$(children "$child")" ]; then
+    elif [ "$launcher" = python ]; then
+        catches_term "$child" && kill -s "$1" "$child" 2>/dev/null && return 0
+        kill -s KILL "$child" 2>/dev/null
+        unstarted=1
+    elif freeze "$child" && [ -z "$(children "$child")" ]; then
         kill -s KILL "$child" 2>/dev/null
         unstarted=1
     else
@@ -165,18 +205,22 @@ trap 'forward INT' INT
 trap 'forward HUP' HUP
 
 crashes=0
+nothing_to_save() {
+    echo "entrypoint: stopped with no trainer running (not started yet, or its ranks had ended); nothing to save" >&2
+    exit 0
+}
+
 while :; do
+    [ -z "$stopping" ] || nothing_to_save  # a stop while NPROC=auto asked torch for the GPUs
     rm -f "$ALEXNET_EXIT_FILE"
     started=$(date +%s)
     launch "$@"
+    [ -z "$stopping" ] || [ -n "$forwarded" ] || forward "$stopping"  # came between `&` and child=$!
     wait_child
     [ "$code" = 0 ] && exit 0
-    if [ -n "$unstarted" ]; then  # forward killed torchrun: $code is the kill's, or the trap's
-        echo "entrypoint: stopped before the trainer started; nothing to save" >&2
-        exit 0
-    fi
-    [ -z "$stopping" ] || exit "$code"
     [ ! -s "$ALEXNET_EXIT_FILE" ] || exit "$(cat "$ALEXNET_EXIT_FILE")"  # diagnosed: the line is printed
+    [ -z "$unstarted" ] || nothing_to_save  # forward killed it: $code is the kill's, or the trap's
+    [ -z "$stopping" ] || exit "$code"
     [ $(($(date +%s) - started)) -lt "${STABLE_SECONDS:-600}" ] || crashes=0
     crashes=$((crashes + 1))
     if [ "$crashes" -gt "${RESTARTS:-5}" ]; then

@@ -127,6 +127,46 @@ def test_a_stop_signal_reaches_the_service_and_its_exit_code_is_kept(sig: signal
     assert code == 0 and (tmp_path / "runs.signals").read_text() == sig.name[3:] + "\n" and launches(tmp_path) == 1
 
 
+NOTHING_TO_SAVE = "entrypoint: stopped with no trainer running (not started yet, or its ranks had ended); nothing to save"
+
+
+def stop_python(tmp_path: Path, body: str, ready: str, **env: str) -> tuple[int, str]:
+    """The entrypoint with python running ``body``, SIGTERM once ``ready`` is written; (exit code, stderr)."""
+    proc = entrypoint(tmp_path, body, popen=True, **env)
+    try:
+        wait_ready(tmp_path, ready)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=20)
+    finally:
+        proc.kill()
+        kill_left(tmp_path, "runs.ready")
+    return code, proc.communicate()[1]
+
+
+def test_a_stop_before_the_service_handles_it_exits_0_with_one_line(tmp_path: Path) -> None:
+    """docker stop in python's first seconds (its imports, before the stop handler): the signal's
+    default action ended it, and the container with 143."""
+    body = 'echo $$ > "$RUNS.ready"\nsleep 3\ntrap \'exit 0\' TERM\nwhile :; do sleep 0.1; done\n'
+    code, err = stop_python(tmp_path, body, "runs.ready")
+    assert code == 0 and err.splitlines() == [NOTHING_TO_SAVE] and launches(tmp_path) == 1
+
+
+def test_a_stop_while_nproc_auto_asks_torch_starts_no_trainer(tmp_path: Path) -> None:
+    """NPROC=auto runs `python -c 'import torch ...'` first, seconds; the traps were not in yet and
+    the signal ended the entrypoint (143)."""
+    body = 'if [ "$1" = -c ]; then echo 1 > "$RUNS.ready"; sleep 2; echo 1; exit 0; fi\necho {name} "$@"\n'
+    code, err = stop_python(tmp_path, body, "runs.ready", NPROC="auto")
+    assert code == 0 and err.splitlines() == [NOTHING_TO_SAVE] and launches(tmp_path) == 1  # the query only
+
+
+def test_a_diagnosed_exit_during_a_stop_keeps_its_code(tmp_path: Path) -> None:
+    """The stop's checkpoint could not be written (exit 4, recorded): the container said 1."""
+    body = ('trap \'echo 4 > "$ALEXNET_EXIT_FILE"; exit 1\' TERM\necho $$ > "$RUNS.ready"\n'
+            'while :; do sleep 0.1; done\n')
+    code, _ = stop_python(tmp_path, body, "runs.ready")
+    assert code == 4 and launches(tmp_path) == 1
+
+
 # torchrun as far as signals go: ranks in sessions of their own (as torchrun starts them) that stop
 # on a signal with exit 0 once their handler is in (a delay first: a rank still starting, which the
 # signal's default action kills); a signal to torchrun itself is its SignalException, exit 1.
@@ -213,7 +253,7 @@ def test_a_stop_before_torchrun_started_its_ranks_exits_0_with_one_line(sig: sig
     after the start: torchrun itself got the signal, a SignalException traceback, exit 1."""
     code, err = stop_torchrun(tmp_path, IN_RENDEZVOUS, sig, "runs.torchrun",
                               NNODES="2", NODE_RANK="1", RDZV_ENDPOINT="host0:29400")
-    assert code == 0 and err.splitlines() == ["entrypoint: stopped before the trainer started; nothing to save"]
+    assert code == 0 and err.splitlines() == [NOTHING_TO_SAVE]
     assert told(tmp_path) == [] and launches(tmp_path) == 1
 
 
