@@ -158,6 +158,7 @@ def param_digest(model: torch.nn.Module) -> str:
 
 def finish(trainer: Trainer, finished: bool, log: RunLog) -> int:
     """Wait for the last checkpoint, say where everything is, exit 0."""
+    trainer.board.beat("finishing" if finished else "stopping")  # the last write, the shard check
     trainer.checkpoints.wait()  # a failed write: exit 4 on every rank
     if finished:  # no run ends 0 on shards it has not checked
         trainer.parts.shard_check.finish(trainer.progress.step)

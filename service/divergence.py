@@ -33,7 +33,7 @@ def loss_problem(value: float, what: str = "the training loss") -> str | None:
 
 
 def weights_problem(model: torch.nn.Module) -> str | None:
-    """The first parameter with a non-finite value, or None.
+    """A parameter with a non-finite value (the first of its device's), or None.
 
     A NaN or inf anywhere makes its tensor's sum non-finite, so one sum per tensor and one device
     read per device decide; only a run found diverged looks closer, to name the tensor.  On the

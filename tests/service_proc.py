@@ -138,7 +138,7 @@ def free_port(count: int = 1) -> int:
     Drawn below the kernel's ephemeral range: a port from there (``bind(0)``'s) was free when
     chosen but taken by an outgoing connection (gloo's store, another run's scrape) during the
     seconds a service takes to start, and a rank exited 3 ("port ... already in use")."""
-    low = _ephemeral_low()
+    low = max(_ephemeral_low(), 1024 + 1000)  # a range reaching down to 1024 still leaves some
     rng = random.Random()
     for _ in range(200):
         base = rng.randrange(max(low - 12000, 1024), low - count)
