@@ -35,8 +35,16 @@ def entrypoint(tmp_path: Path, body: str = ECHO, args: tuple[str, ...] = ("--con
             "RUNS": str(tmp_path / "runs"), "RESTART_DELAY": "0", "NPROC": "1"}
     cmd = [str(DOCKER / "entrypoint.sh"), *args]
     if popen:
-        return subprocess.Popen(cmd, env={**base, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(cmd, env={**base, **env}, capture_output=True, text=True, timeout=60)
+        return subprocess.Popen(cmd, env={**base, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=_as_in_a_container)
+    return subprocess.run(cmd, env={**base, **env}, capture_output=True, text=True, timeout=60,
+                          preexec_fn=_as_in_a_container)
+
+
+def _as_in_a_container() -> None:
+    """SIGINT as tini starts the entrypoint: not ignored.  A test run in the background (``make
+    test &``) starts with SIGINT ignored, and a shell cannot trap a signal ignored on entry."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def launches(tmp_path: Path) -> int:
