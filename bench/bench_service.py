@@ -247,7 +247,8 @@ def main(argv: list[str] | None = None) -> dict:
     finish(report)
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(json.dumps(report, indent=2) + "\n")
-    plot(summary, f"service loop vs bare train_step, batch {args.batch}, {where(report, args.device.startswith('cuda'))}", args.report.with_suffix(".png"))
+    title = f"service loop vs bare train_step, batch {args.batch}, {where(report, args.device.startswith('cuda'))}"
+    plot(summary, title, args.report.with_suffix(".png"))
     print(f"wrote {args.report} and {args.report.with_suffix('.png')}")
     return report
 
