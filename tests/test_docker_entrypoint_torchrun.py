@@ -130,7 +130,8 @@ def test_a_stop_that_outlasts_torchruns_shutdown_timeout_checkpoints_and_exits_0
     While rank 1 is frozen, rank 0 waits for it in a collective of its next step (DDP's), before
     any rank can agree to stop (the agreement is a collective too): its /status answers, phase
     "training", its heartbeat ageing.  Then the stop's phases: "checkpointing", which lasts through
-    the write (a stop awaits it: on a slow disk, the long phase), then "stopping" (the last collectives)."""
+    the write (a stop awaits it: on a slow disk, the long phase), then "stopping" (the last collectives,
+    ~0.4 s) and "stopped" (until the endpoint closes, milliseconds)."""
     out, port = tmp_path / "run", free_port(2)
     args = ("--shards", str(sample_shards), "--out", str(out), *ARGS, "--epochs", "1")
     run = Entrypoint(tmp_path, "first", port, *args)
@@ -149,7 +150,10 @@ def test_a_stop_that_outlasts_torchruns_shutdown_timeout_checkpoints_and_exits_0
     assert (tmp_path / "probe").read_text().split() == ["2", "127.0.0.1", str(port)]
     assert all(s is not None and s["phase"] == "training" for s in frozen), frozen
     assert frozen[-1]["heartbeat_age_seconds"] > FROZEN_SECONDS - 10, frozen[-1]
-    assert "checkpointing" in phases and "stopping" in phases[phases.index("checkpointing"):], phases
+    # "checkpointing" lasts the write (1 s here); "stopping" ~0.4 s, which a poll may miss: in order if seen.
+    assert "checkpointing" in phases, phases
+    after = phases[phases.index("checkpointing") + 1:]
+    assert after in ([], ["stopping"], ["stopping", "stopped"], ["stopped"]), phases
     stopped = [events(out, "stopped", rank) for rank in (0, 1)]  # written last: no rank was killed
     assert all(len(s) == 1 and s[0]["reason"] == "SIGTERM" for s in stopped), f"{stopped}\n{run.output()}"
     step = stopped[0][0]["step"]
