@@ -1,10 +1,13 @@
 """Start-up checks of the service in real processes: a run directory it cannot write (one line,
-exit 5, before anything slow) and the build labels of a container (the revision it was built from).
+exit 5, before anything slow), the build labels of a container (the revision it was built from),
+and what a start reads of the shards (manifest.json and each DALI index once, ``tests.open_audit``).
 
 Root ignores permission bits, so the run directory is made unwritable for real: a read-only tmpfs
 mounted for the test (skipped where mounting is not allowed)."""
 from __future__ import annotations
 
+import collections
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +17,7 @@ import pytest
 
 from service.errors import EXIT_RUNDIR
 from tests.mounts import tmpfs
+from tests.service_proc import TORCHRUN_2, free_port, run_service
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,3 +53,27 @@ def test_build_info_carries_the_images_revision() -> None:
     code = "from service.metrics import build_labels; print(build_labels('cpu', 'grouped', 1)['git_revision'])"
     result = python("-c", code, ALEXNET_GIT_REVISION="0123456789ab-dirty")
     assert result.stdout.strip() == "0123456789ab-dirty", result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("verify, ranks", [("background", 1), ("before", 1), ("background", 2)])
+def test_a_start_reads_the_manifest_and_each_index_once(sample_shards: Path, tmp_path: Path,
+                                                        verify: str, ranks: int) -> None:
+    """Each rank reads ``manifest.json`` once and each ``.idx`` of both splits once at start: rank 0's
+    shard check reads the indexes (and with ``verify before`` hashes the tars, which needs no index
+    again), the other ranks check their own.  Was, on rank 0: the manifest three times (the shard
+    directory check before the port, the shard check's, the full check's) and every index twice
+    (``verify before``: three times), so on ImageNet ~1000 train indexes twice, and two reads of one
+    file could disagree.  The background pass, once training runs, is not the start: left out."""
+    log = tmp_path / "opens.jsonl"
+    audit = ("-m", "tests.open_audit", str(log), str(sample_shards))  # every rank, under torchrun
+    launcher, port = ((*TORCHRUN_2, *audit), ("--http.port", str(free_port(2)))) if ranks == 2 else (audit, ())
+    rc, service = run_service(sample_shards, tmp_path / "run", "--epochs", "1", "--data.verify", verify, *port,
+                              launcher=launcher, timeout=300)
+    assert rc == 0, service.stderr
+    opens = [json.loads(line) for line in log.read_text().splitlines()]
+    names = ["manifest.json", *sorted(p.name for p in sample_shards.glob("*/*.idx"))]  # train-000000.idx ...
+    assert len(names) == 1 + 10
+    counts = collections.Counter((o["rank"], Path(o["path"]).name) for o in opens if o["thread"] != "shard-check")
+    read = {rank: {name: counts[rank, name] for name in names} for rank in range(ranks)}
+    assert read == {rank: dict.fromkeys(names, 1) for rank in range(ranks)}
