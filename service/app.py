@@ -100,13 +100,16 @@ def check_fits_data(cfg: TrainConfig, manifest: contract.Manifest, excluded: Col
         raise ServiceError(EXIT_CONFIG, "invalid settings for these shards: " + "; ".join(problems))
 
 
-def start(cfg: TrainConfig, ranks: Ranks, metrics: ServiceMetrics, board: StatusBoard, log: RunLog,
-          stop: StopFlag) -> Trainer:
-    """Check the shards, build everything, resume the newest valid checkpoint if there is one."""
+def start(cfg: TrainConfig, manifest: contract.Manifest, ranks: Ranks, metrics: ServiceMetrics, board: StatusBoard,
+          log: RunLog, stop: StopFlag) -> Trainer:
+    """Check the shards of ``manifest`` (read by ``run_service``, once), build everything, resume
+    the newest valid checkpoint if there is one."""
     try:
-        check = ShardCheck(cfg, contract.load(cfg.shards, splits=()), ranks, log, metrics, stop)
-        excluded = check.prepare()  # names a missing, truncated or (cached / verify before) corrupt shard
-        manifest = contract.load(cfg.shards, exclude=excluded)  # and the rest, before DALI opens a file
+        contract.check(manifest)  # both splits and the statistics: the shard check reads both (was: a KeyError)
+        check = ShardCheck(cfg, manifest, ranks, log, metrics, stop)
+        # Every shard's files, once, before DALI opens one; names a missing, truncated or (cached /
+        # verify before) corrupt shard to stop on or leave out.
+        excluded = check.prepare()
     except contract.ManifestError as exc:
         raise DataError(str(exc)) from None
     check_fits_data(cfg, manifest, excluded, ranks.world_size)
@@ -185,10 +188,11 @@ def run_service(cfg: TrainConfig) -> int:
 
     The run directory is checked first; a ``--shards`` that is no shard directory at all (a
     typo, the images themselves) next, before the port, the ranks or a log: a run directory this
-    start created is removed again (still empty), so nothing is left behind."""
+    start created is removed again (still empty), so nothing is left behind.  That read of
+    ``manifest.json`` is the start's only one (``start`` checks the rest on what it read)."""
     created = check_run_dir(cfg.out)
     try:
-        contract.load(cfg.shards, splits=())
+        manifest = contract.read(cfg.shards)
     except contract.ManifestError as exc:
         if created:
             with contextlib.suppress(OSError):
@@ -207,7 +211,7 @@ def run_service(cfg: TrainConfig) -> int:
         lock = RunDirLock(cfg.out, ranks.rank)  # before joining: a second job refuses, never waits for peers
         ranks.start(torch.device(cfg.device))
         cfg, allowed = share_cores(cfg, *ranks.core_peers())
-        return _serve(cfg, ranks, stop)
+        return _serve(cfg, manifest, ranks, stop)
     except RuntimeError as exc:  # a collective whose peer rank is gone: that rank's line says why
         if not (ranks.distributed and peer_gone(exc)):
             raise
@@ -239,7 +243,7 @@ def serve_http(cfg: TrainConfig, ranks: Ranks, metrics: ServiceMetrics, board: S
     return endpoint.start()
 
 
-def _serve(cfg: TrainConfig, ranks: Ranks, stop: StopFlag) -> int:
+def _serve(cfg: TrainConfig, manifest: contract.Manifest, ranks: Ranks, stop: StopFlag) -> int:
     """The metrics endpoint, the run log and the trainer, for the joined ranks."""
     metrics = ServiceMetrics(build_labels(",".join(cfg.model.devices) or cfg.device, cfg.model.layout,
                                           ranks.world_size))
@@ -257,7 +261,7 @@ def _serve(cfg: TrainConfig, ranks: Ranks, stop: StopFlag) -> int:
                 clear_run(log)
             ranks.barrier()  # no rank opens its log before rank 0 has deleted the old ones
         log.open()
-        trainer = start(cfg, ranks, metrics, board, log, stop)
+        trainer = start(cfg, manifest, ranks, metrics, board, log, stop)
         return finish(trainer, trainer.run(), log)
     finally:
         if trainer is not None:

@@ -32,6 +32,11 @@ saved position was for other tars).
 
 Several ranks: rank 0 checks and writes the file, every rank follows its verdict at start (one
 gather); a mismatch found later by the background pass stops rank 0 and torchrun the others.
+
+Each file once at start: rank 0's look at every shard (its size and its index, read whole: ~1000
+train indexes on ImageNet) is the start's only one there, the manifest's own file check
+(``shards.manifest.check_files``) runs on the other ranks alone, on their view of the files (a
+node of their own), and the hash before training does not read an index again.
 """
 from __future__ import annotations
 
@@ -50,7 +55,7 @@ from service.metrics import ServiceMetrics
 from service.runlog import RunLog
 from service.shard_memory import CheckMemory, file_key
 from service.signals import StopFlag
-from shards.manifest import CORRUPT, INDEX, Manifest, Shard, shard_problem
+from shards.manifest import CORRUPT, INDEX, Manifest, Shard, check_files, shard_problem
 from shards.tarwriter import HashStopped
 
 
@@ -107,8 +112,9 @@ class ShardCheck:
     # -- at start ------------------------------------------------------------------------------
 
     def prepare(self) -> frozenset[str]:
-        """Before the loaders are built: check what must be (sizes always, contents with
-        ``before``), then act on every finding on every rank; returns the tar names to leave out."""
+        """Before the loaders are built: check what must be (sizes and indexes always, contents
+        with ``before``), then act on every finding on every rank; returns the tar names to leave
+        out.  A rank other than 0 then checks its own files but those (``ManifestError``)."""
         findings = self._check_at_start() if self.ranks.is_main else None
         findings = self.ranks.gather(findings)[0]  # rank 0's verdict, or why it stopped, for every rank
         if isinstance(findings, str):
@@ -120,7 +126,10 @@ class ShardCheck:
                             f"{self._hint(first)}")
         for f in findings:
             self._skip(f)
-        return frozenset(f.shard.tar.name for f in findings)
+        excluded = frozenset(f.shard.tar.name for f in findings)
+        if not self.ranks.is_main:  # rank 0's were checked by _check_at_start, once
+            check_files(self.manifest, exclude=excluded)
+        return excluded
 
     def _skip(self, f: Finding) -> None:
         """Every rank leaves the shard out of its reader and logs it in its own JSON log, but the job
@@ -164,7 +173,8 @@ class ShardCheck:
                      "training (data.verify before)...")
         # hashlib lets go of the GIL; beyond ~16 readers the storage, not the CPU, sets the pace
         with ThreadPoolExecutor(min(len(os.sched_getaffinity(0)), 16)) as pool:
-            problems = list(pool.map(lambda shard: self._check(shard, self._stop_requested), [s for _, s in todo]))
+            problems = list(pool.map(lambda shard: self._check(shard, self._stop_requested, index=False),
+                                     [s for _, s in todo]))
         if HashStopped in problems:
             return self._interrupted(sum(p is not HashStopped for p in problems), len(todo))
         bad = [self._finding(split, shard, p) for (split, shard), p in zip(todo, problems) if p]
@@ -222,11 +232,13 @@ class ShardCheck:
 
     # -- results -------------------------------------------------------------------------------
 
-    def _check(self, shard: Shard, stop: Callable[[], bool]) -> str | None | type[HashStopped]:
-        """The shard's problem (remembered), or ``HashStopped`` once ``stop()``: nothing remembered."""
+    def _check(self, shard: Shard, stop: Callable[[], bool], index: bool = True) -> str | None | type[HashStopped]:
+        """The shard's problem (remembered), or ``HashStopped`` once ``stop()``: nothing remembered.
+        ``index`` False: not its index again (the hash before training: ``_check_at_start`` has
+        just read it; the background pass, later, reads it again, it may have changed since)."""
         key = file_key(shard)
         try:
-            problem = shard_problem(shard, stop=stop)
+            problem = shard_problem(shard, stop=stop, index=index)
         except HashStopped:
             return HashStopped
         self.memory.remember(shard, key, problem)

@@ -9,7 +9,11 @@ Layout of a shard directory::
     val/val-NNNNNN.{tar,idx}
 
 ``load`` validates the record and that every listed file is there with the recorded size
-(``deep=True`` also re-hashes them), and fails early with a hint on how to fix it.
+(``deep=True`` also re-hashes them), and fails early with a hint on how to fix it.  It is three
+steps a reader can also take apart, so that nothing is read twice: ``read`` (the record alone,
+no listed file looked at), ``check`` (the splits asked for and their statistics are there) and
+``check_files`` (the shards of those splits).  The training service reads the record once
+before anything else and checks the rest later, each shard's files once (``service.app``).
 """
 from __future__ import annotations
 
@@ -160,11 +164,13 @@ def index_defect(shard: Shard, tar_bytes: int) -> str | None:
     return None
 
 
-def shard_problem(shard: Shard, deep: bool = True, stop: Callable[[], bool] | None = None) -> str | None:
+def shard_problem(shard: Shard, deep: bool = True, stop: Callable[[], bool] | None = None,
+                  index: bool = True) -> str | None:
     """What is wrong with ``shard`` against the manifest (None: it matches): missing tar or
-    index, another size, an index that does not fit the tar (``index_problem``), or (``deep``)
-    other contents.  The one place that decides whether a shard is still the one ``make shards``
-    wrote.  ``stop``: see ``sha256_file`` (``HashStopped``)."""
+    index, another size, an index that does not fit the tar (``index_problem``, unless ``index``
+    is False: a caller that has just read it), or (``deep``) other contents.  The one place that
+    decides whether a shard is still the one ``make shards`` wrote.  ``stop``: see ``sha256_file``
+    (``HashStopped``)."""
     from shards.tarwriter import sha256_file  # late import: readers rarely need hashing
 
     if not shard.tar.is_file():
@@ -174,14 +180,17 @@ def shard_problem(shard: Shard, deep: bool = True, stop: Callable[[], bool] | No
     size = shard.tar.stat().st_size
     if size != shard.bytes:
         return f"{size} bytes, the manifest says {shard.bytes} (truncated or modified)"
-    if problem := index_problem(shard, size):
+    if index and (problem := index_problem(shard, size)):
         return problem
     if deep and sha256_file(shard.tar, stop) != shard.sha256:
         return CORRUPT
     return None
 
 
-def _check_files(m: Manifest, splits: tuple[str, ...], deep: bool, exclude: Collection[str]) -> None:
+def check_files(m: Manifest, splits: tuple[str, ...] = SPLITS, deep: bool = False,
+                exclude: Collection[str] = ()) -> None:
+    """Every shard of ``splits`` but the tars named in ``exclude`` against ``m`` (``shard_problem``:
+    its index is read whole); the first problem is a ``ManifestError`` naming the shard and the fix."""
     for name in splits:
         for shard in m.splits[name].shards:
             problem = None if shard.tar.name in exclude else shard_problem(shard, deep)
@@ -210,11 +219,8 @@ def _read(path: Path, root: Path) -> dict:
     return record
 
 
-def _manifest(root: Path, record: dict, splits: tuple[str, ...]) -> Manifest:
+def _manifest(root: Path, record: dict) -> Manifest:
     """The record's parts as a ``Manifest``; a missing key is a ``KeyError`` naming it."""
-    missing = [s for s in splits if s not in record["splits"]]
-    if missing:
-        raise ManifestError(f"{root / 'manifest.json'} has no split(s) {missing}; {_hint(root)}")
     classes = tuple(c["wnid"] for c in record["classes"])
     return Manifest(
         root=root,
@@ -227,10 +233,11 @@ def _manifest(root: Path, record: dict, splits: tuple[str, ...]) -> Manifest:
     )
 
 
-def load(root: Path | str, splits: tuple[str, ...] = SPLITS, deep: bool = False,
-         exclude: Collection[str] = ()) -> Manifest:
-    """Read and check ``root/manifest.json`` and the files of ``splits`` but the tars named in
-    ``exclude`` (left out by the reader); raises ``ManifestError`` naming the problem and the fix."""
+def read(root: Path | str) -> Manifest:
+    """Read ``root/manifest.json`` and check its record (format, keys, counts), no listed file
+    looked at; raises ``ManifestError`` naming the problem and the fix (a ``root`` that is no shard
+    directory at all: what it is, ``_not_shards``).  The file is read once: ``check`` and
+    ``check_files`` judge the rest on what was read."""
     root = Path(root).resolve()
     path = root / "manifest.json"
     if not path.is_file():
@@ -240,14 +247,30 @@ def load(root: Path | str, splits: tuple[str, ...] = SPLITS, deep: bool = False,
         raise ManifestError(f"{path}: format {record.get('format')!r} version {record.get('format_version')!r}, "
                             f"this code reads {FORMAT!r} version {VERSION}; {_hint(root)}")
     try:
-        m = _manifest(root, record, splits)
-    except ManifestError:
+        return _manifest(root, record)
+    except ManifestError:  # a ValueError too, already saying what is wrong
         raise
     except KeyError as exc:  # the key's name is all a KeyError says
         raise ManifestError(f"{path} lacks the required key {exc.args[0]!r}; {_hint(root)}") from None
     except (TypeError, ValueError, AttributeError) as exc:
         raise ManifestError(f"{path} has a value of the wrong kind ({exc}); {_hint(root)}") from None
+
+
+def check(m: Manifest, splits: tuple[str, ...] = SPLITS) -> None:
+    """The record ``read`` has ``splits`` and, for ``train`` (whose statistics every split uses),
+    the statistics file; else a ``ManifestError`` naming what is missing and the fix."""
+    missing = [s for s in splits if s not in m.splits]
+    if missing:
+        raise ManifestError(f"{m.root / 'manifest.json'} has no split(s) {missing}; {_hint(m.root)}")
     if "train" in splits and not m.stats_path.is_file():
-        raise ManifestError(f"{m.stats_path} not found (dataset statistics); {_hint(root)}")
-    _check_files(m, splits, deep, exclude)
+        raise ManifestError(f"{m.stats_path} not found (dataset statistics); {_hint(m.root)}")
+
+
+def load(root: Path | str, splits: tuple[str, ...] = SPLITS, deep: bool = False,
+         exclude: Collection[str] = ()) -> Manifest:
+    """Read and check ``root/manifest.json`` and the files of ``splits`` but the tars named in
+    ``exclude`` (left out by the reader); raises ``ManifestError`` naming the problem and the fix."""
+    m = read(root)
+    check(m, splits)
+    check_files(m, splits, deep, exclude)
     return m
