@@ -3,7 +3,9 @@
 Every entry point declares one frozen dataclass (nested dataclasses become TOML tables and
 dotted flags).  Values are resolved in this order: dataclass defaults, then the TOML file,
 then ``--key value`` / ``--section.key=value`` flags.  Unknown keys and values of the wrong
-type are rejected with a message that names the key and the source it came from.
+type are rejected with a message that names the key and the source it came from.  Flags are
+strings, parsed into each key's type; a file's values are typed by TOML and taken as they are
+(``batch_size = "24"`` is a string, refused: a number is written without quotes).
 """
 from __future__ import annotations
 
@@ -34,9 +36,9 @@ def field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _coerce_union(value: Any, tp: Any, key: str, where: str) -> Any:
+def _coerce_union(value: Any, tp: Any, key: str, where: str, parse: bool) -> Any:
     """``value`` as the first member of the union ``tp`` that accepts it (``None``, or the string
-    "none", where the union allows None); the first member's complaint when none does."""
+    "none", where the union allows None: TOML has no null); the first member's complaint when none does."""
     options = typing.get_args(tp)
     if value is None or (isinstance(value, str) and value.lower() == "none" and type(None) in options):
         if type(None) in options:
@@ -46,50 +48,67 @@ def _coerce_union(value: Any, tp: Any, key: str, where: str) -> Any:
         if option is type(None):
             continue
         try:
-            return _coerce(value, option, key, where)
+            return _coerce(value, option, key, where, parse)
         except ConfigError as exc:
             errors.append(str(exc))
     raise ConfigError(errors[0] if errors else f"{where}: {key} cannot be None")
 
 
-def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
-    """Check (and, for strings from the command line, parse) ``value`` against ``tp``."""
+def _quoted(value: str, expected: str, toml: str, key: str, where: str) -> ConfigError:
+    """A file's string where another type belongs: TOML values carry their type, and parsing
+    the string as the command line's would take ``batch_size = "24"`` or ``seed = " 7 "``."""
+    return ConfigError(f"{where}: {key} must be {expected} ({toml}), got the string {value!r}")
+
+
+def _number(value: Any, tp: type, key: str, where: str, parse: bool) -> int | float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
+    if isinstance(value, str):
+        if not parse:
+            raise _quoted(value, tp.__name__, "a TOML number, without quotes", key, where)
+        try:
+            return tp(value)
+        except ValueError:
+            raise ConfigError(f"{where}: {key} must be {tp.__name__}, got {value!r}") from None
+    if tp is int and isinstance(value, int):
+        return value
+    if tp is float and isinstance(value, (int, float)):
+        return float(value)
+    raise ConfigError(f"{where}: {key} must be {tp.__name__}, got {value!r}")
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str, parse: bool = True) -> Any:
+    """Check ``value`` against ``tp``; ``parse``: ``value`` may be a string to parse (the command
+    line's, where every value is one), else a file's, already typed by TOML."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        return _coerce_union(value, tp, key, where)
+        return _coerce_union(value, tp, key, where, parse)
     if origin is typing.Literal:
         allowed = typing.get_args(tp)
-        if isinstance(value, str):  # from the command line: "4" is the member 4 of Literal[3, 4]
+        if isinstance(value, str) and parse:  # from the command line: "4" is the member 4 of Literal[3, 4]
             value = next((a for a in allowed if not isinstance(a, str) and str(a) == value), value)
         if value not in allowed:
             raise ConfigError(f"{where}: {key} must be one of {list(allowed)}, got {value!r}")
         return value
     if origin in (tuple, list):
+        if isinstance(value, str) and not parse:
+            raise _quoted(value, "a list", 'a TOML array: ["a", "b"]', key, where)
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)):
             raise ConfigError(f"{where}: {key} must be a list, got {value!r}")
         args = typing.get_args(tp)
         item_tp = args[0] if args else str
-        return tuple(_coerce(v.strip() if isinstance(v, str) else v, item_tp, key, where) for v in items)
+        return tuple(_coerce(v.strip() if isinstance(v, str) else v, item_tp, key, where, parse) for v in items)
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and not parse:
+            raise _quoted(value, "true or false", "a TOML boolean, without quotes", key, where)
         if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
     if tp in (int, float):
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
-        if isinstance(value, str):
-            try:
-                return tp(value)
-            except ValueError:
-                raise ConfigError(f"{where}: {key} must be {tp.__name__}, got {value!r}") from None
-        if tp is int and isinstance(value, int):
-            return value
-        if tp is float and isinstance(value, (int, float)):
-            return float(value)
-        raise ConfigError(f"{where}: {key} must be {tp.__name__}, got {value!r}")
+        return _number(value, tp, key, where, parse)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
@@ -136,7 +155,7 @@ def _merge(cls: type[T], base: T, table: dict[str, Any], where: str, prefix: str
                 raise ConfigError(f"{where}: {name} must be a table")
             changes[key] = _merge(tp, getattr(base, key), value, where, f"{name}.", file)
         else:
-            changes[key] = _coerce(value, tp, name, where)
+            changes[key] = _coerce(value, tp, name, where, parse=not file)
     return dataclasses.replace(base, **changes)
 
 

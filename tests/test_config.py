@@ -76,3 +76,26 @@ def test_a_command_line_only_key_is_refused_in_a_file(tmp_path: Path) -> None:
         load_config(Job, toml)
     toml.write_text("steps = 3\n")
     assert load_config(Job, toml, ["--wipe", "true"]) == Job(steps=3, wipe=True)
+
+
+@pytest.mark.parametrize("line, said", [
+    ('steps = "24"', "steps must be int (a TOML number, without quotes), got the string '24'"),
+    ('steps = " 7 "', "steps must be int (a TOML number, without quotes), got the string ' 7 '"),
+    ('[optim]\nlr = "0.1"', "optim.lr must be float (a TOML number, without quotes), got the string '0.1'"),
+    ('[optim]\nnesterov = "true"', "optim.nesterov must be true or false (a TOML boolean, without quotes), "
+                                   "got the string 'true'"),
+    ('devices = "cuda:0,cuda:1"', "devices must be a list (a TOML array: [\"a\", \"b\"]), got the string "
+                                  "'cuda:0,cuda:1'"),
+])
+def test_a_quoted_value_in_a_file_is_refused_for_a_setting_that_is_not_a_string(tmp_path: Path, line: str,
+                                                                                said: str) -> None:
+    """A TOML value has its type; only the command line's strings are parsed (``--steps 24``).  A
+    quoted number in a file passed through the command line's parser before: ``steps = " 7 "`` was 7."""
+    toml = tmp_path / "job.toml"
+    toml.write_text(line + "\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(Job, toml)
+    assert str(refused.value) == f"{toml}: {said}"
+    toml.write_text('name = "24"\nout = "runs/x"\ndtype = "none"\ndevices = ["cuda:0", "cuda:1"]\n')  # strings stay
+    assert load_config(Job, toml, ["--steps", " 7 "]) == Job(name="24", steps=7, out=Path("runs/x"),
+                                                            devices=("cuda:0", "cuda:1"))

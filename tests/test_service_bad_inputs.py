@@ -65,6 +65,16 @@ def test_a_config_file_it_cannot_read_is_one_line_and_exit_2(how: str, tmp_path:
     assert not (tmp_path / "run").exists()  # a setting: nothing started
 
 
+def test_a_quoted_number_in_a_config_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """``batch_size = "24"`` went through the command line's string parser and trained at 24."""
+    toml = tmp_path / "run.toml"
+    toml.write_text('[loader]\nbatch_size = "24"\n')
+    line = one_line(service("--config", str(toml), "--out", str(tmp_path / "run")), EXIT_CONFIG)
+    assert line == (f"service: {toml}: loader.batch_size must be int (a TOML number, without quotes), "
+                    "got the string '24'")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("how", ["unreadable", "not UTF-8", "not JSON", "no classes"])
 def test_a_manifest_it_cannot_use_is_one_line_and_exit_1(how: str, shards: Path, tmp_path: Path) -> None:
     path = shards / "manifest.json"
