@@ -12,6 +12,13 @@ NORMALIZE_MODES = ("mean_image", "channel")
 # once the queue covers the decode's jitter.  16 leaves room to experiment; 100000 asked for
 # terabytes and the process died of it.
 MAX_PREFETCH = 16
+# DALI CPU threads per pipeline (a rank has two: training and evaluation).  Each decodes and
+# augments one sample at a time, so threads beyond the usable cores only take turns on them (the
+# default, 0, is one per core; docs/benchmarks.md's best on 16 cores used 8-16).  1024 is above the
+# hardware threads of today's largest two-socket machines (2 x 192 cores x SMT 2 = 768), and a
+# whole epoch ran with it on 2 cores.  100000 aborted inside DALI's thread pool (exit 134,
+# "terminate called without an active exception", no line naming the key).
+MAX_THREADS = 1024
 DTYPES = ("float32", "float16", "bfloat16")
 Handover = Literal["host", "stream"]
 Affinity = Literal["none", "spare_core"]
@@ -23,9 +30,11 @@ class LoaderConfig:
     """How to read, augment and batch the shards (the same for every rank)."""
 
     batch_size: int = 128
-    threads: int = 0  # DALI CPU threads (or reference workers); 0 = every core
+    threads: int = 0  # DALI CPU threads (or reference workers); 0 = every core; at most 1024
     seed: int = 0  # pipeline seed; each rank derives its own from (seed, rank)
-    shuffle_buffer: int = 1024  # DALI's initial_fill: local shuffle window, in samples
+    # DALI's initial_fill: local shuffle window, in samples, each held in memory encoded; the service
+    # refuses one estimated over a quarter of the memory available at start (service.data_fit)
+    shuffle_buffer: int = 1024
     shuffle_shards: bool = True  # visit the tars in a new order every epoch
     sigma: float = 0.1  # std of the PCA lighting draws alpha_j
     normalize: str = "mean_image"  # "mean_image" (the paper) or "channel" (mean/std per channel)
@@ -63,8 +72,9 @@ class LoaderConfig:
         """Return self if every field makes sense, else raise ValueError naming the field."""
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.threads < 0:
-            raise ValueError(f"threads must be >= 0 (0 = all cores), got {self.threads}")
+        if not 0 <= self.threads <= MAX_THREADS:
+            raise ValueError(f"threads must be in 0..{MAX_THREADS} (0 = all cores; more threads than cores only "
+                             f"contend), got {self.threads}")
         if self.shuffle_buffer < 1:
             raise ValueError(f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
         if not (math.isfinite(self.sigma) and self.sigma >= 0):  # nan < 0 is False: nan passed before

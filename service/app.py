@@ -16,7 +16,6 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from common.config import ConfigError, load_config, split_config_arg, to_dict
 from common.config_help import settings_help, wants_help
 from service.build import apply_cuda_sync, build, compile_note, resolve, share_cores
 from service.config import TrainConfig, validate
+from service.data_fit import check_fits_data
 from service.dist import RankError, Ranks, peer_gone
 from service.errors import EXIT_CONFIG, EXIT_OK, EXIT_RUNDIR, DataError, PeerGone, ServiceError, record_exit
 from service.loop import Trainer
@@ -83,23 +83,6 @@ def clear_run(log: RunLog) -> None:
     log.say(f"fresh start: deleted {len(removed)} file(s) of the previous run in {log.out}")
 
 
-def check_fits_data(cfg: TrainConfig, manifest: contract.Manifest, excluded: Collection[str], world_size: int) -> None:
-    """The settings only the shards can judge, once their manifest is read and before the model is
-    built (exit 2 naming them): a crop larger than the images fails in the loader, and a batch
-    larger than a rank's share of the images trains nothing, after allocating it (100000 images:
-    the kernel's OOM killer)."""
-    problems, size, b = [], manifest.image_size, cfg.loader.batch_size
-    if cfg.loader.crop > size:
-        problems.append(f"loader.crop {cfg.loader.crop} is larger than the {size}x{size} px images of {cfg.shards} "
-                        f"(its manifest.json): use at most {size}")
-    images = sum(s.samples for s in manifest.splits["train"].shards if s.tar.name not in excluded)
-    if b > images // world_size:
-        problems.append(f"loader.batch_size {b} is more than the {images // world_size} training images each of the "
-                        f"{world_size} rank(s) gets per epoch from {cfg.shards}: use at most {images // world_size}")
-    if problems:
-        raise ServiceError(EXIT_CONFIG, "invalid settings for these shards: " + "; ".join(problems))
-
-
 def start(cfg: TrainConfig, manifest: contract.Manifest, ranks: Ranks, metrics: ServiceMetrics, board: StatusBoard,
           log: RunLog, stop: StopFlag) -> Trainer:
     """Check the shards of ``manifest`` (read by ``run_service``, once), build everything, resume
@@ -112,7 +95,7 @@ def start(cfg: TrainConfig, manifest: contract.Manifest, ranks: Ranks, metrics: 
         excluded = check.prepare()
     except contract.ManifestError as exc:
         raise DataError(str(exc)) from None
-    check_fits_data(cfg, manifest, excluded, ranks.world_size)
+    check_fits_data(cfg, manifest, excluded, ranks)
     ident = identity(cfg, data_fingerprint(manifest.record))
     parts = build(cfg, ranks, manifest, excluded)
     parts.shard_check = check

@@ -54,7 +54,7 @@ class ModelSettings:
 class OptimSettings:
     """The paper's update rule and learning-rate schedule (docs/reference.md)."""
 
-    lr: float = 0.01
+    lr: float = 0.01  # > 0 (0 would train nothing: every update a no-op)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     # true: the paper, every weight decays, biases included; false: Caffe/cuda-convnet, biases exempt.
@@ -182,10 +182,13 @@ def validate(cfg: TrainConfig) -> list[str]:
         problems.append(f"loader.{exc}")
     problems += _model_problems(cfg)
     o = cfg.optim
-    for key in ("lr", "momentum", "weight_decay"):
+    # lr 0 would train nothing for the whole run (every update a no-op); momentum and weight decay 0
+    # are plain SGD and no decay.
+    for key, low, ok in (("lr", "> 0", o.lr > 0), ("momentum", ">= 0", o.momentum >= 0),
+                         ("weight_decay", ">= 0", o.weight_decay >= 0)):
         value = getattr(o, key)
-        need(math.isfinite(value) and 0 <= value <= FLOAT32_MAX,
-             f"optim.{key} must be a number >= 0 (at most float32's {FLOAT32_MAX:.4g}), got {value}")
+        need(ok and math.isfinite(value) and value <= FLOAT32_MAX,
+             f"optim.{key} must be a number {low} (at most float32's {FLOAT32_MAX:.4g}), got {value}")
     need(o.patience >= 1, f"optim.patience must be >= 1, got {o.patience}")
     need(o.max_drops >= 0, f"optim.max_drops must be >= 0, got {o.max_drops}")
     need(o.lr_scaling in LR_SCALING, f"optim.lr_scaling must be one of {LR_SCALING}, got {o.lr_scaling!r}")

@@ -97,5 +97,5 @@ def test_a_quoted_value_in_a_file_is_refused_for_a_setting_that_is_not_a_string(
         load_config(Job, toml)
     assert str(refused.value) == f"{toml}: {said}"
     toml.write_text('name = "24"\nout = "runs/x"\ndtype = "none"\ndevices = ["cuda:0", "cuda:1"]\n')  # strings stay
-    assert load_config(Job, toml, ["--steps", " 7 "]) == Job(name="24", steps=7, out=Path("runs/x"),
-                                                            devices=("cuda:0", "cuda:1"))
+    expected = Job(name="24", steps=7, out=Path("runs/x"), devices=("cuda:0", "cuda:1"))
+    assert load_config(Job, toml, ["--steps", " 7 "]) == expected

@@ -3,9 +3,13 @@ another run, bad shards, bad settings, a taken port.  Each ends with a clear mes
 exit code, never a traceback or a hang."""
 from __future__ import annotations
 
+import os
 import re
+import resource
 import shutil
 import socket
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -14,7 +18,7 @@ import torch
 
 from shards.build import build
 from shards.config import ShardConfig
-from tests.service_proc import TORCHRUN_2, Service, checkpoint_steps, run_service
+from tests.service_proc import ROOT, TINY, TORCHRUN_2, Service, checkpoint_steps, run_service
 
 
 @pytest.fixture(scope="module")
@@ -114,10 +118,14 @@ def test_an_undecodable_shard_stops_the_run_naming_it(shards_copy: Path, tmp_pat
 
 
 def test_bad_settings_exit_2_naming_the_keys(sample_shards: Path, tmp_path: Path) -> None:
+    """``--loader.threads 100000`` was exit 134 and DALI's ``terminate called without an active
+    exception``, no key named; ``--optim.lr 0`` trained the whole run without moving a weight."""
     rc, service = run_service(sample_shards, tmp_path / "run", "--loader.dtype", "bfloat16", "--epochs", "0",
-                              timeout=120)
+                              "--loader.threads", "100000", "--optim.lr", "0", timeout=120)
     assert rc == 2 and "Traceback" not in service.stderr
     assert "loader.dtype bfloat16 needs model.autocast" in service.stderr and "epochs must be >= 1" in service.stderr
+    assert "loader.threads must be in 0..1024" in service.stderr and "optim.lr must be a number > 0" in service.stderr
+    assert len(service.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()  # nothing started
 
 
@@ -167,6 +175,27 @@ def test_a_batch_larger_than_a_ranks_share_of_the_images_is_refused_before_the_m
                                       f"than the 144 training images each of the 1 rank(s) gets per epoch from "
                                       f"{sample_shards}: use at most 144")
     assert "train: " not in service.stdout  # refused before the model and the loaders were built
+
+
+def test_a_shuffle_buffer_larger_than_memory_allows_is_refused_naming_the_estimate(
+        sample_shards: Path, tmp_path: Path) -> None:
+    """DALI reads the whole buffer of encoded samples before the first batch: 1,000,000,000 grew to
+    ~21 GB and the OOM killer ended it without a line.  The child's address space is capped at
+    8 GB, so a regression fails here (exit 1, ``std::bad_alloc`` blamed on the data, as before the
+    fix) rather than taking the machine's memory."""
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (8 * 10**9, 8 * 10**9))
+
+    cmd = [sys.executable, "-m", "service", "--shards", str(sample_shards), "--out", str(tmp_path / "run"), *TINY,
+           "--loader.shuffle_buffer", "1000000000"]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180, preexec_fn=cap,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert re.fullmatch(r"service: invalid settings for these shards: loader.shuffle_buffer 1000000000 would hold "
+                        r"about [\d,]+\.\d GB of encoded training samples in memory \(\d+ bytes each, the shards' "
+                        r"mean\): more than 1/4 of the [\d.]+ GB available on this machine: use at most \d+\n",
+                        run.stderr), run.stderr
+    assert "train: " not in run.stdout  # refused before the model and the loaders were built
 
 
 def test_a_crop_larger_than_the_shards_images_is_refused_naming_their_size(sample_src: Path, tmp_path: Path) -> None:

@@ -45,7 +45,10 @@ CONTRACT = [
     (["--loader.dtype", "bfloat16"], "loader.dtype bfloat16 needs model.autocast"),
     (["--model.layout", "pipes"], "model.layout must be one of"),
     (["--model.autocast", "fp8"], "model.autocast must be one of"),
-    (["--optim.lr", "-1"], "optim.lr must be a number >= 0"),
+    (["--optim.lr", "-1"], "optim.lr must be a number > 0"),
+    (["--optim.lr", "0"], "optim.lr must be a number > 0 .*got 0.0"),  # lr 0: every step a no-op, the whole run
+    (["--optim.momentum", "-1"], "optim.momentum must be a number >= 0"),
+    (["--loader.threads", "100000"], "loader.threads must be in 0..1024 .*got 100000"),  # DALI: exit 134, no line
     (["--checkpoint.keep", "0"], "checkpoint.keep must be >= 1"),
     (["--http.port", "70000"], "http.port must be in 0..65535"),
     (["--device", "gpu"], "device must be auto, cpu, cuda or cuda:N"),
@@ -57,7 +60,7 @@ CONTRACT = [
     (["--loader.crop", "300"], "loader.crop 300 does not fit the network: .* crops of 224 to 255 px"),
     (["--loader.crop", "8"], "loader.crop 8 does not fit the network"),
     (["--seed", "99999999999999999999999"], "seed must be in 0..4294967295"),
-    (["--optim.lr", "1e308"], "optim.lr must be a number >= 0 \\(at most float32's"),
+    (["--optim.lr", "1e308"], "optim.lr must be a number > 0 \\(at most float32's"),
     (["--loader.prefetch", "100000"], "loader.prefetch must be in 1..16"),
     (["--out", ""], "command line: out is empty: give a path"),  # not ".": the working directory
     (["--shards="], "command line: shards is empty: give a path"),
