@@ -64,6 +64,10 @@ def check_run_dir(out: Path) -> bool:
     traceback from the first log write, after the port, the shards and the loaders.
     """
     created = not out.exists()
+    file = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if file is not None:  # mkdir said "File exists" (or "Not a directory"), and the hint was permissions
+        raise ServiceError(EXIT_RUNDIR, f"run directory {out}: {file} is a file, not a directory: choose another "
+                                        "directory with --out (a new one is created), or move the file away")
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):

@@ -48,6 +48,19 @@ def test_unwritable_run_directory_is_one_line_and_exit_5(read_only: Path, sub: s
     assert exit_file.read_text() == "5\n"  # for docker/entrypoint.sh: a diagnosed exit is not restarted
 
 
+@pytest.mark.parametrize("sub", ["", "run"])  # the file itself, and a directory under it
+def test_a_run_directory_that_is_a_file_is_one_line_naming_the_file(sub: str, tmp_path: Path) -> None:
+    """Was "cannot be written (File exists) ... make it writable": nothing to do with permissions."""
+    file = tmp_path / "notes.txt"
+    file.write_text("not a run directory\n")
+    out = file / sub if sub else file
+    result = python("-m", "service", "--shards", str(tmp_path / "no-shards"), "--out", str(out), "--http.port", "0")
+    assert result.returncode == EXIT_RUNDIR, result.stderr
+    assert result.stderr == (f"service: run directory {out}: {file} is a file, not a directory: choose another "
+                             "directory with --out (a new one is created), or move the file away\n")
+    assert file.read_text() == "not a run directory\n" and result.stdout == ""
+
+
 def test_build_info_carries_the_images_revision() -> None:
     # The image has no .git: its build passes the revision in ALEXNET_GIT_REVISION.
     code = "from service.metrics import build_labels; print(build_labels('cpu', 'grouped', 1)['git_revision'])"
