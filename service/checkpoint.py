@@ -19,11 +19,16 @@ naming it (exit 2), rather than silently rolled back to an older file.  When no 
 is renamed and the run is refused: starting over from step 0 must be asked for
 (``--fresh true``), never happen silently.  A checkpoint of another format *version* is not
 damaged: it is refused naming both versions, or upgraded where this code knows how.
+
+A name is not trusted over the file: a name that is not a regular file (a FIFO, whose open()
+blocks, a directory, a dangling symbolic link) and a checkpoint whose stored step is not its
+name's (copied or renamed by hand) are refused (exit 2) before anything is opened or renamed.
 """
 from __future__ import annotations
 
 import os
 import re
+import stat
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -128,7 +133,10 @@ def _load_error(exc: Exception) -> str:
 
 def load(path: Path) -> dict[str, Any]:
     """A checkpoint's payload (tensors on the CPU), upgraded to ``VERSION``; ``Unreadable`` if it
-    is not a usable one, ``OtherVersion`` if it is a sound file of a version this code cannot read."""
+    is not a usable one, ``OtherVersion`` if it is a sound file of a version this code cannot read,
+    ``ServiceError`` (exit 2) if it is not a regular file."""
+    if (refusal := not_a_file(path)) is not None:
+        raise refusal
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except OSError:
@@ -152,11 +160,20 @@ def load(path: Path) -> dict[str, Any]:
 def scan(out: Path) -> tuple[tuple[Path, dict[str, Any]] | None, list[tuple[Path, str]]]:
     """The newest checkpoint that loads, and the (path, reason) of the unreadable newer ones.
     Changes nothing on disk.  A file of another format version, or one that cannot be opened or
-    read, stops the search (exit 2): the older files would silently lose its progress."""
+    read, or whose stored step is not its name's, stops the search (exit 2): the older files would
+    silently lose its progress.  Every name is looked at first (``os.stat``, cheap): one that is
+    not a regular file is refused even when older, as pruning would later fail to delete it."""
+    listed = list_checkpoints(out)
+    for _, path in listed:
+        if (refusal := not_a_file(path)) is not None:
+            raise refusal
     unreadable = []
-    for _, path in reversed(list_checkpoints(out)):
+    for step, path in reversed(listed):
         try:
-            return (path, load(path)), unreadable
+            payload = load(path)
+            if (refusal := wrong_step(path, step, payload)) is not None:
+                raise refusal
+            return (path, payload), unreadable
         except Unreadable as exc:
             unreadable.append((path, str(exc)))
         except OtherVersion as exc:
@@ -174,11 +191,71 @@ def cannot_read(path: Path, exc: OSError) -> ServiceError:
                         "(or repair the disk) and run the same command again")
 
 
-def newest_valid(out: Path, log: Callable[[str], None]) -> tuple[Path, dict[str, Any]] | None:
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def not_a_file(path: Path) -> ServiceError | None:
+    """Exit 2 for a checkpoint name that is no regular file (through a symbolic link too), seen by
+    ``os.stat`` before any open: open() of a FIFO blocks until a writer comes (the start hung, deaf
+    to SIGTERM).  None is damage to set aside: someone put it there.  (Only a process ignoring the
+    run directory's lock could swap the file between this stat and the open.)"""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if not path.is_symlink():
+            return None  # gone since it was listed: nothing to refuse
+        return ServiceError(EXIT_CONFIG, f"checkpoint {path} is a symbolic link to {os.readlink(path)}, which does "
+                            "not exist; nothing was changed. Restore that file or remove the link, and run the "
+                            "same command again")
+    except OSError as exc:  # EACCES on a directory on the way, ELOOP...
+        return cannot_read(path, exc)
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _KINDS if test(mode)), "not a file")
+    return ServiceError(EXIT_CONFIG, f"checkpoint {path} is {kind}, not a regular file; it was not opened and nothing "
+                        f"was changed. Remove it or move it out of {path.parent} and run the same command again")
+
+
+def wrong_step(path: Path, named: int, payload: dict[str, Any]) -> ServiceError | None:
+    """Exit 2 for a checkpoint whose stored step is not its name's.  The name alone chooses the
+    newest file, so a step-6 file named ``-50`` was resumed at every start and what was trained
+    after step 6 was thrown away each time.  Refused, not set aside as ``.corrupt``: it is a sound
+    file put there by hand (a copy, a rename), setting it aside would resume an older file without
+    asking and, with ``KEEP_CORRUPT``, delete it later; only its owner knows which is meant."""
+    stored = payload["progress"].get("step") if isinstance(payload["progress"], dict) else None
+    if stored == named:
+        return None
+    right = path_for(path.parent, stored) if isinstance(stored, int) and stored >= 0 else None
+    advice = f"Rename it to {right.name} or remove it" if right and not right.exists() else "Remove it"
+    return ServiceError(EXIT_CONFIG, f"checkpoint {path} is named for step {named} but holds step {stored} (copied or "
+                        f"renamed by hand?); nothing was changed and no other checkpoint is used instead. {advice}, "
+                        "and run the same command again")
+
+
+def other_run(path: Path, payload: dict[str, Any], ours: str | None) -> ServiceError | None:
+    """Exit 2 for a checkpoint of another run than the run directory's (``ours``: the run its log
+    last started), same recipe and shards or not.  Resuming it replaced this directory's history
+    and curve with the other run's and pruned this run's own checkpoints, said only by the run id
+    in "resuming run".  Refused rather than warned of, as a checkpoint of another recipe is: a
+    warning scrolls past in a service's log while the loss is irreversible, and a run is resumed
+    on purpose elsewhere by copying its checkpoint into a directory of its own."""
+    theirs = payload["run_id"]
+    if ours is None or theirs == ours:
+        return None
+    return ServiceError(EXIT_CONFIG, f"checkpoint {path} is of run {theirs}, but this run directory's run is {ours} "
+                        f"(its log.jsonl); copied or linked here? Nothing was changed. Remove it to resume {ours}, or "
+                        f"resume {theirs} in a directory of its own (--out), and run again")
+
+
+def newest_valid(out: Path, log: Callable[[str], None], run: str | None = None) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint in ``out`` that loads, the unreadable newer ones set aside
     (``*.corrupt``); None when there is no checkpoint.  ``ServiceError`` (exit 2) when there are
-    checkpoints and none loads, or the newest is of another version: nothing is renamed then."""
+    checkpoints and none loads, the newest is of another version or of another run than ``run``
+    (the directory's, if known): nothing is renamed then."""
     found, unreadable = scan(out)
+    if found is not None and (refusal := other_run(*found, run)) is not None:
+        raise refusal
     if found is None and unreadable:
         listed = "; ".join(f"{p.name} ({why})" for p, why in unreadable)
         raise ServiceError(EXIT_CONFIG, f"no checkpoint in {out} can be read: {listed}. Nothing was changed. Restore "

@@ -182,7 +182,7 @@ class CheckpointManager:
         try:
             for stale in ckpt.remove_stale_temps(self.cfg.out):
                 self.log.warn(f"removed {stale}: a checkpoint write that never finished (the process was killed)")
-            found = ckpt.newest_valid(self.cfg.out, self.log.warn)
+            found = ckpt.newest_valid(self.cfg.out, self.log.warn, self.log.last_run_id())
         except ServiceError as exc:
             if not self.ranks.distributed:
                 raise
@@ -218,8 +218,8 @@ class CheckpointManager:
         apply: written by another number of ranks, or by another decode graph."""
         saved, rank, ranks = payload["loaders"], self.ranks.rank, self.ranks.world_size
         if len(saved) != ranks:
-            self.log.warn(f"{path} was written by {len(saved)} rank(s), this run has {ranks}: the data is "
-                          f"{self._resplit()}")
+            self._say_once(f"{path} was written by {len(saved)} rank(s), this run has {ranks}: the data is "
+                           f"{self._resplit()}")
             return False
         try:
             self.per_rank["loaders"].load_state_dict(saved[rank])
@@ -229,6 +229,13 @@ class CheckpointManager:
             return False
         self.per_rank["rng"].load_state_dict(payload["rng"][rank])
         return True
+
+    def _say_once(self, line: str) -> None:
+        """A warning every rank reaches alike: each records it in its own JSON log (``resplit``),
+        rank 0 alone says it on the console, which the ranks share (as ``service.shard_check``)."""
+        self.log.event("resplit", text=line)
+        if self.ranks.is_main:
+            self.log.warn(line)
 
     def _resplit(self) -> str:
         """What a new split of the data changes: with an epoch's evaluation pending (a stop at its

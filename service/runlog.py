@@ -86,6 +86,21 @@ class RunLog:
         self._jsonl = open(self.jsonl_path, "a", buffering=1)  # line-buffered: a crash loses no line
         return self
 
+    def last_run_id(self) -> str | None:
+        """The run id of this log's latest ``start`` event: the run directory's run (a resumed run
+        keeps its checkpoint's id, ``--fresh`` deletes the log); None before its first start."""
+        try:
+            with open(self.jsonl_path, errors="replace") as f:
+                starts = [line for line in f if '"event": "start"' in line]
+        except OSError:
+            return None
+        for line in reversed(starts):
+            try:
+                return json.loads(line)["run_id"]
+            except (ValueError, KeyError, TypeError):  # a line cut short by a crash
+                continue
+        return None
+
     def say(self, line: str) -> None:
         """A console line (stdout, flushed: logs are read live by people and tests)."""
         if self.console:
