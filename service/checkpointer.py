@@ -11,7 +11,9 @@ Several ranks: rank 0 alone chooses the file (and renames unreadable ones), then
 path and step; every rank loads that file and reports the step it restored, and the run starts
 only when they all agree.  (When every rank chose for itself, the ranks that lost the race to
 rename a damaged file died of a FileNotFoundError, and on shared storage ranks could resume
-from different files: DDP's broadcast at construction had happened before the restore.)
+from different files: DDP's broadcast at construction had happened before the restore.)  Its
+choice trusts no file name over the file (``service.checkpoint.newest_valid``): the stored step
+must be the name's, the run the directory's (the run id of its log's last start).
 
 Same ranks, same graph: the exact position (every rank's loader state and RNG state).  Another
 number of ranks (or a checkpoint from the other decode graph): the weights, velocities,
