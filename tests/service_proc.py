@@ -29,9 +29,11 @@ class Service:
     """One service process; its stdout and stderr are collected by threads as they arrive."""
 
     def __init__(self, shards: Path, out: Path, *args: str, env: dict[str, str] | None = None,
-                 launcher: tuple[str, ...] = (), group: bool = False) -> None:
-        """``group``: in a process group of its own (a terminal's job), for :meth:`signal_group`."""
-        cmd = [sys.executable, *launcher, "-m", "service", "--shards", str(shards), "--out", str(out), *TINY, *args]
+                 launcher: tuple[str, ...] = (), group: bool = False, program: tuple[str, ...] = ("-m", "service")
+                 ) -> None:
+        """``group``: in a process group of its own (a terminal's job), for :meth:`signal_group`.
+        ``program``: what the launcher starts (torchrun ``--no-python`` and a wrapper script)."""
+        cmd = [sys.executable, *launcher, *program, "--shards", str(shards), "--out", str(out), *TINY, *args]
         full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, bufsize=1, start_new_session=group)
