@@ -50,8 +50,8 @@ def test_ranks_with_different_settings_refuse_to_start(sample_shards: Path, tmp_
                                                          rank1: tuple[str, ...], named: str) -> None:
     out, ranks = tmp_path / "run", tmp_path / "ranks"
     out.mkdir()
-    previous = [out / "checkpoint-000000006.pt", out / "log.jsonl", out / "history.json"]
-    for path in previous:  # an earlier run's files: neither rank may delete them
+    previous = [out / "checkpoint-000000006.pt.corrupt", out / "ids.jsonl"]
+    for path in previous:  # an earlier run's files that --fresh deletes: neither rank may, now
         path.write_text("from the previous run\n")
     job = start_job(sample_shards, out, ranks, rank1, "--epochs", "1", *both)
     try:
