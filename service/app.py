@@ -29,6 +29,7 @@ from service.dist import RankError, Ranks, peer_gone
 from service.errors import EXIT_CONFIG, EXIT_OK, EXIT_RUNDIR, DataError, PeerGone, ServiceError, record_exit
 from service.loop import Trainer
 from service.metrics import ServiceMetrics, build_labels
+from service.rank_settings import check_same_settings
 from service.rundir_lock import RunDirLock
 from service.runlog import RunLog
 from service.server import HttpEndpoint
@@ -197,6 +198,7 @@ def run_service(cfg: TrainConfig) -> int:
     try:
         lock = RunDirLock(cfg.out, ranks.rank)  # before joining: a second job refuses, never waits for peers
         ranks.start(torch.device(cfg.device))
+        check_same_settings(cfg, data_fingerprint(manifest.record), ranks)  # before --fresh deletes anything
         cfg, allowed = share_cores(cfg, *ranks.core_peers())
         return _serve(cfg, manifest, ranks, stop)
     except RuntimeError as exc:  # a collective whose peer rank is gone: that rank's line says why

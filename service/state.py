@@ -47,11 +47,12 @@ class Progress:
             setattr(self, f.name, saved.get(f.name, getattr(default, f.name)))
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as dotted keys (``optim.lr``): the keys the messages name."""
     flat = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[prefix + key] = value
     return flat
@@ -72,7 +73,7 @@ def data_fingerprint(manifest_record: dict[str, Any]) -> str:
 def identity(cfg: TrainConfig, fingerprint: str) -> dict[str, Any]:
     """The keys a resumed run must share with its checkpoint.  Not the number of ranks: a run
     may resume on more or fewer (the loop re-splits the data, ``Trainer.restore``)."""
-    recipe = {k: v for k, v in _flatten(to_dict(cfg)).items() if not _operational(k)}
+    recipe = {k: v for k, v in flatten(to_dict(cfg)).items() if not _operational(k)}
     return {**recipe, "data": fingerprint}
 
 

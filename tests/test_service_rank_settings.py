@@ -47,7 +47,7 @@ def start_job(shards: Path, out: Path, rank_dir: Path, rank1: tuple[str, ...], *
     (("--fresh", "true"), ("--fresh", "false"), "fresh false (rank 0: true)"),  # was: rank 0 deleted, then hung
 ], ids=["lr", "epochs", "fresh-rank1", "fresh-rank0"])
 def test_ranks_with_different_settings_refuse_to_start(sample_shards: Path, tmp_path: Path, both: tuple[str, ...],
-                                                         rank1: tuple[str, ...], named: str) -> None:
+                                                       rank1: tuple[str, ...], named: str) -> None:
     out, ranks = tmp_path / "run", tmp_path / "ranks"
     out.mkdir()
     previous = [out / "checkpoint-000000006.pt.corrupt", out / "ids.jsonl"]
