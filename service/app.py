@@ -171,8 +171,9 @@ def finish(trainer: Trainer, finished: bool, log: RunLog) -> int:
     return EXIT_OK
 
 
-def run_service(cfg: TrainConfig) -> int:
+def run_service(cfg: TrainConfig, ending: bool = False) -> int:
     """Run a validated config to the end (or to a requested stop); returns the exit code.
+    ``ending``: the process ends with it (``main``): stop signals stay ignored afterwards.
 
     The run directory is checked first; a ``--shards`` that is no shard directory at all (a
     typo, the images themselves) next, before the port, the ranks or a log: a run directory this
@@ -197,7 +198,9 @@ def run_service(cfg: TrainConfig) -> int:
     allowed, lock = None, None
     try:
         lock = RunDirLock(cfg.out, ranks.rank)  # before joining: a second job refuses, never waits for peers
-        ranks.start(torch.device(cfg.device))
+        with stop.nothing_to_save(f"rank {ranks.rank}: stopped ({{signal}}) while waiting for the other ranks to "
+                                  "join; nothing to save"):  # blocked in C++ there: the loop could not see it
+            ranks.start(torch.device(cfg.device))
         check_same_settings(cfg, data_fingerprint(manifest.record), ranks)  # before --fresh deletes anything
         cfg, allowed = share_cores(cfg, *ranks.core_peers())
         return _serve(cfg, manifest, ranks, stop)
@@ -206,7 +209,7 @@ def run_service(cfg: TrainConfig) -> int:
             raise
         raise PeerGone(ranks.rank) from None
     finally:  # joining or the endpoint may fail too: an in-process caller gets its state back
-        stop.uninstall()
+        stop.uninstall(ending)
         ranks.close()
         if lock is not None:
             lock.close()
@@ -267,7 +270,7 @@ def main(argv: list[str]) -> int:
                             "written by `make shards`, checkpoints to --out, serves /metrics, /healthz and /status."))
         return EXIT_OK
     try:
-        return run_service(parse(argv))
+        return run_service(parse(argv), ending=True)
     except ServiceError as exc:
         sys.stderr.write(f"service: {exc}\n")  # one write: the ranks of a torchrun job share stderr,
         sys.stderr.flush()  # and print's text and newline, two writes, interleaved their lines

@@ -27,13 +27,26 @@ reports a process the signal killed.  That second signal is seen by a watcher th
 the wakeup file descriptor Python's C-level handler writes every signal's number to, so it works
 even while the main thread is inside a long C call (a convolution, a DALI wait) where the
 Python-level handler cannot run yet.
+
+While there is nothing to save (``nothing_to_save``: a rank waiting in ``init_process_group`` for
+ranks that may never come) the first stop signal ends the process at once, exit 0, with one line:
+the main thread is blocked in C++ there and would read the request only once every rank has
+joined, so torchrun (its peer died) or ``docker stop`` (its peers never came) SIGKILLed it 30 s
+later with no line.  Exit 0, and nothing written to ``ALEXNET_EXIT_FILE``: a stop with no trainer
+yet, as ``docker/entrypoint.sh`` ends one, and a peer's diagnosed code stays the job's.
+
+Once the run has ended, ``uninstall(ending=True)`` leaves the stop signals ignored rather than at
+their default action: the process still takes a second or more to exit (the interpreter's and
+torch's teardown), and a SIGTERM then killed a finished, saved run (exit -15, read as killed).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 DUPLICATE_SECONDS = 1.0  # a copy forwarded by a parent arrives within milliseconds
@@ -52,6 +65,7 @@ class StopFlag:
         self._by_signal = False
         self._wakeup: tuple[int, int] | None = None  # (write end of the watcher's pipe, the previous wakeup fd)
         self._previous: dict = {}  # the handlers install() replaced, for uninstall()
+        self.idle_line: str | None = None  # set while there is nothing to save (``nothing_to_save``)
 
     def request(self, reason: str) -> None:
         """Ask for a stop from code (the same path as a signal)."""
@@ -63,7 +77,7 @@ class StopFlag:
         read, write = os.pipe()
         os.set_blocking(write, False)
         self._wakeup = (write, signal.set_wakeup_fd(write, warn_on_full_buffer=False))
-        threading.Thread(target=_watch, args=(read,), name="stop-signal-watcher", daemon=True).start()
+        threading.Thread(target=_watch, args=(read, self), name="stop-signal-watcher", daemon=True).start()
         for sig in SIGNALS:
             if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
                 continue  # nohup's: the run is to outlive its terminal (see the module docstring)
@@ -76,27 +90,50 @@ class StopFlag:
             self.signal_name = signal.Signals(signum).name
         self.requested = True
 
-    def uninstall(self) -> None:
+    @contextlib.contextmanager
+    def nothing_to_save(self, line: str) -> Iterator[None]:
+        """Inside: a stop signal (or one already requested) ends the process at once, exit 0, with
+        ``line`` (``{signal}``: the signal's name) on stderr (see the module docstring)."""
+        if self.requested:
+            _leave(line, self.signal_name or "stop")
+        self.idle_line = line
+        try:
+            yield
+        finally:
+            self.idle_line = None
+
+    def uninstall(self, ending: bool = False) -> None:
         """Back to the handlers there were before (tests and benchmarks that run the loop
-        in-process: pytest's Ctrl-C, a SIGHUP that ``nohup`` ignores)."""
+        in-process: pytest's Ctrl-C, a SIGHUP that ``nohup`` ignores).  ``ending``: the process
+        ends with the run (``python -m service``): the stop signals are ignored instead, so one
+        during the exit leaves the finished run's exit code alone."""
         if self._wakeup is None:
             return
         write, previous = self._wakeup
         for sig, handler in self._previous.items():  # None: not set from Python; the default then
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+            signal.signal(sig, signal.SIG_IGN if ending else signal.SIG_DFL if handler is None else handler)
         signal.set_wakeup_fd(previous)
         os.close(write)  # the watcher reads the end of its pipe and returns
         self._wakeup = None
 
 
-def _watch(read: int) -> None:
+def _leave(line: str, name: str) -> None:
+    """End the process now, exit 0, saying ``line``: nothing to save, nothing to clean up that
+    the kernel does not (the run directory's lock is a ``flock``)."""
+    os.write(2, f"service: {line.format(signal=name)}\n".encode())
+    os._exit(0)
+
+
+def _watch(read: int, flag: StopFlag) -> None:
     """Every signal's number as Python's C handler writes it; exit on a stop signal that comes
-    ``DUPLICATE_SECONDS`` or more after the first."""
+    ``DUPLICATE_SECONDS`` or more after the first, or on the first while ``flag`` has nothing to save."""
     first, numbers = None, {int(s) for s in SIGNALS}
     with os.fdopen(read, "rb", buffering=0) as pipe:
         while chunk := pipe.read(64):
             now = time.monotonic()
             for signum in (n for n in chunk if n in numbers):
+                if (line := flag.idle_line) is not None:
+                    _leave(line, signal.Signals(signum).name)
                 if first is None:
                     first = now
                 elif now - first >= DUPLICATE_SECONDS:
