@@ -2,7 +2,9 @@
 
 Start-up order matters for the user: settings are checked first (exit 2 naming the key), then
 that the run directory can be written (exit 5 naming it), the signal handlers are installed, the
-run directory is locked (another service's: exit 5 naming it, ``service.rundir_lock``) and the
+run directory is locked (another service's: exit 5 naming it, ``service.rundir_lock``), the ranks
+join and compare their settings (exit 2 on every rank naming those that differ,
+``service.rank_settings``) and the
 HTTP port is bound next (a taken port is exit 3 at once), then the shards are checked (exit 1
 naming the shard), the model and loaders are built, and the newest valid checkpoint in the run
 directory is resumed.  Then the loop runs until all epochs are done or a SIGTERM/SIGINT/SIGHUP stops it

@@ -5,10 +5,12 @@ Anything the user can fix (a setting, the shards, the port, the run directory) i
 its code, never with a traceback.  Process supervisors (Docker, torchrun, systemd) see:
 
     0  finished all epochs, or stopped by SIGTERM/SIGINT after writing a checkpoint (or, during
-       the shard check before training, with nothing trained yet to checkpoint: ``StoppedAtStart``)
+       the shard check before training, with nothing trained yet to checkpoint: ``StoppedAtStart``;
+       or while waiting for the other ranks to join, not recorded: ``StopFlag.nothing_to_save``)
     1  a data error: missing, truncated or undecodable shard (the message names it); also a rank
        of a torchrun job whose peer ended first (``PeerGone``: that rank's line and code say why)
-    2  a setting is invalid, or does not match the run directory's checkpoints
+    2  a setting is invalid, or does not match the run directory's checkpoints, or differs
+       between the ranks of one job (``service.rank_settings``)
     3  the HTTP port cannot be served (in use, or not allowed)
     4  a checkpoint (or a log file) could not be written (disk full, permissions)
     5  the run directory cannot be created or written (read-only, not this user's), or another
