@@ -15,8 +15,11 @@ What may differ per rank, by design (``PER_RANK``): where the shards and the run
 mounted on each node (the data is compared by its manifest's fingerprint instead, as a resumed
 checkpoint's is: ``service.state.data_fingerprint``), the HTTP endpoint (rank r serves on port +
 its local rank, each node on its own address), and the device, which ``auto`` resolves to each
-rank's own GPU: of ``device`` and ``model.devices`` only the kind (cpu, cuda) is compared.
-Everything else must be equal, ``fresh`` included.
+rank's own GPU: of ``device`` and ``model.devices`` only the kind (cpu, cuda) is compared.  And
+what only sets how a rank uses its own host (DALI's CPU threads, their prefetch depth and cores,
+how the host waits for its GPU, its /healthz stall limit): nodes may have other core counts, and
+none of these changes a collective or a number the model computes.  Everything else must be
+equal, ``fresh`` included.
 """
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ from service.dist import Ranks
 from service.errors import EXIT_CONFIG, ServiceError
 from service.state import flatten
 
-PER_RANK = ("shards", "out", "http.host", "http.port", "device", "model.devices")
+PER_RANK = ("shards", "out", "http.host", "http.port", "http.stall_seconds", "device", "model.devices",
+            "loader.threads", "loader.prefetch", "loader.affinity", "cuda_sync")
 HINT = "start every rank with the same command line and config"
 SHOWN = 6  # differing keys named per rank; the rest are counted
 

@@ -71,13 +71,14 @@ def test_ranks_with_different_settings_refuse_to_start(sample_shards: Path, tmp_
 
 
 def test_what_may_differ_per_rank_and_what_may_not(tmp_path: Path) -> None:
-    """Paths, the HTTP endpoint and each rank's own device may differ; the data may not, nor any
-    other setting.  (``compared`` takes a resolved config: ``device`` is this rank's.)"""
+    """Paths, the HTTP endpoint, each rank's own device and its host threads may differ; the data
+    may not, nor any other setting.  (``compared`` takes a resolved config: ``device`` is this rank's.)"""
     from service.rank_settings import compared, described
 
     rank0 = TrainConfig(shards=Path("/node0/shards"), out=Path("/node0/run"), device="cuda:0")
     rank1 = TrainConfig(shards=Path("/mnt/shards"), out=Path("/mnt/run"), device="cuda:1")
-    rank1 = dataclasses.replace(rank1, http=HttpSettings(host="10.0.0.2", port=9500))
+    rank1 = dataclasses.replace(rank1, http=HttpSettings(host="10.0.0.2", port=9500), cuda_sync="spin",
+                                loader=dataclasses.replace(rank1.loader, threads=32, prefetch=4, affinity="spare_core"))
     assert described([compared(rank0, "abcd"), compared(rank1, "abcd")]) is None
     other = TrainConfig(shards=Path("/mnt/shards"), device="cpu", seed=7)
     text = described([compared(rank0, "abcd"), compared(rank1, "abcd"), compared(other, "ef01")])
