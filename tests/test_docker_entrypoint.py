@@ -42,9 +42,11 @@ def entrypoint(tmp_path: Path, body: str = ECHO, args: tuple[str, ...] = ("--con
 
 
 def _as_in_a_container() -> None:
-    """SIGINT as tini starts the entrypoint: not ignored.  A test run in the background (``make
-    test &``) starts with SIGINT ignored, and a shell cannot trap a signal ignored on entry."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    """The stop signals as the entrypoint has them in a container (PID 1 tini's child): none
+    ignored.  A test run in the background (``make test &``) starts with SIGINT ignored, one under
+    ``nohup`` with SIGHUP ignored, and a shell cannot trap a signal ignored on entry."""
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def launches(tmp_path: Path) -> int:
