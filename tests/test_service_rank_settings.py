@@ -17,8 +17,11 @@ from tests.service_proc import TORCHRUN_2, Service
 
 pytestmark = pytest.mark.slow
 # The reviewer's wrapper: rank 1 alone gets $RANK1_FLAGS.  It keeps each rank's exit code and
-# stderr apart (torchrun itself exits 1 whatever its ranks did).
+# stderr apart (torchrun itself exits 1 whatever its ranks did).  It ignores SIGTERM: torchrun
+# sends one to the workers left when a rank fails, and rank 0's wrapper, whose python had already
+# said why and exited 2, died of it before writing rc0 (the service sets its own handler).
 WRAPPER = """#!/bin/sh
+trap '' TERM
 extra=""
 [ "$RANK" = 1 ] && extra="$RANK1_FLAGS"
 {python} -m service "$@" $extra 2>"{dir}/stderr$RANK"

@@ -73,6 +73,7 @@ def test_a_closed_terminal_stops_with_a_checkpoint(sample_shards: Path, tmp_path
 
     def controlling_terminal() -> None:  # in the child: a new session whose terminal is the pty
         os.setsid()
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as a login shell's child has it (make test under nohup: ignored)
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
     cmd = [sys.executable, "-m", "service", "--shards", str(sample_shards), "--out", str(out), *TINY,
