@@ -180,7 +180,10 @@ class Trainer:
         problem = divergence.agreed(self.ranks, problem)
         if problem is not None:
             self.checkpoints.writer.join()  # the newest good checkpoint durable before it is named
-            raise divergence.refusal(problem, self.progress.step, self.position(), self.cfg.optim.lr, self.cfg.out)
+            # Rank 0's line on every rank: it wrote that checkpoint; another rank listing the directory
+            # could do so before rank 0's write was in place ("no checkpoint had been written").
+            refusal = divergence.refusal(problem, self.progress.step, self.position(), self.cfg.optim.lr, self.cfg.out)
+            raise self.ranks.gather(refusal)[0]
 
     def _sync(self) -> None:
         for d in self.parts.devices:
