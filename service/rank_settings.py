@@ -51,7 +51,7 @@ def described(everyone: list[dict[str, Any]]) -> str | None:
     all agree."""
     first, parts = everyone[0], []
     for rank, mine in enumerate(everyone[1:], start=1):
-        keys = [k for k in sorted(set(first) | set(mine)) if k != "_shards" and first.get(k) != mine.get(k)]
+        keys = _differing(first, mine)
         if not keys:
             continue
         said = [_describe(k, mine, first) for k in keys[:SHOWN]]
@@ -62,9 +62,13 @@ def described(everyone: list[dict[str, Any]]) -> str | None:
 
 def differing_keys(everyone: list[dict[str, Any]]) -> list[str]:
     """Every key some rank has otherwise than rank 0, sorted."""
-    first = everyone[0]
-    return sorted({k for mine in everyone[1:] for k in set(first) | set(mine)
-                   if k != "_shards" and first.get(k) != mine.get(k)})
+    return sorted({k for mine in everyone[1:] for k in _differing(everyone[0], mine)})
+
+
+def _differing(first: dict[str, Any], mine: dict[str, Any]) -> list[str]:
+    """The keys ``mine`` has otherwise than ``first`` (rank 0's), sorted; the shards' path is for
+    the message only."""
+    return [k for k in sorted(set(first) | set(mine)) if k != "_shards" and first.get(k) != mine.get(k)]
 
 
 def check_same_settings(cfg: TrainConfig, fingerprint: str, ranks: Ranks) -> None:
