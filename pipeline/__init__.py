@@ -51,6 +51,7 @@ def _spec(shards: Path | str | Manifest, split: str, rank: int, world_size: int,
     # ~100 MB for ImageNet's train split, once per start rather than once per loader.
     manifest = shards if isinstance(shards, Manifest) else \
         load(shards, splits=(split,) if split == "train" else (split, "train"), exclude=exclude)
+    stats = _stats(manifest)
     if config.crop > manifest.image_size:  # DALI's draw of a train crop's anchor would crash the process
         raise ValueError(f"crop {config.crop} does not fit the shards' {manifest.image_size}-pixel images "
                          f"({manifest.root})")
@@ -59,9 +60,24 @@ def _spec(shards: Path | str | Manifest, split: str, rank: int, world_size: int,
         raise ValueError(f"every {split} shard of {manifest.root} is left out")
     return GraphSpec(
         tars=tuple(str(s.tar) for s in shards), indexes=tuple(str(s.index) for s in shards),
-        stats=load_stats(manifest.stats_path), cfg=config.validate(), image_size=manifest.image_size,
+        stats=stats, cfg=config.validate(), image_size=manifest.image_size,
         shard_id=rank, num_shards=world_size, gpu=device.type == "cuda", train=train, views=views,
         debug=debug, excluded=len(manifest.splits[split].shards) - len(shards))
+
+
+def _stats(manifest: Manifest):
+    """The dataset statistics, their mean image the witness of the images' size: ``make shards``
+    makes it from the images, so a manifest edited to another ``parameters.size`` is named here
+    (it failed in DALI's cropping window, with no word of the key)."""
+    from shards.manifest import ManifestError, rerun_hint
+
+    stats = load_stats(manifest.stats_path)
+    size, (h, w) = manifest.image_size, stats.mean_image.shape[:2]
+    if (h, w) != (size, size):
+        raise ManifestError(f"{manifest.root / 'manifest.json'}: parameters.size {size} is not the {w}x{h} of the "
+                            f"images' mean image (of {manifest.stats_path}); the manifest "
+                            f"was edited or belongs to other shards: {rerun_hint(manifest.root)}")
+    return stats
 
 
 def build_train_loader(shards: Path | str | Manifest, rank: int = 0, world_size: int = 1,

@@ -164,6 +164,26 @@ def test_a_crop_larger_than_the_images_is_refused(sample_shards, build):
         build(sample_shards, 0, 1, "cpu", CFG.replace(crop=257))
 
 
+@pytest.mark.parametrize("size", [512, 200])
+def test_a_manifest_whose_image_size_is_not_the_images_is_named(sample_shards, tmp_path, size):
+    """A manifest edited to another ``parameters.size`` than its shards were made with: DALI's
+    cropping window failed past the image (512), or the crop was said not to fit (200), and
+    neither named the key.  The mean image is made with the images, so it is the witness."""
+    import shutil
+
+    from shards.manifest import ManifestError
+
+    copy = tmp_path / "shards"
+    shutil.copytree(sample_shards, copy)
+    record = json.loads((copy / "manifest.json").read_text())
+    record["parameters"]["size"] = size
+    (copy / "manifest.json").write_text(json.dumps(record))
+    for build in (build_train_loader, build_eval_loader):
+        with pytest.raises(ManifestError, match=rf"manifest.json: parameters.size {size} is not the "
+                                                 r"256x256 of the images' mean image .*stats.json.*make shards"):
+            build(copy, 0, 1, "cpu", CFG)
+
+
 @pytest.mark.parametrize("views", [1, 10])
 def test_dali_eval_matches_reference_loader(sample_shards, views):
     """Deterministic views: DALI and Pillow decode the same JPEGs to within IDCT rounding."""
