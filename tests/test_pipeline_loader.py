@@ -178,9 +178,9 @@ def test_a_manifest_whose_image_size_is_not_the_images_is_named(sample_shards, t
     record = json.loads((copy / "manifest.json").read_text())
     record["parameters"]["size"] = size
     (copy / "manifest.json").write_text(json.dumps(record))
+    said = rf"manifest.json: parameters.size {size} is not the 256x256 of the images' mean image .*stats.json.*make shards"
     for build in (build_train_loader, build_eval_loader):
-        with pytest.raises(ManifestError, match=rf"manifest.json: parameters.size {size} is not the "
-                                                 r"256x256 of the images' mean image .*stats.json.*make shards"):
+        with pytest.raises(ManifestError, match=said):
             build(copy, 0, 1, "cpu", CFG)
 
 
