@@ -29,13 +29,13 @@ from __future__ import annotations
 import os
 import re
 import stat
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from service.checkpoint_crc import checksum
 from service.errors import EXIT_CONFIG, ServiceError
 
 FORMAT = "alexnet2012-service-checkpoint"
@@ -284,36 +284,3 @@ def prune(out: Path, keep: int, pattern: re.Pattern = NAME) -> list[Path]:
     for p in old:
         p.unlink(missing_ok=True)
     return old
-
-
-def _skeleton_and_tensors(value: Any, tensors: list[torch.Tensor]) -> Any:
-    """The payload with each tensor replaced by its dtype and shape (tensors collected in order)."""
-    if isinstance(value, torch.Tensor):
-        tensors.append(value)
-        return f"tensor({value.dtype}, {tuple(value.shape)})"
-    if isinstance(value, dict):
-        return {k: _skeleton_and_tensors(v, tensors) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_skeleton_and_tensors(v, tensors) for v in value]
-    return value
-
-
-def checksum(payload: dict[str, Any]) -> int:
-    """CRC-32 of everything in ``payload`` except its ``crc32`` key: structure, values, tensor bytes.
-
-    ``torch.load`` happily returns tensors whose bytes were damaged on disk; this is how a corrupt
-    checkpoint is told from a good one (about 0.2 s per 460 MB).
-    """
-    tensors: list[torch.Tensor] = []
-    skeleton = _skeleton_and_tensors({k: v for k, v in payload.items() if k != "crc32"}, tensors)
-    crc = zlib.crc32(repr(skeleton).encode())
-    for t in tensors:
-        crc = zlib.crc32(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy(), crc)
-    return crc
-
-
-def tensor_bytes(payload: dict[str, Any]) -> int:
-    """Bytes of every tensor in ``payload``: about the size of its file."""
-    tensors: list[torch.Tensor] = []
-    _skeleton_and_tensors(payload, tensors)
-    return sum(t.nelement() * t.element_size() for t in tensors)

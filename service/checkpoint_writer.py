@@ -16,7 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from service.checkpoint import atomic_save, checksum, list_checkpoints, path_for, prune, tensor_bytes
+from service.checkpoint import atomic_save, list_checkpoints, path_for, prune
+from service.checkpoint_crc import checksum, tensor_bytes
 from service.errors import EXIT_CHECKPOINT, ServiceError
 
 

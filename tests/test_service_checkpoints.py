@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from service import checkpoint as ckpt
+from service.checkpoint_crc import checksum
 from tests.mounts import tmpfs
 from tests.service_proc import ROOT, TINY, Service, checkpoint_steps, run_service
 from tests.test_service_failures import _copy_run, finished_run  # noqa: F401 (a fixture: checkpoints 2, 4, 6)
@@ -24,7 +25,7 @@ def _rewrite(path: Path, change) -> None:
     """Load a checkpoint, ``change`` its payload in place, save it with a matching CRC."""
     payload = torch.load(path, weights_only=True)
     change(payload)
-    payload["crc32"] = ckpt.checksum(payload)
+    payload["crc32"] = checksum(payload)
     torch.save(payload, path)
 
 
@@ -141,7 +142,7 @@ def test_corrupt_checkpoints_are_bounded(tmp_path: Path) -> None:
     payload = {"format": ckpt.FORMAT, "version": ckpt.VERSION, "run_id": "r", "config": {}, "identity": {},
                "progress": {"step": 4}, "model": {}, "velocity": {}, "schedule": {}, "loaders": [], "rng": [],
                "lr_scale": 1.0}
-    payload["crc32"] = ckpt.checksum(payload)
+    payload["crc32"] = checksum(payload)
     ckpt.atomic_save(payload, ckpt.path_for(tmp_path, 4))
     ckpt.path_for(tmp_path, 5).write_bytes(b"not a zip")
     said: list[str] = []
@@ -157,7 +158,7 @@ def test_a_version_1_checkpoint_is_upgraded(tmp_path: Path) -> None:
                "progress": {"step": 4}, "model": {}, "velocity": {}, "schedule": {}, "loaders": [{}],
                "rng": [{"torch": torch.zeros(3, dtype=torch.uint8), "cuda": [torch.ones(16, dtype=torch.uint8)]}],
                "lr_scale": 1.0}
-    payload["crc32"] = ckpt.checksum(payload)
+    payload["crc32"] = checksum(payload)
     ckpt.atomic_save(payload, ckpt.path_for(tmp_path, 4))
     loaded = ckpt.load(ckpt.path_for(tmp_path, 4))
     assert loaded["version"] == ckpt.VERSION and list(loaded["rng"][0]["cuda"]) == ["cuda:0"]

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from service import checkpoint as ckpt
+from service.checkpoint_crc import checksum
 from service.checkpoint_writer import CheckpointWriter
 from service.app import parse
 from service.config import TrainConfig
@@ -132,7 +133,7 @@ def _payload(step: int) -> dict:
 
 def _save(out: Path, step: int) -> Path:
     payload = _payload(step)
-    payload["crc32"] = ckpt.checksum(payload)
+    payload["crc32"] = checksum(payload)
     ckpt.atomic_save(payload, ckpt.path_for(out, step))
     return ckpt.path_for(out, step)
 
