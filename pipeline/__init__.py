@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from pipeline.config import LoaderConfig
-from pipeline.stats import DatasetStats, load_stats
+from pipeline.stats import DatasetStats, load_stats, manifest_stats
 from shards.manifest import Manifest
 
-__all__ = ["LoaderConfig", "DatasetStats", "load_stats", "build_train_loader", "build_eval_loader",
+__all__ = ["LoaderConfig", "DatasetStats", "load_stats", "manifest_stats", "build_train_loader", "build_eval_loader",
            "average_views", "dali_available"]
 
 
@@ -51,7 +51,7 @@ def _spec(shards: Path | str | Manifest, split: str, rank: int, world_size: int,
     # ~100 MB for ImageNet's train split, once per start rather than once per loader.
     manifest = shards if isinstance(shards, Manifest) else \
         load(shards, splits=(split,) if split == "train" else (split, "train"), exclude=exclude)
-    stats = _stats(manifest)
+    stats = manifest_stats(manifest)
     if config.crop > manifest.image_size:  # DALI's draw of a train crop's anchor would crash the process
         raise ValueError(f"crop {config.crop} does not fit the shards' {manifest.image_size}-pixel images "
                          f"({manifest.root})")
@@ -63,21 +63,6 @@ def _spec(shards: Path | str | Manifest, split: str, rank: int, world_size: int,
         stats=stats, cfg=config.validate(), image_size=manifest.image_size,
         shard_id=rank, num_shards=world_size, gpu=device.type == "cuda", train=train, views=views,
         debug=debug, excluded=len(manifest.splits[split].shards) - len(shards))
-
-
-def _stats(manifest: Manifest):
-    """The dataset statistics, their mean image the witness of the images' size: ``make shards``
-    makes it from the images, so a manifest edited to another ``parameters.size`` is named here
-    (it failed in DALI's cropping window, with no word of the key)."""
-    from shards.manifest import ManifestError, rerun_hint
-
-    stats = load_stats(manifest.stats_path)
-    size, (h, w) = manifest.image_size, stats.mean_image.shape[:2]
-    if (h, w) != (size, size):
-        raise ManifestError(f"{manifest.root / 'manifest.json'}: parameters.size {size} is not the {w}x{h} of the "
-                            f"images' mean image (of {manifest.stats_path}); the manifest "
-                            f"was edited or belongs to other shards: {rerun_hint(manifest.root)}")
-    return stats
 
 
 def build_train_loader(shards: Path | str | Manifest, rank: int = 0, world_size: int = 1,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.manifest import ManifestError, rerun_hint
+from shards.manifest import Manifest, ManifestError, rerun_hint
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,20 @@ def load_stats(stats_path: Path | str) -> DatasetStats:
         raise _bad(stats_path, "has unexpected shapes in the dataset statistics")
     if np.any(stats.eigval < 0) or np.any(stats.std <= 0):
         raise _bad(stats_path, "has negative eigenvalues or non-positive std")
+    return stats
+
+
+def manifest_stats(manifest: Manifest) -> DatasetStats:
+    """The statistics of ``manifest``'s shards, their mean image the witness of the images' size:
+    ``make shards`` makes it from the images, so a manifest edited to another ``parameters.size``
+    is named here (the loaders failed in DALI's cropping window with no word of the key; predict
+    made its images that size and subtracted the mean image's crops at the wrong places)."""
+    stats = load_stats(manifest.stats_path)
+    size, (h, w) = manifest.image_size, stats.mean_image.shape[:2]
+    if (h, w) != (size, size):
+        raise ManifestError(f"{manifest.root / 'manifest.json'}: parameters.size {size} is not the {w}x{h} of the "
+                            f"images' mean image (of {manifest.stats_path}); the manifest was edited or belongs to "
+                            f"other shards: {rerun_hint(manifest.root)}")
     return stats
 
 

@@ -35,7 +35,7 @@ from model.train_step import view_averaged_probs
 from pipeline.config import LoaderConfig
 from pipeline.normalize import DeviceNormalizer
 from pipeline.reference import decode
-from pipeline.stats import load_stats
+from pipeline.stats import manifest_stats
 from pipeline.views import view_stack
 from service.build import alexnet
 from service.checkpoint import OtherVersion, Unreadable, cannot_read, load, scan
@@ -67,13 +67,13 @@ class Predictor:
         self.model.to(self.device).eval()
         loader = LoaderConfig(crop=cfg["loader"]["crop"], normalize=cfg["loader"]["normalize"])
         try:
-            stats = load_stats(self.manifest.stats_path)  # not in the data fingerprint: checked on its own
+            stats = manifest_stats(self.manifest)  # not in the data fingerprint: checked on its own
         except contract.ManifestError as exc:
             raise ServiceError(EXIT_CONFIG, f"the mean image of the shards the model was trained on is needed: "
                                             f"{exc}") from None
         self.normalizer = DeviceNormalizer(stats, loader).to(self.device)
-        params = self.manifest.record["parameters"]
-        self.size, self.quality, self.crop = int(params["size"]), int(params["quality"]), loader.crop
+        self.size, self.crop = self.manifest.image_size, loader.crop  # the mean image's: manifest_stats
+        self.quality = int(self.manifest.record["parameters"]["quality"])
 
     @torch.no_grad()
     def probabilities(self, data: bytes) -> torch.Tensor:

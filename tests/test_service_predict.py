@@ -110,6 +110,15 @@ def test_other_shards_or_no_checkpoint_are_refused_in_one_line(trained: Path, sa
     assert run.returncode == 2 and run.stdout == "" and "Traceback" not in run.stderr, run.stderr
     (line,) = run.stderr.splitlines()
     assert f"{mean} cannot be read as the mean image" in line and "re-run the sharding" in line, line
+    other = tmp_path / "resized-shards"  # the same data, its manifest edited to another image size
+    shutil.copytree(sample_shards, other)
+    record = json.loads((other / "manifest.json").read_text())
+    record["parameters"]["size"] = 512  # was: images made 512 px and cropped where the 256 px mean image is not
+    (other / "manifest.json").write_text(json.dumps(record))
+    run = predict("--run", trained, "--shards", other, image)
+    assert run.returncode == 2 and run.stdout == "", run.stderr
+    (line,) = run.stderr.splitlines()
+    assert "manifest.json: parameters.size 512 is not the 256x256 of the images' mean image" in line, line
     empty = tmp_path / "empty-run"
     empty.mkdir()
     run = predict("--run", empty, image)
