@@ -68,9 +68,11 @@ def _quote(arg: object) -> str:
 
 
 def finish(part: Part, ctx: Context, proc: subprocess.Popen, log: Path) -> None:
-    """Wait within the part's limit, then record ok / failed with the error."""
-    limit = max(1.0, min(part.cap, ctx.deadline - time.time()))
-    code = reap(proc, limit - (time.time() - part.record["started"]))
+    """Wait within the part's limit, counted from its start (a part beside another is waited for
+    once that one ends), then record ok / failed with the error."""
+    started = part.record["started"]
+    limit = max(1.0, min(part.cap, ctx.deadline - started))
+    code = reap(proc, limit - (time.time() - started))
     with _deferred():
         settle(part, ctx, log, failure(code, limit, log.read_text(errors="replace")) if code != 0 else None)
 

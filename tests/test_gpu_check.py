@@ -173,6 +173,22 @@ def test_the_data_part_leaves_cores_to_the_gpu_tests_beside_it(tmp_path: Path) -
         assert 1 <= workers == max(1, cores - CORES_FOR_GPU_TESTS), command
 
 
+def test_a_part_beside_another_has_the_budget_left_from_its_own_start(tmp_path: Path) -> None:
+    """The GPU tests run beside the data part and are waited for once it ends.  Their limit was
+    taken then (the budget left at that moment) and counted from their start: they were killed
+    early by the data part's whole run time (here at 6 s of the 10 s left, while needing 7)."""
+    from bench.gpu_check import finish, start
+    from bench.gpu_check_parts import Context, Part
+
+    part = Part("beside", 100, lambda ctx: [["sleep", "7"]])
+    ctx = Context(tmp_path, tmp_path, dry=True, deadline=time.time() + 10)
+    (tmp_path / "logs").mkdir()
+    proc, log = start(part, ctx)
+    time.sleep(4)  # the part beside it ran this long
+    finish(part, ctx, proc, log)
+    assert part.record["status"] == "ok", part.record
+
+
 @pytest.mark.slow
 def test_sigterm_kills_the_running_parts_and_keeps_what_they_measured(tmp_path: Path) -> None:
     """The runner's ``timeout`` sends SIGTERM: gpu-check kills the running part with everything
