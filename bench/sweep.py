@@ -42,6 +42,9 @@ from bench.sweep_toml import write_recommendation
 AHEAD_SHARE = 0.45  # of the budget, at most, for compiling ahead (bench.sweep_compile)
 FRESH_COMPILE_GUESS = 90.0  # seconds a configuration with a graph not compiled yet needs, until one is measured
 MIN_SECONDS = 20.0  # what any configuration needs: a process with torch and DALI, a loader, a few batches
+# What stage 1's model needs from the cache after its compile ahead (a guess until measured): the
+# process, Dynamo's trace again, the CUDA graphs recorded, 3 + 12 evaluation calls of 1,280 views.
+CACHED_GUESS = 45.0
 
 
 class Sweep:
@@ -100,17 +103,21 @@ class Sweep:
         that compiled then cost a cached run.  One round of ``PARALLEL`` takes about as long as one
         compile, which the first model needs anyway; a second round would cost the same again
         before anything is measured.  The first of them (``configs`` lists stage 1's model first)
-        may compile on past ``seconds``, up to its own cap: cut off, its compile would only start
-        again at once in stage 1.  Not in the dry mode (nothing compiles there)."""
+        may compile on past ``seconds``, up to its own cap and ``CACHED_GUESS`` before the
+        deadline: cut off, its compile would only start again at once in stage 1.  None when
+        ``seconds`` is less than one compile (``FRESH_COMPILE_GUESS``): all but the first would be
+        cut off, the first slowed by them, and stage 1 crowded out (a 104 s budget measured
+        nothing compiled); stage 1 then compiles its model alone.  Not in the dry mode (nothing
+        compiles there)."""
         todo, seen = [], set(self.compiled)
         for config in configs:
             if config.graphs - seen and len(todo) < most:
                 todo.append(config)
                 seen |= config.graphs
         limit = min(seconds, self.deadline - self.clock() - MIN_SECONDS)
-        if self.dry or not todo or limit < MIN_SECONDS:
+        if self.dry or not todo or limit < FRESH_COMPILE_GUESS:
             return
-        first_limit = max(limit, min(todo[0].cap, self.deadline - self.clock() - MIN_SECONDS))
+        first_limit = max(limit, min(todo[0].cap, self.deadline - self.clock() - CACHED_GUESS))
         print(f"sweep: compiling {len(todo)} configurations' graphs ahead, side by side (at most {limit:.0f} s, "
               f"the first at most {first_limit:.0f} s)", flush=True)
         results = self._compile_many(todo, limit, first_limit)
