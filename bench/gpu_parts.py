@@ -10,6 +10,7 @@ import importlib.metadata as metadata
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,9 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 PACKAGES = ("torch", "nvidia-dali-cuda130", "nvidia-dali-cuda120", "nvidia-nvimgcodec-cu13",
-            "nvidia-nvimgcodec-cu12", "webdataset", "numpy", "pillow", "pillow-simd", "prometheus-client")
+            "nvidia-nvimgcodec-cu12", "webdataset", "numpy", "pillow", "pillow-simd", "prometheus-client",
+            # what the tests and the parts import besides (a bare machine's own, or the carried wheels)
+            "pytest", "pytest-timeout", "tqdm", "pyyaml", "scipy", "matplotlib", "scikit-image")
 SMI_FIELDS = ("name", "driver_version", "memory.total", "memory.used", "clocks.sm", "clocks.max.sm",
               "clocks.mem", "clocks.max.mem", "power.limit", "temperature.gpu", "pcie.link.gen.current",
               "pcie.link.width.current")
@@ -101,6 +104,29 @@ def junit_summary(path: Path) -> dict:
             out["skipped"][name] = (case.find("skipped").get("message") or "")[:200]
         else:
             out["passed"].append(name)
+    return out
+
+
+_VERBOSE = re.compile(r"^tests/(\w+)\.py::(\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b ?(\(.*?\))?")
+
+
+def log_summary(log: str) -> dict:
+    """What ``junit_summary`` says, from pytest's ``-v`` log, for a run that ended before writing
+    its report (killed at its limit, dead inside CUDA or DALI): each test's result as it ended,
+    and the test it was in when it stopped (its name printed, no result after it)."""
+    out: dict = {"passed": [], "failed": {}, "skipped": {}}
+    for line in log.splitlines():
+        if m := _VERBOSE.match(line):
+            name, result = f"{m[1]}::{m[2]}", m[3]
+            if result in ("PASSED", "XFAIL", "XPASS"):
+                out["passed"].append(name)
+            elif result == "SKIPPED":
+                out["skipped"][name] = m[4] or ""
+            else:
+                out["failed"][name] = "see logs/gpu-tests.log"
+    last = log.rstrip("\n").rsplit("\n", 1)[-1]
+    if (m := re.match(r"^tests/(\w+)\.py::(\S+) ?$", last)):
+        out["stopped_in"] = f"{m[1]}::{m[2]}"
     return out
 
 

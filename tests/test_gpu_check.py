@@ -189,6 +189,29 @@ def test_a_part_beside_another_has_the_budget_left_from_its_own_start(tmp_path: 
     assert part.record["status"] == "ok", part.record
 
 
+def test_gpu_tests_cut_off_or_crashed_still_say_test_by_test_what_ran(tmp_path: Path) -> None:
+    """pytest writes its junit report only as it exits: killed at the part's limit, or dead in a
+    CUDA or DALI call, it left nothing, and every GPU test's result was lost.  The log says each
+    test as it ends (-v), and the one it was in when it stopped; a module that cannot be imported
+    here (a wheel missing on a bare machine) costs its own tests, not all of them."""
+    from bench.gpu_check_parts import Context, gpu_test_commands, gpu_test_read
+
+    ctx = Context(tmp_path, tmp_path, dry=False, deadline=time.time() + 60)
+    (tmp_path / "gpu_tests.xml").write_text("<testsuites/>")  # an earlier run's
+    chain = gpu_test_commands(ctx)
+    assert chain[0][:2] == ["rm", "-f"] and Path(chain[0][2]) == tmp_path / "gpu_tests.xml"
+    assert "-v" in chain[-1] and "--continue-on-collection-errors" in chain[-1]
+    (tmp_path / "gpu_tests.xml").unlink()  # as the chain's first command does
+    log = ("tests/test_gpu_paths.py::test_a PASSED [ 20%]\n"
+           "tests/test_gpu_paths.py::test_b FAILED [ 40%]\n"
+           "tests/test_gpu_paths.py::test_c SKIPPED (no second GPU) [ 60%]\n"
+           "tests/test_gpu_speed.py::test_d ")
+    assert gpu_test_read(ctx, log) == {
+        "passed": ["test_gpu_paths::test_a"], "failed": {"test_gpu_paths::test_b": "see logs/gpu-tests.log"},
+        "skipped": {"test_gpu_paths::test_c": "(no second GPU)"}, "stopped_in": "test_gpu_speed::test_d",
+        "incomplete": "pytest ended before its report: each test's result as its log said it"}
+
+
 @pytest.mark.slow
 def test_sigterm_kills_the_running_parts_and_keeps_what_they_measured(tmp_path: Path) -> None:
     """The runner's ``timeout`` sends SIGTERM: gpu-check kills the running part with everything

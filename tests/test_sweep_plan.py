@@ -115,8 +115,7 @@ def test_a_graph_that_fails_to_compile_ahead_is_left_to_the_budget(tmp_path: Pat
 
 
 @pytest.mark.parametrize("seconds", [104, 180])
-def test_a_budget_too_short_to_compile_ahead_compiles_stage_1s_model_in_its_own_turn(tmp_path: Path,
-                                                                                      seconds: float) -> None:
+def test_a_budget_too_short_to_compile_ahead_compiles_stage_1s_model_alone(tmp_path: Path, seconds: float) -> None:
     """A budget whose 45% for compiling ahead is less than one compile (90 s guessed): six
     compiles side by side would all be cut off but the first, which then crowds stage 1 out of
     what is left (at 104 s nothing was measured but the eager model).  None is compiled ahead:
