@@ -80,7 +80,9 @@ class Predictor:
         """The view-averaged softmax (classes,) for one image file's bytes (``BadImage`` if unreadable)."""
         image = decode(prepare(data, self.size, self.quality).jpeg)
         crops = torch.from_numpy(np.ascontiguousarray(view_stack(image, self.crop, self.views, flip=False)))
-        batch = self.normalizer.views(crops[None], self.views)
+        # The normaliser takes 1 view as (N, h, w, 3), V views as (N, V, h, w, 3): view_stack's
+        # (V, h, w, 3) is one image's V views, or with V = 1 already a batch of one image.
+        batch = self.normalizer.views(crops if self.views == 1 else crops[None], self.views)
         return view_averaged_probs(self.model, batch.to(self.device))[0].cpu()
 
     def predict(self, path: Path, top: int = 5) -> Prediction:

@@ -1,0 +1,77 @@
+"""``python -m service.predict`` against awkward input and a hostile environment: each documented
+option works, and a bad setting or file is one line naming it (no traceback), never a hang.
+A run is faked cheaply (an untrained model's checkpoint on the sample shards): what is checked here
+is the command, not what the model learnt (``tests/test_service_predict.py`` trains one)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.train_step import view_averaged_probs
+from pipeline import LoaderConfig, build_eval_loader
+from service import checkpoint as ckpt
+from service.build import alexnet
+from service.checkpoint_crc import checksum
+from service.config import ModelSettings
+from service.predict import Predictor
+from service.state import data_fingerprint
+from shards import manifest as contract
+from tests.test_service_predict import val_samples
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run(sample_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run directory holding one checkpoint of an untrained model on ``sample_shards``."""
+    out = tmp_path_factory.mktemp("predict-input") / "run"
+    out.mkdir()
+    manifest = contract.load(sample_shards, splits=("train",))
+    torch.manual_seed(0)
+    settings = ModelSettings(bias_init=0.1)
+    payload = {"format": ckpt.FORMAT, "version": ckpt.VERSION, "run_id": "r",
+               "config": {"shards": str(sample_shards), "model": dataclasses.asdict(settings),
+                          "loader": {"crop": 224, "normalize": "mean_image"}},
+               "identity": {"data": data_fingerprint(manifest.record)}, "progress": {"step": 1},
+               "model": alexnet(settings, manifest.num_classes).state_dict(), "velocity": {}, "schedule": {},
+               "loaders": [], "rng": [], "lr_scale": 1.0}
+    payload["crc32"] = checksum(payload)
+    ckpt.atomic_save(payload, ckpt.path_for(out, 1))
+    return out
+
+
+@pytest.fixture(scope="module")
+def image(sample_src: Path) -> Path:
+    return next((sample_src / "val").rglob("*.JPEG"))
+
+
+def predict(*args: str | Path, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "service.predict", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, **kwargs)
+
+
+def test_one_view_is_the_centre_crop_the_evaluation_counts(run: Path, sample_shards: Path, sample_src: Path,
+                                                            image: Path) -> None:
+    """``--views 1`` (documented: the centre crop alone) predicts, and its probabilities are the
+    1-view evaluation's for the same validation sample."""
+    done = predict("--run", run, "--views", "1", "--top", "2", image)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert done.stdout.startswith(f"{image}: ") and done.stdout.count("%") == 2
+    predictor = Predictor(run, views=1)
+    loader = build_eval_loader(sample_shards, config=LoaderConfig(batch_size=4, threads=2), views=1, ids=True)
+    images, _, ids = next(iter(loader))
+    with torch.no_grad():
+        expected = view_averaged_probs(predictor.model.eval(), images)
+    samples = val_samples(sample_shards)
+    for i, ident in enumerate(ids.tolist()):
+        _, source = samples[ident]
+        source = source if source.is_absolute() else sample_src / source
+        torch.testing.assert_close(predictor.probabilities(source.read_bytes()), expected[i], rtol=0, atol=1e-5)
