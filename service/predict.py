@@ -131,6 +131,17 @@ def _line(p: Prediction) -> str:
     return f"{p.image}: " + "  ".join(f"{wnid} {name} {100 * prob:.1f}%" for wnid, name, prob in p.top)
 
 
+def _top(value: str) -> int:
+    """``--top``: a whole number of classes, at least 1 (more than the classes shows them all)."""
+    try:
+        top = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {value!r}") from None
+    if top < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (the number of classes to show per image), got {value}")
+    return top
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m service.predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("images", nargs="+", type=path_arg,
@@ -139,7 +150,8 @@ def main(argv: list[str]) -> int:
                         help="a run directory (its newest checkpoint) or a checkpoint")
     parser.add_argument("--shards", type=path_arg, help="the shards it was trained on (default: the path in its config)")
     parser.add_argument("--views", type=int, choices=(1, 10), default=10, help="10: the paper's views; 1: the centre")
-    parser.add_argument("--top", type=int, default=5, help="classes to show per image")
+    parser.add_argument("--top", type=_top, default=5, help="classes to show per image (at least 1; more than the "
+                        "model's classes shows them all)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--json", action="store_true", help="one JSON object per image instead of a line")
     args = parser.parse_args(argv)

@@ -75,3 +75,17 @@ def test_one_view_is_the_centre_crop_the_evaluation_counts(run: Path, sample_sha
         _, source = samples[ident]
         source = source if source.is_absolute() else sample_src / source
         torch.testing.assert_close(predictor.probabilities(source.read_bytes()), expected[i], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("top", ["0", "-1"])
+def test_top_below_one_is_refused_naming_the_flag(run: Path, image: Path, top: str) -> None:
+    """``--top 0`` printed an image name with no classes (exit 0), ``--top -1`` a torch traceback."""
+    done = predict("--run", run, "--top", top, image)
+    assert done.returncode == 2 and done.stdout == "" and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.splitlines()[-1] == (f"python -m service.predict: error: argument --top: must be at least 1 "
+                                            f"(the number of classes to show per image), got {top}")
+
+
+def test_top_above_the_class_count_shows_every_class(run: Path, image: Path) -> None:
+    done = predict("--run", run, "--top", "1000", image)
+    assert done.returncode == 0 and done.stdout.count("%") == 6, done.stderr  # the sample shards' 6 classes
