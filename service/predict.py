@@ -39,7 +39,7 @@ from pipeline.stats import manifest_stats
 from pipeline.views import view_stack
 from service.build import alexnet
 from service.checkpoint import OtherVersion, Unreadable, cannot_read, load, scan
-from service.config import ModelSettings
+from service.config import ModelSettings, _device_name_ok
 from service.errors import EXIT_CONFIG, ServiceError
 from service.state import data_fingerprint
 from shards import manifest as contract
@@ -56,10 +56,11 @@ class Predictor:
     """A checkpoint's model with its shards' classes and mean image, ready for images."""
 
     def __init__(self, run: Path, shards: Path | None = None, views: int = 10, device: str = "cpu") -> None:
+        self.device = _device(device)  # before the checkpoint: reading one takes seconds
         self.checkpoint, payload = newest_checkpoint(run)
         cfg = payload["config"]
         self.manifest = _matching_shards(shards or Path(cfg["shards"]), payload["identity"]["data"], self.checkpoint)
-        self.views, self.device = views, torch.device(device)
+        self.views = views
         known = {f.name for f in dataclasses.fields(ModelSettings)}  # an older checkpoint's missing keys: defaults
         settings = ModelSettings(**{k: v for k, v in cfg["model"].items() if k in known})
         self.model = alexnet(settings, self.manifest.num_classes)  # grouped: the same state dict as the towers
@@ -90,6 +91,22 @@ class Predictor:
         values, indices = probs.topk(min(top, probs.numel()))
         return Prediction(path, [(self.manifest.classes[i], self.manifest.names[i], float(v))
                                  for v, i in zip(values.tolist(), indices.tolist())])
+
+
+def _device(name: str) -> torch.device:
+    """``--device`` as a torch device that is there, or one line (exit 2) saying why not."""
+    if not _device_name_ok(name, auto=False):
+        raise ServiceError(EXIT_CONFIG, f"--device {name}: must be cpu, cuda or cuda:N; use --device cpu if unsure")
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ServiceError(EXIT_CONFIG, f"--device {name}: no CUDA device is usable here "
+                               "(torch.cuda.is_available() is False); use --device cpu")
+        if (device.index or 0) >= count:
+            raise ServiceError(EXIT_CONFIG, f"--device {name}: only {count} CUDA device(s) are visible "
+                               f"(cuda:0..cuda:{count - 1}); name one of them or use --device cpu")
+    return device
 
 
 def newest_checkpoint(run: Path) -> tuple[Path, dict]:

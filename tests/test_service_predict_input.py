@@ -89,3 +89,12 @@ def test_top_below_one_is_refused_naming_the_flag(run: Path, image: Path, top: s
 def test_top_above_the_class_count_shows_every_class(run: Path, image: Path) -> None:
     done = predict("--run", run, "--top", "1000", image)
     assert done.returncode == 0 and done.stdout.count("%") == 6, done.stderr  # the sample shards' 6 classes
+
+
+@pytest.mark.parametrize("device", ["bogus", "meta", "cuda:99"] + ([] if torch.cuda.is_available() else ["cuda"]))
+def test_a_device_that_is_not_there_is_one_line(run: Path, image: Path, device: str) -> None:
+    """A misspelt or absent --device was a torch traceback (exit 1), after the checkpoint was read."""
+    done = predict("--run", run, "--device", device, image)
+    assert done.returncode == 2 and done.stdout == "" and "Traceback" not in done.stderr, done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"predict: --device {device}: ") and "--device cpu" in line, line
