@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ from pipeline.reference import decode
 from pipeline.stats import manifest_stats
 from pipeline.views import view_stack
 from service.build import alexnet
-from service.checkpoint import OtherVersion, Unreadable, cannot_read, load, scan
+from service.checkpoint import _KINDS, OtherVersion, Unreadable, cannot_read, load, scan
 from service.config import ModelSettings, _device_name_ok
 from service.errors import EXIT_CONFIG, ServiceError
 from service.state import data_fingerprint
@@ -87,10 +88,25 @@ class Predictor:
         return view_averaged_probs(self.model, batch.to(self.device))[0].cpu()
 
     def predict(self, path: Path, top: int = 5) -> Prediction:
+        """``path``'s top classes; ``OSError`` if it cannot be read, ``BadImage`` if it is no image
+        (or no regular file: a FIFO's read would block until a writer comes, for ever)."""
+        _regular_file(path)
         probs = self.probabilities(path.read_bytes())
         values, indices = probs.topk(min(top, probs.numel()))
         return Prediction(path, [(self.manifest.classes[i], self.manifest.names[i], float(v))
                                  for v, i in zip(values.tolist(), indices.tolist())])
+
+
+def _regular_file(path: Path) -> None:
+    """``BadImage`` naming what ``path`` is when it is no regular file (after symbolic links); seen
+    by ``stat`` before any open, so a FIFO is never opened."""
+    mode = path.stat().st_mode  # OSError: missing, unreadable directory on the way, a symlink loop
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISDIR(mode):
+        raise BadImage(f"a directory, not an image file; give the images in it (e.g. {path}/*.jpg)")
+    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    raise BadImage(f"{kind}, not an image file; it was not read")
 
 
 def _device(name: str) -> torch.device:

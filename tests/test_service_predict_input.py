@@ -53,9 +53,9 @@ def image(sample_src: Path) -> Path:
     return next((sample_src / "val").rglob("*.JPEG"))
 
 
-def predict(*args: str | Path, **kwargs) -> subprocess.CompletedProcess:
+def predict(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "service.predict", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120, **kwargs)
+                          text=True, timeout=timeout)
 
 
 def test_one_view_is_the_centre_crop_the_evaluation_counts(run: Path, sample_shards: Path, sample_src: Path,
@@ -98,3 +98,18 @@ def test_a_device_that_is_not_there_is_one_line(run: Path, image: Path, device: 
     assert done.returncode == 2 and done.stdout == "" and "Traceback" not in done.stderr, done.stderr
     (line,) = done.stderr.splitlines()
     assert line.startswith(f"predict: --device {device}: ") and "--device cpu" in line, line
+
+
+def test_a_fifo_or_a_directory_given_as_an_image_is_one_line_not_a_hang(run: Path, image: Path, tmp_path: Path) -> None:
+    """A FIFO named x.jpg blocked the command for ever (read_bytes waits for a writer) and the
+    images after it were never predicted; a directory said only "Is a directory"."""
+    fifo = tmp_path / "x.jpg"
+    os.mkfifo(fifo)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    done = predict("--run", run, "--top", "1", fifo, folder, image, timeout=60)
+    assert done.returncode == 1 and done.stdout.startswith(f"{image}: "), done.stderr
+    fifo_line, folder_line = done.stderr.splitlines()
+    assert fifo_line == f"predict: {fifo}: a FIFO (named pipe), not an image file; it was not read"
+    assert folder_line == (f"predict: {folder}: a directory, not an image file; give the images in it "
+                           f"(e.g. {folder}/*.jpg)")
