@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import signal
 import stat
 import sys
 from dataclasses import dataclass
@@ -188,24 +190,32 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--json", action="store_true", help="one JSON object per image instead of a line")
     args = parser.parse_args(argv)
+    done = failed = 0
     try:
-        predictor = Predictor(args.run, args.shards, args.views, args.device)
-    except ServiceError as exc:
-        print(f"predict: {exc}", file=sys.stderr)
-        return exc.code
-    failed = 0
-    for path in args.images:
         try:
-            p = predictor.predict(path, args.top)
-        except (OSError, BadImage) as exc:
-            failed += 1
-            print(f"predict: {path}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}",
-                  file=sys.stderr)
-            continue
-        print(json.dumps({"image": str(p.image), "top": [{"wnid": w, "name": n, "probability": round(v, 6)}
-                                                         for w, n, v in p.top]}) if args.json else _line(p), flush=True)
+            predictor = Predictor(args.run, args.shards, args.views, args.device)
+        except ServiceError as exc:
+            print(f"predict: {exc}", file=sys.stderr)
+            return exc.code
+        for path in args.images:
+            try:
+                p = predictor.predict(path, args.top)
+            except (OSError, BadImage) as exc:
+                failed += 1
+                print(f"predict: {path}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}",
+                      file=sys.stderr)
+            else:
+                print(json.dumps({"image": str(p.image), "top": [{"wnid": w, "name": n, "probability": round(v, 6)}
+                                                                 for w, n, v in p.top]}) if args.json else _line(p),
+                      flush=True)
+            done += 1
+    except KeyboardInterrupt:  # Ctrl-C: what was printed stands; nothing to clean up
+        print(f"predict: interrupted after {done} of {len(args.images)} images", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader went away (| head): end quietly, as a SIGPIPE would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 128 + signal.SIGPIPE
     return 1 if failed else 0
-
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

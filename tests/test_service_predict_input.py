@@ -113,3 +113,37 @@ def test_a_fifo_or_a_directory_given_as_an_image_is_one_line_not_a_hang(run: Pat
     assert fifo_line == f"predict: {fifo}: a FIFO (named pipe), not an image file; it was not read"
     assert folder_line == (f"predict: {folder}: a directory, not an image file; give the images in it "
                            f"(e.g. {folder}/*.jpg)")
+
+
+def _start(*args: str | Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "service.predict", *map(str, args)], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def test_ctrl_c_is_one_line_and_exit_130(run: Path, image: Path) -> None:
+    """Ctrl-C (SIGINT) mid-way was a KeyboardInterrupt traceback."""
+    proc = _start("--run", run, "--top", "1", *[image] * 200)
+    try:
+        first = proc.stdout.readline()  # past the checkpoint: predicting
+        assert first.startswith(f"{image}: ")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    (line,) = err.splitlines()
+    assert line.startswith("predict: interrupted after ") and line.endswith(" of 200 images"), line
+
+
+def test_a_closed_pipe_ends_it_quietly(run: Path, image: Path) -> None:
+    """``predict ... | head -1``: the first write after head exits was a BrokenPipeError traceback."""
+    proc = _start("--run", run, "--top", "1", *[image] * 50)
+    try:
+        assert proc.stdout.readline().startswith(f"{image}: ")
+        proc.stdout.close()
+        err = proc.stderr.read()
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert err == "" and proc.returncode == 128 + signal.SIGPIPE, (proc.returncode, err)
