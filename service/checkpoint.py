@@ -62,10 +62,13 @@ class OtherVersion(Exception):
         super().__init__(f"{path} has checkpoint format version {version!r}; this code reads version {VERSION}"
                          f"{upgrades}")
 
-    def refusal(self) -> ServiceError:
-        """Exit 2 naming both versions and the ways forward."""
-        newer = isinstance(self.version, int) and self.version > VERSION
-        return ServiceError(EXIT_CONFIG, f"{self}. Resume it with the {'newer ' if newer else ''}version of the "
+    def refusal(self, predicting: bool = False) -> ServiceError:
+        """Exit 2 naming both versions and the ways forward (for ``service.predict``: its own)."""
+        newer = "newer " if isinstance(self.version, int) and self.version > VERSION else ""
+        if predicting:
+            return ServiceError(EXIT_CONFIG, f"{self}. Predict with the {newer}version of the code that wrote it, "
+                                "or name another checkpoint with --run")
+        return ServiceError(EXIT_CONFIG, f"{self}. Resume it with the {newer}version of the "
                             "service that wrote it, use another --out directory, or start over here with --fresh "
                             f"true (deletes {self.path.parent}'s checkpoints and logs)")
 
@@ -157,12 +160,13 @@ def load(path: Path) -> dict[str, Any]:
     return payload
 
 
-def scan(out: Path) -> tuple[tuple[Path, dict[str, Any]] | None, list[tuple[Path, str]]]:
+def scan(out: Path, predicting: bool = False) -> tuple[tuple[Path, dict[str, Any]] | None, list[tuple[Path, str]]]:
     """The newest checkpoint that loads, and the (path, reason) of the unreadable newer ones.
     Changes nothing on disk.  A file of another format version, or one that cannot be opened or
     read, or whose stored step is not its name's, stops the search (exit 2): the older files would
-    silently lose its progress.  Every name is looked at first (``os.stat``, cheap): one that is
-    not a regular file is refused even when older, as pruning would later fail to delete it."""
+    silently lose its progress (``predicting``: with ``service.predict``'s advice, not the
+    service's).  Every name is looked at first (``os.stat``, cheap): one that is not a regular
+    file is refused even when older, as pruning would later fail to delete it."""
     listed = list_checkpoints(out)
     for _, path in listed:
         if (refusal := not_a_file(path)) is not None:
@@ -177,7 +181,7 @@ def scan(out: Path) -> tuple[tuple[Path, dict[str, Any]] | None, list[tuple[Path
         except Unreadable as exc:
             unreadable.append((path, str(exc)))
         except OtherVersion as exc:
-            raise exc.refusal() from None
+            raise exc.refusal(predicting) from None
         except OSError as exc:
             raise cannot_read(path, exc) from None
     return None, unreadable

@@ -135,12 +135,12 @@ def newest_checkpoint(run: Path) -> tuple[Path, dict]:
         except Unreadable as exc:
             raise ServiceError(EXIT_CONFIG, f"--run {run}: not a readable checkpoint: {exc}") from None
         except OtherVersion as exc:
-            raise exc.refusal() from None
+            raise exc.refusal(predicting=True) from None
         except OSError as exc:
             raise cannot_read(run, exc) from None
     if not run.is_dir():
         raise ServiceError(EXIT_CONFIG, f"--run {run}: no such run directory or checkpoint file")
-    found, unreadable = scan(run)
+    found, unreadable = scan(run, predicting=True)
     if found is None:
         why = f" ({len(unreadable)} unreadable: {unreadable[0][0].name}, {unreadable[0][1]})" if unreadable else ""
         raise ServiceError(EXIT_CONFIG, f"--run {run}: no readable checkpoint-*.pt in it{why}: train first "

@@ -147,3 +147,17 @@ def test_a_closed_pipe_ends_it_quietly(run: Path, image: Path) -> None:
     finally:
         proc.kill()
     assert err == "" and proc.returncode == 128 + signal.SIGPIPE, (proc.returncode, err)
+
+
+def test_a_checkpoint_of_another_version_is_refused_with_advice_for_predict(image: Path, tmp_path: Path) -> None:
+    """The refusal was the training service's: 'use another --out directory, or start over here with
+    --fresh true (deletes ...'s checkpoints and logs)', flags predict does not have, one destructive."""
+    path = ckpt.path_for(tmp_path, 5)
+    torch.save({"format": ckpt.FORMAT, "version": ckpt.VERSION + 1}, path)
+    for where in (tmp_path, path):
+        done = predict("--run", where, image)
+        assert done.returncode == 2 and done.stdout == "", done.stderr
+        (line,) = done.stderr.splitlines()
+        assert line.startswith(f"predict: {path} has checkpoint format version {ckpt.VERSION + 1}; "), line
+        assert "--fresh" not in line and "--out" not in line and line.endswith(
+            "Predict with the newer version of the code that wrote it, or name another checkpoint with --run"), line
