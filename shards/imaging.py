@@ -12,7 +12,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError, features
 
 # ImageNet has images up to about 50 Mpx; anything far beyond is more likely a bomb than a photo.
 Image.MAX_IMAGE_PIXELS = 200_000_000
@@ -38,6 +38,8 @@ def _decode(data: bytes, size: int) -> tuple[Image.Image, str, tuple[int, int]]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # "... support not installed": said below in our own words (``_undecodable``)
+            warnings.filterwarnings("ignore", message=r".*support not installed", category=UserWarning)
             img = Image.open(io.BytesIO(data))
             fmt, source_size = img.format or "unknown", img.size
             if fmt == "JPEG" and min(img.size) >= 2 * size:
@@ -45,12 +47,26 @@ def _decode(data: bytes, size: int) -> tuple[Image.Image, str, tuple[int, int]]:
                 img.draft(img.mode if img.mode == "CMYK" else "RGB", (size, size))
             img.load()
     except UnidentifiedImageError:
-        raise BadImage("not an image (no decoder recognises the bytes)") from None
+        raise BadImage(_undecodable(data)) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise BadImage(f"too many pixels to be a photo ({exc})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise BadImage(f"truncated or corrupt image ({exc})") from None
     return img, fmt, source_size
+
+
+# Image formats Pillow reads only when built with their library, by their files' signatures.
+_OPTIONAL_FORMATS = ((lambda d: d[:4] == b"RIFF" and d[8:12] == b"WEBP", "WebP", "webp", "libwebp"),
+                     (lambda d: d[4:8] == b"ftyp" and d[8:12] in (b"avif", b"avis"), "AVIF", "avif", "libavif"))
+
+
+def _undecodable(data: bytes) -> str:
+    """Why no decoder took ``data``: a format this Pillow was built without, or no image at all."""
+    for matches, name, feature, library in _OPTIONAL_FORMATS:
+        if matches(data) and not features.check(feature):
+            return (f"a {name} image, which this Pillow build cannot decode (built without {library}); "
+                    "convert it to JPEG or PNG")
+    return "not an image (no decoder recognises the bytes)"
 
 
 def _to_rgb(img: Image.Image) -> tuple[Image.Image, str | None]:

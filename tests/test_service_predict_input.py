@@ -161,3 +161,18 @@ def test_a_checkpoint_of_another_version_is_refused_with_advice_for_predict(imag
         assert line.startswith(f"predict: {path} has checkpoint format version {ckpt.VERSION + 1}; "), line
         assert "--fresh" not in line and "--out" not in line and line.endswith(
             "Predict with the newer version of the code that wrote it, or name another checkpoint with --run"), line
+
+
+def test_a_webp_image_without_a_webp_decoder_says_so_in_one_line(run: Path, tmp_path: Path) -> None:
+    """The project's Pillow-SIMD is built without libwebp: a WebP photo was 'not an image (no decoder
+    recognises the bytes)' after two lines of Pillow's UserWarning."""
+    from PIL import features
+    if features.check("webp"):
+        pytest.skip("this Pillow decodes WebP")
+    webp = tmp_path / "photo.webp"
+    webp.write_bytes(b"RIFF" + (30).to_bytes(4, "little") + b"WEBPVP8L" + bytes(22))
+    done = predict("--run", run, webp)
+    assert done.returncode == 1 and done.stdout == "", done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line == (f"predict: {webp}: a WebP image, which this Pillow build cannot decode (built without libwebp); "
+                    "convert it to JPEG or PNG"), line
