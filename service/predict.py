@@ -62,7 +62,14 @@ class Predictor:
         self.device = _device(device)  # before the checkpoint: reading one takes seconds
         self.checkpoint, payload = newest_checkpoint(run)
         cfg = payload["config"]
-        self.manifest = _matching_shards(shards or Path(cfg["shards"]), payload["identity"]["data"], self.checkpoint)
+        recorded = Path(cfg["shards"])  # relative (make demo's data/shards): to where training started
+        started = None if shards is not None or recorded.is_absolute() else _started_in(cfg, self.checkpoint.parent)
+        if started is not None and not (started / recorded / "manifest.json").exists() and \
+                (recorded / "manifest.json").exists():
+            started = None  # the run directory moved since; the shards are where they were from here
+        root = shards or (started / recorded if started is not None else recorded)
+        self.manifest = _matching_shards(root, payload["identity"]["data"], self.checkpoint,
+                                         None if started is None else (recorded, started))
         self.views = views
         known = {f.name for f in dataclasses.fields(ModelSettings)}  # an older checkpoint's missing keys: defaults
         settings = ModelSettings(**{k: v for k, v in cfg["model"].items() if k in known})
@@ -148,13 +155,30 @@ def newest_checkpoint(run: Path) -> tuple[Path, dict]:
     return found
 
 
-def _matching_shards(root: Path, fingerprint: str, checkpoint: Path) -> contract.Manifest:
-    """The shards the checkpoint was trained on (their manifest), or one line saying why not."""
+def _started_in(cfg: dict, run: Path) -> Path | None:
+    """The directory training was started in, when the config's ``out`` is relative and ``run``
+    (the checkpoint's directory) ends with it: ``runs/demo`` at ``/x/runs/demo`` was started in ``/x``."""
+    out = Path(cfg.get("out") or "")
+    if out.is_absolute() or not out.parts:
+        return None
+    here = run.resolve()
+    return Path(*here.parts[:-len(out.parts)]) if here.parts[-len(out.parts):] == out.parts else None
+
+
+def _matching_shards(root: Path, fingerprint: str, checkpoint: Path,
+                     relative: tuple[Path, Path] | None = None) -> contract.Manifest:
+    """The shards the checkpoint was trained on (their manifest), or one line saying why not.
+    ``relative``: (the config's relative shards path, the directory training started in) when
+    ``root`` was found that way."""
     try:
         manifest = contract.load(root, splits=("train",))
     except contract.ManifestError as exc:
+        why = str(exc)
+        if relative is not None and not (root / "manifest.json").exists():  # not "re-shard ImageNet there"
+            why = (f"its config names {relative[0]}, relative to the directory training started in ({relative[1]}), "
+                   f"and {root} has no manifest.json")
         raise ServiceError(EXIT_CONFIG, f"the shards the model was trained on are needed for its classes and mean "
-                           f"image: {exc}; name them with --shards") from None
+                           f"image: {why}; name them with --shards") from None
     if data_fingerprint(manifest.record) != fingerprint:
         raise ServiceError(EXIT_CONFIG, f"{root} are not the shards {checkpoint.name} was trained on (data "
                            f"fingerprint {data_fingerprint(manifest.record)}, the checkpoint's {fingerprint}): "

@@ -29,17 +29,16 @@ from tests.test_service_predict import val_samples
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def run(sample_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run directory holding one checkpoint of an untrained model on ``sample_shards``."""
-    out = tmp_path_factory.mktemp("predict-input") / "run"
-    out.mkdir()
-    manifest = contract.load(sample_shards, splits=("train",))
+def fake_run(out: Path, shards: Path, recorded: str | None = None, recorded_out: str | None = None) -> Path:
+    """``out`` holding one checkpoint of an untrained model on ``shards``; its config names the
+    shards and the run directory as ``recorded`` and ``recorded_out`` (the paths given to the service)."""
+    out.mkdir(parents=True)
+    manifest = contract.load(shards, splits=("train",))
     torch.manual_seed(0)
     settings = ModelSettings(bias_init=0.1)
     payload = {"format": ckpt.FORMAT, "version": ckpt.VERSION, "run_id": "r",
-               "config": {"shards": str(sample_shards), "model": dataclasses.asdict(settings),
-                          "loader": {"crop": 224, "normalize": "mean_image"}},
+               "config": {"shards": recorded or str(shards), "out": recorded_out or str(out),
+                          "model": dataclasses.asdict(settings), "loader": {"crop": 224, "normalize": "mean_image"}},
                "identity": {"data": data_fingerprint(manifest.record)}, "progress": {"step": 1},
                "model": alexnet(settings, manifest.num_classes).state_dict(), "velocity": {}, "schedule": {},
                "loaders": [], "rng": [], "lr_scale": 1.0}
@@ -49,13 +48,19 @@ def run(sample_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def run(sample_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run directory holding one checkpoint of an untrained model on ``sample_shards``."""
+    return fake_run(tmp_path_factory.mktemp("predict-input") / "run", sample_shards)
+
+
+@pytest.fixture(scope="module")
 def image(sample_src: Path) -> Path:
     return next((sample_src / "val").rglob("*.JPEG"))
 
 
-def predict(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "service.predict", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+def predict(*args: str | Path, timeout: float = 120, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "service.predict", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 def test_one_view_is_the_centre_crop_the_evaluation_counts(run: Path, sample_shards: Path, sample_src: Path,
@@ -176,3 +181,24 @@ def test_a_webp_image_without_a_webp_decoder_says_so_in_one_line(run: Path, tmp_
     (line,) = done.stderr.splitlines()
     assert line == (f"predict: {webp}: a WebP image, which this Pillow build cannot decode (built without libwebp); "
                     "convert it to JPEG or PNG"), line
+
+
+def test_a_run_trained_with_relative_paths_finds_its_shards_from_another_directory(sample_shards: Path, image: Path,
+                                                                                    tmp_path: Path) -> None:
+    """``make demo`` records shards = "data/shards" and out = "runs/demo", relative to where training
+    started.  From any other directory those shards were looked for under it, and the advice was to
+    re-shard ImageNet there (`make shards ... OUT=<cwd>/data/shards`)."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "shards").symlink_to(sample_shards)
+    run = fake_run(tmp_path / "runs" / "demo", sample_shards, "data/shards", "runs/demo")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = predict("--run", run, "--top", "1", image, cwd=elsewhere)
+    assert done.returncode == 0 and done.stdout.startswith(f"{image}: "), done.stderr
+    (tmp_path / "data" / "shards").unlink()
+    done = predict("--run", run, "--top", "1", image, cwd=elsewhere)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line == (f"predict: the shards the model was trained on are needed for its classes and mean image: its "
+                    f"config names data/shards, relative to the directory training started in ({tmp_path}), and "
+                    f"{tmp_path / 'data' / 'shards'} has no manifest.json; name them with --shards"), line
