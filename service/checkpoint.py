@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,18 @@ def _load_error(exc: Exception) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
+def _not_an_archive(path: Path) -> str | None:
+    """Why ``path`` is no ``torch.save`` file at all (empty, or not the zip archive every checkpoint
+    is), or None: torch's own errors for those ("EOFError: ", an unpickler's "Unsupported operand")
+    read as damage or as a pickle naming code."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+        return None if zipfile.is_zipfile(path) else "not a torch.save archive (a checkpoint is a zip file)"
+    except OSError:
+        return None
+
+
 def load(path: Path) -> dict[str, Any]:
     """A checkpoint's payload (tensors on the CPU), upgraded to ``VERSION``; ``Unreadable`` if it
     is not a usable one, ``OtherVersion`` if it is a sound file of a version this code cannot read,
@@ -145,7 +158,9 @@ def load(path: Path) -> dict[str, Any]:
     except OSError:
         raise  # EACCES, EIO, EMFILE...: says nothing about the file's contents (see cannot_read)
     except Exception as exc:  # truncated zip, bad pickle, a forbidden global: all "unreadable"
-        raise Unreadable(_load_error(exc)) from None
+        why = _load_error(exc)  # a pickle naming an object says so, zip or not (torch reads old-style pickles)
+        raise Unreadable(why if why.startswith("it names the Python object") else _not_an_archive(path) or why) \
+            from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise Unreadable("not a checkpoint of this service")
     if payload.get("version") != VERSION and payload.get("version") not in UPGRADES:

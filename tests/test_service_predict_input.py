@@ -202,3 +202,15 @@ def test_a_run_trained_with_relative_paths_finds_its_shards_from_another_directo
     assert line == (f"predict: the shards the model was trained on are needed for its classes and mean image: its "
                     f"config names data/shards, relative to the directory training started in ({tmp_path}), and "
                     f"{tmp_path / 'data' / 'shards'} has no manifest.json; name them with --shards"), line
+
+
+def test_a_file_that_is_no_checkpoint_at_all_is_named_as_such(image: Path, tmp_path: Path) -> None:
+    """--run given a JPEG said 'it names Python objects ... as loading it could run code', an empty
+    file 'EOFError: ' (nothing after the colon)."""
+    empty = tmp_path / "checkpoint.pt"
+    empty.touch()
+    for path, why in ((image, "not a torch.save archive (a checkpoint is a zip file)"),
+                      (empty, "empty file (0 bytes)")):
+        done = predict("--run", path, image)
+        assert done.returncode == 2 and done.stdout == "", done.stderr
+        assert done.stderr == f"predict: --run {path}: not a readable checkpoint: {why}\n", done.stderr
