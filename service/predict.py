@@ -41,7 +41,7 @@ from pipeline.reference import decode
 from pipeline.stats import manifest_stats
 from pipeline.views import view_stack
 from service.build import alexnet
-from service.checkpoint import _KINDS, OtherVersion, Unreadable, cannot_read, load, scan
+from service.checkpoint import _KINDS, OtherVersion, Unreadable, cannot_read, load, not_a_file, scan
 from service.config import ModelSettings, _device_name_ok
 from service.errors import EXIT_CONFIG, ServiceError
 from service.state import data_fingerprint
@@ -146,6 +146,8 @@ def newest_checkpoint(run: Path) -> tuple[Path, dict]:
         except OSError as exc:
             raise cannot_read(run, exc) from None
     if not run.is_dir():
+        if os.path.lexists(run) and (refusal := not_a_file(run)) is not None:  # a FIFO, a symbolic link loop...
+            raise refusal
         raise ServiceError(EXIT_CONFIG, f"--run {run}: no such run directory or checkpoint file")
     found, unreadable = scan(run, predicting=True)
     if found is None:

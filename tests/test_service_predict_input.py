@@ -214,3 +214,16 @@ def test_a_file_that_is_no_checkpoint_at_all_is_named_as_such(image: Path, tmp_p
         done = predict("--run", path, image)
         assert done.returncode == 2 and done.stdout == "", done.stderr
         assert done.stderr == f"predict: --run {path}: not a readable checkpoint: {why}\n", done.stderr
+
+
+def test_a_run_path_that_is_no_file_nor_directory_says_what_it_is(image: Path, tmp_path: Path) -> None:
+    """--run given a FIFO or a symbolic link loop said 'no such run directory or checkpoint file'."""
+    fifo = tmp_path / "run.pt"
+    os.mkfifo(fifo)
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    for path, what in ((fifo, "is a FIFO (named pipe), not a regular file"), (tmp_path / "a", "cannot be read")):
+        done = predict("--run", path, image, timeout=60)
+        assert done.returncode == 2 and done.stdout == "", done.stderr
+        (line,) = done.stderr.splitlines()
+        assert line.startswith(f"predict: checkpoint {path} {what}") and "no such" not in line, line
