@@ -17,6 +17,9 @@ fingerprint must be the checkpoint's: another dataset's mean image or class orde
 confident, wrong answers, so a mismatch is one line and exit code 2, not a prediction.
 Reading the checkpoint changes nothing in the run directory (unreadable checkpoints are skipped,
 not set aside as the service does).
+
+Exit codes: 0 all predicted; 1 an image could not be read (its line on stderr, the rest predicted);
+2 a setting, the run, its checkpoint or shards refused; 130 Ctrl-C; 141 the output's reader left.
 """
 from __future__ import annotations
 
