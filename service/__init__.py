@@ -9,8 +9,8 @@ resumes, stops cleanly on SIGTERM/SIGINT/SIGHUP and exports Prometheus metrics.
 - ``loop``: the training loop (steps, log intervals, evaluation, checkpoints, stop);
 - ``checkpointer``: the one owner of checkpoint state (what a checkpoint holds, when it is due,
   staging to host memory (``staging``), which file a restart resumes, the restore order);
-  ``checkpoint``: the files (format and version, atomic, rotated, verified: ``checkpoint_crc``;
-  written in the background: ``checkpoint_writer``); ``state`` / ``rng``:
+  ``checkpoint``: the files (format and version, atomic, rotated, verified: ``checkpoint_crc``,
+  names not trusted: ``checkpoint_trust``; written in the background: ``checkpoint_writer``); ``state`` / ``rng``:
   the progress counters and run identity, the random generators;
 - ``metrics`` / ``server`` / ``status``: Prometheus metrics in a private registry, the HTTP
   endpoint (/metrics, /healthz, /status) and the shared status it serves;

@@ -21,14 +21,14 @@ is renamed and the run is refused: starting over from step 0 must be asked for
 damaged: it is refused naming both versions, or upgraded where this code knows how.
 
 A name is not trusted over the file: a name that is not a regular file (a FIFO, whose open()
-blocks, a directory, a dangling symbolic link) and a checkpoint whose stored step is not its
-name's (copied or renamed by hand) are refused (exit 2) before anything is opened or renamed.
+blocks, a directory, a dangling symbolic link: ``service.checkpoint_trust``), a checkpoint whose
+stored step is not its name's (copied or renamed by hand) and one of another run are refused
+(exit 2) before anything is opened or renamed.
 """
 from __future__ import annotations
 
 import os
 import re
-import stat
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from service.checkpoint_crc import checksum
+from service.checkpoint_trust import cannot_read, not_a_file, other_run
 from service.errors import EXIT_CONFIG, ServiceError
 
 FORMAT = "alexnet2012-service-checkpoint"
@@ -202,40 +203,6 @@ def scan(out: Path, predicting: bool = False) -> tuple[tuple[Path, dict[str, Any
     return None, unreadable
 
 
-def cannot_read(path: Path, exc: OSError) -> ServiceError:
-    """Exit 2 for a checkpoint that could not be opened or read.  It may well be sound: renaming it
-    ``*.corrupt`` and resuming an older one would silently throw its progress away."""
-    return ServiceError(EXIT_CONFIG, f"checkpoint {path} cannot be read ({exc.strerror or exc}) by uid {os.getuid()}; "
-                        "nothing was changed and no older checkpoint is used instead. Make it readable for that user "
-                        "(or repair the disk) and run the same command again")
-
-
-_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
-
-
-def not_a_file(path: Path) -> ServiceError | None:
-    """Exit 2 for a checkpoint name that is no regular file (through a symbolic link too), seen by
-    ``os.stat`` before any open: open() of a FIFO blocks until a writer comes (the start hung, deaf
-    to SIGTERM).  None is damage to set aside: someone put it there.  (Only a process ignoring the
-    run directory's lock could swap the file between this stat and the open.)"""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        if not path.is_symlink():
-            return None  # gone since it was listed: nothing to refuse
-        return ServiceError(EXIT_CONFIG, f"checkpoint {path} is a symbolic link to {os.readlink(path)}, which does "
-                            "not exist; nothing was changed. Restore that file or remove the link, and run the "
-                            "same command again")
-    except OSError as exc:  # EACCES on a directory on the way, ELOOP...
-        return cannot_read(path, exc)
-    if stat.S_ISREG(mode):
-        return None
-    kind = next((name for test, name in _KINDS if test(mode)), "not a file")
-    return ServiceError(EXIT_CONFIG, f"checkpoint {path} is {kind}, not a regular file; it was not opened and nothing "
-                        f"was changed. Remove it or move it out of {path.parent} and run the same command again")
-
-
 def wrong_step(path: Path, named: int, payload: dict[str, Any]) -> ServiceError | None:
     """Exit 2 for a checkpoint whose stored step is not its name's.  The name alone chooses the
     newest file, so a step-6 file named ``-50`` was resumed at every start and what was trained
@@ -250,21 +217,6 @@ def wrong_step(path: Path, named: int, payload: dict[str, Any]) -> ServiceError 
     return ServiceError(EXIT_CONFIG, f"checkpoint {path} is named for step {named} but holds step {stored} (copied or "
                         f"renamed by hand?); nothing was changed and no other checkpoint is used instead. {advice}, "
                         "and run the same command again")
-
-
-def other_run(path: Path, payload: dict[str, Any], ours: str | None) -> ServiceError | None:
-    """Exit 2 for a checkpoint of another run than the run directory's (``ours``: the run its log
-    last started), same recipe and shards or not.  Resuming it replaced this directory's history
-    and curve with the other run's and pruned this run's own checkpoints, said only by the run id
-    in "resuming run".  Refused rather than warned of, as a checkpoint of another recipe is: a
-    warning scrolls past in a service's log while the loss is irreversible, and a run is resumed
-    on purpose elsewhere by copying its checkpoint into a directory of its own."""
-    theirs = payload["run_id"]
-    if ours is None or theirs == ours:
-        return None
-    return ServiceError(EXIT_CONFIG, f"checkpoint {path} is of run {theirs}, but this run directory's run is {ours} "
-                        f"(its log.jsonl); copied or linked here? Nothing was changed. Remove it to resume {ours}, or "
-                        f"resume {theirs} in a directory of its own (--out), and run again")
 
 
 def newest_valid(out: Path, log: Callable[[str], None], run: str | None = None) -> tuple[Path, dict[str, Any]] | None:

@@ -174,7 +174,7 @@ def validate(cfg: TrainConfig) -> list[str]:
     need(cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}")
     need(cfg.eval_views in (1, 10), f"eval_views must be 1 or 10, got {cfg.eval_views}")
     need(cfg.log_every >= 1, f"log_every must be >= 1, got {cfg.log_every}")
-    need(_device_name_ok(cfg.device), f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    need(device_name_ok(cfg.device), f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     need(0 <= cfg.seed <= MAX_SEED, f"seed must be in 0..{MAX_SEED}, got {cfg.seed}")
     try:
         cfg.loader.validate()
@@ -210,7 +210,7 @@ def _model_problems(cfg: TrainConfig) -> list[str]:
     m, problems = cfg.model, []
     if m.layout not in LAYOUTS:
         problems.append(f"model.layout must be one of {LAYOUTS}, got {m.layout!r}")
-    if m.devices and (len(m.devices) != 2 or not all(_device_name_ok(d, auto=False) for d in m.devices)):
+    if m.devices and (len(m.devices) != 2 or not all(device_name_ok(d, auto=False) for d in m.devices)):
         problems.append(f"model.devices must be two devices (e.g. cuda:0,cuda:1) or empty, got {list(m.devices)}")
     if m.devices and m.layout == "grouped" and m.devices[0] != m.devices[1]:
         problems.append("model.devices names two devices but model.layout is grouped (one device): use towers")
@@ -242,7 +242,7 @@ def _model_problems(cfg: TrainConfig) -> list[str]:
     return problems
 
 
-def _device_name_ok(name: str, auto: bool = True) -> bool:
+def device_name_ok(name: str, auto: bool = True) -> bool:
     if name in ("cpu", "cuda") or (auto and name == "auto"):
         return True
     kind, _, index = name.partition(":")

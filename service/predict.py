@@ -44,8 +44,9 @@ from pipeline.reference import decode
 from pipeline.stats import manifest_stats
 from pipeline.views import view_stack
 from service.build import alexnet
-from service.checkpoint import _KINDS, OtherVersion, Unreadable, cannot_read, load, not_a_file, scan
-from service.config import ModelSettings, _device_name_ok
+from service.checkpoint import OtherVersion, Unreadable, load, scan
+from service.checkpoint_trust import cannot_read, file_kind, not_a_file
+from service.config import ModelSettings, device_name_ok
 from service.errors import EXIT_CONFIG, ServiceError
 from service.state import data_fingerprint
 from shards import manifest as contract
@@ -117,13 +118,13 @@ def _regular_file(path: Path) -> None:
         return
     if stat.S_ISDIR(mode):
         raise BadImage(f"a directory, not an image file; give the images in it (e.g. {path}/*.jpg)")
-    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    kind = file_kind(mode, "not a regular file")
     raise BadImage(f"{kind}, not an image file; it was not read")
 
 
 def _device(name: str) -> torch.device:
     """``--device`` as a torch device that is there, or one line (exit 2) saying why not."""
-    if not _device_name_ok(name, auto=False):
+    if not device_name_ok(name, auto=False):
         raise ServiceError(EXIT_CONFIG, f"--device {name}: must be cpu, cuda or cuda:N; use --device cpu if unsure")
     device = torch.device(name)
     if device.type == "cuda":
@@ -245,6 +246,7 @@ def main(argv: list[str]) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         return 128 + signal.SIGPIPE
     return 1 if failed else 0
+
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

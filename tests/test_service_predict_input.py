@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -64,7 +63,7 @@ def predict(*args: str | Path, timeout: float = 120, cwd: Path = ROOT) -> subpro
 
 
 def test_one_view_is_the_centre_crop_the_evaluation_counts(run: Path, sample_shards: Path, sample_src: Path,
-                                                            image: Path) -> None:
+                                                           image: Path) -> None:
     """``--views 1`` (documented: the centre crop alone) predicts, and its probabilities are the
     1-view evaluation's for the same validation sample."""
     done = predict("--run", run, "--views", "1", "--top", "2", image)
@@ -183,8 +182,8 @@ def test_a_webp_image_without_a_webp_decoder_says_so_in_one_line(run: Path, tmp_
                     "convert it to JPEG or PNG"), line
 
 
-def test_a_run_trained_with_relative_paths_finds_its_shards_from_another_directory(sample_shards: Path, image: Path,
-                                                                                    tmp_path: Path) -> None:
+def test_a_run_trained_with_relative_paths_finds_its_shards_from_elsewhere(sample_shards: Path, image: Path,
+                                                                           tmp_path: Path) -> None:
     """``make demo`` records shards = "data/shards" and out = "runs/demo", relative to where training
     started.  From any other directory those shards were looked for under it, and the advice was to
     re-shard ImageNet there (`make shards ... OUT=<cwd>/data/shards`)."""
