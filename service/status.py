@@ -28,8 +28,10 @@ class StatusBoard:
 
     def beat(self, phase: str | None = None) -> float:
         """The loop is alive (optionally: now in ``phase``); returns the unix time."""
-        self._beat_monotonic = time.monotonic()  # a float store: atomic under the GIL
+        # The metric's time first, then the age's clock (float stores, atomic under the GIL): a
+        # scrape between the two sees the metric no older than the beat /status judges by.
         self.last_beat = time.time()
+        self._beat_monotonic = time.monotonic()
         if phase is not None and self._fields.get("phase") != phase:
             self.update(phase=phase)
         return self.last_beat
