@@ -66,14 +66,7 @@ class Predictor:
         self.device = _device(device)  # before the checkpoint: reading one takes seconds
         self.checkpoint, payload = newest_checkpoint(run)
         cfg = payload["config"]
-        recorded = Path(cfg["shards"])  # relative (make demo's data/shards): to where training started
-        started = None if shards is not None or recorded.is_absolute() else _started_in(cfg, self.checkpoint.parent)
-        if started is not None and not (started / recorded / "manifest.json").exists() and \
-                (recorded / "manifest.json").exists():
-            started = None  # the run directory moved since; the shards are where they were from here
-        root = shards or (started / recorded if started is not None else recorded)
-        self.manifest = _matching_shards(root, payload["identity"]["data"], self.checkpoint,
-                                         None if started is None else (recorded, started))
+        self.manifest = _trained_on(cfg, shards, self.checkpoint, payload["identity"]["data"])
         self.views = views
         known = {f.name for f in dataclasses.fields(ModelSettings)}  # an older checkpoint's missing keys: defaults
         settings = ModelSettings(**{k: v for k, v in cfg["model"].items() if k in known})
@@ -159,6 +152,19 @@ def newest_checkpoint(run: Path) -> tuple[Path, dict]:
         raise ServiceError(EXIT_CONFIG, f"--run {run}: no readable checkpoint-*.pt in it{why}: train first "
                            "(python -m service --out ...) or name a checkpoint file")
     return found
+
+
+def _trained_on(cfg: dict, shards: Path | None, checkpoint: Path, fingerprint: str) -> contract.Manifest:
+    """The shards ``checkpoint`` was trained on: ``shards`` (--shards), else its config's path, an
+    absolute one as it is, a relative one (make demo's data/shards) from the directory training
+    started in, or from here where the run directory has moved since."""
+    recorded = Path(cfg["shards"])
+    started = None if shards is not None or recorded.is_absolute() else _started_in(cfg, checkpoint.parent)
+    if started is not None and not (started / recorded / "manifest.json").exists() and \
+            (recorded / "manifest.json").exists():
+        started = None  # the run directory moved since; the shards are where they were from here
+    root = shards or (started / recorded if started is not None else recorded)
+    return _matching_shards(root, fingerprint, checkpoint, None if started is None else (recorded, started))
 
 
 def _started_in(cfg: dict, run: Path) -> Path | None:
