@@ -148,10 +148,20 @@ def newest_checkpoint(run: Path) -> tuple[Path, dict]:
         raise ServiceError(EXIT_CONFIG, f"--run {run}: no such run directory or checkpoint file")
     found, unreadable = scan(run, predicting=True)
     if found is None:
-        why = f" ({len(unreadable)} unreadable: {unreadable[0][0].name}, {unreadable[0][1]})" if unreadable else ""
-        raise ServiceError(EXIT_CONFIG, f"--run {run}: no readable checkpoint-*.pt in it{why}: train first "
-                           "(python -m service --out ...) or name a checkpoint file")
+        raise ServiceError(EXIT_CONFIG, f"--run {run}: {_none_readable(run, unreadable)}")
     return found
+
+
+def _none_readable(run: Path, unreadable: list[tuple[Path, str]]) -> str:
+    """Why a run directory has no checkpoint to predict with, and what to do: damaged ones, one
+    still being written (a run in its first epoch, or a write a crash cut short), or none yet."""
+    if unreadable:
+        return (f"none of its {len(unreadable)} checkpoint(s) can be read ({unreadable[0][0].name}: "
+                f"{unreadable[0][1]}): restore one from a copy, or name another checkpoint with --run")
+    if writing := sorted(p.name for p in run.glob(".checkpoint-*.tmp")):
+        return (f"no checkpoint-*.pt in it yet, only {writing[0]}: a checkpoint being written (wait for it), or a "
+                "write a crash cut short")
+    return "no readable checkpoint-*.pt in it: train first (python -m service --out ...) or name a checkpoint file"
 
 
 def _trained_on(cfg: dict, shards: Path | None, checkpoint: Path, fingerprint: str) -> contract.Manifest:

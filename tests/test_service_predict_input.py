@@ -226,3 +226,26 @@ def test_a_run_path_that_is_no_file_nor_directory_says_what_it_is(image: Path, t
         assert done.returncode == 2 and done.stdout == "", done.stderr
         (line,) = done.stderr.splitlines()
         assert line.startswith(f"predict: checkpoint {path} {what}") and "no such" not in line, line
+
+
+def test_a_run_with_only_damaged_or_unfinished_checkpoints_is_not_told_to_train_first(tmp_path: Path) -> None:
+    """Every checkpoint-*.pt damaged, or only a temporary file being written (a run training its
+    first epoch now, or a crash while writing): the advice was "train first"."""
+    from service.errors import ServiceError
+    from service.predict import newest_checkpoint
+
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    ckpt.path_for(damaged, 4).write_bytes(b"not a zip")
+    writing = tmp_path / "writing"
+    writing.mkdir()
+    (writing / ".checkpoint-000000004.pt.123.tmp").write_bytes(b"half")
+    for run, said in ((damaged, "none of its 1 checkpoint(s) can be read (checkpoint-000000004.pt: not a torch.save "
+                                "archive (a checkpoint is a zip file)): restore one from a copy, or name another "
+                                "checkpoint with --run"),
+                      (writing, "no checkpoint-*.pt in it yet, only .checkpoint-000000004.pt.123.tmp: a checkpoint "
+                                "being written (wait for it), or a write a crash cut short")):
+        with pytest.raises(ServiceError) as caught:
+            newest_checkpoint(run)
+        assert caught.value.code == 2 and str(caught.value) == f"--run {run}: {said}", str(caught.value)
+        assert "train first" not in str(caught.value)
