@@ -123,13 +123,18 @@ def atomic_save(payload: dict[str, Any], path: Path) -> None:
     fsync_dir(path.parent)
 
 
-def _load_error(exc: Exception) -> str:
-    """Why ``torch.load`` refused a file, in one line.  torch's own message for a pickle that
+def _load_error(exc: Exception, path: Path) -> str:
+    """Why ``torch.load`` refused ``path``, in one line.  torch's own message for a pickle that
     names Python objects ends with advice to load it with ``weights_only=False``, i.e. to run
-    whatever code an untrusted file carries: that advice is never passed on."""
+    whatever code an untrusted file carries: that advice is never passed on.  A pickle naming an
+    object says so, zip or not (torch reads old-style pickles); any other failure of a file that
+    is no ``torch.save`` archive at all (a JPEG's bytes read as a pickle's) says that instead."""
     text = str(exc)
-    if "weights_only" in text or "Weights only load failed" in text:
-        named = re.search(r"GLOBAL ([\w.]+)", text)
+    refused = "weights_only" in text or "Weights only load failed" in text
+    named = re.search(r"GLOBAL ([\w.]+)", text) if refused else None
+    if named is None and (problem := _not_an_archive(path)):
+        return problem
+    if refused:
         what = f"the Python object {named.group(1)}" if named else "Python objects"
         return (f"it names {what}, which no checkpoint of this service contains; not loaded, "
                 "as loading it could run code")
@@ -159,9 +164,7 @@ def load(path: Path) -> dict[str, Any]:
     except OSError:
         raise  # EACCES, EIO, EMFILE...: says nothing about the file's contents (see cannot_read)
     except Exception as exc:  # truncated zip, bad pickle, a forbidden global: all "unreadable"
-        why = _load_error(exc)  # a pickle naming an object says so, zip or not (torch reads old-style pickles)
-        raise Unreadable(why if why.startswith("it names the Python object") else _not_an_archive(path) or why) \
-            from None
+        raise Unreadable(_load_error(exc, path)) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise Unreadable("not a checkpoint of this service")
     if payload.get("version") != VERSION and payload.get("version") not in UPGRADES:
@@ -176,12 +179,12 @@ def load(path: Path) -> dict[str, Any]:
     return payload
 
 
-def scan(out: Path, predicting: bool = False) -> tuple[tuple[Path, dict[str, Any]] | None, list[tuple[Path, str]]]:
+def scan(out: Path) -> tuple[tuple[Path, dict[str, Any]] | None, list[tuple[Path, str]]]:
     """The newest checkpoint that loads, and the (path, reason) of the unreadable newer ones.
-    Changes nothing on disk.  A file of another format version, or one that cannot be opened or
-    read, or whose stored step is not its name's, stops the search (exit 2): the older files would
-    silently lose its progress (``predicting``: with ``service.predict``'s advice, not the
-    service's).  Every name is looked at first (``os.stat``, cheap): one that is not a regular
+    Changes nothing on disk.  A file of another format version (``OtherVersion``: each caller
+    refuses it with its own advice), or one that cannot be opened or read, or whose stored step is
+    not its name's (exit 2), stops the search: the older files would silently lose its progress.
+    Every name is looked at first (``os.stat``, cheap): one that is not a regular
     file is refused even when older, as pruning would later fail to delete it."""
     listed = list_checkpoints(out)
     for _, path in listed:
@@ -196,8 +199,6 @@ def scan(out: Path, predicting: bool = False) -> tuple[tuple[Path, dict[str, Any
             return (path, payload), unreadable
         except Unreadable as exc:
             unreadable.append((path, str(exc)))
-        except OtherVersion as exc:
-            raise exc.refusal(predicting) from None
         except OSError as exc:
             raise cannot_read(path, exc) from None
     return None, unreadable
@@ -224,7 +225,10 @@ def newest_valid(out: Path, log: Callable[[str], None], run: str | None = None) 
     (``*.corrupt``); None when there is no checkpoint.  ``ServiceError`` (exit 2) when there are
     checkpoints and none loads, the newest is of another version or of another run than ``run``
     (the directory's, if known): nothing is renamed then."""
-    found, unreadable = scan(out)
+    try:
+        found, unreadable = scan(out)
+    except OtherVersion as exc:
+        raise exc.refusal() from None
     if found is not None and (refusal := other_run(*found, run)) is not None:
         raise refusal
     if found is None and unreadable:

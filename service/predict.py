@@ -146,7 +146,10 @@ def newest_checkpoint(run: Path) -> tuple[Path, dict]:
         if os.path.lexists(run) and (refusal := not_a_file(run)) is not None:  # a FIFO, a symbolic link loop...
             raise refusal
         raise ServiceError(EXIT_CONFIG, f"--run {run}: no such run directory or checkpoint file")
-    found, unreadable = scan(run, predicting=True)
+    try:
+        found, unreadable = scan(run)
+    except OtherVersion as exc:
+        raise exc.refusal(predicting=True) from None
     if found is None:
         raise ServiceError(EXIT_CONFIG, f"--run {run}: {_none_readable(run, unreadable)}")
     return found
