@@ -12,6 +12,9 @@ here is the one the logged validation error was counted from:
   (``pipeline.normalize.DeviceNormalizer``, the loaders' own normaliser);
 * the softmax averaged over the views (``model.train_step.view_averaged_probs``, evaluation's rule).
 
+What that preparation changed in an image's pixels (alpha flattened, a tiny image blown up, an
+animation's first frame alone) ends its line in brackets: it bears on how far to trust the answer.
+
 The class names and the mean image come from the shards the model was trained on.  Their data
 fingerprint must be the checkpoint's: another dataset's mean image or class order would give
 confident, wrong answers, so a mismatch is one line and exit code 2, not a prediction.
@@ -50,13 +53,14 @@ from service.config import ModelSettings, device_name_ok
 from service.errors import EXIT_CONFIG, ServiceError
 from service.state import data_fingerprint
 from shards import manifest as contract
-from shards.imaging import BadImage, prepare
+from shards.imaging import BadImage, Prepared, prepare
 
 
 @dataclass(frozen=True)
 class Prediction:
     image: Path
     top: list[tuple[str, str, float]]  # (wnid, name, probability), most likely first
+    changes: tuple[str, ...] = ()  # what the model's input lost or gained (alpha, tiny, a GIF's frames)
 
 
 class Predictor:
@@ -83,10 +87,17 @@ class Predictor:
         self.size, self.crop = self.manifest.image_size, loader.crop  # the mean image's: manifest_stats
         self.quality = int(self.manifest.record["parameters"]["quality"])
 
-    @torch.no_grad()
     def probabilities(self, data: bytes) -> torch.Tensor:
         """The view-averaged softmax (classes,) for one image file's bytes (``BadImage`` if unreadable)."""
-        image = decode(prepare(data, self.size, self.quality).jpeg)
+        return self._probabilities(self._prepare(data))
+
+    def _prepare(self, data: bytes) -> Prepared:
+        """The image as ``make shards`` stored the training images: the same resize and JPEG."""
+        return prepare(data, self.size, self.quality)
+
+    @torch.no_grad()
+    def _probabilities(self, prepared: Prepared) -> torch.Tensor:
+        image = decode(prepared.jpeg)
         crops = torch.from_numpy(np.ascontiguousarray(view_stack(image, self.crop, self.views, flip=False)))
         # The normaliser takes 1 view as (N, h, w, 3), V views as (N, V, h, w, 3): view_stack's
         # (V, h, w, 3) is one image's V views, or with V = 1 already a batch of one image.
@@ -97,10 +108,11 @@ class Predictor:
         """``path``'s top classes; ``OSError`` if it cannot be read, ``BadImage`` if it is no image
         (or no regular file: a FIFO's read would block until a writer comes, for ever)."""
         _regular_file(path)
-        probs = self.probabilities(path.read_bytes())
+        prepared = self._prepare(path.read_bytes())
+        probs = self._probabilities(prepared)
         values, indices = probs.topk(min(top, probs.numel()))
         return Prediction(path, [(self.manifest.classes[i], self.manifest.names[i], float(v))
-                                 for v, i in zip(values.tolist(), indices.tolist())])
+                                 for v, i in zip(values.tolist(), indices.tolist())], prepared.changes)
 
 
 def _regular_file(path: Path) -> None:
@@ -212,7 +224,14 @@ def _matching_shards(root: Path, fingerprint: str, checkpoint: Path,
 
 
 def _line(p: Prediction) -> str:
-    return f"{p.image}: " + "  ".join(f"{wnid} {name} {100 * prob:.1f}%" for wnid, name, prob in p.top)
+    """One image's line; what was changed in its pixels in brackets at the end, as it bears on the answer."""
+    changes = f"  [{'; '.join(p.changes)}]" if p.changes else ""
+    return f"{p.image}: " + "  ".join(f"{wnid} {name} {100 * prob:.1f}%" for wnid, name, prob in p.top) + changes
+
+
+def _json(p: Prediction) -> str:
+    return json.dumps({"image": str(p.image), "top": [{"wnid": w, "name": n, "probability": round(v, 6)}
+                                                      for w, n, v in p.top], "changes": list(p.changes)})
 
 
 def _top(value: str) -> int:
@@ -254,9 +273,7 @@ def main(argv: list[str]) -> int:
                 print(f"predict: {path}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}",
                       file=sys.stderr)
             else:
-                print(json.dumps({"image": str(p.image), "top": [{"wnid": w, "name": n, "probability": round(v, 6)}
-                                                                 for w, n, v in p.top]}) if args.json else _line(p),
-                      flush=True)
+                print(_json(p) if args.json else _line(p), flush=True)
             done += 1
     except KeyboardInterrupt:  # Ctrl-C: what was printed stands; nothing to clean up
         print(f"predict: interrupted after {done} of {len(args.images)} images", file=sys.stderr)

@@ -24,11 +24,20 @@ class BadImage(ValueError):
 
 @dataclass(frozen=True)
 class Prepared:
-    """A shard-ready JPEG, its pixels' source size, and what was converted (or None)."""
+    """A shard-ready JPEG, its pixels' source size and format, and what was changed in its pixels
+    on the way (CMYK, alpha, 16-bit, a tiny image blown up, an animation's other frames): what a
+    person judging a prediction on the image wants to know, where the format alone is not."""
 
     jpeg: bytes
     source_size: tuple[int, int]
-    note: str | None
+    source_format: str
+    changes: tuple[str, ...] = ()
+
+    @property
+    def note(self) -> str | None:
+        """For the manifest's list of converted files: the changes, and a non-JPEG re-encoded."""
+        recoded = () if self.source_format == "JPEG" else (f"{self.source_format} file re-encoded as JPEG",)
+        return "; ".join(recoded + self.changes) or None
 
 
 def _decode(data: bytes, size: int) -> tuple[Image.Image, str, tuple[int, int]]:
@@ -95,9 +104,11 @@ def _to_rgb(img: Image.Image) -> tuple[Image.Image, str | None]:
 def prepare(data: bytes, size: int = 256, quality: int = 90) -> Prepared:
     """Decode ``data`` and return the centre ``size`` x ``size`` crop of its short-side resize, as JPEG."""
     img, fmt, source_size = _decode(data, size)
+    frames = getattr(img, "n_frames", 1)  # an animated GIF/PNG/WebP: Pillow has decoded its first frame
     rgb, note = _to_rgb(img)
-    if fmt != "JPEG":
-        note = f"{fmt} file re-encoded as JPEG" + (f"; {note}" if note else "")
+    changes = (note,) if note else ()
+    if frames > 1:
+        changes += (f"first of {frames} frames used",)
     w, h = rgb.size
     side = min(w, h)
     left, top = (w - side) / 2, (h - side) / 2
@@ -105,7 +116,7 @@ def prepare(data: bytes, size: int = 256, quality: int = 90) -> Prepared:
     out = rgb.resize((size, size), Image.BICUBIC, box=(left, top, left + side, top + side))
     if side * 4 < size:
         # Small images are common and fine; only the ones blown up more than 4x are worth a look.
-        note = (note + "; " if note else "") + f"tiny image upscaled from {w}x{h}"
+        changes += (f"tiny image upscaled from {w}x{h}",)
     buf = io.BytesIO()
     out.save(buf, "JPEG", quality=quality)
-    return Prepared(buf.getvalue(), source_size, note)
+    return Prepared(buf.getvalue(), source_size, fmt, changes)

@@ -5,6 +5,7 @@ is the command, not what the model learnt (``tests/test_service_predict.py`` tra
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -180,6 +181,24 @@ def test_a_webp_image_without_a_webp_decoder_says_so_in_one_line(run: Path, tmp_
     (line,) = done.stderr.splitlines()
     assert line == (f"predict: {webp}: a WebP image, which this Pillow build cannot decode (built without libwebp); "
                     "convert it to JPEG or PNG"), line
+
+
+def test_what_the_preparation_changed_in_an_image_ends_its_line(run: Path, image: Path, tmp_path: Path) -> None:
+    """A tiny transparent PNG was flattened onto white and blown up 13x, silently: its answer looked
+    as trustworthy as a photo's. The changes now end its line (``changes`` in JSON); a plain JPEG has none."""
+    from PIL import Image
+
+    tiny = tmp_path / "icon.png"
+    Image.new("RGBA", (20, 20), (255, 0, 0, 128)).save(tiny)
+    done = predict("--run", run, "--top", "1", tiny, image)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    icon, photo = done.stdout.splitlines()
+    assert icon.startswith(f"{tiny}: ") and icon.endswith(
+        "%  [RGBA with alpha flattened onto white; tiny image upscaled from 20x20]"), icon
+    assert photo.startswith(f"{image}: ") and photo.endswith("%"), photo
+    as_json = predict("--run", run, "--json", tiny, image)
+    changes = [json.loads(line)["changes"] for line in as_json.stdout.splitlines()]
+    assert changes == [["RGBA with alpha flattened onto white", "tiny image upscaled from 20x20"], []], as_json.stderr
 
 
 def test_a_run_trained_with_relative_paths_finds_its_shards_from_elsewhere(sample_shards: Path, image: Path,

@@ -148,3 +148,18 @@ def test_sixteen_bit_is_scaled_not_clipped() -> None:
     out = np.asarray(Image.open(io.BytesIO(prepare(buf.getvalue()).jpeg)), dtype=np.float64)
     # The full 16-bit range maps onto 0..255: dark at the top, bright at the bottom, not all white.
     assert out[2].mean() < 40 and out[-3].mean() > 215
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "PNG"])
+def test_an_animation_is_its_first_frame_and_says_so(fmt: str) -> None:
+    """An animated GIF or PNG became its first frame with only 'GIF file re-encoded' noted: the
+    manifest (and predict) now say the other frames were left out."""
+    from shards.imaging import prepare
+
+    frames = [Image.new("RGB", (300, 300), colour) for colour in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    buf = io.BytesIO()
+    frames[0].save(buf, fmt, save_all=True, append_images=frames[1:])
+    prepared = prepare(buf.getvalue())
+    assert "first of 3 frames used" in prepared.changes and prepared.note.startswith(f"{fmt} file re-encoded as JPEG")
+    red = np.asarray(Image.open(io.BytesIO(prepared.jpeg)), dtype=np.int16).reshape(-1, 3).mean(axis=0)
+    assert red[0] > 250 and red[1] < 5 and red[2] < 5, red
