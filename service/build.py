@@ -11,6 +11,7 @@ import functools
 import os
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -66,7 +67,9 @@ class Parts:
 
 
 def resolve(cfg: TrainConfig, ranks: Ranks) -> TrainConfig:
-    """``device``/``model.layout``/``model.devices`` as this process will use them."""
+    """``device``/``model.layout``/``model.devices`` as this process will use them, and ``shards`` and
+    ``out`` as absolute paths: config.json and the checkpoints record them, and a relative one
+    (make demo's data/shards) named nothing once read from another directory (predict)."""
     device = ranks.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ServiceError(EXIT_CONFIG, f"device {cfg.device!r}: no CUDA device is visible to this process "
@@ -87,8 +90,8 @@ def resolve(cfg: TrainConfig, ranks: Ranks) -> TrainConfig:
             raise ServiceError(EXIT_CONFIG, f"model.devices names {d}, but only {torch.cuda.device_count()} "
                                "CUDA device(s) are visible")
     model = dataclasses.replace(m, layout=layout, devices=tuple(devices))
-    return dataclasses.replace(cfg, device=str(device), model=model,
-                               loader=cfg.loader.replace(seed=cfg.seed))
+    return dataclasses.replace(cfg, device=str(device), model=model, loader=cfg.loader.replace(seed=cfg.seed),
+                               shards=Path(os.path.abspath(cfg.shards)), out=Path(os.path.abspath(cfg.out)))
 
 
 def apply_cuda_sync(cfg: TrainConfig) -> None:

@@ -181,8 +181,9 @@ def _none_readable(run: Path, unreadable: list[tuple[Path, str]]) -> str:
 
 def _trained_on(cfg: dict, shards: Path | None, checkpoint: Path, fingerprint: str) -> contract.Manifest:
     """The shards ``checkpoint`` was trained on: ``shards`` (--shards), else its config's path, an
-    absolute one as it is, a relative one (make demo's data/shards) from the directory training
-    started in, or from here where the run directory has moved since."""
+    absolute one as it is (the service records them absolute), a relative one (runs of an older
+    service, which recorded make demo's data/shards as given) from the directory training started
+    in, or from here where the run directory has moved since."""
     recorded = Path(cfg["shards"])
     started = None if shards is not None or recorded.is_absolute() else _started_in(cfg, checkpoint.parent)
     if started is not None and not (started / recorded / "manifest.json").exists() and \

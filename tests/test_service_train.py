@@ -3,12 +3,14 @@ the alias of ``python -m service``)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from service.metric_logger import StepTimer
-from tests.conftest import run_module
+from tests.conftest import ROOT, run_module
 
 
 def test_step_timer_separates_data_wait_from_compute(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -53,7 +55,9 @@ def test_bad_settings_and_bad_shards_fail_early(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_one_epoch_writes_history_and_curve(sample_shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    result = run_module("service.train", "--shards", str(sample_shards), "--out", str(out), "--epochs", "1",
+    # Given relative to where it starts (as make demo gives data/shards and runs/demo), recorded absolute.
+    result = run_module("service.train", "--shards", os.path.relpath(sample_shards, ROOT),
+                        "--out", os.path.relpath(out, ROOT), "--epochs", "1",
                         "--loader.batch_size", "24", "--log_every", "2", "--eval_views", "10",
                         "--model.bias_init", "0.1", "--http.port", "0", timeout=600)
     history = json.loads((out / "history.json").read_text())
@@ -62,6 +66,11 @@ def test_one_epoch_writes_history_and_curve(sample_shards: Path, tmp_path: Path)
     assert 0 < h["train_loss"] < 10 and 0 <= h["top5_error"] <= h["top1_error"] <= 1
     assert h["images_per_s"] > 0 and 0 <= h["data_share"] <= 1
     assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert json.loads((out / "config.json").read_text())["loader"]["batch_size"] == 24
+    config = json.loads((out / "config.json").read_text())
+    assert config["loader"]["batch_size"] == 24
+    # A relative path meant nothing once read from elsewhere (predict from another directory).
+    assert (config["shards"], config["out"]) == (str(sample_shards), str(out))
+    (checkpoint,) = out.glob("checkpoint-*.pt")
+    assert torch.load(checkpoint, weights_only=True)["config"]["out"] == str(out)
     # 144 training images at batch 24: six logged steps, the last one at 6/6.
     assert "step 6/6" in result.stdout and "10-view" in result.stdout
