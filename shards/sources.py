@@ -16,7 +16,8 @@ class Source:
 
     ``path`` is what a person reads in reports: a file path, or for tar members
     ``outer.tar:inner.tar:member`` (or ``outer.tar:member``).  ``tar``/``offset``/``size``
-    locate the bytes of a tar member inside the outermost tar file on disk.
+    locate the bytes of a tar member inside the outermost tar file on disk; a loose file's
+    ``size`` is its size at the scan (in the resume fingerprint; the whole file is read).
 
     Slotted: ImageNet has 1.33M of these in the parent; without a ``__dict__`` an entry is
     ~190 bytes instead of ~240 (tracemalloc, ImageNet-length paths), most of it the path.

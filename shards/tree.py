@@ -70,7 +70,21 @@ def scan_tree(
             if is_hidden((*rel, name)):
                 inv.ignored.append(path)
             elif path not in skip_files:
-                add_labelled(inv, classes, split, path, label_of(rel, name))
+                add_labelled(inv, classes, split, path, label_of(rel, name), size=file_size(path))
+
+
+def file_size(path: str) -> int:
+    """The size of a loose file at the scan (0 when it cannot be stat'ed: the read says why).
+
+    Why: the journal's fingerprint digests each source's path and size, so a file fixed in
+    place after a run named it (a truncated JPEG copied again, as the skip report asks) changes
+    the fingerprint.  Before, loose files all had size 0: a re-run kept the shards without it,
+    kept its skip and failed the same way, or, on a finished directory, said "nothing to do".
+    """
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
 
 
 def label_by_dir(rel: tuple[str, ...], _name: str) -> Label:
