@@ -9,6 +9,7 @@ from common.config_help import settings_help, wants_help
 from shards.build import Interrupted, OtherDataset, TooManySkipped, build
 from shards.config import ShardConfig
 from shards.layouts import LayoutError
+from shards.outdir import OutDirError
 from shards.workers import WorkerError
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -38,7 +39,7 @@ def main(argv: list[str]) -> int:
         signal.signal(sig, _terminate)
     try:
         build(cfg)
-    except (LayoutError, TooManySkipped, OtherDataset) as exc:
+    except (LayoutError, TooManySkipped, OtherDataset, OutDirError) as exc:
         print(f"shards: error: {exc}", file=sys.stderr)
         return 1
     except WorkerError as exc:

@@ -27,6 +27,7 @@ from shards import stats
 from shards.config import ShardConfig
 from shards.journal import Journal
 from shards.layouts import scan
+from shards.outdir import claimed
 from shards.report import path_bytes, summary
 from shards.sources import Inventory, Source
 from shards.tarwriter import atomic_write_bytes, atomic_write_text, index_of, sha256_file
@@ -255,7 +256,11 @@ class _Job:
         print(f"shards: {cfg.src}: layout {inventory.layout}, {len(inventory.classes)} classes, "
               f"{len(inventory.sources)} images found", flush=True)
         check_same_dataset(cfg, inventory)
-        cfg.out.mkdir(parents=True, exist_ok=True)
+        with claimed(cfg.out):
+            return self._build(inventory, started)
+
+    def _build(self, inventory: Inventory, started: float) -> dict:
+        cfg = self.cfg
         try:
             with Workers(cfg.processes) as workers:
                 with self.phases.phase("resume check", workers):
