@@ -256,7 +256,7 @@ class _Job:
         print(f"shards: {cfg.src}: layout {inventory.layout}, {len(inventory.classes)} classes, "
               f"{len(inventory.sources)} images found", flush=True)
         check_same_dataset(cfg, inventory)
-        with claimed(cfg.out):
+        with claimed(cfg.out, inventory.trees):
             return self._build(inventory, started)
 
     def _build(self, inventory: Inventory, started: float) -> dict:

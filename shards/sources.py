@@ -51,6 +51,7 @@ class Inventory:
     sources: list[Source] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)  # found but unusable (unknown class, unsafe tar member...)
     ignored: list[str] = field(default_factory=list)  # hidden files (.DS_Store, ._*): not images, not counted
+    trees: list[str] = field(default_factory=list)  # directories walked for loose files (--out must stay out)
 
 
 def read_bytes(source: Source) -> bytes:

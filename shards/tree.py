@@ -64,6 +64,7 @@ def scan_tree(
 ) -> None:
     """Add every file under ``top``, labelled by ``label_of(dir parts below top, file name)``."""
     classes = set(inv.classes)
+    inv.trees.append(str(top))
     for dirpath, rel, filenames in walk(top):
         for name in filenames:
             path = os.path.join(dirpath, name)

@@ -22,3 +22,28 @@ def test_a_second_run_into_the_same_out_stops_with_a_line(sample_src: Path, tmp_
     assert first.wait(timeout=120) == 0, "\n".join(first.errors)
     m = contract.load(out, deep=True)
     assert m.splits["train"].samples + m.splits["val"].samples == m.record["written"] > 0
+
+
+def _tiny_src(root: Path) -> Path:
+    from PIL import Image
+
+    for split in ("train", "val"):
+        (root / split / "n00000001").mkdir(parents=True)
+        Image.new("RGB", (300, 300), (10, 200, 30)).save(root / split / "n00000001" / "a.JPEG")
+    return root
+
+
+def test_an_out_that_is_a_file_or_the_image_tree_is_refused_with_a_line(tmp_path: Path) -> None:
+    """--out = a file ended in a FileExistsError traceback; --out = --src wrote the shards among
+    the images, and each re-run counted them as skipped inputs and rebuilt everything."""
+    src = _tiny_src(tmp_path / "src")
+    (tmp_path / "file").write_text("x")
+    for out, says in ((tmp_path / "file", "is a file, not a directory"),
+                      (src, "would write its train/ shards inside"),
+                      (src / "train" / "shards", "would write its train/ shards inside")):
+        done = run_module("shards", "--src", str(src), "--out", str(out), "--workers", "1", check=False)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert says in done.stderr.strip().splitlines()[-1]
+    assert sorted(p.name for p in (src / "train").iterdir()) == ["n00000001"], "nothing was written among the images"
+    beside = run_module("shards", "--src", str(src), "--out", str(src / "shards"), "--workers", "1", check=False)
+    assert beside.returncode == 0, beside.stderr
