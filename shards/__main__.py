@@ -24,6 +24,12 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _os_error(exc: OSError, cfg: ShardConfig) -> str:
+    """An OSError of the parent in one line (it used to be a traceback), naming --out when the
+    error does not name a file (ENOSPC from a write names none)."""
+    return str(exc) if exc.filename else f"{exc} (writing to {cfg.out})"
+
+
 def main(argv: list[str]) -> int:
     if wants_help(argv):
         print(settings_help(ShardConfig, "python -m shards", "Shards an ImageNet layout (--src) into checked, "
@@ -44,6 +50,10 @@ def main(argv: list[str]) -> int:
         return 1
     except WorkerError as exc:
         print(f"shards: error: {exc}; finished shards are kept, re-run the same command to resume", file=sys.stderr)
+        return 1
+    except OSError as exc:  # this process's own writes (journal, statistics, manifest): a full disk, mostly
+        print(f"shards: error: {_os_error(exc, cfg)}; finished shards are kept, re-run the same command to resume",
+              file=sys.stderr)
         return 1
     except Interrupted as exc:
         print(f"shards: {exc}", file=sys.stderr)

@@ -47,3 +47,17 @@ def test_an_out_that_is_a_file_or_the_image_tree_is_refused_with_a_line(tmp_path
     assert sorted(p.name for p in (src / "train").iterdir()) == ["n00000001"], "nothing was written among the images"
     beside = run_module("shards", "--src", str(src), "--out", str(src / "shards"), "--workers", "1", check=False)
     assert beside.returncode == 0, beside.stderr
+
+
+def test_a_write_of_the_sharder_itself_that_fails_ends_in_one_line(tmp_path: Path) -> None:
+    """The parent's own writes (journal, statistics, manifest) failing, as on a full disk, ended
+    in a traceback (the workers' writes already gave one line).  A directory where stats.json
+    goes fails the same way, without a small file system to fill."""
+    src = _tiny_src(tmp_path / "src")
+    out = tmp_path / "out"
+    (out / "stats.json").mkdir(parents=True)
+    done = run_module("shards", "--src", str(src), "--out", str(out), "--workers", "1", check=False)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("shards: error: ") and "stats.json" in line and "re-run the same command" in line
+    assert not list(out.rglob("*.tmp")) and not (out / "manifest.json").exists()
