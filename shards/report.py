@@ -18,6 +18,20 @@ def path_bytes(path: str) -> bytes:
     return path.encode("utf-8", "surrogateescape")
 
 
+def _empty_classes(record: dict) -> list[str]:
+    """A warning for the classes without one training image.  Why: their class folder is empty
+    (an extraction that failed, a copy cut short) or every image in it was skipped; the class
+    keeps its index, so the run succeeds, and the model gets an output it can never learn, which
+    nothing said before."""
+    counts = record["splits"].get("train", {}).get("class_counts", [])
+    empty = [c["wnid"] for c, n in zip(record["classes"], counts) if n == 0]
+    if not empty:
+        return []
+    shown = ", ".join(empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+    return [f"  warning: {len(empty)} of {len(counts)} classes have no training image: {shown} (an empty class "
+            "folder, or every image in it skipped: check the source, then re-run)"]
+
+
 def summary(record: dict, seconds: float) -> str:
     """A few lines for the terminal."""
     lines = [f"shards: {record['inputs']} inputs -> {record['written']} written "
@@ -25,6 +39,7 @@ def summary(record: dict, seconds: float) -> str:
              f"{len(record['ignored'])} hidden files ignored, in {seconds:.1f} s"]
     for name, split in record["splits"].items():
         lines.append(f"  {name}: {split['samples']} samples in {len(split['shards'])} shards")
+    lines += _empty_classes(record)
     for item in record["skipped"][:20]:
         lines.append(f"  skipped {item['path']}: {item['reason']}")
     if len(record["skipped"]) > 20:

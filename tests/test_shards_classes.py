@@ -1,0 +1,30 @@
+"""Classes a real copy can lose on the way: said at the end of the run, not found in training."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+
+from tests.conftest import run_module
+
+A, B, C = "n00000001", "n00000002", "n00000003"
+
+
+def _image(path: Path, shade: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (300, 300), (shade, 100, 50)).save(path, "JPEG")
+
+
+def test_a_class_without_training_images_is_warned_about(tmp_path: Path) -> None:
+    """An empty class folder (a failed extraction) keeps its index, so the run succeeds; the
+    model gets an output it can never learn, and nothing said so."""
+    src = tmp_path / "src"
+    for i, wnid in enumerate((A, B)):
+        _image(src / "train" / wnid / "a.JPEG", 40 * i)
+        _image(src / "val" / wnid / "v.JPEG", 40 * i + 5)
+    (src / "train" / C).mkdir()
+    done = run_module("shards", "--src", str(src), "--out", str(tmp_path / "out"), "--workers", "1")
+    assert f"warning: 1 of 3 classes have no training image: {C}" in done.stdout
+    full = run_module("shards", "--src", str(src), "--out", str(tmp_path / "out2"), "--workers", "1",
+                      "--max_skipped_fraction", "0", check=False)
+    assert "warning" in full.stdout and full.returncode == 0
