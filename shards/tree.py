@@ -88,9 +88,19 @@ def file_size(path: str) -> int:
         return 0
 
 
-def label_by_dir(rel: tuple[str, ...], _name: str) -> Label:
-    """The class of a file in ``<split>/<wnid>/``: its top directory."""
+def label_by_dir(rel: tuple[str, ...], name: str) -> Label:
+    """The class of a file in ``<split>/<wnid>/``: its top directory.
+
+    A ``<wnid>.tar`` beside the class folders is a class archive of ILSVRC2012_img_train.tar
+    left packed, unless its folder is there too: then its class is missing from the class list
+    (every index after it shifts, its val images are skipped as of an unknown class, and below
+    ``max_skipped_fraction`` the run succeeds); the skip says so and what to do.
+    """
     if not rel:
+        stem = name.split(".", 1)[0]
+        if WNID_RE.fullmatch(stem) and name != stem and ".tar" in name[len(stem):]:
+            return None, (f"a class archive, not read: unless {stem}/ beside it holds its images, class {stem} is "
+                          f"missing; extract it into {stem}/ and re-run")
         return None, "not in a class directory"
     return (rel[0], "") if WNID_RE.fullmatch(rel[0]) else (None, "not a class directory")
 

@@ -28,3 +28,23 @@ def test_a_class_without_training_images_is_warned_about(tmp_path: Path) -> None
     full = run_module("shards", "--src", str(src), "--out", str(tmp_path / "out2"), "--workers", "1",
                       "--max_skipped_fraction", "0", check=False)
     assert "warning" in full.stdout and full.returncode == 0
+
+
+def test_a_class_archive_left_packed_says_to_extract_it(tmp_path: Path) -> None:
+    """``tar xf ILSVRC2012_img_train.tar -C train`` gives one <wnid>.tar per class; one left
+    unextracted dropped its class (indices shift) under a reason that did not say why."""
+    import tarfile
+
+    src = tmp_path / "src"
+    for i, wnid in enumerate((A, B, C)):
+        _image(src / "train" / wnid / "a.JPEG", 40 * i)
+        _image(src / "val" / wnid / "v.JPEG", 40 * i + 5)
+    with tarfile.open(src / "train" / f"{C}.tar", "w") as tar:
+        tar.add(src / "train" / C / "a.JPEG", "a.JPEG")
+    for f in (src / "train" / C).iterdir():
+        f.unlink()
+    (src / "train" / C).rmdir()
+    done = run_module("shards", "--src", str(src), "--out", str(tmp_path / "out"), "--workers", "1",
+                      "--max_skipped_fraction", "0.5")
+    assert f"train/{C}.tar: a class archive, not read" in done.stdout
+    assert f"extract it into {C}/ and re-run" in done.stdout
