@@ -120,3 +120,20 @@ def file_labeler(labels: dict[str, str], where: Path, classes: list[str]) -> Lab
         return None, f"label {index} in {where} names no class (there are {len(classes)})"
 
     return label_of
+
+
+def add_unmatched(inv: Inventory, labels: dict[str, str], where: Path, top: Path) -> None:
+    """A skip for each entry of a flat val's label file that no file under ``top`` answered.
+
+    Why: a val download cut short (ImageNet's label files list all 50,000) left fewer val
+    images with nothing said but a smaller count; these entries are inputs the label file
+    promises, so they count as skipped, and past ``max_skipped_fraction`` the run fails.
+    """
+    found: set[str] = set()
+    for entry in (*inv.sources, *inv.skipped):
+        if entry.split == "val":
+            name = os.path.basename(entry.path)
+            found.update((name, os.path.splitext(name)[0]))
+    for name in labels:
+        if name not in found:
+            inv.skipped.append(Skip(os.path.join(top, name), f"labelled in {where} but not found under {top}", "val"))

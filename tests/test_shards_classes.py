@@ -48,3 +48,21 @@ def test_a_class_archive_left_packed_says_to_extract_it(tmp_path: Path) -> None:
                       "--max_skipped_fraction", "0.5")
     assert f"train/{C}.tar: a class archive, not read" in done.stdout
     assert f"extract it into {C}/ and re-run" in done.stdout
+
+
+def test_val_images_a_label_file_lists_but_the_folder_lacks_are_counted(tmp_path: Path) -> None:
+    """A flat val/ missing images its label file (b) or Kaggle solution (c) lists (a download cut
+    short) gave a smaller val split and nothing else; each missing one is now a skip, so the
+    accounting names it and max_skipped_fraction applies."""
+    import tests.layout_fixtures as fx
+    from shards.layouts import scan
+
+    b, c = tmp_path / "b", tmp_path / "c"
+    fx.make_b(b, [f"{name} {w}" for w, name, _ in fx.val_images()])
+    fx.make_c(c)
+    for root, val in ((b, b / "val"), (c, c / "ILSVRC" / "Data" / "CLS-LOC" / "val")):
+        gone = sorted(val.iterdir())[0]
+        gone.unlink()
+        inv = scan(root)
+        assert len(inv.skipped) == 1 and inv.skipped[0].split == "val", inv.skipped
+        assert gone.stem in inv.skipped[0].path and "but not found under" in inv.skipped[0].reason
