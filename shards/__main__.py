@@ -10,6 +10,7 @@ from shards.build import Interrupted, OtherDataset, TooManySkipped, build
 from shards.config import ShardConfig
 from shards.layouts import LayoutError
 from shards.outdir import OutDirError
+from shards.report import NoTrainingImages
 from shards.workers import WorkerError
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -45,7 +46,7 @@ def main(argv: list[str]) -> int:
         signal.signal(sig, _terminate)
     try:
         build(cfg)
-    except (LayoutError, TooManySkipped, OtherDataset, OutDirError) as exc:
+    except (LayoutError, TooManySkipped, OtherDataset, OutDirError, NoTrainingImages) as exc:
         print(f"shards: error: {exc}", file=sys.stderr)
         return 1
     except WorkerError as exc:

@@ -28,7 +28,7 @@ from shards.config import ShardConfig
 from shards.journal import Journal
 from shards.layouts import scan
 from shards.outdir import claimed
-from shards.report import path_bytes, summary
+from shards.report import check_trainable, path_bytes, summary
 from shards.sources import Inventory, Source
 from shards.tarwriter import atomic_write_bytes, atomic_write_text, index_of, sha256_file
 from shards.workers import Workers
@@ -237,6 +237,8 @@ class _Job:
         results = {w.split: w.result for w in self.writers}
         record = _manifest_record(cfg, inventory, results)
         _check_skipped(cfg, record)
+        check_trainable(len(self.writers[0].sources), sum(results["train"].class_counts), cfg.src, cfg.out,
+                        record["skipped"])
         return record, results
 
     def _statistics(self, results: dict[str, SplitResult], workers: Workers) -> stats.PixelMoments:
@@ -256,6 +258,7 @@ class _Job:
         print(f"shards: {cfg.src}: layout {inventory.layout}, {len(inventory.classes)} classes, "
               f"{len(inventory.sources)} images found", flush=True)
         check_same_dataset(cfg, inventory)
+        check_trainable(sum(s.split == "train" for s in inventory.sources), None, cfg.src, cfg.out)
         with claimed(cfg.out, inventory.trees):
             return self._build(inventory, started)
 

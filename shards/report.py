@@ -7,6 +7,29 @@ errors, the default outside the C locale) refuses to print.  Every line goes thr
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+from shards.tarwriter import atomic_write_text
+
+
+class NoTrainingImages(RuntimeError):
+    """Nothing usable in the training split: no statistics, nothing to train on."""
+
+
+def check_trainable(found: int, written: int | None, src: Path, out: Path, skipped: list[dict] = ()) -> None:
+    """Stop with one line when the training split has no image (``found`` at the scan) or none
+    was usable (``written``, after writing).  Why: with every training image skipped (a lenient
+    ``max_skipped_fraction``) or only empty class folders, the run went on to the statistics and
+    ended in a ValueError traceback ("no training shards to compute statistics from")."""
+    if found == 0:
+        raise NoTrainingImages(f"no training image found under {src}: its training class folders are empty; "
+                               "check that the images were extracted into them, then re-run")
+    if written == 0:
+        atomic_write_text(out / "skipped.json", json.dumps(list(skipped), indent=1) + "\n")
+        raise NoTrainingImages(f"none of the {found} training images could be used: every one was skipped, each "
+                               f"with its reason in {out / 'skipped.json'}; fix them, then re-run")
+
 
 def printable(text: str) -> str:
     """``text`` with any undecodable file-name byte shown as ``\\xNN`` (valid UTF-8 in, unchanged out)."""

@@ -66,3 +66,21 @@ def test_val_images_a_label_file_lists_but_the_folder_lacks_are_counted(tmp_path
         inv = scan(root)
         assert len(inv.skipped) == 1 and inv.skipped[0].split == "val", inv.skipped
         assert gone.stem in inv.skipped[0].path and "but not found under" in inv.skipped[0].reason
+
+
+def test_no_usable_training_image_ends_in_one_line(tmp_path: Path) -> None:
+    """Empty training class folders, or every training image skipped under a lenient
+    max_skipped_fraction, went on to the statistics and ended in a ValueError traceback."""
+    src = tmp_path / "src"
+    _image(src / "val" / A / "v.JPEG", 5)
+    (src / "train" / A).mkdir(parents=True)
+    empty = run_module("shards", "--src", str(src), "--out", str(tmp_path / "o1"), "--workers", "1", check=False)
+    assert empty.returncode == 1 and "Traceback" not in empty.stderr, empty.stderr
+    assert "no training image found under" in empty.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "o1").exists(), "nothing was written"
+    (src / "train" / A / "a.JPEG").write_bytes(b"not a jpeg")
+    broken = run_module("shards", "--src", str(src), "--out", str(tmp_path / "o2"), "--workers", "1",
+                        "--max_skipped_fraction", "1", check=False)
+    assert broken.returncode == 1 and "Traceback" not in broken.stderr, broken.stderr
+    assert "none of the 1 training images could be used" in broken.stderr.strip().splitlines()[-1]
+    assert "a.JPEG" in (tmp_path / "o2" / "skipped.json").read_text()
