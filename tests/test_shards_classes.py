@@ -84,3 +84,20 @@ def test_no_usable_training_image_ends_in_one_line(tmp_path: Path) -> None:
     assert broken.returncode == 1 and "Traceback" not in broken.stderr, broken.stderr
     assert "none of the 1 training images could be used" in broken.stderr.strip().splitlines()[-1]
     assert "a.JPEG" in (tmp_path / "o2" / "skipped.json").read_text()
+
+
+def test_a_kaggle_solution_labelling_one_image_twice_differently_names_the_line(tmp_path: Path) -> None:
+    """Two rows for one ImageId with different classes: the later silently won (the flat label
+    file of layout (b) already refused this, naming the line)."""
+    import pytest
+
+    import tests.layout_fixtures as fx
+    from shards.layouts import LayoutError, scan
+
+    fx.make_c(tmp_path)
+    w, name, _ = fx.val_images()[0]
+    other = next(x for x in fx.WNIDS if x != w)
+    with (tmp_path / "LOC_val_solution.csv").open("a") as f:
+        f.write(f"\n{name.removesuffix('.JPEG')},{other} 1 2 3 4\n")
+    with pytest.raises(LayoutError, match=rf"LOC_val_solution\.csv:\d+: {name.removesuffix('.JPEG')} labelled {other}"):
+        scan(tmp_path)
