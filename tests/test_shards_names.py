@@ -50,3 +50,22 @@ def test_names_that_are_not_utf8_are_sharded_and_reported(tmp_path: Path) -> Non
     record = json.loads((out / "manifest.json").read_text())
     assert record["written"] == 5 and record["splits"]["train"]["samples"] == 4
     assert [os.fsencode(s["path"]).endswith(b"empty\xe9.JPEG") for s in record["skipped"]] == [True]
+
+
+def test_an_image_pillow_cannot_convert_is_skipped_not_the_end_of_the_run(tmp_path: Path) -> None:
+    """A LAB TIFF named .JPEG (a scanner's or Photoshop's export): without littlecms, Pillow's
+    conversion to RGB raises ImportError, which went past the skip handling and ended the run,
+    and every re-run, on that one file."""
+    from shards.build import build
+    from shards.config import ShardConfig
+
+    src = tmp_path / "src"
+    _write(src, f"train/{A}/good.JPEG".encode(), _jpeg(1))
+    _write(src, f"val/{A}/good.JPEG".encode(), _jpeg(2))
+    buf = io.BytesIO()
+    Image.new("LAB", (300, 200), (50, 10, 20)).save(buf, "TIFF")
+    _write(src, f"train/{A}/lab.JPEG".encode(), buf.getvalue())
+    record = build(ShardConfig(src=src, out=tmp_path / "out", workers=1, max_skipped_fraction=0.5).validate())
+    assert record["inputs"] == 3 == record["written"] + len(record["skipped"])
+    for skip in record["skipped"]:  # with littlecms it converts; without, it is a skip that says what to do
+        assert skip["path"].endswith("lab.JPEG") and "convert it to an RGB JPEG" in skip["reason"]
