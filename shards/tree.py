@@ -8,6 +8,7 @@ reason it has none, or, for hidden files, ``Inventory.ignored``.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -70,12 +71,18 @@ def scan_tree(
             path = os.path.join(dirpath, name)
             if is_hidden((*rel, name)):
                 inv.ignored.append(path)
-            elif path not in skip_files:
-                add_labelled(inv, classes, split, path, label_of(rel, name), size=file_size(path))
+            elif path in skip_files:
+                continue
+            elif (size := file_size(path)) < 0:
+                inv.skipped.append(Skip(path, "not a regular file (a fifo, device or socket): never read", split))
+            else:
+                add_labelled(inv, classes, split, path, label_of(rel, name), size=size)
 
 
 def file_size(path: str) -> int:
-    """The size of a loose file at the scan (0 when it cannot be stat'ed: the read says why).
+    """The size of a loose file at the scan (0 when it cannot be stat'ed: the read says why;
+    -1 when it is no regular file: a fifo's read waits for a writer for ever, and hung the run;
+    a link to /dev/zero never ends).
 
     Why: the journal's fingerprint digests each source's path and size, so a file fixed in
     place after a run named it (a truncated JPEG copied again, as the skip report asks) changes
@@ -83,9 +90,10 @@ def file_size(path: str) -> int:
     kept its skip and failed the same way, or, on a finished directory, said "nothing to do".
     """
     try:
-        return os.stat(path).st_size
+        st = os.stat(path)
     except OSError:
         return 0
+    return st.st_size if stat.S_ISREG(st.st_mode) else -1
 
 
 def label_by_dir(rel: tuple[str, ...], name: str) -> Label:

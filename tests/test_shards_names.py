@@ -69,3 +69,20 @@ def test_an_image_pillow_cannot_convert_is_skipped_not_the_end_of_the_run(tmp_pa
     assert record["inputs"] == 3 == record["written"] + len(record["skipped"])
     for skip in record["skipped"]:  # with littlecms it converts; without, it is a skip that says what to do
         assert skip["path"].endswith("lab.JPEG") and "convert it to an RGB JPEG" in skip["reason"]
+
+
+def test_a_fifo_or_device_among_the_images_is_skipped_not_read(tmp_path: Path) -> None:
+    """A fifo named like an image hung the run for ever (its read waits for a writer); a link to
+    /dev/zero would read without end.  Neither is opened now."""
+    from tests.shards_proc import Sharder
+
+    src = tmp_path / "src"
+    _write(src, f"train/{A}/good.JPEG".encode(), _jpeg(1))
+    _write(src, f"val/{A}/good.JPEG".encode(), _jpeg(2))
+    os.mkfifo(src / "train" / A / "fifo.JPEG")
+    os.symlink("/dev/zero", src / "train" / A / "zero.JPEG")
+    sharder = Sharder(src, tmp_path / "out", "--workers", "1", "--max_skipped_fraction", "0.9")
+    assert sharder.wait(timeout=60) == 0, "\n".join(sharder.errors)
+    record = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert {Path(s["path"]).name: s["reason"] for s in record["skipped"]} == {
+        name: "not a regular file (a fifo, device or socket): never read" for name in ("fifo.JPEG", "zero.JPEG")}
