@@ -61,3 +61,28 @@ def test_a_write_of_the_sharder_itself_that_fails_ends_in_one_line(tmp_path: Pat
     line = done.stderr.strip().splitlines()[-1]
     assert line.startswith("shards: error: ") and "stats.json" in line and "re-run the same command" in line
     assert not list(out.rglob("*.tmp")) and not (out / "manifest.json").exists()
+
+
+def test_a_finished_directory_on_a_read_only_mount_is_still_reverified(tmp_path: Path) -> None:
+    """The run's lock file cannot be created on a read-only mount; a re-run there (shards shared
+    read-only, re-checked by the same command) said 'nothing to do' before the lock existed and
+    must still, instead of failing on the lock file."""
+    import os
+    import subprocess
+
+    import pytest
+
+    src = _tiny_src(tmp_path / "src")
+    out, mnt = tmp_path / "rw", tmp_path / "ro"
+    run_module("shards", "--src", str(src), "--out", str(out / "o"), "--workers", "1")
+    (out / "o" / ".sharding.lock").unlink()
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "--bind", str(out), str(mnt)], capture_output=True).returncode:
+        pytest.skip("needs root to make a read-only bind mount")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(mnt)], check=True, capture_output=True)
+        done = run_module("shards", "--src", str(src), "--out", str(mnt / "o"), "--workers", "1", check=False)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    assert done.returncode == 0, done.stderr
+    assert "is complete and unchanged; nothing to do" in done.stdout
