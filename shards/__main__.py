@@ -9,6 +9,8 @@ from common.config_help import settings_help, wants_help
 from shards.build import Interrupted, OtherDataset, TooManySkipped, build
 from shards.config import ShardConfig
 from shards.layouts import LayoutError
+from shards.outdir import OutDirError
+from shards.report import NoTrainingImages
 from shards.workers import WorkerError
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -21,6 +23,12 @@ def _terminate(signum: int, frame: object) -> None:
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     raise KeyboardInterrupt
+
+
+def _os_error(exc: OSError, cfg: ShardConfig) -> str:
+    """An OSError of the parent in one line (it used to be a traceback), naming --out when the
+    error does not name a file (ENOSPC from a write names none)."""
+    return str(exc) if exc.filename else f"{exc} (writing to {cfg.out})"
 
 
 def main(argv: list[str]) -> int:
@@ -38,11 +46,15 @@ def main(argv: list[str]) -> int:
         signal.signal(sig, _terminate)
     try:
         build(cfg)
-    except (LayoutError, TooManySkipped, OtherDataset) as exc:
+    except (LayoutError, TooManySkipped, OtherDataset, OutDirError, NoTrainingImages) as exc:
         print(f"shards: error: {exc}", file=sys.stderr)
         return 1
     except WorkerError as exc:
         print(f"shards: error: {exc}; finished shards are kept, re-run the same command to resume", file=sys.stderr)
+        return 1
+    except OSError as exc:  # this process's own writes (journal, statistics, manifest): a full disk, mostly
+        print(f"shards: error: {_os_error(exc, cfg)}; finished shards are kept, re-run the same command to resume",
+              file=sys.stderr)
         return 1
     except Interrupted as exc:
         print(f"shards: {exc}", file=sys.stderr)

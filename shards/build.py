@@ -27,6 +27,8 @@ from shards import stats
 from shards.config import ShardConfig
 from shards.journal import Journal
 from shards.layouts import scan
+from shards.outdir import claimed
+from shards.report import check_trainable, path_bytes, summary
 from shards.sources import Inventory, Source
 from shards.tarwriter import atomic_write_bytes, atomic_write_text, index_of, sha256_file
 from shards.workers import Workers
@@ -105,7 +107,7 @@ def fingerprint(cfg: ShardConfig, split: str, sources: list[Source], classes: li
     """Identifies (inputs, order, settings): a journal from another fingerprint is discarded."""
     digest = hashlib.sha256(json.dumps([split, cfg.output_parameters(), classes, PLAN]).encode())
     for s in sources:
-        digest.update(f"{s.path}\0{s.wnid}\0{s.size}\n".encode())
+        digest.update(path_bytes(f"{s.path}\0{s.wnid}\0{s.size}\n"))
     return digest.hexdigest()
 
 
@@ -140,20 +142,6 @@ def _check_skipped(cfg: ShardConfig, record: dict) -> None:
             f"max_skipped_fraction={cfg.max_skipped_fraction}; most common reasons: {reasons}. Every skipped "
             f"file and its reason is in {report}. Fix or remove them, or raise max_skipped_fraction."
         )
-
-
-def summary(record: dict, seconds: float) -> str:
-    """A few lines for the terminal."""
-    lines = [f"shards: {record['inputs']} inputs -> {record['written']} written "
-             f"({len(record['converted'])} converted), {len(record['skipped'])} skipped, "
-             f"{len(record['ignored'])} hidden files ignored, in {seconds:.1f} s"]
-    for name, split in record["splits"].items():
-        lines.append(f"  {name}: {split['samples']} samples in {len(split['shards'])} shards")
-    for item in record["skipped"][:20]:
-        lines.append(f"  skipped {item['path']}: {item['reason']}")
-    if len(record["skipped"]) > 20:
-        lines.append(f"  ... and {len(record['skipped']) - 20} more (see manifest.json)")
-    return "\n".join(lines)
 
 
 def _kept(phase: str, writers: list[SplitWriter]) -> str:
@@ -249,6 +237,8 @@ class _Job:
         results = {w.split: w.result for w in self.writers}
         record = _manifest_record(cfg, inventory, results)
         _check_skipped(cfg, record)
+        check_trainable(len(self.writers[0].sources), sum(results["train"].class_counts), cfg.src, cfg.out,
+                        record["skipped"])
         return record, results
 
     def _statistics(self, results: dict[str, SplitResult], workers: Workers) -> stats.PixelMoments:
@@ -268,7 +258,12 @@ class _Job:
         print(f"shards: {cfg.src}: layout {inventory.layout}, {len(inventory.classes)} classes, "
               f"{len(inventory.sources)} images found", flush=True)
         check_same_dataset(cfg, inventory)
-        cfg.out.mkdir(parents=True, exist_ok=True)
+        check_trainable(sum(s.split == "train" for s in inventory.sources), None, cfg.src, cfg.out)
+        with claimed(cfg.out, inventory.trees):
+            return self._build(inventory, started)
+
+    def _build(self, inventory: Inventory, started: float) -> dict:
+        cfg = self.cfg
         try:
             with Workers(cfg.processes) as workers:
                 with self.phases.phase("resume check", workers):

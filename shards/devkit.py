@@ -70,7 +70,9 @@ def read_kaggle_solution(path: Path) -> dict[str, str]:
         wnid = row[1].split()[0] if len(row) == 2 and row[1].split() else ""
         if not WNID_RE.fullmatch(wnid):
             raise LabelFileError(f"{path}:{n}: expected '<ImageId>,<wnid> <box...>', got {','.join(row)!r}")
-        labels[row[0].strip()] = wnid
+        image = row[0].strip()
+        if labels.setdefault(image, wnid) != wnid:  # as in read_val_labels: the later row silently won
+            raise LabelFileError(f"{path}:{n}: {image} labelled {wnid} here but {labels[image]} earlier")
     return labels
 
 

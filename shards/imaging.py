@@ -101,11 +101,24 @@ def _to_rgb(img: Image.Image) -> tuple[Image.Image, str | None]:
     return img.convert("RGB"), labels.get(mode, f"{mode} converted to RGB")
 
 
+def _converted(img: Image.Image) -> tuple[Image.Image, str | None]:
+    """``_to_rgb``, with any failure of Pillow's (a mode it cannot convert in this build, such as
+    a LAB TIFF without littlecms: an ImportError) as ``BadImage``.  Why: such an exception went
+    past the worker's skip handling and stopped the whole run, and every re-run, on one file."""
+    try:
+        return _to_rgb(img)
+    except (MemoryError, BadImage):
+        raise
+    except Exception as exc:  # noqa: BLE001 (Pillow raises many types on odd inputs)
+        raise BadImage(f"a {img.mode} image this Pillow cannot convert to RGB ({type(exc).__name__}: {exc}); "
+                       "convert it to an RGB JPEG") from None
+
+
 def prepare(data: bytes, size: int = 256, quality: int = 90) -> Prepared:
     """Decode ``data`` and return the centre ``size`` x ``size`` crop of its short-side resize, as JPEG."""
     img, fmt, source_size = _decode(data, size)
     frames = getattr(img, "n_frames", 1)  # an animated GIF/PNG/WebP: Pillow has decoded its first frame
-    rgb, note = _to_rgb(img)
+    rgb, note = _converted(img)
     changes = (note,) if note else ()
     if frames > 1:
         changes += (f"first of {frames} frames used",)

@@ -36,7 +36,9 @@ from shards.devkit import (
     read_kaggle_solution, read_synset_names, read_val_labels,
 )
 from shards.sources import Inventory, Skip, Source
-from shards.tree import add_labelled, class_dirs, file_labeler, is_hidden, label_by_dir, scan_tree
+from shards.tree import (
+    add_labelled, add_unmatched, class_dirs, file_labeler, is_hidden, label_by_dir, scan_tree,
+)
 
 VAL_LABEL_NAMES = ("val_labels.txt", "val_labels.csv", "val.txt")  # layout (b), in root or val/
 NAME_FILES = ("LOC_synset_mapping.txt", "synset_words.txt")  # optional class names for (a), (b)
@@ -136,8 +138,10 @@ def _scan_b(root: Path, labels: Path | None) -> Inventory:
     label_file = _find_val_labels(root, labels)
     assert label_file is not None  # the probe found it
     inv = _extracted(f"{LAYOUTS[1].name} labelled by {label_file}", root, root / "train", _names_file(root))
-    label_of = file_labeler(read_val_labels(label_file), label_file, inv.classes)
-    scan_tree(inv, root / "val", "val", label_of, skip_files=frozenset({str(label_file)}))
+    labels = read_val_labels(label_file)
+    scan_tree(inv, root / "val", "val", file_labeler(labels, label_file, inv.classes),
+              skip_files=frozenset({str(label_file)}))
+    add_unmatched(inv, labels, label_file, root / "val")
     return inv
 
 
@@ -152,8 +156,9 @@ def _probe_c(root: Path, _labels: Path | None) -> Probe:
 
 def _scan_c(root: Path, _labels: Path | None) -> Inventory:
     inv = _extracted(LAYOUTS[2].name, root, root / KAGGLE / "train", root / KAGGLE_NAMES)
-    solution = root / KAGGLE_SOLUTION
-    scan_tree(inv, root / KAGGLE / "val", "val", file_labeler(read_kaggle_solution(solution), solution, inv.classes))
+    solution, labels = root / KAGGLE_SOLUTION, read_kaggle_solution(root / KAGGLE_SOLUTION)
+    scan_tree(inv, root / KAGGLE / "val", "val", file_labeler(labels, solution, inv.classes))
+    add_unmatched(inv, labels, solution, root / KAGGLE / "val")
     return inv
 
 

@@ -16,7 +16,8 @@ class Source:
 
     ``path`` is what a person reads in reports: a file path, or for tar members
     ``outer.tar:inner.tar:member`` (or ``outer.tar:member``).  ``tar``/``offset``/``size``
-    locate the bytes of a tar member inside the outermost tar file on disk.
+    locate the bytes of a tar member inside the outermost tar file on disk; a loose file's
+    ``size`` is its size at the scan (in the resume fingerprint; the whole file is read).
 
     Slotted: ImageNet has 1.33M of these in the parent; without a ``__dict__`` an entry is
     ~190 bytes instead of ~240 (tracemalloc, ImageNet-length paths), most of it the path.
@@ -50,6 +51,7 @@ class Inventory:
     sources: list[Source] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)  # found but unusable (unknown class, unsafe tar member...)
     ignored: list[str] = field(default_factory=list)  # hidden files (.DS_Store, ._*): not images, not counted
+    trees: list[str] = field(default_factory=list)  # directories walked for loose files (--out must stay out)
 
 
 def read_bytes(source: Source) -> bytes:

@@ -8,6 +8,7 @@ reason it has none, or, for hidden files, ``Inventory.ignored``.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -64,18 +65,50 @@ def scan_tree(
 ) -> None:
     """Add every file under ``top``, labelled by ``label_of(dir parts below top, file name)``."""
     classes = set(inv.classes)
+    inv.trees.append(str(top))
     for dirpath, rel, filenames in walk(top):
         for name in filenames:
             path = os.path.join(dirpath, name)
             if is_hidden((*rel, name)):
                 inv.ignored.append(path)
-            elif path not in skip_files:
-                add_labelled(inv, classes, split, path, label_of(rel, name))
+            elif path in skip_files:
+                continue
+            elif (size := file_size(path)) < 0:
+                inv.skipped.append(Skip(path, "not a regular file (a fifo, device or socket): never read", split))
+            else:
+                add_labelled(inv, classes, split, path, label_of(rel, name), size=size)
 
 
-def label_by_dir(rel: tuple[str, ...], _name: str) -> Label:
-    """The class of a file in ``<split>/<wnid>/``: its top directory."""
+def file_size(path: str) -> int:
+    """The size of a loose file at the scan (0 when it cannot be stat'ed: the read says why;
+    -1 when it is no regular file: a fifo's read waits for a writer for ever, and hung the run;
+    a link to /dev/zero never ends).
+
+    Why: the journal's fingerprint digests each source's path and size, so a file fixed in
+    place after a run named it (a truncated JPEG copied again, as the skip report asks) changes
+    the fingerprint.  Before, loose files all had size 0: a re-run kept the shards without it,
+    kept its skip and failed the same way, or, on a finished directory, said "nothing to do".
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return 0
+    return st.st_size if stat.S_ISREG(st.st_mode) else -1
+
+
+def label_by_dir(rel: tuple[str, ...], name: str) -> Label:
+    """The class of a file in ``<split>/<wnid>/``: its top directory.
+
+    A ``<wnid>.tar`` beside the class folders is a class archive of ILSVRC2012_img_train.tar
+    left packed, unless its folder is there too: then its class is missing from the class list
+    (every index after it shifts, its val images are skipped as of an unknown class, and below
+    ``max_skipped_fraction`` the run succeeds); the skip says so and what to do.
+    """
     if not rel:
+        stem = name.split(".", 1)[0]
+        if WNID_RE.fullmatch(stem) and name != stem and ".tar" in name[len(stem):]:
+            return None, (f"a class archive, not read: unless {stem}/ beside it holds its images, class {stem} is "
+                          f"missing; extract it into {stem}/ and re-run")
         return None, "not in a class directory"
     return (rel[0], "") if WNID_RE.fullmatch(rel[0]) else (None, "not a class directory")
 
@@ -95,3 +128,20 @@ def file_labeler(labels: dict[str, str], where: Path, classes: list[str]) -> Lab
         return None, f"label {index} in {where} names no class (there are {len(classes)})"
 
     return label_of
+
+
+def add_unmatched(inv: Inventory, labels: dict[str, str], where: Path, top: Path) -> None:
+    """A skip for each entry of a flat val's label file that no file under ``top`` answered.
+
+    Why: a val download cut short (ImageNet's label files list all 50,000) left fewer val
+    images with nothing said but a smaller count; these entries are inputs the label file
+    promises, so they count as skipped, and past ``max_skipped_fraction`` the run fails.
+    """
+    found: set[str] = set()
+    for entry in (*inv.sources, *inv.skipped):
+        if entry.split == "val":
+            name = os.path.basename(entry.path)
+            found.update((name, os.path.splitext(name)[0]))
+    for name in labels:
+        if name not in found:
+            inv.skipped.append(Skip(os.path.join(top, name), f"labelled in {where} but not found under {top}", "val"))
