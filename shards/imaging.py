@@ -114,14 +114,26 @@ def _converted(img: Image.Image) -> tuple[Image.Image, str | None]:
                        "convert it to an RGB JPEG") from None
 
 
+def _frame_count(data: bytes) -> int:
+    """How many frames (an animation's, a TIFF's pages) the file holds, of which Pillow decoded the
+    first; 0 when they cannot be counted.  Counted on a second opening of the bytes: counting seeks
+    through the file, which fails on one cut short after its first frame (a TIFF: TypeError) and
+    leaves the image it ran on at another frame, unconvertible."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a damaged later frame's warnings: the note says it
+            return getattr(Image.open(io.BytesIO(data)), "n_frames", 1)
+    except Exception:  # noqa: BLE001 (Pillow raises many types on odd inputs)
+        return 0
+
+
 def prepare(data: bytes, size: int = 256, quality: int = 90) -> Prepared:
     """Decode ``data`` and return the centre ``size`` x ``size`` crop of its short-side resize, as JPEG."""
     img, fmt, source_size = _decode(data, size)
-    frames = getattr(img, "n_frames", 1)  # an animated GIF/PNG/WebP: Pillow has decoded its first frame
     rgb, note = _converted(img)
     changes = (note,) if note else ()
-    if frames > 1:
-        changes += (f"first of {frames} frames used",)
+    if (frames := 1 if fmt == "JPEG" else _frame_count(data)) != 1:
+        changes += (f"first of {frames} frames used" if frames else "first frame used, the rest unreadable",)
     w, h = rgb.size
     side = min(w, h)
     left, top = (w - side) / 2, (h - side) / 2

@@ -163,3 +163,16 @@ def test_an_animation_is_its_first_frame_and_says_so(fmt: str) -> None:
     assert "first of 3 frames used" in prepared.changes and prepared.note.startswith(f"{fmt} file re-encoded as JPEG")
     red = np.asarray(Image.open(io.BytesIO(prepared.jpeg)), dtype=np.int16).reshape(-1, 3).mean(axis=0)
     assert red[0] > 250 and red[1] < 5 and red[2] < 5, red
+
+
+def test_a_multi_page_tiff_cut_short_after_its_first_page_is_that_page() -> None:
+    """Counting the pages of a TIFF cut short raised TypeError ('Missing dimensions') out of the
+    worker, and left the decoded image unconvertible; its first page is whole and is used."""
+    from shards.imaging import prepare
+
+    rng = np.random.default_rng(0)
+    pages = [Image.fromarray(rng.integers(0, 255, (300, 300, 3), dtype=np.uint8)) for _ in range(3)]
+    buf = io.BytesIO()
+    pages[0].save(buf, "TIFF", save_all=True, append_images=pages[1:])
+    prepared = prepare(buf.getvalue()[:int(len(buf.getvalue()) * 0.45)])
+    assert prepared.changes == ("first frame used, the rest unreadable",)
