@@ -139,10 +139,23 @@ def _scan_b(root: Path, labels: Path | None) -> Inventory:
     assert label_file is not None  # the probe found it
     inv = _extracted(f"{LAYOUTS[1].name} labelled by {label_file}", root, root / "train", _names_file(root))
     labels = read_val_labels(label_file)
+    _check_indices(labels, label_file, inv.classes)
     scan_tree(inv, root / "val", "val", file_labeler(labels, label_file, inv.classes),
               skip_files=frozenset({str(label_file)}))
     add_unmatched(inv, labels, label_file, root / "val")
     return inv
+
+
+def _check_indices(labels: dict[str, str], label_file: Path, classes: list[str]) -> None:
+    """Refuse class-index labels counting more classes than train/ holds.  Why: an index is a
+    position in the full sorted class list, so with one class folder missing (a failed
+    extraction) every label after it named the next class, silently; only the last index was
+    out of range, and skipped as one bad file."""
+    top = max((int(t) for t in labels.values() if t.isdigit()), default=-1)
+    if top >= len(classes):
+        raise LayoutError(f"{label_file}: class index {top} but train/ holds {len(classes)} classes: an index counts "
+                          "the full sorted class list, so with a class folder missing every later label would name "
+                          "the wrong class; restore the missing class folder(s) or label val by wnid")
 
 
 def _probe_c(root: Path, _labels: Path | None) -> Probe:

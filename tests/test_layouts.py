@@ -105,15 +105,11 @@ def test_layout_b_label_file_in_val_dir_is_not_an_image(tmp_path: Path) -> None:
 
 def test_layout_b_explicit_labels_and_unlabelled_images(tmp_path: Path) -> None:
     images = fx.val_images()
-    lines = [f"{name} {w}" for w, name, _ in images[1:]] + ["ILSVRC2012_val_00000099.JPEG 7"]
+    lines = [f"{name} {w}" for w, name, _ in images[1:]]
     expected = fx.make_b(tmp_path, lines, label_path="elsewhere/my_labels")
     first = str(tmp_path / "val" / images[0][1])
     del expected[first]
-    no_class = "label 7 in {} names no class (there are 3)"
-    extra = {
-        fx.write(tmp_path / "val/ILSVRC2012_val_00000099.JPEG", fx.jpeg(9)): no_class,
-        fx.write(tmp_path / "val" / "unknown.JPEG", fx.jpeg(10)): f"unknown class {fx.UNKNOWN}",
-    }
+    extra = {fx.write(tmp_path / "val" / "unknown.JPEG", fx.jpeg(10)): f"unknown class {fx.UNKNOWN}"}
     with (tmp_path / "elsewhere" / "my_labels").open("a") as f:
         f.write(f"unknown.JPEG {fx.UNKNOWN}\n")
     labels = tmp_path / "elsewhere" / "my_labels"
@@ -122,6 +118,16 @@ def test_layout_b_explicit_labels_and_unlabelled_images(tmp_path: Path) -> None:
     inv = scan(tmp_path, val_labels=labels)
     assert {s.path for s in inv.sources} == set(expected)
     assert skip_reasons(inv) == {first: f"no label in {labels}"} | {str(p): r.format(labels) for p, r in extra.items()}
+
+
+def test_layout_b_class_indices_past_the_train_classes_refuse_the_label_file(tmp_path: Path) -> None:
+    """Caffe's val.txt labels by position in the sorted class list: with a class folder missing,
+    every later index named the next class, silently (only the last index was skipped)."""
+    images = fx.val_images()
+    fx.make_b(tmp_path, [f"{name} {SORTED.index(w)}" for w, name, _ in images] + ["ILSVRC2012_val_00000099.JPEG 3"])
+    with pytest.raises(LayoutError, match=r"val\.txt: class index 3 but train/ holds 3 classes: .* restore the "
+                                          r"missing class folder\(s\) or label val by wnid"):
+        scan(tmp_path)
 
 
 def test_layout_b_header_line_names_file_and_line(tmp_path: Path) -> None:
