@@ -7,6 +7,7 @@ extracted), so the workers that decode images only need ``read_bytes``.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 
@@ -54,14 +55,33 @@ class Inventory:
     trees: list[str] = field(default_factory=list)  # directories walked for loose files (--out must stay out)
 
 
+# Far past any photo (ImageNet's largest file is a few tens of MB; 200 Mpx, the pixel cap of
+# ``shards.imaging``, as a bare 24-bit BMP is 600 MB).  Read whole, a bigger file (a video or a disk
+# image dropped among the images) could take a worker's memory and stop every re-run on it.
+MAX_INPUT_BYTES = 1 << 30
+
+
+class TooLarge(OSError):
+    """An input over ``MAX_INPUT_BYTES``: never read."""
+
+
 def read_bytes(source: Source) -> bytes:
-    """The encoded bytes of ``source``, from its file or from its byte range in a tar."""
+    """The encoded bytes of ``source``, from its file or from its byte range in a tar
+    (``TooLarge`` past ``MAX_INPUT_BYTES``, before any is read)."""
     if source.tar is None:
         with open(source.path, "rb") as f:
+            _check_size(os.fstat(f.fileno()).st_size)
             return f.read()
+    _check_size(source.size)
     with open(source.tar, "rb") as f:
         f.seek(source.offset)
         data = f.read(source.size)
     if len(data) != source.size:
         raise OSError(f"{source.path}: tar member is truncated ({len(data)} of {source.size} bytes)")
     return data
+
+
+def _check_size(size: int) -> None:
+    if size > MAX_INPUT_BYTES:
+        raise TooLarge(f"{size / 2**30:.1f} GiB, too large to be a photo (the limit is {MAX_INPUT_BYTES >> 30} GiB); "
+                       "remove it from the image folders")

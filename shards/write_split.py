@@ -27,7 +27,7 @@ from common.progress import progress
 from shards.config import ShardConfig
 from shards.imaging import BadImage, prepare
 from shards.journal import Journal, Verifier
-from shards.sources import Source, read_bytes
+from shards.sources import Source, TooLarge, read_bytes
 from shards.tarwriter import Serialized, ShardWriter, Written, publish, serialize, tar_overhead
 from shards.workers import Workers, checkpoint
 
@@ -89,7 +89,7 @@ def _encode(run: Run, position: int, row: Row) -> tuple[Serialized | None, str |
     source = Source(run.split, enc.classes[label], path, tar, offset, size)
     try:
         prepared = prepare(read_bytes(source), enc.size, enc.quality)
-    except BadImage as exc:
+    except (BadImage, TooLarge) as exc:
         return None, str(exc)
     except OSError as exc:
         return None, f"cannot read ({exc})"

@@ -86,3 +86,20 @@ def test_a_fifo_or_device_among_the_images_is_skipped_not_read(tmp_path: Path) -
     record = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert {Path(s["path"]).name: s["reason"] for s in record["skipped"]} == {
         name: "not a regular file (a fifo, device or socket): never read" for name in ("fifo.JPEG", "zero.JPEG")}
+
+
+def test_a_file_too_large_to_be_a_photo_is_skipped_unread(tmp_path: Path) -> None:
+    """A multi-GB file among the images (a video, a disk image) was read whole into a worker's
+    memory; it is now a skip saying why, and never read (the file here is sparse)."""
+    from shards.build import build
+    from shards.config import ShardConfig
+    from shards.sources import MAX_INPUT_BYTES
+
+    src = tmp_path / "src"
+    _write(src, f"train/{A}/good.JPEG".encode(), _jpeg(1))
+    _write(src, f"val/{A}/good.JPEG".encode(), _jpeg(2))
+    with open(src / "train" / A / "movie.JPEG", "wb") as f:
+        f.truncate(MAX_INPUT_BYTES + 1)
+    record = build(ShardConfig(src=src, out=tmp_path / "out", workers=1, max_skipped_fraction=0.5).validate())
+    assert record["written"] == 2 and [(Path(s["path"]).name, s["reason"]) for s in record["skipped"]] == [
+        ("movie.JPEG", "1.0 GiB, too large to be a photo (the limit is 1 GiB); remove it from the image folders")]
