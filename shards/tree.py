@@ -109,6 +109,9 @@ def label_by_dir(rel: tuple[str, ...], name: str) -> Label:
         if WNID_RE.fullmatch(stem) and name != stem and ".tar" in name[len(stem):]:
             return None, (f"a class archive, not read: unless {stem}/ beside it holds its images, class {stem} is "
                           f"missing; extract it into {stem}/ and re-run")
+        if name.startswith("ILSVRC2012_val_"):  # beside val's class folders: a valprep.sh cut short
+            return None, ("a val image not sorted into its class folder: finish sorting val/ (valprep.sh), or move "
+                          "the class folders' images back and give a label file (--val_labels)")
         return None, "not in a class directory"
     return (rel[0], "") if WNID_RE.fullmatch(rel[0]) else (None, "not a class directory")
 

@@ -51,13 +51,17 @@ def test_layout_a_hidden_unknown_and_stray_files(tmp_path: Path) -> None:
     stray = fx.write(tmp_path / "train" / "misc" / "c.JPEG", fx.jpeg(1))
     loose = fx.write(tmp_path / "train" / "d.JPEG", fx.jpeg(2))
     unknown = fx.write(tmp_path / "val" / fx.UNKNOWN / "e.JPEG", fx.jpeg(3))
+    unsorted = fx.write(tmp_path / "val" / "ILSVRC2012_val_00000042.JPEG", fx.jpeg(4))  # valprep.sh cut short
     (tmp_path / "train" / "n05000005").mkdir()  # an empty class still takes an index
     inv = scan(tmp_path)
     assert inv.classes == sorted(SORTED + ["n05000005"])
     assert {s.path: (s.split, s.wnid) for s in inv.sources} == {p: e[:2] for p, e in expected.items()}
     assert sorted(inv.ignored) == inv.ignored == sorted(map(str, hidden))
     assert skip_reasons(inv) == {str(stray): "not a class directory", str(loose): "not in a class directory",
-                                 str(unknown): f"unknown class {fx.UNKNOWN}"}
+                                 str(unknown): f"unknown class {fx.UNKNOWN}",
+                                 str(unsorted): "a val image not sorted into its class folder: finish sorting val/ "
+                                 "(valprep.sh), or move the class folders' images back and give a label file "
+                                 "(--val_labels)"}
 
 
 def test_layout_a_follows_symlinked_class_dirs_without_looping(tmp_path: Path) -> None:
