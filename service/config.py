@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from common.config import COMMAND_LINE_ONLY
 from common.cuda import CudaSync
@@ -21,6 +21,10 @@ from model.lrn import LrnImpl
 from model.step import CAN_TRACE_BACKWARD, CompileMode, TraceBackward
 from pipeline.config import LoaderConfig
 
+LayoutSetting = Literal["grouped", "towers", "auto"]  # model.alexnet.Layout, or "auto" (resolved at start)
+Autocast = Literal["none", "bfloat16", "float16"]
+LrScaling = Literal["linear", "sqrt", "none"]
+
 
 @dataclass(frozen=True)
 class ModelSettings:
@@ -28,11 +32,11 @@ class ModelSettings:
 
     # "grouped" (one device), "towers" (one tower per device) or "auto": towers when a single
     # process (not torchrun) sees two GPUs, grouped otherwise (the paper's two GPUs when there are two).
-    layout: str = "grouped"
+    layout: LayoutSetting = "grouped"
     devices: tuple[str, ...] = ()  # towers: (device_a, device_b); empty = cuda:0,cuda:1 or the run's device twice
     bias_init: float = 1.0  # the paper's non-zero bias; Caffe's 0.1 avoids a long flat start
     dropout: float = 0.5
-    autocast: str = "none"  # "none" | "bfloat16" | "float16" (float16 adds a GradScaler)
+    autocast: Autocast = "none"  # float16 adds a GradScaler
     channels_last: bool = False
     # "off"; "model": nn.Module.compile (forward and its backward; the optimizer eager; evaluation
     # recompiles); "step": model.step, the whole training step (forward, backward, update) as one
@@ -65,10 +69,10 @@ class OptimSettings:
     # at 128), and N ranks make a global batch N times larger.  "linear" multiplies lr by N
     # (Goyal et al. 2017), "sqrt" by sqrt(N) (Krizhevsky 2014's argument from the gradient's
     # noise), "none" keeps it.  One process: factor 1 whatever the rule (the paper's recipe).
-    lr_scaling: str = "linear"
+    lr_scaling: LrScaling = "linear"
 
 
-LR_SCALING = ("linear", "sqrt", "none")
+LR_SCALING = get_args(LrScaling)
 
 
 def lr_factor(optim: OptimSettings, ranks: int) -> float:
@@ -154,13 +158,13 @@ OPERATIONAL = frozenset({
     "checkpoint", "http", "data", "debug",
 })
 
-LAYOUTS = ("grouped", "towers", "auto")
+LAYOUTS = get_args(LayoutSetting)
 # The seed is 0 .. 2**32 - 1, what every seeded library takes; the service derives per-rank and
 # per-device seeds by adding offsets (rank * 1_000_003), which stay far below torch's 2**64 limit.
 MAX_SEED = 2**32 - 1
 # The optimizer keeps its hyperparameters as float32: a larger value does not convert.
 FLOAT32_MAX = 3.4028234663852886e38
-AUTOCAST = ("none", "bfloat16", "float16")
+AUTOCAST = get_args(Autocast)
 
 
 def validate(cfg: TrainConfig) -> list[str]:
