@@ -169,8 +169,9 @@ class CompiledEval(nn.Module):
     images (the evaluation batch times its views), so the epoch's last, shorter batch does not
     recompile.  It is a separate compiled function from :class:`CompiledStep`'s, so evaluating
     never invalidates the training graph (compiling the model itself, ``nn.Module.compile``,
-    recompiles when it switches between training and evaluation: one stall per run, measured
-    38 s on an H200).  Pass it to ``model.evaluate`` in place of the model."""
+    recompiles when it switches between training and evaluation, as it does for a batch of another
+    size: the epoch's short last batch made one 38-s log window on an H200, docs/benchmarks.md
+    "GPU numbers").  Pass it to ``model.evaluate`` in place of the model."""
 
     def __init__(self, model: nn.Module, batch_size: int, *, mode: CompileMode = "default", compile: bool = True):
         super().__init__()

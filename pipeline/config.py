@@ -7,16 +7,17 @@ from dataclasses import dataclass, replace
 from typing import Literal, get_args
 
 # Batches DALI prepares ahead.  Each is a whole output batch held in memory (128 x 3 x 224 x 224
-# float32: 77 MB, per pipeline); 4 is the deepest measured (docs/benchmarks.md), and gains stop
-# once the queue covers the decode's jitter.  16 leaves room to experiment; 100000 asked for
-# terabytes and the process died of it.
+# float32: 77 MB, per pipeline); 4 is the deepest measured (docs/benchmarks.md "GPU numbers",
+# run 3), and gains stop once the queue covers the decode's jitter.  16 leaves room to
+# experiment; 100000 asked for terabytes and the process died of it.
 MAX_PREFETCH = 16
 # DALI CPU threads per pipeline (a rank has two: training and evaluation).  Each decodes and
 # augments one sample at a time, so threads beyond the usable cores only take turns on them (the
-# default, 0, is one per core; docs/benchmarks.md's best on 16 cores used 8-16).  1024 is above the
-# hardware threads of today's largest two-socket machines (2 x 192 cores x SMT 2 = 768), and a
-# whole epoch ran with it on 2 cores.  100000 aborted inside DALI's thread pool (exit 134,
-# "terminate called without an active exception", no line naming the key).
+# default, 0, is one per core; docs/benchmarks.md "GPU numbers": 8 threads with prefetch 4 beat
+# 16 on 16 cores, one run each).  1024 is above the hardware threads of today's largest
+# two-socket machines (2 x 192 cores x SMT 2 = 768), and a whole epoch ran with it on 2 cores.
+# 100000 aborted inside DALI's thread pool (exit 134, "terminate called without an active
+# exception", no line naming the key).
 MAX_THREADS = 1024
 Normalize = Literal["mean_image", "channel"]
 Dtype = Literal["float32", "float16", "bfloat16"]
