@@ -24,6 +24,7 @@ from service.config import FLOAT32_MAX, ModelSettings, TrainConfig, lr_factor
 from service.data_errors import diagnose
 from service.dist import Ranks, core_share
 from service.errors import EXIT_CONFIG, DataError, ServiceError
+from service.rng import torch_seed
 from shards.manifest import Manifest, ManifestError
 
 if TYPE_CHECKING:
@@ -190,7 +191,7 @@ def build(cfg: TrainConfig, ranks: Ranks, manifest: Manifest, exclude: Collectio
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
         torch.backends.cudnn.benchmark_limit = cfg.model.cudnn_benchmark_limit
     if ranks.rank:  # the same initial weights everywhere, but each rank its own dropout draws
-        torch.manual_seed(cfg.seed + 1_000_003 * ranks.rank)
+        torch.manual_seed(torch_seed(cfg.seed, ranks.rank))
     o = cfg.optim
     global_batch = cfg.loader.batch_size * ranks.world_size
     scale = lr_factor(o, ranks.world_size)

@@ -160,7 +160,7 @@ OPERATIONAL = frozenset({
 
 LAYOUTS = get_args(LayoutSetting)
 # The seed is 0 .. 2**32 - 1, what every seeded library takes; the service derives per-rank and
-# per-device seeds by adding offsets (rank * 1_000_003), which stay far below torch's 2**64 limit.
+# per-device seeds by adding offsets (service.rng.torch_seed), which stay far below torch's 2**64 limit.
 MAX_SEED = 2**32 - 1
 # The optimizer keeps its hyperparameters as float32: a larger value does not convert.
 FLOAT32_MAX = 3.4028234663852886e38
