@@ -104,8 +104,7 @@ def start(cfg: TrainConfig, manifest: contract.Manifest, ranks: Ranks, metrics: 
         raise DataError(str(exc)) from None
     check_fits_data(cfg, manifest, excluded, ranks)
     ident = identity(cfg, data_fingerprint(manifest.record))
-    parts = build(cfg, ranks, manifest, excluded)
-    parts.shard_check = check
+    parts = build(cfg, ranks, manifest, excluded, shard_check=check)
     run_id = f"{cfg.out.resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"
     trainer = Trainer(parts, ranks, manifest, ident, run_id, metrics, board, log, stop)
     found = trainer.resume()  # rank 0 chooses the file, every rank restores it (service.checkpointer)

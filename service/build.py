@@ -180,11 +180,11 @@ def steps_for(cfg: TrainConfig, model: torch.nn.Module, trainable: torch.nn.Modu
 
 
 def build(cfg: TrainConfig, ranks: Ranks, manifest: Manifest, exclude: Collection[str] = (),
-          loaders: bool = True) -> Parts:
+          loaders: bool = True, shard_check: ShardCheck | None = None) -> Parts:
     """Model, optimizer, schedule, scaler and loaders of a resolved ``cfg``; the loaders leave
-    out the tars named in ``exclude`` (shards found corrupt).  ``loaders=False``: none (``None``),
-    for measuring the step alone (``bench.sweep_child``) without two DALI pipelines' threads,
-    memory and decoder state beside it."""
+    out the tars named in ``exclude`` (shards found corrupt, by ``shard_check``, which the loop
+    polls).  ``loaders=False``: none (``None``), for measuring the step alone
+    (``bench.sweep_child``) without two DALI pipelines' threads, memory and decoder state beside it."""
     model = build_model(cfg, manifest.num_classes)
     devices = sorted({p.device for p in model.parameters()}, key=str)
     if any(d.type == "cuda" for d in devices):
@@ -215,7 +215,7 @@ def build(cfg: TrainConfig, ranks: Ranks, manifest: Manifest, exclude: Collectio
         if loaders else None
     trainable = ranks.wrap(model, device, compiled=cfg.model.compile != "off")
     return Parts(cfg, device, devices, model, trainable, optimizer, schedule, scaler, train, val,
-                 manifest.num_classes, lr_rule, scale)
+                 manifest.num_classes, lr_rule, scale, shard_check)
 
 
 def _loader(manifest: Manifest, split: str, make):
