@@ -20,6 +20,7 @@ from model.alexnet import INPUT_SIDES, InputChannels
 from model.lrn import LrnImpl
 from model.step import CAN_TRACE_BACKWARD, CompileMode, TraceBackward
 from pipeline.config import LoaderConfig
+from shards.config import ShardConfig
 
 LayoutSetting = Literal["grouped", "towers", "auto"]  # model.alexnet.Layout, or "auto" (resolved at start)
 Autocast = Literal["none", "bfloat16", "float16"]
@@ -124,7 +125,7 @@ class DebugSettings:
 class TrainConfig:
     """One training run."""
 
-    shards: Path = Path("data/shards")
+    shards: Path = ShardConfig.out  # where make shards writes by default
     out: Path = Path("runs/default")
     epochs: int = 90
     device: str = "auto"  # "auto" = cuda:<LOCAL_RANK> when present, else cpu
