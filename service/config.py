@@ -20,6 +20,7 @@ from model.alexnet import INPUT_SIDES, InputChannels
 from model.lrn import LrnImpl
 from model.step import CAN_TRACE_BACKWARD, CompileMode, TraceBackward
 from pipeline.config import LoaderConfig
+from pipeline.views import VIEW_COUNTS
 from shards.config import ShardConfig
 
 LayoutSetting = Literal["grouped", "towers", "auto"]  # model.alexnet.Layout, or "auto" (resolved at start)
@@ -177,7 +178,8 @@ def validate(cfg: TrainConfig) -> list[str]:
             problems.append(message)
 
     need(cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}")
-    need(cfg.eval_views in (1, 10), f"eval_views must be 1 or 10, got {cfg.eval_views}")
+    need(cfg.eval_views in VIEW_COUNTS,
+         f"eval_views must be {' or '.join(map(str, VIEW_COUNTS))}, got {cfg.eval_views}")
     need(cfg.log_every >= 1, f"log_every must be >= 1, got {cfg.log_every}")
     need(device_name_ok(cfg.device), f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     need(0 <= cfg.seed <= MAX_SEED, f"seed must be in 0..{MAX_SEED}, got {cfg.seed}")
