@@ -47,6 +47,7 @@ from bench.record import finish, header
 from pipeline import LoaderConfig
 from pipeline.reference import build_reference_loader
 from shards.manifest import load
+from shards.config import ShardConfig
 
 
 def rate(stream: Iterator[int], images: int, warmup: int) -> tuple[float, float]:
@@ -109,7 +110,7 @@ def measure_all(args: argparse.Namespace) -> tuple[dict[str, list[float]], dict[
 def main(argv: Iterable[str] | None = None) -> dict:
     """Run the benchmark; print the table; write REPORT (.json) and a PNG chart next to it."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shards", type=Path, default=Path("data/shards"))
+    parser.add_argument("--shards", type=Path, default=ShardConfig.out)
     parser.add_argument("--report", type=Path, default=Path("bench/pipeline.json"))
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--images", type=int, default=3072, help="images per timed run")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from bench.charts import bars
 from bench.record import finish, header
+from shards.config import ShardConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +51,7 @@ def run_ranks(shards: Path, ranks: int, global_batch: int, threads: int, work: P
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shards", type=Path, default=Path("data/shards"))
+    p.add_argument("--shards", type=Path, default=ShardConfig.out)
     p.add_argument("--report", type=Path, default=Path("bench/scaling.json"))
     p.add_argument("--ranks", type=int, default=2, help="compared with 1 rank")
     p.add_argument("--global-batch", type=int, default=32)

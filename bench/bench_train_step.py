@@ -25,6 +25,7 @@ from bench.record import finish, header
 from model import AlexNet, PaperSGD, train_step
 from pipeline import LoaderConfig, build_train_loader
 from shards.manifest import load
+from shards.config import ShardConfig
 
 
 def _sync(device: torch.device) -> None:
@@ -52,7 +53,7 @@ def timed(steps: int, batches, model, opt, device: torch.device, autocast) -> fl
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shards", type=Path, default=Path("data/shards"))
+    p.add_argument("--shards", type=Path, default=ShardConfig.out)
     p.add_argument("--report", type=Path, default=Path("bench/train_step.json"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=32)

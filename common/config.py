@@ -206,7 +206,8 @@ def load_config(cls: type[T], toml_path: Path | str | None = None, overrides: li
     if toml_path is not None:
         path = Path(toml_path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+            raise ConfigError(f"config file {path} does not exist (or is not a file): "
+                              "pass an existing one with --config")
         config = _merge(cls, config, _read_toml(path), str(path), file=True)
     if overrides:
         config = _merge(cls, config, _overrides_to_table(overrides), "command line")

@@ -14,7 +14,7 @@ so a checkpoint moves between layouts with plain ``load_state_dict``.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -158,12 +158,10 @@ class AlexNet(nn.Module):
         input_channels: InputChannels = 3,
     ) -> None:
         super().__init__()
-        if layout not in ("grouped", "towers"):
-            raise ValueError(f"layout must be 'grouped' or 'towers', got {layout!r}")
-        if lrn not in ("torch", "window_sum"):
-            raise ValueError(f"lrn must be 'torch' or 'window_sum', got {lrn!r}")
-        if input_channels not in (3, 4):
-            raise ValueError(f"input_channels must be 3 or 4, got {input_channels!r}")
+        for name, value, kind in (("layout", layout, Layout), ("lrn", lrn, LrnImpl),
+                                  ("input_channels", input_channels, InputChannels)):
+            if value not in get_args(kind):
+                raise ValueError(f"{name} must be {' or '.join(map(repr, get_args(kind)))}, got {value!r}")
         self.input_channels = input_channels
         self.layout: Layout = layout
         self.dropout = dropout

@@ -24,8 +24,11 @@ class PlateauSchedule:
         max_drops: int = 3,
         min_delta: float = 0.0,
     ) -> None:
-        if patience < 1 or not 0 < factor < 1 or max_drops < 0 or min_delta < 0:
-            raise ValueError("need patience >= 1, 0 < factor < 1, max_drops >= 0, min_delta >= 0")
+        for ok, rule, value in ((patience >= 1, "patience >= 1", patience), (0 < factor < 1, "0 < factor < 1", factor),
+                                (max_drops >= 0, "max_drops >= 0", max_drops),
+                                (min_delta >= 0, "min_delta >= 0", min_delta)):
+            if not ok:
+                raise ValueError(f"PlateauSchedule needs {rule}, got {value}")
         self.optimizer = optimizer
         self.patience, self.factor, self.max_drops, self.min_delta = patience, factor, max_drops, min_delta
         self.best = math.inf

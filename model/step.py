@@ -2,17 +2,18 @@
 update, under ``torch.compile``.
 
 Why: compiling the model alone (``nn.Module.compile``) doubled the H200's rate (8.2k -> 15.5k
-images/s at batch 128) but left the optimizer eager (four passes over 244 MB of float32 weights,
-velocities and gradients per step) and the backward and the update as separate launches;
-compiled together, inductor fuses the update into the gradient computation's last kernels and
-``mode="reduce-overhead"`` can replay the whole step as CUDA graphs.  With torch >= 2.13 Dynamo
-traces ``loss.backward()`` into the same graph (``trace_autograd_ops``); older versions break the
-graph there and compile the forward (with its backward, by AOTAutograd) and the update apart.
-``trace_backward="auto"`` gates it on the version, not on the flag: torch 2.11 (the GPU machines'
-PyTorch so far) already has the flag, and the traced backward passes the compiled-equals-eager
-test there on the CPU (``tests/test_model_step.py`` runs it with "on" on every version that has
-the flag), but the graph break is torch.compile's long-standing path; "on" traces it wherever
-the flag exists (a lever of ``make gpu-check``'s sweep), "off" always breaks.
+images/s at batch 128: docs/benchmarks.md "GPU numbers", ``bench/gpu/model.json``) but left the
+optimizer eager (four passes over 244 MB of float32 weights, velocities and gradients per step) and
+the backward and the update as separate launches; compiled together, inductor fuses the update into
+the gradient computation's last kernels and ``mode="reduce-overhead"`` can replay the whole step as
+CUDA graphs.  With torch >= 2.13 Dynamo traces ``loss.backward()`` into the same graph
+(``trace_autograd_ops``); older versions break the graph there and compile the forward (with its
+backward, by AOTAutograd) and the update apart.  ``trace_backward="auto"`` gates it on the version,
+not on the flag: torch 2.11 (the GPU machines' PyTorch so far) already has the flag, and the traced
+backward passes the compiled-equals-eager test there on the CPU (``tests/test_model_step.py`` runs
+it with "on" on every version that has the flag), but the graph break is torch.compile's
+long-standing path; "on" traces it wherever the flag exists (a lever of ``make gpu-check``'s sweep),
+"off" always breaks.
 
 What would recompile, and does not (``tests/test_model_step.py`` counts Dynamo's graphs):
 
@@ -169,8 +170,9 @@ class CompiledEval(nn.Module):
     images (the evaluation batch times its views), so the epoch's last, shorter batch does not
     recompile.  It is a separate compiled function from :class:`CompiledStep`'s, so evaluating
     never invalidates the training graph (compiling the model itself, ``nn.Module.compile``,
-    recompiles when it switches between training and evaluation: one stall per run, measured
-    38 s on an H200).  Pass it to ``model.evaluate`` in place of the model."""
+    recompiles when it switches between training and evaluation, as it does for a batch of another
+    size: the epoch's short last batch made one 38-s log window on an H200, docs/benchmarks.md
+    "GPU numbers").  Pass it to ``model.evaluate`` in place of the model."""
 
     def __init__(self, model: nn.Module, batch_size: int, *, mode: CompileMode = "default", compile: bool = True):
         super().__init__()

@@ -6,20 +6,21 @@ import os
 from dataclasses import dataclass, replace
 from typing import Literal, get_args
 
-NORMALIZE_MODES = ("mean_image", "channel")
 # Batches DALI prepares ahead.  Each is a whole output batch held in memory (128 x 3 x 224 x 224
-# float32: 77 MB, per pipeline); 4 is the deepest measured (docs/benchmarks.md), and gains stop
-# once the queue covers the decode's jitter.  16 leaves room to experiment; 100000 asked for
-# terabytes and the process died of it.
+# float32: 77 MB, per pipeline); 4 is the deepest measured (docs/benchmarks.md "GPU numbers",
+# run 3), and gains stop once the queue covers the decode's jitter.  16 leaves room to
+# experiment; 100000 asked for terabytes and the process died of it.
 MAX_PREFETCH = 16
 # DALI CPU threads per pipeline (a rank has two: training and evaluation).  Each decodes and
 # augments one sample at a time, so threads beyond the usable cores only take turns on them (the
-# default, 0, is one per core; docs/benchmarks.md's best on 16 cores used 8-16).  1024 is above the
-# hardware threads of today's largest two-socket machines (2 x 192 cores x SMT 2 = 768), and a
-# whole epoch ran with it on 2 cores.  100000 aborted inside DALI's thread pool (exit 134,
-# "terminate called without an active exception", no line naming the key).
+# default, 0, is one per core; docs/benchmarks.md "GPU numbers": 8 threads with prefetch 4 beat
+# 16 on 16 cores, one run each).  1024 is above the hardware threads of today's largest
+# two-socket machines (2 x 192 cores x SMT 2 = 768), and a whole epoch ran with it on 2 cores.
+# 100000 aborted inside DALI's thread pool (exit 134, "terminate called without an active
+# exception", no line naming the key).
 MAX_THREADS = 1024
-DTYPES = ("float32", "float16", "bfloat16")
+Normalize = Literal["mean_image", "channel"]
+Dtype = Literal["float32", "float16", "bfloat16"]
 Handover = Literal["host", "stream"]
 Affinity = Literal["none", "spare_core"]
 MemoryFormat = Literal["contiguous", "channels_last"]
@@ -37,8 +38,8 @@ class LoaderConfig:
     shuffle_buffer: int = 1024
     shuffle_shards: bool = True  # visit the tars in a new order every epoch
     sigma: float = 0.1  # std of the PCA lighting draws alpha_j
-    normalize: str = "mean_image"  # "mean_image" (the paper) or "channel" (mean/std per channel)
-    dtype: str = "float32"  # output dtype; float16/bfloat16 only pay off on a GPU
+    normalize: Normalize = "mean_image"  # "mean_image" (the paper) or "channel" (mean/std per channel)
+    dtype: Dtype = "float32"  # output dtype; float16/bfloat16 only pay off on a GPU
     crop: int = 224
     prefetch: int = 2  # DALI prefetch_queue_depth (batches)
     hw_decoder_load: float = 0.65  # share of JPEGs for the A100/H100 hardware decoder (mixed only)
@@ -79,16 +80,13 @@ class LoaderConfig:
             raise ValueError(f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
         if not (math.isfinite(self.sigma) and self.sigma >= 0):  # nan < 0 is False: nan passed before
             raise ValueError(f"sigma must be a finite number >= 0, got {self.sigma}")
-        if self.normalize not in NORMALIZE_MODES:
-            raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {self.normalize!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.crop < 1:
             raise ValueError(f"crop must be >= 1, got {self.crop}")
         if not 1 <= self.prefetch <= MAX_PREFETCH:
             raise ValueError(f"prefetch must be in 1..{MAX_PREFETCH} (batches held ahead, each a whole batch "
                              f"in memory), got {self.prefetch}")
-        for name, kind in (("handover", Handover), ("affinity", Affinity), ("memory_format", MemoryFormat)):
+        for name, kind in (("normalize", Normalize), ("dtype", Dtype), ("handover", Handover), ("affinity", Affinity),
+                           ("memory_format", MemoryFormat)):
             if getattr(self, name) not in get_args(kind):
                 raise ValueError(f"{name} must be one of {get_args(kind)}, got {getattr(self, name)!r}")
         if not 0 <= self.hw_decoder_load <= 1:

@@ -10,8 +10,8 @@ windows plus the draws (anchor x/y in pixels, mirror, alpha); on a GPU the draws
 bytes are copied to the GPU inside the graph, so the consumer never copies host memory to the
 device (a pageable ``.to("cuda")`` synchronises the host with the GPU on every batch).  The flip
 and the float arithmetic (mean image at the anchor, lighting, CHW, dtype) are
-``pipeline.normalize`` on the target device: ``fn.flip`` cost ~15% of DALI's CPU time per image,
-a reversed read there costs nothing.
+``pipeline.normalize`` on the target device: ``fn.flip`` cost ~15% of DALI's CPU time per image
+(docs/benchmarks.md "Pipeline"), a reversed read there costs nothing.
 Evaluation: decode the full image and slice the 1 or 10 view windows in uint8 at the integer
 anchors of ``pipeline.views.view_anchors`` (the normaliser uses the same integers).
 
@@ -38,20 +38,21 @@ EVAL_OUTPUTS = ("images", "labels", "ids")
 
 @dataclass(frozen=True)
 class GraphSpec:
-    """Everything one rank's graph depends on."""
+    """Everything one rank's graph depends on.  No defaults: ``pipeline._spec`` alone makes one,
+    from the manifest (the image size is the shards', not a second copy of ``make shards``')."""
 
     tars: tuple[str, ...]
     indexes: tuple[str, ...]
     stats: DatasetStats
     cfg: LoaderConfig
-    image_size: int = 256
-    shard_id: int = 0
-    num_shards: int = 1
-    gpu: bool = False  # mixed decode + GPU operators (needs a device_id)
-    train: bool = True
-    views: int = 1  # eval only: 1 (centre) or 10 (4 corners + centre, and their flips)
-    debug: bool = False  # also return the full decoded image (tests)
-    excluded: int = 0  # tars of the split left out of ``tars`` (shards found corrupt)
+    image_size: int
+    shard_id: int
+    num_shards: int
+    gpu: bool  # mixed decode + GPU operators (needs a device_id)
+    train: bool
+    views: int  # eval only: 1 (centre) or 10 (4 corners + centre, and their flips)
+    debug: bool  # also return the full decoded image (tests)
+    excluded: int  # tars of the split left out of ``tars`` (shards found corrupt)
 
 
 def _reader(spec: GraphSpec):

@@ -176,9 +176,13 @@ class DaliLoader:
         if not self.spec.train:
             raise ValueError("only the training loader is checkpointed (evaluation restarts from the top)")
         return {"version": STATE_VERSION, "dali": _encode(self._it.checkpoint()), "epoch": self.epoch,
-                "batches": self._batches, "rank": self.rank, "num_shards": self.spec.num_shards,
-                "seed": self.spec.cfg.seed, "graph": graph_kind(self.spec), "tars": tar_list(self.spec),
-                **self._reader_settings()}
+                "batches": self._batches, **self._identity(), **self._reader_settings()}
+
+    def _identity(self) -> dict:
+        """Which rank, shards, seed and graph the position belongs to: saved with it, and compared
+        on load (DALI applies a checkpoint to another reader without a word)."""
+        return {"rank": self.rank, "num_shards": self.spec.num_shards, "seed": self.spec.cfg.seed,
+                "graph": graph_kind(self.spec), "tars": tar_list(self.spec)}
 
     def _reader_settings(self) -> dict:
         """What the position's meaning depends on besides ranks and tars: ``batches`` counts batches
@@ -190,8 +194,7 @@ class DaliLoader:
         """Continue exactly where ``state`` was taken (same shards, ranks and config)."""
         if state.get("version") not in LOADABLE_VERSIONS:
             raise ValueError(f"loader state version {state.get('version')!r}, expected one of {LOADABLE_VERSIONS}")
-        mine = {"rank": self.rank, "num_shards": self.spec.num_shards, "seed": self.spec.cfg.seed,
-                "graph": graph_kind(self.spec), "tars": tar_list(self.spec)}
+        mine = self._identity()
         theirs = {k: state.get(k, "cpu" if k == "graph" else None) for k in mine}
         reader = self._reader_settings()  # not recorded before (an older state): trusted, as then
         mine, theirs = {**mine, **reader}, {**theirs, **{k: state.get(k, v) for k, v in reader.items()}}

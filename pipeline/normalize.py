@@ -122,8 +122,8 @@ class DeviceNormalizer(torch.nn.Module):
         returns (N, 3, h, w) ``self.dtype``.  ``alpha`` None = no lighting."""
         device = self.mean2.device
         # On the CPU everything here runs on this thread, the small matmul included: one
-        # OpenMP region with 2 threads leaves a thread spinning against DALI's (~40% more CPU
-        # per image measured in the loader, 2 cores).
+        # OpenMP region with 2 threads leaves a thread spinning against DALI's (~500 against
+        # ~370 us of CPU per image in the loader, 2 cores: docs/benchmarks.md "Pipeline").
         with _single_threaded() if device.type == "cpu" else nullcontext():
             images = to_device(images, device)
             n = images.shape[0]

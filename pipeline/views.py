@@ -13,6 +13,8 @@ import math
 
 import numpy as np
 
+VIEW_COUNTS = (1, 10)  # the view sets eval_views defines: the centre crop, or the paper's ten
+
 
 def eval_views(views: int) -> list[tuple[float, float, int]]:
     """(relative x, relative y, mirror) of each view: centre, or 4 corners + centre then their flips."""
@@ -21,7 +23,7 @@ def eval_views(views: int) -> list[tuple[float, float, int]]:
     if views == 10:
         five = [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (0.5, 0.5)]
         return [(x, y, m) for m in (0, 1) for x, y in five]
-    raise ValueError(f"views must be 1 or 10, got {views}")
+    raise ValueError(f"views must be {' or '.join(map(str, VIEW_COUNTS))}, got {views}")
 
 
 def anchor(pos: float, size: int, crop: int) -> int:

@@ -24,6 +24,7 @@ import torch
 
 from common.config import ConfigError, load_config, split_config_arg, to_dict
 from common.config_help import settings_help, wants_help
+from service import checkpoint
 from service.build import apply_cuda_sync, build, compile_note, resolve, share_cores
 from service.config import TrainConfig, validate
 from service.data_fit import check_fits_data
@@ -42,8 +43,7 @@ from service.status import StatusBoard
 from shards import manifest as contract
 
 # What --fresh true deletes in the run directory (the service's own files, nothing else).
-RUN_FILES = ("checkpoint-*.pt", "checkpoint-*.pt.corrupt", ".checkpoint-*.tmp", "log*.jsonl", "ids*.jsonl",
-             "history.json", "curve.png", "config.json")
+RUN_FILES = (*checkpoint.GLOBS, "log*.jsonl", "ids*.jsonl", "history.json", "curve.png", "config.json")
 
 
 def parse(argv: list[str]) -> TrainConfig:
@@ -104,8 +104,7 @@ def start(cfg: TrainConfig, manifest: contract.Manifest, ranks: Ranks, metrics: 
         raise DataError(str(exc)) from None
     check_fits_data(cfg, manifest, excluded, ranks)
     ident = identity(cfg, data_fingerprint(manifest.record))
-    parts = build(cfg, ranks, manifest, excluded)
-    parts.shard_check = check
+    parts = build(cfg, ranks, manifest, excluded, shard_check=check)
     run_id = f"{cfg.out.resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"
     trainer = Trainer(parts, ranks, manifest, ident, run_id, metrics, board, log, stop)
     found = trainer.resume()  # rank 0 chooses the file, every rank restores it (service.checkpointer)

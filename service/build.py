@@ -25,6 +25,7 @@ from service.config import FLOAT32_MAX, ModelSettings, TrainConfig, lr_factor
 from service.data_errors import diagnose
 from service.dist import Ranks, core_share
 from service.errors import EXIT_CONFIG, DataError, ServiceError
+from service.rng import torch_seed
 from shards.manifest import Manifest, ManifestError
 
 if TYPE_CHECKING:
@@ -182,18 +183,18 @@ def steps_for(cfg: TrainConfig, model: torch.nn.Module, trainable: torch.nn.Modu
 
 
 def build(cfg: TrainConfig, ranks: Ranks, manifest: Manifest, exclude: Collection[str] = (),
-          loaders: bool = True) -> Parts:
+          loaders: bool = True, shard_check: ShardCheck | None = None) -> Parts:
     """Model, optimizer, schedule, scaler and loaders of a resolved ``cfg``; the loaders leave
-    out the tars named in ``exclude`` (shards found corrupt).  ``loaders=False``: none (``None``),
-    for measuring the step alone (``bench.sweep_child``) without two DALI pipelines' threads,
-    memory and decoder state beside it."""
+    out the tars named in ``exclude`` (shards found corrupt, by ``shard_check``, which the loop
+    polls).  ``loaders=False``: none (``None``), for measuring the step alone
+    (``bench.sweep_child``) without two DALI pipelines' threads, memory and decoder state beside it."""
     model = build_model(cfg, manifest.num_classes)
     devices = sorted({p.device for p in model.parameters()}, key=str)
     if any(d.type == "cuda" for d in devices):
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
         torch.backends.cudnn.benchmark_limit = cfg.model.cudnn_benchmark_limit
     if ranks.rank:  # the same initial weights everywhere, but each rank its own dropout draws
-        torch.manual_seed(cfg.seed + 1_000_003 * ranks.rank)
+        torch.manual_seed(torch_seed(cfg.seed, ranks.rank))
     o = cfg.optim
     global_batch = cfg.loader.batch_size * ranks.world_size
     scale = lr_factor(o, ranks.world_size)
@@ -217,7 +218,7 @@ def build(cfg: TrainConfig, ranks: Ranks, manifest: Manifest, exclude: Collectio
         if loaders else None
     trainable = ranks.wrap(model, device, compiled=cfg.model.compile != "off")
     return Parts(cfg, device, devices, model, trainable, optimizer, schedule, scaler, train, val,
-                 manifest.num_classes, lr_rule, scale)
+                 manifest.num_classes, lr_rule, scale, shard_check)
 
 
 def _loader(manifest: Manifest, split: str, make):

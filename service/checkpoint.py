@@ -48,6 +48,11 @@ REQUIRED = ("format", "version", "run_id", "config", "identity", "progress", "mo
             "loaders", "rng", "lr_scale")
 NAME = re.compile(r"^checkpoint-(\d{9})\.pt$")
 CORRUPT = re.compile(r"^checkpoint-(\d{9})\.pt\.corrupt$")
+# The three kinds of checkpoint file as globs: NAME's, CORRUPT's (set aside by ``newest_valid``) and
+# ``atomic_save``'s temporary files of unfinished writes; here, next to the names they match, so that
+# ``--fresh`` (service.app) and the stale-file sweep delete what this module writes.
+GLOBS = ("checkpoint-*.pt", "checkpoint-*.pt.corrupt", ".checkpoint-*.tmp")
+TEMP_GLOB = GLOBS[2]
 KEEP_CORRUPT = 2  # unreadable checkpoints kept for inspection (the newest ones)
 
 
@@ -246,7 +251,7 @@ def newest_valid(out: Path, log: Callable[[str], None], run: str | None = None) 
 
 def remove_stale_temps(out: Path) -> list[Path]:
     """Temporary files of writes that never finished (a crash or kill -9 while writing)."""
-    stale = [p for p in out.glob(".checkpoint-*.tmp")] if out.is_dir() else []
+    stale = list(out.glob(TEMP_GLOB)) if out.is_dir() else []
     for p in stale:
         p.unlink(missing_ok=True)
     return stale

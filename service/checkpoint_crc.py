@@ -25,7 +25,8 @@ def checksum(payload: dict[str, Any]) -> int:
     """CRC-32 of everything in ``payload`` except its ``crc32`` key: structure, values, tensor bytes.
 
     ``torch.load`` happily returns tensors whose bytes were damaged on disk; this is how a corrupt
-    checkpoint is told from a good one (about 0.2 s per 460 MB).
+    checkpoint is told from a good one.  Its cost rides in the writer thread's time per checkpoint
+    (docs/benchmarks.md "Service": 1.5 s in all for 488 MB on 2 cores, ``bench/cpu/service.json``).
     """
     tensors: list[torch.Tensor] = []
     skeleton = _skeleton_and_tensors({k: v for k, v in payload.items() if k != "crc32"}, tensors)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from common.config import COMMAND_LINE_ONLY
 from common.cuda import CudaSync
@@ -20,6 +20,12 @@ from model.alexnet import INPUT_SIDES, InputChannels
 from model.lrn import LrnImpl
 from model.step import CAN_TRACE_BACKWARD, CompileMode, TraceBackward
 from pipeline.config import LoaderConfig
+from pipeline.views import VIEW_COUNTS
+from shards.config import ShardConfig
+
+LayoutSetting = Literal["grouped", "towers", "auto"]  # model.alexnet.Layout, or "auto" (resolved at start)
+Autocast = Literal["none", "bfloat16", "float16"]
+LrScaling = Literal["linear", "sqrt", "none"]
 
 
 @dataclass(frozen=True)
@@ -28,11 +34,11 @@ class ModelSettings:
 
     # "grouped" (one device), "towers" (one tower per device) or "auto": towers when a single
     # process (not torchrun) sees two GPUs, grouped otherwise (the paper's two GPUs when there are two).
-    layout: str = "grouped"
+    layout: LayoutSetting = "grouped"
     devices: tuple[str, ...] = ()  # towers: (device_a, device_b); empty = cuda:0,cuda:1 or the run's device twice
     bias_init: float = 1.0  # the paper's non-zero bias; Caffe's 0.1 avoids a long flat start
     dropout: float = 0.5
-    autocast: str = "none"  # "none" | "bfloat16" | "float16" (float16 adds a GradScaler)
+    autocast: Autocast = "none"  # float16 adds a GradScaler
     channels_last: bool = False
     # "off"; "model": nn.Module.compile (forward and its backward; the optimizer eager; evaluation
     # recompiles); "step": model.step, the whole training step (forward, backward, update) as one
@@ -65,10 +71,10 @@ class OptimSettings:
     # at 128), and N ranks make a global batch N times larger.  "linear" multiplies lr by N
     # (Goyal et al. 2017), "sqrt" by sqrt(N) (Krizhevsky 2014's argument from the gradient's
     # noise), "none" keeps it.  One process: factor 1 whatever the rule (the paper's recipe).
-    lr_scaling: str = "linear"
+    lr_scaling: LrScaling = "linear"
 
 
-LR_SCALING = ("linear", "sqrt", "none")
+LR_SCALING = get_args(LrScaling)
 
 
 def lr_factor(optim: OptimSettings, ranks: int) -> float:
@@ -120,7 +126,7 @@ class DebugSettings:
 class TrainConfig:
     """One training run."""
 
-    shards: Path = Path("data/shards")
+    shards: Path = ShardConfig.out  # where make shards writes by default
     out: Path = Path("runs/default")
     epochs: int = 90
     device: str = "auto"  # "auto" = cuda:<LOCAL_RANK> when present, else cpu
@@ -154,13 +160,13 @@ OPERATIONAL = frozenset({
     "checkpoint", "http", "data", "debug",
 })
 
-LAYOUTS = ("grouped", "towers", "auto")
+LAYOUTS = get_args(LayoutSetting)
 # The seed is 0 .. 2**32 - 1, what every seeded library takes; the service derives per-rank and
-# per-device seeds by adding offsets (rank * 1_000_003), which stay far below torch's 2**64 limit.
+# per-device seeds by adding offsets (service.rng.torch_seed), which stay far below torch's 2**64 limit.
 MAX_SEED = 2**32 - 1
 # The optimizer keeps its hyperparameters as float32: a larger value does not convert.
 FLOAT32_MAX = 3.4028234663852886e38
-AUTOCAST = ("none", "bfloat16", "float16")
+AUTOCAST = get_args(Autocast)
 
 
 def validate(cfg: TrainConfig) -> list[str]:
@@ -172,7 +178,8 @@ def validate(cfg: TrainConfig) -> list[str]:
             problems.append(message)
 
     need(cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}")
-    need(cfg.eval_views in (1, 10), f"eval_views must be 1 or 10, got {cfg.eval_views}")
+    need(cfg.eval_views in VIEW_COUNTS,
+         f"eval_views must be {' or '.join(map(str, VIEW_COUNTS))}, got {cfg.eval_views}")
     need(cfg.log_every >= 1, f"log_every must be >= 1, got {cfg.log_every}")
     need(device_name_ok(cfg.device), f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     need(0 <= cfg.seed <= MAX_SEED, f"seed must be in 0..{MAX_SEED}, got {cfg.seed}")

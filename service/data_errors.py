@@ -6,8 +6,8 @@ skip one), and its message names the tar for a read error but not for a decode e
 then checked (``index_problem``) and named with the command that rewrites it.  Otherwise, when
 the message names no shard, the shards of the split are checked against the manifest (present,
 size, index, sha256) and the ones that changed since ``make shards`` wrote them are named.
-Hashing reads the whole split (ImageNet's ~31 GB of shards: under a minute of one core), but
-only on this failure path, and the run is over anyway.
+Hashing reads the whole split (ImageNet's ~31 GB of shards: ~19 s of one core at the 1.6-1.8 GB/s
+of docs/benchmarks.md "Shard check"), but only on this failure path, and the run is over anyway.
 
 A shard that differs from the manifest is then read sample by sample (``damaged_samples``):
 the manifest has one checksum per tar, not per sample, so a strict decode (Pillow, which

@@ -28,8 +28,9 @@ from service.status import StatusBoard
 PREFIX = "alexnet_"
 ROOT = Path(__file__).resolve().parents[1]
 
-# Seconds per step or per data wait: from ~1 ms (an H100 runs a batch of 128 in ~5 ms) to a
-# minute (a loaded 2-core CPU), roughly x1.5 apart so quantiles stay usable at both ends.
+# Seconds per step or per data wait: from ~1 ms (the H100 target, 25,000 images/s, is 5.1 ms a batch
+# of 128; an H200 measured 8.2 ms compiled: docs/benchmarks.md "GPU numbers") to a minute (a loaded
+# 2-core CPU: ~1.2 s at batch 32, "Service"), roughly x1.5 apart so quantiles stay usable at both ends.
 STEP_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2,
                 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0)
 CHECKPOINT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)

@@ -17,6 +17,17 @@ from typing import Any
 
 import torch
 
+# Each rank seeds torch with the run's seed plus this stride per rank (rank 0: the seed itself; a
+# CUDA device re-seeded at resume adds its index), so that every rank draws its own dropout masks;
+# a stride of a million keeps runs with nearby seeds from sharing one.  service.config's MAX_SEED
+# keeps the sum within torch's range.
+RANK_STRIDE = 1_000_003
+
+
+def torch_seed(seed: int, rank: int) -> int:
+    """The torch seed of ``rank`` in a run seeded ``seed`` (the one rule for ``service.build`` and resume)."""
+    return seed + RANK_STRIDE * rank
+
 
 class RngState:
     """``state_dict()`` / ``load_state_dict()`` of this process's generators."""
@@ -42,7 +53,7 @@ class RngState:
                 restored.append(name)
             else:
                 with torch.cuda.device(name):
-                    torch.cuda.manual_seed(self.seed + 1_000_003 * self.rank + torch.device(name).index)
+                    torch.cuda.manual_seed(torch_seed(self.seed, self.rank) + torch.device(name).index)
                 reseeded.append(name)
         unused = sorted(set(saved) - set(self.cuda))
         if reseeded or unused:

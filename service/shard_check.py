@@ -9,15 +9,17 @@ fast_idct) and leaves libjpeg's default message handler writing to file descript
 output, error or option of the pipeline carries it, and ``fn.peek_image_shape`` reads only the
 header.  The manifest's per-tar sha256 sees every changed byte, whatever the decoder does.
 
-When (``data.verify``): ``background`` (default) starts training at once while rank 0 hashes
-the shards not checked before in one thread at the lowest CPU priority (nice 19), in the order
-the ranks' readers first reach them; ``before`` builds the loaders only once every shard is
-checked (a thread per core, up to 16: nothing unchecked is ever read).  Cost (``bench/bench_shard_check.py``,
-docs/benchmarks.md): sha256 runs at about 1-1.5 GB/s per core here, so ImageNet's ~31 GB of shards
-is under a minute of one core once, next to a run of hours.  A stop request (SIGTERM, SIGINT,
-SIGHUP) during ``before``'s check ends it within a block of each hash (torchrun's grace is 30 s,
-a shard on slow storage can take longer): exit 0 before anything was trained, one line saying so
-(``StoppedAtStart``), the shards checked so far remembered and the rest checked at the next start.
+When (``data.verify``): ``background`` (default) starts training at once while rank 0 hashes the
+shards not checked before in one thread at the lowest CPU priority (nice 19), in the order the
+ranks' readers first reach them; ``before`` builds the loaders only once every shard is checked (a
+thread per core, up to 16: nothing unchecked is ever read). Cost (``bench/cpu/shard_check.json``,
+docs/benchmarks.md "Shard check"): sha256 runs at 1.6-1.8 GB/s per core (0.8 with both cores taken),
+so ImageNet's ~31 GB of shards is about 19 s of one core once, next to a run of hours; at nice 19
+next to training the 2-core machine's leftovers hashed 0.03-0.05 GB/s (about 13 minutes). A stop
+request (SIGTERM, SIGINT, SIGHUP) during ``before``'s check ends it within a block of each hash
+(torchrun's grace is 30 s, a shard on slow storage can take longer): exit 0 before anything was
+trained, one line saying so (``StoppedAtStart``), the shards checked so far remembered and the rest
+checked at the next start.
 
 Remembered: ``<out>/shard-checks.json`` (``service.shard_memory``), so that a restart hashes
 only the shards whose file changed.

@@ -1,12 +1,13 @@
 """Host copies of a checkpoint's device tensors: the only part of a checkpoint the loop waits for.
 
-The buffers are reused from one checkpoint to the next: a fresh 460 MB host allocation is
+The buffers are reused from one checkpoint to the next: a fresh 488 MB host allocation is
 touched page by page on its first write (0.65 s on the 2-core VM for AlexNet's weights +
-velocities), a reused one copies in 0.03 s (docs/benchmarks.md, Service).  On a GPU the buffers
-are pinned, so the device-to-host copies run at full PCIe speed, asynchronously; ``ready()``
-then waits for them on EVERY device that held a tensor (an event per device, recorded on the
-stream the copies were queued on): waiting for the current device alone let the writer thread
-checksum buffers still being filled from a second GPU (``--device cuda:1``, the towers layout).
+velocities), a reused one copies in 0.03 s (docs/benchmarks.md "Service",
+``bench/cpu/service.json``).  On a GPU the buffers are pinned, so the device-to-host copies run
+at full PCIe speed, asynchronously; ``ready()`` then waits for them on EVERY device that held a
+tensor (an event per device, recorded on the stream the copies were queued on): waiting for the
+current device alone let the writer thread checksum buffers still being filled from a second GPU
+(``--device cuda:1``, the towers layout).
 Callers must not refill the buffers while a write of their previous contents is in flight
 (``CheckpointWriter.wait`` first).
 """

@@ -72,7 +72,7 @@ def data_fingerprint(manifest_record: dict[str, Any]) -> str:
 
 def identity(cfg: TrainConfig, fingerprint: str) -> dict[str, Any]:
     """The keys a resumed run must share with its checkpoint.  Not the number of ranks: a run
-    may resume on more or fewer (the loop re-splits the data, ``Trainer.restore``)."""
+    may resume on more or fewer (the data is split anew: ``service.checkpointer``)."""
     recipe = {k: v for k, v in flatten(to_dict(cfg)).items() if not _operational(k)}
     return {**recipe, "data": fingerprint}
 
