@@ -129,9 +129,20 @@ class ShardCheck:
         for f in findings:
             self._skip(f)
         excluded = frozenset(f.shard.tar.name for f in findings)
+        self._refuse_empty(excluded)
         if not self.ranks.is_main:  # rank 0's were checked by _check_at_start, once
             check_files(self.manifest, exclude=excluded)
         return excluded
+
+    def _refuse_empty(self, excluded: frozenset[str]) -> None:
+        """A ``DataError`` when skipping left a split without shards: nothing to train or evaluate
+        on (an empty val reader was a ValueError traceback, an empty train one blamed the batch size)."""
+        for split, s in self.manifest.splits.items():
+            if s.shards and all(shard.tar.name in excluded for shard in s.shards):
+                raise DataError(f"every {split} shard ({len(s.shards)} of {len(s.shards)}) differs from the manifest "
+                                f"of {self.manifest.root}, so data.on_corrupt skip left nothing to "
+                                f"{'train' if split == 'train' else 'evaluate'} on: restore the shards from a copy or "
+                                f"re-create them (make shards SRC=<imagenet> OUT={self.manifest.root})")
 
     def _skip(self, f: Finding) -> None:
         """Every rank leaves the shard out of its reader and logs it in its own JSON log, but the job

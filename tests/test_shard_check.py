@@ -84,6 +84,25 @@ def test_skip_leaves_the_shard_out_counts_it_and_trains_on(corrupt_shards, tmp_p
     assert "2 epoch(s) done" in again.stdout and "skipped" in again.stderr
 
 
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_split_with_every_shard_corrupt_is_one_line_not_a_traceback(sample_shards: Path, tmp_path: Path,
+                                                                      split: str) -> None:
+    """Skipping every corrupt shard left nothing: every val shard gave a ValueError traceback (exit 1,
+    no exit file: a crash to restart), every train shard 'loader.batch_size 16 is more than the 0
+    training images' (blaming the batch size)."""
+    shards = tmp_path / "shards"
+    shutil.copytree(sample_shards, shards)
+    tars = sorted((shards / split).glob("*.tar"))
+    for tar in tars:
+        flip_jpeg_bytes(tar)
+    rc, service = run_service(shards, tmp_path / "run", "--epochs", "1", "--data.on_corrupt", "skip",
+                              "--data.verify", "before", timeout=240)
+    assert rc == 1 and "Traceback" not in service.stderr, service.stderr
+    last = service.stderr.strip().splitlines()[-1]
+    assert f"every {split} shard ({len(tars)} of {len(tars)}) differs from the manifest" in last, last
+    assert "restore the shards from a copy or re-create them" in last and "batch_size" not in last, last
+
+
 def _failed(port: int) -> float:
     """This rank's ``alexnet_samples_failed_total``, scraped."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
