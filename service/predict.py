@@ -45,9 +45,9 @@ from pipeline.config import LoaderConfig
 from pipeline.normalize import DeviceNormalizer
 from pipeline.reference import decode
 from pipeline.stats import manifest_stats
-from pipeline.views import view_stack
+from pipeline.views import VIEW_COUNTS, view_stack
 from service.build import alexnet
-from service.checkpoint import OtherVersion, Unreadable, load, scan
+from service.checkpoint import TEMP_GLOB, OtherVersion, Unreadable, load, scan
 from service.checkpoint_trust import cannot_read, file_kind, not_a_file
 from service.config import ModelSettings, device_name_ok
 from service.errors import EXIT_CONFIG, ServiceError
@@ -85,7 +85,7 @@ class Predictor:
                                             f"{exc}") from None
         self.normalizer = DeviceNormalizer(stats, loader).to(self.device)
         self.size, self.crop = self.manifest.image_size, loader.crop  # the mean image's: manifest_stats
-        self.quality = int(self.manifest.record["parameters"]["quality"])
+        self.quality = self.manifest.quality
 
     def probabilities(self, data: bytes) -> torch.Tensor:
         """The view-averaged softmax (classes,) for one image file's bytes (``BadImage`` if unreadable)."""
@@ -173,7 +173,7 @@ def _none_readable(run: Path, unreadable: list[tuple[Path, str]]) -> str:
     if unreadable:
         return (f"none of its {len(unreadable)} checkpoint(s) can be read ({unreadable[0][0].name}: "
                 f"{unreadable[0][1]}): restore one from a copy, or name another checkpoint with --run")
-    if writing := sorted(p.name for p in run.glob(".checkpoint-*.tmp")):
+    if writing := sorted(p.name for p in run.glob(TEMP_GLOB)):
         return (f"no checkpoint-*.pt in it yet, only {writing[0]}: a checkpoint being written (wait for it), or a "
                 "write a crash cut short")
     return "no readable checkpoint-*.pt in it: train first (python -m service --out ...) or name a checkpoint file"
@@ -253,7 +253,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--run", type=path_arg, required=True,
                         help="a run directory (its newest checkpoint) or a checkpoint")
     parser.add_argument("--shards", type=path_arg, help="the shards it was trained on (default: the path in its config)")
-    parser.add_argument("--views", type=int, choices=(1, 10), default=10, help="10: the paper's views; 1: the centre")
+    parser.add_argument("--views", type=int, choices=VIEW_COUNTS, default=10, help="10: the paper's views; 1: the centre")
     parser.add_argument("--top", type=_top, default=5, help="classes to show per image (at least 1; more than the "
                         "model's classes shows them all)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")

@@ -6,8 +6,9 @@ A re-run keeps the longest prefix of journal entries whose tar still matches its
 deletes everything after it, and restarts from the first position not covered.
 
 Re-hashing every finished shard is the price of trusting nothing on disk: ImageNet's ~31 GB
-of shards take ~37 s at the 850 MB/s one core of the development machine hashes, so the
-caller hashes them on all its workers (``Verifier``) and says so before it starts.
+of shards take ~19 s at the 1.65 GB/s one core of the development machine hashes (docs/benchmarks.md,
+"Resume"; ``bench/cpu/shard_check.json``), so the caller hashes them on all its workers
+(``Verifier``) and says so before it starts.
 """
 from __future__ import annotations
 

@@ -62,6 +62,7 @@ class Manifest:
     names: tuple[str, ...]
     splits: dict[str, Split]
     image_size: int
+    quality: int  # the JPEG quality the images were stored at (predict prepares images the same way)
     stats_path: Path
     record: dict
 
@@ -228,6 +229,7 @@ def _manifest(root: Path, record: dict) -> Manifest:
         names=tuple(c.get("name") or c["wnid"] for c in record["classes"]),
         splits={n: _split(root, n, e, len(classes)) for n, e in record["splits"].items()},
         image_size=int(record["parameters"]["size"]),
+        quality=int(record["parameters"]["quality"]),
         stats_path=root / record["stats"],
         record=record,
     )
