@@ -162,8 +162,10 @@ def finish(trainer: Trainer, finished: bool, log: RunLog) -> int:
         log.say(f"finished: {p.evaluated} epoch(s), {p.step} steps. Curve: {out / 'curve.png'}, history: "
                 f"{out / 'history.json'}, JSON log: {log.jsonl_path}, checkpoints: {out}/checkpoint-*.pt")
     else:
-        log.say(f"stopped ({trainer.stop.signal_name}) at step {p.step}, {trainer.position()}; "
-                f"checkpoint in {out}: run the same command again to resume")
+        again = ("run the same command without --fresh true to resume (with it, a start deletes this checkpoint)"
+                 if trainer.cfg.fresh else "run the same command again to resume")
+        log.say(f"stopped ({trainer.stop.signal_name}) at step {p.step}, {trainer.position()}; checkpoint in {out}: "
+                f"{again}")
     ranks = trainer.ranks
     digest = {"param_digest": param_digest(trainer.parts.model)} if ranks.distributed else {}
     log.event("finished" if finished else "stopped", step=p.step, epoch=p.epoch, reason=trainer.stop.signal_name,

@@ -127,3 +127,13 @@ def _wait_until_catching(pid: int, sig: int, timeout: float = 60) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"process {pid} did not install its {signal.Signals(sig).name} handler")
+
+
+def test_a_stop_of_a_fresh_start_says_to_resume_without_fresh(sample_shards: Path, tmp_path: Path) -> None:
+    """After ``--fresh true`` the stop line said 'run the same command again to resume', and that
+    command deletes the checkpoint it had just written (make demo TRAIN_ARGS="--fresh true" too)."""
+    service = Service(sample_shards, tmp_path / "run", "--epochs", "2", "--fresh", "true")
+    assert service.stop_at(r"epoch 1 step 2/") == 0, service.stderr
+    (line,) = [ln for ln in (service.stdout + service.stderr).splitlines() if ln.startswith("stopped (SIGTERM)")]
+    assert line.endswith("run the same command without --fresh true to resume (with it, a start deletes this "
+                         "checkpoint)"), line
