@@ -1,6 +1,6 @@
-"""A torchrun job that loses a rank and goes on: ``torchrun --max-restarts`` starting the ranks
-again, which must meet anew and resume the newest checkpoint (real processes, gloo on the CPU,
-a real ``kill -9``)."""
+"""A torchrun job that loses a process (a real ``kill -9``; gloo on the CPU): a rank, which
+``torchrun --max-restarts`` starts again, and the ranks must meet anew and resume the newest
+checkpoint; or torchrun's agent itself, after which no rank may train on alone."""
 from __future__ import annotations
 
 import os
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import cmdline, descendants
-from tests.service_proc import TORCHRUN_2, Service, events, free_port
+from tests.procs import alive, cmdline, descendants, kill_all
+from tests.service_proc import TORCHRUN_2, Service, checkpoint_steps, events, free_port
 
 pytestmark = pytest.mark.slow
 # The restarted rank 1 comes $LATE seconds after rank 0, as one whose imports are slower (a busy
@@ -61,3 +61,37 @@ def test_a_rank_killed_mid_run_is_restarted_by_torchrun_and_resumes(sample_shard
     assert "resuming run" in job.stdout, job.stdout
     finished = events(out, "finished")
     assert len(finished) == 1 and finished[0]["step"] == 6, finished
+
+
+def test_ranks_whose_torchrun_was_killed_stop_with_one_checkpoint(sample_shards: Path, tmp_path: Path) -> None:
+    """kill -9 of torchrun's agent mid-run: its ranks, in sessions of their own, trained on as
+    orphans (holding the run directory's locks).  They now stop as for a SIGTERM to torchrun:
+    at one step, with one checkpoint, exit 0."""
+    out = tmp_path / "run"
+    job = Service(sample_shards, out, "--epochs", "3", "--http.port", str(free_port(2)), launcher=TORCHRUN_2)
+    ranks: list[int] = []
+    try:
+        job.wait_for(r"epoch 1 step 2/3")
+        ranks = [rank_pid(job.proc.pid, rank) for rank in (0, 1)]
+        job.proc.kill()
+        deadline = time.monotonic() + 60
+        while any(alive(pid) for pid in ranks) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = [pid for pid in ranks if alive(pid)]
+    finally:
+        for pid in ranks:
+            kill_all_pid(pid)
+        kill_all(job.proc)
+    assert not left, f"ranks {left} trained on after torchrun was killed\n{job.stdout[-2000:]}"
+    stopped = [events(out, "stopped", rank) for rank in (0, 1)]
+    assert all(len(s) == 1 and s[0]["reason"] == "SIGTERM" for s in stopped), job.stdout[-2000:] + job.stderr[-2000:]
+    step = stopped[0][0]["step"]
+    assert stopped[1][0]["step"] == step and checkpoint_steps(out)[-1] == step
+
+
+def kill_all_pid(pid: int) -> None:
+    """SIGKILL a process that is no child of the test's (an orphaned rank), if it is still there."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
