@@ -17,3 +17,10 @@ resumes, stops cleanly on SIGTERM/SIGINT/SIGHUP and exports Prometheus metrics.
 - ``signals``, ``runlog``, ``data_errors``, ``errors``: stop requests, the run directory's
   logs and plots, loader failures that name the shard, exit codes.
 """
+
+import os as _os
+
+# This process's parent as the process started, before the imports' seconds: torchrun's agent for
+# a rank (``service.signals.follow_launcher`` tells whether it ended before the rank could ask the
+# kernel to be told).
+PARENT = _os.getppid()

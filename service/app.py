@@ -24,7 +24,7 @@ import torch
 
 from common.config import ConfigError, load_config, split_config_arg, to_dict
 from common.config_help import settings_help, wants_help
-from service import checkpoint
+from service import PARENT, checkpoint
 from service.build import apply_cuda_sync, build, compile_note, resolve, share_cores
 from service.config import TrainConfig, validate
 from service.data_fit import check_fits_data
@@ -37,7 +37,7 @@ from service.rundir_lock import RunDirLock
 from service.runlog import RunLog
 from service.server import HttpEndpoint
 from service.shard_check import ShardCheck
-from service.signals import StopFlag
+from service.signals import StopFlag, follow_launcher
 from service.state import data_fingerprint, identity
 from service.status import StatusBoard
 from shards import manifest as contract
@@ -198,6 +198,7 @@ def run_service(cfg: TrainConfig, ending: bool = False) -> int:
     cfg = resolve(cfg, ranks)
     apply_cuda_sync(cfg)  # before anything creates a CUDA context
     stop = StopFlag().install()  # before joining: torchrun may signal while the ranks meet
+    follow_launcher(stop, PARENT)  # torchrun's agent killed: a stop, not ranks training on alone
     allowed, lock = None, None
     try:
         lock = RunDirLock(cfg.out, ranks.rank)  # before joining: a second job refuses, never waits for peers

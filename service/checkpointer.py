@@ -167,7 +167,8 @@ class CheckpointManager:
             raise ServiceError(*choice)
         if choice is None:
             return None
-        path, step = Path(choice["path"]), choice["step"]
+        # The file rank 0 chose, in this rank's own --out: a node may mount the run directory elsewhere.
+        path, step = self.cfg.out / Path(choice["path"]).name, choice["step"]
         error = None
         try:
             payload = payload if payload is not None else self._load(path)
@@ -198,8 +199,8 @@ class CheckpointManager:
         try:
             return ckpt.load(path)
         except (ckpt.Unreadable, ckpt.OtherVersion, OSError) as exc:
-            raise ServiceError(EXIT_CONFIG, f"rank {self.ranks.rank} cannot read {path}, which rank 0 resumes "
-                               f"from ({exc}): every rank must see the same run directory (shared storage)") from None
+            raise ServiceError(EXIT_CONFIG, f"cannot read {path}, the checkpoint rank 0 resumes from ({exc}): every "
+                               "rank must see the same run directory (shared storage)") from None
 
     def _restore(self, path: Path, payload: dict[str, Any]) -> None:
         """Every part from ``payload``, in ``SHARED_ORDER``, then this rank's position."""

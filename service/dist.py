@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 
 T = TypeVar("T")
 _CONTROL: list = []  # the gloo group of the host-side agreements, once ``start`` has run
@@ -98,12 +99,14 @@ class Ranks:
         """Join the other ranks (torchrun's ``env://`` rendezvous); nothing for one process."""
         if not self.distributed or _CONTROL:
             return
+        store = attempt_store()
+        joined = {"store": store, "rank": self.rank, "world_size": self.world_size} if store else {}
         if device.type == "cuda":
             torch.cuda.set_device(device)
-            dist.init_process_group("nccl", device_id=device)
+            dist.init_process_group("nccl", device_id=device, **joined)
             _CONTROL.append(dist.new_group(backend="gloo"))
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", **joined)
             _CONTROL.append(dist.group.WORLD)
 
     def close(self) -> None:
@@ -173,6 +176,25 @@ class Ranks:
     def info(self) -> dict[str, Any]:
         """For logs and /status."""
         return {"rank": self.rank, "world_size": self.world_size, "local_rank": self.local_rank}
+
+
+def attempt_store(env: Mapping[str, str] | None = None) -> dist.Store | None:
+    """Under torchrun's agent store: that store with keys of this restart attempt's own
+    (``TORCHELASTIC_RESTART_COUNT``); None elsewhere (``env://`` as it is).
+
+    Why: torch 2.13's ranks use the agent's store as it is (it says each retry gets a new store;
+    torchrun's ``--standalone`` and c10d rendezvous keep one), so after a ``--max-restarts``
+    restart the addresses the last attempt's ranks published are still there: a rank that
+    joined before its peer had published anew read the dead peer's address and died in
+    ``init_process_group`` (gloo's "connectFullMesh failed ... Connection refused", a
+    traceback), every attempt, so no restart ever resumed.  Earlier torch versions prefixed
+    the keys with the attempt, as this does."""
+    env = os.environ if env is None else env
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), int(env["WORLD_SIZE"]), is_master=False,
+                          timeout=default_pg_timeout)
+    return dist.PrefixStore(f"/alexnet/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def replica(model: torch.nn.Module, device: torch.device, compiled: bool = False) -> torch.nn.Module:

@@ -33,7 +33,11 @@ in the log; a restart with the shard repaired reads it again (its epoch restarts
 saved position was for other tars).
 
 Several ranks: rank 0 checks and writes the file, every rank follows its verdict at start (one
-gather); a mismatch found later by the background pass stops rank 0 and torchrun the others.
+gather); a mismatch found later by the background pass stops rank 0 and torchrun the others.  A
+rank whose shards are other files than rank 0's (another node's copy: ``--shards`` may differ per
+rank) checks its copy as rank 0 does its own, in ``shard-checks.rank<r>.json``, and every rank
+follows every such verdict: a damaged byte in that copy went unseen (``data.verify before``
+included) and that rank trained on garbled pixels.
 
 Each file once at start: rank 0's look at every shard (its size and its index, read whole: ~1000
 train indexes on ImageNet) is the start's only one there, the manifest's own file check
@@ -43,6 +47,7 @@ node of their own), and the hash before training does not read an index again.
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -87,6 +92,12 @@ def reading_order(shards: tuple[Shard, ...], ranks: int) -> list[int]:
     return sorted(range(n), key=lambda i: (offset(i), i))
 
 
+def _copy_of(manifest: Manifest) -> tuple[str, int, int]:
+    """Which files a rank's shards are: the same on two ranks when they read the same directory."""
+    st = (manifest.root / "manifest.json").stat()
+    return socket.gethostname(), st.st_dev, st.st_ino
+
+
 def lowest_priority() -> None:
     """Nice 19 for the calling thread only (a Linux thread is a task): the hash yields every core
     the loop, DALI and torch want."""
@@ -104,6 +115,7 @@ class ShardCheck:
                  metrics: ServiceMetrics, stop: StopFlag | None = None) -> None:
         self.settings, self.manifest, self.ranks, self.log, self.metrics = cfg.data, manifest, ranks, log, metrics
         self.stop = stop  # a stop request ends the check before training (the loop handles it after)
+        self.out, self.own = cfg.out, ranks.is_main  # own: this rank checks its files (``prepare``)
         self.memory = CheckMemory(cfg.out, manifest, log.warn, read=ranks.is_main)
         self._todo: list[tuple[str, Shard]] = []
         self._found: list[Finding] = []  # by the background thread, read by the loop
@@ -116,11 +128,20 @@ class ShardCheck:
     def prepare(self) -> frozenset[str]:
         """Before the loaders are built: check what must be (sizes and indexes always, contents
         with ``before``), then act on every finding on every rank; returns the tar names to leave
-        out.  A rank other than 0 then checks its own files but those (``ManifestError``)."""
-        findings = self._check_at_start() if self.ranks.is_main else None
-        findings = self.ranks.gather(findings)[0]  # rank 0's verdict, or why it stopped, for every rank
-        if isinstance(findings, str):
-            raise StoppedAtStart(findings)
+        out.  A rank that reads rank 0's files then checks its own view of them but those
+        (``ManifestError``); one that reads a copy of its own checks that as rank 0 does."""
+        copies = self.ranks.gather(_copy_of(self.manifest))
+        if copies[self.ranks.rank] != copies[0]:  # not rank 0's files: this rank checks its own
+            self.own = True
+            self.memory = CheckMemory(self.out, self.manifest, self.log.warn,
+                                      name=f"shard-checks.rank{self.ranks.rank}.json")
+        verdicts = self.ranks.gather(self._check_at_start() if self.own else None)  # or why it stopped
+        if stopped := next((v for v in verdicts if isinstance(v, str)), None):
+            raise StoppedAtStart(stopped)
+        findings: list[Finding] = []  # every checking rank's, rank 0's first; a shard once
+        for f in (f for v in verdicts if v for f in v):
+            if all(f.shard.tar.name != g.shard.tar.name for g in findings):
+                findings.append(f)
         if findings and self.settings.on_corrupt == "stop":
             first = findings[0]
             more = f" (and {len(findings) - 1} more shard(s))" if len(findings) > 1 else ""
@@ -130,7 +151,7 @@ class ShardCheck:
             self._skip(f)
         excluded = frozenset(f.shard.tar.name for f in findings)
         self._refuse_empty(excluded)
-        if not self.ranks.is_main:  # rank 0's were checked by _check_at_start, once
+        if not self.own:  # those who checked had _check_at_start look at each file, once
             check_files(self.manifest, exclude=excluded)
         return excluded
 
@@ -206,7 +227,7 @@ class ShardCheck:
     def start(self, step: int) -> None:
         """Training begins at ``step``: rank 0 hashes the rest in the background."""
         self._start_step = step
-        if self._todo and self.ranks.is_main:
+        if self._todo and self.own:
             self._thread = threading.Thread(target=self._background, name="shard-check", daemon=True)
             self._thread.start()
 

@@ -3,7 +3,8 @@
 Each result is kept under the tar's path with its size, mtime_ns, ctime_ns, inode and the
 manifest's sha256, so a restart hashes only the shards whose file changed (a rewrite or a copy
 changes the ctime even where the mtime is put back).  Bit rot under an untouched inode is not
-seen after the first check; delete the file to check again.  Only rank 0 reads and writes it.
+seen after the first check; delete the file to check again.  Only rank 0 reads and writes it; a
+rank that reads a copy of its own (another node's) keeps ``shard-checks.rank<r>.json``.
 """
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ class CheckMemory:
     """The results of earlier checks of ``manifest``'s shards, in ``out/NAME``; ``read`` False
     (ranks other than 0) starts empty.  A file that cannot be written is warned about once."""
 
-    def __init__(self, out: Path, manifest: Manifest, warn: Callable[[str], None], read: bool = True) -> None:
-        self.path, self.manifest, self._warn = out / NAME, manifest, warn
+    def __init__(self, out: Path, manifest: Manifest, warn: Callable[[str], None], read: bool = True,
+                 name: str = NAME) -> None:
+        self.path, self.manifest, self._warn = out / name, manifest, warn
         self._entries = self._read() if read else {}
         self._lock = threading.Lock()  # written from the hashing threads
         self._write_failed = False

@@ -42,6 +42,7 @@ torch's teardown), and a SIGTERM then killed a finished, saved run (exit -15, re
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import threading
@@ -50,6 +51,7 @@ from collections.abc import Iterator
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 DUPLICATE_SECONDS = 1.0  # a copy forwarded by a parent arrives within milliseconds
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class StopFlag:
@@ -115,6 +117,27 @@ class StopFlag:
         signal.set_wakeup_fd(previous)
         os.close(write)  # the watcher reads the end of its pipe and returns
         self._wakeup = None
+
+
+def follow_launcher(flag: StopFlag, parent: int, env: dict[str, str] | None = None) -> None:
+    """Under torchrun: a SIGTERM to this rank when torchrun's agent ends, however it ends.
+
+    torchrun starts each rank in a session of its own, and its agent stops them only when it
+    lives to do so: after a ``kill -9`` of torchrun (or its crash) the ranks trained on as
+    orphans, holding their GPUs and the run directory's locks (the next start: "in use by another
+    service").  The kernel's parent-death signal (``prctl(PR_SET_PDEATHSIG)``; the agent starts
+    its ranks from its main thread, so it comes when the agent's process ends) makes that a
+    SIGTERM to every rank: they agree on a step and rank 0 writes a checkpoint, as for a SIGTERM
+    to torchrun.  ``parent``: this process's parent when it started (``service.PARENT``); one
+    already gone before the kernel was asked is a stop requested now."""
+    env = os.environ if env is None else env
+    if "TORCHELASTIC_RUN_ID" not in env:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+        return  # not Linux: torchrun's own behaviour
+    if os.getppid() != parent:
+        flag.request("torchrun ended")
 
 
 def _leave(line: str, name: str) -> None:

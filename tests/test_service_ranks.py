@@ -1,12 +1,14 @@
 """Two gloo ranks through torchrun (real processes) where ranks used to diverge: a validation split
 that leaves one rank an empty last batch, a damaged newest checkpoint both ranks must agree to
-skip, ``--fresh`` deleting the old logs before any rank opens its new one, and the per-step
-agreement answered a step late, the same on every rank."""
+skip, ``--fresh`` deleting the old logs before any rank opens its new one, the per-step
+agreement answered a step late, the same on every rank, and a rank that sees the run directory at
+another path resuming the file rank 0 chose."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -19,10 +21,19 @@ from service import checkpoint as ckpt
 from shards.build import build
 from shards.config import ShardConfig
 from tests.procs import alive, cmdline, descendants, kill_all
-from tests.service_proc import ROOT, TORCHRUN_2, checkpoint_steps, events, run_service
+from tests.service_proc import ROOT, TORCHRUN_2, Service, checkpoint_steps, events, run_service
 
 pytestmark = pytest.mark.slow
 ODD = ("--loader.batch_size", "32", "--epochs", "1")
+# Rank 1 in a mount namespace of its own where $RUN, rank 0's --out, is an empty file system and
+# the run directory is at $ELSEWHERE: a node that mounts the shared storage at another path.
+ELSEWHERE_RANK_1 = """#!/bin/sh
+if [ "$RANK" = 1 ]; then
+    exec unshare -m sh -c 'mount --bind "$0" "$1" && mount -t tmpfs tmpfs "$0" && shift &&
+        exec {python} -m service "$@"' "$RUN" "$ELSEWHERE" "$@" --out "$ELSEWHERE"
+fi
+exec {python} -m service "$@"
+"""
 
 
 def _why(service) -> str:
@@ -150,3 +161,27 @@ def test_a_torchrun_run_the_tests_kill_leaves_no_rank_behind(tmp_path: Path) -> 
     while any(alive(pid) for pid in ranks) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [pid for pid in ranks if alive(pid)], "a rank outlived the killed torchrun"
+
+
+def test_a_rank_with_the_run_directory_at_another_path_resumes_rank_0s_choice(sample_shards: Path,
+                                                                              tmp_path: Path) -> None:
+    """--out may differ per rank (a node mounts the shared run directory elsewhere).  Rank 1 opens
+    the checkpoint rank 0 chose in its own --out: it was told rank 0's path, absent on its node,
+    and every rank refused to resume ("every rank must see the same run directory")."""
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare -m is not permitted here: needs root with mount rights (CAP_SYS_ADMIN)")
+    out, elsewhere, wrapper = tmp_path / "run", tmp_path / "elsewhere", tmp_path / "wrapper.sh"
+    rc, first = run_service(sample_shards, out, "--epochs", "1")
+    assert rc == 0, first.stderr
+    elsewhere.mkdir()
+    wrapper.write_text(ELSEWHERE_RANK_1.format(python=sys.executable))
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
+    job = Service(sample_shards, out, "--epochs", "1", launcher=(*TORCHRUN_2, "--no-python"),
+                  program=(str(wrapper),), env={"RUN": str(out), "ELSEWHERE": str(elsewhere)})
+    try:
+        rc = job.wait(timeout=300)
+    finally:
+        job.kill()
+    assert rc == 0, job.stderr[-3000:]
+    assert f"resuming run {events(out, 'start')[0]['run_id']}" in job.stdout, job.stdout
+    assert events(out, "start", rank=1)[-1]["resumed_from"] == str(elsewhere / "checkpoint-000000006.pt")

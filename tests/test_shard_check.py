@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tarfile
 import urllib.request
 from pathlib import Path
@@ -126,6 +127,29 @@ def test_two_ranks_count_and_say_a_skipped_shard_once(corrupt_shards, tmp_path: 
         service.kill()
     assert counts == [20.0, 0.0], counts  # was [20.0, 20.0]: sum() 40
     assert service.stderr.count("sample(s) not used") == 1, service.stderr
+
+
+@pytest.mark.slow
+def test_a_rank_reading_a_copy_of_its_own_checks_that_copy(sample_shards: Path, corrupt_shards,
+                                                            tmp_path: Path) -> None:
+    """--shards may differ per rank (each node its own local copy).  Rank 0 reads intact shards,
+    rank 1 a copy with a flipped JPEG: with ``data.verify before`` no rank trains, and the line
+    names the damaged shard of rank 1's copy (rank 0 alone hashed its own files, and rank 1
+    trained on the garbled pixels)."""
+    copy, _ = corrupt_shards
+    wrapper = tmp_path / "wrapper.sh"
+    wrapper.write_text(f'#!/bin/sh\n[ "$RANK" = 1 ] && exec {sys.executable} -m service "$@" --shards {copy}\n'
+                       f'exec {sys.executable} -m service "$@"\n')
+    wrapper.chmod(0o755)
+    service = Service(sample_shards, tmp_path / "run", "--epochs", "1", "--data.verify", "before", "--http.port",
+                      str(free_port(2)), launcher=(*TORCHRUN_2, "--no-python"), program=(str(wrapper),))
+    try:
+        service.wait(timeout=240)
+    finally:
+        service.kill()
+    assert f"train shard {copy / 'train' / BAD_TAR}: contents differ from the manifest's sha256" in service.stderr, (
+        service.stdout[-2000:] + service.stderr[-2000:])
+    assert "epoch 1 step" not in service.stdout, service.stdout
 
 
 def _check(shards: Path, out: Path, *args: str) -> tuple[ShardCheck, RunLog]:
