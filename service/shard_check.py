@@ -52,32 +52,17 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 from service.config import TrainConfig
-from service.data_errors import damaged_samples
 from service.dist import Ranks
 from service.errors import DataError, StoppedAtStart
 from service.metrics import ServiceMetrics
 from service.runlog import RunLog
+from service.shard_findings import Finding, consumed, describe, done_line, hint, size_text
 from service.shard_memory import CheckMemory, file_key
 from service.signals import StopFlag
-from shards.manifest import CORRUPT, INDEX, Manifest, Shard, check_files, shard_problem
+from shards.manifest import Manifest, Shard, check_files, shard_problem
 from shards.tarwriter import HashStopped
-
-
-@dataclass(frozen=True)
-class Finding:
-    """A shard that differs from the manifest, described for a person."""
-
-    split: str
-    shard: Shard
-    text: str  # "<split> shard <tar>: <problem>; <samples>"
-    index: bool = False  # the problem is the shard's DALI index (fixed by rewriting it, not the shards)
-
-
-def _size(nbytes: int) -> str:
-    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
 
 
 def reading_order(shards: tuple[Shard, ...], ranks: int) -> list[int]:
@@ -146,7 +131,7 @@ class ShardCheck:
             first = findings[0]
             more = f" (and {len(findings) - 1} more shard(s))" if len(findings) > 1 else ""
             raise DataError(f"{first.text}{more}; found before this start trained on anything; "
-                            f"{self._hint(first)}")
+                            f"{hint(first, self.manifest.root)}")
         for f in findings:
             self._skip(f)
         excluded = frozenset(f.shard.tar.name for f in findings)
@@ -187,7 +172,7 @@ class ShardCheck:
                     continue
                 cached += 1
             if problem:
-                findings.append(self._finding(split, shard, problem))
+                findings.append(describe(split, shard, problem, self.manifest.num_classes))
         if self.settings.verify == "before" and todo:
             hashed = self._hash_now(todo)
             if isinstance(hashed, str):
@@ -196,14 +181,14 @@ class ShardCheck:
             todo = []
         self._todo = todo
         self.log.say(f"shards: {cached} checked before ({self.memory.path.name}), {len(findings)} bad, {len(todo)} "
-                     + (f"({_size(sum(s.bytes for _, s in todo))}) to check in the background" if todo
+                     + (f"({size_text(sum(s.bytes for _, s in todo))}) to check in the background" if todo
                         else "left to check"))
         return findings
 
     def _hash_now(self, todo: list[tuple[str, Shard]]) -> list[Finding] | str:
         """Hash ``todo`` on every core: the findings, or (a stop request) the line saying so."""
         total, start = sum(s.bytes for _, s in todo), time.monotonic()
-        self.log.say(f"shards: checking {len(todo)} shard(s), {_size(total)}, against the manifest before "
+        self.log.say(f"shards: checking {len(todo)} shard(s), {size_text(total)}, against the manifest before "
                      "training (data.verify before)...")
         # hashlib lets go of the GIL; beyond ~16 readers the storage, not the CPU, sets the pace
         with ThreadPoolExecutor(min(len(os.sched_getaffinity(0)), 16)) as pool:
@@ -211,7 +196,7 @@ class ShardCheck:
                                      [s for _, s in todo]))
         if HashStopped in problems:
             return self._interrupted(sum(p is not HashStopped for p in problems), len(todo))
-        bad = [self._finding(split, shard, p) for (split, shard), p in zip(todo, problems) if p]
+        bad = [describe(split, shard, p, self.manifest.num_classes) for (split, shard), p in zip(todo, problems) if p]
         self._say_done(len(todo), len(bad), total, time.monotonic() - start)
         return bad
 
@@ -241,15 +226,17 @@ class ShardCheck:
             if problem is HashStopped:  # closed
                 return
             if problem:
-                self._found.append(self._finding(split, shard, problem))
+                self._found.append(describe(split, shard, problem, self.manifest.num_classes))
         self._say_done(len(self._todo), len(self._found), total, time.monotonic() - start)
 
     def poll(self, step: int) -> None:
         """After each step: a stop (``DataError``) once the background pass found a bad shard."""
         if self._found:
             self._halt.set()
-            raise DataError(f"{self._found[0].text}; found by the background check at step {step}: "
-                            f"{self._consumed(self._found[0], step)}; {self._hint(self._found[0])}")
+            first = self._found[0]
+            used = consumed(first, step, self._start_step, self.memory.entry(first.shard))
+            raise DataError(f"{first.text}; found by the background check at step {step}: {used}; "
+                            f"{hint(first, self.manifest.root)}")
 
     def finish(self, step: int) -> None:
         """A finished run: wait for the background pass, so no run ends 0 on unchecked data."""
@@ -290,35 +277,6 @@ class ShardCheck:
                 f"{total} shard(s): nothing was trained or checkpointed; the check runs again at the next start "
                 f"(the {done} checked are remembered in {self.memory.path})")
 
-    def _finding(self, split: str, shard: Shard, problem: str) -> Finding:
-        samples = f"; {damaged_samples(shard.tar, self.manifest.num_classes)}" if problem == CORRUPT else ""
-        return Finding(split, shard, f"{split} shard {shard.tar}: {problem}{samples}", problem.startswith(INDEX))
-
-    def _consumed(self, finding: Finding, step: int) -> str:
-        """What may have used the shard, as exactly as the loop knows it."""
-        s0, entry = self._start_step, self.memory.entry(finding.shard)
-        if finding.split == "val":
-            now = "the evaluations of this start may have read it (validation data: no step trained on it)"
-        elif step > s0:
-            now = (f"by then training had run {step - s0} step(s) of this start (steps {s0 + 1}..{step}), so samples "
-                   f"of it may have been trained on, and checkpoints after step {s0} include them")
-        else:
-            now = "no step of this start used it"
-        if s0 == 0:
-            return now
-        if entry.get("ok_at"):
-            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry["ok_at"]))
-            return f"{now}; it was intact when last checked ({when}), so earlier starts since then may have used it too"
-        return now + f"; it had never been checked, so earlier starts (steps 1..{s0}) may have used it too"
-
-    def _hint(self, finding: Finding) -> str:
-        skip = "leave bad shards out: --data.on_corrupt skip --data.verify before"
-        if finding.index:  # its text says how to rewrite the index
-            return f"or {skip}"
-        return (f"restore the shard from a copy or re-create the shards (make shards SRC=<imagenet> "
-                f"OUT={self.manifest.root}); or {skip}")
-
     def _say_done(self, count: int, bad: int, total: int, seconds: float) -> None:
-        self.log.say(f"shards: {count} checked against the manifest, {f'{bad} bad' if bad else 'all intact'} "
-                     f"({_size(total)} in {seconds:.2g} s, {total / 1e9 / max(seconds, 1e-9):.2f} GB/s)")
+        self.log.say(done_line(count, bad, total, seconds))
         self.log.event("shard_check", shards=count, bad=bad, bytes=total, seconds=round(seconds, 3))

@@ -216,3 +216,12 @@ def test_a_loader_position_is_refused_for_another_list_of_tars(sample_shards: Pa
 def test_the_readers_first_shards_are_checked_first() -> None:
     assert reading_order(tuple(range(10)), 1) == list(range(10))
     assert reading_order(tuple(range(10)), 3) == [0, 4, 7, 1, 5, 8, 2, 6, 9, 3]  # shares 0-3, 4-6, 7-9
+
+
+def test_the_check_s_rate_is_in_mb_per_second_when_below_a_tenth_of_a_gb() -> None:
+    """The sample's 20 MB in 4.5 s read '0.00 GB/s'."""
+    from service.shard_findings import done_line
+
+    assert done_line(10, 0, 19_700_000, 4.5) == ("shards: 10 checked against the manifest, all intact "
+                                                 "(19.7 MB in 4.5 s, 4.4 MB/s)")
+    assert done_line(3, 1, 31_000_000_000, 19.0).endswith("(31.0 GB in 19 s, 1.63 GB/s)")
