@@ -216,7 +216,7 @@ def run_service(cfg: TrainConfig, ending: bool = False) -> int:
         stop.uninstall(ending)
         ranks.close()
         if lock is not None:
-            lock.close()
+            lock.close(created)
         if allowed is not None:
             os.sched_setaffinity(0, allowed)
 

@@ -10,10 +10,12 @@ it joins any process group, so it fails rather than waiting for peers that never
 The kernel drops the lock when its process ends, however it ends (``kill -9``, a crash, the OOM
 killer): a restart after a crash is never blocked and there is no stale lock to clean up.  The
 file is left in place (deleting it would race with a process locking it) and holds the holder's
-PID and host, for the message; ``--fresh`` does not touch it.
+PID and host, for the message; ``--fresh`` does not touch it.  Only a start that refused in a
+directory it created removes it (``close``).
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import socket
@@ -57,7 +59,17 @@ class RunDirLock:
         rank = self.path.name.removeprefix(".lock-rank")
         return f" ({written}, rank {rank})" if written else f" (rank {rank})"
 
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # releases the lock
-            self._fd = None
+    def close(self, created: bool = False) -> None:
+        """Release the lock.  ``created``: this start created the run directory; when the lock files
+        are all it holds (the start refused: a taken port, a peer that failed), they and the
+        directory are removed, so a refused start leaves nothing behind.  The file is removed while
+        still locked: a second service that opened it meanwhile is refused, not let in."""
+        if self._fd is None:
+            return
+        out = self.path.parent
+        if created and all(p.name.startswith(".lock-rank") for p in out.iterdir()):
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+                out.rmdir()  # fails while another rank's lock file is still there: its close removes it
+        os.close(self._fd)  # releases the lock
+        self._fd = None

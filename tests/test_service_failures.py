@@ -139,6 +139,9 @@ def test_port_in_use_is_one_clear_line(sample_shards: Path, tmp_path: Path) -> N
     assert service.stderr.strip() == (f"service: port {port} on 127.0.0.1 is already in use (another run or "
                                       "exporter?): stop it or choose another port with --http.port N "
                                       "(make demo / train-local: PORT=N)")
+    # The run directory it created is gone again (it held the lock file alone, and make clean then
+    # kept it as "a training run").
+    assert not (tmp_path / "run").exists(), sorted(os.listdir(tmp_path / "run"))
 
 
 @pytest.mark.slow
