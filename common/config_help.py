@@ -12,6 +12,9 @@ import ast
 import dataclasses
 import inspect
 import io
+import os
+import signal
+import sys
 import textwrap
 import tokenize
 import typing
@@ -95,3 +98,14 @@ def settings_help(cls: type, prog: str, summary: str) -> str:
     head = [f"usage: {prog} [--config FILE.toml] [--key value | --key=value ...]", "",
             textwrap.fill(summary, WIDTH), "", textwrap.fill(how, WIDTH)]
     return "\n".join(head + ["", "Settings:"] + _lines(cls, cls(), "")) + "\n"
+
+
+def print_help(text: str) -> int:
+    """Print ``text`` (a command's ``--help``); its exit code: 0, or 141 when the reader went away
+    (``--help | head``: a BrokenPipeError traceback at print or at exit's flush, exit 1)."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 128 + signal.SIGPIPE
+    return 0

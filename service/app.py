@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from common.config import ConfigError, load_config, split_config_arg, to_dict
-from common.config_help import settings_help, wants_help
+from common.config_help import print_help, settings_help, wants_help
 from service import PARENT, checkpoint
 from service.build import apply_cuda_sync, build, compile_note, resolve, share_cores
 from service.config import TrainConfig, validate
@@ -270,9 +270,9 @@ def _serve(cfg: TrainConfig, manifest: contract.Manifest, ranks: Ranks, stop: St
 def main(argv: list[str]) -> int:
     """Entry point: a user-facing error is one line on stderr and its exit code (see service.errors)."""
     if wants_help(argv):
-        print(settings_help(TrainConfig, "python -m service", "The AlexNet training service: trains on shards "
-                            "written by `make shards`, checkpoints to --out, serves /metrics, /healthz and /status."))
-        return EXIT_OK
+        text = settings_help(TrainConfig, "python -m service", "The AlexNet training service: trains on shards written "
+                             "by `make shards`, checkpoints to --out, serves /metrics, /healthz and /status.")
+        return print_help(text)
     try:
         return run_service(parse(argv), ending=True)
     except ServiceError as exc:

@@ -5,7 +5,7 @@ import signal
 import sys
 
 from common.config import ConfigError, load_config, split_config_arg
-from common.config_help import settings_help, wants_help
+from common.config_help import print_help, settings_help, wants_help
 from shards.build import Interrupted, OtherDataset, TooManySkipped, build
 from shards.config import ShardConfig
 from shards.layouts import LayoutError
@@ -33,9 +33,9 @@ def _os_error(exc: OSError, cfg: ShardConfig) -> str:
 
 def main(argv: list[str]) -> int:
     if wants_help(argv):
-        print(settings_help(ShardConfig, "python -m shards", "Shards an ImageNet layout (--src) into checked, "
-                            "shuffled WebDataset tars, DALI indexes, a manifest and the dataset statistics (--out)."))
-        return 0
+        text = settings_help(ShardConfig, "python -m shards", "Shards an ImageNet layout (--src) into checked, shuffled "
+                             "WebDataset tars, DALI indexes, a manifest and the dataset statistics (--out).")
+        return print_help(text)
     try:
         path, overrides = split_config_arg(argv)
         cfg = load_config(ShardConfig, path, overrides).validate()

@@ -3,6 +3,7 @@ documents it where it is declared (``common.config_help``)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -69,3 +70,17 @@ def test_notes_are_the_comments_of_each_field_and_nothing_else() -> None:
     text = settings_help(Example, "prog", "What it does.")
     assert "  --plain STR  (default a # not a comment)\n      above, first line above, second line its own line" in text
     assert "  --bare INT  (default 1)\n  --choice x|y  (default x)\n" in text
+
+
+@pytest.mark.parametrize("module", ["service", "shards", "sampledata"])
+def test_help_into_a_closed_pipe_ends_quietly(module: str) -> None:
+    """``python -m shards --help | head -1`` ended in a BrokenPipeError traceback, exit 1, about
+    half the time (when head had gone before the write); the reader here is gone before it."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run([sys.executable, "-m", module, "--help"], stdout=write, stderr=subprocess.PIPE,
+                              text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (141, ""), done.stderr
