@@ -234,11 +234,7 @@ class Trainer:
             return False
         lr = parts.schedule.lrs[0]
         dropped = parts.schedule.step(result.top1_error)
-        record = dict(epoch=p.epoch, lr=lr, train_loss=p.epoch_loss_sum / max(p.step_in_epoch, 1),
-                      top1_error=result.top1_error, top5_error=result.top5_error, val_loss=result.loss,
-                      images_per_s=p.epoch_images / max(p.epoch_seconds, 1e-9),
-                      data_share=p.epoch_data_seconds / max(p.epoch_seconds, 1e-9), eval_seconds=seconds,
-                      eval_views_per_s=result.images * self.cfg.eval_views / max(seconds, 1e-9))
+        record = p.epoch_record(lr, result, seconds, self.cfg.eval_views)
         p.history.append(record)
         p.evaluated = p.epoch
         p.start_epoch()  # now: counters kept across a change of ranks count another number of steps

@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from common.config import to_dict
+from model import EvalResult
 from service.config import OPERATIONAL, TrainConfig
 from service.errors import ConfigMismatch
+from service.metric_logger import Window
 
 
 @dataclass
@@ -32,6 +34,15 @@ class Progress:
     epoch_seconds: float = 0.0
     epoch_data_seconds: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)  # one record per evaluated epoch
+
+    def epoch_record(self, lr: float, result: EvalResult, eval_seconds: float, views: int) -> dict[str, Any]:
+        """The history record of the epoch just trained and evaluated; its training rates by the
+        log lines' rule (``Window``), over the whole epoch."""
+        trained = Window(self.step_in_epoch, self.epoch_images, self.epoch_seconds, self.epoch_data_seconds)
+        return dict(epoch=self.epoch, lr=lr, train_loss=self.epoch_loss_sum / max(self.step_in_epoch, 1),
+                    top1_error=result.top1_error, top5_error=result.top5_error, val_loss=result.loss,
+                    images_per_s=trained.images_per_s, data_share=trained.data_share, eval_seconds=eval_seconds,
+                    eval_views_per_s=result.images * views / max(eval_seconds, 1e-9))
 
     def start_epoch(self) -> None:
         self.step_in_epoch = 0
