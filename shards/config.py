@@ -32,11 +32,13 @@ class ShardConfig:
         if self.size < 32:
             raise ConfigError(f"size must be at least 32, got {self.size}")
         if self.shard_samples < 0 or self.shard_bytes < 0 or self.shard_samples == self.shard_bytes == 0:
-            raise ConfigError("set shard_samples and/or shard_bytes to a positive limit")
+            raise ConfigError(f"shard_samples {self.shard_samples}, shard_bytes {self.shard_bytes}: set either or both "
+                              "to a positive limit (0: no limit of that kind)")
         if not 0 <= self.max_skipped_fraction <= 1:
             raise ConfigError(f"max_skipped_fraction must be within 0..1, got {self.max_skipped_fraction}")
-        if self.workers < 0 or self.chunk < 1 or self.stats_images < 0:
-            raise ConfigError("workers and stats_images must be >= 0, chunk >= 1")
+        for key, least in (("workers", 0), ("chunk", 1), ("stats_images", 0)):
+            if getattr(self, key) < least:
+                raise ConfigError(f"{key} must be at least {least}, got {getattr(self, key)}")
         return self
 
     @property

@@ -69,7 +69,8 @@ def scan(root: Path | str, val_labels: Path | None = None) -> Inventory:
     """
     root = Path(root).absolute()
     if not root.is_dir():
-        raise LayoutError(f"{root}: not a directory")
+        raise LayoutError(f"{root}: {'not a directory' if root.exists() else 'no such directory'}: --src (SRC=) "
+                          "must name the directory that holds ImageNet (train/ and val/, or its tars)")
     report = []
     for layout in LAYOUTS:
         probe = layout.probe(root, val_labels)

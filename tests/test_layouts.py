@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 from pathlib import Path
 
 import pytest
@@ -257,5 +258,24 @@ def test_flat_val_without_labels_says_label_file_missing(tmp_path: Path) -> None
 
 
 def test_missing_root(tmp_path: Path) -> None:
-    with pytest.raises(LayoutError, match="not a directory"):
+    """It said only 'not a directory', for a path that did not exist at all."""
+    with pytest.raises(LayoutError, match=r"nope: no such directory: --src \(SRC=\) must name the directory that "
+                                          r"holds ImageNet"):
         scan(tmp_path / "nope")
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(LayoutError, match=r"file: not a directory: --src"):
+        scan(tmp_path / "file")
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("workers", -1, "workers must be at least 0, got -1"), ("chunk", 0, "chunk must be at least 1, got 0"),
+    ("stats_images", -5, "stats_images must be at least 0, got -5"),
+    ("shard_bytes", 0, "shard_samples 0, shard_bytes 0: set either or both to a positive limit")])
+def test_a_bad_setting_is_named_with_its_value(tmp_path: Path, key: str, value: int, says: str) -> None:
+    """'workers and stats_images must be >= 0, chunk >= 1' named neither the key nor its value."""
+    from common.config import ConfigError
+    from shards.config import ShardConfig
+
+    extra = {"shard_samples": 0} if key == "shard_bytes" else {}
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        ShardConfig(src=tmp_path, **{key: value}, **extra).validate()
