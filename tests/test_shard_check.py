@@ -131,7 +131,7 @@ def test_two_ranks_count_and_say_a_skipped_shard_once(corrupt_shards, tmp_path: 
 
 @pytest.mark.slow
 def test_a_rank_reading_a_copy_of_its_own_checks_that_copy(sample_shards: Path, corrupt_shards,
-                                                            tmp_path: Path) -> None:
+                                                           tmp_path: Path) -> None:
     """--shards may differ per rank (each node its own local copy).  Rank 0 reads intact shards,
     rank 1 a copy with a flipped JPEG: with ``data.verify before`` no rank trains, and the line
     names the damaged shard of rank 1's copy (rank 0 alone hashed its own files, and rank 1
