@@ -33,11 +33,12 @@ in the log; a restart with the shard repaired reads it again (its epoch restarts
 saved position was for other tars).
 
 Several ranks: rank 0 checks and writes the file, every rank follows its verdict at start (one
-gather); a mismatch found later by the background pass stops rank 0 and torchrun the others.  A
-rank whose shards are other files than rank 0's (another node's copy: ``--shards`` may differ per
-rank) checks its copy as rank 0 does its own, in ``shard-checks.rank<r>.json``, and every rank
-follows every such verdict: a damaged byte in that copy went unseen (``data.verify before``
-included) and that rank trained on garbled pixels.
+gather); a mismatch found later by the background pass stops rank 0 and torchrun the others.
+Ranks whose shards are other files than rank 0's (another node's copy: ``--shards`` may differ
+per rank) have the first of them reading that copy check it as rank 0 does its own, in
+``shard-checks.rank<r>.json`` (once per copy, not once per GPU), and every rank follows every
+such verdict: a damaged byte in that copy went unseen (``data.verify before`` included) and
+those ranks trained on garbled pixels.
 
 Each file once at start: rank 0's look at every shard (its size and its index, read whole: ~1000
 train indexes on ImageNet) is the start's only one there, the manifest's own file check
@@ -116,7 +117,9 @@ class ShardCheck:
         out.  A rank that reads rank 0's files then checks its own view of them but those
         (``ManifestError``); one that reads a copy of its own checks that as rank 0 does."""
         copies = self.ranks.gather(_copy_of(self.manifest))
-        if copies[self.ranks.rank] != copies[0]:  # not rank 0's files: this rank checks its own
+        # The first rank reading each copy checks it: rank 0 its files, the lowest rank of another
+        # node with its own copy that copy (once per node, not once per GPU), the rest follow.
+        if copies.index(copies[self.ranks.rank]) == self.ranks.rank and self.ranks.rank != 0:
             self.own = True
             self.memory = CheckMemory(self.out, self.manifest, self.log.warn,
                                       name=f"shard-checks.rank{self.ranks.rank}.json")
