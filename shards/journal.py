@@ -64,6 +64,10 @@ class Journal:
     def resume(self, prefix: str, verify: Verifier) -> list[dict]:
         """Verified entries to keep; every other ``prefix-*`` file in the directory is removed."""
         self.directory.mkdir(parents=True, exist_ok=True)
+        if discarded := self._other_inputs():
+            print(f"shards: {self.directory}: its {discarded} finished shard(s) were cut from other inputs or settings "
+                  "(an image added, removed or changed in size; another seed, size, quality or shard limit): writing "
+                  "them again", flush=True)
         kept = self._verified_prefix(self.entries(), verify)
         keep = {e[k] for e in kept for k in ("tar", "index") if e[k]}
         for path in self.directory.iterdir():
@@ -72,6 +76,18 @@ class Journal:
                 path.unlink()
         self._rewrite(kept)
         return kept
+
+    def _other_inputs(self) -> int:
+        """How many shards a journal of another fingerprint lists (0: none, or this one's).  Why:
+        they are written again, which for ImageNet takes hours; a re-run said nothing of why."""
+        if not self.path.is_file():
+            return 0
+        lines = self.path.read_text().splitlines()
+        try:
+            same = not lines or json.loads(lines[0]).get("fingerprint") == self.fingerprint
+        except json.JSONDecodeError:
+            same = False
+        return 0 if same else len(lines) - 1
 
     def _rewrite(self, entries: list[dict]) -> None:
         lines = [{"fingerprint": self.fingerprint}, *entries]

@@ -56,14 +56,19 @@ def test_a_file_fixed_in_place_is_read_again(tmp_path: Path) -> None:
     assert f"train/{A}/2.JPEG" in _sources(out)
 
 
-def test_a_finished_directory_follows_an_image_replaced_in_place(tmp_path: Path) -> None:
+def test_a_finished_directory_follows_an_image_replaced_in_place(tmp_path: Path, capsys) -> None:
     """An image replaced under the same name (a re-download, a fixed crop) used to leave the
-    finished directory 'complete and unchanged; nothing to do', still training on the old pixels."""
+    finished directory 'complete and unchanged; nothing to do', still training on the old pixels.
+    The re-run says why it writes the split's shards again (for ImageNet: hours)."""
     src, out = tmp_path / "src", tmp_path / "out"
     _corpus(src)
     cfg = ShardConfig(src=src, out=out, workers=1).validate()
     before = build(cfg)
     (src / "train" / B / "0.JPEG").write_bytes(_jpeg(999, size=(400, 300)))
+    capsys.readouterr()
     after = build(cfg)
+    said = capsys.readouterr().out
+    assert f"shards: {out / 'train'}: its 1 finished shard(s) were cut from other inputs or settings" in said, said
+    assert f"{out / 'val'}: its" not in said, said
     assert after["splits"]["train"]["shards"][0]["sha256"] != before["splits"]["train"]["shards"][0]["sha256"]
     assert after["splits"]["val"] == before["splits"]["val"]
