@@ -6,6 +6,15 @@ from pathlib import Path
 
 def plot_history(history: list[dict], path: Path, chance: float) -> None:
     """Write ``path`` (PNG): train loss (left) and val top-1/top-5 error against chance (right)."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(history, chance)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def figure(history: list[dict], chance: float):
+    """The curve's matplotlib figure (laid out, not saved)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -19,7 +28,8 @@ def plot_history(history: list[dict], path: Path, chance: float) -> None:
     right.plot(epochs, [h["top5_error"] for h in history], marker="o", label="top-5 error")
     right.axhline(chance, color="grey", linestyle="--", label="chance (top-1)")
     right.set(xlabel="epoch", ylabel="validation error", ylim=(0, 1), title="validation")
-    right.legend()
+    # Under the axes: inside, the default "best" spot covered the chance line, and any corner some
+    # run's points (top-5 starts low, top-1 ends mid-height).
+    right.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3, frameon=False, fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig

@@ -243,3 +243,22 @@ def test_a_curve_that_cannot_be_drawn_costs_only_the_curve(tmp_path: Path, monke
         log.close()
     assert json.loads((tmp_path / "history.json").read_text()) == records and not (tmp_path / "curve.png").exists()
     assert "curve.png not drawn (RuntimeError: no usable font)" in capfd.readouterr().err
+
+
+def test_the_curve_s_legend_covers_none_of_the_validation_plot() -> None:
+    """Inside the axes, matplotlib's 'best' spot covered the chance line (make demo's curve.png);
+    the legend sits under the axes now, whatever the run's errors."""
+    import matplotlib.pyplot as plt
+
+    from service.plot import figure
+
+    history = [dict(epoch=i + 1, train_loss=1.8 - 0.2 * i, top1_error=t1, top5_error=t5)
+               for i, (t1, t5) in enumerate([(0.742, 0.325), (0.6, 0.2), (0.5, 0.08), (0.4, 0.042)])]
+    fig = figure(history, chance=5 / 6)
+    try:
+        fig.canvas.draw()
+        right = fig.axes[1]
+        legend, axes = right.get_legend().get_window_extent(), right.get_window_extent()
+        assert legend.y1 <= axes.y0, (legend, axes)
+    finally:
+        plt.close(fig)
