@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from service.errors import DataError
-from shards.manifest import INDEX, Manifest, Shard, index_fix, index_problem, shard_problem
+from shards.manifest import INDEX, Manifest, Shard, index_fix, index_problem, remake, shard_problem
 
 T = TypeVar("T")
 _NOISE = ("Current pipeline object is no longer valid", "C++ context", "Critical error in pipeline")
@@ -101,7 +101,7 @@ def diagnose(exc: BaseException, manifest: Manifest, split: str) -> DataError:
     """The ``DataError`` for a failure of the ``split`` loader, naming the shard when it can."""
     text = str(exc)
     reason = dali_reason(text)
-    hint = f"re-create the shards (make shards SRC=<imagenet> OUT={manifest.root}) or restore them from a copy"
+    hint = f"re-create the shards ({remake(manifest.root)}) or restore them from a copy"
     shards = manifest.splits[split].shards
     if indexed := [s for s in shards if str(s.index) in text]:  # DALI names the index it cannot parse
         return _index_error(indexed[0], split, reason)

@@ -62,7 +62,7 @@ from service.runlog import RunLog
 from service.shard_findings import Finding, consumed, describe, done_line, hint, size_text
 from service.shard_memory import CheckMemory, file_key
 from service.signals import StopFlag
-from shards.manifest import Manifest, Shard, check_files, shard_problem
+from shards.manifest import Manifest, Shard, check_files, remake, shard_problem
 from shards.tarwriter import HashStopped
 
 
@@ -151,7 +151,7 @@ class ShardCheck:
                 raise DataError(f"every {split} shard ({len(s.shards)} of {len(s.shards)}) differs from the manifest "
                                 f"of {self.manifest.root}, so data.on_corrupt skip left nothing to "
                                 f"{'train' if split == 'train' else 'evaluate'} on: restore the shards from a copy or "
-                                f"re-create them (make shards SRC=<imagenet> OUT={self.manifest.root})")
+                                f"re-create them ({remake(self.manifest.root)})")
 
     def _skip(self, f: Finding) -> None:
         """Every rank leaves the shard out of its reader and logs it in its own JSON log, but the job

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.data_errors import damaged_samples
-from shards.manifest import CORRUPT, INDEX, Shard
+from shards.manifest import CORRUPT, INDEX, Shard, remake
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def hint(finding: Finding, root: Path) -> str:
     skip = "leave bad shards out: --data.on_corrupt skip --data.verify before"
     if finding.index:  # its text says how to rewrite the index
         return f"or {skip}"
-    return f"restore the shard from a copy or re-create the shards (make shards SRC=<imagenet> OUT={root}); or {skip}"
+    return f"restore the shard from a copy or re-create the shards ({remake(root)}); or {skip}"
 
 
 def size_text(nbytes: int) -> str:

@@ -72,8 +72,13 @@ class Manifest:
         return len(self.classes)
 
 
+def remake(root: Path) -> str:
+    """The command that (re)writes the shards at ``root``: the one every "re-create" advice names."""
+    return f"make shards SRC=<imagenet> OUT={root}"
+
+
 def _hint(root: Path) -> str:
-    return f"(re)create it with `make shards SRC=<imagenet> OUT={root}`"
+    return f"(re)create it with `{remake(root)}`"
 
 
 def _not_shards(root: Path) -> str:
@@ -93,7 +98,7 @@ def _not_shards(root: Path) -> str:
 def rerun_hint(root: Path) -> str:
     """For the files ``make shards`` writes last (the statistics, the manifest): a re-run keeps
     the shards it finished (its journal) and writes them again."""
-    return (f"re-run the sharding, `make shards SRC=<imagenet> OUT={root}`: it keeps the shards already written "
+    return (f"re-run the sharding, `{remake(root)}`: it keeps the shards already written "
             "and writes the statistics and the manifest again")
 
 
