@@ -73,8 +73,7 @@ def resolve(cfg: TrainConfig, ranks: Ranks) -> TrainConfig:
     (make demo's data/shards) named nothing once read from another directory (predict)."""
     device = ranks.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ServiceError(EXIT_CONFIG, f"device {cfg.device!r}: no CUDA device is visible to this process "
-                           "(torch.cuda.is_available() is False); use --device cpu or auto")
+        raise ServiceError(EXIT_CONFIG, f"device {cfg.device!r}: {cuda_problem(device)}; use --device cpu or auto")
     m = cfg.model
     if m.autocast == "float16" and device.type != "cuda":
         raise ServiceError(EXIT_CONFIG, "model.autocast float16 needs a CUDA device (with a gradient scaler there); "
@@ -86,13 +85,24 @@ def resolve(cfg: TrainConfig, ranks: Ranks) -> TrainConfig:
         devices = _tower_devices(device, ranks, two_gpus)
         device = torch.device(devices[0])
     for d in devices:
-        if torch.device(d).type == "cuda" and torch.device(d).index is not None \
-                and torch.device(d).index >= torch.cuda.device_count():
-            raise ServiceError(EXIT_CONFIG, f"model.devices names {d}, but only {torch.cuda.device_count()} "
-                               "CUDA device(s) are visible")
+        if torch.device(d).index is not None and (problem := cuda_problem(torch.device(d))):
+            raise ServiceError(EXIT_CONFIG, f"model.devices names {d}, but {problem}")
     model = dataclasses.replace(m, layout=layout, devices=tuple(devices))
     return dataclasses.replace(cfg, device=str(device), model=model, loader=cfg.loader.replace(seed=cfg.seed),
                                shards=Path(os.path.abspath(cfg.shards)), out=Path(os.path.abspath(cfg.out)))
+
+
+def cuda_problem(device: torch.device) -> str | None:
+    """Why ``device`` cannot be used by this process (None: it can, or it is no CUDA device); the
+    service's settings and predict's ``--device`` each add their own advice."""
+    if device.type != "cuda":
+        return None
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        return "no CUDA device is visible to this process (torch.cuda.is_available() is False)"
+    if (device.index or 0) >= count:
+        return f"only {count} CUDA device(s) are visible (cuda:0..cuda:{count - 1})"
+    return None
 
 
 def apply_cuda_sync(cfg: TrainConfig) -> None:

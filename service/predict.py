@@ -46,7 +46,7 @@ from pipeline.normalize import DeviceNormalizer
 from pipeline.reference import decode
 from pipeline.stats import manifest_stats
 from pipeline.views import VIEW_COUNTS, view_stack
-from service.build import alexnet
+from service.build import alexnet, cuda_problem
 from service.checkpoint import TEMP_GLOB, OtherVersion, Unreadable, load, scan
 from service.checkpoint_trust import cannot_read, file_kind, not_a_file
 from service.config import ModelSettings, device_name_ok
@@ -132,14 +132,9 @@ def _device(name: str) -> torch.device:
     if not device_name_ok(name, auto=False):
         raise ServiceError(EXIT_CONFIG, f"--device {name}: must be cpu, cuda or cuda:N; use --device cpu if unsure")
     device = torch.device(name)
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ServiceError(EXIT_CONFIG, f"--device {name}: no CUDA device is usable here "
-                               "(torch.cuda.is_available() is False); use --device cpu")
-        if (device.index or 0) >= count:
-            raise ServiceError(EXIT_CONFIG, f"--device {name}: only {count} CUDA device(s) are visible "
-                               f"(cuda:0..cuda:{count - 1}); name one of them or use --device cpu")
+    if problem := cuda_problem(device):
+        raise ServiceError(EXIT_CONFIG, f"--device {name}: {problem}; use --device cpu"
+                           + (" or a visible one" if torch.cuda.is_available() else ""))
     return device
 
 

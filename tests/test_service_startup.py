@@ -90,3 +90,18 @@ def test_a_start_reads_the_manifest_and_each_index_once(sample_shards: Path, tmp
     counts = collections.Counter((o["rank"], Path(o["path"]).name) for o in opens if o["thread"] != "shard-check")
     read = {rank: {name: counts[rank, name] for name in names} for rank in range(ranks)}
     assert read == {rank: dict.fromkeys(names, 1) for rank in range(ranks)}
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("flags, says", [
+    (("--device", "cuda"), "device 'cuda': no CUDA device is visible to this process (torch.cuda.is_available() "
+                           "is False); use --device cpu or auto"),
+    (("--device", "cpu", "--model.layout", "towers", "--model.devices", "cuda:0,cuda:1"),
+     "model.devices names cuda:0, but no CUDA device is visible to this process")])
+def test_a_cuda_device_that_is_not_there_is_one_line_and_exit_2(sample_shards: Path, tmp_path: Path, flags: tuple,
+                                                                says: str) -> None:
+    """The service's and predict's checks share ``service.build.cuda_problem`` (they were written
+    twice); without CUDA a model.devices entry was 'only 0 CUDA device(s) are visible'."""
+    rc, service = run_service(sample_shards, tmp_path / "run", *flags, timeout=120)
+    assert rc == 2 and "Traceback" not in service.stderr, service.stderr
+    assert says in service.stderr.strip().splitlines()[-1], service.stderr
