@@ -8,14 +8,14 @@ forked before (the first command of a part's ``a && b``): those go with the chil
 which a parent still alive kills on a stop (``bench.gpu_check``)."""
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import re
 import signal
 import subprocess
-import sys
 from pathlib import Path
+
+from common import parent_death
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,23 +38,16 @@ def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subp
                                 start_new_session=True, preexec_fn=_dies_with(os.getpid()))
 
 
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-# Looked up here, in the parent: the child, forked from a process with CUDA's threads running,
-# should only make the call (a dlopen between fork and exec could deadlock on a lock one of
-# those threads held).
-_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
-
-
 def _dies_with(parent: int):
     """What the child runs between fork and exec (Linux): SIGKILL when ``parent`` (its starting
     thread) ends, and exit at once if it ended already, before the request was made.  A kernel
     (or sandbox) that refuses the request costs only that guarantee: the child runs, as it would
     anywhere else, rather than every part of a GPU run failing at its start."""
-    if _PRCTL is None:
+    if not parent_death.AVAILABLE:
         return None
 
     def request() -> None:
-        _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL)
+        parent_death.ask_for_signal(signal.SIGKILL)
         if os.getppid() != parent:
             os._exit(1)
     return request

@@ -42,16 +42,16 @@ torch's teardown), and a SIGTERM then killed a finished, saved run (exit -15, re
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import threading
 import time
 from collections.abc import Iterator
 
+from common import parent_death
+
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 DUPLICATE_SECONDS = 1.0  # a copy forwarded by a parent arrives within milliseconds
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class StopFlag:
@@ -133,8 +133,7 @@ def follow_launcher(flag: StopFlag, parent: int, env: dict[str, str] | None = No
     env = os.environ if env is None else env
     if "TORCHELASTIC_RUN_ID" not in env:
         return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+    if not parent_death.ask_for_signal(signal.SIGTERM):
         return  # not Linux: torchrun's own behaviour
     if os.getppid() != parent:
         flag.request("torchrun ended")
