@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from shards.config import ShardConfig
 from shards.journal import Journal
 from shards.layouts import scan
 from shards.outdir import claimed
-from shards.report import check_trainable, path_bytes, summary
+from shards.report import check_trainable, summary, write_skipped
 from shards.sources import Inventory, Source
 from shards.tarwriter import atomic_write_bytes, atomic_write_text, index_of, sha256_file
 from shards.workers import Workers
@@ -107,7 +108,7 @@ def fingerprint(cfg: ShardConfig, split: str, sources: list[Source], classes: li
     """Identifies (inputs, order, settings): a journal from another fingerprint is discarded."""
     digest = hashlib.sha256(json.dumps([split, cfg.output_parameters(), classes, PLAN]).encode())
     for s in sources:
-        digest.update(path_bytes(f"{s.path}\0{s.wnid}\0{s.size}\n"))
+        digest.update(os.fsencode(f"{s.path}\0{s.wnid}\0{s.size}\n"))  # names need not be UTF-8
     return digest.hexdigest()
 
 
@@ -135,8 +136,7 @@ def _check_skipped(cfg: ShardConfig, record: dict) -> None:
     share = len(record["skipped"]) / max(record["inputs"], 1)
     if share > cfg.max_skipped_fraction:
         reasons = Counter(s["reason"].split(" (")[0] for s in record["skipped"]).most_common(5)
-        report = cfg.out / "skipped.json"
-        atomic_write_text(report, json.dumps(record["skipped"], indent=1) + "\n")
+        report = write_skipped(cfg.out, record["skipped"])
         raise TooManySkipped(
             f"{len(record['skipped'])} of {record['inputs']} inputs ({share:.2%}) were skipped, more than "
             f"max_skipped_fraction={cfg.max_skipped_fraction}; most common reasons: {reasons}. Every skipped "

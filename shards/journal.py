@@ -31,18 +31,26 @@ class Journal:
 
     def entries(self) -> list[dict]:
         """The journal's entries when it is of this fingerprint (else none), up to a line cut short."""
+        return self._read()[0]
+
+    def _read(self) -> tuple[list[dict], int]:
+        """(``entries``, how many shards a journal of another fingerprint lists: written again)."""
         if not self.path.is_file():
-            return []
+            return [], 0
         lines = self.path.read_text().splitlines()
-        if not lines or json.loads(lines[0]).get("fingerprint") != self.fingerprint:
-            return []  # different inputs or settings: nothing can be kept
+        try:
+            same = not lines or json.loads(lines[0]).get("fingerprint") == self.fingerprint
+        except json.JSONDecodeError:
+            same = False
+        if not same:
+            return [], len(lines) - 1  # different inputs or settings: nothing can be kept
         entries = []
         for line in lines[1:]:
             try:
                 entries.append(json.loads(line))
             except json.JSONDecodeError:
                 break  # a line cut by an interrupt ends the usable prefix
-        return entries
+        return entries, 0
 
     def _verified_prefix(self, entries: list[dict], verify: Verifier) -> list[dict]:
         candidates, position = [], 0
@@ -64,11 +72,12 @@ class Journal:
     def resume(self, prefix: str, verify: Verifier) -> list[dict]:
         """Verified entries to keep; every other ``prefix-*`` file in the directory is removed."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        if discarded := self._other_inputs():
+        entries, discarded = self._read()
+        if discarded:  # for ImageNet hours of work again: a re-run said nothing of why
             print(f"shards: {self.directory}: its {discarded} finished shard(s) were cut from other inputs or settings "
                   "(an image added, removed or changed in size; another seed, size, quality or shard limit): writing "
                   "them again", flush=True)
-        kept = self._verified_prefix(self.entries(), verify)
+        kept = self._verified_prefix(entries, verify)
         keep = {e[k] for e in kept for k in ("tar", "index") if e[k]}
         for path in self.directory.iterdir():
             stale = path.name.startswith(f"{prefix}-") and path.name not in keep
@@ -76,18 +85,6 @@ class Journal:
                 path.unlink()
         self._rewrite(kept)
         return kept
-
-    def _other_inputs(self) -> int:
-        """How many shards a journal of another fingerprint lists (0: none, or this one's).  Why:
-        they are written again, which for ImageNet takes hours; a re-run said nothing of why."""
-        if not self.path.is_file():
-            return 0
-        lines = self.path.read_text().splitlines()
-        try:
-            same = not lines or json.loads(lines[0]).get("fingerprint") == self.fingerprint
-        except json.JSONDecodeError:
-            same = False
-        return 0 if same else len(lines) - 1
 
     def _rewrite(self, entries: list[dict]) -> None:
         lines = [{"fingerprint": self.fingerprint}, *entries]

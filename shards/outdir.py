@@ -53,8 +53,8 @@ def claimed(out: Path, trees: list[str]) -> Iterator[None]:
     out.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    except (PermissionError, OSError) as exc:
-        if not isinstance(exc, PermissionError) and exc.errno != errno.EROFS:
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise
         yield  # a finished directory on a read-only mount: no run can write there, re-verifying it needs no lock
         return

@@ -26,19 +26,21 @@ def check_trainable(found: int, written: int | None, src: Path, out: Path, skipp
         raise NoTrainingImages(f"no training image found under {src}: its training class folders are empty; "
                                "check that the images were extracted into them, then re-run")
     if written == 0:
-        atomic_write_text(out / "skipped.json", json.dumps(list(skipped), indent=1) + "\n")
+        report = write_skipped(out, skipped)
         raise NoTrainingImages(f"none of the {found} training images could be used: every one was skipped, each "
-                               f"with its reason in {out / 'skipped.json'}; fix them, then re-run")
+                               f"with its reason in {report}; fix them, then re-run")
+
+
+def write_skipped(out: Path, skipped: list[dict]) -> Path:
+    """``out/skipped.json``: every skipped input and its reason, for a run that stops on them."""
+    report = out / "skipped.json"
+    atomic_write_text(report, json.dumps(list(skipped), indent=1) + "\n")
+    return report
 
 
 def printable(text: str) -> str:
     """``text`` with any undecodable file-name byte shown as ``\\xNN`` (valid UTF-8 in, unchanged out)."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def path_bytes(path: str) -> bytes:
-    """A path as the bytes the file system holds (what a fingerprint must digest)."""
-    return path.encode("utf-8", "surrogateescape")
 
 
 def _empty_classes(record: dict) -> list[str]:
