@@ -12,8 +12,6 @@ import ast
 import dataclasses
 import inspect
 import io
-import os
-import signal
 import sys
 import textwrap
 import tokenize
@@ -22,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import field_types
+from common.streams import READER_GONE, silence
 
 HELP_FLAGS = ("-h", "--help")
 WIDTH = 100
@@ -106,6 +105,6 @@ def print_help(text: str) -> int:
     try:
         print(text, flush=True)
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
-        return 128 + signal.SIGPIPE
+        silence(sys.stdout.fileno())
+        return READER_GONE
     return 0

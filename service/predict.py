@@ -30,7 +30,6 @@ import argparse
 import dataclasses
 import json
 import os
-import signal
 import stat
 import sys
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ import numpy as np
 import torch
 
 from common.config import path_arg
+from common.streams import READER_GONE, silence
 from model.train_step import view_averaged_probs
 from pipeline.config import LoaderConfig
 from pipeline.normalize import DeviceNormalizer
@@ -275,8 +275,8 @@ def main(argv: list[str]) -> int:
         print(f"predict: interrupted after {done} of {len(args.images)} images", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader went away (| head): end quietly, as a SIGPIPE would
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
-        return 128 + signal.SIGPIPE
+        silence(sys.stdout.fileno())
+        return READER_GONE
     return 1 if failed else 0
 
 

@@ -18,13 +18,13 @@ an ``OSError`` traceback.  The checkpoints on disk are intact and the run resume
 from __future__ import annotations
 
 import json
-import os
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from common.streams import silence
 from service.checkpoint_writer import write_failure
 from service.errors import EXIT_CHECKPOINT, ServiceError
 from service.plot import plot_history
@@ -61,9 +61,7 @@ def _emit(line: str, fd: int) -> None:
         stream.flush()
         return
     except OSError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, fd)
-        os.close(devnull)
+        silence(fd)
         _GONE.add(fd)
     if fd == 1:
         _emit(line, 2)
