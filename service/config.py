@@ -219,7 +219,7 @@ def _model_problems(cfg: TrainConfig) -> list[str]:
         problems.append(f"model.layout must be one of {LAYOUTS}, got {m.layout!r}")
     if m.devices and (len(m.devices) != 2 or not all(device_name_ok(d, auto=False) for d in m.devices)):
         problems.append(f"model.devices must be two devices (e.g. cuda:0,cuda:1) or empty, got {list(m.devices)}")
-    if m.devices and m.layout == "grouped" and m.devices[0] != m.devices[1]:
+    elif m.devices and m.layout == "grouped" and m.devices[0] != m.devices[1]:  # two devices: a second to compare
         problems.append("model.devices names two devices but model.layout is grouped (one device): use towers")
     if m.autocast not in AUTOCAST:
         problems.append(f"model.autocast must be one of {AUTOCAST}, got {m.autocast!r}")

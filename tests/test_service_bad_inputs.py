@@ -118,3 +118,13 @@ def test_shards_that_are_no_shard_directory_are_one_line_and_nothing_is_created(
     assert not run.exists() and str(path) in line
     if given == "the images":
         assert f"make shards SRC={path} OUT=<a new directory>" in line
+
+
+@pytest.mark.parametrize("devices", ["cuda:0", "", "cpu,cpu,cpu"])
+def test_model_devices_not_two_is_one_line_and_exit_2(devices: str, tmp_path: Path) -> None:
+    """One device (or none, or three) where towers need two: the grouped-layout check indexed the
+    second one and the start ended in an IndexError traceback, exit 1."""
+    run = tmp_path / "run"
+    line = one_line(service("--model.devices", devices, "--out", str(run)), EXIT_CONFIG)
+    assert "model.devices must be two devices (e.g. cuda:0,cuda:1) or empty" in line, line
+    assert not run.exists()
