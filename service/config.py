@@ -183,6 +183,11 @@ def validate(cfg: TrainConfig) -> list[str]:
     need(cfg.log_every >= 1, f"log_every must be >= 1, got {cfg.log_every}")
     need(device_name_ok(cfg.device), f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     need(0 <= cfg.seed <= MAX_SEED, f"seed must be in 0..{MAX_SEED}, got {cfg.seed}")
+    # service.build.resolve replaces loader.seed with seed (every rank's pipeline seed derives from it):
+    # another value would be dropped without a word, and the run trained on seed's data order.
+    need(cfg.loader.seed in (LoaderConfig.seed, cfg.seed),
+         f"loader.seed {cfg.loader.seed} is not used by the service (the pipelines are seeded from seed, "
+         f"{cfg.seed}): give --seed {cfg.loader.seed} instead, and leave loader.seed out")
     try:
         cfg.loader.validate()
     except ValueError as exc:

@@ -128,3 +128,12 @@ def test_model_devices_not_two_is_one_line_and_exit_2(devices: str, tmp_path: Pa
     line = one_line(service("--model.devices", devices, "--out", str(run)), EXIT_CONFIG)
     assert "model.devices must be two devices (e.g. cuda:0,cuda:1) or empty" in line, line
     assert not run.exists()
+
+
+def test_a_loader_seed_the_service_would_not_use_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """The service seeds every rank's pipeline from ``seed`` (``service.build.resolve``): a
+    ``loader.seed`` of its own was replaced without a word, and the run trained on seed 0's order."""
+    run = tmp_path / "run"
+    line = one_line(service("--loader.seed", "5", "--out", str(run)), EXIT_CONFIG)
+    assert "loader.seed 5 is not used by the service" in line and "--seed 5" in line, line
+    assert not run.exists()
