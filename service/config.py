@@ -61,7 +61,7 @@ class OptimSettings:
     """The paper's update rule and learning-rate schedule (docs/reference.md)."""
 
     lr: float = 0.01  # > 0 (0 would train nothing: every update a no-op)
-    momentum: float = 0.9
+    momentum: float = 0.9  # in [0, 1): the share of the velocity kept from one step to the next
     weight_decay: float = 5e-4
     # true: the paper, every weight decays, biases included; false: Caffe/cuda-convnet, biases exempt.
     bias_decay: bool = True
@@ -195,9 +195,10 @@ def validate(cfg: TrainConfig) -> list[str]:
     problems += _model_problems(cfg)
     o = cfg.optim
     # lr 0 would train nothing for the whole run (every update a no-op); momentum and weight decay 0
-    # are plain SGD and no decay.
-    for key, low, ok in (("lr", "> 0", o.lr > 0), ("momentum", ">= 0", o.momentum >= 0),
-                         ("weight_decay", ">= 0", o.weight_decay >= 0)):
+    # are plain SGD and no decay.  The velocity is multiplied by the momentum every step: at 1 it
+    # never decays, above it grows without bound (the run trained on until the loss diverged).
+    need(0 <= o.momentum < 1, f"optim.momentum must be a number in [0, 1), got {o.momentum} (the paper's is 0.9)")
+    for key, low, ok in (("lr", "> 0", o.lr > 0), ("weight_decay", ">= 0", o.weight_decay >= 0)):
         value = getattr(o, key)
         need(ok and math.isfinite(value) and value <= FLOAT32_MAX,
              f"optim.{key} must be a number {low} (at most float32's {FLOAT32_MAX:.4g}), got {value}")

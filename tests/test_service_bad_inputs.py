@@ -137,3 +137,15 @@ def test_a_loader_seed_the_service_would_not_use_is_one_line_and_exit_2(tmp_path
     line = one_line(service("--loader.seed", "5", "--out", str(run)), EXIT_CONFIG)
     assert "loader.seed 5 is not used by the service" in line and "--seed 5" in line, line
     assert not run.exists()
+
+
+@pytest.mark.parametrize("momentum", ["1", "2"])
+def test_a_momentum_of_1_or_more_is_one_line_and_exit_2(momentum: str, tmp_path: Path) -> None:
+    """The velocity is multiplied by the momentum every step: at 1 it never decays, above it grows
+    without bound.  Both were accepted and trained on until the loss diverged (exit 6, the epochs
+    before it spent); now refused with the other settings, before the shards are read (here: none)."""
+    run = tmp_path / "run"
+    line = one_line(service("--optim.momentum", momentum, "--shards", str(tmp_path / "no-shards"),
+                            "--out", str(run)), EXIT_CONFIG)
+    assert f"optim.momentum must be a number in [0, 1), got {float(momentum)}" in line, line
+    assert not run.exists()

@@ -44,7 +44,7 @@ CONTRACT = [
     (["--model.autocast", "fp8"], "model.autocast must be one of"),
     (["--optim.lr", "-1"], "optim.lr must be a number > 0"),
     (["--optim.lr", "0"], "optim.lr must be a number > 0 .*got 0.0"),  # lr 0: every step a no-op, the whole run
-    (["--optim.momentum", "-1"], "optim.momentum must be a number >= 0"),
+    (["--optim.momentum", "-1"], "optim.momentum must be a number in \\[0, 1\\), got -1.0"),
     (["--loader.threads", "100000"], "loader.threads must be in 0..1024 .*got 100000"),  # DALI: exit 134, no line
     (["--checkpoint.keep", "0"], "checkpoint.keep must be >= 1"),
     (["--http.port", "70000"], "http.port must be in 0..65535"),
