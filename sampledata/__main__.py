@@ -15,7 +15,7 @@ def main(argv: list[str]) -> int:
         return print_help(text)
     try:
         path, overrides = split_config_arg(argv)
-        cfg = load_config(SampleConfig, path, overrides)
+        cfg = load_config(SampleConfig, path, overrides).validate()
     except ConfigError as exc:
         print(f"sampledata: {exc}", file=sys.stderr)
         return 2

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from common.config import ConfigError
 from common.progress import progress
-from sampledata.photos import load_photos
+from sampledata.photos import PHOTOS, load_photos
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,20 @@ class SampleConfig:
     seed: int = 0
     large_fraction: float = 0.1  # share of images above 1000 px on the long side
     workers: int = 1  # processes writing images (0 = one per core); the output does not depend on it
+
+    def validate(self) -> SampleConfig:
+        """Return self if every setting can work, else ``ConfigError`` naming it: each was a
+        traceback at some point of the writing, or (no val split, no large image) a dataset other
+        than the one asked for, written without a word."""
+        if not 2 <= self.classes <= len(PHOTOS):
+            raise ConfigError(f"classes must be 2..{len(PHOTOS)} (one per embedded photo), got {self.classes}")
+        for key, least, note in (("train_per_class", 1, ""), ("val_per_class", 1, ""), ("seed", 0, ""),
+                                 ("workers", 0, " (0 = one per core)")):
+            if getattr(self, key) < least:
+                raise ConfigError(f"{key} must be >= {least}{note}, got {getattr(self, key)}")
+        if not 0 <= self.large_fraction <= 1:  # nan too: nan <= 1 is False
+            raise ConfigError(f"large_fraction must be in [0, 1], got {self.large_fraction}")
+        return self
 
 
 def wnid_of(index: int) -> str:
@@ -142,12 +157,10 @@ def _write_all(cfg: SampleConfig, plan: list, bar) -> None:
 
 def generate(cfg: SampleConfig) -> int:
     """Write the dataset under ``cfg.out``; returns the number of files.  Idempotent."""
-    marker = cfg.out / ".complete"
+    marker = cfg.validate().out / ".complete"
     if marker.is_file() and marker.read_text().strip() == fingerprint(cfg):
         print(f"sampledata: {cfg.out} is already complete")
         return len(_plan(cfg))
-    if cfg.workers < 0:
-        raise ValueError(f"workers must be >= 0 (0 = one per core), got {cfg.workers}")
     _PHOTOS[:] = load_photos(cfg.classes)
     names = {wnid_of(c): name for c, (name, _) in enumerate(_PHOTOS)}
     plan = _plan(cfg)

@@ -1,6 +1,9 @@
 """The embedded sample dataset: ImageNet's layout and quirks, deterministic, learnable but not by colour."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +11,8 @@ import pytest
 from PIL import Image
 
 from sampledata.generate import SampleConfig, generate
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +90,20 @@ def test_learnable_but_not_from_mean_colour(default_sample: Path) -> None:
     by_texture = _nearest_centroid_accuracy(t_tr, y_tr, t_va, y_va)
     assert by_colour < 0.45, f"mean colour alone gives {by_colour:.0%}: the colour shifts are too weak"
     assert by_texture > 0.7 and by_texture > 8 * chance, f"a colour-blind texture feature gives only {by_texture:.0%}"
+
+
+@pytest.mark.parametrize("flag, value, said", [
+    ("classes", "0", "classes must be 2..12 (one per embedded photo), got 0"),  # was a ValueError traceback
+    ("workers", "-1", "workers must be >= 0 (0 = one per core), got -1"),  # was a ValueError traceback
+    ("seed", "-1", "seed must be >= 0, got -1"),  # was numpy's "expected non-negative integer" traceback
+    ("train_per_class", "0", "train_per_class must be >= 1, got 0"),  # was FileNotFoundError: synset_words.txt
+    ("val_per_class", "-1", "val_per_class must be >= 1, got -1"),  # wrote no val split, exit 0
+    ("large_fraction", "nan", "large_fraction must be in [0, 1], got nan"),  # no large image, exit 0
+])
+def test_a_bad_setting_is_one_line_exit_2_and_writes_nothing(flag: str, value: str, said: str, tmp_path: Path) -> None:
+    out = tmp_path / "sample"
+    result = subprocess.run([sys.executable, "-m", "sampledata", "--out", str(out), f"--{flag}", value], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == f"sampledata: {said}\n"
+    assert not out.exists()
