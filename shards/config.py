@@ -36,7 +36,7 @@ class ShardConfig:
                               "to a positive limit (0: no limit of that kind)")
         if not 0 <= self.max_skipped_fraction <= 1:
             raise ConfigError(f"max_skipped_fraction must be within 0..1, got {self.max_skipped_fraction}")
-        for key, least in (("workers", 0), ("chunk", 1), ("stats_images", 0)):
+        for key, least in (("workers", 0), ("chunk", 1), ("stats_images", 0), ("seed", 0)):
             if getattr(self, key) < least:
                 raise ConfigError(f"{key} must be at least {least}, got {getattr(self, key)}")
         return self

@@ -176,3 +176,12 @@ def test_a_multi_page_tiff_cut_short_after_its_first_page_is_that_page() -> None
     pages[0].save(buf, "TIFF", save_all=True, append_images=pages[1:])
     prepared = prepare(buf.getvalue()[:int(len(buf.getvalue()) * 0.45)])
     assert prepared.changes == ("first frame used, the rest unreadable",)
+
+
+def test_a_negative_seed_is_one_line_and_exit_2(sample_src: Path, tmp_path: Path) -> None:
+    """The training split's shuffle takes seeds >= 0: -1 was numpy's "expected non-negative integer"
+    traceback, after the scan of the source tree."""
+    out = tmp_path / "out"
+    result = run_module("shards", "--src", str(sample_src), "--out", str(out), "--seed", "-1", check=False)
+    assert (result.returncode, result.stderr) == (2, "shards: seed must be at least 0, got -1\n")
+    assert not out.exists()
