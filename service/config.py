@@ -210,6 +210,9 @@ def validate(cfg: TrainConfig) -> list[str]:
     need(math.isfinite(c.every_seconds) and c.every_seconds >= 0,
          f"checkpoint.every_seconds must be a finite number >= 0 (0 = off), got {c.every_seconds}")
     need(c.keep >= 1, f"checkpoint.keep must be >= 1, got {c.keep}")
+    # bind's wildcard: an unset-but-empty $HTTP_HOST (docker/entrypoint.sh) would serve every interface
+    need(cfg.http.host.strip() != "", "http.host is empty: give 127.0.0.1 (this machine only) or 0.0.0.0 "
+         "(every interface)")
     need(0 <= cfg.http.port <= 65535, f"http.port must be in 0..65535 (0 = any free port), got {cfg.http.port}")
     need(math.isfinite(cfg.http.stall_seconds) and cfg.http.stall_seconds > 0,
          f"http.stall_seconds must be a finite number > 0, got {cfg.http.stall_seconds}")

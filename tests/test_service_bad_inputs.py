@@ -149,3 +149,13 @@ def test_a_momentum_of_1_or_more_is_one_line_and_exit_2(momentum: str, tmp_path:
                             "--out", str(run)), EXIT_CONFIG)
     assert f"optim.momentum must be a number in [0, 1), got {float(momentum)}" in line, line
     assert not run.exists()
+
+
+def test_an_empty_http_host_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """An empty host is the wildcard address to ``bind``: ``--http.host "$HTTP_HOST"`` with the
+    variable set but empty served the metrics on every interface of the machine, unasked."""
+    run = tmp_path / "run"
+    line = one_line(service("--http.host", "", "--shards", str(tmp_path / "no-shards"), "--out", str(run)),
+                    EXIT_CONFIG)
+    assert "http.host is empty: give 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)" in line, line
+    assert not run.exists()
