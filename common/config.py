@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import os
 import tomllib
 import types
@@ -145,7 +146,8 @@ def _merge(cls: type[T], base: T, table: dict[str, Any], where: str, prefix: str
     for key, value in table.items():
         name = f"{prefix}{key}"
         if key not in fields:
-            raise ConfigError(f"{where}: unknown key {name!r}; valid keys: {', '.join(prefix + k for k in fields)}")
+            raise ConfigError(f"{where}: unknown key {name!r}{_meant(name, cls, prefix)}; "
+                              f"valid keys: {', '.join(prefix + k for k in fields)}")
         if actions.get(key):
             raise ConfigError(f"{where}: {name} is a command-line-only setting ({actions[key]}): remove it from the file "
                               f"and give --{name} on the command line of the one start that needs it")
@@ -157,6 +159,25 @@ def _merge(cls: type[T], base: T, table: dict[str, Any], where: str, prefix: str
         else:
             changes[key] = _coerce(value, tp, name, where, parse=not file)
     return dataclasses.replace(base, **changes)
+
+
+def _keys_under(cls: type, prefix: str) -> list[str]:
+    """Every key of ``cls`` dotted from ``prefix``: its sections and, below them, their keys."""
+    keys = []
+    for name, tp in field_types(cls).items():
+        keys.append(prefix + name)
+        if dataclasses.is_dataclass(tp):
+            keys += _keys_under(tp, f"{prefix}{name}.")
+    return keys
+
+
+def _meant(name: str, cls: type, prefix: str) -> str:
+    """" (did you mean K?)" for the key of ``cls`` closest to the unknown ``name`` (sections' keys
+    included: ``batch_size`` given without its section is ``loader.batch_size``), else ""."""
+    keys = _keys_under(cls, prefix)
+    leaf = name.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(name, keys, n=1) or [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _overrides_to_table(args: list[str]) -> dict[str, Any]:

@@ -47,6 +47,21 @@ def test_bad_flags_are_rejected_by_name(args: list[str], message: str) -> None:
         load_config(Job, None, args)
 
 
+@pytest.mark.parametrize("where, key, meant", [
+    ("flag", "stpes", "steps"),  # a typo
+    ("flag", "nesterov", "optim.nesterov"),  # a section's key given without its section
+    ("flag", "optim.nestrov", "optim.nesterov"),
+    ("file", "optimm", "optim"),  # a section's name
+])
+def test_an_unknown_key_suggests_the_one_meant(where: str, key: str, meant: str, tmp_path: Path) -> None:
+    """The line listed the valid keys of the unknown key's level only: ``--batch_size 32`` got the
+    service's sixteen top-level names, and ``loader.batch_size`` was not among them."""
+    toml = tmp_path / "job.toml"
+    toml.write_text(f"[{key}]\nlr = 0.1\n" if where == "file" else "")
+    with pytest.raises(ConfigError, match=f"unknown key '{key}' \\(did you mean {meant}\\?\\); valid keys: "):
+        load_config(Job, toml, [f"--{key}", "true"] if where == "flag" else [])
+
+
 def test_bad_toml_is_rejected_naming_the_file(tmp_path: Path) -> None:
     toml = tmp_path / "bad.toml"
     toml.write_text("steps = 'ten'\n")
