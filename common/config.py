@@ -10,6 +10,7 @@ strings, parsed into each key's type; a file's values are typed by TOML and take
 from __future__ import annotations
 
 import argparse
+import codecs
 import dataclasses
 import difflib
 import os
@@ -212,6 +213,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"config file {path} cannot be read ({exc.strerror or exc}): make it readable for uid "
                           f"{os.getuid()}, or pass another --config") from None
+    data = data.removeprefix(codecs.BOM_UTF8)  # "UTF-8 with BOM" (Windows editors): a mark, not a statement
     try:
         return tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError as exc:

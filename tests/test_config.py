@@ -62,6 +62,14 @@ def test_an_unknown_key_suggests_the_one_meant(where: str, key: str, meant: str,
         load_config(Job, toml, [f"--{key}", "true"] if where == "flag" else [])
 
 
+def test_a_file_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """Windows editors' "UTF-8 with BOM" starts with EF BB BF, invisible in the editor: the line
+    was "not valid TOML: Invalid statement (at line 1, column 1)", with nothing there to see."""
+    toml = tmp_path / "job.toml"
+    toml.write_bytes(b"\xef\xbb\xbfsteps = 5\n")
+    assert load_config(Job, toml).steps == 5
+
+
 def test_bad_toml_is_rejected_naming_the_file(tmp_path: Path) -> None:
     toml = tmp_path / "bad.toml"
     toml.write_text("steps = 'ten'\n")
