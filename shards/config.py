@@ -8,6 +8,13 @@ from pathlib import Path
 from common.config import ConfigError
 
 
+# Worker processes at most: one per core is the useful number (each writes whole shards), and
+# 1024 is above the hardware threads of today's largest two-socket machines (2 x 192 cores x SMT 2
+# = 768), as pipeline.config.MAX_THREADS.  100000 forked a process per worker until the open
+# files ran out, and the line named the output directory (a disk problem, it seemed).
+MAX_WORKERS = 1024
+
+
 @dataclass(frozen=True)
 class ShardConfig:
     """Everything that decides what the sharder writes, and how fast."""
@@ -20,7 +27,7 @@ class ShardConfig:
     shard_samples: int = 5000  # input images per shard (unusable ones leave it short); 0: planned from shard_bytes
     shard_bytes: int = 0  # bytes per tar at most (0: no limit); a shard that would pass it is cut into more tars
     seed: int = 0  # the global shuffle of the training split
-    workers: int = 0  # processes that write whole shards and compute the statistics; 0 = one per core
+    workers: int = 0  # processes that write whole shards and compute the statistics; 0 = one per core; at most 1024
     max_skipped_fraction: float = 0.001  # fail when more of the inputs than this are unusable
     chunk: int = 128  # images per statistics task (the statistics do not depend on it)
     stats_images: int = 20000  # training images the statistics are computed over (0: all)
@@ -36,7 +43,10 @@ class ShardConfig:
                               "to a positive limit (0: no limit of that kind)")
         if not 0 <= self.max_skipped_fraction <= 1:
             raise ConfigError(f"max_skipped_fraction must be within 0..1, got {self.max_skipped_fraction}")
-        for key, least in (("workers", 0), ("chunk", 1), ("stats_images", 0), ("seed", 0)):
+        if not 0 <= self.workers <= MAX_WORKERS:
+            raise ConfigError(f"workers must be in 0..{MAX_WORKERS} (0 = one per core; more processes than cores "
+                              f"only contend), got {self.workers}")
+        for key, least in (("chunk", 1), ("stats_images", 0), ("seed", 0)):
             if getattr(self, key) < least:
                 raise ConfigError(f"{key} must be at least {least}, got {getattr(self, key)}")
         return self

@@ -268,7 +268,7 @@ def test_missing_root(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("key, value, says", [
-    ("workers", -1, "workers must be at least 0, got -1"), ("chunk", 0, "chunk must be at least 1, got 0"),
+    ("workers", -1, "workers must be in 0..1024 (0 = one per core"), ("chunk", 0, "chunk must be at least 1, got 0"),
     ("stats_images", -5, "stats_images must be at least 0, got -5"),
     ("shard_bytes", 0, "shard_samples 0, shard_bytes 0: set either or both to a positive limit")])
 def test_a_bad_setting_is_named_with_its_value(tmp_path: Path, key: str, value: int, says: str) -> None:

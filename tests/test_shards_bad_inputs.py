@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import resource
 from pathlib import Path
 
 import numpy as np
@@ -184,4 +185,22 @@ def test_a_negative_seed_is_one_line_and_exit_2(sample_src: Path, tmp_path: Path
     out = tmp_path / "out"
     result = run_module("shards", "--src", str(sample_src), "--out", str(out), "--seed", "-1", check=False)
     assert (result.returncode, result.stderr) == (2, "shards: seed must be at least 0, got -1\n")
+    assert not out.exists()
+
+
+def _few_files() -> None:
+    """A child's open-file limit of 64: should the sharder start forking its workers anyway, it
+    stops at a few dozen (one pipe each), not at the number asked for."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+
+def test_more_workers_than_any_machine_has_cores_is_one_line_and_exit_2(sample_src: Path, tmp_path: Path) -> None:
+    """``--workers 100000`` forked a process per worker until the open files ran out, then said
+    "[Errno 24] Too many open files (writing to OUT)": a disk problem, it seemed, not the setting."""
+    out = tmp_path / "out"
+    result = run_module("shards", "--src", str(sample_src), "--out", str(out), "--workers", "100000", check=False,
+                        preexec_fn=_few_files)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == ("shards: workers must be in 0..1024 (0 = one per core; more processes than cores only "
+                             "contend), got 100000\n")
     assert not out.exists()
