@@ -13,6 +13,10 @@ from common.config import ConfigError
 # = 768), as pipeline.config.MAX_THREADS.  100000 forked a process per worker until the open
 # files ran out, and the line named the output directory (a disk problem, it seemed).
 MAX_WORKERS = 1024
+# The side of the shards' images at most.  The network's crops are 224..255 px (the paper's images
+# 256); 4096 is 256 times the paper's pixels (a 50 MB image in a worker's memory).  100000 (30 GB
+# an image) had the workers killed by the OOM killer half a minute in, the machine's memory gone.
+MAX_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -22,7 +26,7 @@ class ShardConfig:
     src: Path = Path("data/sample")  # an ImageNet tree in any supported layout
     out: Path = Path("data/shards")
     val_labels: Path | None = None  # layout (b): the flat val/ label file, when not found automatically
-    size: int = 256  # shorter side resized to this, then centre-cropped to size x size
+    size: int = 256  # shorter side resized to this, then centre-cropped to size x size (32..4096)
     quality: int = 90  # JPEG quality of the re-encoded images
     shard_samples: int = 5000  # input images per shard (unusable ones leave it short); 0: planned from shard_bytes
     shard_bytes: int = 0  # bytes per tar at most (0: no limit); a shard that would pass it is cut into more tars
@@ -36,8 +40,8 @@ class ShardConfig:
         """Reject settings that cannot work, naming the key."""
         if not 1 <= self.quality <= 100:
             raise ConfigError(f"quality must be 1..100, got {self.quality}")
-        if self.size < 32:
-            raise ConfigError(f"size must be at least 32, got {self.size}")
+        if not 32 <= self.size <= MAX_SIZE:
+            raise ConfigError(f"size must be 32..{MAX_SIZE}, got {self.size}")
         if self.shard_samples < 0 or self.shard_bytes < 0 or self.shard_samples == self.shard_bytes == 0:
             raise ConfigError(f"shard_samples {self.shard_samples}, shard_bytes {self.shard_bytes}: set either or both "
                               "to a positive limit (0: no limit of that kind)")

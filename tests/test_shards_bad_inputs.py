@@ -204,3 +204,20 @@ def test_more_workers_than_any_machine_has_cores_is_one_line_and_exit_2(sample_s
     assert result.stderr == ("shards: workers must be in 0..1024 (0 = one per core; more processes than cores only "
                              "contend), got 100000\n")
     assert not out.exists()
+
+
+def _little_memory() -> None:
+    """A child's address space of 4 GiB: should the sharder start resizing to the size asked for,
+    it fails at once rather than take the machine's memory (and the OOM killer's attention)."""
+    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+
+def test_a_size_no_image_needs_is_one_line_and_exit_2(sample_src: Path, tmp_path: Path) -> None:
+    """``--size 100000`` (a 30 GB image each) scanned the source, then had its workers killed by the
+    OOM killer half a minute later, with the machine's memory gone meanwhile."""
+    out = tmp_path / "out"
+    result = run_module("shards", "--src", str(sample_src), "--out", str(out), "--size", "100000", check=False,
+                        preexec_fn=_little_memory)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == "shards: size must be 32..4096, got 100000\n"
+    assert not out.exists()
