@@ -21,6 +21,7 @@ from PIL import Image
 from common.config import ConfigError
 from common.progress import progress
 from sampledata.photos import PHOTOS, load_photos
+from shards.config import MAX_WORKERS
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class SampleConfig:
     val_per_class: int = 10
     seed: int = 0
     large_fraction: float = 0.1  # share of images above 1000 px on the long side
-    workers: int = 1  # processes writing images (0 = one per core); the output does not depend on it
+    workers: int = 1  # processes writing images (0 = one per core; at most 1024); the output does not depend on it
 
     def validate(self) -> SampleConfig:
         """Return self if every setting can work, else ``ConfigError`` naming it: each was a
@@ -41,10 +42,11 @@ class SampleConfig:
         than the one asked for, written without a word."""
         if not 2 <= self.classes <= len(PHOTOS):
             raise ConfigError(f"classes must be 2..{len(PHOTOS)} (one per embedded photo), got {self.classes}")
-        for key, least, note in (("train_per_class", 1, ""), ("val_per_class", 1, ""), ("seed", 0, ""),
-                                 ("workers", 0, " (0 = one per core)")):
+        for key, least in (("train_per_class", 1), ("val_per_class", 1), ("seed", 0)):
             if getattr(self, key) < least:
-                raise ConfigError(f"{key} must be >= {least}{note}, got {getattr(self, key)}")
+                raise ConfigError(f"{key} must be >= {least}, got {getattr(self, key)}")
+        if not 0 <= self.workers <= MAX_WORKERS:  # more forked one process each until the open files ran out
+            raise ConfigError(f"workers must be in 0..{MAX_WORKERS} (0 = one per core), got {self.workers}")
         if not 0 <= self.large_fraction <= 1:  # nan too: nan <= 1 is False
             raise ConfigError(f"large_fraction must be in [0, 1], got {self.large_fraction}")
         return self

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -92,18 +93,27 @@ def test_learnable_but_not_from_mean_colour(default_sample: Path) -> None:
     assert by_texture > 0.7 and by_texture > 8 * chance, f"a colour-blind texture feature gives only {by_texture:.0%}"
 
 
+def _few_files() -> None:
+    """A child's open-file limit of 64: should the writer start forking its workers anyway, it
+    stops at a few dozen, not at the number asked for."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+
 @pytest.mark.parametrize("flag, value, said", [
     ("classes", "0", "classes must be 2..12 (one per embedded photo), got 0"),  # was a ValueError traceback
-    ("workers", "-1", "workers must be >= 0 (0 = one per core), got -1"),  # was a ValueError traceback
+    ("workers", "-1", "workers must be in 0..1024 (0 = one per core), got -1"),  # was a ValueError traceback
     ("seed", "-1", "seed must be >= 0, got -1"),  # was numpy's "expected non-negative integer" traceback
     ("train_per_class", "0", "train_per_class must be >= 1, got 0"),  # was FileNotFoundError: synset_words.txt
     ("val_per_class", "-1", "val_per_class must be >= 1, got -1"),  # wrote no val split, exit 0
     ("large_fraction", "nan", "large_fraction must be in [0, 1], got nan"),  # no large image, exit 0
+    # forked a process per worker until the open files ran out (here: 64, see _few_files)
+    ("workers", "100000", "workers must be in 0..1024 (0 = one per core), got 100000"),
 ])
 def test_a_bad_setting_is_one_line_exit_2_and_writes_nothing(flag: str, value: str, said: str, tmp_path: Path) -> None:
     out = tmp_path / "sample"
     result = subprocess.run([sys.executable, "-m", "sampledata", "--out", str(out), f"--{flag}", value], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            preexec_fn=_few_files)
     assert result.returncode == 2, result.stderr
     assert result.stderr == f"sampledata: {said}\n"
     assert not out.exists()
