@@ -238,17 +238,25 @@ def load_config(cls: type[T], toml_path: Path | str | None = None, overrides: li
 
 
 def split_config_arg(argv: list[str]) -> tuple[Path | None, list[str]]:
-    """Pull ``--config FILE`` out of ``argv``; the rest are overrides."""
+    """Pull ``--config FILE`` out of ``argv``; the rest are overrides.  One file: a second one
+    would replace the first whole (``make demo TRAIN_ARGS="--config mine.toml"`` dropped every
+    setting of configs/demo.toml), unlike a repeated ``--key``, where the later value wins."""
     rest, path = [], None
     i = 0
     while i < len(argv):
+        given = None
         if argv[i] == "--config" and i + 1 < len(argv):
-            path, i = _path(argv[i + 1], "command line: --config", ""), i + 2
+            given, i = argv[i + 1], i + 2
         elif argv[i].startswith("--config="):
-            path, i = _path(argv[i].split("=", 1)[1], "command line: --config", ""), i + 1
+            given, i = argv[i].split("=", 1)[1], i + 1
         else:
             rest.append(argv[i])
             i += 1
+        if given is not None:
+            if path is not None:
+                raise ConfigError(f"command line: --config given twice ({path}, then {given}): one file is read; "
+                                  "put the settings in one file, or give the others as --section.key value")
+            path = _path(given, "command line: --config", "")
     return path, rest
 
 

@@ -70,6 +70,16 @@ def test_a_file_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
     assert load_config(Job, toml).steps == 5
 
 
+@pytest.mark.parametrize("second", [["--config", "mine.toml"], ["--config=mine.toml"]])
+def test_a_second_config_file_is_refused_not_read_instead_of_the_first(second: list[str]) -> None:
+    """Only one file is read: ``make demo TRAIN_ARGS="--config mine.toml"`` read mine.toml alone,
+    and every setting of configs/demo.toml was dropped without a word."""
+    with pytest.raises(ConfigError, match=r"^command line: --config given twice \(configs/demo.toml, then mine.toml\): "
+                                          r"one file is read; put the settings in one file, or give the others as "
+                                          r"--section.key value$"):
+        split_config_arg(["--config", "configs/demo.toml", "--steps", "3", *second])
+
+
 def test_bad_toml_is_rejected_naming_the_file(tmp_path: Path) -> None:
     toml = tmp_path / "bad.toml"
     toml.write_text("steps = 'ten'\n")
