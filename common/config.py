@@ -157,6 +157,9 @@ def _merge(cls: type[T], base: T, table: dict[str, Any], where: str, prefix: str
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: {name} must be a table")
             changes[key] = _merge(tp, getattr(base, key), value, where, f"{name}.", file)
+        elif isinstance(value, dict):  # --steps.max 4, or a [steps] table: keys under a setting
+            raise ConfigError(f"{where}: {name} is a setting, not a section: it takes a value, not the keys "
+                              f"{', '.join(value)}")
         else:
             changes[key] = _coerce(value, tp, name, where, parse=not file)
     return dataclasses.replace(base, **changes)
@@ -197,10 +200,17 @@ def _overrides_to_table(args: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"command line: {arg} needs a value")
             key, value = arg[2:], args[i + 1]
             i += 2
-        node = table
         parts = key.replace("-", "_").split(".")
-        for part in parts[:-1]:
+        if "" in parts:
+            raise ConfigError(f"command line: --{key} is not a key (an empty name beside a dot): write --key value "
+                              "or --section.key value")
+        node = table
+        for n, part in enumerate(parts[:-1], 1):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):  # --steps 3 --steps.max 4: a value where a section would be
+                setting = ".".join(parts[:n])
+                raise ConfigError(f"command line: --{key} after --{setting} {node}: {setting} cannot take both a "
+                                  "value and keys")
         node[parts[-1]] = value
     return table
 

@@ -80,6 +80,24 @@ def test_a_second_config_file_is_refused_not_read_instead_of_the_first(second: l
         split_config_arg(["--config", "configs/demo.toml", "--steps", "3", *second])
 
 
+@pytest.mark.parametrize("args, message", [
+    # a traceback: TypeError: 'str' object does not support item assignment
+    (["--steps", "3", "--steps.max", "4"], "command line: --steps.max after --steps 3: steps cannot take both a "
+                                           "value and keys"),
+    (["--optim.lr", "0.1", "--optim.lr.x=2"], "command line: --optim.lr.x after --optim.lr 0.1"),
+    (["--steps.max", "4"], "command line: steps is a setting, not a section: it takes a value, not the keys max"),
+    # was "steps must be int, got {'max': '4'}"
+    # were "steps must be int, got {'': '3'}" and "unknown key 'optim.' (did you mean optim.lr?)"
+    (["--steps.", "3"], "command line: --steps. is not a key \\(an empty name beside a dot\\): write --key value "
+                        "or --section.key value"),
+    (["--optim.=3"], "command line: --optim. is not a key"),
+    (["--.steps", "3"], "command line: --.steps is not a key"),
+])
+def test_a_flag_whose_dots_name_no_key_is_one_clear_error(args: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        load_config(Job, None, args)
+
+
 def test_bad_toml_is_rejected_naming_the_file(tmp_path: Path) -> None:
     toml = tmp_path / "bad.toml"
     toml.write_text("steps = 'ten'\n")
