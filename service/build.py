@@ -81,6 +81,11 @@ def resolve(cfg: TrainConfig, ranks: Ranks) -> TrainConfig:
     two_gpus = device.type == "cuda" and torch.cuda.device_count() >= 2 and ranks.world_size == 1
     layout = ("towers" if two_gpus else "grouped") if m.layout == "auto" else m.layout
     devices = m.devices
+    if layout == "grouped" and devices and any(_place(d) != _place(device) for d in devices):
+        # grouped runs on device alone: towers' devices would be dropped without a word
+        raise ServiceError(EXIT_CONFIG, f"model.devices {','.join(devices)} are not used: model.layout grouped runs on "
+                           f"device {device}{' (auto chose it here)' if m.layout == 'auto' else ''}: give --device "
+                           f"{devices[0]}, or --model.layout towers")
     if layout == "towers" and not devices:
         devices = _tower_devices(device, ranks, two_gpus)
         device = torch.device(devices[0])
@@ -90,6 +95,12 @@ def resolve(cfg: TrainConfig, ranks: Ranks) -> TrainConfig:
     model = dataclasses.replace(m, layout=layout, devices=tuple(devices))
     return dataclasses.replace(cfg, device=str(device), model=model, loader=cfg.loader.replace(seed=cfg.seed),
                                shards=Path(os.path.abspath(cfg.shards)), out=Path(os.path.abspath(cfg.out)))
+
+
+def _place(device: str | torch.device) -> tuple[str, int]:
+    """(type, index) of a device, ``cuda`` and ``cpu`` being index 0: the same place however named."""
+    d = torch.device(device)
+    return d.type, d.index or 0
 
 
 def cuda_problem(device: torch.device) -> str | None:

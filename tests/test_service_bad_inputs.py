@@ -159,3 +159,17 @@ def test_an_empty_http_host_is_one_line_and_exit_2(tmp_path: Path) -> None:
                     EXIT_CONFIG)
     assert "http.host is empty: give 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)" in line, line
     assert not run.exists()
+
+
+@pytest.mark.parametrize("layout", ["grouped", "auto"])
+def test_model_devices_the_grouped_layout_would_not_use_are_one_line_and_exit_2(layout: str, sample_shards: Path,
+                                                                                tmp_path: Path) -> None:
+    """The grouped layout runs on ``device``; towers' ``model.devices`` were dropped without a word
+    (``layout auto`` is grouped under torchrun and on fewer than two GPUs): cuda:1,cuda:1 trained on
+    cuda:0.  Here the devices name a GPU and the run's device is the CPU: the line was that no GPU
+    is visible, as if the devices were going to be used."""
+    run = tmp_path / "run"
+    line = one_line(service("--device", "cpu", "--model.layout", layout, "--model.devices", "cuda:0,cuda:0",
+                            "--shards", str(sample_shards), "--out", str(run)), EXIT_CONFIG)
+    assert "model.devices cuda:0,cuda:0 are not used: model.layout grouped runs on device cpu" in line, line
+    assert "give --device cuda:0, or --model.layout towers" in line, line
