@@ -166,6 +166,7 @@ LAYOUTS = get_args(LayoutSetting)
 MAX_SEED = 2**32 - 1
 # The optimizer keeps its hyperparameters as float32: a larger value does not convert.
 FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_MIN_NORMAL = 1.1754943508222875e-38
 AUTOCAST = get_args(Autocast)
 
 
@@ -198,10 +199,12 @@ def validate(cfg: TrainConfig) -> list[str]:
     # are plain SGD and no decay.  The velocity is multiplied by the momentum every step: at 1 it
     # never decays, above it grows without bound (the run trained on until the loss diverged).
     need(0 <= o.momentum < 1, f"optim.momentum must be a number in [0, 1), got {o.momentum} (the paper's is 0.9)")
-    for key, low, ok in (("lr", "> 0", o.lr > 0), ("weight_decay", ">= 0", o.weight_decay >= 0)):
-        value = getattr(o, key)
-        need(ok and math.isfinite(value) and value <= FLOAT32_MAX,
-             f"optim.{key} must be a number {low} (at most float32's {FLOAT32_MAX:.4g}), got {value}")
+    # lr: float32's smallest normal number at least, as a smaller one rounds to 0 in the update's float32
+    # arithmetic (1e-50 passed "> 0" and trained nothing)
+    need(FLOAT32_MIN_NORMAL <= o.lr <= FLOAT32_MAX,
+         f"optim.lr must be a number > 0 (float32's {FLOAT32_MIN_NORMAL:.4g} to {FLOAT32_MAX:.4g}), got {o.lr}")
+    need(0 <= o.weight_decay <= FLOAT32_MAX,
+         f"optim.weight_decay must be a number >= 0 (at most float32's {FLOAT32_MAX:.4g}), got {o.weight_decay}")
     need(o.patience >= 1, f"optim.patience must be >= 1, got {o.patience}")
     need(o.max_drops >= 0, f"optim.max_drops must be >= 0, got {o.max_drops}")
     need(o.lr_scaling in LR_SCALING, f"optim.lr_scaling must be one of {LR_SCALING}, got {o.lr_scaling!r}")

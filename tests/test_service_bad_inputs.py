@@ -173,3 +173,12 @@ def test_model_devices_the_grouped_layout_would_not_use_are_one_line_and_exit_2(
                             "--shards", str(sample_shards), "--out", str(run)), EXIT_CONFIG)
     assert "model.devices cuda:0,cuda:0 are not used: model.layout grouped runs on device cpu" in line, line
     assert "give --device cuda:0, or --model.layout towers" in line, line
+
+
+def test_an_lr_that_is_0_in_float32_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """``optim.lr 1e-50`` passed "> 0", but the update's float32 arithmetic makes it 0: every step
+    a no-op for the whole run, which ``optim.lr 0`` is refused for."""
+    run = tmp_path / "run"
+    line = one_line(service("--optim.lr", "1e-50", "--shards", str(tmp_path / "no-shards"), "--out", str(run)),
+                    EXIT_CONFIG)
+    assert "optim.lr must be a number > 0 (float32's 1.175e-38 to 3.403e+38), got 1e-50" in line, line

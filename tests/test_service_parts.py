@@ -57,7 +57,7 @@ CONTRACT = [
     (["--loader.crop", "300"], "loader.crop 300 does not fit the network: .* crops of 224 to 255 px"),
     (["--loader.crop", "8"], "loader.crop 8 does not fit the network"),
     (["--seed", "99999999999999999999999"], "seed must be in 0..4294967295"),
-    (["--optim.lr", "1e308"], "optim.lr must be a number > 0 \\(at most float32's"),
+    (["--optim.lr", "1e308"], "optim.lr must be a number > 0 \\(float32's 1.175e-38 to 3.403e\\+38\\)"),
     (["--loader.prefetch", "100000"], "loader.prefetch must be in 1..16"),
     (["--out", ""], "command line: out is empty: give a path"),  # not ".": the working directory
     (["--shards="], "command line: shards is empty: give a path"),
