@@ -181,6 +181,8 @@ def _meant(name: str, cls: type, prefix: str) -> str:
     keys = _keys_under(cls, prefix)
     leaf = name.rsplit(".", 1)[-1]
     close = difflib.get_close_matches(name, keys, n=1) or [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
+    if close and close[0] == name:  # a file's "optim.lr" = 0.1: one key with a dot in its name
+        return f" (a quoted key names no section: write {name} without the quotes)"
     return f" (did you mean {close[0]}?)" if close else ""
 
 

@@ -98,6 +98,16 @@ def test_a_flag_whose_dots_name_no_key_is_one_clear_error(args: list[str], messa
         load_config(Job, None, args)
 
 
+def test_a_quoted_dotted_key_in_a_file_is_told_to_lose_its_quotes(tmp_path: Path) -> None:
+    """``"optim.lr" = 0.1`` is one key named optim.lr at the top, not lr in [optim]: the line said
+    "unknown key 'optim.lr' (did you mean optim.lr?)"."""
+    toml = tmp_path / "job.toml"
+    toml.write_text('"optim.lr" = 0.1\n')
+    with pytest.raises(ConfigError, match=r"unknown key 'optim.lr' \(a quoted key names no section: write optim.lr "
+                                          r"without the quotes\); valid keys: "):
+        load_config(Job, toml)
+
+
 def test_bad_toml_is_rejected_naming_the_file(tmp_path: Path) -> None:
     toml = tmp_path / "bad.toml"
     toml.write_text("steps = 'ten'\n")
