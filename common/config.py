@@ -198,8 +198,9 @@ def _overrides_to_table(args: list[str]) -> dict[str, Any]:
             key, value = arg[2:].split("=", 1)
             i += 1
         else:
-            if i + 1 >= len(args):
-                raise ConfigError(f"command line: {arg} needs a value")
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):  # --out $RUN --steps 3, $RUN empty
+                after = f" (the next argument is the flag {args[i + 1]}: an empty variable?)" if i + 1 < len(args) else ""
+                raise ConfigError(f"command line: {arg} needs a value{after}")
             key, value = arg[2:], args[i + 1]
             i += 2
         parts = key.replace("-", "_").split(".")
@@ -257,7 +258,7 @@ def split_config_arg(argv: list[str]) -> tuple[Path | None, list[str]]:
     i = 0
     while i < len(argv):
         given = None
-        if argv[i] == "--config" and i + 1 < len(argv):
+        if argv[i] == "--config" and i + 1 < len(argv) and not argv[i + 1].startswith("--"):  # else: needs a value
             given, i = argv[i + 1], i + 2
         elif argv[i].startswith("--config="):
             given, i = argv[i].split("=", 1)[1], i + 1

@@ -108,6 +108,16 @@ def test_a_quoted_dotted_key_in_a_file_is_told_to_lose_its_quotes(tmp_path: Path
         load_config(Job, toml)
 
 
+@pytest.mark.parametrize("args", [["--out", "--steps", "3"], ["--config", "--steps", "3"]])
+def test_a_flag_followed_by_a_flag_needs_a_value(args: list[str]) -> None:
+    """``--out $RUN --steps 3`` with $RUN empty: out was "--steps" (a directory of that name) and the
+    line then complained about "3"; ``--config --steps`` looked for a file named --steps."""
+    with pytest.raises(ConfigError, match=f"^command line: {args[0]} needs a value \\(the next argument is the flag "
+                                          "--steps: an empty variable\\?\\)$"):
+        path, overrides = split_config_arg(args)
+        load_config(Job, path, overrides)
+
+
 def test_bad_toml_is_rejected_naming_the_file(tmp_path: Path) -> None:
     toml = tmp_path / "bad.toml"
     toml.write_text("steps = 'ten'\n")
