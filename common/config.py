@@ -179,8 +179,11 @@ def _meant(name: str, cls: type, prefix: str) -> str:
     """" (did you mean K?)" for the key of ``cls`` closest to the unknown ``name`` (sections' keys
     included: ``batch_size`` given without its section is ``loader.batch_size``), else ""."""
     keys = _keys_under(cls, prefix)
-    leaf = name.rsplit(".", 1)[-1]
-    close = difflib.get_close_matches(name, keys, n=1) or [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
+    leaves = [k.rsplit(".", 1)[-1] for k in keys]
+    # 0.8: a typo (epoch, batchsize, layuot), not a likeness (shard_samples is no misspelt shards)
+    close = difflib.get_close_matches(name, keys, n=1, cutoff=0.8)
+    if not close and (near := difflib.get_close_matches(name.rsplit(".", 1)[-1], leaves, n=1, cutoff=0.8)):
+        close = [keys[leaves.index(near[0])]]
     if close and close[0] == name:  # a file's "optim.lr" = 0.1: one key with a dot in its name
         return f" (a quoted key names no section: write {name} without the quotes)"
     return f" (did you mean {close[0]}?)" if close else ""

@@ -98,6 +98,17 @@ def test_a_flag_whose_dots_name_no_key_is_one_clear_error(args: list[str], messa
         load_config(Job, None, args)
 
 
+def test_another_tools_file_gets_no_suggestion_that_only_looks_alike() -> None:
+    """The sharder's configs/shards-sample.toml given to the service: shard_samples is no typo of
+    shards, which the line suggested ("did you mean shards?"); the keys listed say enough."""
+    from service.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=r"unknown key 'shard_samples'; valid keys: shards, out, "):
+        load_config(TrainConfig, Path(__file__).parents[1] / "configs" / "shards-sample.toml")
+    with pytest.raises(ConfigError, match=r"unknown key 'batchsize' \(did you mean loader.batch_size\?\)"):
+        load_config(TrainConfig, None, ["--batchsize", "32"])
+
+
 def test_a_quoted_dotted_key_in_a_file_is_told_to_lose_its_quotes(tmp_path: Path) -> None:
     """``"optim.lr" = 0.1`` is one key named optim.lr at the top, not lr in [optim]: the line said
     "unknown key 'optim.lr' (did you mean optim.lr?)"."""
