@@ -202,10 +202,11 @@ def run_service(cfg: TrainConfig, ending: bool = False) -> int:
     follow_launcher(stop, PARENT)  # torchrun's agent killed: a stop, not ranks training on alone
     allowed, lock, stops = None, None, None
     try:
-        stops = RankStops(ranks, stop.peer_stopped)  # a rank stopped before joining ends the waiting ones
+        stops = RankStops(ranks, stop.peer_stopped)  # a stop of any rank reaches every rank, joined or not
+        stop.tell = stops.post
         lock = RunDirLock(cfg.out, ranks.rank)  # before joining: a second job refuses, never waits for peers
         with stop.nothing_to_save(f"rank {ranks.rank}: stopped ({{signal}}) while waiting for the other ranks to "
-                                  "join; nothing to save", tell=stops.post):  # blocked in C++: the loop cannot see it
+                                  "join; nothing to save"):  # blocked in C++ there: the loop could not see it
             ranks.start(torch.device(cfg.device))
         check_same_settings(cfg, data_fingerprint(manifest.record), ranks)  # before --fresh deletes anything
         cfg, allowed = share_cores(cfg, *ranks.core_peers())

@@ -1,4 +1,4 @@
-"""A stop of one rank that reaches the others before they have joined: a note in torchrun's store.
+"""A stop of one rank that reaches every other rank, joined or not: a note in torchrun's store.
 
 A rank stopped while it waits in ``init_process_group`` has nothing to save and ends at once
 (``StopFlag.nothing_to_save``), exit 0.  Its peers used to learn nothing of it: torchrun counts an
@@ -13,7 +13,16 @@ job reaches torchrun's agent store (the rendezvous's TCP store, up before any ra
 the whole job): the stopped rank writes a note there before it exits, each rank's thread looks for
 one every ``POLL_SECONDS`` from before it joins, and one that finds it ends at once too, exit 0,
 with a line naming the rank that was stopped and its signal.  A rank that starts after the note
-finds it at its first look.  Keys of this restart attempt's own (``service.dist.attempt_store``):
+finds it at its first look.
+
+Once joined, the loop's per-step agreement tells every rank of any rank's stop, but only once
+training runs: a rank stopped while it waited in a collective for a busy peer (rank 0 hashing every
+shard before training, ``data.verify before``: minutes on ImageNet) was heard of only after the
+check and the loaders' build, and the job stopped then with a step-0 checkpoint.  So the first stop
+signal of every rank is noted, whenever it comes, and a rank that finds the note takes it as a stop
+request of its own (the shard check ends within a block of its hash).
+
+Keys of this restart attempt's own (``service.dist.attempt_store``):
 a stop ends the job, so no later attempt reads it.  Without torchrun's store (``env://`` started
 by hand) nothing is noted, as before.
 """
@@ -27,6 +36,7 @@ from service.dist import Ranks, attempt_store
 
 KEY = "alexnet_stopped"
 POLL_SECONDS = 0.2
+POST_SECONDS = 2.0
 STORE_TIMEOUT = datetime.timedelta(seconds=10)  # a live store answers in milliseconds
 
 
@@ -43,13 +53,19 @@ class RankStops:
             threading.Thread(target=self._watch, args=(on_note,), name="rank-stop-notes", daemon=True).start()
 
     def post(self, signal_name: str) -> None:
-        """Tell every rank that this one was stopped by ``signal_name`` (best effort: the process is
-        about to end, and a store that is gone means torchrun is ending the job itself)."""
-        if self._store is None:
-            return
+        """Tell every rank that this one was stopped by ``signal_name``.  Best effort, for at most
+        ``POST_SECONDS``: the process may be about to end, and a store that does not answer means
+        torchrun's agent is gone (its ranks get their parent-death SIGTERM)."""
+        if self._store is not None:
+            note = f"rank {self.ranks.rank}'s {signal_name}"
+            writer = threading.Thread(target=self._set, args=(note,), name="rank-stop-post", daemon=True)
+            writer.start()
+            writer.join(POST_SECONDS)
+
+    def _set(self, note: str) -> None:
         try:
             with self._lock:
-                self._store.set(KEY, f"rank {self.ranks.rank}'s {signal_name}")
+                self._store.set(KEY, note)
         except (RuntimeError, OSError):
             pass
 

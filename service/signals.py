@@ -33,10 +33,13 @@ ranks that may never come) the first stop signal ends the process at once, exit 
 the main thread is blocked in C++ there and would read the request only once every rank has
 joined, so torchrun (its peer died) or ``docker stop`` (its peers never came) SIGKILLed it 30 s
 later with no line.  Exit 0, and nothing written to ``ALEXNET_EXIT_FILE``: a stop with no trainer
-yet, as ``docker/entrypoint.sh`` ends one, and a peer's diagnosed code stays the job's.  Before it
-ends, the rank tells the others (``tell``: ``service.rank_stops``), and a rank that is told while it
-has nothing to save ends the same way (``peer_stopped``): torchrun counts an exit 0 as a rank that
-succeeded and waits for the rest, which waited for the stopped rank in ``init_process_group``.
+yet, as ``docker/entrypoint.sh`` ends one, and a peer's diagnosed code stays the job's.
+
+Under torchrun the first stop signal is also told to the other ranks (``tell``:
+``service.rank_stops``), and a rank that is told ends the same way while it has nothing to save, or
+takes it as a stop request otherwise (``peer_stopped``): torchrun counts an exit 0 as a rank that
+succeeded and waits for the rest, which waited for the stopped rank in ``init_process_group``; and
+a rank waiting in a collective (rank 0's shard check before training) could not hear of it.
 
 Once the run has ended, ``uninstall(ending=True)`` leaves the stop signals ignored rather than at
 their default action: the process still takes a second or more to exit (the interpreter's and
@@ -71,7 +74,7 @@ class StopFlag:
         self._wakeup: tuple[int, int] | None = None  # (write end of the watcher's pipe, the previous wakeup fd)
         self._previous: dict = {}  # the handlers install() replaced, for uninstall()
         self.idle_line: str | None = None  # set while there is nothing to save (``nothing_to_save``)
-        self.idle_tell: Callable[[str], object] | None = None  # tells the other ranks, then (``nothing_to_save``)
+        self.tell: Callable[[str], object] | None = None  # gets the first stop signal's name (the other ranks)
 
     def request(self, reason: str) -> None:
         """Ask for a stop from code (the same path as a signal)."""
@@ -97,17 +100,18 @@ class StopFlag:
         self.requested = True
 
     @contextlib.contextmanager
-    def nothing_to_save(self, line: str, tell: Callable[[str], object] | None = None) -> Iterator[None]:
+    def nothing_to_save(self, line: str) -> Iterator[None]:
         """Inside: a stop signal (or one already requested) ends the process at once, exit 0, with
-        ``line`` (``{signal}``: the signal's name) on stderr, once ``tell`` (if given) has been
-        called with the signal's name (see the module docstring)."""
+        ``line`` (``{signal}``: the signal's name) on stderr (see the module docstring)."""
         if self.requested:
-            _leave(line, self.signal_name or "stop", tell)
-        self.idle_line, self.idle_tell = line, tell
+            if self._by_signal and self.tell is not None:  # perhaps before ``tell`` was set: again
+                self.tell(self.signal_name)
+            _leave(line, self.signal_name or "stop")
+        self.idle_line = line
         try:
             yield
         finally:
-            self.idle_line = self.idle_tell = None
+            self.idle_line = None
 
     def peer_stopped(self, name: str) -> None:
         """Another rank was stopped (``name``: "rank 0's SIGTERM"): while there is nothing to save
@@ -151,25 +155,26 @@ def follow_launcher(flag: StopFlag, parent: int, env: dict[str, str] | None = No
         flag.request("torchrun ended")
 
 
-def _leave(line: str, name: str, tell: Callable[[str], object] | None = None) -> None:
+def _leave(line: str, name: str) -> None:
     """End the process now, exit 0, saying ``line``: nothing to save, nothing to clean up that
-    the kernel does not (the run directory's lock is a ``flock``).  ``tell(name)`` first."""
-    if tell is not None:
-        tell(name)
+    the kernel does not (the run directory's lock is a ``flock``)."""
     os.write(2, f"service: {line.format(signal=name)}\n".encode())
     os._exit(0)
 
 
 def _watch(read: int, flag: StopFlag) -> None:
     """Every signal's number as Python's C handler writes it; exit on a stop signal that comes
-    ``DUPLICATE_SECONDS`` or more after the first, or on the first while ``flag`` has nothing to save."""
+    ``DUPLICATE_SECONDS`` or more after the first, or on the first while ``flag`` has nothing to save;
+    the first is told (``flag.tell``) before anything else."""
     first, numbers = None, {int(s) for s in SIGNALS}
     with os.fdopen(read, "rb", buffering=0) as pipe:
         while chunk := pipe.read(64):
             now = time.monotonic()
             for signum in (n for n in chunk if n in numbers):
+                if first is None and flag.tell is not None:
+                    flag.tell(signal.Signals(signum).name)
                 if (line := flag.idle_line) is not None:
-                    _leave(line, signal.Signals(signum).name, flag.idle_tell)
+                    _leave(line, signal.Signals(signum).name)
                 if first is None:
                     first = now
                 elif now - first >= DUPLICATE_SECONDS:

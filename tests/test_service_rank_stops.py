@@ -6,6 +6,7 @@ refused" with a traceback (torchrun's exit 1, which the Docker entrypoint reads 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import stat
 import sys
@@ -15,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests.procs import cmdline, descendants
-from tests.service_proc import TORCHRUN_2, Service
+from tests.service_proc import TORCHRUN_2, Service, checkpoint_steps
+from tests.test_shard_check_stop import pad_shard
 from tests.test_service_stop_edges import WAITING, _wait_until_catching
 
 pytestmark = pytest.mark.slow
@@ -87,3 +89,29 @@ def test_a_rank_stopped_while_its_peer_is_late_ends_the_whole_job(sample_shards:
     told = [f"service: rank {rank}: {TOLD.format(rank=stopped)}" for rank in range(nproc) if rank != stopped]
     assert sorted(_service_lines(job)) == sorted([f"service: rank {stopped}: {WAITING}", *told]), job.stderr[-3000:]
     assert not list((tmp_path / "run").glob("checkpoint-*")), "nothing was trained"
+
+
+def test_a_rank_stopped_during_rank_0s_shard_check_ends_the_check(sample_shards: Path, tmp_path: Path) -> None:
+    """``data.verify before``: rank 0 hashes every shard (minutes on ImageNet) while rank 1 waits
+    for its verdict.  A SIGTERM to rank 1 alone used to go unseen until the check was done and the
+    loaders built (then the loop's first agreement stopped both, with a step-0 checkpoint); now
+    rank 0's check ends within a block of its hash, and both ranks end as for a stop during it."""
+    shards = tmp_path / "shards"
+    shutil.copytree(sample_shards, shards)
+    pad_shard(shards)
+    job = Service(shards, tmp_path / "run", "--epochs", "1", "--data.verify", "before", "--loader.shuffle_buffer", "16",
+                  launcher=TORCHRUN_2)
+    try:
+        job.wait_for(r"shards: checking 10 shard\(s\), 6\.4 GB, against the manifest before training")
+        os.kill(_service_pid(job.proc.pid, 1), signal.SIGTERM)
+        rc = job.wait(timeout=120)
+    finally:
+        job.kill()
+    assert rc == 0, job.stderr[-3000:]
+    assert "Traceback" not in job.stderr and "train:" not in job.stdout, job.stderr[-3000:]  # no loader built
+    lines = _service_lines(job)
+    assert len(lines) == 2 and all("during the shard check before training (data.verify before)" in line
+                                   for line in lines), lines
+    assert "service: stopped (rank 1's SIGTERM) during the shard check" in lines[0] or \
+        "service: stopped (rank 1's SIGTERM) during the shard check" in lines[1], lines
+    assert checkpoint_steps(tmp_path / "run") == []
