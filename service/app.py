@@ -205,8 +205,9 @@ def run_service(cfg: TrainConfig, ending: bool = False) -> int:
         stops = RankStops(ranks, stop.peer_stopped)  # a stop of any rank reaches every rank, joined or not
         stop.tell = stops.post
         lock = RunDirLock(cfg.out, ranks.rank)  # before joining: a second job refuses, never waits for peers
-        with stop.nothing_to_save(f"rank {ranks.rank}: stopped ({{signal}}) while waiting for the other ranks to "
-                                  "join; nothing to save"):  # blocked in C++ there: the loop could not see it
+        waiting = f"rank {ranks.rank}: stopped ({{signal}}) while waiting for the other ranks to join; nothing to save"
+        with stop.nothing_to_save(waiting if ranks.distributed else "stopped ({signal}) while starting; nothing to "
+                                  "save"):  # blocked in C++ there: the loop could not see it
             ranks.start(torch.device(cfg.device))
         check_same_settings(cfg, data_fingerprint(manifest.record), ranks)  # before --fresh deletes anything
         cfg, allowed = share_cores(cfg, *ranks.core_peers())

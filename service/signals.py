@@ -58,6 +58,27 @@ from common import parent_death
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 DUPLICATE_SECONDS = 1.0  # a copy forwarded by a parent arrives within milliseconds
+_EARLY: list[tuple[int, float]] = []  # (signal, when) before ``StopFlag.install`` (``catch_early``)
+
+
+def catch_early() -> None:
+    """From the first lines of ``python -m service``, before its imports (torch, DALI: seconds): a
+    stop signal is remembered for ``StopFlag.install``, which honours it (nothing to save yet: the
+    process ends, exit 0, with its line, and tells the other ranks).  Its default action killed the
+    process: under torchrun a failed rank, torchrun's ChildFailedError traceback and exit 1 (a crash
+    to ``docker/entrypoint.sh``), the peers told nothing.  A second one a second or more later ends
+    the process at once, as after ``install``."""
+    for sig in SIGNALS:
+        if not (sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN):  # nohup's: see install
+            signal.signal(sig, _remember)
+
+
+def _remember(signum: int, frame: object) -> None:
+    now = time.monotonic()
+    if _EARLY and now - _EARLY[0][1] >= DUPLICATE_SECONDS:
+        os.write(2, f"{signal.Signals(signum).name} again during the service's start: exiting now\n".encode())
+        os._exit(128 + signum)
+    _EARLY.append((signum, now))
 
 
 class StopFlag:
@@ -91,6 +112,9 @@ class StopFlag:
             if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
                 continue  # nohup's: the run is to outlive its terminal (see the module docstring)
             self._previous[sig] = signal.signal(sig, self._handle)
+        if _EARLY:  # during the imports (``catch_early``)
+            self._handle(_EARLY[0][0], None)
+            _EARLY.clear()
         return self
 
     def _handle(self, signum: int, frame: object) -> None:

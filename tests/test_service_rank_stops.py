@@ -18,7 +18,7 @@ import pytest
 from tests.procs import cmdline, descendants
 from tests.service_proc import TORCHRUN_2, Service, checkpoint_steps
 from tests.test_shard_check_stop import pad_shard
-from tests.test_service_stop_edges import WAITING, _wait_until_catching
+from tests.test_service_stop_edges import WAITING, _wait_importing_torch, _wait_until_catching
 
 pytestmark = pytest.mark.slow
 TOLD = "stopped (rank {rank}'s SIGTERM) while waiting for the other ranks to join; nothing to save"
@@ -115,3 +115,25 @@ def test_a_rank_stopped_during_rank_0s_shard_check_ends_the_check(sample_shards:
     assert "service: stopped (rank 1's SIGTERM) during the shard check" in lines[0] or \
         "service: stopped (rank 1's SIGTERM) during the shard check" in lines[1], lines
     assert checkpoint_steps(tmp_path / "run") == []
+
+
+def test_a_rank_stopped_during_its_imports_ends_the_job_without_a_traceback(sample_shards: Path,
+                                                                            tmp_path: Path) -> None:
+    """SIGTERM to rank 1 while it imports torch, before its stop handler could be installed: the
+    signal's default action killed it (exit -15), and torchrun printed its ChildFailedError
+    traceback and exited 1 (a crash, restarted, to ``docker/entrypoint.sh``).  Now the stop is
+    remembered from the first line of ``python -m service`` and honoured once the handler is in:
+    nothing to save yet, so every rank ends, exit 0, one line each."""
+    job = Service(sample_shards, tmp_path / "run", "--epochs", "1", launcher=TORCHRUN_2)
+    try:
+        pid = _service_pid(job.proc.pid, 1)
+        _wait_importing_torch(pid)
+        os.kill(pid, signal.SIGTERM)
+        rc = job.wait(timeout=120)
+    finally:
+        job.kill()
+    assert rc == 0, job.stderr[-3000:]
+    assert "Traceback" not in job.stderr, job.stderr[-3000:]
+    lines = _service_lines(job)
+    assert f"service: rank 1: {WAITING}" in lines and f"service: rank 0: {TOLD.format(rank=1)}" in lines, lines
+    assert not list((tmp_path / "run").glob("checkpoint-*")), "nothing was trained"
