@@ -15,7 +15,8 @@ resumes, stops cleanly on SIGTERM/SIGINT/SIGHUP and exports Prometheus metrics.
 - ``metrics`` / ``server`` / ``status``: Prometheus metrics in a private registry, the HTTP
   endpoint (/metrics, /healthz, /status) and the shared status it serves;
 - ``signals``, ``runlog``, ``data_errors``, ``errors``: stop requests, the run directory's
-  logs and plots, loader failures that name the shard, exit codes.
+  logs and plots, loader failures that name the shard, exit codes; ``rank_stops``: a rank stopped
+  before the ranks have joined tells the others, through torchrun's store.
 """
 
 import os as _os

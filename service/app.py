@@ -33,6 +33,7 @@ from service.errors import EXIT_CONFIG, EXIT_OK, EXIT_RUNDIR, DataError, PeerGon
 from service.loop import Trainer
 from service.metrics import ServiceMetrics, build_labels
 from service.rank_settings import check_same_settings
+from service.rank_stops import RankStops
 from service.rundir_lock import RunDirLock
 from service.runlog import RunLog
 from service.server import HttpEndpoint
@@ -199,11 +200,14 @@ def run_service(cfg: TrainConfig, ending: bool = False) -> int:
     apply_cuda_sync(cfg)  # before anything creates a CUDA context
     stop = StopFlag().install()  # before joining: torchrun may signal while the ranks meet
     follow_launcher(stop, PARENT)  # torchrun's agent killed: a stop, not ranks training on alone
-    allowed, lock = None, None
+    allowed, lock, stops = None, None, None
     try:
+        stops = RankStops(ranks, stop.peer_stopped)  # a stop of any rank reaches every rank, joined or not
+        stop.tell = stops.post
         lock = RunDirLock(cfg.out, ranks.rank)  # before joining: a second job refuses, never waits for peers
-        with stop.nothing_to_save(f"rank {ranks.rank}: stopped ({{signal}}) while waiting for the other ranks to "
-                                  "join; nothing to save"):  # blocked in C++ there: the loop could not see it
+        waiting = f"rank {ranks.rank}: stopped ({{signal}}) while waiting for the other ranks to join; nothing to save"
+        with stop.nothing_to_save(waiting if ranks.distributed else "stopped ({signal}) while starting; nothing to "
+                                  "save"):  # blocked in C++ there: the loop could not see it
             ranks.start(torch.device(cfg.device))
         check_same_settings(cfg, data_fingerprint(manifest.record), ranks)  # before --fresh deletes anything
         cfg, allowed = share_cores(cfg, *ranks.core_peers())
@@ -213,6 +217,8 @@ def run_service(cfg: TrainConfig, ending: bool = False) -> int:
             raise
         raise PeerGone(ranks.rank) from None
     finally:  # joining or the endpoint may fail too: an in-process caller gets its state back
+        if stops is not None:
+            stops.close()
         stop.uninstall(ending)
         ranks.close()
         if lock is not None:

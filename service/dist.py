@@ -22,6 +22,7 @@ import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
@@ -178,9 +179,10 @@ class Ranks:
         return {"rank": self.rank, "world_size": self.world_size, "local_rank": self.local_rank}
 
 
-def attempt_store(env: Mapping[str, str] | None = None) -> dist.Store | None:
+def attempt_store(env: Mapping[str, str] | None = None, timeout: timedelta = default_pg_timeout) -> dist.Store | None:
     """Under torchrun's agent store: that store with keys of this restart attempt's own
-    (``TORCHELASTIC_RESTART_COUNT``); None elsewhere (``env://`` as it is).
+    (``TORCHELASTIC_RESTART_COUNT``); None elsewhere (``env://`` as it is).  ``timeout``: how long
+    an operation waits (joining waits for the slowest rank; ``service.rank_stops``' notes do not).
 
     Why: torch 2.13's ranks use the agent's store as it is (it says each retry gets a new store;
     torchrun's ``--standalone`` and c10d rendezvous keep one), so after a ``--max-restarts``
@@ -193,7 +195,7 @@ def attempt_store(env: Mapping[str, str] | None = None) -> dist.Store | None:
     if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
     store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), int(env["WORLD_SIZE"]), is_master=False,
-                          timeout=default_pg_timeout)
+                          timeout=timeout)
     return dist.PrefixStore(f"/alexnet/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 

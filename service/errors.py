@@ -6,7 +6,9 @@ its code, never with a traceback.  Process supervisors (Docker, torchrun, system
 
     0  finished all epochs, or stopped by SIGTERM/SIGINT after writing a checkpoint (or, during
        the shard check before training, with nothing trained yet to checkpoint: ``StoppedAtStart``;
-       or while waiting for the other ranks to join, not recorded: ``StopFlag.nothing_to_save``)
+       or while waiting for the other ranks to join, not recorded: ``StopFlag.nothing_to_save``;
+       also a rank told of that stop by the stopped rank: ``service.rank_stops``; or during its
+       imports: ``service.signals.catch_early``)
     1  a data error: missing, truncated or undecodable shard (the message names it); also a rank
        of a torchrun job whose peer ended first (``PeerGone``: that rank's line and code say why)
     2  a setting is invalid, or does not match the run directory's checkpoints, or differs

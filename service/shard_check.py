@@ -16,8 +16,9 @@ thread per core, up to 16: nothing unchecked is ever read). Cost (``bench/cpu/sh
 docs/benchmarks.md "Shard check"): sha256 runs at 1.6-1.8 GB/s per core (0.8 with both cores taken),
 so ImageNet's ~31 GB of shards is about 19 s of one core once, next to a run of hours; at nice 19
 next to training the 2-core machine's leftovers hashed 0.03-0.05 GB/s (about 13 minutes). A stop
-request (SIGTERM, SIGINT, SIGHUP) during ``before``'s check ends it within a block of each hash
-(torchrun's grace is 30 s, a shard on slow storage can take longer): exit 0 before anything was
+request (SIGTERM, SIGINT, SIGHUP; to any rank: ``service.rank_stops``) during ``before``'s check
+ends it within a block of each hash (torchrun's grace is 30 s, a shard on slow storage can take
+longer): exit 0 before anything was
 trained, one line saying so (``StoppedAtStart``), the shards checked so far remembered and the rest
 checked at the next start.
 

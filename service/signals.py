@@ -35,6 +35,12 @@ joined, so torchrun (its peer died) or ``docker stop`` (its peers never came) SI
 later with no line.  Exit 0, and nothing written to ``ALEXNET_EXIT_FILE``: a stop with no trainer
 yet, as ``docker/entrypoint.sh`` ends one, and a peer's diagnosed code stays the job's.
 
+Under torchrun the first stop signal is also told to the other ranks (``tell``:
+``service.rank_stops``), and a rank that is told ends the same way while it has nothing to save, or
+takes it as a stop request otherwise (``peer_stopped``): torchrun counts an exit 0 as a rank that
+succeeded and waits for the rest, which waited for the stopped rank in ``init_process_group``; and
+a rank waiting in a collective (rank 0's shard check before training) could not hear of it.
+
 Once the run has ended, ``uninstall(ending=True)`` leaves the stop signals ignored rather than at
 their default action: the process still takes a second or more to exit (the interpreter's and
 torch's teardown), and a SIGTERM then killed a finished, saved run (exit -15, read as killed).
@@ -46,12 +52,33 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from common import parent_death
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 DUPLICATE_SECONDS = 1.0  # a copy forwarded by a parent arrives within milliseconds
+_EARLY: list[tuple[int, float]] = []  # (signal, when) before ``StopFlag.install`` (``catch_early``)
+
+
+def catch_early() -> None:
+    """From the first lines of ``python -m service``, before its imports (torch, DALI: seconds): a
+    stop signal is remembered for ``StopFlag.install``, which honours it (nothing to save yet: the
+    process ends, exit 0, with its line, and tells the other ranks).  Its default action killed the
+    process: under torchrun a failed rank, torchrun's ChildFailedError traceback and exit 1 (a crash
+    to ``docker/entrypoint.sh``), the peers told nothing.  A second one a second or more later ends
+    the process at once, as after ``install``."""
+    for sig in SIGNALS:
+        if not (sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN):  # nohup's: see install
+            signal.signal(sig, _remember)
+
+
+def _remember(signum: int, frame: object) -> None:
+    now = time.monotonic()
+    if _EARLY and now - _EARLY[0][1] >= DUPLICATE_SECONDS:
+        os.write(2, f"{signal.Signals(signum).name} again during the service's start: exiting now\n".encode())
+        os._exit(128 + signum)
+    _EARLY.append((signum, now))
 
 
 class StopFlag:
@@ -68,6 +95,7 @@ class StopFlag:
         self._wakeup: tuple[int, int] | None = None  # (write end of the watcher's pipe, the previous wakeup fd)
         self._previous: dict = {}  # the handlers install() replaced, for uninstall()
         self.idle_line: str | None = None  # set while there is nothing to save (``nothing_to_save``)
+        self.tell: Callable[[str], object] | None = None  # gets the first stop signal's name (the other ranks)
 
     def request(self, reason: str) -> None:
         """Ask for a stop from code (the same path as a signal)."""
@@ -84,6 +112,9 @@ class StopFlag:
             if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
                 continue  # nohup's: the run is to outlive its terminal (see the module docstring)
             self._previous[sig] = signal.signal(sig, self._handle)
+        if _EARLY:  # during the imports (``catch_early``)
+            self._handle(_EARLY[0][0], None)
+            _EARLY.clear()
         return self
 
     def _handle(self, signum: int, frame: object) -> None:
@@ -97,12 +128,21 @@ class StopFlag:
         """Inside: a stop signal (or one already requested) ends the process at once, exit 0, with
         ``line`` (``{signal}``: the signal's name) on stderr (see the module docstring)."""
         if self.requested:
+            if self._by_signal and self.tell is not None:  # perhaps before ``tell`` was set: again
+                self.tell(self.signal_name)
             _leave(line, self.signal_name or "stop")
         self.idle_line = line
         try:
             yield
         finally:
             self.idle_line = None
+
+    def peer_stopped(self, name: str) -> None:
+        """Another rank was stopped (``name``: "rank 0's SIGTERM"): while there is nothing to save
+        this process ends too, exit 0, its line saying ``name``; else a stop request, as a signal's."""
+        if (line := self.idle_line) is not None:
+            _leave(line, name)
+        self.request(name)
 
     def uninstall(self, ending: bool = False) -> None:
         """Back to the handlers there were before (tests and benchmarks that run the loop
@@ -148,12 +188,15 @@ def _leave(line: str, name: str) -> None:
 
 def _watch(read: int, flag: StopFlag) -> None:
     """Every signal's number as Python's C handler writes it; exit on a stop signal that comes
-    ``DUPLICATE_SECONDS`` or more after the first, or on the first while ``flag`` has nothing to save."""
+    ``DUPLICATE_SECONDS`` or more after the first, or on the first while ``flag`` has nothing to save;
+    the first is told (``flag.tell``) before anything else."""
     first, numbers = None, {int(s) for s in SIGNALS}
     with os.fdopen(read, "rb", buffering=0) as pipe:
         while chunk := pipe.read(64):
             now = time.monotonic()
             for signum in (n for n in chunk if n in numbers):
+                if first is None and flag.tell is not None:
+                    flag.tell(signal.Signals(signum).name)
                 if (line := flag.idle_line) is not None:
                     _leave(line, signal.Signals(signum).name)
                 if first is None:

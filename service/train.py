@@ -2,7 +2,11 @@
 the Docker image that use this name)."""
 import sys
 
-from service.app import main
+if __name__ == "__main__":
+    from service.signals import catch_early
+
+    catch_early()  # before the imports' seconds: a stop then is honoured, not the signal's default death
+from service.app import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

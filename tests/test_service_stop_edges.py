@@ -129,6 +129,36 @@ def _wait_until_catching(pid: int, sig: int, timeout: float = 60) -> None:
     raise AssertionError(f"process {pid} did not install its {signal.Signals(sig).name} handler")
 
 
+def _wait_importing_torch(pid: int, timeout: float = 60) -> None:
+    """Until ``pid`` has torch's library mapped: its imports are under way (seconds), before any
+    stop handler of the service's own could be in."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if "libtorch_cpu" in Path(f"/proc/{pid}/maps").read_text():
+                return
+        except OSError:
+            pass
+        time.sleep(0.005)
+    raise AssertionError(f"process {pid} did not load torch")
+
+
+def test_a_stop_during_the_imports_ends_the_start_with_one_line(sample_shards: Path, tmp_path: Path) -> None:
+    """SIGTERM while ``python -m service`` imports torch: the signal's default action killed it
+    (exit -15, no line; a failed rank to torchrun).  Now it is remembered and honoured once the
+    stop handler is in: nothing to save, exit 0, one line."""
+    service = Service(sample_shards, tmp_path / "run", "--epochs", "1")
+    try:
+        _wait_importing_torch(service.proc.pid)
+        service.signal(signal.SIGTERM)
+        rc = service.wait(timeout=60)
+    finally:
+        service.kill()
+    assert rc == 0, (rc, service.stderr)
+    assert service.stderr.strip().splitlines() == ["service: stopped (SIGTERM) while starting; nothing to save"]
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
+
+
 def test_a_stop_of_a_fresh_start_says_to_resume_without_fresh(sample_shards: Path, tmp_path: Path) -> None:
     """After ``--fresh true`` the stop line said 'run the same command again to resume', and that
     command deletes the checkpoint it had just written (make demo TRAIN_ARGS="--fresh true" too)."""
