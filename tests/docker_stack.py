@@ -37,6 +37,7 @@ GPU_PANELS = {"GPU utilisation", "GPU memory", "GPU power"}  # NVIDIA's dcgm-exp
 # a checkpoint (~450 MB) at each epoch end, only the newest kept.
 CONFIG = "epochs = 1000\n" + TINY + "[checkpoint]\nkeep = 1\n"
 TIMES: dict[str, float] = {}
+PASSWORD = "te$t-$(docker) #1"  # on make's command line, which expanded the '$'s
 
 
 def make(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
@@ -140,7 +141,8 @@ def test_torch_compile_runs_in_the_image(work: Path) -> None:
 @pytest.fixture(scope="module")
 def stack(work: Path) -> Path:
     """make train GPUS=none on the sample shards; the run directory."""
-    make("train", "GPUS=none", f"SHARDS={work / 'shards'}", f"RUN={work / 'run'}", f"CONFIG={work / 'tiny.toml'}")
+    make("train", "GPUS=none", f"SHARDS={work / 'shards'}", f"RUN={work / 'run'}", f"CONFIG={work / 'tiny.toml'}",
+         f"GRAFANA_PASSWORD={PASSWORD}")
     return work / "run"
 
 
@@ -152,6 +154,12 @@ def test_trainer_is_healthy_and_not_root(stack: Path) -> None:
     services = docker("ps", "--format", "{{.Label \"com.docker.compose.service\"}}",
                       "--filter", "label=com.docker.compose.project=alexnet").split()
     assert sorted(services) == ["grafana", "prometheus", "trainer"]  # GPUS=none: no dcgm-exporter
+
+
+def test_grafana_gets_the_password_as_typed(stack: Path) -> None:
+    grafana = docker("ps", "-q", "--filter", "label=com.docker.compose.service=grafana")
+    env = json.loads(docker("inspect", "-f", "{{json .Config.Env}}", grafana))
+    assert f"GF_SECURITY_ADMIN_PASSWORD={PASSWORD}" in env, [e for e in env if "PASSWORD" in e]
 
 
 def test_prometheus_scrapes_the_trainer_with_its_rank(stack: Path) -> None:

@@ -19,7 +19,7 @@ RECORDER = """case "$1" in
   compose) [ "$2" = version ] && { echo 2.26.1; exit 0; } ;;
 esac
 case " $* " in *" ps -a -q trainer "*) [ -n "${NO_TRAINER:-}" ] || echo 4f2a9c1e ;; esac
-printf '%s\\n' "$*" "SHARDS=$SHARDS" "RUN=$RUN" "CONFIG=$CONFIG" >> "$DOCKER_LOG"
+printf '%s\\n' "$*" "SHARDS=$SHARDS" "RUN=$RUN" "CONFIG=$CONFIG" "GRAFANA_PASSWORD=$GRAFANA_PASSWORD" >> "$DOCKER_LOG"
 """
 
 
@@ -74,7 +74,7 @@ def test_make_train_on_this_machine(tmp_path: Path) -> None:
 def recorded(tmp_path: Path) -> list[dict[str, str]]:
     """Each docker call the recorder saw: its arguments and the paths in its environment."""
     lines = (tmp_path / "docker.log").read_text().splitlines()
-    calls = [lines[i:i + 4] for i in range(0, len(lines), 4)]
+    calls = [lines[i:i + 5] for i in range(0, len(lines), 5)]
     return [{"args": c[0], **dict(kv.split("=", 1) for kv in c[1:])} for c in calls]
 
 
@@ -125,6 +125,23 @@ def test_make_train_without_a_grafana_password_says_so_in_one_line(tmp_path: Pat
     output = (result.stdout + result.stderr).strip()
     assert result.returncode != 0 and len(output.splitlines()) == 1 and "set GRAFANA_PASSWORD" in output, output
     assert not (tmp_path / "docker.log").exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("password, where", [("pa$sw$(x)rd #1 'q\"", "command line"), ("$x", "environment")])
+def test_make_train_hands_the_grafana_password_over_as_typed(password: str, where: str, tmp_path: Path) -> None:
+    """make expanded a '$' in a variable given on its command line: pa$sw$(x)rd reached Grafana as
+    "pawrd" (the login failed, and nothing said why).  Exported in the shell, it already went as typed."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "manifest.json").write_text("{}")
+    args = ["train", "GPUS=none", f"SHARDS={shards}", f"RUN={tmp_path}/run"]
+    if where == "command line":
+        result = make(fake_path(tmp_path, RECORDER), tmp_path, *args, f"GRAFANA_PASSWORD={password}")
+    else:
+        result = make(fake_path(tmp_path, RECORDER), tmp_path, *args, GRAFANA_PASSWORD=password)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (call,) = recorded(tmp_path)
+    assert call["GRAFANA_PASSWORD"] == password
 
 
 def test_shards_docker_needs_no_compose(tmp_path: Path) -> None:
