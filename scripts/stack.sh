@@ -155,8 +155,17 @@ shards() {
     build_image
     # shellcheck disable=SC2086  # ARGS is a list of --key value words
     docker run --rm --init --ipc host --no-healthcheck "${tty[@]}" --user "$owner" \
-        -v "$(abs_path "$SRC"):/data/src:ro" -v "$(abs_path "$OUT"):/data/out" \
+        --mount "$(bind_mount "$SRC" /data/src),readonly" --mount "$(bind_mount "$OUT" /data/out)" \
         --entrypoint python "$IMAGE" -m shards --src /data/src --out /data/out ${ARGS:-}
+}
+
+# --mount's value for the directory $1 at $2.  Not -v SRC:DEST, which split a path at its ':' (an
+# "invalid volume specification"); --mount reads CSV, so the source is a quoted field, its own
+# quotes doubled, and a ',' in it stays too.
+bind_mount() {
+    local src
+    src=$(abs_path "$1")
+    echo "type=bind,\"source=${src//\"/\"\"}\",target=$2"
 }
 
 case ${1:-} in
