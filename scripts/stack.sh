@@ -37,6 +37,11 @@ blocker() {
         echo "make $target: Docker has no NVIDIA runtime (install the NVIDIA Container Toolkit, or GPUS=none for the CPU)$instead"
     elif [ "$target" = train ] && [ -z "${GRAFANA_PASSWORD:-}${GRAFANA_PASSWORD_SET:-}" ]; then
         echo "make train: set GRAFANA_PASSWORD, the Grafana admin password (e.g. make train GRAFANA_PASSWORD=... SHARDS=... RUN=...)"
+    elif [ "$target" = train ] && [ "${BIND:-127.0.0.1}" != 127.0.0.1 ] && [ "$BIND" != 0.0.0.0 ]; then
+        # One address moved every listener there, while Prometheus scrapes the trainer and Grafana
+        # queries Prometheus at 127.0.0.1 (prometheus.yml, compose.yaml): every target down, no data.
+        echo "make train: BIND=$BIND would hide the trainer from Prometheus and Prometheus from Grafana, which" \
+            "reach them at 127.0.0.1: use 127.0.0.1 (this machine, the default) or 0.0.0.0 (every interface)"
     fi
 }
 

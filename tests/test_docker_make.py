@@ -127,6 +127,25 @@ def test_make_train_without_a_grafana_password_says_so_in_one_line(tmp_path: Pat
     assert not (tmp_path / "docker.log").exists() and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("bind, where", [("10.0.0.5", "command line"), ("::", "environment")])
+def test_make_train_refuses_a_bind_address_the_stack_cannot_watch(bind: str, where: str, tmp_path: Path) -> None:
+    """BIND=<one address> moved every listener there, but Prometheus scrapes the trainer at
+    127.0.0.1 (prometheus.yml) and Grafana queries Prometheus there: the stack trained with every
+    target down and an empty dashboard, and nothing said so."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "manifest.json").write_text("{}")
+    args = ["train", "GPUS=none", f"SHARDS={shards}", f"RUN={tmp_path}/run"]
+    if where == "command line":
+        result = make(fake_path(tmp_path, RECORDER), tmp_path, *args, f"BIND={bind}")
+    else:
+        result = make(fake_path(tmp_path, RECORDER), tmp_path, *args, BIND=bind)
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode != 0 and len(output.splitlines()) == 1, output
+    assert f"make train: BIND={bind} would hide the trainer from Prometheus" in output and "0.0.0.0" in output, output
+    assert not (tmp_path / "docker.log").exists() and not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("password, where", [("pa$sw$(x)rd #1 'q\"", "command line"), ("$x", "environment")])
 def test_make_train_hands_the_grafana_password_over_as_typed(password: str, where: str, tmp_path: Path) -> None:
     """make expanded a '$' in a variable given on its command line: pa$sw$(x)rd reached Grafana as
