@@ -22,7 +22,7 @@ die() { echo "$*" >&2; exit 1; }
 
 # Why TARGET cannot run on this machine, in one line; nothing when it can.
 blocker() {
-    local target=$1 instead=""
+    local target=$1 instead="" why
     case $target in
         train) instead="; to train without Docker: make train-local" ;;
         shards-docker) instead="; to shard without Docker: make shards" ;;
@@ -33,6 +33,8 @@ blocker() {
         echo "make $target: no Docker engine answers here (docker info failed)$instead"
     elif [ "$target" != shards-docker ] && ! compose_ok; then  # shards-docker: docker build + run
         echo "make $target: needs the docker compose plugin v$COMPOSE_MIN or newer (for !override)$instead"
+    elif [ "$target" = train ] && ! why=$(gpu_override 2>&1 >/dev/null); then
+        echo "$why"  # before anything is made: `up` created RUN first, then refused GPUS
     elif [ "$target" = train ] && [ "${GPUS:-all}" != none ] && ! nvidia_ok; then
         echo "make $target: Docker has no NVIDIA runtime (install the NVIDIA Container Toolkit, or GPUS=none for the CPU)$instead"
     elif [ "$target" = train ] && [ -z "${GRAFANA_PASSWORD:-}${GRAFANA_PASSWORD_SET:-}" ]; then
@@ -83,7 +85,8 @@ run_owner() {
 # GPUS=none removes the request (`!reset`) and hides the GPUs even where nvidia is Docker's
 # default runtime (NVIDIA_VISIBLE_DEVICES=void).
 gpu_override() {
-    local gpus=${GPUS:-all} request
+    local gpus=${GPUS:-all} request bad
+    bad="make train: GPUS=${GPUS:-all} is not all, none, a count of GPUs (1, 2...) or a list of their ids (0,1; one alone: 3,)"
     case $gpus in
         none)
             printf '%s\n' "services:" "  trainer:" "    environment:" "      NVIDIA_VISIBLE_DEVICES: void" \
@@ -91,10 +94,10 @@ gpu_override() {
             return ;;
         all) request="count: all" ;;
         *,* | GPU-*)
-            [[ $gpus =~ ^[0-9A-Za-z-]+(,[0-9A-Za-z-]+)*,?$ ]] || die "stack: GPUS=$gpus is not a list like 0,1"
+            [[ $gpus =~ ^[0-9A-Za-z-]+(,[0-9A-Za-z-]+)*,?$ ]] || die "$bad"
             request="device_ids: [$(echo "${gpus%,}" | sed 's/[^,]*/"&"/g; s/,/, /g')]" ;;
         *)
-            [[ $gpus =~ ^[1-9][0-9]*$ ]] || die "stack: GPUS must be all, none, a count or a list like 0,1 (got $gpus)"
+            [[ $gpus =~ ^[1-9][0-9]*$ ]] || die "$bad"
             request="count: $gpus" ;;
     esac
     printf '%s\n' "services:" "  trainer:" "    deploy:" "      resources:" "        reservations:" \

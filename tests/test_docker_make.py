@@ -127,6 +127,22 @@ def test_make_train_without_a_grafana_password_says_so_in_one_line(tmp_path: Pat
     assert not (tmp_path / "docker.log").exists() and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("gpus", ["0", "two", "0,,1"])
+def test_make_train_refuses_bad_gpus_in_one_line_before_touching_run(gpus: str, tmp_path: Path) -> None:
+    """On a machine with the NVIDIA runtime, GPUS=0 created RUN (and handed a fresh one to the
+    image's user) before stack.sh refused it, in its line and make's "*** Error 1" after it."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "manifest.json").write_text("{}")
+    nvidia = RECORDER.replace("info) echo '{}'", """info) echo '{"Runtimes": {"nvidia": {}}}'""")
+    result = make(fake_path(tmp_path, nvidia), tmp_path, "train", f"GPUS={gpus}", f"SHARDS={shards}",
+                  f"RUN={tmp_path}/run")
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode != 0 and len(output.splitlines()) == 1, output
+    assert f"make train: GPUS={gpus} " in output and "0,1" in output, output
+    assert not (tmp_path / "docker.log").exists() and not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("bind, where", [("10.0.0.5", "command line"), ("::", "environment")])
 def test_make_train_refuses_a_bind_address_the_stack_cannot_watch(bind: str, where: str, tmp_path: Path) -> None:
     """BIND=<one address> moved every listener there, but Prometheus scrapes the trainer at
