@@ -183,6 +183,8 @@ case ${1:-} in
     up) up ;;
     stop)
         why=$(blocker stop); [ -z "$why" ] || die "$why"
+        # compose stops nothing and exits 0 without a word when nothing runs: say so
+        [ -n "$(compose_existing ps -q)" ] || { echo "make stop: the stack is not running; nothing to stop"; exit 0; }
         compose_existing stop trainer  # first, alone: Prometheus still scrapes while it checkpoints
         compose_existing stop ;;
     logs)

@@ -263,6 +263,7 @@ def test_make_stop_checkpoints_and_make_train_resumes(stack: Path, work: Path) -
     name = Path(events(stack, "checkpoint")[-1]["path"]).name
     assert hup["reason"] == "SIGHUP" and (stack / name).exists() and int(re.findall(r"\d+", name)[-1]) == hup["step"]
     make("stop")
+    assert make("stop").stdout.strip() == "make stop: the stack is not running; nothing to stop"  # it said nothing
 
 
 def test_make_stop_with_two_ranks_checkpoints_and_exits_0(work: Path) -> None:

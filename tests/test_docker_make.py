@@ -19,6 +19,7 @@ RECORDER = """case "$1" in
   compose) [ "$2" = version ] && { echo 2.26.1; exit 0; } ;;
 esac
 case " $* " in *" ps -a -q trainer "*) [ -n "${NO_TRAINER:-}" ] || echo 4f2a9c1e ;; esac
+case " $* " in *" ps -q "*) [ -n "${NOTHING_RUNS:-}" ] || echo 4f2a9c1e ;; esac
 printf '%s\\n' "$*" "SHARDS=$SHARDS" "RUN=$RUN" "CONFIG=$CONFIG" "GRAFANA_PASSWORD=$GRAFANA_PASSWORD" >> "$DOCKER_LOG"
 """
 
@@ -99,6 +100,14 @@ def test_make_logs_without_a_trainer_container_says_so(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[0] == "make logs: the stack has no trainer container: make train starts it"
     assert not any(" logs " in c["args"] for c in recorded(tmp_path)), recorded(tmp_path)
+
+
+def test_make_stop_with_nothing_running_says_so(tmp_path: Path) -> None:
+    """It printed nothing and exited 0: stopped, or never started, the user could not tell."""
+    result = make(fake_path(tmp_path, RECORDER), tmp_path, "stop", NOTHING_RUNS="1")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert result.stdout.strip() == "make stop: the stack is not running; nothing to stop"
+    assert not any(" stop" in c["args"] for c in recorded(tmp_path)), recorded(tmp_path)
 
 
 def test_make_train_gpus_none_needs_no_nvidia_runtime_and_starts_no_dcgm(tmp_path: Path) -> None:
