@@ -12,11 +12,17 @@ TRAIN_ARGS ?=
 GPUS ?= all
 PORT ?= 9431
 STACK = SHARDS="$(SHARDS)" RUN="$(RUN)" GPUS="$(GPUS)" NPROC="$(NPROC)" CONFIG="$(CONFIG)" bash scripts/stack.sh
+# GRAFANA_PASSWORD as typed: make expands a '$' in a variable given on its command line, here and in
+# what it exports to the recipe, so `make train GRAFANA_PASSWORD='pa$sw$(x)rd'` set Grafana's to
+# "pawrd" without a word.
+ifdef GRAFANA_PASSWORD
+override export GRAFANA_PASSWORD := $(value GRAFANA_PASSWORD)
+endif
 # A Docker target that cannot run here (no docker, no engine, no NVIDIA runtime) stops with
 # $(error): one line and a non-zero exit, without make's second "*** Error" line.  Expanded only
 # when the recipe that uses it runs.
 # GRAFANA_PASSWORD_SET: whether it is set, not the password itself (a command line shows in ps).
-docker_check = $(eval _why := $(shell GPUS="$(GPUS)" GRAFANA_PASSWORD_SET=$(if $(GRAFANA_PASSWORD),1) \
+docker_check = $(eval _why := $(shell GPUS="$(GPUS)" BIND="$(BIND)" GRAFANA_PASSWORD_SET=$(if $(GRAFANA_PASSWORD),1) \
 	bash scripts/stack.sh check $(1)))$(if $(_why),$(error $(_why)))
 # The sample data gets small shards (configs/shards-sample.toml); real datasets the defaults.
 SHARD_CONFIG := $(if $(filter $(SAMPLE),$(SRC)),--config configs/shards-sample.toml,)

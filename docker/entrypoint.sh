@@ -11,6 +11,7 @@
 #                  --http.host / --http.port in the command line win
 #   RESTARTS       crashes in a row restarted before giving up (default 5; a run that lasted
 #                  STABLE_SECONDS, default 600, resets the count); RESTART_DELAY seconds between (10)
+#   (each a whole number; one that is not stops the container with exit 2, a bad setting)
 #
 # Why the restarts are here and not Docker's (compose.yaml says restart: "no"): Docker's
 # on-failure restarts on every non-zero exit, so a run directory the trainer cannot write, a bad
@@ -40,11 +41,27 @@ trap 'stopping=TERM' TERM
 trap 'stopping=INT' INT
 trap 'stopping=HUP' HUP
 
+# The numbers in the environment, checked before anything starts: a bad one is a bad setting (exit
+# 2, one line naming it).  NPROC=abc went on to torchrun, whose ValueError traceback and exit 1
+# (a data error's code) this loop took for a crash, six times; a RESTARTS, RESTART_DELAY or
+# STABLE_SECONDS that is not a number failed the shell's test, and the crashes were restarted forever.
+whole() { case $1 in '' | *[!0-9]*) return 1 ;; esac; }  # 0, 1, 2...: no sign, no unit
+bad_setting() { echo "entrypoint: $1 $2" >&2; exit 2; }
+for setting in "RESTARTS=${RESTARTS:-0}" "RESTART_DELAY=${RESTART_DELAY:-0}" "STABLE_SECONDS=${STABLE_SECONDS:-0}"; do
+    whole "${setting#*=}" || bad_setting "$setting" "is not a whole number (0, 1, 2...)"
+done
+nnodes=${NNODES:-1}
+case $nnodes in  # a count, or torchrun's elastic MIN:MAX
+    *:*) whole "${nnodes%%:*}" && whole "${nnodes#*:}" && [ "${nnodes%%:*}" -ge 1 ] ;;
+    *) whole "$nnodes" && [ "$nnodes" -ge 1 ] ;;
+esac || bad_setting "NNODES=$nnodes" "is not a number of nodes: 1, 2... (or torchrun's MIN:MAX)"
 nproc=${NPROC:-auto}
-if [ "$nproc" = auto ] || [ -z "$nproc" ]; then
+if [ "$nproc" != auto ] && ! { whole "$nproc" && [ "$nproc" -ge 1 ]; }; then
+    bad_setting "NPROC=$nproc" "is not a number of trainer processes on this node: 1, 2... or auto (one per GPU)"
+fi
+if [ "$nproc" = auto ]; then
     nproc=$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')
 fi
-nnodes=${NNODES:-1}
 if [ "$nnodes" != 1 ] && [ -z "${RDZV_ENDPOINT:-}" ]; then
     echo "entrypoint: NNODES=$nnodes needs RDZV_ENDPOINT=host:port of node 0" >&2
     exit 2

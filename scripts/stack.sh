@@ -22,7 +22,7 @@ die() { echo "$*" >&2; exit 1; }
 
 # Why TARGET cannot run on this machine, in one line; nothing when it can.
 blocker() {
-    local target=$1 instead=""
+    local target=$1 instead="" why
     case $target in
         train) instead="; to train without Docker: make train-local" ;;
         shards-docker) instead="; to shard without Docker: make shards" ;;
@@ -33,10 +33,17 @@ blocker() {
         echo "make $target: no Docker engine answers here (docker info failed)$instead"
     elif [ "$target" != shards-docker ] && ! compose_ok; then  # shards-docker: docker build + run
         echo "make $target: needs the docker compose plugin v$COMPOSE_MIN or newer (for !override)$instead"
+    elif [ "$target" = train ] && ! why=$(gpu_override 2>&1 >/dev/null); then
+        echo "$why"  # before anything is made: `up` created RUN first, then refused GPUS
     elif [ "$target" = train ] && [ "${GPUS:-all}" != none ] && ! nvidia_ok; then
         echo "make $target: Docker has no NVIDIA runtime (install the NVIDIA Container Toolkit, or GPUS=none for the CPU)$instead"
     elif [ "$target" = train ] && [ -z "${GRAFANA_PASSWORD:-}${GRAFANA_PASSWORD_SET:-}" ]; then
         echo "make train: set GRAFANA_PASSWORD, the Grafana admin password (e.g. make train GRAFANA_PASSWORD=... SHARDS=... RUN=...)"
+    elif [ "$target" = train ] && [ "${BIND:-127.0.0.1}" != 127.0.0.1 ] && [ "$BIND" != 0.0.0.0 ]; then
+        # One address moved every listener there, while Prometheus scrapes the trainer and Grafana
+        # queries Prometheus at 127.0.0.1 (prometheus.yml, compose.yaml): every target down, no data.
+        echo "make train: BIND=$BIND would hide the trainer from Prometheus and Prometheus from Grafana, which" \
+            "reach them at 127.0.0.1: use 127.0.0.1 (this machine, the default) or 0.0.0.0 (every interface)"
     fi
 }
 
@@ -78,7 +85,8 @@ run_owner() {
 # GPUS=none removes the request (`!reset`) and hides the GPUs even where nvidia is Docker's
 # default runtime (NVIDIA_VISIBLE_DEVICES=void).
 gpu_override() {
-    local gpus=${GPUS:-all} request
+    local gpus=${GPUS:-all} request bad
+    bad="make train: GPUS=${GPUS:-all} is not all, none, a count of GPUs (1, 2...) or a list of their ids (0,1; one alone: 3,)"
     case $gpus in
         none)
             printf '%s\n' "services:" "  trainer:" "    environment:" "      NVIDIA_VISIBLE_DEVICES: void" \
@@ -86,10 +94,10 @@ gpu_override() {
             return ;;
         all) request="count: all" ;;
         *,* | GPU-*)
-            [[ $gpus =~ ^[0-9A-Za-z-]+(,[0-9A-Za-z-]+)*,?$ ]] || die "stack: GPUS=$gpus is not a list like 0,1"
+            [[ $gpus =~ ^[0-9A-Za-z-]+(,[0-9A-Za-z-]+)*,?$ ]] || die "$bad"
             request="device_ids: [$(echo "${gpus%,}" | sed 's/[^,]*/"&"/g; s/,/, /g')]" ;;
         *)
-            [[ $gpus =~ ^[1-9][0-9]*$ ]] || die "stack: GPUS must be all, none, a count or a list like 0,1 (got $gpus)"
+            [[ $gpus =~ ^[1-9][0-9]*$ ]] || die "$bad"
             request="count: $gpus" ;;
     esac
     printf '%s\n' "services:" "  trainer:" "    deploy:" "      resources:" "        reservations:" \
@@ -155,8 +163,17 @@ shards() {
     build_image
     # shellcheck disable=SC2086  # ARGS is a list of --key value words
     docker run --rm --init --ipc host --no-healthcheck "${tty[@]}" --user "$owner" \
-        -v "$(abs_path "$SRC"):/data/src:ro" -v "$(abs_path "$OUT"):/data/out" \
+        --mount "$(bind_mount "$SRC" /data/src),readonly" --mount "$(bind_mount "$OUT" /data/out)" \
         --entrypoint python "$IMAGE" -m shards --src /data/src --out /data/out ${ARGS:-}
+}
+
+# --mount's value for the directory $1 at $2.  Not -v SRC:DEST, which split a path at its ':' (an
+# "invalid volume specification"); --mount reads CSV, so the source is a quoted field, its own
+# quotes doubled, and a ',' in it stays too.
+bind_mount() {
+    local src
+    src=$(abs_path "$1")
+    echo "type=bind,\"source=${src//\"/\"\"}\",target=$2"
 }
 
 case ${1:-} in
@@ -166,6 +183,8 @@ case ${1:-} in
     up) up ;;
     stop)
         why=$(blocker stop); [ -z "$why" ] || die "$why"
+        # compose stops nothing and exits 0 without a word when nothing runs: say so
+        [ -n "$(compose_existing ps -q)" ] || { echo "make stop: the stack is not running; nothing to stop"; exit 0; }
         compose_existing stop trainer  # first, alone: Prometheus still scrapes while it checkpoints
         compose_existing stop ;;
     logs)

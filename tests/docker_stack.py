@@ -37,6 +37,9 @@ GPU_PANELS = {"GPU utilisation", "GPU memory", "GPU power"}  # NVIDIA's dcgm-exp
 # a checkpoint (~450 MB) at each epoch end, only the newest kept.
 CONFIG = "epochs = 1000\n" + TINY + "[checkpoint]\nkeep = 1\n"
 TIMES: dict[str, float] = {}
+PASSWORD = "te$t-$(docker) #1"  # on make's command line, which expanded the '$'s
+# Paths as users name them, a run for its start: -v SRC:DEST split them at the ':' (Docker refused them).
+SHARDS, RUN = "shards, sample: 6 classes", "run 2026-12-02T04:30"
 
 
 def make(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
@@ -122,8 +125,8 @@ def work():
 
 
 def test_shards_docker_builds_the_image_and_shards(work: Path) -> None:
-    make("shards-docker", f"SRC={work / 'sample'}", f"OUT={work / 'shards'}", "ARGS=--shard_samples 20")
-    manifest = json.loads((work / "shards" / "manifest.json").read_text())
+    make("shards-docker", f"SRC={work / 'sample'}", f"OUT={work / SHARDS}", "ARGS=--shard_samples 20")
+    manifest = json.loads((work / SHARDS / "manifest.json").read_text())
     assert manifest["splits"]["train"]["samples"] == 144 and manifest["splits"]["val"]["samples"] == 36
     assert docker("image", "inspect", "-f", "{{.Config.User}}", "alexnet2012:latest") == "10001:10001"  # non-root
 
@@ -140,8 +143,9 @@ def test_torch_compile_runs_in_the_image(work: Path) -> None:
 @pytest.fixture(scope="module")
 def stack(work: Path) -> Path:
     """make train GPUS=none on the sample shards; the run directory."""
-    make("train", "GPUS=none", f"SHARDS={work / 'shards'}", f"RUN={work / 'run'}", f"CONFIG={work / 'tiny.toml'}")
-    return work / "run"
+    make("train", "GPUS=none", f"SHARDS={work / SHARDS}", f"RUN={work / RUN}", f"CONFIG={work / 'tiny.toml'}",
+         f"GRAFANA_PASSWORD={PASSWORD}")
+    return work / RUN
 
 
 def test_trainer_is_healthy_and_not_root(stack: Path) -> None:
@@ -152,6 +156,12 @@ def test_trainer_is_healthy_and_not_root(stack: Path) -> None:
     services = docker("ps", "--format", "{{.Label \"com.docker.compose.service\"}}",
                       "--filter", "label=com.docker.compose.project=alexnet").split()
     assert sorted(services) == ["grafana", "prometheus", "trainer"]  # GPUS=none: no dcgm-exporter
+
+
+def test_grafana_gets_the_password_as_typed(stack: Path) -> None:
+    grafana = docker("ps", "-q", "--filter", "label=com.docker.compose.service=grafana")
+    env = json.loads(docker("inspect", "-f", "{{json .Config.Env}}", grafana))
+    assert f"GF_SECURITY_ADMIN_PASSWORD={PASSWORD}" in env, [e for e in env if "PASSWORD" in e]
 
 
 def test_prometheus_scrapes_the_trainer_with_its_rank(stack: Path) -> None:
@@ -238,7 +248,7 @@ def test_make_stop_checkpoints_and_make_train_resumes(stack: Path, work: Path) -
     (stopped,) = events(stack, "stopped")
     step, name = stopped["step"], Path(events(stack, "checkpoint")[-1]["path"]).name  # the checkpoint of the stop
     assert (stack / name).exists() and int(re.findall(r"\d+", name)[-1]) == step
-    make("train", "GPUS=none", f"SHARDS={work / 'shards'}", f"RUN={stack}", f"CONFIG={work / 'tiny.toml'}")
+    make("train", "GPUS=none", f"SHARDS={work / SHARDS}", f"RUN={stack}", f"CONFIG={work / 'tiny.toml'}")
     starts = wait_for("a second start in log.jsonl", lambda: len(events(stack, "start")) == 2 and events(stack, "start"),
                       300)
     assert starts[1]["step"] == step and Path(starts[1]["resumed_from"]).name == name
@@ -253,6 +263,7 @@ def test_make_stop_checkpoints_and_make_train_resumes(stack: Path, work: Path) -
     name = Path(events(stack, "checkpoint")[-1]["path"]).name
     assert hup["reason"] == "SIGHUP" and (stack / name).exists() and int(re.findall(r"\d+", name)[-1]) == hup["step"]
     make("stop")
+    assert make("stop").stdout.strip() == "make stop: the stack is not running; nothing to stop"  # it said nothing
 
 
 def test_make_stop_with_two_ranks_checkpoints_and_exits_0(work: Path) -> None:
@@ -260,7 +271,7 @@ def test_make_stop_with_two_ranks_checkpoints_and_exits_0(work: Path) -> None:
     SIGTERM to torchrun, which raised SignalException (a traceback in make logs) and exited 1, the
     container's exit code for a data error, though both ranks had checkpointed."""
     run = work / "run-2-ranks"
-    make("train", "GPUS=none", "NPROC=2", f"SHARDS={work / 'shards'}", f"RUN={run}", f"CONFIG={work / 'tiny.toml'}")
+    make("train", "GPUS=none", "NPROC=2", f"SHARDS={work / SHARDS}", f"RUN={run}", f"CONFIG={work / 'tiny.toml'}")
     wait_for("a training step", lambda: events(run, "train"), 300)
     t0 = time.monotonic()
     make("stop")
@@ -283,7 +294,7 @@ def test_a_run_directory_the_trainer_cannot_write_stops_it_in_one_line(work: Pat
     run.mkdir()
     os.chown(run, 12345, 12345)  # the trainer runs as the run directory's owner...
     run.chmod(0o555)  # ...who cannot write it
-    make("train", "GPUS=none", f"SHARDS={work / 'shards'}", f"RUN={run}", f"CONFIG={work / 'tiny.toml'}")
+    make("train", "GPUS=none", f"SHARDS={work / SHARDS}", f"RUN={run}", f"CONFIG={work / 'tiny.toml'}")
     wait_for("the trainer to exit", lambda: state(trainer())["Status"] == "exited", 120)
     time.sleep(15)  # a restart policy would have restarted it by now
     s = state(trainer())

@@ -64,8 +64,9 @@ def test_compose_trainer(services: dict) -> None:
     # Docker never restarts it: the entrypoint restarts crashes, a diagnosed problem stays down.
     assert t["restart"] == "no"
     assert seconds(t["stop_grace_period"]) >= 60  # a stop's checkpoint on a slow disk (~57 s at 8 MB/s)
-    volumes = {v.split(":")[1]: v for v in t["volumes"]}
-    assert volumes["/data/shards"].endswith(":ro") and volumes["/runs/run"].endswith(":rw")
+    volumes = {v["target"]: v for v in t["volumes"]}
+    assert volumes["/data/shards"]["read_only"] and not volumes["/runs/run"].get("read_only")
+    assert volumes["/etc/alexnet/train.toml"]["read_only"]
     (gpus,) = t["deploy"]["resources"]["reservations"]["devices"]
     assert gpus == {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}
     assert t["environment"]["NPROC"] == "auto" and t["environment"]["NNODES"] == "1"
@@ -84,6 +85,20 @@ def test_compose_services_listen_on_localhost_and_pin_their_images(services: dic
             image, _, tag = s["image"].rpartition(":")
             assert image and tag not in ("", "latest"), f"{name}: {s['image']} is not pinned"
     assert "nvcr.io/nvidia/k8s/dcgm-exporter" in services["dcgm-exporter"]["image"]
+
+
+def test_paths_with_colons_and_spaces_are_mounted_whole(tmp_path: Path) -> None:
+    """The short syntax (SRC:DEST:MODE) split a run named for its start at its ':' and Docker
+    refused the "invalid volume specification"; a path is one path now."""
+    shards, run, config = tmp_path / "sh ards", tmp_path / "run 2026-12-02T04:30", tmp_path / "my:config.toml"
+    shards.mkdir()
+    run.mkdir()
+    config.write_text("")
+    result = compose_config(tmp_path, SHARDS=str(shards), RUN=str(run), CONFIG=str(config))
+    assert result.returncode == 0, result.stderr
+    volumes = yaml.safe_load(result.stdout)["services"]["trainer"]["volumes"]
+    assert {v["target"]: v["source"] for v in volumes} == \
+        {"/data/shards": str(shards), "/runs/run": str(run), "/etc/alexnet/train.toml": str(config)}
 
 
 def test_compose_has_no_grafana_password_default(tmp_path: Path) -> None:

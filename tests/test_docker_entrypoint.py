@@ -102,6 +102,26 @@ def test_a_diagnosed_exit_is_not_restarted(nproc: str, launcher_code: int, tmp_p
     assert result.stderr.splitlines() == ["service: run directory /runs/run cannot be written"]  # nothing added
 
 
+@pytest.mark.parametrize("env", [{"NPROC": "abc"}, {"NPROC": "0"}, {"NPROC": "-1"}, {"NNODES": "two"},
+                                 {"NNODES": "0:2"}, {"RESTARTS": "many"}, {"RESTART_DELAY": "10s"},
+                                 {"STABLE_SECONDS": "1e3"}])
+def test_a_setting_that_is_not_a_number_stops_with_exit_2_and_one_line(env: dict[str, str], tmp_path: Path) -> None:
+    """NPROC=abc went to torchrun, whose ValueError traceback (exit 1, a data error's code) the loop
+    took for a crash: six tracebacks and a minute of restarts.  A RESTARTS that is not a number
+    failed the shell's test, so the crashes were restarted forever."""
+    (name, value), = env.items()
+    result = entrypoint(tmp_path, **{"NNODES": "2", "RDZV_ENDPOINT": "host0:29400", **env})
+    assert result.returncode == 2 and launches(tmp_path) == 0, result.stdout + result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"entrypoint: {name}={value} ") and not (tmp_path / "probe").exists(), line
+
+
+def test_nproc_and_nnodes_take_what_torchrun_does(tmp_path: Path) -> None:
+    elastic = entrypoint(tmp_path, NPROC="2", NNODES="1:4", RDZV_ENDPOINT="host0:29400", RESTARTS="0",
+                         RESTART_DELAY="0", STABLE_SECONDS="600")
+    assert elastic.returncode == 0 and "--nnodes 1:4 --nproc-per-node 2 " in elastic.stdout, elastic.stderr
+
+
 def wait_ready(tmp_path: Path, *names: str) -> None:
     deadline = time.monotonic() + 30
     while not all((tmp_path / n).exists() and (tmp_path / n).read_text() for n in names) \

@@ -19,7 +19,8 @@ RECORDER = """case "$1" in
   compose) [ "$2" = version ] && { echo 2.26.1; exit 0; } ;;
 esac
 case " $* " in *" ps -a -q trainer "*) [ -n "${NO_TRAINER:-}" ] || echo 4f2a9c1e ;; esac
-printf '%s\\n' "$*" "SHARDS=$SHARDS" "RUN=$RUN" "CONFIG=$CONFIG" >> "$DOCKER_LOG"
+case " $* " in *" ps -q "*) [ -n "${NOTHING_RUNS:-}" ] || echo 4f2a9c1e ;; esac
+printf '%s\\n' "$*" "SHARDS=$SHARDS" "RUN=$RUN" "CONFIG=$CONFIG" "GRAFANA_PASSWORD=$GRAFANA_PASSWORD" >> "$DOCKER_LOG"
 """
 
 
@@ -74,7 +75,7 @@ def test_make_train_on_this_machine(tmp_path: Path) -> None:
 def recorded(tmp_path: Path) -> list[dict[str, str]]:
     """Each docker call the recorder saw: its arguments and the paths in its environment."""
     lines = (tmp_path / "docker.log").read_text().splitlines()
-    calls = [lines[i:i + 4] for i in range(0, len(lines), 4)]
+    calls = [lines[i:i + 5] for i in range(0, len(lines), 5)]
     return [{"args": c[0], **dict(kv.split("=", 1) for kv in c[1:])} for c in calls]
 
 
@@ -101,6 +102,14 @@ def test_make_logs_without_a_trainer_container_says_so(tmp_path: Path) -> None:
     assert not any(" logs " in c["args"] for c in recorded(tmp_path)), recorded(tmp_path)
 
 
+def test_make_stop_with_nothing_running_says_so(tmp_path: Path) -> None:
+    """It printed nothing and exited 0: stopped, or never started, the user could not tell."""
+    result = make(fake_path(tmp_path, RECORDER), tmp_path, "stop", NOTHING_RUNS="1")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert result.stdout.strip() == "make stop: the stack is not running; nothing to stop"
+    assert not any(" stop" in c["args"] for c in recorded(tmp_path)), recorded(tmp_path)
+
+
 def test_make_train_gpus_none_needs_no_nvidia_runtime_and_starts_no_dcgm(tmp_path: Path) -> None:
     shards, run = tmp_path / "shards", tmp_path / "run"
     shards.mkdir()
@@ -125,6 +134,58 @@ def test_make_train_without_a_grafana_password_says_so_in_one_line(tmp_path: Pat
     output = (result.stdout + result.stderr).strip()
     assert result.returncode != 0 and len(output.splitlines()) == 1 and "set GRAFANA_PASSWORD" in output, output
     assert not (tmp_path / "docker.log").exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("gpus", ["0", "two", "0,,1"])
+def test_make_train_refuses_bad_gpus_in_one_line_before_touching_run(gpus: str, tmp_path: Path) -> None:
+    """On a machine with the NVIDIA runtime, GPUS=0 created RUN (and handed a fresh one to the
+    image's user) before stack.sh refused it, in its line and make's "*** Error 1" after it."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "manifest.json").write_text("{}")
+    nvidia = RECORDER.replace("info) echo '{}'", """info) echo '{"Runtimes": {"nvidia": {}}}'""")
+    result = make(fake_path(tmp_path, nvidia), tmp_path, "train", f"GPUS={gpus}", f"SHARDS={shards}",
+                  f"RUN={tmp_path}/run")
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode != 0 and len(output.splitlines()) == 1, output
+    assert f"make train: GPUS={gpus} " in output and "0,1" in output, output
+    assert not (tmp_path / "docker.log").exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("bind, where", [("10.0.0.5", "command line"), ("::", "environment")])
+def test_make_train_refuses_a_bind_address_the_stack_cannot_watch(bind: str, where: str, tmp_path: Path) -> None:
+    """BIND=<one address> moved every listener there, but Prometheus scrapes the trainer at
+    127.0.0.1 (prometheus.yml) and Grafana queries Prometheus there: the stack trained with every
+    target down and an empty dashboard, and nothing said so."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "manifest.json").write_text("{}")
+    args = ["train", "GPUS=none", f"SHARDS={shards}", f"RUN={tmp_path}/run"]
+    if where == "command line":
+        result = make(fake_path(tmp_path, RECORDER), tmp_path, *args, f"BIND={bind}")
+    else:
+        result = make(fake_path(tmp_path, RECORDER), tmp_path, *args, BIND=bind)
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode != 0 and len(output.splitlines()) == 1, output
+    assert f"make train: BIND={bind} would hide the trainer from Prometheus" in output and "0.0.0.0" in output, output
+    assert not (tmp_path / "docker.log").exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("password, where", [("pa$sw$(x)rd #1 'q\"", "command line"), ("$x", "environment")])
+def test_make_train_hands_the_grafana_password_over_as_typed(password: str, where: str, tmp_path: Path) -> None:
+    """make expanded a '$' in a variable given on its command line: pa$sw$(x)rd reached Grafana as
+    "pawrd" (the login failed, and nothing said why).  Exported in the shell, it already went as typed."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "manifest.json").write_text("{}")
+    args = ["train", "GPUS=none", f"SHARDS={shards}", f"RUN={tmp_path}/run"]
+    if where == "command line":
+        result = make(fake_path(tmp_path, RECORDER), tmp_path, *args, f"GRAFANA_PASSWORD={password}")
+    else:
+        result = make(fake_path(tmp_path, RECORDER), tmp_path, *args, GRAFANA_PASSWORD=password)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (call,) = recorded(tmp_path)
+    assert call["GRAFANA_PASSWORD"] == password
 
 
 def test_shards_docker_needs_no_compose(tmp_path: Path) -> None:
