@@ -97,7 +97,7 @@ def start(cfg: TrainConfig, manifest: contract.Manifest, ranks: Ranks, metrics: 
     the newest valid checkpoint if there is one."""
     try:
         contract.check(manifest)  # both splits and the statistics: the shard check reads both (was: a KeyError)
-        check = ShardCheck(cfg, manifest, ranks, log, metrics, stop)
+        check = ShardCheck(cfg, manifest, ranks, log, metrics, stop, board)
         # Every shard's files, once, before DALI opens one; names a missing, truncated or (cached /
         # verify before) corrupt shard to stop on or leave out.
         excluded = check.prepare()

@@ -54,6 +54,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 
 from service.config import TrainConfig
 from service.dist import Ranks
@@ -63,6 +64,7 @@ from service.runlog import RunLog
 from service.shard_findings import Finding, consumed, describe, done_line, hint, size_text
 from service.shard_memory import CheckMemory, file_key
 from service.signals import StopFlag
+from service.status import StatusBoard
 from shards.manifest import Manifest, Shard, check_files, remake, shard_problem
 from shards.tarwriter import HashStopped
 
@@ -99,9 +101,10 @@ class ShardCheck:
     ``finish`` at the end of a finished run, ``close`` always."""
 
     def __init__(self, cfg: TrainConfig, manifest: Manifest, ranks: Ranks, log: RunLog,
-                 metrics: ServiceMetrics, stop: StopFlag | None = None) -> None:
+                 metrics: ServiceMetrics, stop: StopFlag | None = None, board: StatusBoard | None = None) -> None:
         self.settings, self.manifest, self.ranks, self.log, self.metrics = cfg.data, manifest, ranks, log, metrics
         self.stop = stop  # a stop request ends the check before training (the loop handles it after)
+        self.board = board  # its heartbeat: the check before training can outlast http.stall_seconds
         self.out, self.own = cfg.out, ranks.is_main  # own: this rank checks its files (``prepare``)
         self.memory = CheckMemory(cfg.out, manifest, log.warn, read=ranks.is_main)
         self._todo: list[tuple[str, Shard]] = []
@@ -124,7 +127,10 @@ class ShardCheck:
             self.own = True
             self.memory = CheckMemory(self.out, self.manifest, self.log.warn,
                                       name=f"shard-checks.rank{self.ranks.rank}.json")
-        verdicts = self.ranks.gather(self._check_at_start() if self.own else None)  # or why it stopped
+        verdict = self._check_at_start() if self.own else None  # or why it stopped
+        with self.board.kept_alive("waiting for the shard check") if self.board and self.ranks.distributed \
+                else nullcontext():
+            verdicts = self.ranks.gather(verdict)
         if stopped := next((v for v in verdicts if isinstance(v, str)), None):
             raise StoppedAtStart(stopped)
         findings: list[Finding] = []  # every checking rank's, rank 0's first; a shard once
@@ -270,8 +276,11 @@ class ShardCheck:
         return problem
 
     def _stop_requested(self) -> bool:
-        """Polled while hashing before training.  (Not by the background pass: a run that finishes
-        despite a late stop request still waits for it, so no run ends 0 on unchecked shards.)"""
+        """Polled while hashing before training, every block of each hash: the heartbeat's too.
+        (Not by the background pass: a run that finishes despite a late stop request still waits
+        for it, so no run ends 0 on unchecked shards.)"""
+        if self.board is not None:
+            self.board.beat("checking shards")
         return self.stop is not None and self.stop.requested
 
     def _interrupted(self, done: int, total: int) -> str:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -35,6 +37,27 @@ class StatusBoard:
         if phase is not None and self._fields.get("phase") != phase:
             self.update(phase=phase)
         return self.last_beat
+
+    @contextmanager
+    def kept_alive(self, phase: str) -> Iterator[None]:
+        """Beat from a thread of its own while the block waits on another process's work that beats
+        for itself (a rank waiting in a collective for a peer's shard check before training).  That
+        peer's /healthz judges the work, so a hang there still turns the job unhealthy; here the wait
+        alone would have (minutes on ImageNet, past ``stall_seconds``)."""
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(min(1.0, self.stall_seconds / 4)):
+                self.beat(phase)
+
+        self.beat(phase)
+        keeper = threading.Thread(target=beat, name="status-kept-alive", daemon=True)
+        keeper.start()
+        try:
+            yield
+        finally:
+            done.set()
+            keeper.join()
 
     def heartbeat_age(self) -> float:
         return time.monotonic() - self._beat_monotonic

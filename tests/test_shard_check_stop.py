@@ -11,9 +11,13 @@ import os
 import shutil
 import signal
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
-from tests.service_proc import Service, checkpoint_steps, events
+import pytest
+
+from tests.service_proc import TORCHRUN_2, Service, checkpoint_steps, events, free_port
 
 BIG = "train-000000.tar"
 PAD = 6 << 30
@@ -63,3 +67,41 @@ def test_a_stop_during_the_check_before_training_ends_the_start_at_once(sample_s
     assert all(entry["problem"] is None for entry in remembered.values())  # a stop is not a finding
     (stopped,) = events(out, "shard_check_interrupted")
     assert stopped["reason"] == "SIGTERM" and stopped["of"] == 10 and stopped["shards"] == len(remembered) < 10
+
+
+def _health(port: int) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+@pytest.mark.parametrize("launcher", [pytest.param((), id="one process"),
+                                      pytest.param(TORCHRUN_2, id="two ranks", marks=pytest.mark.slow)])
+def test_a_long_check_before_training_keeps_every_rank_healthy(sample_shards: Path, tmp_path: Path,
+                                                               launcher: tuple[str, ...]) -> None:
+    """``data.verify before`` on ImageNet hashes every shard before the first step: minutes, longer
+    than ``http.stall_seconds`` (300 s) on slow storage.  /healthz said "stalled" for the whole
+    check on the rank that hashed and on those waiting for its verdict, so the container turned
+    unhealthy and the AlexNetStalled alert fired at a normal start.  Here the limit is 1 s and one
+    shard takes seconds to hash: every rank must stay healthy while the check runs, and a rank
+    that stops beating (a hung read) must still turn unhealthy, which the other tests cover."""
+    shards = tmp_path / "shards"
+    shutil.copytree(sample_shards, shards)
+    pad_shard(shards)
+    port, ranks = free_port(2), 2 if launcher else 1
+    service = Service(shards, tmp_path / "run", "--epochs", "1", "--data.verify", "before", "--http.stall_seconds", "1",
+                      "--http.port", str(port), "--loader.shuffle_buffer", "16", launcher=launcher)
+    try:
+        service.wait_for(r"shards: checking 10 shard\(s\), 6\.4 GB, against the manifest before training")
+        begun, answers = time.monotonic(), []
+        while time.monotonic() - begun < 3 and "checked against the manifest" not in service.stdout:
+            answers += [(rank, *_health(port + rank)) for rank in range(ranks)]
+            time.sleep(0.25)
+        checking = time.monotonic() - begun
+    finally:
+        service.kill()
+    assert checking > 1.5, f"the check took {checking:.1f} s, too short to outlast the 1 s limit: pad more"
+    assert {rank for rank, *_ in answers} == set(range(ranks))
+    assert all(code == 200 for _, code, _ in answers), answers
