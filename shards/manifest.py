@@ -185,11 +185,12 @@ def index_entries_defect(index: Path) -> str | None:
     expected = 512  # the first member's data, behind the tar's first header
     for number, fields in enumerate(samples, 1):
         if not fields or len(fields) % 4:
-            return f"entry {number} is malformed"
+            return f"has a malformed entry {number}"
         for i in range(0, len(fields), 4):
             offset, size = (int(f) if f.isdigit() else -1 for f in fields[i + 1:i + 3])
             if offset != expected or size < 0:
-                return f"entry {number} does not fit the tar's layout (a member at byte {offset}, expected {expected})"
+                return (f"has entry {number} pointing where the tar has no such member (byte {offset}, "
+                        f"expected {expected})")
             expected = -(-(offset + size) // 512) * 512 + 512
     return None
 
