@@ -60,7 +60,7 @@ def _spec(shards: Path | str | Manifest, split: str, rank: int, world_size: int,
         raise ValueError(f"every {split} shard of {manifest.root} is left out")
     return GraphSpec(
         tars=tuple(str(s.tar) for s in shards), indexes=tuple(str(s.index) for s in shards),
-        stats=stats, cfg=config.validate(), image_size=manifest.image_size,
+        stats=stats, cfg=config.validate(), image_size=manifest.image_size, classes=manifest.num_classes,
         shard_id=rank, num_shards=world_size, gpu=device.type == "cuda", train=train, views=views,
         debug=debug, excluded=len(manifest.splits[split].shards) - len(shards))
 

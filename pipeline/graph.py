@@ -46,6 +46,7 @@ class GraphSpec:
     stats: DatasetStats
     cfg: LoaderConfig
     image_size: int
+    classes: int  # the manifest's: a label outside 0..classes-1 is a damaged shard (pipeline.loader)
     shard_id: int
     num_shards: int
     gpu: bool  # mixed decode + GPU operators (needs a device_id)

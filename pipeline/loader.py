@@ -150,10 +150,23 @@ class DaliLoader:
         """Parse the label bytes where the graph put them (on the GPU with one) and, if asked,
         the ids (host bytes, parsed on the host: tests and tools)."""
         labels = ascii_ints_torch(out["labels"])
+        if labels.device.type == "cpu":
+            self._check_labels(labels)
         ids = torch.from_numpy(key_numbers(out["ids"].numpy())) if self.ids else None
         if not self.spec.train:
             return RawBatch(out["images"], labels, ids)
         return RawBatch(out["images"], labels, ids, out["anchors"], out["mirror"], out["alpha"])
+
+    def _check_labels(self, labels: torch.Tensor) -> None:
+        """A label that is no class index is a shard damaged since it was checked (its checksum is
+        checked in the background while training starts): ``cross_entropy`` stopped the run with
+        an IndexError traceback.  Raised here, inside the loader, the service diagnoses it against
+        the manifest and names the shard and the sample.  Host labels only: on a GPU the check
+        would wait for the device every batch."""
+        if labels.numel() and int(labels.max()) >= self.spec.classes:
+            raise ValueError(f"a {'training' if self.spec.train else 'evaluation'} batch holds label "
+                             f"{int(labels.max())}, not a class index (the shards have {self.spec.classes} classes): "
+                             "a shard changed after it was written")
 
     def normalize(self, raw: RawBatch) -> torch.Tensor:
         """Float (N, 3, crop, crop) (or (N, V, 3, crop, crop)) images on ``self.device``."""

@@ -4,6 +4,7 @@ augmentation by looking."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -38,24 +39,49 @@ def grid(tiles: np.ndarray, cols: int, pad: int = 4) -> Image.Image:
     return Image.fromarray(canvas)
 
 
-def main(argv: list[str] | None = None) -> Path:
-    """Save ``--count`` augmented training images as a grid PNG."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def _at_least_one(value: str) -> int:
+    """``--count`` and ``--cols``: a whole number, at least 1 (0 crashed in the grid's division)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return number
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Save ``--count`` augmented training images as a grid PNG; bad input is one line on stderr
+    (exit 2 a setting, 1 the shards or the output file), not a traceback."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline.preview", description=__doc__.split("\n")[0])
     parser.add_argument("--shards", type=path_arg, required=True)
-    parser.add_argument("--out", type=path_arg, default=Path("preview.png"))
-    parser.add_argument("--count", type=int, default=32)
-    parser.add_argument("--cols", type=int, default=8)
+    parser.add_argument("--out", type=path_arg, default=Path("preview.png"), help="the PNG to write")
+    parser.add_argument("--count", type=_at_least_one, default=32)
+    parser.add_argument("--cols", type=_at_least_one, default=8)
     parser.add_argument("--sigma", type=float, default=0.1, help="PCA lighting sigma (try 1.0 to see it)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    cfg = LoaderConfig(batch_size=args.count, threads=2, seed=args.seed, sigma=args.sigma)
-    loader = build_train_loader(args.shards, config=cfg)
-    raw = next(loader.raw_batches())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    grid(augmented_pixels(raw, loader.normalizer.lighting), args.cols).save(args.out)
+    try:
+        cfg = LoaderConfig(batch_size=args.count, threads=2, seed=args.seed, sigma=args.sigma).validate()
+    except ValueError as exc:  # --sigma: the one flag argparse leaves to LoaderConfig, whose message starts with it
+        print(f"preview: --{exc}", file=sys.stderr)
+        return 2
+    try:
+        loader = build_train_loader(args.shards, config=cfg)
+        raw = next(loader.raw_batches())
+        picture = grid(augmented_pixels(raw, loader.normalizer.lighting), min(args.cols, len(raw)))
+    except ValueError as exc:  # shards.manifest.ManifestError: the shard directory, named, with the fix
+        print(f"preview: {exc}", file=sys.stderr)
+        return 1
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        picture.save(args.out, format="PNG")  # whatever the name ends in (".png" or not)
+    except OSError as exc:
+        print(f"preview: cannot write {args.out} ({exc.strerror or exc})", file=sys.stderr)
+        return 1
     print(f"wrote {args.out} ({len(raw)} augmented training images)")
-    return args.out
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

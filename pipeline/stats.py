@@ -40,7 +40,7 @@ class DatasetStats:
 def load_stats(stats_path: Path | str) -> DatasetStats:
     """Read ``stats.json`` and the mean image it names.  Both are files of the shard directory's
     contract (``shards.manifest``), so anything off (unreadable, not JSON, a key missing, a
-    truncated ``.npy``, wrong shapes) is its ``ManifestError`` (a ValueError) naming the file and
+    truncated ``.npy``, wrong shapes, a NaN or infinity) is its ``ManifestError`` (a ValueError) naming the file and
     the fix, which the service and the tools print as one line."""
     stats_path = Path(stats_path)
     record = _record(stats_path)
@@ -60,6 +60,12 @@ def load_stats(stats_path: Path | str) -> DatasetStats:
     if stats.mean.shape != (3,) or stats.std.shape != (3,) or stats.eigval.shape != (3,) \
             or stats.eigvec.shape != (3, 3) or stats.mean_image.ndim != 3 or stats.mean_image.shape[2] != 3:
         raise _bad(stats_path, "has unexpected shapes in the dataset statistics")
+    # A NaN (which Python's JSON reads) or an infinity passes every comparison below and made each
+    # training step's loss NaN: the run ended as "diverged", blamed on optim.lr.
+    for key in ("mean", "std", "eigval", "eigvec", "mean_image"):
+        if not np.all(np.isfinite(getattr(stats, key))):
+            raise _bad(mean_path if key == "mean_image" else stats_path,
+                       f"holds a value that is not a finite number ({key})")
     if np.any(stats.eigval < 0) or np.any(stats.std <= 0):
         raise _bad(stats_path, "has negative eigenvalues or non-positive std")
     return stats

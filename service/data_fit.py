@@ -3,7 +3,8 @@ read and before the model and the loaders are built, each refusal exit 2 naming 
 
 - ``loader.crop`` larger than the images fails in the loader.
 - ``loader.batch_size`` larger than a rank's share of the images trains nothing, after allocating
-  it (100000 images: the kernel's OOM killer).
+  it (100000 images: the kernel's OOM killer); more ranks than a split's images fail in DALI's
+  reader, which refuses to split N samples into more than N parts.
 - ``loader.shuffle_buffer`` is DALI's ``initial_fill``: the training reader reads that many
   *encoded* samples ahead into memory before its first batch and keeps them there, wrapping round
   the epoch when there are fewer (``nvidia/dali/.../reader/loader/loader.h``).  1,000,000,000 grew
@@ -68,15 +69,13 @@ def check_fits_data(cfg: TrainConfig, manifest: contract.Manifest, excluded: Col
                     available: int | None = None) -> None:
     """Refuse (exit 2, every problem in one line) the settings these shards cannot train with;
     ``available``: the memory to judge the shuffle buffer by (default: ``available_memory()``)."""
-    problems, size, b = [], manifest.image_size, cfg.loader.batch_size
+    problems, size = [], manifest.image_size
     if cfg.loader.crop > size:
         problems.append(f"loader.crop {cfg.loader.crop} is larger than the {size}x{size} px images of {cfg.shards} "
                         f"(its manifest.json): use at most {size}")
     train = [s for s in manifest.splits["train"].shards if s.tar.name not in excluded]
-    images, share = sum(s.samples for s in train), sum(s.samples for s in train) // ranks.world_size
-    if b > share:
-        problems.append(f"loader.batch_size {b} is more than the {share} training images each of the "
-                        f"{ranks.world_size} rank(s) gets per epoch from {cfg.shards}: use at most {share}")
+    images = sum(s.samples for s in train)
+    problems += rank_share_problems(cfg, manifest, excluded, ranks.world_size)
     if images:
         sample_bytes = math.ceil(sum(s.bytes for s in train) / images)
         memory = available_memory() if available is None else available
@@ -84,3 +83,24 @@ def check_fits_data(cfg: TrainConfig, manifest: contract.Manifest, excluded: Col
             problems.append(problem)
     if problems:
         raise ServiceError(EXIT_CONFIG, "invalid settings for these shards: " + "; ".join(problems))
+
+
+def rank_share_problems(cfg: TrainConfig, manifest: contract.Manifest, excluded: Collection[str],
+                        world: int) -> list[str]:
+    """Each rank's part of each split must hold something: a training batch, and one validation
+    image (DALI's reader refuses more ranks than samples, and the service blamed the val shards
+    for it after hashing them all: "the failure is elsewhere (memory, DALI, the decoder)")."""
+    def images(split: str) -> int:
+        return sum(s.samples for s in manifest.splits[split].shards if s.tar.name not in excluded)
+
+    problems, b, (train, val) = [], cfg.loader.batch_size, (images("train"), images("val"))
+    if train < world:
+        problems.append(f"{cfg.shards} has {train} training images, fewer than the {world} ranks (each needs a "
+                        f"batch of its own): start at most {max(train // b, 1)} rank(s) at loader.batch_size {min(b, train)}")
+    elif b > train // world:
+        problems.append(f"loader.batch_size {b} is more than the {train // world} training images each of the "
+                        f"{world} rank(s) gets per epoch from {cfg.shards}: use at most {train // world}")
+    if val < world:
+        problems.append(f"{cfg.shards} has {val} validation images, fewer than the {world} ranks that each "
+                        f"evaluate a part of them: start at most {val} rank(s), or shard more validation images")
+    return problems

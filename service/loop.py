@@ -115,13 +115,16 @@ class Trainer:
         self.board.update(epoch=epoch, steps_per_epoch=steps)
         timer, loss_sum, last = StepTimer(), torch.zeros((), device=parts.model.output_device), time.perf_counter()
         batches = guarded(parts.train, lambda exc: self._data_error(exc, "train"))
+        shown = None  # the loss the log shows: the last step's, but an empty batch's 0 is no loss
         for batch in timer.iterate(batches, lambda b: b[1].shape[0]):
-            loss = self._step(batch)
-            loss_sum += loss
+            loss, images = self._step(batch), int(batch[1].shape[0])
+            if images:
+                loss_sum += loss
+            shown = loss if images or shown is None else shown
             now = time.perf_counter()
-            self._count_step(int(batch[1].shape[0]), now - last, timer.last_wait)
+            self._count_step(images, now - last, timer.last_wait)
             if p.step_in_epoch % self.cfg.log_every == 0 or p.step_in_epoch == steps:
-                self._log_window(timer, loss, epoch, steps)
+                self._log_window(timer, shown, epoch, steps)
             if p.step_in_epoch < steps:
                 stop, due = self._agree()
                 if stop or due:
@@ -151,6 +154,7 @@ class Trainer:
         p.step += 1
         p.step_in_epoch += 1
         p.epoch_images += images
+        p.epoch_empty_steps += images == 0
         p.epoch_seconds += seconds
         p.epoch_data_seconds += waited
         self.metrics.step(images, seconds, waited)

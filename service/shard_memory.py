@@ -24,8 +24,13 @@ FORMAT = "alexnet2012-shard-checks"
 def file_key(shard: Shard) -> dict[str, int | str]:
     """What identifies the file a result was found on: the same key later is the same bytes."""
     st = shard.tar.stat()
+    try:  # the deep check reads every entry of the index too (shards.manifest.index_entries_defect)
+        ix = shard.index.stat()
+        index = [ix.st_size, ix.st_mtime_ns, ix.st_ctime_ns, ix.st_ino]
+    except OSError:
+        index = None
     return {"sha256": shard.sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
-            "inode": st.st_ino}
+            "inode": st.st_ino, "index": index}
 
 
 class CheckMemory:

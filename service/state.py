@@ -30,6 +30,11 @@ class Progress:
     step: int = 0  # optimizer steps since the run started (global, survives restarts)
     step_in_epoch: int = 0  # steps done in the epoch being trained (epoch + 1)
     epoch_loss_sum: float = 0.0  # sum of the step losses so far in this epoch (for the epoch mean)
+    # Steps of this epoch whose batch was empty (a rank whose share of an uneven split ended a batch
+    # early: pipeline.loader): they have no loss of their own and are left out of the epoch mean,
+    # which counted them as 0 (9 images on 2 ranks at batch 4: rank 0's train loss was halved).
+    # Only an epoch's last step can be one, so a checkpoint without the field had none.
+    epoch_empty_steps: int = 0
     epoch_images: int = 0  # images and seconds so far in this epoch (for its images/s)
     epoch_seconds: float = 0.0
     epoch_data_seconds: float = 0.0
@@ -39,13 +44,13 @@ class Progress:
         """The history record of the epoch just trained and evaluated; its training rates by the
         log lines' rule (``Window``), over the whole epoch."""
         trained = Window(self.step_in_epoch, self.epoch_images, self.epoch_seconds, self.epoch_data_seconds)
-        return dict(epoch=self.epoch, lr=lr, train_loss=self.epoch_loss_sum / max(self.step_in_epoch, 1),
+        return dict(epoch=self.epoch, lr=lr, train_loss=self.epoch_loss_sum / max(self.step_in_epoch - self.epoch_empty_steps, 1),
                     top1_error=result.top1_error, top5_error=result.top5_error, val_loss=result.loss,
                     images_per_s=trained.images_per_s, data_share=trained.data_share, eval_seconds=eval_seconds,
                     eval_views_per_s=result.images * views / max(eval_seconds, 1e-9))
 
     def start_epoch(self) -> None:
-        self.step_in_epoch = 0
+        self.step_in_epoch = self.epoch_empty_steps = 0
         self.epoch_loss_sum, self.epoch_images, self.epoch_seconds, self.epoch_data_seconds = 0.0, 0, 0.0, 0.0
 
     def state_dict(self) -> dict[str, Any]:

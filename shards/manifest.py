@@ -170,11 +170,37 @@ def index_defect(shard: Shard, tar_bytes: int) -> str | None:
     return None
 
 
+def index_entries_defect(index: Path) -> str | None:
+    """What is wrong with any entry of ``index`` (None: nothing): each member must sit right behind
+    its own 512-byte header at the end of the previous member's data rounded up to 512 bytes, as
+    ``make shards`` writes them (plain ustar members) and ``wds2idx`` indexes them.  ``index_defect``
+    reads only the header and the last entry: a damaged offset or size inside made DALI read one
+    sample's JPEG as another's, or a JPEG cut short, under the right label and checksums.  Parsing
+    every entry costs ~3 s for ImageNet's 1.28M samples, so this is part of the deep check
+    (``shard_problem``: a few ms per shard, beside its hash), not of every start's."""
+    try:
+        samples = [ln.split() for ln in index.read_bytes().splitlines()[1:] if ln.strip()]
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    expected = 512  # the first member's data, behind the tar's first header
+    for number, fields in enumerate(samples, 1):
+        if not fields or len(fields) % 4:
+            return f"has a malformed entry {number}"
+        for i in range(0, len(fields), 4):
+            offset, size = (int(f) if f.isdigit() else -1 for f in fields[i + 1:i + 3])
+            if offset != expected or size < 0:
+                return (f"has entry {number} pointing where the tar has no such member (byte {offset}, "
+                        f"expected {expected})")
+            expected = -(-(offset + size) // 512) * 512 + 512
+    return None
+
+
 def shard_problem(shard: Shard, deep: bool = True, stop: Callable[[], bool] | None = None,
                   index: bool = True) -> str | None:
     """What is wrong with ``shard`` against the manifest (None: it matches): missing tar or
     index, another size, an index that does not fit the tar (``index_problem``, unless ``index``
-    is False: a caller that has just read it), or (``deep``) other contents.  The one place that
+    is False: a caller that has just read it), or (``deep``) other contents or an index entry that
+    does not fit the tar (``index_entries_defect``).  The one place that
     decides whether a shard is still the one ``make shards`` wrote.  ``stop``: see ``sha256_file``
     (``HashStopped``)."""
     from shards.tarwriter import sha256_file  # late import: readers rarely need hashing
@@ -190,6 +216,8 @@ def shard_problem(shard: Shard, deep: bool = True, stop: Callable[[], bool] | No
         return problem
     if deep and sha256_file(shard.tar, stop) != shard.sha256:
         return CORRUPT
+    if deep and (what := index_entries_defect(shard.index)):
+        return f"{INDEX} {shard.index} {what}; {index_fix(shard)}"
     return None
 
 

@@ -14,6 +14,7 @@ from pipeline.normalize import DeviceNormalizer
 from pipeline.stats import lighting_covariance, lighting_offset, load_stats
 from pipeline.views import crop_hwc, view_stack
 from shards.manifest import load
+from tests.conftest import run_module
 
 CROP = 224
 
@@ -197,3 +198,33 @@ def test_missing_index_fails_early(sample_shards, tmp_path):
     victim.unlink()
     with pytest.raises(ManifestError, match=victim.name):
         build_train_loader(copy)
+
+
+@pytest.mark.parametrize("args, code, said", [
+    (["--count", "0"], 2, "argument --count: must be at least 1, got 0"),
+    (["--cols", "0"], 2, "argument --cols: must be at least 1, got 0"),
+    (["--sigma", "nan"], 2, "preview: --sigma must be a finite number >= 0, got nan"),
+    (["--out", "{tmp}"], 1, "preview: cannot write {tmp} (Is a directory)"),
+    (["--shards", "{tmp}/none"], 1, "preview: {tmp}/none does not exist; (re)create it with `make shards"),
+], ids=["count 0", "cols 0", "sigma nan", "out a directory", "no shards"])
+def test_preview_bad_input_is_one_line(sample_shards, tmp_path, args, code, said):
+    """``--cols 0`` was a ZeroDivisionError, the others a ValueError or OSError traceback."""
+    args = [a.format(tmp=tmp_path) for a in args]
+    result = run_module("pipeline.preview", "--shards", str(sample_shards), "--out", str(tmp_path / "p.png"), *args,
+                        check=False)
+    assert result.returncode == code and "Traceback" not in result.stderr, result.stderr
+    assert said.format(tmp=tmp_path) in result.stderr.strip().splitlines()[-1], result.stderr
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_preview_writes_a_png_whatever_the_name_and_no_empty_columns(sample_shards, tmp_path):
+    """``--out`` without ``.png`` was "unknown file extension"; ``--cols`` past ``--count`` drew
+    a canvas of empty columns."""
+    from PIL import Image
+
+    out = tmp_path / "preview"
+    result = run_module("pipeline.preview", "--shards", str(sample_shards), "--out", str(out), "--count", "3",
+                        "--cols", "8", check=False)
+    assert result.returncode == 0, result.stderr
+    with Image.open(out) as picture:
+        assert picture.format == "PNG" and picture.size == (3 * (CROP + 4) + 4, CROP + 8)

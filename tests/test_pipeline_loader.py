@@ -273,3 +273,37 @@ def test_average_views():
     probs = average_views(logits, 10)
     assert probs.shape == (3, 5)
     torch.testing.assert_close(probs[1], torch.softmax(logits[10:20], 1).mean(0))
+
+
+def test_a_label_that_is_no_class_index_stops_the_loader_and_the_service_names_the_sample(sample_shards, tmp_path):
+    """A ``.cls`` byte changed after sharding (same size: only the checksum tells, and the service
+    hashes in the background while training starts) reached ``cross_entropy``, whose IndexError
+    ended the run in a traceback.  Now the loader refuses the batch and the service's diagnosis
+    names the shard and the sample."""
+    import shutil
+    import tarfile
+
+    from service.data_errors import diagnose, guarded
+    from service.errors import DataError
+
+    copy = tmp_path / "shards"
+    shutil.copytree(sample_shards, copy)
+    tar = copy / "train" / "train-000001.tar"
+    with tarfile.open(tar) as archive:
+        member = next(m for m in archive if m.name.endswith(".cls"))
+    data = bytearray(tar.read_bytes())
+    data[member.offset_data] = ord("9")  # 6 classes: 9 is none of them
+    tar.write_bytes(data)
+    manifest = load(copy)
+    loader = build_train_loader(manifest, config=CFG.replace(shuffle_buffer=1, shuffle_shards=False))
+    with pytest.raises(ValueError, match="holds label 9, not a class index \\(the shards have 6 classes\\)"):
+        for _ in loader:
+            pass
+    loader = build_train_loader(manifest, config=CFG.replace(shuffle_buffer=1, shuffle_shards=False))
+    with pytest.raises(DataError) as info:
+        for _ in guarded(loader, lambda exc: diagnose(exc, manifest, "train")):
+            pass
+    message = str(info.value)
+    key = member.name.split(".")[0]
+    assert message.startswith(f"train shard {tar}: contents differ from the manifest's sha256"), message
+    assert f"sample {key} " in message and "label b'9' is not a class index" in message, message

@@ -10,12 +10,14 @@ allowed."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from service.errors import EXIT_CONFIG, EXIT_DATA
@@ -102,6 +104,23 @@ def test_statistics_it_cannot_use_are_one_line_and_exit_1(how: str, shards: Path
     line = one_line(result, EXIT_DATA)
     said = "cannot be read as the mean image" if how == "truncated mean image" else "is not valid JSON"
     assert f"{path} {said}" in line, line
+    assert f"re-run the sharding, `make shards SRC=<imagenet> OUT={shards}`" in line, line
+
+
+@pytest.mark.parametrize("key", ["eigval", "std", "mean_image"])
+def test_statistics_that_are_not_finite_are_one_line_and_exit_1(key: str, shards: Path, tmp_path: Path) -> None:
+    """A NaN in stats.json (Python's JSON reads one) or an infinity in the mean image made every
+    step's loss NaN: the run ended exit 6, "training diverged ... Lower optim.lr"."""
+    if key == "mean_image":
+        path, image = shards / "mean_image.npy", np.load(shards / "mean_image.npy")
+        image[7, 9, 1] = np.inf
+        np.save(path, image)
+    else:
+        path, record = shards / "stats.json", json.loads((shards / "stats.json").read_text())
+        record[key][0] = math.nan
+        path.write_text(json.dumps(record))  # writes NaN, as json.dumps does by default
+    line = one_line(service("--shards", str(shards), "--out", str(tmp_path / "run")), EXIT_DATA)
+    assert f"{path} holds a value that is not a finite number ({key})" in line, line
     assert f"re-run the sharding, `make shards SRC=<imagenet> OUT={shards}`" in line, line
 
 

@@ -70,6 +70,23 @@ def test_two_ranks_evaluate_a_split_that_leaves_one_rank_an_empty_batch(odd_run)
     assert checkpoint_steps(out) == [1, 2]
 
 
+def test_an_empty_last_training_batch_is_no_zero_loss_in_the_epoch_mean(tmp_path_factory: pytest.TempPathFactory
+                                                                        ) -> None:
+    """9 training images on 2 ranks at batch 4: rank 0 reads 4, so its second step's batch is
+    empty.  Its loss was logged as 0.0000 and counted in the epoch's mean, halving the train loss."""
+    src, shards = tmp_path_factory.mktemp("nine_src"), tmp_path_factory.mktemp("nine_shards")
+    generate(SampleConfig(out=src, classes=3, train_per_class=3, val_per_class=1, seed=1))
+    build(ShardConfig(src=src, out=shards, shard_samples=4, workers=1).validate())
+    out = tmp_path_factory.mktemp("nine") / "run"
+    rc, service = run_service(shards, out, "--loader.batch_size", "4", "--epochs", "1", launcher=TORCHRUN_2)
+    assert rc == 0, _why(service)
+    steps = events(out, "train")
+    assert [s["step_in_epoch"] for s in steps] == [1, 2] and steps[0]["loss"] > 0.1
+    assert steps[1]["loss"] == steps[0]["loss"]  # the empty step shows the last loss there was
+    history = json.loads((out / "history.json").read_text())
+    assert history[0]["train_loss"] == pytest.approx(steps[0]["loss"])  # the one step that had images
+
+
 def test_two_ranks_resume_from_the_checkpoint_rank_0_chose(odd_run, odd_shards: Path, tmp_path: Path) -> None:
     """The newest checkpoint is damaged in place (same size; only its CRC tells): rank 0 alone sets
     it aside, both ranks restore the older one and check they restored the same step."""

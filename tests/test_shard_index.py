@@ -89,6 +89,7 @@ def test_a_damaged_index_is_named_by_the_manifest_check(shards: Path, how: str) 
 def test_the_manifests_own_indexes_pass(sample_shards: Path) -> None:
     m = contract.load(sample_shards)
     assert all(contract.index_problem(s, s.bytes) is None for split in m.splits.values() for s in split.shards)
+    assert all(contract.index_entries_defect(s.index) is None for split in m.splits.values() for s in split.shards)
 
 
 @pytest.mark.parametrize("how", ["empty", "no header"])
@@ -105,3 +106,32 @@ def test_a_loader_that_fails_on_its_index_is_diagnosed_as_the_index(shards: Path
     assert message.startswith(f"train shard {tar}: its index {index} {said}"), message
     assert f"wds2idx {tar} {index}" in message and "the loader failed with: " in message
     assert "elsewhere" not in message and "make shards" not in message
+
+
+def _damage_entry(index: Path, how: str) -> None:
+    """Entry 3 of ``index`` damaged inside, its header and last entry as they were."""
+    lines = index.read_text().splitlines()
+    fields = lines[3].split()
+    if how == "another sample's offset":  # its JPEG read from sample 2's bytes, under its own label
+        fields[1:3] = lines[2].split()[1:3]
+    else:  # "a JPEG cut short": DALI reads the first part of the JPEG only
+        fields[2] = str(int(fields[2]) - 1000)
+    lines[3] = " ".join(fields)
+    index.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("how", ["another sample's offset", "a JPEG cut short"])
+def test_a_damaged_entry_inside_an_index_stops_the_start_naming_it(shards: Path, tmp_path: Path, how: str) -> None:
+    """The start's check reads an index's header and last entry only; with an entry inside damaged,
+    tar and checksums intact, the run trained to exit 0 on one sample's pixels under another's
+    label (or a cut JPEG).  The deep check (the hash) now reads every entry."""
+    tar, index = shards / "train" / TAR, shards / "train" / TAR.replace(".tar", ".idx")
+    _damage_entry(index, how)
+    rc, service = run_service(shards, tmp_path / "run", "--epochs", "1", "--data.verify", "before", timeout=240)
+    assert rc == 1, service.stdout + service.stderr
+    assert "Traceback" not in service.stderr and len(service.stderr.strip().splitlines()) == 1, service.stderr
+    assert f"its index {index} has entry 3 pointing where the tar has no such member" in service.stderr, service.stderr
+    assert f"wds2idx {tar} {index}" in service.stderr
+    wds2idx = shutil.which("wds2idx") or str(Path(sys.executable).parent / "wds2idx")
+    subprocess.run([wds2idx, str(tar), str(index)], check=True, capture_output=True)
+    assert contract.shard_problem(contract.load(shards).splits["train"].shards[0]) is None  # the fix it names

@@ -142,16 +142,25 @@ def test_a_rerun_of_a_finished_directory_stopped_early_keeps_its_manifest(sample
     contract.load(tmp_path, deep=True)  # raises when the manifest is missing or a shard differs from it
 
 
+@pytest.mark.parametrize("how", ["cut short", "an entry inside"])
 def test_a_rerun_rewrites_a_stale_index_from_its_tar(sample_src: Path, tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+                                                     capsys: pytest.CaptureFixture[str], how: str) -> None:
     """A tar that still has its sha256 with an index that no longer fits it (cut short: DALI
-    would skip samples without a word, and the service refuses it): a re-run rewrites that
+    would skip samples without a word; an entry inside pointing at another sample's JPEG, which
+    DALI would read under this one's label; the service refuses both): a re-run rewrites that
     index, the very bytes ``make shards`` wrote, and nothing else."""
     cfg = ShardConfig(src=sample_src, out=tmp_path, shard_samples=30, workers=2).validate()
     build(cfg)
     shard = contract.load(tmp_path).splits["train"].shards[1]
     good = shard.index.read_bytes()
-    shard.index.write_bytes(b"\n".join(good.splitlines()[:-3]) + b"\n")
+    lines = good.splitlines()
+    if how == "cut short":
+        lines = lines[:-3]
+    else:  # entry 3's JPEG where entry 2's is
+        fields = lines[3].split()
+        fields[1:3] = lines[2].split()[1:3]
+        lines[3] = b" ".join(fields)
+    shard.index.write_bytes(b"\n".join(lines) + b"\n")
     before = {p: b for p, b in _tree(tmp_path).items() if p != shard.index.relative_to(tmp_path).as_posix()}
     capsys.readouterr()
     build(cfg)
