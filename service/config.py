@@ -194,20 +194,7 @@ def validate(cfg: TrainConfig) -> list[str]:
     except ValueError as exc:
         problems.append(f"loader.{exc}")
     problems += _model_problems(cfg)
-    o = cfg.optim
-    # lr 0 would train nothing for the whole run (every update a no-op); momentum and weight decay 0
-    # are plain SGD and no decay.  The velocity is multiplied by the momentum every step: at 1 it
-    # never decays, above it grows without bound (the run trained on until the loss diverged).
-    need(0 <= o.momentum < 1, f"optim.momentum must be a number in [0, 1), got {o.momentum} (the paper's is 0.9)")
-    # lr: float32's smallest normal number at least, as a smaller one rounds to 0 in the update's float32
-    # arithmetic (1e-50 passed "> 0" and trained nothing)
-    need(FLOAT32_MIN_NORMAL <= o.lr <= FLOAT32_MAX,
-         f"optim.lr must be a number > 0 (float32's {FLOAT32_MIN_NORMAL:.4g} to {FLOAT32_MAX:.4g}), got {o.lr}")
-    need(0 <= o.weight_decay <= FLOAT32_MAX,
-         f"optim.weight_decay must be a number >= 0 (at most float32's {FLOAT32_MAX:.4g}), got {o.weight_decay}")
-    need(o.patience >= 1, f"optim.patience must be >= 1, got {o.patience}")
-    need(o.max_drops >= 0, f"optim.max_drops must be >= 0, got {o.max_drops}")
-    need(o.lr_scaling in LR_SCALING, f"optim.lr_scaling must be one of {LR_SCALING}, got {o.lr_scaling!r}")
+    problems += _optim_problems(cfg.optim)
     c = cfg.checkpoint
     need(c.every_steps >= 0, f"checkpoint.every_steps must be >= 0 (0 = off), got {c.every_steps}")
     need(math.isfinite(c.every_seconds) and c.every_seconds >= 0,
@@ -223,6 +210,25 @@ def validate(cfg: TrainConfig) -> list[str]:
          "data.on_corrupt skip needs data.verify before: a shard can only be left out of the readers before they "
          "are built, so every shard must be checked first (add --data.verify before)")
     return problems
+
+
+def _optim_problems(o: OptimSettings) -> list[str]:
+    # lr 0 would train nothing for the whole run (every update a no-op); momentum and weight decay 0
+    # are plain SGD and no decay.  The velocity is multiplied by the momentum every step: at 1 it
+    # never decays, above it grows without bound (the run trained on until the loss diverged).
+    # lr: float32's smallest normal number at least, as a smaller one rounds to 0 in the update's
+    # float32 arithmetic (1e-50 passed "> 0" and trained nothing).
+    checks = [
+        (0 <= o.momentum < 1, f"optim.momentum must be a number in [0, 1), got {o.momentum} (the paper's is 0.9)"),
+        (FLOAT32_MIN_NORMAL <= o.lr <= FLOAT32_MAX,
+         f"optim.lr must be a number > 0 (float32's {FLOAT32_MIN_NORMAL:.4g} to {FLOAT32_MAX:.4g}), got {o.lr}"),
+        (0 <= o.weight_decay <= FLOAT32_MAX,
+         f"optim.weight_decay must be a number >= 0 (at most float32's {FLOAT32_MAX:.4g}), got {o.weight_decay}"),
+        (o.patience >= 1, f"optim.patience must be >= 1, got {o.patience}"),
+        (o.max_drops >= 0, f"optim.max_drops must be >= 0, got {o.max_drops}"),
+        (o.lr_scaling in LR_SCALING, f"optim.lr_scaling must be one of {LR_SCALING}, got {o.lr_scaling!r}"),
+    ]
+    return [message for ok, message in checks if not ok]
 
 
 def _model_problems(cfg: TrainConfig) -> list[str]:
