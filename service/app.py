@@ -24,7 +24,8 @@ import torch
 
 from common.config import ConfigError, load_config, split_config_arg, to_dict
 from common.config_help import print_help, settings_help, wants_help
-from service import PARENT, checkpoint
+from pipeline.stats import manifest_stats
+from service import PARENT, checkpoint, data_stats
 from service.build import apply_cuda_sync, build, compile_note, resolve, share_cores
 from service.config import TrainConfig, validate
 from service.data_fit import check_fits_data
@@ -101,10 +102,11 @@ def start(cfg: TrainConfig, manifest: contract.Manifest, ranks: Ranks, metrics: 
         # Every shard's files, once, before DALI opens one; names a missing, truncated or (cached /
         # verify before) corrupt shard to stop on or leave out.
         excluded = check.prepare()
+        stats = data_stats.summary(manifest_stats(manifest))  # in the identity: a resume on changed statistics
     except contract.ManifestError as exc:
         raise DataError(str(exc)) from None
     check_fits_data(cfg, manifest, excluded, ranks)
-    ident = identity(cfg, data_fingerprint(manifest.record))
+    ident = identity(cfg, data_fingerprint(manifest.record), stats)
     parts = build(cfg, ranks, manifest, excluded, shard_check=check)
     run_id = f"{cfg.out.resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"
     trainer = Trainer(parts, ranks, manifest, ident, run_id, metrics, board, log, stop)

@@ -46,6 +46,7 @@ from pipeline.normalize import DeviceNormalizer
 from pipeline.reference import decode
 from pipeline.stats import manifest_stats
 from pipeline.views import VIEW_COUNTS, view_stack
+from service import data_stats
 from service.build import alexnet, cuda_problem
 from service.checkpoint import TEMP_GLOB, OtherVersion, Unreadable, load, scan
 from service.checkpoint_trust import cannot_read, file_kind, not_a_file
@@ -83,6 +84,10 @@ class Predictor:
         except contract.ManifestError as exc:
             raise ServiceError(EXIT_CONFIG, f"the mean image of the shards the model was trained on is needed: "
                                             f"{exc}") from None
+        if differs := data_stats.difference(payload["identity"].get("data_stats"), data_stats.summary(stats)):
+            raise ServiceError(EXIT_CONFIG, f"{self.checkpoint.name}: {data_stats.describe(self.manifest.root, differs)}"
+                               ": its images would be normalised otherwise than in training; name the shards it "
+                               "trained on with --shards")
         self.normalizer = DeviceNormalizer(stats, loader).to(self.device)
         self.size, self.crop = self.manifest.image_size, loader.crop  # the mean image's: manifest_stats
         self.quality = self.manifest.quality

@@ -16,6 +16,7 @@ from typing import Any
 
 from common.config import to_dict
 from model import EvalResult
+from service import data_stats
 from service.config import OPERATIONAL, TrainConfig
 from service.errors import ConfigMismatch
 from service.metric_logger import Window
@@ -86,23 +87,26 @@ def data_fingerprint(manifest_record: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def identity(cfg: TrainConfig, fingerprint: str) -> dict[str, Any]:
+def identity(cfg: TrainConfig, fingerprint: str, stats: dict[str, Any] | None = None) -> dict[str, Any]:
     """The keys a resumed run must share with its checkpoint.  Not the number of ranks: a run
-    may resume on more or fewer (the data is split anew: ``service.checkpointer``)."""
+    may resume on more or fewer (the data is split anew: ``service.checkpointer``).  ``stats``:
+    the summary of the dataset statistics it trains with (``service.data_stats``)."""
     recipe = {k: v for k, v in flatten(to_dict(cfg)).items() if not _operational(k)}
-    return {**recipe, "data": fingerprint}
+    return {**recipe, "data": fingerprint, **({"data_stats": stats} if stats is not None else {})}
 
 
 def check_identity(path: Path, saved: dict[str, Any], mine: dict[str, Any]) -> None:
-    """Refuse to resume ``path`` when its identity differs from this run's (naming the keys)."""
-    keys = sorted(set(saved) | set(mine))
-    diffs = [k for k in keys if saved.get(k) != mine.get(k)]
-    if not diffs:
+    """Refuse to resume ``path`` when its identity differs from this run's (naming the keys).
+    The statistics are compared with a tolerance, and only where the checkpoint has them."""
+    keys = sorted((set(saved) | set(mine)) - {"data_stats"})
+    described = [_describe(k, saved.get(k), mine.get(k)) for k in keys if saved.get(k) != mine.get(k)]
+    if stats := data_stats.difference(saved.get("data_stats"), mine.get("data_stats")):
+        described.append(data_stats.describe(None, stats))
+    if not described:
         return
-    described = "; ".join(_describe(k, saved.get(k), mine.get(k)) for k in diffs[:4])
-    more = f" (and {len(diffs) - 4} more)" if len(diffs) > 4 else ""
-    raise ConfigMismatch(f"{path} belongs to another run: {described}{more}. Resume with the same settings, "
-                         f"use another --out directory, or start over here with --fresh true "
+    more = f" (and {len(described) - 4} more)" if len(described) > 4 else ""
+    raise ConfigMismatch(f"{path} belongs to another run: {'; '.join(described[:4])}{more}. Resume with the same "
+                         f"settings and shards, use another --out directory, or start over here with --fresh true "
                          f"(deletes {path.parent}'s checkpoints and logs)")
 
 

@@ -9,10 +9,12 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from service import checkpoint as ckpt
 from service.errors import ServiceError
+from tests.conftest import run_module
 from tests.service_proc import TORCHRUN_2, checkpoint_steps, events, run_service
 from tests.test_service_checkpoints import _rewrite
 from tests.test_service_failures import _copy_run, finished_run  # noqa: F401 (a fixture: checkpoints 2, 4, 6)
@@ -109,3 +111,27 @@ def test_a_resume_on_more_ranks_says_the_new_split_once(finished_run: Path, samp
     said = [line for line in service.errors if "was written by 1 rank(s), this run has 2" in line]
     assert len(said) == 1, service.stderr
     assert [len(events(out, "resplit", rank)) for rank in (0, 1)] == [1, 1]
+
+
+def test_shards_whose_statistics_changed_are_not_resumed_nor_predicted_with(finished_run: Path, sample_shards: Path,
+                                                                            sample_src: Path, tmp_path: Path) -> None:
+    """The same tars with other statistics (``make shards ... --stats_images 1`` made again): the
+    data fingerprint (tar checksums) is the same, and the run resumed with another mean image
+    without a word; predict normalised with it too."""
+    out, shards = _copy_run(finished_run, tmp_path), tmp_path / "shards"
+    shutil.copytree(sample_shards, shards)
+    mean_image = np.load(shards / "mean_image.npy")
+    np.save(shards / "mean_image.npy", mean_image + 20)
+    rc, service = run_service(shards, out, "--epochs", "2", timeout=180)
+    assert rc == 2 and "resuming" not in service.stdout, service.stdout
+    line = _only_line(service.stderr)
+    assert line.startswith(f"service: {ckpt.path_for(out, 6)} belongs to another run: the shards' dataset statistics "
+                           "are not the ones it trained with: the mean image differs by up to 20"), line
+    assert checkpoint_steps(out) == [2, 4, 6]
+    image = next(sample_src.glob("val/*/*"))
+    predicted = run_module("service.predict", "--run", str(out), "--shards", str(shards), str(image), check=False,
+                           timeout=120)
+    assert predicted.returncode == 2, predicted.stdout + predicted.stderr
+    assert _only_line(predicted.stderr).startswith(
+        f"predict: checkpoint-000000006.pt: the shards' dataset statistics (stats.json and mean_image.npy of {shards}) "
+        "are not the ones it trained with: the mean image differs by up to 20"), predicted.stderr

@@ -12,8 +12,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from pipeline.stats import DatasetStats
+from service import data_stats
 from service.app import parse
 from service.config import TrainConfig
 from service.dist import RankError, Ranks, core_share
@@ -131,6 +134,31 @@ def test_identity_separates_recipe_from_operational_keys() -> None:
                                               "data1"), mine)
     with pytest.raises(ConfigMismatch, match="the shards differ"):
         check_identity(Path("c.pt"), identity(base, "data2"), mine)
+
+
+def _stats(shift: float = 0.0, flip: bool = False, noise: float = 0.0) -> dict:
+    rng = np.random.default_rng(0)
+    eigvec = np.linalg.qr(rng.normal(size=(3, 3)))[0] * (np.array([-1, 1, 1]) if flip else 1)
+    image = rng.uniform(60, 180, size=(40, 40, 3)).astype(np.float32) + shift
+    return data_stats.summary(DatasetStats(mean=image.mean(axis=(0, 1)) + noise, std=np.full(3, 60, np.float32) + noise,
+                                           eigval=np.array([5000.0, 300.0, 40.0]) * (1 + noise), eigvec=eigvec,
+                                           mean_image=image + noise))
+
+
+def test_the_dataset_statistics_are_part_of_the_identity_within_a_tolerance() -> None:
+    """Shards made again with other statistics (--stats_images 1: the same tars) were resumed
+    without a word; the same statistics computed elsewhere (last bits, an eigenvector's sign) must
+    still resume, and a checkpoint from before the check (no summary) resumes as before."""
+    base = TrainConfig()
+    mine = identity(base, "data1", _stats())
+    check_identity(Path("c.pt"), identity(base, "data1", _stats(noise=1e-5, flip=True)), mine)  # accepted
+    check_identity(Path("c.pt"), identity(base, "data1"), mine)  # an older checkpoint: accepted
+    with pytest.raises(ConfigMismatch, match=r"c.pt belongs to another run: the shards' dataset statistics are not "
+                                             r"the ones it trained with: the mean differs by up to 20 .*--fresh true"):
+        check_identity(Path("c.pt"), identity(base, "data1", _stats(shift=20)), mine)
+    lighter = dict(_stats(), lighting=(2 * np.asarray(_stats()["lighting"])).tolist())
+    with pytest.raises(ConfigMismatch, match="the PCA lighting"):
+        check_identity(Path("c.pt"), identity(base, "data1", lighter), mine)
 
 
 def test_metric_names_of_the_contract() -> None:
