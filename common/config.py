@@ -17,6 +17,7 @@ import os
 import tomllib
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -136,6 +137,20 @@ def path_arg(value: str) -> Path:
         return _path(value, "path")
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def at_least_one(meaning: str = "") -> Callable[[str], int]:
+    """An ``argparse`` ``type=`` for a whole number of at least 1; ``meaning`` (e.g. "the number of
+    classes to show per image") goes into the refusal of a smaller one."""
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {value!r}") from None
+        if number < 1:
+            raise argparse.ArgumentTypeError(f"must be at least 1{f' ({meaning})' if meaning else ''}, got {value}")
+        return number
+    return parse
 
 
 def _merge(cls: type[T], base: T, table: dict[str, Any], where: str, prefix: str = "", file: bool = False) -> T:

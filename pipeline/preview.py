@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common.config import path_arg
+from common.config import at_least_one, path_arg
 from pipeline import LoaderConfig, build_train_loader
 from pipeline.normalize import RawBatch
 
@@ -39,25 +39,14 @@ def grid(tiles: np.ndarray, cols: int, pad: int = 4) -> Image.Image:
     return Image.fromarray(canvas)
 
 
-def _at_least_one(value: str) -> int:
-    """``--count`` and ``--cols``: a whole number, at least 1 (0 crashed in the grid's division)."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return number
-
-
 def main(argv: list[str] | None = None) -> int:
     """Save ``--count`` augmented training images as a grid PNG; bad input is one line on stderr
     (exit 2 a setting, 1 the shards or the output file), not a traceback."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.preview", description=__doc__.split("\n")[0])
     parser.add_argument("--shards", type=path_arg, required=True)
     parser.add_argument("--out", type=path_arg, default=Path("preview.png"), help="the PNG to write")
-    parser.add_argument("--count", type=_at_least_one, default=32)
-    parser.add_argument("--cols", type=_at_least_one, default=8)
+    parser.add_argument("--count", type=at_least_one(), default=32)
+    parser.add_argument("--cols", type=at_least_one(), default=8)
     parser.add_argument("--sigma", type=float, default=0.1, help="PCA lighting sigma (try 1.0 to see it)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.config import path_arg
+from common.config import at_least_one, path_arg
 from common.streams import READER_GONE, silence
 from model.train_step import view_averaged_probs
 from pipeline.config import LoaderConfig
@@ -235,17 +235,6 @@ def _json(p: Prediction) -> str:
                                                       for w, n, v in p.top], "changes": list(p.changes)})
 
 
-def _top(value: str) -> int:
-    """``--top``: a whole number of classes, at least 1 (more than the classes shows them all)."""
-    try:
-        top = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {value!r}") from None
-    if top < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 (the number of classes to show per image), got {value}")
-    return top
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m service.predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("images", nargs="+", type=path_arg,
@@ -254,8 +243,8 @@ def main(argv: list[str]) -> int:
                         help="a run directory (its newest checkpoint) or a checkpoint")
     parser.add_argument("--shards", type=path_arg, help="the shards it was trained on (default: the path in its config)")
     parser.add_argument("--views", type=int, choices=VIEW_COUNTS, default=10, help="10: the paper's views; 1: the centre")
-    parser.add_argument("--top", type=_top, default=5, help="classes to show per image (at least 1; more than the "
-                        "model's classes shows them all)")
+    parser.add_argument("--top", type=at_least_one("the number of classes to show per image"), default=5,
+                        help="classes to show per image (at least 1; more than the model's classes shows them all)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--json", action="store_true", help="one JSON object per image instead of a line")
     args = parser.parse_args(argv)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import cmdline, descendants
 from tests.service_proc import TORCHRUN_2, Service, checkpoint_steps
+from tests.test_service_rank_restarts import rank_pid
 from tests.test_shard_check_stop import pad_shard
 from tests.test_service_stop_edges import WAITING, _wait_importing_torch, _wait_until_catching
 
@@ -42,21 +42,6 @@ def _late_job(shards: Path, tmp_path: Path, nproc: int, late_rank: int, *args: s
     return job, go
 
 
-def _service_pid(torchrun: int, rank: int, timeout: float = 60) -> int:
-    """The pid of ``rank``'s service process (the wrapper execs it: the pid stays the same)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for pid in descendants(torchrun):
-            try:
-                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if f"RANK={rank}".encode() in environ and " -m service " in cmdline(pid):
-                return pid
-        time.sleep(0.05)
-    raise AssertionError(f"torchrun did not start rank {rank}'s service")
-
-
 def _service_lines(job: Service) -> list[str]:
     return [line for line in job.errors if line.startswith("service:")]
 
@@ -70,11 +55,11 @@ def test_a_rank_stopped_while_its_peer_is_late_ends_the_whole_job(sample_shards:
     waits, and ends at once too; torchrun exits 0."""
     job, go = _late_job(sample_shards, tmp_path, nproc, late)
     try:
-        pids = [_service_pid(job.proc.pid, rank) for rank in range(nproc) if rank != late]
+        pids = [rank_pid(job.proc.pid, rank) for rank in range(nproc) if rank != late]
         for pid in pids:
             _wait_until_catching(pid, signal.SIGTERM)
         time.sleep(3)  # into init_process_group, waiting for the late rank
-        pid = _service_pid(job.proc.pid, stopped)
+        pid = rank_pid(job.proc.pid, stopped)
         assert job.proc.poll() is None, job.stderr[-3000:]
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 30
@@ -103,7 +88,7 @@ def test_a_rank_stopped_during_rank_0s_shard_check_ends_the_check(sample_shards:
                   launcher=TORCHRUN_2)
     try:
         job.wait_for(r"shards: checking 10 shard\(s\), 6\.4 GB, against the manifest before training")
-        os.kill(_service_pid(job.proc.pid, 1), signal.SIGTERM)
+        os.kill(rank_pid(job.proc.pid, 1), signal.SIGTERM)
         rc = job.wait(timeout=120)
     finally:
         job.kill()
@@ -126,7 +111,7 @@ def test_a_rank_stopped_during_its_imports_ends_the_job_without_a_traceback(samp
     nothing to save yet, so every rank ends, exit 0, one line each."""
     job = Service(sample_shards, tmp_path / "run", "--epochs", "1", launcher=TORCHRUN_2)
     try:
-        pid = _service_pid(job.proc.pid, 1)
+        pid = rank_pid(job.proc.pid, 1)
         _wait_importing_torch(pid)
         os.kill(pid, signal.SIGTERM)
         rc = job.wait(timeout=120)
