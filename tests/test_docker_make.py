@@ -72,6 +72,14 @@ def test_make_train_on_this_machine(tmp_path: Path) -> None:
     assert_one_line_naming_train_local(make_train(os.environ["PATH"], tmp_path), "make train:")
 
 
+def _shards(tmp_path: Path) -> Path:
+    """A directory that passes make train's own look for shards (the trainer checks them)."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "manifest.json").write_text("{}")
+    return shards
+
+
 def recorded(tmp_path: Path) -> list[dict[str, str]]:
     """Each docker call the recorder saw: its arguments and the paths in its environment."""
     lines = (tmp_path / "docker.log").read_text().splitlines()
@@ -126,9 +134,7 @@ def test_make_train_gpus_none_needs_no_nvidia_runtime_and_starts_no_dcgm(tmp_pat
 def test_make_train_without_a_grafana_password_says_so_in_one_line(tmp_path: Path) -> None:
     """As every other reason ``make train`` cannot start: one line, and nothing handed to docker
     (before: the shell's ``${GRAFANA_PASSWORD:?}`` text, then make's own error line)."""
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    (shards / "manifest.json").write_text("{}")
+    shards = _shards(tmp_path)
     result = make(fake_path(tmp_path, RECORDER), tmp_path, "train", "GPUS=none", f"SHARDS={shards}", f"RUN={tmp_path}/run",
                   GRAFANA_PASSWORD="")
     output = (result.stdout + result.stderr).strip()
@@ -140,9 +146,7 @@ def test_make_train_without_a_grafana_password_says_so_in_one_line(tmp_path: Pat
 def test_make_train_refuses_bad_gpus_in_one_line_before_touching_run(gpus: str, tmp_path: Path) -> None:
     """On a machine with the NVIDIA runtime, GPUS=0 created RUN (and handed a fresh one to the
     image's user) before stack.sh refused it, in its line and make's "*** Error 1" after it."""
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    (shards / "manifest.json").write_text("{}")
+    shards = _shards(tmp_path)
     nvidia = RECORDER.replace("info) echo '{}'", """info) echo '{"Runtimes": {"nvidia": {}}}'""")
     result = make(fake_path(tmp_path, nvidia), tmp_path, "train", f"GPUS={gpus}", f"SHARDS={shards}",
                   f"RUN={tmp_path}/run")
@@ -157,9 +161,7 @@ def test_make_train_refuses_a_bind_address_the_stack_cannot_watch(bind: str, whe
     """BIND=<one address> moved every listener there, but Prometheus scrapes the trainer at
     127.0.0.1 (prometheus.yml) and Grafana queries Prometheus there: the stack trained with every
     target down and an empty dashboard, and nothing said so."""
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    (shards / "manifest.json").write_text("{}")
+    shards = _shards(tmp_path)
     args = ["train", "GPUS=none", f"SHARDS={shards}", f"RUN={tmp_path}/run"]
     if where == "command line":
         result = make(fake_path(tmp_path, RECORDER), tmp_path, *args, f"BIND={bind}")
@@ -175,9 +177,7 @@ def test_make_train_refuses_a_bind_address_the_stack_cannot_watch(bind: str, whe
 def test_make_train_hands_the_grafana_password_over_as_typed(password: str, where: str, tmp_path: Path) -> None:
     """make expanded a '$' in a variable given on its command line: pa$sw$(x)rd reached Grafana as
     "pawrd" (the login failed, and nothing said why).  Exported in the shell, it already went as typed."""
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    (shards / "manifest.json").write_text("{}")
+    shards = _shards(tmp_path)
     args = ["train", "GPUS=none", f"SHARDS={shards}", f"RUN={tmp_path}/run"]
     if where == "command line":
         result = make(fake_path(tmp_path, RECORDER), tmp_path, *args, f"GRAFANA_PASSWORD={password}")
