@@ -90,7 +90,7 @@ demo: preview ## the main job on the sample data: shards -> pipeline -> the trai
 # train-local's command, echoed on one line: the same line runs the service without make, with the
 # service's own exit codes (make turns any failure into 2 and, when its process group gets SIGTERM
 # or SIGINT, waits for the service's checkpoint and then dies of the signal itself: 143 or 130).
-TRAIN_LOCAL = $(strip $(PY) -m $(if $(filter-out 1,$(NPROC)),torch.distributed.run --standalone --nproc-per-node \
+TRAIN_LOCAL = $(strip $(PY) -m $(if $(filter-out 1,$(NPROC)),service.launch --standalone --nproc-per-node \
 	$(NPROC) -m )service --config $(CONFIG) --shards $(SHARDS) --out $(RUN) --http.port $(PORT) $(TRAIN_ARGS))
 
 train-local: setup ## the service here, no Docker: make train-local [CONFIG=configs/demo.toml SHARDS=data/shards RUN=runs/<config> PORT=9431 NPROC=1]

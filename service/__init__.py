@@ -11,12 +11,14 @@ resumes, stops cleanly on SIGTERM/SIGINT/SIGHUP and exports Prometheus metrics.
   staging to host memory (``staging``), which file a restart resumes, the restore order);
   ``checkpoint``: the files (format and version, atomic, rotated, verified: ``checkpoint_crc``,
   names not trusted: ``checkpoint_trust``; written in the background: ``checkpoint_writer``); ``state`` / ``rng``:
-  the progress counters and run identity, the random generators;
+  the progress counters and run identity (with ``data_stats``, the dataset statistics trained
+  with), the random generators;
 - ``metrics`` / ``server`` / ``status``: Prometheus metrics in a private registry, the HTTP
   endpoint (/metrics, /healthz, /status) and the shared status it serves;
 - ``signals``, ``runlog``, ``data_errors``, ``errors``: stop requests, the run directory's
   logs and plots, loader failures that name the shard, exit codes; ``rank_stops``: a rank stopped
-  before the ranks have joined tells the others, through torchrun's store.
+  before the ranks have joined tells the others, through torchrun's store;
+- ``launch``: torchrun for ``make train-local NPROC=2``, ending with the ranks' own words and codes.
 """
 
 import os as _os

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ def test_train_local_echoes_its_command_on_one_line() -> None:
     out = subprocess.run(["make", "-n", "--no-print-directory", "train-local", "SHARDS=/s", "RUN=/r", "NPROC=2"],
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert not any(line.rstrip().endswith("\\") for line in out.splitlines()), out
-    command = (".venv/bin/python -m torch.distributed.run --standalone --nproc-per-node 2 -m service "
+    command = (".venv/bin/python -m service.launch --standalone --nproc-per-node 2 -m service "
                "--config configs/demo.toml --shards /s --out /r --http.port 9431")
     assert f"echo '{command}'" in out.splitlines() and f"exec {command}" in out.splitlines()
 
@@ -79,3 +80,50 @@ def test_demo_serves_on_the_port_make_is_given() -> None:
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
     service = [line for line in out.splitlines() if " -m service --config configs/demo.toml" in line]
     assert len(service) == 1 and "--http.port 9500" in service[0], out
+
+
+@pytest.mark.slow
+def test_ctrl_c_of_train_local_on_two_ranks_is_the_ranks_stop_alone(sample_shards: Path, tmp_path: Path) -> None:
+    """``make train-local NPROC=2`` and Ctrl-C (SIGINT to the terminal's foreground group): the
+    ranks checkpointed, then torchrun printed its W lines, a traceback ending ``SignalException:
+    Process N got signal: 2`` and exited 1, and make added ``*** ... Error 1``.  Now the launcher
+    (``service.launch``) ends quietly: the ranks' ``stopped (SIGINT)`` line is the last word, and
+    make dies of the signal as with one process."""
+    run = tmp_path / "run"
+    make = subprocess.Popen(
+        ["make", "--no-print-directory", "train-local", f"SHARDS={sample_shards}", f"RUN={run}", "PORT=0", "NPROC=2",
+         "TRAIN_ARGS=" + " ".join([*TINY, "--epochs", "1", "--loader.shuffle_buffer", "16"])],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True)
+    lines = []
+    for line in make.stdout:
+        lines.append(line.rstrip("\n"))
+        if "epoch 1 step 1/" in line:
+            os.killpg(make.pid, signal.SIGINT)
+            break
+    lines += make.stdout.read().splitlines()
+    rc, errors = make.wait(timeout=120), make.stderr.read()
+    stopped = next(ln for ln in lines if ln.startswith("stopped (SIGINT) at step"))
+    assert checkpoint_steps(run) == [int(stopped.split()[4].rstrip(","))], "\n".join(lines)
+    assert "Traceback" not in errors and "SignalException" not in errors and "Error 1" not in errors, errors
+    assert not [ln for ln in errors.splitlines() if ln.startswith("W")], errors  # torchrun's warnings
+    assert rc == -signal.SIGINT, (rc, errors)
+
+
+@pytest.mark.slow
+def test_the_launcher_ends_with_the_ranks_own_exit_code(sample_shards: Path, tmp_path: Path) -> None:
+    """A taken port is exit 3 from one process; under torchrun it was torchrun's exit 1 after the
+    ranks' line and a ChildFailedError report.  The launcher gives the ranks' code, and no report."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "service.launch", "--standalone", "--nproc-per-node", "2",
+                               "-m", "service", "--shards", str(sample_shards), "--out", str(tmp_path / "run"),
+                               *TINY, "--http.port", str(port)],
+                              cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                              timeout=180)
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr, done.stderr[-3000:]
+    assert f"port {port} on 127.0.0.1 is already in use" in done.stderr, done.stderr
+    assert not [ln for ln in done.stderr.splitlines() if ln[:1] in ("W", "E")], done.stderr  # torchrun's log lines
