@@ -23,7 +23,7 @@ endif
 # when the recipe that uses it runs.
 # GRAFANA_PASSWORD_SET: whether it is set, not the password itself (a command line shows in ps).
 docker_check = $(eval _why := $(shell GPUS="$(GPUS)" BIND="$(BIND)" GRAFANA_PASSWORD_SET=$(if $(GRAFANA_PASSWORD),1) \
-	bash scripts/stack.sh check $(1)))$(if $(_why),$(error $(_why)))
+	SHARDS="$(SHARDS)" RUN="$(RUN)" CONFIG="$(CONFIG)" bash scripts/stack.sh check $(1)))$(if $(_why),$(error $(_why)))
 # The sample data gets small shards (configs/shards-sample.toml); real datasets the defaults.
 SHARD_CONFIG := $(if $(filter $(SAMPLE),$(SRC)),--config configs/shards-sample.toml,)
 

@@ -44,6 +44,23 @@ blocker() {
         # queries Prometheus at 127.0.0.1 (prometheus.yml, compose.yaml): every target down, no data.
         echo "make train: BIND=$BIND would hide the trainer from Prometheus and Prometheus from Grafana, which" \
             "reach them at 127.0.0.1: use 127.0.0.1 (this machine, the default) or 0.0.0.0 (every interface)"
+    elif [ "$target" = train ]; then
+        train_paths
+    fi
+}
+
+# What is wrong with SHARDS, RUN or CONFIG for make train, in one line; nothing when they will do.
+# Here, not in `up`: said from `up`, make added its own "*** [...] Error 1" line (and RUN as a file
+# was mkdir's "File exists", SHARDS as one "has no manifest.json").
+train_paths() {
+    if [ -e "${SHARDS:?set SHARDS}" ] && [ ! -d "$SHARDS" ]; then
+        echo "make train: SHARDS=$SHARDS is a file, not a directory of shards (what make shards writes)"
+    elif [ ! -f "$SHARDS/manifest.json" ]; then
+        echo "make train: $SHARDS has no manifest.json; make shards (or make shards-docker) first"
+    elif [ ! -f "${CONFIG:-configs/paper.toml}" ]; then
+        echo "make train: no config file ${CONFIG:-configs/paper.toml}"
+    elif [ -e "${RUN:?set RUN}" ] && [ ! -d "$RUN" ]; then
+        echo "make train: RUN=$RUN is a file, not a run directory: choose another RUN"
     fi
 }
 
@@ -111,10 +128,8 @@ up() {
     local why gpus owner host services=()
     why=$(blocker train)
     [ -z "$why" ] || die "$why"
-    [ -f "${SHARDS:?set SHARDS}/manifest.json" ] || die "make train: $SHARDS has no manifest.json; make shards (or make shards-docker) first"
     CONFIG=${CONFIG:-configs/paper.toml}
-    [ -f "$CONFIG" ] || die "make train: no config file $CONFIG"
-    mkdir -p "${RUN:?set RUN}"
+    mkdir -p "$RUN"
     SHARDS=$(abs_path "$SHARDS") RUN=$(abs_path "$RUN") CONFIG=$(abs_path "$CONFIG")
     owner=$(run_owner "$RUN")
     TRAIN_UID=${owner%:*} TRAIN_GID=${owner#*:} GIT_REVISION=$(revision)

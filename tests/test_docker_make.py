@@ -197,3 +197,30 @@ def test_shards_docker_needs_no_compose(tmp_path: Path) -> None:
                               capture_output=True, text=True, timeout=60)
     assert check("shards-docker").returncode == 0 and check("shards-docker").stdout == ""  # docker build + run
     assert check("train").returncode == 1 and "compose plugin" in check("train").stdout
+
+
+@pytest.mark.parametrize("case", ["shards a file", "shards without a manifest", "run a file", "no config"])
+def test_make_train_names_a_path_it_cannot_use_in_one_line(case: str, tmp_path: Path) -> None:
+    """Each was said by stack.sh after make had started the recipe, so make added its own
+    ``*** [...] Error 1``; SHARDS as a file said "has no manifest.json; make shards first", and RUN as a
+    file was mkdir's "File exists".  Now one line each, before docker is asked anything."""
+    shards, run, config = _shards(tmp_path), tmp_path / "run", tmp_path / "train.toml"
+    config.write_text("")
+    expected = {"shards a file": "is a file, not a directory of shards", "run a file": "is a file, not a run directory",
+                "shards without a manifest": "has no manifest.json; make shards (or make shards-docker) first",
+                "no config": "no config file"}[case]
+    if case == "shards a file":
+        shards = tmp_path / "shards.tar"
+        shards.write_text("")
+    elif case == "shards without a manifest":
+        (shards / "manifest.json").unlink()
+    elif case == "run a file":
+        run.write_text("")
+    else:
+        config = tmp_path / "missing.toml"
+    result = make(fake_path(tmp_path, RECORDER), tmp_path, "train", "GPUS=none", f"SHARDS={shards}", f"RUN={run}",
+                  f"CONFIG={config}")
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode != 0 and len(output.splitlines()) == 1, output
+    assert "make train: " in output and expected in output, output
+    assert not (tmp_path / "docker.log").exists()
