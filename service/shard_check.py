@@ -174,7 +174,8 @@ class ShardCheck:
     def _check_at_start(self) -> list[Finding] | str:
         findings, todo, cached = [], [], 0
         for split, shard in self._shards():
-            problem = shard_problem(shard, deep=False)
+            # verify before: every index entry now, in the one read of the index (the hash then reads no index)
+            problem = shard_problem(shard, deep=False, entries=self.settings.verify == "before")
             if problem is None:
                 known, problem = self.memory.cached(shard)
                 if not known:

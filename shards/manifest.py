@@ -136,14 +136,16 @@ def _entry_end(line: bytes, members: int) -> int | None:
     return max(int(offset) + int(size) for _, offset, size, _ in groups)
 
 
-def index_problem(shard: Shard, tar_bytes: int) -> str | None:
-    """What is wrong with ``shard``'s DALI index, and how to fix it, in one line (None: nothing seen)."""
-    what = index_defect(shard, tar_bytes)
+def index_problem(shard: Shard, tar_bytes: int, entries: bool = False) -> str | None:
+    """What is wrong with ``shard``'s DALI index, and how to fix it, in one line (None: nothing seen);
+    ``entries``: every entry too (``index_entries_defect``), from the same read."""
+    what = index_defect(shard, tar_bytes, entries)
     return None if what is None else f"{INDEX} {shard.index} {what}; {index_fix(shard)}"
 
 
-def index_defect(shard: Shard, tar_bytes: int) -> str | None:
-    """What is wrong with ``shard``'s DALI index against the manifest ("is empty"...; None: nothing seen).
+def index_defect(shard: Shard, tar_bytes: int, entries: bool = False) -> str | None:
+    """What is wrong with ``shard``'s DALI index against the manifest ("is empty"...; None: nothing seen);
+    ``entries``: each entry too (``index_entries_defect``), on the lines read here.
 
     DALI trusts the index blindly: a stale one (of an older or another tar) with fewer entries
     makes the reader skip the other samples without a word, one with more reads garbage.  So its
@@ -155,19 +157,19 @@ def index_defect(shard: Shard, tar_bytes: int) -> str | None:
     except OSError as exc:
         return f"cannot be read ({exc.strerror or exc})"
     head = lines[0].split() if lines else []
-    entries = len(lines) - 1
+    count = len(lines) - 1
     if len(head) != 2 or head[0] != b"v1.2" or not head[1].isdigit():
         return "is empty" if not lines else "does not begin with the `v1.2 <samples>` line of DALI's format"
-    if int(head[1]) != shard.samples or entries != shard.samples:
-        return (f"lists {int(head[1])} sample(s) in its header and has {entries} entries where the manifest "
+    if int(head[1]) != shard.samples or count != shard.samples:
+        return (f"lists {int(head[1])} sample(s) in its header and has {count} entries where the manifest "
                 f"has {shard.samples} (stale: of another tar, or truncated)")
-    if not entries:
+    if not count:
         return None  # a shard of no samples (the manifest's count says so)
     if (end := _entry_end(lines[-1], len(lines[1].split()) // 4)) is None:  # members as in the first sample
         return "ends in a malformed entry (truncated?)"
     if end > tar_bytes:
         return f"points to byte {end}, past the end of the tar ({tar_bytes} bytes): it is of another tar"
-    return None
+    return _entries_defect(lines[1:]) if entries else None
 
 
 def index_entries_defect(index: Path) -> str | None:
@@ -179,9 +181,14 @@ def index_entries_defect(index: Path) -> str | None:
     every entry costs ~3 s for ImageNet's 1.28M samples, so this is part of the deep check
     (``shard_problem``: a few ms per shard, beside its hash), not of every start's."""
     try:
-        samples = [ln.split() for ln in index.read_bytes().splitlines()[1:] if ln.strip()]
+        return _entries_defect([ln for ln in index.read_bytes().splitlines()[1:] if ln.strip()])
     except OSError as exc:
         return f"cannot be read ({exc.strerror or exc})"
+
+
+def _entries_defect(lines: list[bytes]) -> str | None:
+    """``index_entries_defect`` on an index's entry lines (its header left out)."""
+    samples = [ln.split() for ln in lines]
     expected = 512  # the first member's data, behind the tar's first header
     for number, fields in enumerate(samples, 1):
         if not fields or len(fields) % 4:
@@ -196,13 +203,13 @@ def index_entries_defect(index: Path) -> str | None:
 
 
 def shard_problem(shard: Shard, deep: bool = True, stop: Callable[[], bool] | None = None,
-                  index: bool = True) -> str | None:
+                  index: bool = True, entries: bool | None = None) -> str | None:
     """What is wrong with ``shard`` against the manifest (None: it matches): missing tar or
     index, another size, an index that does not fit the tar (``index_problem``, unless ``index``
-    is False: a caller that has just read it), or (``deep``) other contents or an index entry that
-    does not fit the tar (``index_entries_defect``).  The one place that
-    decides whether a shard is still the one ``make shards`` wrote.  ``stop``: see ``sha256_file``
-    (``HashStopped``)."""
+    is False: a caller that has just checked it), an index entry that does not fit the tar
+    (``entries``, default ``deep``: ``index_entries_defect``, from the same read of the index), or
+    (``deep``) other contents.  The one place that decides whether a shard is still the one
+    ``make shards`` wrote.  ``stop``: see ``sha256_file`` (``HashStopped``)."""
     from shards.tarwriter import sha256_file  # late import: readers rarely need hashing
 
     if not shard.tar.is_file():
@@ -212,12 +219,10 @@ def shard_problem(shard: Shard, deep: bool = True, stop: Callable[[], bool] | No
     size = shard.tar.stat().st_size
     if size != shard.bytes:
         return f"{size} bytes, the manifest says {shard.bytes} (truncated or modified)"
-    if index and (problem := index_problem(shard, size)):
+    if index and (problem := index_problem(shard, size, deep if entries is None else entries)):
         return problem
     if deep and sha256_file(shard.tar, stop) != shard.sha256:
         return CORRUPT
-    if deep and (what := index_entries_defect(shard.index)):
-        return f"{INDEX} {shard.index} {what}; {index_fix(shard)}"
     return None
 
 
