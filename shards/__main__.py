@@ -46,6 +46,9 @@ def main(argv: list[str]) -> int:
         signal.signal(sig, _terminate)
     try:
         build(cfg)
+    except ConfigError as exc:  # a setting only the source tree can refuse (shards.layouts.ValLabelsError)
+        print(f"shards: {exc}", file=sys.stderr)
+        return 2
     except (LayoutError, TooManySkipped, OtherDataset, OutDirError, NoTrainingImages) as exc:
         print(f"shards: error: {exc}", file=sys.stderr)
         return 1

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+from common.config import ConfigError
 from shards import tarsafe
 from shards.devkit import (
     DEVKIT_ARCHIVE, DEVKIT_DIR, WNID_RE, LabelFileError, find_devkit, load_devkit,
@@ -53,6 +54,11 @@ class LayoutError(ValueError):
     """No supported layout under the root, or the metadata of the one found is unusable."""
 
 
+class ValLabelsError(LayoutError, ConfigError):
+    """``val_labels`` names no file, or a tree whose val images are not labelled by a file: the
+    setting's problem (``make shards`` exits 2 on a ``ConfigError``), not the source tree's."""
+
+
 @dataclass(frozen=True)
 class _Layout:
     name: str
@@ -65,7 +71,8 @@ def scan(root: Path | str, val_labels: Path | None = None) -> Inventory:
 
     ``val_labels`` names layout (b)'s label file when it is not at one of the documented
     places.  Raises ``LayoutError`` listing every layout and the paths it expects when none
-    matches, or naming the file and line of malformed label metadata.
+    matches, or naming the file and line of malformed label metadata; ``ValLabelsError`` (a
+    setting's problem) when ``val_labels`` is given for another layout, or names no file.
     """
     root = Path(root).absolute()
     if not root.is_dir():
@@ -76,7 +83,9 @@ def scan(root: Path | str, val_labels: Path | None = None) -> Inventory:
         probe = layout.probe(root, val_labels)
         if all(ok for _, ok in probe):
             if val_labels is not None and layout is not LAYOUTS[1]:
-                raise LayoutError(f"val_labels={val_labels} only applies to layout (b), but {root} holds {layout.name}")
+                raise ValLabelsError(f"val_labels {val_labels}: a label file only applies to layout (b) (a flat val/), "
+                                     f"but {root} holds layout {layout.name}, labelled by its own metadata: "
+                                     "drop --val_labels")
             try:
                 inv = layout.scan(root, val_labels)
             except (LabelFileError, tarfile.TarError, OSError) as e:
@@ -86,6 +95,9 @@ def scan(root: Path | str, val_labels: Path | None = None) -> Inventory:
             inv.ignored.sort()
             return inv
         report.append(f"{layout.name}: " + ", ".join(f"{what} [{'found' if ok else 'MISSING'}]" for what, ok in probe))
+    if val_labels is not None and not Path(val_labels).is_file():  # layout (b) but for the file the setting names
+        raise ValLabelsError(f"val_labels {val_labels}: no such file: give the flat val/ directory's label file "
+                             "(<file> <wnid or class index> per line)")
     looked_for = "\n  ".join(report)
     raise LayoutError(f"no ImageNet layout found under {root}; looked for (paths relative to it):\n  {looked_for}")
 

@@ -221,3 +221,35 @@ def test_a_size_no_image_needs_is_one_line_and_exit_2(sample_src: Path, tmp_path
     assert result.returncode == 2, result.stderr
     assert result.stderr == "shards: size must be 32..4096, got 100000\n"
     assert not out.exists()
+
+
+@pytest.mark.parametrize("labels", ["labels.txt", "missing.txt"])
+def test_val_labels_on_a_tree_labelled_by_folders_is_one_line_and_exit_2(tmp_path: Path, labels: str) -> None:
+    """``--val_labels`` on layout (a), whose val images are labelled by their class folders, ended
+    as the source tree's problem (exit 1, "shards: error: ..."): it is the setting's (exit 2)."""
+    from tests.layout_fixtures import make_a, write
+
+    make_a(tmp_path / "src")
+    write(tmp_path / "labels.txt", b"ILSVRC2012_val_00000001.JPEG n01000001\n")
+    out = tmp_path / "out"
+    result = run_module("shards", "--src", str(tmp_path / "src"), "--out", str(out),
+                        "--val_labels", str(tmp_path / labels), check=False)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"shards: val_labels {tmp_path / labels}: ") and result.stderr.count("\n") == 1
+    assert "drop --val_labels" in result.stderr, result.stderr
+    assert not out.exists()
+
+
+def test_val_labels_naming_no_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """A layout (b) tree with ``--val_labels`` naming no file listed every layout as missing
+    (several lines, exit 1): the file the setting names is what is missing."""
+    from tests.layout_fixtures import make_b
+
+    make_b(tmp_path / "src", ["ILSVRC2012_val_00000001.JPEG n01000001"], label_path="labels/val.txt")
+    out = tmp_path / "out"
+    result = run_module("shards", "--src", str(tmp_path / "src"), "--out", str(out),
+                        "--val_labels", str(tmp_path / "nope.txt"), check=False)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (f"shards: val_labels {tmp_path / 'nope.txt'}: no such file: give the flat val/ "
+                             "directory's label file (<file> <wnid or class index> per line)\n")
+    assert not out.exists()
