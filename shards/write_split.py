@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.progress import progress
-from shards.config import ShardConfig
+from shards.config import SAMPLE_BYTES_PER_PIXEL, ShardConfig
 from shards.imaging import BadImage, prepare
 from shards.journal import Journal, Verifier
 from shards.sources import Source, TooLarge, read_bytes
@@ -32,7 +32,6 @@ from shards.tarwriter import Serialized, ShardWriter, Written, publish, serializ
 from shards.workers import Workers, checkpoint
 
 Row = tuple[str, str | None, int, int, int]  # (path, tar, offset, size, class index): a compact Source
-SAMPLE_BYTES_PER_PIXEL = 0.5  # the shard_bytes-only plan: 32 KiB per 256x256 sample (q90 photos: ~23 KB)
 
 
 @dataclass(frozen=True)

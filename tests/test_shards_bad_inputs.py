@@ -253,3 +253,20 @@ def test_val_labels_naming_no_file_is_one_line_and_exit_2(tmp_path: Path) -> Non
     assert result.stderr == (f"shards: val_labels {tmp_path / 'nope.txt'}: no such file: give the flat val/ "
                              "directory's label file (<file> <wnid or class index> per line)\n")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("shard_samples", ["0", "5000"])
+def test_shard_bytes_below_one_image_is_one_line_and_exit_2(tmp_path: Path, shard_samples: str) -> None:
+    """``--shard_bytes 100`` (bytes meant as MB, say) was taken: every tar held one image, each
+    ~200 times the limit, and the run said nothing (rc 0; ImageNet would be 1.3 million tars)."""
+    from tests.layout_fixtures import make_a
+
+    make_a(tmp_path / "src")
+    out = tmp_path / "out"
+    result = run_module("shards", "--src", str(tmp_path / "src"), "--out", str(out), "--shard_bytes", "100",
+                        "--shard_samples", shard_samples, check=False)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == ("shards: shard_bytes 100 is less than one 256x256 image as planned (32768 bytes): "
+                             "every tar would hold one image, over the limit; give a tar's limit in bytes, at least "
+                             "32768 (1000000000: 1 GB), or 0 for none\n")
+    assert not out.exists()
