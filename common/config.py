@@ -244,11 +244,14 @@ def _read_toml(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"config file {path} cannot be read ({exc.strerror or exc}): make it readable for uid "
                           f"{os.getuid()}, or pass another --config") from None
-    data = data.removeprefix(codecs.BOM_UTF8)  # "UTF-8 with BOM" (Windows editors): a mark, not a statement
+    # "UTF-8 with BOM" (Windows editors): a mark, not a statement.  Skipped, not cut off, so a bad
+    # byte's offset is the file's own (a hex editor's), not 3 short.
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
-        return tomllib.loads(data.decode("utf-8"))
+        return tomllib.loads(data[bom:].decode("utf-8"))
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {data[exc.start:exc.start + 1]!r}); "
+        at = bom + exc.start
+        raise ConfigError(f"{path}: not UTF-8 text (byte {at}: {data[at:at + 1]!r}); "
                           "TOML files are UTF-8: save it as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None

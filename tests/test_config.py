@@ -70,6 +70,20 @@ def test_a_file_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
     assert load_config(Job, toml).steps == 5
 
 
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"])
+def test_a_byte_that_is_not_utf8_is_named_at_its_offset_in_the_file(tmp_path: Path, bom: bytes) -> None:
+    """The offset was counted after the byte order mark was taken off: 3 bytes short of the
+    file's own (a hex editor's, ``cmp``'s) in a file saved as "UTF-8 with BOM"."""
+    from tests.conftest import run_module
+
+    toml = tmp_path / "shards.toml"
+    toml.write_bytes(bom + b"quality = 90  # caf\xe9 au lait\n")  # a Latin-1 comment
+    offset = toml.read_bytes().index(b"\xe9")
+    result = run_module("shards", "--config", str(toml), check=False)
+    assert (result.returncode, result.stderr) == (2, f"shards: {toml}: not UTF-8 text (byte {offset}: b'\\xe9'); "
+                                                     "TOML files are UTF-8: save it as UTF-8\n")
+
+
 @pytest.mark.parametrize("second", [["--config", "mine.toml"], ["--config=mine.toml"]])
 def test_a_second_config_file_is_refused_not_read_instead_of_the_first(second: list[str]) -> None:
     """Only one file is read: ``make demo TRAIN_ARGS="--config mine.toml"`` read mine.toml alone,
