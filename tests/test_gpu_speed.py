@@ -60,6 +60,16 @@ def test_blocking_sync_reaches_the_shared_context() -> None:
     assert out.stdout.strip() == "('blocking', True)"
 
 
+def test_a_driver_error_is_named_by_the_driver() -> None:
+    """A device ordinal past the last GPU: the line named CUDA's status as a bare number ("CUDA
+    driver error 101"); the driver's own name and text for it now."""
+    from common.cuda import set_sync
+
+    with pytest.raises(RuntimeError, match=rf"^cuDeviceGet\({torch.cuda.device_count()}\) failed: "
+                                           r"CUDA_ERROR_INVALID_DEVICE \(101: invalid device ordinal\)$"):
+        set_sync("blocking", torch.cuda.device_count())
+
+
 @pytest.fixture(scope="module")
 def compiled_run() -> SimpleNamespace:
     """``mode="reduce-overhead"`` on the GPU (bf16, channels_last), compiled once for the module and

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -94,3 +95,34 @@ def test_spare_core_gives_each_rank_of_a_machine_its_own_cores(sample_shards: Pa
 def test_cuda_sync_without_a_driver_says_so() -> None:
     with pytest.raises(RuntimeError, match="libcuda.so.1"):
         set_sync("blocking")
+
+
+@pytest.mark.parametrize("status, says", [
+    (101, "cuDeviceGet(7) failed: CUDA_ERROR_INVALID_DEVICE (101: no such device, or not for this action)"),
+    (802, "cuDeviceGet(7) failed: CUDA_ERROR_SYSTEM_NOT_READY (802: a driver daemon is not running"),
+    (12345, "cuDeviceGet(7) failed: CUDA driver error 12345 (not among common.cuda's names: see CUresult in cuda.h)"),
+])
+def test_a_driver_error_is_named_not_numbered(status: int, says: str) -> None:
+    """The line was "cuDeviceGet(7) failed with CUDA driver error 101": a number to look up in
+    cuda.h.  The driver names its codes itself (a GPU test checks that); without one, or with a
+    stub that cannot, common.cuda's table does."""
+    from common.cuda import _check
+
+    with pytest.raises(RuntimeError, match=f"^{re.escape(says)}"):
+        _check(status, "cuDeviceGet(7)")
+
+
+CUDA_H = Path("/usr/local/cuda/include/cuda.h")
+
+
+@pytest.mark.skipif(not CUDA_H.is_file(), reason="no CUDA toolkit's cuda.h here")
+def test_the_driver_error_names_are_cuda_h_s() -> None:
+    """Each name common.cuda gives a code is cuda.h's own (CUresult): a wrong one would send the
+    reader to another error."""
+    from common.cuda import DRIVER_ERRORS
+
+    header = CUDA_H.read_text()
+    enum = header[header.index("enum cudaError_enum"):header.index("} CUresult;")]
+    codes = {name: int(code) for name, code in re.findall(r"^\s*(CUDA_\w+)\s*=\s*(\d+)", enum, re.M)}
+    assert len(codes) > 50
+    assert {code: codes.get(name) for code, (name, _) in DRIVER_ERRORS.items()} == {c: c for c in DRIVER_ERRORS}
