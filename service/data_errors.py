@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from service.errors import DataError
-from shards.manifest import INDEX, Manifest, Shard, index_fix, index_problem, remake, shard_problem
+from shards.index_check import INDEX, index_fix, index_problem
+from shards.manifest import Manifest, Shard, remake, shard_problem
 
 T = TypeVar("T")
 _NOISE = ("Current pipeline object is no longer valid", "C++ context", "Critical error in pipeline")

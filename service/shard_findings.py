@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.data_errors import damaged_samples
-from shards.manifest import CORRUPT, INDEX, Shard, remake
+from shards.index_check import INDEX
+from shards.manifest import CORRUPT, Shard, remake
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ FORMAT = "alexnet2012-shard-checks"
 def file_key(shard: Shard) -> dict[str, int | str]:
     """What identifies the file a result was found on: the same key later is the same bytes."""
     st = shard.tar.stat()
-    try:  # the deep check reads every entry of the index too (shards.manifest.index_entries_defect)
+    try:  # the deep check reads every entry of the index too (shards.index_check.index_entries_defect)
         ix = shard.index.stat()
         index = [ix.st_size, ix.st_mtime_ns, ix.st_ctime_ns, ix.st_ino]
     except OSError:

@@ -26,6 +26,7 @@ import numpy as np
 from shards import manifest as contract
 from shards import stats
 from shards.config import ShardConfig
+from shards.index_check import index_defect, index_entries_defect
 from shards.journal import Journal
 from shards.layouts import scan
 from shards.outdir import claimed
@@ -202,7 +203,7 @@ def unchanged(cfg: ShardConfig, inventory: Inventory, workers: Workers) -> dict 
         return None
     for shard in tars:  # the tars are the manifest's: an index that does not fit is rewritten from its tar
         # Every entry too (a second or so for ImageNet, beside the hash of its ~31 GB just done).
-        if (defect := contract.index_defect(shard, shard.bytes) or contract.index_entries_defect(shard.index)):
+        if (defect := index_defect(shard, shard.bytes) or index_entries_defect(shard.index)):
             atomic_write_bytes(shard.index, index_of(shard.tar))
             print(f"shards: rewrote {shard.index} from its tar (it {defect})", flush=True)
     return m.record

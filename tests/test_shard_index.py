@@ -16,6 +16,7 @@ from pipeline.loader import DaliLoader
 from service.build import _loader
 from service.errors import DataError
 from shards import manifest as contract
+from shards.index_check import index_entries_defect
 from tests.service_proc import run_service
 
 TAR = "train-000000.tar"
@@ -89,7 +90,7 @@ def test_a_damaged_index_is_named_by_the_manifest_check(shards: Path, how: str) 
 def test_the_manifests_own_indexes_pass(sample_shards: Path) -> None:
     m = contract.load(sample_shards)
     assert all(contract.index_problem(s, s.bytes) is None for split in m.splits.values() for s in split.shards)
-    assert all(contract.index_entries_defect(s.index) is None for split in m.splits.values() for s in split.shards)
+    assert all(index_entries_defect(s.index) is None for split in m.splits.values() for s in split.shards)
 
 
 @pytest.mark.parametrize("how", ["empty", "no header"])
