@@ -33,8 +33,9 @@ from bench.record import finish, header
 from bench.shards_projection import (
     IMAGENET, PROJECTED_CORES, imagenet_like_tree, project, scan_seconds_per_image, task_cpu_per_image,
 )
-from shards.build import Phase, Phases, build
+from shards.build import build
 from shards.config import ShardConfig
+from shards.phases import Phase, Phases
 
 # ImageNet's default statistics sample (20,000 of 1,281,167 training images), as a share, so the
 # statistics pass weighs on the small sample set as much as it does on the real dataset.

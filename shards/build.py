@@ -17,9 +17,6 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -30,6 +27,7 @@ from shards.index_check import index_defect, index_entries_defect
 from shards.journal import Journal
 from shards.layouts import scan
 from shards.outdir import claimed
+from shards.phases import Phases
 from shards.report import check_trainable, summary, write_skipped
 from shards.sources import Inventory, Source
 from shards.tarwriter import atomic_write_bytes, atomic_write_text, index_of, sha256_file
@@ -67,33 +65,6 @@ class TooManySkipped(RuntimeError):
 
 class Interrupted(KeyboardInterrupt):
     """SIGINT/SIGTERM stopped the run cleanly; ``str()`` is the one line saying what was kept."""
-
-
-@dataclass(frozen=True)
-class Phase:
-    """What one phase cost: wall time, this process's CPU, the workers' CPU (finished tasks)."""
-
-    name: str
-    seconds: float
-    parent_cpu: float
-    worker_cpu: float
-
-
-class Phases:
-    """The phases of a run as they happen (the interrupt line names the current one; bench reads them)."""
-
-    def __init__(self) -> None:
-        self.records: list[Phase] = []
-        self.current = "start"
-
-    @contextmanager
-    def phase(self, name: str, workers: Workers | None = None) -> Iterator[None]:
-        """Time the enclosed block as phase ``name``."""
-        self.current = name
-        wall, cpu, worker_cpu = time.perf_counter(), time.process_time(), workers.cpu if workers else 0.0
-        yield
-        self.records.append(Phase(name, time.perf_counter() - wall, time.process_time() - cpu,
-                                  (workers.cpu if workers else 0.0) - worker_cpu))
 
 
 def ordered(inventory: Inventory, split: str, seed: int) -> list[Source]:
