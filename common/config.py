@@ -3,29 +3,23 @@
 Every entry point declares one frozen dataclass (nested dataclasses become TOML tables and
 dotted flags).  Values are resolved in this order: dataclass defaults, then the TOML file,
 then ``--key value`` / ``--section.key=value`` flags.  Unknown keys and values of the wrong
-type are rejected with a message that names the key and the source it came from.  Flags are
-strings, parsed into each key's type; a file's values are typed by TOML and taken as they are
-(``batch_size = "24"`` is a string, refused: a number is written without quotes).
+type are rejected with a message that names the key and the source it came from (the values'
+checks: ``common.config_values``).
 """
 from __future__ import annotations
 
-import argparse
 import codecs
 import dataclasses
 import difflib
 import os
 import tomllib
-import types
 import typing
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from common.config_values import ConfigError, coerce, nonempty_path
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A configuration key or value that cannot be accepted."""
 
 
 # Field metadata key: a setting that is an action for one start, not a standing part of a config
@@ -37,120 +31,6 @@ COMMAND_LINE_ONLY = "command_line_only"
 def field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def _coerce_union(value: Any, tp: Any, key: str, where: str, parse: bool) -> Any:
-    """``value`` as the first member of the union ``tp`` that accepts it (``None``, or the string
-    "none", where the union allows None: TOML has no null); the first member's complaint when none does."""
-    options = typing.get_args(tp)
-    if value is None or (isinstance(value, str) and value.lower() == "none" and type(None) in options):
-        if type(None) in options:
-            return None
-    errors = []
-    for option in options:
-        if option is type(None):
-            continue
-        try:
-            return _coerce(value, option, key, where, parse)
-        except ConfigError as exc:
-            errors.append(str(exc))
-    raise ConfigError(errors[0] if errors else f"{where}: {key} cannot be None")
-
-
-def _quoted(value: str, expected: str, toml: str, key: str, where: str) -> ConfigError:
-    """A file's string where another type belongs: TOML values carry their type, and parsing
-    the string as the command line's would take ``batch_size = "24"`` or ``seed = " 7 "``."""
-    return ConfigError(f"{where}: {key} must be {expected} ({toml}), got the string {value!r}")
-
-
-def _number(value: Any, tp: type, key: str, where: str, parse: bool) -> int | float:
-    if isinstance(value, bool):
-        raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
-    if isinstance(value, str):
-        if not parse:
-            raise _quoted(value, tp.__name__, "a TOML number, without quotes", key, where)
-        try:
-            return tp(value)
-        except ValueError:
-            raise ConfigError(f"{where}: {key} must be {tp.__name__}, got {value!r}") from None
-    if tp is int and isinstance(value, int):
-        return value
-    if tp is float and isinstance(value, (int, float)):
-        return float(value)
-    raise ConfigError(f"{where}: {key} must be {tp.__name__}, got {value!r}")
-
-
-def _coerce(value: Any, tp: Any, key: str, where: str, parse: bool = True) -> Any:
-    """Check ``value`` against ``tp``; ``parse``: ``value`` may be a string to parse (the command
-    line's, where every value is one), else a file's, already typed by TOML."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return _coerce_union(value, tp, key, where, parse)
-    if origin is typing.Literal:
-        allowed = typing.get_args(tp)
-        if isinstance(value, str) and parse:  # from the command line: "4" is the member 4 of Literal[3, 4]
-            value = next((a for a in allowed if not isinstance(a, str) and str(a) == value), value)
-        if value not in allowed:
-            raise ConfigError(f"{where}: {key} must be one of {list(allowed)}, got {value!r}")
-        return value
-    if origin in (tuple, list):
-        if isinstance(value, str) and not parse:
-            raise _quoted(value, "a list", 'a TOML array: ["a", "b"]', key, where)
-        items = value.split(",") if isinstance(value, str) else value
-        if not isinstance(items, (list, tuple)):
-            raise ConfigError(f"{where}: {key} must be a list, got {value!r}")
-        args = typing.get_args(tp)
-        item_tp = args[0] if args else str
-        return tuple(_coerce(v.strip() if isinstance(v, str) else v, item_tp, key, where, parse) for v in items)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and not parse:
-            raise _quoted(value, "true or false", "a TOML boolean, without quotes", key, where)
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
-    if tp in (int, float):
-        return _number(value, tp, key, where, parse)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
-        return value
-    if tp is Path:
-        if not isinstance(value, (str, Path)):
-            raise ConfigError(f"{where}: {key} must be a path, got {value!r}")
-        return _path(value, f"{where}: {key}")
-    raise ConfigError(f"{where}: {key} has unsupported type {tp!r}")
-
-
-def _path(value: str | Path, what: str, hint: str = " (use . for the working directory)") -> Path:
-    """``value`` as a path, refusing an empty one: ``Path("")`` is ``.``, so an empty ``--out``
-    would put a run's files in (and ``--fresh true`` delete them from) the working directory."""
-    if isinstance(value, str) and not value.strip():
-        raise ConfigError(f"{what} is empty: give a path{hint}")
-    return Path(value)
-
-
-def path_arg(value: str) -> Path:
-    """An ``argparse`` ``type=`` for paths: an empty one is refused, as in settings (``_path``)."""
-    try:
-        return _path(value, "path")
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def at_least_one(meaning: str = "") -> Callable[[str], int]:
-    """An ``argparse`` ``type=`` for a whole number of at least 1; ``meaning`` (e.g. "the number of
-    classes to show per image") goes into the refusal of a smaller one."""
-    def parse(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid int value: {value!r}") from None
-        if number < 1:
-            raise argparse.ArgumentTypeError(f"must be at least 1{f' ({meaning})' if meaning else ''}, got {value}")
-        return number
-    return parse
 
 
 def _merge(cls: type[T], base: T, table: dict[str, Any], where: str, prefix: str = "", file: bool = False) -> T:
@@ -176,7 +56,7 @@ def _merge(cls: type[T], base: T, table: dict[str, Any], where: str, prefix: str
             raise ConfigError(f"{where}: {name} is a setting, not a section: it takes a value, not the keys "
                               f"{', '.join(value)}")
         else:
-            changes[key] = _coerce(value, tp, name, where, parse=not file)
+            changes[key] = coerce(value, tp, name, where, parse=not file)
     return dataclasses.replace(base, **changes)
 
 
@@ -290,7 +170,7 @@ def split_config_arg(argv: list[str]) -> tuple[Path | None, list[str]]:
             if path is not None:
                 raise ConfigError(f"command line: --config given twice ({path}, then {given}): one file is read; "
                                   "put the settings in one file, or give the others as --section.key value")
-            path = _path(given, "command line: --config", "")
+            path = nonempty_path(given, "command line: --config", "")
     return path, rest
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common.config import at_least_one, path_arg
+from common.config_values import at_least_one, path_arg
 from pipeline import LoaderConfig, build_train_loader
 from pipeline.normalize import RawBatch
 

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.config import at_least_one, path_arg
+from common.config_values import at_least_one, path_arg
 from common.streams import READER_GONE, silence
 from model.train_step import view_averaged_probs
 from pipeline.config import LoaderConfig
