@@ -228,3 +228,28 @@ def test_preview_writes_a_png_whatever_the_name_and_no_empty_columns(sample_shar
     assert result.returncode == 0, result.stderr
     with Image.open(out) as picture:
         assert picture.format == "PNG" and picture.size == (3 * (CROP + 4) + 4, CROP + 8)
+
+
+@pytest.mark.parametrize("train, gpu_roi", [(True, False), (True, True), (False, False)])
+def test_the_gpu_graphs_hand_the_label_bytes_to_the_host(sample_shards, train, gpu_roi):
+    """The loader's label check (``tests/test_pipeline_loader.py``) reads labels on the host,
+    where it costs no wait for the device; the GPU graphs copied the label bytes to the GPU inside
+    the graph, so on a GPU the check was skipped and a label past the class count reached
+    ``cross_entropy`` (a device-side assert, or garbage).  Now every graph hands its label bytes
+    over on the host (as the reader reads them, before the mixed stage) and the loader checks them
+    there, then copies the parsed labels from pinned memory (``to_device``).  The graph is only
+    defined here (no GPU needed)."""
+    import dataclasses
+
+    from nvidia.dali.pipeline import Pipeline
+
+    from pipeline import _spec
+    from pipeline.graph import EVAL_OUTPUTS, TRAIN_OUTPUTS, eval_graph, train_graph
+
+    spec = _spec(sample_shards, "train" if train else "val", 0, 1, torch.device("cpu"),
+                 LoaderConfig(batch_size=8, threads=1, gpu_roi_decode=gpu_roi), train, 1, False)
+    spec = dataclasses.replace(spec, gpu=True)
+    with Pipeline(batch_size=2, num_threads=1, device_id=None):
+        outputs = dict(zip(TRAIN_OUTPUTS if train else EVAL_OUTPUTS, (train_graph if train else eval_graph)(spec)))
+    assert outputs["images"].device == "gpu"  # the GPU graph indeed
+    assert outputs["labels"].device == "cpu"
