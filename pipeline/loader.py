@@ -204,7 +204,11 @@ class DaliLoader:
         return {"batch_size": c.batch_size, "shuffle_buffer": c.shuffle_buffer, "shuffle_shards": c.shuffle_shards}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue exactly where ``state`` was taken (same shards, ranks and config)."""
+        """Continue exactly where ``state`` was taken (same shards, ranks and config).  A state
+        taken after the epoch's last batch was handed out, before the loop asked for the next (a
+        consumer checkpointing at its last step), continues with the next epoch from its first
+        batch: DALI's reader is there already, and the rest of the old epoch, nothing, was an
+        empty epoch to the consumer."""
         if state.get("version") not in LOADABLE_VERSIONS:
             raise ValueError(f"loader state version {state.get('version')!r}, expected one of {LOADABLE_VERSIONS}")
         mine = self._identity()
@@ -217,3 +221,5 @@ class DaliLoader:
             raise ValueError(f"loader state was saved with {theirs}, this loader has {mine}")
         self._it = self._iterator(_decode(state["dali"]))
         self.epoch, self._batches = int(state["epoch"]), int(state["batches"])
+        if self._batches >= len(self):  # saved after the epoch's last batch: the next epoch, whole
+            self.epoch, self._batches = self.epoch + 1, 0
