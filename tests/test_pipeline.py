@@ -253,3 +253,32 @@ def test_the_gpu_graphs_hand_the_label_bytes_to_the_host(sample_shards, train, g
         outputs = dict(zip(TRAIN_OUTPUTS if train else EVAL_OUTPUTS, (train_graph if train else eval_graph)(spec)))
     assert outputs["images"].device == "gpu"  # the GPU graph indeed
     assert outputs["labels"].device == "cpu"
+
+
+def test_preview_of_a_damaged_jpeg_is_one_line_naming_the_shard_and_the_sample(sample_shards, tmp_path):
+    """JPEGs cut short in a shard after ``make shards`` wrote it (the rest of each zeros: the tar
+    keeps its size and its index) ended the preview in DALI's traceback of many lines.  Now one
+    last line naming the shard, the sample and what to do, exit 1 (the decoder's own C++ log lines
+    about the bad data may come before it).  Bytes no codec recognises at all (a garbled header,
+    ``nvImageCodec failure``) are named by checking the shards' checksums, but DALI 1.x itself may
+    die of SIGSEGV then, before or after that line: not tested here."""
+    import shutil
+    import tarfile
+
+    copy = tmp_path / "shards"
+    shutil.copytree(sample_shards, copy)
+    tar = copy / "train" / "train-000001.tar"
+    data = bytearray(tar.read_bytes())
+    with tarfile.open(tar) as archive:
+        for member in archive:
+            if member.name.endswith(".jpg"):  # every image of the shard: the first batch holds some
+                start, end = member.offset_data + member.size // 8, member.offset_data + member.size
+                data[start:end] = bytes(end - start)
+    tar.write_bytes(data)
+    result = run_module("pipeline.preview", "--shards", str(copy), "--out", str(tmp_path / "p.png"), "--count", "144",
+                        check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"preview: train shard {tar}: sample train-"), line
+    assert "does not decode as a JPEG; re-create the shards (make shards SRC=<imagenet> OUT=" in line, line
+    assert not (tmp_path / "p.png").exists()
