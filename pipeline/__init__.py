@@ -38,7 +38,8 @@ def dali_available() -> bool:
 
 
 def _spec(shards: Path | str | Manifest, split: str, rank: int, world_size: int, device: torch.device,
-          config: LoaderConfig, train: bool, views: int, debug: bool, exclude: Collection[str] = ()):
+          config: LoaderConfig, train: bool, views: int, debug: bool, exclude: Collection[str] = (),
+          stats: DatasetStats | None = None):
     from shards.manifest import load  # the shard directory contract; fails early with a hint
 
     from pipeline.graph import GraphSpec
@@ -51,7 +52,7 @@ def _spec(shards: Path | str | Manifest, split: str, rank: int, world_size: int,
     # ~100 MB for ImageNet's train split, once per start rather than once per loader.
     manifest = shards if isinstance(shards, Manifest) else \
         load(shards, splits=(split,) if split == "train" else (split, "train"), exclude=exclude)
-    stats = manifest_stats(manifest)
+    stats = manifest_stats(manifest) if stats is None else stats
     if config.crop > manifest.image_size:  # DALI's draw of a train crop's anchor would crash the process
         raise ValueError(f"crop {config.crop} does not fit the shards' {manifest.image_size}-pixel images "
                          f"({manifest.root})")
@@ -67,31 +68,35 @@ def _spec(shards: Path | str | Manifest, split: str, rank: int, world_size: int,
 
 def build_train_loader(shards: Path | str | Manifest, rank: int = 0, world_size: int = 1,
                        device: torch.device | str = "cpu", config: LoaderConfig | None = None,
-                       *, ids: bool = False, exclude: Collection[str] = ()):
+                       *, ids: bool = False, exclude: Collection[str] = (), stats: DatasetStats | None = None):
     """The training loader of one rank: random crop, flip, PCA lighting, mean subtraction.
 
     Yields ``(images (N,3,224,224), labels (N,) int64)`` on ``device`` (``(.., ids)`` if ``ids``);
     supports ``len()``, ``state_dict()`` and ``load_state_dict()``.  ``shards``: the shard
     directory, or its ``shards.manifest.Manifest`` already loaded and checked (with ``exclude``,
     and the train split, whose statistics every split uses).  ``exclude``: tar file names left out
-    of the reader (shards found corrupt).
+    of the reader (shards found corrupt).  ``stats``: the shards' statistics already read by the
+    caller (``manifest_stats`` of the same shards), else read here: the service reads them once at
+    start for the run identity, and each loader read ``stats.json`` and ``mean_image.npy`` again.
     """
     from pipeline.loader import DaliLoader
 
     device = torch.device(device)
-    spec = _spec(shards, "train", rank, world_size, device, config or LoaderConfig(), True, 1, False, exclude)
+    spec = _spec(shards, "train", rank, world_size, device, config or LoaderConfig(), True, 1, False, exclude, stats)
     return DaliLoader(spec, device, rank, ids=ids)
 
 
 def build_eval_loader(shards: Path | str | Manifest, rank: int = 0, world_size: int = 1,
                       device: torch.device | str = "cpu", config: LoaderConfig | None = None,
-                      *, views: int = 1, split: str = "val", ids: bool = False, exclude: Collection[str] = ()):
+                      *, views: int = 1, split: str = "val", ids: bool = False, exclude: Collection[str] = (),
+                      stats: DatasetStats | None = None):
     """The evaluation loader: centre crop (``views=1``, images (N,3,224,224)) or the paper's 10
-    views (``views=10``, images (N,10,3,224,224): 4 corners + centre, then the same flipped)."""
+    views (``views=10``, images (N,10,3,224,224): 4 corners + centre, then the same flipped);
+    the other arguments as ``build_train_loader``'s."""
     from pipeline.loader import DaliLoader
 
     device = torch.device(device)
-    spec = _spec(shards, split, rank, world_size, device, config or LoaderConfig(), False, views, False, exclude)
+    spec = _spec(shards, split, rank, world_size, device, config or LoaderConfig(), False, views, False, exclude, stats)
     return DaliLoader(spec, device, rank, ids=ids)
 
 

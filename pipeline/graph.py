@@ -6,9 +6,12 @@ optionally with its fast IDCT, ``LoaderConfig.fast_idct``).  On a GPU the whole 
 decoded with nvJPEG (``device="mixed"``) and the window sliced at the same integer anchor:
 nvImageCodec 0.9's GPU ROI decode can crash the process on H100 (``LoaderConfig.gpu_roi_decode``
 explains), and on 256x256 images the ROI saving on a GPU is small.  Outputs the uint8 NHWC
-windows plus the draws (anchor x/y in pixels, mirror, alpha); on a GPU the draws and the label
-bytes are copied to the GPU inside the graph, so the consumer never copies host memory to the
-device (a pageable ``.to("cuda")`` synchronises the host with the GPU on every batch).  The flip
+windows plus the draws (anchor x/y in pixels, mirror, alpha); on a GPU the draws are copied to
+the GPU inside the graph, so the consumer never copies them from host memory.  The label bytes
+stay on the host, where the reader read them: the loader checks every label against the class
+count there without waiting for the device, then copies the parsed labels from pinned memory
+(``pipeline.normalize.to_device``, queued like a kernel).  On the GPU a label past the class
+count was unchecked: checking it there needs the host to wait for the device every batch.  The flip
 and the float arithmetic (mean image at the anchor, lighting, CHW, dtype) are
 ``pipeline.normalize`` on the target device: ``fn.flip`` cost ~15% of DALI's CPU time per image
 (docs/benchmarks.md "Pipeline"), a reversed read there costs nothing.
@@ -119,7 +122,7 @@ def train_graph(spec: GraphSpec):
     crop = _train_window(spec, jpg, anchors)
     mirror = fn.random.coin_flip(probability=0.5)  # applied by the normaliser
     alpha = fn.random.normal(shape=[3], stddev=spec.cfg.sigma)
-    outputs = (crop, *_to_consumer(spec, labels), ids, *_to_consumer(spec, anchors, mirror, alpha))
+    outputs = (crop, labels, ids, *_to_consumer(spec, anchors, mirror, alpha))  # labels: host (module docstring)
     if spec.debug:
         outputs += (fn.decoders.image(jpg, **_decoder_args(spec, "cpu")),)  # the CPU decoder, as the stats
     return outputs
@@ -134,7 +137,7 @@ def eval_graph(spec: GraphSpec):
     crops = [fn.slice(decoded, start=[x, y], shape=[crop, crop])
              for x, y, _ in view_anchors(spec.views, size, size, crop)]
     images = crops[0] if len(crops) == 1 else fn.stack(*crops, axis=0)
-    outputs = (images, *_to_consumer(spec, labels), ids)
+    outputs = (images, labels, ids)  # labels on the host, checked there (module docstring)
     return outputs + (decoded,) if spec.debug else outputs
 
 

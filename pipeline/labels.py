@@ -21,8 +21,9 @@ def ascii_ints(raw: np.ndarray) -> np.ndarray:
 
 def ascii_ints_torch(raw: torch.Tensor) -> torch.Tensor:
     """int64 values of the zero-padded ASCII digit rows of a uint8 tensor (N, width), on its
-    device (the GPU graph's label bytes stay on the GPU): a few elementwise kernels, no copy to
-    the host and no synchronisation.  Non-digit bytes are skipped."""
+    device: a few elementwise passes (kernels on a GPU tensor: no copy to the host and no
+    synchronisation).  The loader's label bytes are host bytes on every graph (``pipeline.graph``).
+    Non-digit bytes are skipped."""
     value = torch.zeros(raw.shape[0], dtype=torch.int64, device=raw.device)
     if raw.numel() == 0:  # a rank's empty last batch
         return value

@@ -11,9 +11,9 @@ parsing its labels) is finished before the next batch is asked for, so reference
 On a GPU the reads are kernels queued on PyTorch's stream that may run long after the host has
 moved on, while DALI frees in its own stream order; so every GPU batch is held
 (``_GpuKeepAlive``) until an event recorded after its consumer's kernels has completed.  Held is
-every output DALI handed out, not what ``RawBatch`` keeps: the label bytes are read by a queued
-kernel too (``ascii_ints_torch``), and ``RawBatch`` keeps only its result.  Nothing reads a batch
-after that: the normalised images and the parsed labels are new tensors.
+every output DALI handed out, not what ``RawBatch`` keeps.  Nothing reads a batch after that:
+the normalised images and the parsed labels are new tensors.  The label bytes are host memory on
+every graph (``pipeline.graph``): parsed and checked on the host, then copied to the device.
 """
 from __future__ import annotations
 
@@ -147,11 +147,10 @@ class DaliLoader:
         self._batches = 0
 
     def _raw(self, out: dict[str, torch.Tensor]) -> RawBatch:
-        """Parse the label bytes where the graph put them (on the GPU with one) and, if asked,
-        the ids (host bytes, parsed on the host: tests and tools)."""
+        """Parse and check the label bytes (host bytes on every graph: the check makes the host
+        wait for no device) and, if asked, the ids (host bytes too: tests and tools)."""
         labels = ascii_ints_torch(out["labels"])
-        if labels.device.type == "cpu":
-            self._check_labels(labels)
+        self._check_labels(labels)
         ids = torch.from_numpy(key_numbers(out["ids"].numpy())) if self.ids else None
         if not self.spec.train:
             return RawBatch(out["images"], labels, ids)
@@ -161,8 +160,9 @@ class DaliLoader:
         """A label that is no class index is a shard damaged since it was checked (its checksum is
         checked in the background while training starts): ``cross_entropy`` stopped the run with
         an IndexError traceback.  Raised here, inside the loader, the service diagnoses it against
-        the manifest and names the shard and the sample.  Host labels only: on a GPU the check
-        would wait for the device every batch."""
+        the manifest and names the shard and the sample.  On the host, on every graph: on a GPU
+        the check would make the host wait for the device every batch, so the GPU graphs hand the
+        label bytes over on the host (they skipped the check when they copied them to the GPU)."""
         if labels.numel() and int(labels.max()) >= self.spec.classes:
             raise ValueError(f"a {'training' if self.spec.train else 'evaluation'} batch holds label "
                              f"{int(labels.max())}, not a class index (the shards have {self.spec.classes} classes): "
@@ -204,7 +204,11 @@ class DaliLoader:
         return {"batch_size": c.batch_size, "shuffle_buffer": c.shuffle_buffer, "shuffle_shards": c.shuffle_shards}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue exactly where ``state`` was taken (same shards, ranks and config)."""
+        """Continue exactly where ``state`` was taken (same shards, ranks and config).  A state
+        taken after the epoch's last batch was handed out, before the loop asked for the next (a
+        consumer checkpointing at its last step), continues with the next epoch from its first
+        batch: DALI's reader is there already, and the rest of the old epoch, nothing, was an
+        empty epoch to the consumer."""
         if state.get("version") not in LOADABLE_VERSIONS:
             raise ValueError(f"loader state version {state.get('version')!r}, expected one of {LOADABLE_VERSIONS}")
         mine = self._identity()
@@ -217,3 +221,5 @@ class DaliLoader:
             raise ValueError(f"loader state was saved with {theirs}, this loader has {mine}")
         self._it = self._iterator(_decode(state["dali"]))
         self.epoch, self._batches = int(state["epoch"]), int(state["batches"])
+        if self._batches >= len(self):  # saved after the epoch's last batch: the next epoch, whole
+            self.epoch, self._batches = self.epoch + 1, 0

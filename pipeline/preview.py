@@ -4,6 +4,7 @@ augmentation by looking."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -13,7 +14,9 @@ from PIL import Image
 
 from common.config_values import at_least_one, path_arg
 from pipeline import LoaderConfig, build_train_loader
+from pipeline.failures import loader_failure
 from pipeline.normalize import RawBatch
+from shards.manifest import load
 
 
 def augmented_pixels(raw: RawBatch, lighting: torch.Tensor) -> np.ndarray:
@@ -39,9 +42,21 @@ def grid(tiles: np.ndarray, cols: int, pad: int = 4) -> Image.Image:
     return Image.fromarray(canvas)
 
 
+def quiet_native_stderr() -> None:
+    """Point file descriptor 2 at /dev/null, ``sys.stderr`` staying on the terminal: after a
+    failure DALI's threads go on decoding the batches already scheduled, and the decoder logs each
+    bad sample from C++ straight to descriptor 2, after the one line that names the shard."""
+    sys.stderr.flush()
+    terminal, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    sys.stderr = os.fdopen(terminal, "w", buffering=1)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Save ``--count`` augmented training images as a grid PNG; bad input is one line on stderr
-    (exit 2 a setting, 1 the shards or the output file), not a traceback."""
+    (exit 2 a setting, 1 the shards, a shard DALI cannot read or decode, or the output file), not
+    a traceback."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.preview", description=__doc__.split("\n")[0])
     parser.add_argument("--shards", type=path_arg, required=True)
     parser.add_argument("--out", type=path_arg, default=Path("preview.png"), help="the PNG to write")
@@ -56,11 +71,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"preview: --{exc}", file=sys.stderr)
         return 2
     try:
-        loader = build_train_loader(args.shards, config=cfg)
+        manifest = load(args.shards, splits=("train",))
+        loader = build_train_loader(manifest, config=cfg)
         raw = next(loader.raw_batches())
         picture = grid(augmented_pixels(raw, loader.normalizer.lighting), min(args.cols, len(raw)))
     except ValueError as exc:  # shards.manifest.ManifestError: the shard directory, named, with the fix
         print(f"preview: {exc}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:  # DALI: a sample it cannot read or decode (a shard damaged since written)
+        quiet_native_stderr()
+        print(f"preview: {loader_failure(exc, manifest, 'train')}", file=sys.stderr)
         return 1
     try:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -102,12 +102,13 @@ def start(cfg: TrainConfig, manifest: contract.Manifest, ranks: Ranks, metrics: 
         # Every shard's files, once, before DALI opens one; names a missing, truncated or (cached /
         # verify before) corrupt shard to stop on or leave out.
         excluded = check.prepare()
-        stats = data_stats.summary(manifest_stats(manifest))  # in the identity: a resume on changed statistics
+        stats = manifest_stats(manifest)  # read once: the identity's summary and both loaders
     except contract.ManifestError as exc:
         raise DataError(str(exc)) from None
     check_fits_data(cfg, manifest, excluded, ranks)
-    ident = identity(cfg, data_fingerprint(manifest.record), stats)
-    parts = build(cfg, ranks, manifest, excluded, shard_check=check)
+    # In the identity: a resume on changed statistics is refused (service.data_stats).
+    ident = identity(cfg, data_fingerprint(manifest.record), data_stats.summary(stats))
+    parts = build(cfg, ranks, manifest, excluded, shard_check=check, stats=stats)
     run_id = f"{cfg.out.resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"
     trainer = Trainer(parts, ranks, manifest, ident, run_id, metrics, board, log, stop)
     found = trainer.resume()  # rank 0 chooses the file, every rank restores it (service.checkpointer)

@@ -20,7 +20,7 @@ from common.cuda import set_sync
 from model import AlexNet, PaperSGD, PlateauSchedule, prepare_model, train_step
 from model.optim import param_groups
 from model.step import CompiledEval, CompiledStep, uses_cudagraphs
-from pipeline import build_eval_loader, build_train_loader
+from pipeline import DatasetStats, build_eval_loader, build_train_loader
 from service.config import FLOAT32_MAX, ModelSettings, TrainConfig, lr_factor
 from service.data_errors import diagnose
 from service.dist import Ranks, core_share
@@ -204,11 +204,13 @@ def steps_for(cfg: TrainConfig, model: torch.nn.Module, trainable: torch.nn.Modu
 
 
 def build(cfg: TrainConfig, ranks: Ranks, manifest: Manifest, exclude: Collection[str] = (),
-          loaders: bool = True, shard_check: ShardCheck | None = None) -> Parts:
+          loaders: bool = True, shard_check: ShardCheck | None = None, stats: DatasetStats | None = None) -> Parts:
     """Model, optimizer, schedule, scaler and loaders of a resolved ``cfg``; the loaders leave
     out the tars named in ``exclude`` (shards found corrupt, by ``shard_check``, which the loop
     polls).  ``loaders=False``: none (``None``), for measuring the step alone
-    (``bench.sweep_child``) without two DALI pipelines' threads, memory and decoder state beside it."""
+    (``bench.sweep_child``) without two DALI pipelines' threads, memory and decoder state beside it.
+    ``stats``: the shards' statistics the caller read (``service.app.start``, for the run identity),
+    handed to both loaders so that a start reads ``stats.json`` and ``mean_image.npy`` once."""
     model = build_model(cfg, manifest.num_classes)
     devices = sorted({p.device for p in model.parameters()}, key=str)
     if any(d.type == "cuda" for d in devices):
@@ -232,10 +234,12 @@ def build(cfg: TrainConfig, ranks: Ranks, manifest: Manifest, exclude: Collectio
     # float16 (CUDA only, see resolve): the scaler keeps small gradients from flushing to zero.
     scaler = torch.amp.GradScaler("cuda") if cfg.model.autocast == "float16" else None
     train = _loader(manifest, "train", lambda: build_train_loader(
-        manifest, ranks.rank, ranks.world_size, device, cfg.loader, ids=cfg.debug.ids, exclude=exclude)) \
+        manifest, ranks.rank, ranks.world_size, device, cfg.loader, ids=cfg.debug.ids, exclude=exclude,
+        stats=stats)) \
         if loaders else None
     val = _loader(manifest, "val", lambda: build_eval_loader(
-        manifest, ranks.rank, ranks.world_size, device, cfg.loader, views=cfg.eval_views, exclude=exclude)) \
+        manifest, ranks.rank, ranks.world_size, device, cfg.loader, views=cfg.eval_views, exclude=exclude,
+        stats=stats)) \
         if loaders else None
     trainable = ranks.wrap(model, device, compiled=cfg.model.compile != "off")
     return Parts(cfg, device, devices, model, trainable, optimizer, schedule, scaler, train, val,

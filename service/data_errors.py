@@ -23,21 +23,12 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+from pipeline.failures import dali_reason  # the tools' one-line failures read DALI's errors the same way
 from service.errors import DataError
 from shards.index_check import INDEX, index_fix, index_problem
 from shards.manifest import Manifest, Shard, remake, shard_problem
 
 T = TypeVar("T")
-_NOISE = ("Current pipeline object is no longer valid", "C++ context", "Critical error in pipeline")
-
-
-def dali_reason(text: str) -> str:
-    """The informative line of a DALI error (what follows "encountered:"), else its last line."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    if "encountered:" in lines:
-        lines = lines[lines.index("encountered:") + 1:]
-    useful = [ln for ln in lines if not ln.startswith(_NOISE)]
-    return (useful or lines or [text])[0]
 
 
 def changed_shards(manifest: Manifest, split: str) -> list[tuple[Shard, str]]:

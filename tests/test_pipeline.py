@@ -228,3 +228,57 @@ def test_preview_writes_a_png_whatever_the_name_and_no_empty_columns(sample_shar
     assert result.returncode == 0, result.stderr
     with Image.open(out) as picture:
         assert picture.format == "PNG" and picture.size == (3 * (CROP + 4) + 4, CROP + 8)
+
+
+@pytest.mark.parametrize("train, gpu_roi", [(True, False), (True, True), (False, False)])
+def test_the_gpu_graphs_hand_the_label_bytes_to_the_host(sample_shards, train, gpu_roi):
+    """The loader's label check (``tests/test_pipeline_loader.py``) reads labels on the host,
+    where it costs no wait for the device; the GPU graphs copied the label bytes to the GPU inside
+    the graph, so on a GPU the check was skipped and a label past the class count reached
+    ``cross_entropy`` (a device-side assert, or garbage).  Now every graph hands its label bytes
+    over on the host (as the reader reads them, before the mixed stage) and the loader checks them
+    there, then copies the parsed labels from pinned memory (``to_device``).  The graph is only
+    defined here (no GPU needed)."""
+    import dataclasses
+
+    from nvidia.dali.pipeline import Pipeline
+
+    from pipeline import _spec
+    from pipeline.graph import EVAL_OUTPUTS, TRAIN_OUTPUTS, eval_graph, train_graph
+
+    spec = _spec(sample_shards, "train" if train else "val", 0, 1, torch.device("cpu"),
+                 LoaderConfig(batch_size=8, threads=1, gpu_roi_decode=gpu_roi), train, 1, False)
+    spec = dataclasses.replace(spec, gpu=True)
+    with Pipeline(batch_size=2, num_threads=1, device_id=None):
+        outputs = dict(zip(TRAIN_OUTPUTS if train else EVAL_OUTPUTS, (train_graph if train else eval_graph)(spec)))
+    assert outputs["images"].device == "gpu"  # the GPU graph indeed
+    assert outputs["labels"].device == "cpu"
+
+
+def test_preview_of_a_damaged_jpeg_is_one_line_naming_the_shard_and_the_sample(sample_shards, tmp_path):
+    """JPEGs cut short in a shard after ``make shards`` wrote it (the rest of each zeros: the tar
+    keeps its size and its index) ended the preview in DALI's traceback of many lines.  Now one
+    last line naming the shard, the sample and what to do, exit 1 (the decoder's own C++ log lines
+    about the bad data may come before it).  Bytes no codec recognises at all (a garbled header,
+    ``nvImageCodec failure``) are named by checking the shards' checksums, but DALI 1.x itself may
+    die of SIGSEGV then, before or after that line: not tested here."""
+    import shutil
+    import tarfile
+
+    copy = tmp_path / "shards"
+    shutil.copytree(sample_shards, copy)
+    tar = copy / "train" / "train-000001.tar"
+    data = bytearray(tar.read_bytes())
+    with tarfile.open(tar) as archive:
+        for member in archive:
+            if member.name.endswith(".jpg"):  # every image of the shard: the first batch holds some
+                start, end = member.offset_data + member.size // 8, member.offset_data + member.size
+                data[start:end] = bytes(end - start)
+    tar.write_bytes(data)
+    result = run_module("pipeline.preview", "--shards", str(copy), "--out", str(tmp_path / "p.png"), "--count", "144",
+                        check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"preview: train shard {tar}: sample train-"), line
+    assert "does not decode as a JPEG; re-create the shards (make shards SRC=<imagenet> OUT=" in line, line
+    assert not (tmp_path / "p.png").exists()

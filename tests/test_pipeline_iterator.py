@@ -141,6 +141,25 @@ def test_loader_state_saved_through_dali_iterator_still_loads(odd_shards: Path) 
     assert got == expected and resumed.epoch == 2
 
 
+@pytest.mark.parametrize("world", [1, 2])  # 2: rank 1's shard is short, its last batch too
+def test_a_state_saved_after_the_epochs_last_batch_resumes_with_the_next_epoch_whole(odd_shards: Path,
+                                                                                     world: int) -> None:
+    """A state taken once the epoch's last batch was handed out, before the loop asked for the
+    next (the consumer's last step checkpoints): the loader resumed into what was left of that
+    epoch, nothing, so its next epoch was empty and a trainer ran an epoch of no steps.  Now the
+    next epoch starts whole, the batches the uninterrupted loader delivers."""
+    cfg = LoaderConfig(batch_size=4, threads=2, shuffle_buffer=16)
+    loader = build_train_loader(odd_shards, world - 1, world, config=cfg, ids=True)
+    for batch, _ in enumerate(loader):
+        if batch == len(loader) - 1:
+            state = loader.state_dict()
+    resumed = build_train_loader(odd_shards, world - 1, world, config=cfg, ids=True)
+    resumed.load_state_dict(state)
+    expected = [ids.tolist() for _, _, ids in loader]
+    got = [ids.tolist() for _, _, ids in resumed]
+    assert len(got) == len(loader) and got == expected and resumed.epoch == loader.epoch == 2
+
+
 def test_rejects_a_reader_without_padding(odd_shards: Path) -> None:
     from nvidia.dali import fn, pipeline_def
 

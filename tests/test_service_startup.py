@@ -77,7 +77,9 @@ def test_a_start_reads_the_manifest_and_each_index_once(sample_shards: Path, tmp
     again), the other ranks check their own.  Was, on rank 0: the manifest three times (the shard
     directory check before the port, the shard check's, the full check's) and every index twice
     (``verify before``: three times), so on ImageNet ~1000 train indexes twice, and two reads of one
-    file could disagree.  The background pass, once training runs, is not the start: left out."""
+    file could disagree.  ``stats.json`` and ``mean_image.npy`` once too: they were read three times
+    (the run identity's summary, then each loader's build).  The background pass, once training
+    runs, is not the start: left out."""
     log = tmp_path / "opens.jsonl"
     audit = ("-m", "tests.open_audit", str(log), str(sample_shards))  # every rank, under torchrun
     launcher, port = ((*TORCHRUN_2, *audit), ("--http.port", str(free_port(2)))) if ranks == 2 else (audit, ())
@@ -85,8 +87,9 @@ def test_a_start_reads_the_manifest_and_each_index_once(sample_shards: Path, tmp
                               launcher=launcher, timeout=300)
     assert rc == 0, service.stderr
     opens = [json.loads(line) for line in log.read_text().splitlines()]
-    names = ["manifest.json", *sorted(p.name for p in sample_shards.glob("*/*.idx"))]  # train-000000.idx ...
-    assert len(names) == 1 + 10
+    names = ["manifest.json", "stats.json", "mean_image.npy",
+             *sorted(p.name for p in sample_shards.glob("*/*.idx"))]  # train-000000.idx ...
+    assert len(names) == 3 + 10 and all((sample_shards / name).is_file() for name in names[:3])
     counts = collections.Counter((o["rank"], Path(o["path"]).name) for o in opens if o["thread"] != "shard-check")
     read = {rank: {name: counts[rank, name] for name in names} for rank in range(ranks)}
     assert read == {rank: dict.fromkeys(names, 1) for rank in range(ranks)}
