@@ -1,6 +1,8 @@
 #!/bin/sh
 # Start the trainer and restart it after a crash: plain python for one process on one node,
-# torchrun otherwise.
+# torchrun otherwise, through `python -m service.launch` (service/launch.py): torchrun with the
+# same arguments, which ends with the first failed rank's own line and exit code where torchrun
+# printed its ChildFailedError report after it.  "torchrun" below means that launcher.
 #   NPROC          processes on this node (default auto: one per visible GPU, at least 1;
 #                  the towers layout uses two GPUs per process, so set NPROC=GPUs/2 there)
 #   NNODES         nodes in the job (default 1: torchrun --standalone)
@@ -18,18 +20,19 @@
 # setting, a missing shard, a taken port or a diverged run (exit 5, 2, 1, 3, 6: service/errors.py)
 # would print the same line and restart forever (a diverged run resumed diverges again).  Those
 # need a person, so the container stops with that code.
-# The service records such a code in ALEXNET_EXIT_FILE, since torchrun exits 1 whatever its ranks
-# did; an exit without one is a crash (a traceback, a signal, the kernel's OOM killer), which is
-# restarted, and the service resumes from its newest checkpoint.
+# The service records such a code in ALEXNET_EXIT_FILE, since a traceback exits 1 too (a data
+# error's code), and the launcher gives only the first failed rank's; an exit without one is a
+# crash (a traceback, a signal, the kernel's OOM killer), which is restarted, and the service
+# resumes from its newest checkpoint.
 # docker stop's SIGTERM (and SIGINT, SIGHUP) reaches this script through tini (compose's init:
 # true) and is passed on to the trainer, which checkpoints and exits 0: to python itself, and in
-# torchrun's case to its ranks, not to torchrun.  torchrun answers a signal with a SignalException
-# traceback and exit 1 (the container would exit 1, which means a data error), and SIGKILLs its
+# torchrun's case to its ranks, not to torchrun.  Signalled, torchrun does not end with 0 (its own
+# SignalException traceback and exit 1; service.launch dies of the signal), and it SIGKILLs its
 # ranks 30 s later (TORCH_ELASTIC_SHUTDOWN_TIMEOUT), cutting a checkpoint write short on a slow
 # disk (an ImageNet checkpoint, ~490 MB, needs ~61 s at 8 MB/s).  Signalled directly, the ranks
 # checkpoint and exit 0, torchrun sees its workers succeed and exits 0, and compose's
 # stop_grace_period is the only limit.  A rank is told once its stop handler is in (before, the
-# signal would kill it: torchrun's exit 1), and ranks that appear after the signal are told too.
+# signal would kill it: a failed rank), and ranks that appear after the signal are told too.
 # With no trainer running yet (a node waiting minutes in the rendezvous for the others, the first
 # seconds of python's or a rank's start) there is nothing to save: the launcher is killed, one
 # line says so, and the container exits 0.  A diagnosed exit (ALEXNET_EXIT_FILE) keeps its code.
@@ -83,13 +86,13 @@ launch() {
         launcher=python
         python -m service "$@" &
     elif [ "$nnodes" = 1 ]; then
-        torchrun --standalone --nproc-per-node "$nproc" -m service "$@" &
+        python -m service.launch --standalone --nproc-per-node "$nproc" -m service "$@" &
     else
         # torchrun guesses which node hosts the store by matching its hostname to the endpoint,
         # which a container's hostname need not match; NODE_RANK says it instead.
         is_host=false
         [ "${NODE_RANK:-}" = 0 ] && is_host=true
-        torchrun --nnodes "$nnodes" --nproc-per-node "$nproc" --rdzv-backend c10d \
+        python -m service.launch --nnodes "$nnodes" --nproc-per-node "$nproc" --rdzv-backend c10d \
             --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "${RDZV_ID:-alexnet}" --rdzv-conf "is_host=$is_host" \
             -m service "$@" &
     fi
@@ -141,8 +144,9 @@ proc_state() {
     echo "${fields%% *}"
 }
 
-proc_comm() {
-    { read -r comm < "/proc/$1/comm"; } 2>/dev/null && echo "$comm"
+# $1's command line, its arguments joined by spaces; empty when gone.
+proc_cmdline() {
+    { tr '\0' ' ' < "/proc/$1/cmdline"; } 2>/dev/null
 }
 
 # SIGSTOP is delivered asynchronously: wait (up to a second) until $1 is stopped, or gone.
@@ -158,14 +162,15 @@ freeze() {
 
 # Pass the stop signal to each rank of torchrun's that is not yet told and has its handler in;
 # one still starting is told at a later call (the signal's default action would kill it, and
-# torchrun, seeing a rank fail, would exit 1).  A child with torchrun's own name is a rank forked
-# but not yet exec'd: it still carries torchrun's handlers, and the exec would drop the signal.
+# torchrun, seeing a rank fail, would fail too).  A child with torchrun's own command line is a rank
+# forked but not yet exec'd: it still carries torchrun's handlers, and the exec would drop the
+# signal.  (Not told apart by name, /proc/PID/comm: the launcher and its ranks are both "python".)
 # A rank is told once per signal: the service takes a second signal a second later for "stop
 # now, without the checkpoint".
 tell_ranks() {
     for rank in $(children "$child"); do
         case " $told " in *" $rank "*) continue ;; esac
-        [ "$(proc_comm "$rank")" != "$(proc_comm "$child")" ] || continue
+        [ "$(proc_cmdline "$rank")" != "$(proc_cmdline "$child")" ] || continue
         catches_term "$rank" || continue
         kill -s "$stopping" "$rank" 2>/dev/null
         told="$told $rank"

@@ -12,8 +12,8 @@ Why not torchrun itself: it reports how its ranks ended in its own words, over t
   one line, then torchrun's ``ChildFailedError`` report and exit 1 whatever the code.  Here: the
   first failed rank's own exit code, no report.  A rank that crashed wrote its own traceback above.
 
-``docker/entrypoint.sh`` starts torchrun itself: it passes a stop to the ranks, not to torchrun,
-and reads the diagnosed code from ``ALEXNET_EXIT_FILE``.
+``docker/entrypoint.sh`` starts ranks through this launcher too (NPROC above 1), but passes a stop
+to the ranks, not to the launcher, and reads the diagnosed code from ``ALEXNET_EXIT_FILE``.
 """
 from __future__ import annotations
 

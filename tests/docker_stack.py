@@ -294,17 +294,21 @@ def test_make_stop_with_two_ranks_checkpoints_and_exits_0(work: Path) -> None:
     assert [e["step"] for e in rank1 if e.get("event") == "stopped"] == [stopped["step"]]  # both ranks stopped there
 
 
-def test_a_run_directory_the_trainer_cannot_write_stops_it_in_one_line(work: Path) -> None:
-    run = work / "foreign-run"
+@pytest.mark.parametrize("nproc, ranks", [("auto", 1), ("2", 2)])  # auto: one process on the CPU
+def test_a_run_directory_the_trainer_cannot_write_stops_it_in_one_line(nproc: str, ranks: int, work: Path) -> None:
+    """NPROC=2: a line from each rank, where torchrun's ChildFailedError report used to follow them."""
+    run = work / f"foreign-run-{nproc}"
     run.mkdir()
     os.chown(run, 12345, 12345)  # the trainer runs as the run directory's owner...
     run.chmod(0o555)  # ...who cannot write it
-    make("train", "GPUS=none", f"SHARDS={work / SHARDS}", f"RUN={run}", f"CONFIG={work / 'tiny.toml'}")
+    make("train", "GPUS=none", f"NPROC={nproc}", f"SHARDS={work / SHARDS}", f"RUN={run}", f"CONFIG={work / 'tiny.toml'}")
     wait_for("the trainer to exit", lambda: state(trainer())["Status"] == "exited", 120)
     time.sleep(15)  # a restart policy would have restarted it by now
     s = state(trainer())
     assert s["Status"] == "exited" and s["ExitCode"] == 5 and not s["Restarting"]
     assert json.loads(docker("inspect", "-f", "{{json .RestartCount}}", trainer())) == 0
     logs = subprocess.run(["docker", "logs", trainer()], capture_output=True, text=True, timeout=60)
-    (line,) = (logs.stdout + logs.stderr).strip().splitlines()
-    assert line.startswith("service: run directory /runs/run cannot be written (Permission denied) by uid 12345"), line
+    lines = (logs.stdout + logs.stderr).strip().splitlines()
+    assert 1 <= len(lines) <= ranks and all(line.startswith("service: ") for line in lines), lines
+    assert any(line.startswith("service: run directory /runs/run cannot be written (Permission denied) by uid 12345")
+               for line in lines), lines

@@ -1,10 +1,11 @@
-"""docker/entrypoint.sh, run for real with python and torchrun replaced by small scripts: the
-launcher it picks, crash restarts, no restart after a diagnosed exit, stop signals passed on.
+"""docker/entrypoint.sh, run for real with python (and so ``python -m service.launch``, torchrun)
+replaced by small scripts: the launcher it picks, crash restarts, no restart after a diagnosed exit, stop signals passed on.
 (The health check: ``tests/test_docker_healthcheck.py``; the real torchrun and service:
 ``tests/test_docker_entrypoint_torchrun.py``.)"""
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -20,15 +21,19 @@ ECHO = 'echo {name} "$@"\n'
 
 def entrypoint(tmp_path: Path, body: str = ECHO, args: tuple[str, ...] = ("--config", "c.toml"), popen: bool = False,
                torchrun: str | None = None, **env: str):
-    """docker/entrypoint.sh with python and torchrun replaced by scripts running ``body``
-    (``{name}`` is the replaced command's name; ``$RUNS`` counts the launches); ``torchrun``: a
-    whole script for torchrun instead."""
+    """docker/entrypoint.sh with python replaced by a script running ``body`` (``{name}`` is
+    python; ``$RUNS`` counts the launches); ``torchrun``: a whole python script that
+    ``python -m service.launch`` runs instead, by this python, so that it has the name
+    (/proc/PID/comm) of the ranks it starts with ``sys.executable``, as in the image."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    for name in ("python", "torchrun"):
-        text = '#!/bin/sh\necho x >> "$RUNS"\n' + body.replace("{name}", name)
-        (bin_dir / name).write_text(torchrun if name == "torchrun" and torchrun else text)
-        (bin_dir / name).chmod(0o755)
+    launcher = ""
+    if torchrun:
+        (bin_dir / "launch.py").write_text(torchrun)
+        script = shlex.quote(str(bin_dir / "launch.py"))
+        launcher = f'[ "$1 $2" = "-m service.launch" ] && shift 2 && exec {shlex.quote(sys.executable)} {script} "$@"\n'
+    (bin_dir / "python").write_text('#!/bin/sh\n' + launcher + 'echo x >> "$RUNS"\n' + body.replace("{name}", "python"))
+    (bin_dir / "python").chmod(0o755)
     base = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HTTP_HOST": "127.0.0.1", "HTTP_PORT": "9431",
             "PROBE_FILE": str(tmp_path / "probe"), "ALEXNET_EXIT_FILE": str(tmp_path / "exit"),
             "RUNS": str(tmp_path / "runs"), "RESTART_DELAY": "0", "NPROC": "1"}
@@ -57,11 +62,11 @@ def test_entrypoint_chooses_the_launcher(tmp_path: Path) -> None:
     flags = "--http.host 127.0.0.1 --http.port 9431 --config c.toml"
     assert entrypoint(tmp_path, NPROC="1").stdout.strip() == f"python -m service {flags}"
     assert entrypoint(tmp_path, NPROC="4").stdout.strip() == \
-        f"torchrun --standalone --nproc-per-node 4 -m service {flags}"
+        f"python -m service.launch --standalone --nproc-per-node 4 -m service {flags}"
     assert (tmp_path / "probe").read_text().split() == ["4", "127.0.0.1", "9431"]  # what healthcheck.py probes
     node0 = entrypoint(tmp_path, NPROC="8", NNODES="2", NODE_RANK="0", RDZV_ENDPOINT="host0:29400").stdout
-    assert node0.strip() == ("torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint host0:29400 "
-                             f"--rdzv-id alexnet --rdzv-conf is_host=true -m service {flags}")
+    assert node0.strip() == ("python -m service.launch --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d "
+                             f"--rdzv-endpoint host0:29400 --rdzv-id alexnet --rdzv-conf is_host=true -m service {flags}")
     node1 = entrypoint(tmp_path, NPROC="8", NNODES="2", NODE_RANK="1", RDZV_ENDPOINT="host0:29400").stdout
     assert "--rdzv-conf is_host=false" in node1
     missing = entrypoint(tmp_path, NPROC="8", NNODES="2")
@@ -93,7 +98,7 @@ def test_crashes_in_a_row_give_up(tmp_path: Path) -> None:
     assert "not restarting again" in result.stderr.splitlines()[-1]
 
 
-@pytest.mark.parametrize("nproc, launcher_code", [("1", 5), ("2", 1)])  # torchrun exits 1 whatever its ranks did
+@pytest.mark.parametrize("nproc, launcher_code", [("1", 5), ("2", 1)])  # the launcher's: maybe a peer's 1 (PeerGone)
 def test_a_diagnosed_exit_is_not_restarted(nproc: str, launcher_code: int, tmp_path: Path) -> None:
     # What service.errors.record_exit does for a run directory the user cannot write (exit 5).
     body = f'echo "service: run directory /runs/run cannot be written" >&2\necho 5 > "$ALEXNET_EXIT_FILE"\nexit {launcher_code}\n'

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -175,3 +176,24 @@ def _resumes(tmp_path: Path, args: tuple[str, ...], checkpoint: Path, step: int)
     starts = [events(out, "start", rank)[-1] for rank in (0, 1)]
     assert all(s["resumed_from"] == str(checkpoint) and s["step"] == step for s in starts), starts
     assert [events(out, "finished", rank)[-1]["step"] for rank in (0, 1)] == [STEPS_2_RANKS] * 2
+
+
+def test_a_ranks_diagnosed_error_ends_the_output_with_its_line_and_code(sample_shards: Path, tmp_path: Path) -> None:
+    """Rank 0's port taken (exit 3, one line): torchrun printed its ``ChildFailedError`` report
+    (a traceback-like table) after the line, so ``make train NPROC=2``'s log ended with torchrun's
+    words.  The launcher (``service.launch``) leaves the ranks' lines last, and the code is 3."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = Entrypoint(tmp_path, "taken", port, "--shards", str(sample_shards), "--out", str(tmp_path / "run"), *ARGS)
+        try:
+            code = run.proc.wait(timeout=240)
+        finally:
+            run.kill()
+    err = run.err.read_text()
+    assert code == 3 and (tmp_path / "exit-code").read_text() == "3\n", f"exit {code}\n{run.output()}"
+    assert "ChildFailedError" not in err and "Traceback" not in err, run.output()
+    assert f"port {port} on 127.0.0.1 is already in use" in err, run.output()
+    # The ranks' lines alone (rank 1 may say its peer is gone), none of torchrun's W/E log lines.
+    assert all(line.startswith("service: ") for line in err.splitlines()), run.output()
