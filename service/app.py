@@ -18,6 +18,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -42,6 +43,7 @@ from service.shard_check import ShardCheck
 from service.signals import StopFlag, follow_launcher
 from service.state import data_fingerprint, identity
 from service.status import StatusBoard
+from service.unclean_end import UncleanEnd
 from shards import manifest as contract
 
 # What --fresh true deletes in the run directory (the service's own files, nothing else).
@@ -93,12 +95,14 @@ def clear_run(log: RunLog) -> None:
 
 
 def start(cfg: TrainConfig, manifest: contract.Manifest, ranks: Ranks, metrics: ServiceMetrics, board: StatusBoard,
-          log: RunLog, stop: StopFlag) -> Trainer:
+          log: RunLog, stop: StopFlag, check_first: bool = False) -> Trainer:
     """Check the shards of ``manifest`` (read by ``run_service``, once), build everything, resume
-    the newest valid checkpoint if there is one."""
+    the newest valid checkpoint if there is one.  ``check_first``: every shard is checked before
+    training whatever ``data.verify`` says (``service.unclean_end``)."""
     try:
         contract.check(manifest)  # both splits and the statistics: the shard check reads both (was: a KeyError)
-        check = ShardCheck(cfg, manifest, ranks, log, metrics, stop, board)
+        checking = replace(cfg, data=replace(cfg.data, verify="before")) if check_first else cfg
+        check = ShardCheck(checking, manifest, ranks, log, metrics, stop, board)
         # Every shard's files, once, before DALI opens one; names a missing, truncated or (cached /
         # verify before) corrupt shard to stop on or leave out.
         excluded = check.prepare()
@@ -256,7 +260,7 @@ def _serve(cfg: TrainConfig, manifest: contract.Manifest, ranks: Ranks, stop: St
     metrics.follow(board)  # before the endpoint serves: no scrape sees a heartbeat of 0
     endpoint = serve_http(cfg, ranks, metrics, board)
     log = RunLog(cfg.out, ranks.suffix(), console=ranks.is_main)  # one console voice: rank 0's
-    trainer = None
+    trainer, unclean = None, None
     try:
         log.say(f"metrics: {endpoint.url('/metrics')}  status: {endpoint.url('/status')}  "
                 f"health: {endpoint.url('/healthz')}")
@@ -266,9 +270,12 @@ def _serve(cfg: TrainConfig, manifest: contract.Manifest, ranks: Ranks, stop: St
                 clear_run(log)
             ranks.barrier()  # no rank opens its log before rank 0 has deleted the old ones
         log.open()
-        trainer = start(cfg, manifest, ranks, metrics, board, log, stop)
+        unclean = UncleanEnd(cfg.out, ranks, log)  # a silent end last time: the shards are checked first
+        trainer = start(cfg, manifest, ranks, metrics, board, log, stop, check_first=unclean.found)
         return finish(trainer, trainer.run(), log)
     finally:
+        if unclean is not None:
+            unclean.clear()
         if trainer is not None:
             trainer.parts.shard_check.close()
             trainer.close()
