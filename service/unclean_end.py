@@ -39,15 +39,17 @@ class UncleanEnd:
             previous = self.path.read_text(errors="replace").strip() or "no details"
         except FileNotFoundError:
             previous = None
+        except OSError as exc:  # there, but not readable: a mark all the same
+            previous = f"unreadable: {exc.strerror or exc}"
         found = [(rank, text) for rank, text in enumerate(ranks.gather(previous)) if text is not None]
         self.found = bool(found)
         if found:
             rank, text = found[0]
             who = f"rank {rank}'s" if ranks.distributed else "the"
-            log.warn(f"service: {who} last start in {out} ({text}) did not end in Python: killed (kill -9, the OOM "
-                     "killer, a second stop signal) or crashed in native code, as a damaged image can make DALI's "
-                     "decoder do; "
-                     "this start checks every shard before training (data.verify before)")
+            if ranks.is_main:  # one voice: every rank knows the same
+                log.warn(f"service: {who} last start in {out} ({text}) did not end in Python: killed (kill -9, the OOM "
+                         "killer, a second stop signal) or crashed in native code, as a damaged image can make "
+                         "DALI's decoder do; this start checks every shard before training (data.verify before)")
             log.event("unclean_end", ranks=[r for r, _ in found], previous=text)
         try:
             self.path.write_text(f"pid {os.getpid()} on {socket.gethostname()}, started "

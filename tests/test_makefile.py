@@ -82,6 +82,13 @@ def test_demo_serves_on_the_port_make_is_given() -> None:
     assert len(service) == 1 and "--http.port 9500" in service[0], out
 
 
+def _as_in_a_terminal() -> None:
+    """SIGINT's default action, as a terminal's job has: a test run started in the background (``make
+    test &``, nohup) inherits SIGINT ignored, and make ignoring it reported its child's death by
+    the signal as an error (``*** [...] Interrupt``, exit 2) instead of dying of it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 def test_ctrl_c_of_train_local_on_two_ranks_is_the_ranks_stop_alone(sample_shards: Path, tmp_path: Path) -> None:
     """``make train-local NPROC=2`` and Ctrl-C (SIGINT to the terminal's foreground group): the
@@ -94,7 +101,7 @@ def test_ctrl_c_of_train_local_on_two_ranks_is_the_ranks_stop_alone(sample_shard
         ["make", "--no-print-directory", "train-local", f"SHARDS={sample_shards}", f"RUN={run}", "PORT=0", "NPROC=2",
          "TRAIN_ARGS=" + " ".join([*TINY, "--epochs", "1", "--loader.shuffle_buffer", "16"])],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, start_new_session=True)
+        text=True, start_new_session=True, preexec_fn=_as_in_a_terminal)
     lines = []
     for line in make.stdout:
         lines.append(line.rstrip("\n"))

@@ -59,6 +59,10 @@ def test_a_rank_killed_mid_run_is_restarted_by_torchrun_and_resumes(sample_shard
     assert "connectFullMesh" not in job.stderr, job.stderr[-3000:]
     assert rc == 0, job.stderr[-3000:]
     assert "resuming run" in job.stdout, job.stdout
+    # Rank 1 ended without a word: every rank's restart knows, and checks the shards first (here all
+    # checked by the first attempt already: service.unclean_end).
+    assert f"rank 1's last start in {out} (pid " in job.stderr, job.stderr[-3000:]
+    assert [e["ranks"] for r in (0, 1) for e in events(out, "unclean_end", r)] == [[1], [1]]
     finished = events(out, "finished")
     assert len(finished) == 1 and finished[0]["step"] == 6, finished
 
