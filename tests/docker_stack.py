@@ -259,6 +259,7 @@ def test_make_stop_checkpoints_and_make_train_resumes(stack: Path, work: Path) -
     assert starts[1]["step"] == step and Path(starts[1]["resumed_from"]).name == name
     wait_for("training past the resumed step",
              lambda: any(e.get("step", 0) > step for e in events(stack, "train")), 300)
+    _killed_trainer_restarts(stack)
     # A closed terminal's SIGHUP is a stop too: the entrypoint trapped only TERM and INT, so tini's
     # SIGHUP killed it and the trainer, no checkpoint (Exited 129).
     docker("kill", "-s", "HUP", trainer())
@@ -269,6 +270,23 @@ def test_make_stop_checkpoints_and_make_train_resumes(stack: Path, work: Path) -
     assert hup["reason"] == "SIGHUP" and (stack / name).exists() and int(re.findall(r"\d+", name)[-1]) == hup["step"]
     make("stop")
     assert make("stop").stdout.strip() == "make stop: the stack is not running; nothing to stop"  # it said nothing
+
+
+def _killed_trainer_restarts(run: Path) -> None:
+    """The trainer's process killed as the OOM killer does (kill -9 from the host): the entrypoint
+    restarts it, and the new start, told by the mark the killed one left (service.unclean_end),
+    checks the shards before training, then trains on from the newest checkpoint."""
+    pids = [int(line.split()[0]) for line in docker("top", trainer(), "-eo", "pid,args").splitlines()[1:]
+            if "-m service" in line]
+    assert len(pids) == 1, pids
+    starts = len(events(run, "start"))
+    os.kill(pids[0], signal.SIGKILL)
+    wait_for("a start after the kill", lambda: len(events(run, "start")) > starts, 120)
+    assert len(events(run, "unclean_end")) == 1 and state(trainer())["Status"] == "running"
+    logs = subprocess.run(["docker", "logs", trainer()], capture_output=True, text=True, timeout=60).stderr
+    assert "the trainer crashed (exit 137); restarting" in logs and "did not end in Python" in logs, logs[-3000:]
+    resumed = events(run, "start")[-1]["step"]
+    wait_for("training after the restart", lambda: any(e.get("step", 0) > resumed for e in events(run, "train")), 300)
 
 
 def test_make_stop_with_two_ranks_checkpoints_and_exits_0(work: Path) -> None:
