@@ -1,4 +1,7 @@
-"""``python -m sampledata [--config FILE] [--key value ...]``: write the sample dataset."""
+"""``python -m sampledata [--config FILE] [--key value ...]``: write the sample dataset.
+
+Exit codes: 0 written (or already there); 2 a setting refused, or --out holds another dataset;
+1 --out cannot be written or the photos' wheel is missing (one line each, no traceback)."""
 from __future__ import annotations
 
 import sys
@@ -6,6 +9,17 @@ import sys
 from common.config import ConfigError, load_config, split_config_arg
 from common.config_help import print_help, settings_help, wants_help
 from sampledata.generate import SampleConfig, generate
+
+
+def _os_problem(out, exc: OSError) -> str:
+    """One line for an ``OSError`` of writing: the path under ``out`` and why, or (no errno)
+    ``find_wheel``'s own sentence, which says what to run."""
+    if exc.strerror is None:
+        return str(exc)
+    where = f"{exc.filename}: " if exc.filename else ""
+    if str(exc.filename or "").startswith(str(out)):
+        return f"cannot write {out} ({where}{exc.strerror})"
+    return f"{where}{exc.strerror}"
 
 
 def main(argv: list[str]) -> int:
@@ -16,10 +30,13 @@ def main(argv: list[str]) -> int:
     try:
         path, overrides = split_config_arg(argv)
         cfg = load_config(SampleConfig, path, overrides).validate()
+        generate(cfg)
     except ConfigError as exc:
         print(f"sampledata: {exc}", file=sys.stderr)
         return 2
-    generate(cfg)
+    except OSError as exc:
+        print(f"sampledata: {_os_problem(cfg.out, exc)}", file=sys.stderr)
+        return 1
     return 0
 
 

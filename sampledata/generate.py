@@ -157,18 +157,41 @@ def _write_all(cfg: SampleConfig, plan: list, bar) -> None:
         pool.join()
 
 
+def _refuse_other_dataset(cfg: SampleConfig) -> None:
+    """``ConfigError`` when ``cfg.out`` already holds images that are not this dataset's: written
+    with other settings (finished or cut short), or not by this command.  Written over, their files
+    mixed with these (a run with fewer classes left the others' folders, and make shards read them
+    as classes); removing them could delete a real dataset given as --out by mistake."""
+    if not any((cfg.out / split).exists() for split in ("train", "val")):
+        return
+    marks = [m.read_text().strip() for m in (cfg.out / ".complete", cfg.out / WRITING) if m.is_file()]
+    if fingerprint(cfg) not in marks:
+        what = "a sample dataset written with other settings" if marks else "a train/ or val/ folder of another dataset"
+        raise ConfigError(f"{cfg.out} already holds {what}: these images would mix with it; remove it "
+                          f"(rm -r {cfg.out}) or give another --out")
+
+
+WRITING = ".writing"  # the fingerprint of a dataset being written: a run cut short is finished by the same settings
+
+
 def generate(cfg: SampleConfig) -> int:
-    """Write the dataset under ``cfg.out``; returns the number of files.  Idempotent."""
+    """Write the dataset under ``cfg.out``; returns the number of files.  Idempotent.
+    ``ConfigError`` if ``cfg.out`` holds another dataset, ``OSError`` if it cannot be written."""
     marker = cfg.validate().out / ".complete"
     if marker.is_file() and marker.read_text().strip() == fingerprint(cfg):
         print(f"sampledata: {cfg.out} is already complete")
         return len(_plan(cfg))
+    _refuse_other_dataset(cfg)
     _PHOTOS[:] = load_photos(cfg.classes)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    marker.unlink(missing_ok=True)  # a finished dataset of older settings' marker (the same files, checked above)
+    (cfg.out / WRITING).write_text(fingerprint(cfg) + "\n")
     names = {wnid_of(c): name for c, (name, _) in enumerate(_PHOTOS)}
     plan = _plan(cfg)
     with progress(len(plan), "sample images") as bar:
         _write_all(cfg, plan, bar)
     (cfg.out / "synset_words.txt").write_text("".join(f"{w} {names[w]}\n" for w in sorted(names)))
     marker.write_text(fingerprint(cfg) + "\n")
+    (cfg.out / WRITING).unlink()
     print(f"sampledata: wrote {len(plan)} images of {cfg.classes} classes to {cfg.out}")
     return len(plan)

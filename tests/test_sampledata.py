@@ -117,3 +117,42 @@ def test_a_bad_setting_is_one_line_exit_2_and_writes_nothing(flag: str, value: s
     assert result.returncode == 2, result.stderr
     assert result.stderr == f"sampledata: {said}\n"
     assert not out.exists()
+
+
+def _sampledata(*args: str | Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sampledata", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+
+
+SMALL = ("--train_per_class", "1", "--val_per_class", "1")
+
+
+def test_other_settings_into_a_written_dataset_are_refused_not_mixed_in(tmp_path: Path) -> None:
+    """A second run with fewer classes into the same folder wrote its files over the first's and
+    left the rest: 3 class folders on disk under a marker and synset_words.txt of 2 classes, which
+    make shards then read as a 3-class dataset with an unnamed class. Now one line, exit 2, the
+    first dataset as it was; the same settings again (a finished or an interrupted run) still work."""
+    out = tmp_path / "sample"
+    assert _sampledata("--out", out, "--classes", "3", *SMALL).returncode == 0
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    again = _sampledata("--out", out, "--classes", "2", *SMALL)
+    assert again.returncode == 2, again.stderr
+    assert again.stderr.startswith(f"sampledata: {out} already holds ") and again.stderr.count("\n") == 1, again.stderr
+    assert "Traceback" not in again.stderr and f"rm -r {out}" in again.stderr
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    (out / ".complete").rename(out / ".writing")  # as a run cut short leaves it: the same settings finish it
+    redone = _sampledata("--out", out, "--classes", "3", *SMALL)
+    assert redone.returncode == 0 and "wrote 6 images" in redone.stdout, redone.stderr
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "no-wheel"])
+def test_an_unwritable_output_or_a_missing_wheel_is_one_line_exit_1(where: str, tmp_path: Path) -> None:
+    """Both were a traceback: NotADirectoryError from mkdir under a file; FileNotFoundError with
+    make setup's advice buried in the traceback's last line."""
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "sample" if where == "under-a-file" else tmp_path / "sample"
+    env = {"SAMPLEDATA_WHEELS": str(tmp_path)} if where == "no-wheel" else None
+    done = _sampledata("--out", out, "--classes", "2", *SMALL, env=env)
+    assert done.returncode == 1 and "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    said = f"cannot write {out}" if where == "under-a-file" else "no scikit-image wheel in"
+    assert done.stderr.startswith(f"sampledata: {said}") and ("make setup" in done.stderr) == (where == "no-wheel")
