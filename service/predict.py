@@ -21,8 +21,9 @@ confident, wrong answers, so a mismatch is one line and exit code 2, not a predi
 Reading the checkpoint changes nothing in the run directory (unreadable checkpoints are skipped,
 not set aside as the service does).
 
-Exit codes: 0 all predicted; 1 an image could not be read (its line on stderr, the rest predicted);
-2 a setting, the run, its checkpoint or shards refused; 130 Ctrl-C; 141 the output's reader left.
+Exit codes: 0 all predicted; 1 an image could not be read (its line on stderr, the rest predicted),
+or standard output could not be written (a full disk: one line, the rest not tried); 2 a setting, the
+run, its checkpoint or shards refused, or standard output closed; 130 Ctrl-C; 141 the output's reader left.
 """
 from __future__ import annotations
 
@@ -235,7 +236,21 @@ def _json(p: Prediction) -> str:
                                                       for w, n, v in p.top], "changes": list(p.changes)})
 
 
-def main(argv: list[str]) -> int:
+class OutputLost(Exception):
+    """Standard output could not take a prediction (a full disk, an I/O error): not the image's fault."""
+
+
+def _emit(text: str) -> None:
+    """Print one prediction, a failed write as ``OutputLost`` (``BrokenPipeError``, the reader gone, as it is)."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise OutputLost(exc.strerror or str(exc)) from None
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m service.predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("images", nargs="+", type=path_arg,
                         help="image files (JPEG, PNG, ... anything make shards reads)")
@@ -247,7 +262,15 @@ def main(argv: list[str]) -> int:
                         help="classes to show per image (at least 1; more than the model's classes shows them all)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--json", action="store_true", help="one JSON object per image instead of a line")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    if sys.stdout is None:  # started with it closed (>&-): print would drop every answer, exit 0
+        print("predict: standard output is closed: the predictions would be lost; send them to a file (> FILE)",
+              file=sys.stderr)
+        return EXIT_CONFIG
     done = failed = 0
     try:
         try:
@@ -263,7 +286,7 @@ def main(argv: list[str]) -> int:
                 print(f"predict: {path}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}",
                       file=sys.stderr)
             else:
-                print(_json(p) if args.json else _line(p), flush=True)
+                _emit(_json(p) if args.json else _line(p))
             done += 1
     except KeyboardInterrupt:  # Ctrl-C: what was printed stands; nothing to clean up
         print(f"predict: interrupted after {done} of {len(args.images)} images", file=sys.stderr)
@@ -271,6 +294,11 @@ def main(argv: list[str]) -> int:
     except BrokenPipeError:  # the reader went away (| head): end quietly, as a SIGPIPE would
         silence(sys.stdout.fileno())
         return READER_GONE
+    except OutputLost as exc:  # after the rest of the output, already buffered, is dropped
+        silence(sys.stdout.fileno())
+        print(f"predict: cannot write the predictions ({exc}) after {done} of {len(args.images)} images; free space "
+              "or write them elsewhere", file=sys.stderr)
+        return 1
     return 1 if failed else 0
 
 

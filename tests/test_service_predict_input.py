@@ -154,6 +154,20 @@ def test_a_closed_pipe_ends_it_quietly(run: Path, image: Path) -> None:
     assert err == "" and proc.returncode == 128 + signal.SIGPIPE, (proc.returncode, err)
 
 
+@pytest.mark.parametrize("output", ["full", "closed"])
+def test_output_that_cannot_be_written_is_one_line_not_lost(output: str, run: Path, image: Path) -> None:
+    """``predict ... > preds.txt`` on a full disk (here /dev/full) was an OSError traceback; with
+    standard output closed (``>&-``) nothing was printed and the exit code was 0, every answer lost."""
+    redirect = ">/dev/full" if output == "full" else ">&-"
+    done = subprocess.run(["bash", "-c", f'exec "$@" {redirect}', "-", sys.executable, "-m", "service.predict",
+                           "--run", str(run), "--top", "1", str(image), str(image)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == (1 if output == "full" else 2) and "Traceback" not in done.stderr, done.stderr
+    (line,) = done.stderr.splitlines()
+    said = "cannot write the predictions (No space left on device)" if output == "full" else "standard output is closed"
+    assert line.startswith(f"predict: {said}"), line
+
+
 def test_a_checkpoint_of_another_version_is_refused_with_advice_for_predict(image: Path, tmp_path: Path) -> None:
     """The refusal was the training service's: 'use another --out directory, or start over here with
     --fresh true (deletes ...'s checkpoints and logs)', flags predict does not have, one destructive."""
