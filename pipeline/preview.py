@@ -42,6 +42,20 @@ def grid(tiles: np.ndarray, cols: int, pad: int = 4) -> Image.Image:
     return Image.fromarray(canvas)
 
 
+MAX_COUNT = 1024
+
+
+def count_arg(value: str) -> int:
+    """``--count``: 1..``MAX_COUNT``.  The images are one batch of the loader, decoded at once: a
+    count of 100000 was killed by the kernel for its memory (exit 137) with no line, and a grid of
+    more than a thousand tiles is past looking at anyway."""
+    number = at_least_one()(value)
+    if number > MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"must be 1..{MAX_COUNT} (the images drawn at once, one batch in memory; "
+                                         f"a grid past that is too tall to look at), got {value}")
+    return number
+
+
 def quiet_native_stderr() -> None:
     """Point file descriptor 2 at /dev/null, ``sys.stderr`` staying on the terminal: after a
     failure DALI's threads go on decoding the batches already scheduled, and the decoder logs each
@@ -60,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.preview", description=__doc__.split("\n")[0])
     parser.add_argument("--shards", type=path_arg, required=True)
     parser.add_argument("--out", type=path_arg, default=Path("preview.png"), help="the PNG to write")
-    parser.add_argument("--count", type=at_least_one(), default=32)
+    parser.add_argument("--count", type=count_arg, default=32, help=f"images in the grid (1..{MAX_COUNT})")
     parser.add_argument("--cols", type=at_least_one(), default=8)
     parser.add_argument("--sigma", type=float, default=0.1, help="PCA lighting sigma (try 1.0 to see it)")
     parser.add_argument("--seed", type=int, default=0)

@@ -206,9 +206,12 @@ def test_missing_index_fails_early(sample_shards, tmp_path):
     (["--sigma", "nan"], 2, "preview: --sigma must be a finite number >= 0, got nan"),
     (["--out", "{tmp}"], 1, "preview: cannot write {tmp} (Is a directory)"),
     (["--shards", "{tmp}/none"], 1, "preview: {tmp}/none does not exist; (re)create it with `make shards"),
-], ids=["count 0", "cols 0", "sigma nan", "out a directory", "no shards"])
+    (["--count", "1025"], 2, "argument --count: must be 1..1024 (the images drawn at once"),
+], ids=["count 0", "cols 0", "sigma nan", "out a directory", "no shards", "count past the most"])
 def test_preview_bad_input_is_one_line(sample_shards, tmp_path, args, code, said):
-    """``--cols 0`` was a ZeroDivisionError, the others a ValueError or OSError traceback."""
+    """``--cols 0`` was a ZeroDivisionError, the others a ValueError or OSError traceback.  A
+    ``--count`` of 100000 was one batch of that size, killed by the kernel for its memory (exit 137),
+    no line; 1025 was written (the test's case: the bound, without the memory)."""
     args = [a.format(tmp=tmp_path) for a in args]
     result = run_module("pipeline.preview", "--shards", str(sample_shards), "--out", str(tmp_path / "p.png"), *args,
                         check=False)
