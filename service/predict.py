@@ -13,7 +13,7 @@ here is the one the logged validation error was counted from:
 * the softmax averaged over the views (``model.train_step.view_averaged_probs``, evaluation's rule).
 
 What that preparation changed in an image's pixels (alpha flattened, a tiny image blown up, an
-animation's first frame alone) ends its line in brackets: it bears on how far to trust the answer.
+animation's first frame alone, an EXIF rotation not applied) ends its line in brackets: it bears on how far to trust the answer.
 
 The class names and the mean image come from the shards the model was trained on.  Their data
 fingerprint must be the checkpoint's: another dataset's mean image or class order would give

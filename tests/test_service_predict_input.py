@@ -215,6 +215,20 @@ def test_what_the_preparation_changed_in_an_image_ends_its_line(run: Path, image
     assert changes == [["RGBA with alpha flattened onto white", "tiny image upscaled from 20x20"], []], as_json.stderr
 
 
+def test_a_photo_whose_exif_says_rotate_says_it_was_seen_as_stored(run: Path, tmp_path: Path) -> None:
+    """A phone's portrait photo is stored on its side with EXIF orientation 6; the model was given
+    it on its side (as make shards stores such a file), and nothing on its line said so."""
+    from PIL import Image
+
+    phone = tmp_path / "portrait.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (400, 300), (10, 120, 30)).save(phone, exif=exif)
+    done = predict("--run", run, "--top", "1", phone)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert done.stdout.rstrip().endswith("%  [EXIF orientation 6 not applied: seen on its side, as stored]"), done.stdout
+
+
 def test_a_run_trained_with_relative_paths_finds_its_shards_from_elsewhere(sample_shards: Path, image: Path,
                                                                            tmp_path: Path) -> None:
     """``make demo`` records shards = "data/shards" and out = "runs/demo", relative to where training
