@@ -13,7 +13,7 @@ from sampledata.generate import SampleConfig, generate
 
 def _os_problem(out, exc: OSError) -> str:
     """One line for an ``OSError`` of writing: the path under ``out`` and why, or (no errno)
-    ``find_wheel``'s own sentence, which says what to run."""
+    the photos' own sentence (no wheel, a damaged one), which says what to run."""
     if exc.strerror is None:
         return str(exc)
     where = f"{exc.filename}: " if exc.filename else ""

@@ -49,5 +49,10 @@ def load_photos(count: int, wheel: Path | None = None) -> list[tuple[str, Image.
     """The first ``count`` photos as RGB images, with their class names."""
     if not 2 <= count <= len(PHOTOS):
         raise ValueError(f"classes must be between 2 and {len(PHOTOS)}, got {count}")
-    with zipfile.ZipFile(wheel or find_wheel()) as zf:
-        return [(name, Image.open(io.BytesIO(zf.read(member))).convert("RGB")) for name, member in PHOTOS[:count]]
+    wheel = wheel or find_wheel()
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            return [(name, Image.open(io.BytesIO(zf.read(member))).convert("RGB")) for name, member in PHOTOS[:count]]
+    except (zipfile.BadZipFile, KeyError) as exc:  # a download cut short, another wheel's layout: one line, not a traceback
+        raise FileNotFoundError(f"{wheel}: not a readable scikit-image wheel ({exc}): delete it and run `make setup` "
+                                "to download it again") from None

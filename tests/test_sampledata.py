@@ -145,14 +145,17 @@ def test_other_settings_into_a_written_dataset_are_refused_not_mixed_in(tmp_path
     assert redone.returncode == 0 and "wrote 6 images" in redone.stdout, redone.stderr
 
 
-@pytest.mark.parametrize("where", ["under-a-file", "no-wheel"])
+@pytest.mark.parametrize("where", ["under-a-file", "no-wheel", "bad-wheel"])
 def test_an_unwritable_output_or_a_missing_wheel_is_one_line_exit_1(where: str, tmp_path: Path) -> None:
-    """Both were a traceback: NotADirectoryError from mkdir under a file; FileNotFoundError with
-    make setup's advice buried in the traceback's last line."""
+    """All were a traceback: NotADirectoryError from mkdir under a file; FileNotFoundError with
+    make setup's advice buried in the traceback's last line; zipfile.BadZipFile (a download cut short)."""
     (tmp_path / "file").write_text("x")
     out = tmp_path / "file" / "sample" if where == "under-a-file" else tmp_path / "sample"
-    env = {"SAMPLEDATA_WHEELS": str(tmp_path)} if where == "no-wheel" else None
+    if where == "bad-wheel":
+        (tmp_path / "scikit_image-0.1-py3-none-any.whl").write_text("cut short")
+    env = {"SAMPLEDATA_WHEELS": str(tmp_path)} if where != "under-a-file" else None
     done = _sampledata("--out", out, "--classes", "2", *SMALL, env=env)
     assert done.returncode == 1 and "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
-    said = f"cannot write {out}" if where == "under-a-file" else "no scikit-image wheel in"
-    assert done.stderr.startswith(f"sampledata: {said}") and ("make setup" in done.stderr) == (where == "no-wheel")
+    said = {"under-a-file": f"cannot write {out}", "no-wheel": "no scikit-image wheel in",
+            "bad-wheel": f"{tmp_path / 'scikit_image-0.1-py3-none-any.whl'}: not a readable scikit-image wheel"}[where]
+    assert done.stderr.startswith(f"sampledata: {said}") and ("make setup" in done.stderr) == (where != "under-a-file")
