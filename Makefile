@@ -104,9 +104,16 @@ ifneq ($(filter predict,$(MAKECMDGOALS)),)
 ifeq ($(strip $(IMAGES)),)
 $(error make predict needs IMAGES, the image files to classify, e.g. IMAGES="data/sample/val/n90000001/*.JPEG")
 endif
+# RUN= (empty, a variable that was not set) made the first image the run directory.
+ifneq ($(origin RUN),undefined)
+ifeq ($(strip $(RUN)),)
+$(error make predict: RUN is empty; give the run directory (RUN=runs/demo), or leave RUN out for runs/demo)
 endif
+endif
+endif
+# RUN quoted: a run directory's name may hold spaces (IMAGES is a list, globs allowed).
 predict: setup ## what a trained run says images are (10 views, top 5): make predict IMAGES="a.jpg b.png" [RUN=runs/demo ARGS="--json"]
-	$(strip $(PY) -m service.predict --run $(RUN) $(ARGS) $(IMAGES))
+	$(strip $(PY) -m service.predict --run '$(subst ','\'',$(RUN))' $(ARGS) $(IMAGES))
 
 train: ## Docker + GPUs: make train SHARDS=... RUN=... [GPUS=all|N|0,1|none] [NPROC=..] [CONFIG=..], GRAFANA_PASSWORD set
 	$(call docker_check,train)

@@ -26,7 +26,14 @@ def test_train_local_echoes_its_command_on_one_line() -> None:
 def test_predict_runs_the_predictor_on_the_images_or_says_it_needs_them() -> None:
     out = subprocess.run(["make", "-n", "--no-print-directory", "predict", "IMAGES=a.jpg b.png", "RUN=/r"],
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    assert ".venv/bin/python -m service.predict --run /r a.jpg b.png" in out.splitlines()
+    assert ".venv/bin/python -m service.predict --run '/r' a.jpg b.png" in out.splitlines()
+    # A run named with a space and a quote is one argument; RUN= (empty) took the first image as the run.
+    spaced = subprocess.run(["make", "-n", "--no-print-directory", "predict", "IMAGES=a.jpg", "RUN=my run's"],
+                            cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert ".venv/bin/python -m service.predict --run 'my run'\\''s' a.jpg" in spaced.splitlines(), spaced
+    empty = subprocess.run(["make", "-n", "-B", "--no-print-directory", "predict", "IMAGES=a.jpg", "RUN="], cwd=ROOT,
+                           capture_output=True, text=True)
+    assert empty.returncode == 2 and "make predict: RUN is empty; give the run directory" in empty.stderr, empty
     # -B: setup counts as out of date; the missing IMAGES is said before anything would run
     missing = subprocess.run(["make", "-n", "-B", "--no-print-directory", "predict"], cwd=ROOT, capture_output=True,
                              text=True)
