@@ -167,7 +167,9 @@ def finish(trainer: Trainer, finished: bool, log: RunLog) -> int:
     if finished:
         if trainer.ranks.is_main and p.history:
             log.history(p.history, trainer.chance)
-        log.say(f"finished: {p.evaluated} epoch(s), {p.step} steps. Curve: {out / 'curve.png'}, history: "
+        past = (f", more than --epochs {trainer.cfg.epochs} asks: the run stands at {trainer.position()}, which its "
+                "newest checkpoint holds (a larger --epochs trains on)") if p.past(trainer.cfg.epochs) else ""
+        log.say(f"finished: {p.evaluated} epoch(s), {p.step} steps{past}. Curve: {out / 'curve.png'}, history: "
                 f"{out / 'history.json'}, JSON log: {log.jsonl_path}, checkpoints: {out}/checkpoint-*.pt")
     else:
         again = ("run the same command without --fresh true to resume (with it, a start deletes this checkpoint)"

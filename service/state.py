@@ -51,6 +51,11 @@ class Progress:
                     eval_views=views,
                     eval_views_per_s=result.images * views / max(eval_seconds, 1e-9))
 
+    def past(self, epochs: int) -> bool:
+        """Whether the run has trained beyond ``epochs`` (a restart asked for fewer than were done):
+        more epochs evaluated, or steps of the next one trained."""
+        return self.evaluated > epochs or self.epoch > self.evaluated or self.step_in_epoch > 0
+
     def start_epoch(self) -> None:
         self.step_in_epoch = self.epoch_empty_steps = 0
         self.epoch_loss_sum, self.epoch_images, self.epoch_seconds, self.epoch_data_seconds = 0.0, 0, 0.0, 0.0

@@ -3,12 +3,13 @@ still be what the user asked for (real service processes on the sample shards)."
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.service_proc import checkpoint_steps, events, run_service
+from tests.service_proc import Service, checkpoint_steps, events, run_service
 
 pytestmark = pytest.mark.slow
 
@@ -30,3 +31,16 @@ def test_a_change_of_eval_views_restarts_the_schedules_wait_and_is_recorded(samp
     schedule = torch.load(newest, weights_only=True)["schedule"]
     # Epoch 2's 10-view error is the first of its measure: the best so far, no evaluation without one.
     assert (schedule["best"], schedule["evals_without_improvement"]) == (history[1]["top1_error"], 0)
+
+
+def test_fewer_epochs_than_already_trained_says_where_the_run_stands(sample_shards: Path, tmp_path: Path) -> None:
+    """Stopped in epoch 2, restarted with --epochs 1: it said 'finished: 1 epoch(s)' and no more,
+    while its newest checkpoint (the one ``make predict`` uses) holds steps of epoch 2."""
+    out = tmp_path / "run"
+    service = Service(sample_shards, out, "--epochs", "2")
+    assert service.stop_at(r"epoch 2 step 2/6") == 0, service.stderr
+    rc, again = run_service(sample_shards, out, "--epochs", "1")
+    assert rc == 0, again.stderr
+    assert re.search(r"^finished: 1 epoch\(s\), \d+ steps, more than --epochs 1 asks: the run stands at epoch 2 "
+                     r"step \d/6, which its newest checkpoint holds", again.stdout, re.M), again.stdout
+
