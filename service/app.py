@@ -122,6 +122,8 @@ def start(cfg: TrainConfig, manifest: contract.Manifest, ranks: Ranks, metrics: 
                 f"{trainer.position()} (step {p.step} in all)")
     else:
         log.say(f"new run {run_id} in {cfg.out}")
+    if found and ranks.is_main:  # the checkpoint's epochs, not those of a newer one that was lost
+        log.history_as_resumed(p.history, trainer.chance, found.path)
     check.start(p.step)
     images = sum(s.samples for s in manifest.splits["train"].shards if s.tar.name not in excluded)
     log.say(f"train: {images} images, {manifest.num_classes} classes (chance top-1 error "

@@ -44,3 +44,16 @@ def test_fewer_epochs_than_already_trained_says_where_the_run_stands(sample_shar
     assert re.search(r"^finished: 1 epoch\(s\), \d+ steps, more than --epochs 1 asks: the run stands at epoch 2 "
                      r"step \d/6, which its newest checkpoint holds", again.stdout, re.M), again.stdout
 
+
+def test_a_resume_from_an_older_checkpoint_rewrites_the_newer_history(sample_shards: Path, tmp_path: Path) -> None:
+    """The newest checkpoint lost (deleted, or damaged and set aside): the run resumes the older
+    one and trains its epoch again, but history.json and curve.png kept the lost epoch, and a
+    stop before its evaluation left them showing an epoch no checkpoint holds."""
+    out = tmp_path / "run"
+    rc, first = run_service(sample_shards, out, "--epochs", "2")
+    assert rc == 0, first.stderr
+    (out / f"checkpoint-{checkpoint_steps(out)[-1]:09d}.pt").unlink()
+    service = Service(sample_shards, out, "--epochs", "2")
+    assert service.stop_at(r"epoch 2 step 2/6") == 0, service.stderr
+    assert [r["epoch"] for r in json.loads((out / "history.json").read_text())] == [1]
+    assert "history.json listed epoch(s) 1, 2" in service.stderr, service.stderr
