@@ -56,6 +56,12 @@ class PlateauSchedule:
         self.evals_without_improvement = 0
         return True
 
+    def forget_best(self) -> None:
+        """Wait for a new best afresh: the errors to come are measured another way (other views),
+        and a bar set by the old measure would count as plateau, or as progress, what is neither."""
+        self.best = math.inf
+        self.evals_without_improvement = 0
+
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume, including the current lrs."""
         return {

@@ -122,6 +122,8 @@ def start(cfg: TrainConfig, manifest: contract.Manifest, ranks: Ranks, metrics: 
                 f"{trainer.position()} (step {p.step} in all)")
     else:
         log.say(f"new run {run_id} in {cfg.out}")
+    if found and ranks.is_main:  # the checkpoint's epochs, not those of a newer one that was lost
+        log.history_as_resumed(p.history, trainer.chance, found.path)
     check.start(p.step)
     images = sum(s.samples for s in manifest.splits["train"].shards if s.tar.name not in excluded)
     log.say(f"train: {images} images, {manifest.num_classes} classes (chance top-1 error "
@@ -167,7 +169,9 @@ def finish(trainer: Trainer, finished: bool, log: RunLog) -> int:
     if finished:
         if trainer.ranks.is_main and p.history:
             log.history(p.history, trainer.chance)
-        log.say(f"finished: {p.evaluated} epoch(s), {p.step} steps. Curve: {out / 'curve.png'}, history: "
+        past = (f", more than --epochs {trainer.cfg.epochs} asks: the run stands at {trainer.position()}, which its "
+                "newest checkpoint holds (a larger --epochs trains on)") if p.past(trainer.cfg.epochs) else ""
+        log.say(f"finished: {p.evaluated} epoch(s), {p.step} steps{past}. Curve: {out / 'curve.png'}, history: "
                 f"{out / 'history.json'}, JSON log: {log.jsonl_path}, checkpoints: {out}/checkpoint-*.pt")
     else:
         again = ("run the same command without --fresh true to resume (with it, a start deletes this checkpoint)"

@@ -209,12 +209,28 @@ class CheckpointManager:
             part = self.shared[key]
             if part is not None and payload.get(key) is not None:
                 part.load_state_dict(payload[key])
+        self._check_views(path, payload)
         p = self.progress
         if not self._restore_position(path, payload) and p.epoch == p.evaluated:
             p.start_epoch()  # the interrupted epoch's data is taken again from its start
         # A trained epoch whose evaluation is pending keeps its counters: its record's train loss
         # and images/s come from them, and it is not trained again.
         self.run_id = payload["run_id"]
+
+    def _check_views(self, path: Path, payload: dict[str, Any]) -> None:
+        """eval_views may change at a restart, but the plateau schedule compares each validation
+        error with the best so far: 1-view errors against a 10-view best dropped the lr early (and
+        10-view ones against a 1-view best counted as progress).  The wait starts over, said once."""
+        saved = (payload.get("config") or {}).get("eval_views")
+        if saved is None or saved == self.cfg.eval_views or self.shared["schedule"] is None:
+            return
+        self.shared["schedule"].forget_best()
+        line = (f"{path} was evaluated with eval_views {saved}, this run with {self.cfg.eval_views}: the lr "
+                "schedule waits for a new best validation error afresh (errors of other views are not comparable; "
+                "history.json gives each epoch's eval_views)")
+        self.log.event("eval_views_changed", text=line)
+        if self.ranks.is_main:
+            self.log.warn(line)
 
     def _restore_position(self, path: Path, payload: dict[str, Any]) -> bool:
         """This rank's loader position and RNG state; False (with a warning) when they cannot

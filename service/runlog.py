@@ -179,6 +179,25 @@ class RunLog:
                           "has the numbers")
         return curve
 
+    def history_as_resumed(self, records: list[dict[str, Any]], chance: float, source: Path) -> None:
+        """history.json and curve.png as the checkpoint ``source`` has them, when they list other
+        epochs: a run resumed from an older checkpoint (the newest deleted, or damaged and set
+        aside) trains the lost epochs again, and a stop before their evaluation left the files
+        showing epochs no checkpoint holds."""
+        path = self.out / "history.json"
+        try:
+            listed = [r["epoch"] for r in json.loads(path.read_text())]
+        except (OSError, ValueError, TypeError, KeyError):
+            listed = None  # none yet, or unreadable: written again at the next evaluation
+        mine = [r["epoch"] for r in records]
+        if listed is None or listed == mine:
+            return
+        self.history(records, chance)
+        if not records:
+            (self.out / "curve.png").unlink(missing_ok=True)
+        self.warn(f"history.json listed epoch(s) {', '.join(map(str, listed))}, {source} holds "
+                  f"{', '.join(map(str, mine)) or 'none'}: rewritten to the checkpoint's, the others are trained again")
+
     def _abandon(self) -> None:
         """Drop the JSON log after a failed write: its unwritten buffer would fail every later
         write and the final flush again, and one failure is all there is to say."""

@@ -48,7 +48,13 @@ class Progress:
         return dict(epoch=self.epoch, lr=lr, train_loss=self.epoch_loss_sum / max(self.step_in_epoch - self.epoch_empty_steps, 1),
                     top1_error=result.top1_error, top5_error=result.top5_error, val_loss=result.loss,
                     images_per_s=trained.images_per_s, data_share=trained.data_share, eval_seconds=eval_seconds,
+                    eval_views=views,
                     eval_views_per_s=result.images * views / max(eval_seconds, 1e-9))
+
+    def past(self, epochs: int) -> bool:
+        """Whether the run has trained beyond ``epochs`` (a restart asked for fewer than were done):
+        more epochs evaluated, or steps of the next one trained."""
+        return self.evaluated > epochs or self.epoch > self.evaluated or self.step_in_epoch > 0
 
     def start_epoch(self) -> None:
         self.step_in_epoch = self.epoch_empty_steps = 0
