@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from bench.child import ROOT, child_env, slug
+from sampledata.generate import SampleConfig, generate
 from tests.conftest import run_module
 from tests.procs import alive, processes_naming
 
@@ -132,10 +133,12 @@ def test_an_earlier_runs_sweep_summary_is_never_taken_for_this_runs(tmp_path: Pa
 @pytest.mark.slow
 def test_a_failing_part_is_recorded_and_the_rest_still_runs(tmp_path: Path) -> None:
     """An unreadable image in the generated dataset: sharding fails (too many skipped), the
-    parts that need the shards skip saying so, the others run, and the JSON is written."""
-    junk = tmp_path / "data" / "dry" / "sample" / "train" / "n90000000" / "broken.JPEG"
-    junk.parent.mkdir(parents=True)
-    junk.write_bytes(b"")
+    parts that need the shards skip saying so, the others run, and the JSON is written.  The
+    dataset is the data part's own (its settings in dry mode), written first: sampledata refuses
+    to write into a folder that holds other images."""
+    sample = tmp_path / "data" / "dry" / "sample"
+    generate(SampleConfig(out=sample, classes=2, train_per_class=8, val_per_class=2, workers=1))
+    (sample / "train" / "n90000000" / "broken.JPEG").write_bytes(b"")
     record, _ = dry_run(tmp_path)
     parts = record["parts"]
     assert parts["data"]["status"] == "failed" and "exit code 1" in parts["data"]["error"]
