@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import re
 
-from shards.manifest import Manifest, remake, shard_problem
+from shards.manifest import Manifest, Shard, remake, shard_problem
 
 _NOISE = ("Current pipeline object is no longer valid", "C++ context", "Critical error in pipeline")
 _SAMPLE = re.compile(r"^Failed to decode sample #\d+ : (.+):(\d+):([^:\n]+)\.jpg$", re.MULTILINE)
+
+
+def changed_shards(manifest: Manifest, split: str) -> list[tuple[Shard, str]]:
+    """Shards of ``split`` that differ from the manifest, with what is wrong with each."""
+    return [(shard, problem) for shard in manifest.splits[split].shards if (problem := shard_problem(shard))]
 
 
 def dali_reason(text: str) -> str:
@@ -38,8 +43,8 @@ def loader_failure(exc: BaseException, manifest: Manifest, split: str) -> str:
     reason = dali_reason(text)
     if named := [s.tar for s in shards if str(s.tar) in text]:
         return f"{split} shard {named[0]} cannot be read ({reason}); {hint}"
-    if changed := [(s.tar, problem) for s in shards if (problem := shard_problem(s))]:
-        (tar, problem), more = changed[0], f" (and {len(changed) - 1} more shard(s))" if len(changed) > 1 else ""
-        return f"{split} shard {tar}: {problem}{more}; the loader failed with: {reason}; {hint}"
+    if changed := changed_shards(manifest, split):
+        (shard, problem), more = changed[0], f" (and {len(changed) - 1} more shard(s))" if len(changed) > 1 else ""
+        return f"{split} shard {shard.tar}: {problem}{more}; the loader failed with: {reason}; {hint}"
     return (f"the {split} loader failed ({reason}) although every {split} shard in {manifest.root} matches its "
             "manifest checksum: the data is as written; the failure is elsewhere (memory, DALI, the decoder)")

@@ -23,17 +23,12 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-from pipeline.failures import dali_reason  # the tools' one-line failures read DALI's errors the same way
+from pipeline.failures import changed_shards, dali_reason  # the tools' one-line failures: the same reading
 from service.errors import DataError
 from shards.index_check import INDEX, index_fix, index_problem
-from shards.manifest import Manifest, Shard, remake, shard_problem
+from shards.manifest import Manifest, Shard, remake
 
 T = TypeVar("T")
-
-
-def changed_shards(manifest: Manifest, split: str) -> list[tuple[Shard, str]]:
-    """Shards of ``split`` that differ from the manifest, with what is wrong with each."""
-    return [(shard, problem) for shard in manifest.splits[split].shards if (problem := shard_problem(shard))]
 
 
 def _sample_problem(components: dict[str, bytes], num_classes: int) -> str | None:
