@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from common.config_values import at_least_one, path_arg
+from common.streams import silence
 from pipeline import LoaderConfig, build_train_loader
 from pipeline.failures import loader_failure
 from pipeline.normalize import RawBatch
@@ -61,9 +62,8 @@ def quiet_native_stderr() -> None:
     failure DALI's threads go on decoding the batches already scheduled, and the decoder logs each
     bad sample from C++ straight to descriptor 2, after the one line that names the shard."""
     sys.stderr.flush()
-    terminal, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    os.close(devnull)
+    terminal = os.dup(2)
+    silence(2)
     sys.stderr = os.fdopen(terminal, "w", buffering=1)
 
 
