@@ -28,8 +28,29 @@ def figure(history: list[dict], chance: float):
     right.plot(epochs, [h["top5_error"] for h in history], marker="o", label="top-5 error")
     right.axhline(chance, color="grey", linestyle="--", label="chance (top-1)")
     right.set(xlabel="epoch", ylabel="validation error", ylim=(0, 1), title="validation")
+    _mark_views(right, history)
     # Under the axes: inside, the default "best" spot covered the chance line, and any corner some
     # run's points (top-5 starts low, top-1 ends mid-height).
     right.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3, frameon=False, fontsize="small")
     fig.tight_layout()
     return fig
+
+
+def _mark_views(axes, history: list[dict]) -> None:
+    """Say which evaluation the errors are of: a restart may change ``eval_views`` (1 view errs
+    more than 10), so each stretch of one kind is named and a dotted line marks each change.
+    Records without ``eval_views`` (older runs) are not guessed at."""
+    views = [h.get("eval_views") for h in history]
+    if None in views or not views:
+        return
+    if len(set(views)) == 1:
+        axes.set_title(f"validation ({views[0]}-view)")
+        return
+    top = axes.get_xaxis_transform()  # x in epochs, y in axes fractions
+    for i, (h, v) in enumerate(zip(history, views)):
+        if i and v == views[i - 1]:
+            continue
+        if i:
+            axes.axvline(h["epoch"] - 0.5, color="grey", linestyle=":")
+        axes.annotate(f"{v}-view", (h["epoch"], 0.02), xycoords=top, xytext=(-4, 0), textcoords="offset points",
+                      va="bottom", fontsize="small", color="grey")  # at the bottom: chance sits near the top
