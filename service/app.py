@@ -25,6 +25,7 @@ import torch
 
 from common.config import ConfigError, load_config, split_config_arg, to_dict
 from common.config_help import print_help, settings_help, wants_help
+from common.config_values import file_in_the_way
 from pipeline.stats import manifest_stats
 from service import PARENT, checkpoint, data_stats
 from service.build import apply_cuda_sync, build, compile_note, resolve, share_cores
@@ -71,8 +72,8 @@ def check_run_dir(out: Path) -> bool:
     traceback from the first log write, after the port, the shards and the loaders.
     """
     created = not out.exists()
-    file = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
-    if file is not None:  # mkdir said "File exists" (or "Not a directory"), and the hint was permissions
+    file = file_in_the_way(out)
+    if file is not None:
         raise ServiceError(EXIT_RUNDIR, f"run directory {out}: {file} is a file, not a directory: choose another "
                                         "directory with --out (a new one is created), or move the file away")
     try:
