@@ -204,10 +204,11 @@ def test_missing_index_fails_early(sample_shards, tmp_path):
     (["--count", "0"], 2, "argument --count: must be at least 1, got 0"),
     (["--cols", "0"], 2, "argument --cols: must be at least 1, got 0"),
     (["--sigma", "nan"], 2, "preview: --sigma must be a finite number >= 0, got nan"),
+    (["--sigma", "1e6"], 2, "preview: --sigma must be at most 10 (the paper's 0.1 x 100"),
     (["--out", "{tmp}"], 1, "preview: cannot write {tmp} (Is a directory)"),
     (["--shards", "{tmp}/none"], 1, "preview: {tmp}/none does not exist; (re)create it with `make shards"),
     (["--count", "1025"], 2, "argument --count: must be 1..1024 (the images drawn at once"),
-], ids=["count 0", "cols 0", "sigma nan", "out a directory", "no shards", "count past the most"])
+], ids=["count 0", "cols 0", "sigma nan", "sigma past the most", "out a directory", "no shards", "count past the most"])
 def test_preview_bad_input_is_one_line(sample_shards, tmp_path, args, code, said):
     """``--cols 0`` was a ZeroDivisionError, the others a ValueError or OSError traceback.  A
     ``--count`` of 100000 was one batch of that size, killed by the kernel for its memory (exit 137),
