@@ -120,6 +120,13 @@ def path_arg(value: str) -> Path:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def file_in_the_way(folder: Path) -> Path | None:
+    """The first of ``folder`` and its parents that exists as a file, not a directory, or None:
+    mkdir under it says only "File exists" or "Not a directory", which reads as if the path asked
+    for were in the way, and a permission hint would be wrong."""
+    return next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+
+
 def at_least_one(meaning: str = "") -> Callable[[str], int]:
     """An ``argparse`` ``type=`` for a whole number of at least 1; ``meaning`` (e.g. "the number of
     classes to show per image") goes into the refusal of a smaller one."""

@@ -19,6 +19,11 @@ MAX_PREFETCH = 16
 # 100000 aborted inside DALI's thread pool (exit 134, "terminate called without an active
 # exception", no line naming the key).
 MAX_THREADS = 1024
+# The PCA lighting sigma at most: 100 times the paper's 0.1.  The offset's spread along the first
+# principal component is sigma x eigval_1 / 255 pixel levels (pipeline.stats): 5.5 at ImageNet's
+# eigval_1 (0.2175 in 0..1 units, docs/reference.md) and the paper's sigma, ~555 at 10, twice the
+# whole 0..255 range; past that the images are noise.  1e6 was trained on without a word.
+MAX_SIGMA = 10.0
 Normalize = Literal["mean_image", "channel"]
 Dtype = Literal["float32", "float16", "bfloat16"]
 Handover = Literal["host", "stream"]
@@ -37,7 +42,7 @@ class LoaderConfig:
     # refuses one estimated over a quarter of the memory available at start (service.data_fit)
     shuffle_buffer: int = 1024
     shuffle_shards: bool = True  # visit the tars in a new order every epoch
-    sigma: float = 0.1  # std of the PCA lighting draws alpha_j
+    sigma: float = 0.1  # std of the PCA lighting draws alpha_j; at most 10 (MAX_SIGMA)
     normalize: Normalize = "mean_image"  # "mean_image" (the paper) or "channel" (mean/std per channel)
     dtype: Dtype = "float32"  # output dtype; float16/bfloat16 only pay off on a GPU
     crop: int = 224
@@ -80,6 +85,9 @@ class LoaderConfig:
             raise ValueError(f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
         if not (math.isfinite(self.sigma) and self.sigma >= 0):  # nan < 0 is False: nan passed before
             raise ValueError(f"sigma must be a finite number >= 0, got {self.sigma}")
+        if self.sigma > MAX_SIGMA:
+            raise ValueError(f"sigma must be at most {MAX_SIGMA:g} (the paper's 0.1 x 100: the lighting offset's "
+                             f"spread is then ~555 pixel levels at ImageNet's, twice the 0..255 range), got {self.sigma}")
         if self.crop < 1:
             raise ValueError(f"crop must be >= 1, got {self.crop}")
         if not 1 <= self.prefetch <= MAX_PREFETCH:

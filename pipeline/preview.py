@@ -4,6 +4,7 @@ augmentation by looking."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common.config_values import at_least_one, path_arg
+from common.config_values import at_least_one, file_in_the_way, path_arg
 from common.streams import silence
 from pipeline import LoaderConfig, build_train_loader
 from pipeline.failures import loader_failure
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.preview", description=__doc__.split("\n")[0])
     parser.add_argument("--shards", type=path_arg, required=True)
     parser.add_argument("--out", type=path_arg, default=Path("preview.png"), help="the PNG to write")
-    parser.add_argument("--count", type=count_arg, default=32, help=f"images in the grid (1..{MAX_COUNT})")
+    parser.add_argument("--count", type=count_arg, default=32,
+                        help=f"images in the grid (1..{MAX_COUNT}; all of the train split if it holds fewer)")
     parser.add_argument("--cols", type=at_least_one(), default=8)
     parser.add_argument("--sigma", type=float, default=0.1, help="PCA lighting sigma (try 1.0 to see it)")
     parser.add_argument("--seed", type=int, default=0)
@@ -84,8 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # --sigma: the one flag argparse leaves to LoaderConfig, whose message starts with it
         print(f"preview: --{exc}", file=sys.stderr)
         return 2
+    blocker = file_in_the_way(args.out.parent)
+    if blocker is not None:  # mkdir would say only "File exists" or "Not a directory", after the decoding
+        print(f"preview: cannot write {args.out}: {blocker} is a file, not a directory: choose another --out, "
+              "or move the file away", file=sys.stderr)
+        return 1
     try:
         manifest = load(args.shards, splits=("train",))
+        # One epoch at most: a larger batch is the split's images and padding, trimmed to the split.
+        cfg = dataclasses.replace(cfg, batch_size=min(args.count, manifest.splits["train"].samples))
         loader = build_train_loader(manifest, config=cfg)
         raw = next(loader.raw_batches())
         picture = grid(augmented_pixels(raw, loader.normalizer.lighting), min(args.cols, len(raw)))
@@ -102,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"preview: cannot write {args.out} ({exc.strerror or exc})", file=sys.stderr)
         return 1
-    print(f"wrote {args.out} ({len(raw)} augmented training images)")
+    short = f": all the train split holds, fewer than --count {args.count}" if len(raw) < args.count else ""
+    print(f"wrote {args.out} ({len(raw)} augmented training images{short})")
     return 0
 
 

@@ -16,26 +16,25 @@ import contextlib
 import hashlib
 import os
 import sys
-import tempfile
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
 from common.config import ConfigError, load_config, split_config_arg, to_dict
 from common.config_help import print_help, settings_help, wants_help
 from pipeline.stats import manifest_stats
-from service import PARENT, checkpoint, data_stats
+from service import PARENT, data_stats
 from service.build import apply_cuda_sync, build, compile_note, resolve, share_cores
 from service.config import TrainConfig, validate
 from service.data_fit import check_fits_data
 from service.dist import RankError, Ranks, peer_gone
-from service.errors import EXIT_CONFIG, EXIT_OK, EXIT_RUNDIR, DataError, PeerGone, ServiceError, record_exit
+from service.errors import EXIT_CONFIG, EXIT_OK, DataError, PeerGone, ServiceError, record_exit
 from service.loop import Trainer
 from service.metrics import ServiceMetrics, build_labels
 from service.rank_settings import check_same_settings
 from service.rank_stops import RankStops
+from service.rundir import check_run_dir, clear_run
 from service.rundir_lock import RunDirLock
 from service.runlog import RunLog
 from service.server import HttpEndpoint
@@ -45,9 +44,6 @@ from service.state import data_fingerprint, identity
 from service.status import StatusBoard
 from service.unclean_end import UncleanEnd
 from shards import manifest as contract
-
-# What --fresh true deletes in the run directory (the service's own files, nothing else).
-RUN_FILES = (*checkpoint.GLOBS, "log*.jsonl", "ids*.jsonl", "history.json", "curve.png", "config.json")
 
 
 def parse(argv: list[str]) -> TrainConfig:
@@ -61,37 +57,6 @@ def parse(argv: list[str]) -> TrainConfig:
     if problems:
         raise ServiceError(EXIT_CONFIG, "invalid settings: " + "; ".join(problems))
     return cfg
-
-
-def check_run_dir(out: Path) -> bool:
-    """Create the run directory and write a file in it, or fail in one line (exit 5); returns
-    whether this call created it.
-
-    Before anything slow: otherwise a read-only or foreign directory surfaces as an OSError
-    traceback from the first log write, after the port, the shards and the loaders.
-    """
-    created = not out.exists()
-    file = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
-    if file is not None:  # mkdir said "File exists" (or "Not a directory"), and the hint was permissions
-        raise ServiceError(EXIT_RUNDIR, f"run directory {out}: {file} is a file, not a directory: choose another "
-                                        "directory with --out (a new one is created), or move the file away")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):
-            pass
-    except OSError as exc:
-        raise ServiceError(EXIT_RUNDIR, f"run directory {out} cannot be written ({exc.strerror or exc}) by uid "
-                                        f"{os.getuid()}: make it writable for that user, or choose another "
-                                        "directory with --out") from None
-    return created
-
-
-def clear_run(log: RunLog) -> None:
-    """``--fresh true``: delete the run directory's checkpoints and logs."""
-    removed = [p for pattern in RUN_FILES for p in log.out.glob(pattern)]
-    for p in removed:
-        p.unlink(missing_ok=True)
-    log.say(f"fresh start: deleted {len(removed)} file(s) of the previous run in {log.out}")
 
 
 def start(cfg: TrainConfig, manifest: contract.Manifest, ranks: Ranks, metrics: ServiceMetrics, board: StatusBoard,

@@ -50,7 +50,7 @@ NAME = re.compile(r"^checkpoint-(\d{9})\.pt$")
 CORRUPT = re.compile(r"^checkpoint-(\d{9})\.pt\.corrupt$")
 # The three kinds of checkpoint file as globs: NAME's, CORRUPT's (set aside by ``newest_valid``) and
 # ``atomic_save``'s temporary files of unfinished writes; here, next to the names they match, so that
-# ``--fresh`` (service.app) and the stale-file sweep delete what this module writes.
+# ``--fresh`` (service.rundir) and the stale-file sweep delete what this module writes.
 GLOBS = ("checkpoint-*.pt", "checkpoint-*.pt.corrupt", ".checkpoint-*.tmp")
 TEMP_GLOB = GLOBS[2]
 KEEP_CORRUPT = 2  # unreadable checkpoints kept for inspection (the newest ones)

@@ -66,7 +66,7 @@ class OptimSettings:
     # true: the paper, every weight decays, biases included; false: Caffe/cuda-convnet, biases exempt.
     bias_decay: bool = True
     patience: int = 3  # evaluations without a new best val error before lr /= 10
-    max_drops: int = 3
+    max_drops: int = 3  # at most as many as leave lr a float32 normal number (most_drops)
     # Data parallel: ``lr`` is the rate for one rank's batch (loader.batch_size; the paper's 0.01
     # at 128), and N ranks make a global batch N times larger.  "linear" multiplies lr by N
     # (Goyal et al. 2017), "sqrt" by sqrt(N) (Krizhevsky 2014's argument from the gradient's
@@ -128,7 +128,7 @@ class TrainConfig:
 
     shards: Path = ShardConfig.out  # where make shards writes by default
     out: Path = Path("runs/default")
-    epochs: int = 90
+    epochs: int = 90  # 1..10000 (MAX_EPOCHS)
     device: str = "auto"  # "auto" = cuda:<LOCAL_RANK> when present, else cpu
     cuda_sync: CudaSync = "auto"  # how the host waits for the GPU: spin, yield or block (common.cuda)
     seed: int = 0
@@ -168,6 +168,20 @@ MAX_SEED = 2**32 - 1
 FLOAT32_MAX = 3.4028234663852886e38
 FLOAT32_MIN_NORMAL = 1.1754943508222875e-38
 AUTOCAST = get_args(Autocast)
+# Epochs at most: over 100 times the paper's ~90, far past any schedule of this model (three lr
+# drops, then nothing left to learn), and room for small-data runs of thousands.  Each epoch's end
+# rewrites history.json and redraws curve.png over every epoch so far; 10**9 was trained on.
+MAX_EPOCHS = 10_000
+
+
+def most_drops(lr: float, factor: float = 0.1) -> int:
+    """The lr drops (``lr *= factor``, model.schedule) that leave ``lr`` at least float32's smallest
+    normal number: a smaller rate rounds to 0 in the update (the rule the lr itself is held to), and
+    a run past that many plateaus trained on with every update a no-op."""
+    drops = 0
+    while math.isfinite(lr) and lr * factor >= FLOAT32_MIN_NORMAL:
+        lr, drops = lr * factor, drops + 1
+    return drops
 
 
 def validate(cfg: TrainConfig) -> list[str]:
@@ -179,6 +193,8 @@ def validate(cfg: TrainConfig) -> list[str]:
             problems.append(message)
 
     need(cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}")
+    need(cfg.epochs <= MAX_EPOCHS, f"epochs must be at most {MAX_EPOCHS} (over 100 times the paper's 90), "
+         f"got {cfg.epochs}")
     need(cfg.eval_views in VIEW_COUNTS,
          f"eval_views must be {' or '.join(map(str, VIEW_COUNTS))}, got {cfg.eval_views}")
     need(cfg.log_every >= 1, f"log_every must be >= 1, got {cfg.log_every}")
@@ -226,6 +242,9 @@ def _optim_problems(o: OptimSettings) -> list[str]:
          f"optim.weight_decay must be a number >= 0 (at most float32's {FLOAT32_MAX:.4g}), got {o.weight_decay}"),
         (o.patience >= 1, f"optim.patience must be >= 1, got {o.patience}"),
         (o.max_drops >= 0, f"optim.max_drops must be >= 0, got {o.max_drops}"),
+        (not FLOAT32_MIN_NORMAL <= o.lr <= FLOAT32_MAX or o.max_drops <= most_drops(o.lr),
+         f"optim.max_drops must be at most {most_drops(o.lr)} at optim.lr {o.lr} (each drop divides it by 10; one "
+         f"more and it is below float32's {FLOAT32_MIN_NORMAL:.4g}, an update of 0), got {o.max_drops}"),
         (o.lr_scaling in LR_SCALING, f"optim.lr_scaling must be one of {LR_SCALING}, got {o.lr_scaling!r}"),
     ]
     return [message for ok, message in checks if not ok]

@@ -101,6 +101,7 @@ def _manifest_record(cfg: ShardConfig, inventory: Inventory, results: dict[str, 
         "converted": [c for r in results.values() for c in r.converted],
         "skipped": skipped,
         "ignored": inventory.ignored,
+        "oversize": [o for r in results.values() for o in r.oversize],
     }
 
 

@@ -57,6 +57,18 @@ def _empty_classes(record: dict) -> list[str]:
             "folder, or every image in it skipped: check the source, then re-run)"]
 
 
+def _oversize(record: dict) -> list[str]:
+    """A warning for each image that alone needs a tar past ``shard_bytes`` (a tar is not cut
+    inside an image: it is alone in its tar).  Why: such a tar was written past the limit without
+    a word, for a reader sizing its buffers or a store its objects by the limit to find out later."""
+    limit, oversize = record["parameters"].get("shard_bytes"), record.get("oversize", [])
+    lines = [f"  warning: {o['path']} needs a tar of {o['bytes']} bytes, past --shard_bytes {limit}: it is alone in "
+             f"{o['split']}/{o['tar']} (a tar is not cut inside an image)" for o in oversize[:20]]
+    if len(oversize) > 20:
+        lines.append(f"  ... and {len(oversize) - 20} more tars past --shard_bytes (see 'oversize' in manifest.json)")
+    return lines
+
+
 def summary(record: dict, seconds: float) -> str:
     """A few lines for the terminal."""
     lines = [f"shards: {record['inputs']} inputs -> {record['written']} written "
@@ -64,7 +76,7 @@ def summary(record: dict, seconds: float) -> str:
              f"{len(record['ignored'])} hidden files ignored, in {seconds:.1f} s"]
     for name, split in record["splits"].items():
         lines.append(f"  {name}: {split['samples']} samples in {len(split['shards'])} shards")
-    lines += _empty_classes(record)
+    lines += _empty_classes(record) + _oversize(record)
     for item in record["skipped"][:20]:
         lines.append(f"  skipped {item['path']}: {item['reason']}")
     if len(record["skipped"]) > 20:

@@ -12,7 +12,9 @@ encoded image (before, it received them all: ~0.14 s of its CPU per 840 images, 
 
 A run usually gives one shard.  Unusable images leave it short (the positions are planned,
 the skips are not); a run whose images are all unusable gives none; with ``shard_bytes`` a
-run that would pass the limit is cut into more tars.
+run that would pass the limit is cut into more tars.  An image whose bytes alone pass it gets a
+tar of its own (a tar is not cut inside an image), which the journal and the manifest list
+under ``oversize``: before, that tar passed the limit without a word.
 """
 from __future__ import annotations
 
@@ -66,6 +68,7 @@ class Part:
     converted: list[dict]
     skipped: list[dict]
     class_counts: list[int]
+    oversize: list[tuple[str, int]] = field(default_factory=list)  # (path, bytes of tar) of an image past shard_bytes
 
 
 def run_length(cfg: ShardConfig) -> int:
@@ -106,16 +109,25 @@ class _Open:
         self.converted: list[dict] = []
         self.skipped: list[dict] = []
         self.class_counts = [0] * len(run.encoding.classes)
+        self.oversize: list[tuple[str, int]] = []
 
     def full(self, shard_bytes: int, next_bytes: int) -> bool:
         w = self.writer
         return bool(shard_bytes) and w.samples > 0 and w.size + next_bytes + tar_overhead() > shard_bytes
 
+    def add(self, sample: Serialized, path: str, shard_bytes: int) -> None:
+        """Append ``sample`` (``full`` said it fits, or the tar is empty); an image past the limit
+        alone (then the only one in this tar: the next one finds it full) is noted: its ``path``
+        and the bytes of the least tar that holds it."""
+        if shard_bytes and len(sample.blob) + tar_overhead() > shard_bytes:
+            self.oversize.append((path, len(sample.blob) + tar_overhead()))
+        self.writer.add(sample)
+
     def close(self, end: int) -> Part:
         written = self.writer.close() if self.writer.samples else None
         if written is None:
             self.writer.abort()
-        return Part(self.start, end, written, self.converted, self.skipped, self.class_counts)
+        return Part(self.start, end, written, self.converted, self.skipped, self.class_counts, self.oversize)
 
 
 def write_run(run: Run) -> tuple[str, list[Part]]:
@@ -134,7 +146,7 @@ def write_run(run: Run) -> tuple[str, list[Part]]:
             if shard.full(run.encoding.shard_bytes, len(sample.blob)):
                 parts.append(shard.close(position))
                 shard = _Open(run, position)
-            shard.writer.add(sample)
+            shard.add(sample, row[0], run.encoding.shard_bytes)
             shard.class_counts[row[4]] += 1
             if note:
                 shard.converted.append(entry)
@@ -157,12 +169,14 @@ class SplitResult:
     converted: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
     class_counts: list[int] = field(default_factory=list)
+    oversize: list[dict] = field(default_factory=list)
 
     def absorb(self, entry: dict) -> None:
-        """Add one journal entry."""
+        """Add one journal entry (one of an older journal has no ``oversize``)."""
         if entry["tar"]:
             self.shards.append({k: entry[k] for k in ("tar", "index", "samples", "bytes", "sha256")})
         self.converted += entry["converted"]
+        self.oversize += entry.get("oversize", [])
         self.skipped += entry["skipped"]
         for c, n in enumerate(entry["class_counts"]):
             self.class_counts[c] += n
@@ -201,7 +215,9 @@ class SplitWriter:
             entry = {"tar": info.tar if info else None, "index": info.index if info else None,
                      "samples": info.samples if info else 0, "bytes": info.bytes if info else 0,
                      "sha256": info.sha256 if info else None, "start": part.start, "end": part.end,
-                     "converted": part.converted, "skipped": part.skipped, "class_counts": part.class_counts}
+                     "converted": part.converted, "skipped": part.skipped, "class_counts": part.class_counts,
+                     "oversize": [{"path": path, "split": self.split, "tar": info.tar, "bytes": size}
+                                  for path, size in part.oversize]}
             self.journal.append(entry)
             self.result.absorb(entry)
             self.done = part.end

@@ -204,10 +204,11 @@ def test_missing_index_fails_early(sample_shards, tmp_path):
     (["--count", "0"], 2, "argument --count: must be at least 1, got 0"),
     (["--cols", "0"], 2, "argument --cols: must be at least 1, got 0"),
     (["--sigma", "nan"], 2, "preview: --sigma must be a finite number >= 0, got nan"),
+    (["--sigma", "1e6"], 2, "preview: --sigma must be at most 10 (the paper's 0.1 x 100"),
     (["--out", "{tmp}"], 1, "preview: cannot write {tmp} (Is a directory)"),
     (["--shards", "{tmp}/none"], 1, "preview: {tmp}/none does not exist; (re)create it with `make shards"),
     (["--count", "1025"], 2, "argument --count: must be 1..1024 (the images drawn at once"),
-], ids=["count 0", "cols 0", "sigma nan", "out a directory", "no shards", "count past the most"])
+], ids=["count 0", "cols 0", "sigma nan", "sigma past the most", "out a directory", "no shards", "count past the most"])
 def test_preview_bad_input_is_one_line(sample_shards, tmp_path, args, code, said):
     """``--cols 0`` was a ZeroDivisionError, the others a ValueError or OSError traceback.  A
     ``--count`` of 100000 was one batch of that size, killed by the kernel for its memory (exit 137),
@@ -231,6 +232,39 @@ def test_preview_writes_a_png_whatever_the_name_and_no_empty_columns(sample_shar
     assert result.returncode == 0, result.stderr
     with Image.open(out) as picture:
         assert picture.format == "PNG" and picture.size == (3 * (CROP + 4) + 4, CROP + 8)
+
+
+@pytest.mark.parametrize("under", ["p.png", "sub/p.png"], ids=["File exists", "Not a directory"])
+def test_preview_out_under_a_file_is_one_line_naming_the_file(sample_shards, tmp_path, under):
+    """``--out file/p.png`` where ``file`` is a file said only "cannot write file/p.png (File
+    exists)" (``file/sub/p.png``: "Not a directory"), mkdir's error text, which reads as if p.png
+    were in the way.  Now the line names the file that is in the way and what to do."""
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a folder")
+    out = blocker / under
+    result = run_module("pipeline.preview", "--shards", str(sample_shards), "--out", str(out), check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"preview: cannot write {out}: {blocker} is a file, not a directory: choose another --out, "
+        "or move the file away"], result.stderr
+    assert blocker.read_text() == "not a folder"
+
+
+def test_preview_says_when_the_split_holds_fewer_images_than_count(sample_shards, tmp_path):
+    """``--count`` past the train split's size wrote the split's images (one epoch) and said only
+    "wrote p.png (144 augmented training images)", nothing about the 200 asked for.  Refusing would
+    make a user find the split's size first; the grid of all of them is what was meant, so the
+    line says it, and the batch drawn is the split's size (no padding decoded)."""
+    from PIL import Image
+
+    out = tmp_path / "p.png"
+    result = run_module("pipeline.preview", "--shards", str(sample_shards), "--out", str(out), "--count", "200",
+                        check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines() == [
+        f"wrote {out} (144 augmented training images: all the train split holds, fewer than --count 200)"]
+    with Image.open(out) as picture:
+        assert picture.size == (8 * (CROP + 4) + 4, 18 * (CROP + 4) + 4)
 
 
 @pytest.mark.parametrize("train, gpu_roi", [(True, False), (True, True), (False, False)])

@@ -65,11 +65,23 @@ CONTRACT = [
     (["--out", ""], "command line: out is empty: give a path"),  # not ".": the working directory
     (["--shards="], "command line: shards is empty: give a path"),
     (["--config", ""], "command line: --config is empty: give a path"),
+    # Absurd values past what any schedule or the pixel range gives; they were trained on, silently.
+    (["--epochs", "1000000000"], "epochs must be at most 10000 .*got 1000000000"),
+    (["--loader.sigma", "1e6"], "loader.sigma must be at most 10 .*got 1000000.0"),
+    (["--optim.max_drops", "1000"], "optim.max_drops must be at most 35 at optim.lr 0.01 .*got 1000"),
+    (["--optim.max_drops", "33", "--optim.lr", "1e-5"], "optim.max_drops must be at most 32 at optim.lr 1e-05 .*got 33"),
 ])
 def test_bad_settings_are_rejected_naming_the_key(args: list[str], message: str) -> None:
     with pytest.raises(ServiceError, match=message) as info:
         parse(args)
     assert info.value.code == 2
+
+
+def test_large_but_real_settings_pass() -> None:
+    """The upper bounds leave what a person may mean: thousands of epochs (a small dataset, an
+    overfitting study), the lighting noise 100 times the paper's, every lr drop float32 can hold."""
+    cfg = parse(["--epochs", "10000", "--loader.sigma", "10", "--optim.max_drops", "35"])
+    assert (cfg.epochs, cfg.loader.sigma, cfg.optim.max_drops) == (10000, 10.0, 35)
 
 
 def test_fresh_is_refused_in_a_config_file(tmp_path: Path) -> None:

@@ -115,3 +115,60 @@ def test_manifest_check_fails_early_with_a_hint(sample_shards: Path, tmp_path: P
     victim.write_bytes(victim.read_bytes()[:-1024])
     with pytest.raises(contract.ManifestError, match=victim.name):
         contract.load(copy)
+
+
+def _oversize_src(root: Path) -> Path:
+    """Two classes of smooth images (~9 KB each as shards store them) and one of random noise
+    (~49 KB), in layout (a)."""
+    import io
+
+    from PIL import Image
+
+    def jpeg(pixels: np.ndarray) -> bytes:
+        out = io.BytesIO()
+        Image.fromarray(pixels).save(out, "JPEG", quality=95)
+        return out.getvalue()
+
+    y, x = np.mgrid[0:300, 0:300]
+    for split, count in (("train", 5), ("val", 1)):
+        for w, wnid in enumerate(("n00000001", "n00000002")):
+            for i in range(count):
+                smooth = np.stack([(x + 7 * i) % 256, (y + 11 * w) % 256, (x + y) % 256], -1).astype(np.uint8)
+                path = root / split / wnid / f"smooth_{i}.JPEG"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(jpeg(smooth))
+    noise = np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    (root / "train" / "n00000001" / "noise.JPEG").write_bytes(jpeg(noise))
+    return root
+
+
+def test_an_image_past_shard_bytes_gets_a_tar_of_its_own_and_the_run_names_it(tmp_path: Path) -> None:
+    """An image whose stored bytes alone pass ``--shard_bytes`` (a tar is never cut inside an
+    image) was written in a tar past the limit, and the run said nothing.  Now its tar holds it
+    alone, the summary names the image and the tar, ``manifest.json`` lists it under
+    ``oversize``, and a resumed run (the journal's shards kept) says it again."""
+    from tests.conftest import run_module
+
+    src = _oversize_src(tmp_path / "src")
+    out = tmp_path / "out"
+    args = ["--src", str(src), "--out", str(out), "--shard_samples", "0", "--shard_bytes", "40000", "--workers", "1"]
+    result = run_module("shards", *args, check=False)
+    assert result.returncode == 0, result.stderr
+    record = json.loads((out / "manifest.json").read_text())
+    noise = str(src / "train" / "n00000001" / "noise.JPEG")
+    [entry] = record["oversize"]
+    shard = next(s for s in record["splits"]["train"]["shards"] if s["tar"] == entry["tar"])
+    assert entry["path"] == noise and entry["split"] == "train" and 40000 < entry["bytes"] <= shard["bytes"]
+    assert shard["samples"] == 1
+    with tarfile.open(out / "train" / shard["tar"]) as tar:
+        assert json.loads(tar.extractfile(next(m for m in tar if m.name.endswith(".json"))).read())["source"] == \
+            "train/n00000001/noise.JPEG"
+    assert all(s["bytes"] <= 40000 + 10240 for s in record["splits"]["train"]["shards"] if s is not shard)
+    assert len(record["splits"]["train"]["shards"]) > 2  # the smooth images: several tars, none named
+    said = (f"  warning: {noise} needs a tar of {entry['bytes']} bytes, past --shard_bytes 40000: it is alone in "
+            f"train/{shard['tar']} (a tar is not cut inside an image)")
+    assert result.stdout.splitlines().count(said) == 1, result.stdout
+    (out / "manifest.json").unlink()  # an unfinished directory: the shards kept from the journal
+    again = run_module("shards", *args, check=False)
+    assert again.returncode == 0 and said in again.stdout.splitlines(), again.stdout + again.stderr
+    assert json.loads((out / "manifest.json").read_text()) == record
