@@ -43,6 +43,7 @@ import torch
 
 from bench.pipeline_report import chart, print_table, report
 from bench.pipeline_streams import batch_sizes, cpu_seconds, streams
+from bench.inputs import shards_or_exit
 from bench.record import finish, header
 from pipeline import LoaderConfig
 from pipeline.reference import build_reference_loader
@@ -119,7 +120,7 @@ def main(argv: Iterable[str] | None = None) -> dict:
     parser.add_argument("--configs", choices=["all", "gpu-check"], default="all",
                         help="gpu-check: the GPU path and the CPU decode it is compared with")
     args = parser.parse_args(list(argv) if argv is not None else None)
-    load(args.shards)  # fail early, with the fix, if the shards are not there
+    shards_or_exit("bench_pipeline", args.shards)  # one line with the fix, before anything is timed
     head = header("input pipeline throughput", "dali", "pillow", "webdataset")
     runs, cpu = measure_all(args)
     normalize_ms = {"reused_output": normalizer_ms(args.shards, args.batch),

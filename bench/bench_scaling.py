@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from bench.charts import bars
+from bench.inputs import shards_or_exit
 from bench.record import finish, header
 from shards.config import ShardConfig
 
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--ranks", type=int, default=2, help="compared with 1 rank")
     p.add_argument("--global-batch", type=int, default=32)
     args = p.parse_args(argv)
+    shards_or_exit("bench_scaling", args.shards)
     record = header("data-parallel scaling, same global batch")
     cores = record["machine"]["cpu_cores"]
     with tempfile.TemporaryDirectory() as work:

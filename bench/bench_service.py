@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from bench.inputs import shards_or_exit
 from bench.record import finish, header, where
 from model import AlexNet, PaperSGD, PlateauSchedule, train_step
 from model.optim import param_groups
@@ -219,6 +220,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--shards", type=Path, help="also time the DALI training loader's state_dict() on these shards")
     p.add_argument("--tmp", default=None, help="where the checkpoints go (default: the system's temp dir)")
     args = p.parse_args(argv)
+    if args.shards:  # timed at the end: checked first
+        shards_or_exit("bench_service", args.shards)
     report = header("service loop vs bare train_step")
     summary = run(args)
     summary.update(host_cost(args, torch.device(args.device)))

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from bench.charts import bars
+from bench.inputs import shards_or_exit
 from bench.record import finish, header
 from model import AlexNet, PaperSGD, train_step
 from pipeline import LoaderConfig, build_train_loader
-from shards.manifest import load
 from shards.config import ShardConfig
 
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    manifest = load(args.shards)
+    manifest = shards_or_exit("bench_train_step", args.shards)
     record = header("train step, model-only vs loader-fed")
     autocast = torch.bfloat16 if device.type == "cuda" else None
     torch.manual_seed(0)

@@ -1,0 +1,46 @@
+"""The benchmarks refuse a bad shard directory in one line before they time anything.
+
+``make bench-pipeline SHARDS=...`` and ``make bench-service SHARDS=...`` pass any directory on;
+a missing one, or one that holds no shards, was a traceback (bench_pipeline, bench_train_step,
+bench_scaling) or, for bench_service, a traceback only after its whole timed run (minutes).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_module
+
+# Each benchmark that reads shards, with arguments that keep it short should it start timing.
+BENCHES = {
+    "bench.bench_pipeline": ["--images", "128", "--repeat", "1", "--warmup", "1"],
+    "bench.bench_train_step": ["--batch", "2", "--steps", "1", "--repeat", "1"],
+    "bench.bench_service": ["--batch", "4", "--steps", "2", "--rounds", "1", "--log-every", "1",
+                            "--ckpt-every", "1", "--null-steps", "10"],
+    "bench.bench_scaling": ["--global-batch", "4"],
+}
+
+
+def _not_shards(tmp_path: Path, kind: str) -> Path:
+    if kind == "missing":
+        return tmp_path / "no-such-dir"
+    images = tmp_path / "images"
+    (images / "train" / "n01440764").mkdir(parents=True)
+    (images / "notes.txt").write_text("not a shard directory\n")
+    return images
+
+
+@pytest.mark.parametrize("kind", ["missing", "not-shards"])
+@pytest.mark.parametrize("module", list(BENCHES))
+def test_a_bad_shard_directory_is_one_line_before_any_timing(module: str, kind: str, tmp_path: Path) -> None:
+    shards = _not_shards(tmp_path, kind)
+    report = tmp_path / "out" / "report.json"
+    done = run_module(module, "--shards", str(shards), "--report", str(report), *BENCHES[module],
+                      check=False, timeout=300)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert lines[0].startswith(module.split(".")[1] + ": ") and str(shards) in lines[0], lines
+    assert "make shards" in lines[0], lines  # says what to do
+    assert "round" not in done.stdout and not report.exists(), done.stdout  # nothing was timed or written
