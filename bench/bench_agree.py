@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from common.config_values import at_least_one
+
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("none", "blocking", "lagged")
 
@@ -88,11 +90,11 @@ def run(ranks: int, args: argparse.Namespace, tmp: Path) -> dict:
 def main(argv: list[str] | None = None) -> dict | None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--report", type=Path, default=Path("bench/agree.json"))
-    p.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--ranks", type=at_least_one(), nargs="+", default=[2, 4])
+    p.add_argument("--steps", type=at_least_one(), default=200)
+    p.add_argument("--rounds", type=at_least_one(), default=5)
     p.add_argument("--step-ms", type=float, default=10.0, help="the device's share of a step")
-    p.add_argument("--grad-floats", type=int, default=1 << 16, help="floats all-reduced per step (DDP stand-in)")
+    p.add_argument("--grad-floats", type=at_least_one(), default=1 << 16, help="floats all-reduced per step (DDP stand-in)")
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker_out:

@@ -41,10 +41,11 @@ from typing import Iterable, Iterator
 
 import torch
 
+from bench.inputs import shards_or_exit
 from bench.pipeline_report import chart, print_table, report
 from bench.pipeline_streams import batch_sizes, cpu_seconds, streams
-from bench.inputs import shards_or_exit
 from bench.record import finish, header
+from common.config_values import at_least_one
 from pipeline import LoaderConfig
 from pipeline.reference import build_reference_loader
 from shards.manifest import load
@@ -113,9 +114,9 @@ def main(argv: Iterable[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shards", type=Path, default=ShardConfig.out)
     parser.add_argument("--report", type=Path, default=Path("bench/pipeline.json"))
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--images", type=int, default=3072, help="images per timed run")
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--batch", type=at_least_one(), default=128)
+    parser.add_argument("--images", type=at_least_one(), default=3072, help="images per timed run")
+    parser.add_argument("--repeat", type=at_least_one(), default=5)
     parser.add_argument("--warmup", type=int, default=8, help="untimed batches before the first run")
     parser.add_argument("--configs", choices=["all", "gpu-check"], default="all",
                         help="gpu-check: the GPU path and the CPU decode it is compared with")

@@ -23,6 +23,7 @@ from pathlib import Path
 from bench.charts import bars
 from bench.inputs import shards_or_exit
 from bench.record import finish, header
+from common.config_values import at_least_one
 from shards.config import ShardConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,8 +55,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", type=Path, default=ShardConfig.out)
     p.add_argument("--report", type=Path, default=Path("bench/scaling.json"))
-    p.add_argument("--ranks", type=int, default=2, help="compared with 1 rank")
-    p.add_argument("--global-batch", type=int, default=32)
+    p.add_argument("--ranks", type=at_least_one(), default=2, help="compared with 1 rank")
+    p.add_argument("--global-batch", type=at_least_one(), default=32)
     args = p.parse_args(argv)
     shards_or_exit("bench_scaling", args.shards)
     record = header("data-parallel scaling, same global batch")

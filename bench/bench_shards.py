@@ -33,6 +33,7 @@ from bench.record import finish, header
 from bench.shards_projection import (
     IMAGENET, PROJECTED_CORES, imagenet_like_tree, project, scan_seconds_per_image, task_cpu_per_image,
 )
+from common.config_values import at_least_one
 from shards.build import build
 from shards.config import ShardConfig
 from shards.phases import Phase, Phases
@@ -144,8 +145,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--src", type=Path, default=Path("data/sample"))
     parser.add_argument("--report", type=Path, default=Path("bench/shards.json"))
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--scan-images", type=int, default=100_000, help="hard links scanned for the scan cost")
+    parser.add_argument("--repeat", type=at_least_one(), default=5)
+    parser.add_argument("--scan-images", type=at_least_one(), default=100_000, help="hard links scanned for the scan cost")
     args = parser.parse_args()
     files = sorted(str(p) for p in args.src.rglob("*.JPEG"))
     results = header("make shards vs a bare decode+resize+encode loop; per-image costs; ImageNet projection",

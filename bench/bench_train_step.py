@@ -23,6 +23,7 @@ import torch
 from bench.charts import bars
 from bench.inputs import shards_or_exit
 from bench.record import finish, header
+from common.config_values import at_least_one
 from model import AlexNet, PaperSGD, train_step
 from pipeline import LoaderConfig, build_train_loader
 from shards.config import ShardConfig
@@ -56,9 +57,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--shards", type=Path, default=ShardConfig.out)
     p.add_argument("--report", type=Path, default=Path("bench/train_step.json"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=8, help="timed steps per run")
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--batch", type=at_least_one(), default=32)
+    p.add_argument("--steps", type=at_least_one(), default=8, help="timed steps per run")
+    p.add_argument("--repeat", type=at_least_one(), default=3)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     manifest = shards_or_exit("bench_train_step", args.shards)

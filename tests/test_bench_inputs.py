@@ -44,3 +44,32 @@ def test_a_bad_shard_directory_is_one_line_before_any_timing(module: str, kind: 
     assert lines[0].startswith(module.split(".")[1] + ": ") and str(shards) in lines[0], lines
     assert "make shards" in lines[0], lines  # says what to do
     assert "round" not in done.stdout and not report.exists(), done.stdout  # nothing was timed or written
+
+
+@pytest.mark.parametrize("module, args, said", [
+    ("bench.bench_shards", ["--scan-images", "0"], "argument --scan-images: must be at least 1, got 0"),
+    ("bench.bench_model", ["--batch", "0"], "argument --batch: must be at least 1, got 0"),
+    ("bench.bench_model", ["--iters", "0"], "argument --iters: must be at least 1, got 0"),
+    ("bench.bench_pipeline", ["--images", "0"], "argument --images: must be at least 1, got 0"),
+    ("bench.bench_train_step", ["--repeat", "0"], "argument --repeat: must be at least 1, got 0"),
+    ("bench.bench_shard_check", ["--megabytes", "0"], "argument --megabytes: must be at least 1, got 0"),
+    ("bench.bench_service", ["--steps", "2", "--ckpt-every", "6"],
+     "--ckpt-every 6 must be less than --steps 2 (every timed run must write a checkpoint)"),
+], ids=["shards scan 0", "model batch 0", "model iters 0", "pipeline images 0", "train_step repeat 0",
+        "shard_check megabytes 0", "service no checkpoint per run"])
+def test_a_count_that_measures_nothing_is_refused_in_one_line(sample_shards, tmp_path, module, args, said):
+    """``--batch 0`` timed nothing and reported 0 images/s (exit 0), ``--iters 0`` a
+    ZeroDivisionError as the configuration's result (exit 0), ``--repeat 0`` or ``--scan-images 0``
+    a traceback; bench_service with ``--ckpt-every`` not below ``--steps`` timed every round and
+    then failed with an IndexError (no checkpoint to measure)."""
+    report = tmp_path / "report.json"
+    short = {"bench.bench_model": ["--layouts", "grouped", "--warmup", "1", "--iters", "1", "--batch", "2"],
+             "bench.bench_pipeline": ["--shards", str(sample_shards), "--repeat", "1", "--warmup", "1"],
+             "bench.bench_train_step": ["--shards", str(sample_shards), "--batch", "2", "--steps", "1"],
+             "bench.bench_shard_check": ["--rounds", "1", "--steps", "1", "--batch", "2"],
+             "bench.bench_service": ["--batch", "8", "--rounds", "1", "--log-every", "1", "--null-steps", "10"],
+             "bench.bench_shards": ["--src", str(tmp_path / "none"), "--repeat", "1"]}[module]
+    done = run_module(module, "--report", str(report), *short, *args, check=False, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert said in done.stderr.strip().splitlines()[-1], done.stderr[-2000:]
+    assert not report.exists()
