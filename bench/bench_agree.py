@@ -31,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench.inputs import report_arg
 from common.config_values import at_least_one
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +90,7 @@ def run(ranks: int, args: argparse.Namespace, tmp: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> dict | None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--report", type=Path, default=Path("bench/agree.json"))
+    p.add_argument("--report", type=report_arg, default=Path("bench/agree.json"))
     p.add_argument("--ranks", type=at_least_one(), nargs="+", default=[2, 4])
     p.add_argument("--steps", type=at_least_one(), default=200)
     p.add_argument("--rounds", type=at_least_one(), default=5)

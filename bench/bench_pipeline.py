@@ -41,7 +41,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from bench.inputs import shards_or_exit
+from bench.inputs import report_arg, shards_or_exit
 from bench.pipeline_report import chart, print_table, report
 from bench.pipeline_streams import batch_sizes, cpu_seconds, streams
 from bench.record import finish, header
@@ -113,7 +113,7 @@ def main(argv: Iterable[str] | None = None) -> dict:
     """Run the benchmark; print the table; write REPORT (.json) and a PNG chart next to it."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shards", type=Path, default=ShardConfig.out)
-    parser.add_argument("--report", type=Path, default=Path("bench/pipeline.json"))
+    parser.add_argument("--report", type=report_arg, default=Path("bench/pipeline.json"))
     parser.add_argument("--batch", type=at_least_one(), default=128)
     parser.add_argument("--images", type=at_least_one(), default=3072, help="images per timed run")
     parser.add_argument("--repeat", type=at_least_one(), default=5)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from bench.charts import bars
-from bench.inputs import shards_or_exit
+from bench.inputs import report_arg, shards_or_exit
 from bench.record import finish, header
 from common.config_values import at_least_one
 from shards.config import ShardConfig
@@ -54,7 +54,7 @@ def run_ranks(shards: Path, ranks: int, global_batch: int, threads: int, work: P
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", type=Path, default=ShardConfig.out)
-    p.add_argument("--report", type=Path, default=Path("bench/scaling.json"))
+    p.add_argument("--report", type=report_arg, default=Path("bench/scaling.json"))
     p.add_argument("--ranks", type=at_least_one(), default=2, help="compared with 1 rank")
     p.add_argument("--global-batch", type=at_least_one(), default=32)
     args = p.parse_args(argv)

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from bench.charts import bars
+from bench.inputs import report_arg
 from bench.record import finish, header, where
 from common.config_values import at_least_one
 from model import AlexNet, PaperSGD, train_step
@@ -119,7 +120,7 @@ def training(args: argparse.Namespace, path: Path) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     on_gpu = torch.cuda.is_available()
-    p.add_argument("--report", type=Path, default=Path("bench/shard_check.json"))
+    p.add_argument("--report", type=report_arg, default=Path("bench/shard_check.json"))
     p.add_argument("--megabytes", type=at_least_one(), default=512, help="size of the file hashed")
     p.add_argument("--device", default="cuda" if on_gpu else "cpu")
     p.add_argument("--batch", type=at_least_one(), default=128 if on_gpu else 32)

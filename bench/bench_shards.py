@@ -29,6 +29,7 @@ from pathlib import Path
 from PIL import Image
 
 from bench.charts import bars
+from bench.inputs import report_arg
 from bench.record import finish, header
 from bench.shards_projection import (
     IMAGENET, PROJECTED_CORES, imagenet_like_tree, project, scan_seconds_per_image, task_cpu_per_image,
@@ -144,7 +145,7 @@ def _table(results: dict, counts: list[int]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--src", type=Path, default=Path("data/sample"))
-    parser.add_argument("--report", type=Path, default=Path("bench/shards.json"))
+    parser.add_argument("--report", type=report_arg, default=Path("bench/shards.json"))
     parser.add_argument("--repeat", type=at_least_one(), default=5)
     parser.add_argument("--scan-images", type=at_least_one(), default=100_000, help="hard links scanned for the scan cost")
     args = parser.parse_args()

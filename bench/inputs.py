@@ -1,15 +1,20 @@
-"""What a benchmark checks before it times anything: the shard directory it was given.
+"""What a benchmark checks before it times anything: the shard directory it was given and
+where its record goes.
 
 A missing directory, or one that holds no shards (``SHARDS=`` pointing at the images, say), is a
 setting to correct, not a bug: one line naming it and the fix (``shards.manifest``'s own message),
 exit 1 as the service's data errors, and before the timed work, so that a wrong setting does not
-cost minutes of measurement first (``bench_service`` used to find out at its end).
+cost minutes of measurement first (``bench_service`` used to find out at its end).  The same for
+a ``--report`` that cannot be written: the record is written last, so it was found out last.
 """
 from __future__ import annotations
 
+import argparse
 import sys
+import tempfile
 from pathlib import Path
 
+from common.config_values import path_arg
 from shards.manifest import Manifest, ManifestError, load
 
 
@@ -21,3 +26,25 @@ def shards_or_exit(prog: str, root: Path) -> Manifest:
     except ManifestError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def report_arg(value: str) -> Path:
+    """An ``argparse`` ``type=`` for ``--report``: refused at once where the record (and the chart
+    next to it) could not be written at the end: the path a directory, a parent that is a file, a
+    parent that cannot be made or written in.  Makes the missing parents, as the end would."""
+    path = path_arg(value)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {path}: it is a directory (name the record's file, "
+                                         f"e.g. {path / 'record.json'})")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {path}: {parent} is not a directory")
+    try:  # what the end will do, tried now (permission bits alone do not tell root, or /proc, apart)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return path

@@ -73,3 +73,23 @@ def test_a_count_that_measures_nothing_is_refused_in_one_line(sample_shards, tmp
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert said in done.stderr.strip().splitlines()[-1], done.stderr[-2000:]
     assert not report.exists()
+
+
+@pytest.mark.parametrize("where", ["under a file", "a directory", "in /proc"])
+@pytest.mark.parametrize("module", ["bench.bench_model", "bench.bench_train_step", "bench.bench_pipeline"])
+def test_a_report_that_cannot_be_written_is_refused_before_the_run(sample_shards, tmp_path, module, where):
+    """``--report`` under a file, naming a directory, or where no directory can be made was found
+    out after the whole timed run, as a FileExistsError/IsADirectoryError/FileNotFoundError
+    traceback, the measurement lost."""
+    (tmp_path / "afile").write_text("")
+    report = {"under a file": tmp_path / "afile" / "r.json", "a directory": tmp_path,
+              "in /proc": Path("/proc/no-such-dir/r.json")}[where]  # /proc: even root cannot make it
+    short = {"bench.bench_model": ["--layouts", "grouped", "--warmup", "1", "--iters", "1", "--batch", "2"],
+             "bench.bench_train_step": ["--shards", str(sample_shards), "--batch", "2", "--steps", "1", "--repeat", "1"],
+             "bench.bench_pipeline": ["--shards", str(sample_shards), "--images", "128", "--repeat", "1",
+                                      "--warmup", "1", "--configs", "gpu-check"]}[module]
+    done = run_module(module, "--report", str(report), *short, check=False, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert f"argument --report: cannot write {report}" in last, done.stderr[-2000:]
+    assert done.stdout == "", done.stdout  # refused before anything ran
