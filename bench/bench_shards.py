@@ -29,7 +29,7 @@ from pathlib import Path
 from PIL import Image
 
 from bench.charts import bars
-from bench.inputs import report_arg
+from bench.inputs import report_arg, source_or_exit
 from bench.record import finish, header
 from bench.shards_projection import (
     IMAGENET, PROJECTED_CORES, imagenet_like_tree, project, scan_seconds_per_image, task_cpu_per_image,
@@ -149,6 +149,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=at_least_one(), default=5)
     parser.add_argument("--scan-images", type=at_least_one(), default=100_000, help="hard links scanned for the scan cost")
     args = parser.parse_args()
+    source_or_exit("bench_shards", args.src)
     files = sorted(str(p) for p in args.src.rglob("*.JPEG"))
     results = header("make shards vs a bare decode+resize+encode loop; per-image costs; ImageNet projection",
                      "pillow")

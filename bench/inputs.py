@@ -28,6 +28,18 @@ def shards_or_exit(prog: str, root: Path) -> Manifest:
         raise SystemExit(1) from None
 
 
+def source_or_exit(prog: str, root: Path) -> None:
+    """``root`` holds a dataset ``make shards`` reads (``shards.layouts.scan``, the sharder's own
+    check), or its message, ``prog: `` first, on stderr and exit 1."""
+    from shards.layouts import LayoutError, scan
+
+    try:
+        scan(root)
+    except LayoutError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 def report_arg(value: str) -> Path:
     """An ``argparse`` ``type=`` for ``--report``: refused at once where the record (and the chart
     next to it) could not be written at the end: the path a directory, a parent that is a file, a

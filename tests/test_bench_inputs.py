@@ -93,3 +93,17 @@ def test_a_report_that_cannot_be_written_is_refused_before_the_run(sample_shards
     last = done.stderr.strip().splitlines()[-1]
     assert f"argument --report: cannot write {report}" in last, done.stderr[-2000:]
     assert done.stdout == "", done.stdout  # refused before anything ran
+
+
+@pytest.mark.parametrize("kind", ["missing", "no layout"])
+def test_bench_shards_names_a_bad_source_before_any_timing(tmp_path: Path, kind: str) -> None:
+    """``bench.bench_shards --src`` naming no directory, or one with no ImageNet layout, ended in the
+    sharder's LayoutError as a traceback (after the bare loop had run over no files)."""
+    src = tmp_path / "none" if kind == "missing" else tmp_path
+    report = tmp_path / "out" / "shards.json"
+    done = run_module("bench.bench_shards", "--src", str(src), "--report", str(report), "--repeat", "1",
+                      "--scan-images", "10", check=False, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    first = done.stderr.strip().splitlines()[0]
+    assert first.startswith("bench_shards: ") and str(src) in first, done.stderr
+    assert done.stdout == "" and not report.exists()
