@@ -78,9 +78,13 @@ def run(ranks: int, args: argparse.Namespace, tmp: Path) -> dict:
            "-m", "bench.bench_agree", "--worker-out", str(out), "--steps", str(args.steps),
            "--rounds", str(args.rounds), "--step-ms", str(args.step_ms), "--grad-floats", str(args.grad_floats)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    print(f"{ranks} ranks: starting ({args.rounds} rounds of {args.steps} steps in each of {len(MODES)} modes)",
+          flush=True)
+    started = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{ranks} ranks failed:\n{done.stderr[-3000:]}")
+    print(f"{ranks} ranks: done in {time.perf_counter() - started:.0f} s", flush=True)
     per_rank = json.loads(out.read_text())
     median = {m: statistics.median(per_rank[0][m]) for m in MODES}
     return {"ranks": ranks, "median_ms_per_step": median,
@@ -120,6 +124,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     values = {f"{r['ranks']} ranks, {m}": 1e3 * r["cost_ms_per_step"][m] for r in results for m in MODES[1:]}
     bars(args.report.with_suffix(".png"), values, "µs per step added by the agreement (median of rounds)",
          f"The per-step stop/checkpoint agreement, gloo, {args.step_ms:g} ms steps")
+    print(f"wrote {args.report} and {args.report.with_suffix('.png')}")
     return record
 
 

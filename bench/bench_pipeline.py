@@ -100,12 +100,16 @@ def measure_all(args: argparse.Namespace) -> tuple[dict[str, list[float]], dict[
             images_per_s, us = rate(stream, args.images, args.warmup if r == 0 else 3)
             runs[name].append(images_per_s)
             cpu[name].append(us)
+            print(f"round {r + 1}/{args.repeat} {name}: {images_per_s:.0f} images/s", flush=True)
     if args.configs == "gpu-check":
         return runs, cpu
     cfg = LoaderConfig(batch_size=args.batch, threads=len(os.sched_getaffinity(0)), seed=0)
     reference = batch_sizes(build_reference_loader(args.shards, config=cfg))
     # (its CPU time is in its DataLoader workers, not measured)
-    runs["reference"] = [rate(reference, args.images, args.warmup if r == 0 else 0)[0] for r in range(args.repeat)]
+    runs["reference"] = []
+    for r in range(args.repeat):
+        runs["reference"].append(rate(reference, args.images, args.warmup if r == 0 else 0)[0])
+        print(f"round {r + 1}/{args.repeat} reference: {runs['reference'][-1]:.0f} images/s", flush=True)
     return runs, cpu
 
 

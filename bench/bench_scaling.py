@@ -38,10 +38,12 @@ def run_ranks(shards: Path, ranks: int, global_batch: int, threads: int, work: P
            "--loader.batch_size", str(global_batch // ranks), "--loader.threads", str(threads),
            "--http.port", "0", "--checkpoint.every_seconds", "0"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
+    print(f"{ranks} rank(s): starting one epoch of the service, batch {global_batch // ranks} per rank", flush=True)
     started = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{ranks} rank(s) failed:\n{done.stderr[-2000:]}")
+    print(f"{ranks} rank(s): done in {time.perf_counter() - started:.0f} s", flush=True)
     windows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     windows = [w for w in windows if w["event"] == "train"][1:]
     seconds = sum(w["window_seconds"] for w in windows)

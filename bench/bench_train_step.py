@@ -74,9 +74,10 @@ def main(argv: list[str] | None = None) -> dict:
     same = iter(lambda: fixed, None)  # the one batch, forever
     timed(2, fed, model, opt, device, autocast)  # warm-up: pipeline start, first allocations
     runs: dict[str, list[float]] = {"model-only": [], "loader-fed": []}
-    for _ in range(args.repeat):
-        runs["model-only"].append(timed(args.steps, same, model, opt, device, autocast))
-        runs["loader-fed"].append(timed(args.steps, fed, model, opt, device, autocast))
+    for r in range(args.repeat):
+        for name, batches in (("model-only", same), ("loader-fed", fed)):
+            runs[name].append(timed(args.steps, batches, model, opt, device, autocast))
+            print(f"round {r + 1}/{args.repeat} {name}: {runs[name][-1]:.1f} images/s", flush=True)
     medians = {k: statistics.median(v) for k, v in runs.items()}
     print(f"{'fed by':<12} {'images/s':>9}  runs   (batch {args.batch}, {device}, load {os.getloadavg()[0]:.1f})")
     for k, v in runs.items():
