@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from bench.inputs import report_arg, shards_or_exit
+from bench.inputs import device_arg, report_arg, shards_or_exit
 from bench.record import finish, header, where
 from common.config_values import at_least_one
 from model import AlexNet, PaperSGD, PlateauSchedule, train_step
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     on_gpu = torch.cuda.is_available()
     p.add_argument("--report", type=report_arg, default=Path("bench/service.json"))
-    p.add_argument("--device", default="cuda" if on_gpu else "cpu")
+    p.add_argument("--device", type=device_arg, default="cuda" if on_gpu else "cpu")
     p.add_argument("--batch", type=at_least_one(), default=128 if on_gpu else 32)
     p.add_argument("--steps", type=at_least_one(), default=300 if on_gpu else 12, help="steps per timed run")
     p.add_argument("--rounds", type=at_least_one(), default=5 if on_gpu else 3)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from bench.charts import bars
-from bench.inputs import report_arg
+from bench.inputs import device_arg, report_arg
 from bench.record import finish, header, where
 from common.config_values import at_least_one
 from model import AlexNet, PaperSGD, train_step
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     on_gpu = torch.cuda.is_available()
     p.add_argument("--report", type=report_arg, default=Path("bench/shard_check.json"))
     p.add_argument("--megabytes", type=at_least_one(), default=512, help="size of the file hashed")
-    p.add_argument("--device", default="cuda" if on_gpu else "cpu")
+    p.add_argument("--device", type=device_arg, default="cuda" if on_gpu else "cpu")
     p.add_argument("--batch", type=at_least_one(), default=128 if on_gpu else 32)
     p.add_argument("--steps", type=at_least_one(), default=200 if on_gpu else 4)
     p.add_argument("--rounds", type=at_least_one(), default=3)

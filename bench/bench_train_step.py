@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from bench.charts import bars
-from bench.inputs import report_arg, shards_or_exit
+from bench.inputs import device_arg, report_arg, shards_or_exit
 from bench.record import finish, header
 from common.config_values import at_least_one
 from model import AlexNet, PaperSGD, train_step
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", type=Path, default=ShardConfig.out)
     p.add_argument("--report", type=report_arg, default=Path("bench/train_step.json"))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=at_least_one(), default=32)
     p.add_argument("--steps", type=at_least_one(), default=8, help="timed steps per run")
     p.add_argument("--repeat", type=at_least_one(), default=3)

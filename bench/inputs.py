@@ -1,11 +1,12 @@
-"""What a benchmark checks before it times anything: the shard directory it was given and
-where its record goes.
+"""What a benchmark checks before it times anything: the shard directory it was given, the
+device, and where its record goes.
 
 A missing directory, or one that holds no shards (``SHARDS=`` pointing at the images, say), is a
 setting to correct, not a bug: one line naming it and the fix (``shards.manifest``'s own message),
 exit 1 as the service's data errors, and before the timed work, so that a wrong setting does not
 cost minutes of measurement first (``bench_service`` used to find out at its end).  The same for
-a ``--report`` that cannot be written: the record is written last, so it was found out last.
+a ``--report`` that cannot be written (the record is written last, so it was found out last) and
+a ``--device`` that is not here (torch's traceback, at the first tensor put there).
 """
 from __future__ import annotations
 
@@ -60,3 +61,18 @@ def report_arg(value: str) -> Path:
     except OSError as exc:
         raise argparse.ArgumentTypeError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path
+
+
+def device_arg(value: str) -> str:
+    """An ``argparse`` ``type=`` for ``--device``: cpu, or a CUDA device this process sees; else one
+    line with the reason (``service.build.cuda_problem``, as predict's ``--device`` says it)."""
+    import torch
+
+    from service.build import cuda_problem
+    from service.config import device_name_ok
+
+    if not device_name_ok(value, auto=False):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {value!r} (use --device cpu if unsure)")
+    if problem := cuda_problem(torch.device(value)):
+        raise argparse.ArgumentTypeError(f"{value}: {problem}; use --device cpu")
+    return value

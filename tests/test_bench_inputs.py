@@ -107,3 +107,20 @@ def test_bench_shards_names_a_bad_source_before_any_timing(tmp_path: Path, kind:
     first = done.stderr.strip().splitlines()[0]
     assert first.startswith("bench_shards: ") and str(src) in first, done.stderr
     assert done.stdout == "" and not report.exists()
+
+
+@pytest.mark.parametrize("device, said", [
+    ("cuda:99", "argument --device: cuda:99: "),
+    ("gpu", "argument --device: must be cpu, cuda or cuda:N, got 'gpu'"),
+], ids=["a cuda device not here", "no device name"])
+@pytest.mark.parametrize("module", ["bench.bench_model", "bench.bench_service", "bench.bench_shard_check",
+                                    "bench.bench_train_step"])
+def test_a_device_that_is_not_here_is_one_line(tmp_path: Path, module: str, device: str, said: str) -> None:
+    """``--device cuda`` on a machine without one (or ``cuda:99``, or a name torch does not know)
+    was torch's traceback ("Torch not compiled with CUDA enabled", "Invalid device string")."""
+    report = tmp_path / "r.json"
+    done = run_module(module, "--device", device, "--report", str(report), check=False, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert said in done.stderr.strip().splitlines()[-1], done.stderr[-2000:]
+    assert "use --device cpu" in done.stderr.strip().splitlines()[-1]
+    assert not report.exists()
