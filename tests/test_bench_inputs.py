@@ -46,6 +46,7 @@ def test_a_bad_shard_directory_is_one_line_before_any_timing(module: str, kind: 
     assert "round" not in done.stdout and not report.exists(), done.stdout  # nothing was timed or written
 
 
+@pytest.mark.slow  # a fresh interpreter with torch per case: 3-6 s each on 2 busy cores
 @pytest.mark.parametrize("module, args, said", [
     ("bench.bench_shards", ["--scan-images", "0"], "argument --scan-images: must be at least 1, got 0"),
     ("bench.bench_model", ["--batch", "0"], "argument --batch: must be at least 1, got 0"),
@@ -75,6 +76,7 @@ def test_a_count_that_measures_nothing_is_refused_in_one_line(sample_shards, tmp
     assert not report.exists()
 
 
+@pytest.mark.slow  # a fresh interpreter with torch per case: 3-6 s each on 2 busy cores
 @pytest.mark.parametrize("where", ["under a file", "a directory", "in /proc"])
 @pytest.mark.parametrize("module", ["bench.bench_model", "bench.bench_train_step", "bench.bench_pipeline"])
 def test_a_report_that_cannot_be_written_is_refused_before_the_run(sample_shards, tmp_path, module, where):
@@ -109,6 +111,7 @@ def test_bench_shards_names_a_bad_source_before_any_timing(tmp_path: Path, kind:
     assert done.stdout == "" and not report.exists()
 
 
+@pytest.mark.slow  # a fresh interpreter with torch per case: 3-6 s each on 2 busy cores
 @pytest.mark.parametrize("device, said", [
     ("cuda:99", "argument --device: cuda:99: "),
     ("gpu", "argument --device: must be cpu, cuda or cuda:N, got 'gpu'"),
