@@ -31,6 +31,9 @@ import sys
 import time
 from pathlib import Path
 
+from bench.inputs import report_arg
+from common.config_values import at_least_one
+
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("none", "blocking", "lagged")
 
@@ -75,9 +78,13 @@ def run(ranks: int, args: argparse.Namespace, tmp: Path) -> dict:
            "-m", "bench.bench_agree", "--worker-out", str(out), "--steps", str(args.steps),
            "--rounds", str(args.rounds), "--step-ms", str(args.step_ms), "--grad-floats", str(args.grad_floats)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    print(f"{ranks} ranks: starting ({args.rounds} rounds of {args.steps} steps in each of {len(MODES)} modes)",
+          flush=True)
+    started = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{ranks} ranks failed:\n{done.stderr[-3000:]}")
+    print(f"{ranks} ranks: done in {time.perf_counter() - started:.0f} s", flush=True)
     per_rank = json.loads(out.read_text())
     median = {m: statistics.median(per_rank[0][m]) for m in MODES}
     return {"ranks": ranks, "median_ms_per_step": median,
@@ -87,12 +94,12 @@ def run(ranks: int, args: argparse.Namespace, tmp: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> dict | None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--report", type=Path, default=Path("bench/agree.json"))
-    p.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--report", type=report_arg, default=Path("bench/agree.json"))
+    p.add_argument("--ranks", type=at_least_one(), nargs="+", default=[2, 4])
+    p.add_argument("--steps", type=at_least_one(), default=200)
+    p.add_argument("--rounds", type=at_least_one(), default=5)
     p.add_argument("--step-ms", type=float, default=10.0, help="the device's share of a step")
-    p.add_argument("--grad-floats", type=int, default=1 << 16, help="floats all-reduced per step (DDP stand-in)")
+    p.add_argument("--grad-floats", type=at_least_one(), default=1 << 16, help="floats all-reduced per step (DDP stand-in)")
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker_out:
@@ -117,6 +124,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     values = {f"{r['ranks']} ranks, {m}": 1e3 * r["cost_ms_per_step"][m] for r in results for m in MODES[1:]}
     bars(args.report.with_suffix(".png"), values, "µs per step added by the agreement (median of rounds)",
          f"The per-step stop/checkpoint agreement, gloo, {args.step_ms:g} ms steps")
+    print(f"wrote {args.report} and {args.report.with_suffix('.png')}")
     return record
 
 

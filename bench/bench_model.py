@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 
+from bench.inputs import device_arg, report_arg
 from bench.record import finish, header, where
+from common.config_values import at_least_one
 from model import AlexNet, PaperSGD, prepare_model, train_step
 
 TRAIN_FLOP_PER_IMAGE = 4.3e9  # SPEC 1: ~1.45 GFLOP forward, about 3x that for a training step
@@ -179,11 +181,11 @@ def _print_table(results: list[Result], peak_name: str) -> None:
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--report", type=Path, default=Path("bench/model.json"))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--report", type=report_arg, default=Path("bench/model.json"))
+    p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=at_least_one(), default=128)
     p.add_argument("--warmup", type=int, help="untimed steps (default: CPU 2, GPU 10)")
-    p.add_argument("--iters", type=int, help="timed steps (default: CPU 3, GPU 30)")
+    p.add_argument("--iters", type=at_least_one(), help="timed steps (default: CPU 3, GPU 30)")
     p.add_argument("--layouts", nargs="+", default=["grouped", "towers"], choices=["grouped", "towers"])
     p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"])
     p.add_argument("--channels-last", choices=["off", "on", "both"])

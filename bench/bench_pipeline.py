@@ -41,9 +41,11 @@ from typing import Iterable, Iterator
 
 import torch
 
+from bench.inputs import report_arg, shards_or_exit
 from bench.pipeline_report import chart, print_table, report
 from bench.pipeline_streams import batch_sizes, cpu_seconds, streams
 from bench.record import finish, header
+from common.config_values import at_least_one
 from pipeline import LoaderConfig
 from pipeline.reference import build_reference_loader
 from shards.manifest import load
@@ -98,12 +100,16 @@ def measure_all(args: argparse.Namespace) -> tuple[dict[str, list[float]], dict[
             images_per_s, us = rate(stream, args.images, args.warmup if r == 0 else 3)
             runs[name].append(images_per_s)
             cpu[name].append(us)
+            print(f"round {r + 1}/{args.repeat} {name}: {images_per_s:.0f} images/s", flush=True)
     if args.configs == "gpu-check":
         return runs, cpu
     cfg = LoaderConfig(batch_size=args.batch, threads=len(os.sched_getaffinity(0)), seed=0)
     reference = batch_sizes(build_reference_loader(args.shards, config=cfg))
     # (its CPU time is in its DataLoader workers, not measured)
-    runs["reference"] = [rate(reference, args.images, args.warmup if r == 0 else 0)[0] for r in range(args.repeat)]
+    runs["reference"] = []
+    for r in range(args.repeat):
+        runs["reference"].append(rate(reference, args.images, args.warmup if r == 0 else 0)[0])
+        print(f"round {r + 1}/{args.repeat} reference: {runs['reference'][-1]:.0f} images/s", flush=True)
     return runs, cpu
 
 
@@ -111,15 +117,15 @@ def main(argv: Iterable[str] | None = None) -> dict:
     """Run the benchmark; print the table; write REPORT (.json) and a PNG chart next to it."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shards", type=Path, default=ShardConfig.out)
-    parser.add_argument("--report", type=Path, default=Path("bench/pipeline.json"))
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--images", type=int, default=3072, help="images per timed run")
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--report", type=report_arg, default=Path("bench/pipeline.json"))
+    parser.add_argument("--batch", type=at_least_one(), default=128)
+    parser.add_argument("--images", type=at_least_one(), default=3072, help="images per timed run")
+    parser.add_argument("--repeat", type=at_least_one(), default=5)
     parser.add_argument("--warmup", type=int, default=8, help="untimed batches before the first run")
     parser.add_argument("--configs", choices=["all", "gpu-check"], default="all",
                         help="gpu-check: the GPU path and the CPU decode it is compared with")
     args = parser.parse_args(list(argv) if argv is not None else None)
-    load(args.shards)  # fail early, with the fix, if the shards are not there
+    shards_or_exit("bench_pipeline", args.shards)  # one line with the fix, before anything is timed
     head = header("input pipeline throughput", "dali", "pillow", "webdataset")
     runs, cpu = measure_all(args)
     normalize_ms = {"reused_output": normalizer_ms(args.shards, args.batch),

@@ -21,7 +21,9 @@ import time
 from pathlib import Path
 
 from bench.charts import bars
+from bench.inputs import report_arg, shards_or_exit
 from bench.record import finish, header
+from common.config_values import at_least_one
 from shards.config import ShardConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,10 +38,12 @@ def run_ranks(shards: Path, ranks: int, global_batch: int, threads: int, work: P
            "--loader.batch_size", str(global_batch // ranks), "--loader.threads", str(threads),
            "--http.port", "0", "--checkpoint.every_seconds", "0"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
+    print(f"{ranks} rank(s): starting one epoch of the service, batch {global_batch // ranks} per rank", flush=True)
     started = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{ranks} rank(s) failed:\n{done.stderr[-2000:]}")
+    print(f"{ranks} rank(s): done in {time.perf_counter() - started:.0f} s", flush=True)
     windows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     windows = [w for w in windows if w["event"] == "train"][1:]
     seconds = sum(w["window_seconds"] for w in windows)
@@ -52,10 +56,11 @@ def run_ranks(shards: Path, ranks: int, global_batch: int, threads: int, work: P
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", type=Path, default=ShardConfig.out)
-    p.add_argument("--report", type=Path, default=Path("bench/scaling.json"))
-    p.add_argument("--ranks", type=int, default=2, help="compared with 1 rank")
-    p.add_argument("--global-batch", type=int, default=32)
+    p.add_argument("--report", type=report_arg, default=Path("bench/scaling.json"))
+    p.add_argument("--ranks", type=at_least_one(), default=2, help="compared with 1 rank")
+    p.add_argument("--global-batch", type=at_least_one(), default=32)
     args = p.parse_args(argv)
+    shards_or_exit("bench_scaling", args.shards)
     record = header("data-parallel scaling, same global batch")
     cores = record["machine"]["cpu_cores"]
     with tempfile.TemporaryDirectory() as work:

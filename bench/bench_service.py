@@ -25,7 +25,9 @@ from pathlib import Path
 
 import torch
 
+from bench.inputs import device_arg, report_arg, shards_or_exit
 from bench.record import finish, header, where
+from common.config_values import at_least_one
 from model import AlexNet, PaperSGD, PlateauSchedule, train_step
 from model.optim import param_groups
 from service.build import Parts
@@ -207,18 +209,23 @@ def plot(summary: dict, title: str, path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     on_gpu = torch.cuda.is_available()
-    p.add_argument("--report", type=Path, default=Path("bench/service.json"))
-    p.add_argument("--device", default="cuda" if on_gpu else "cpu")
-    p.add_argument("--batch", type=int, default=128 if on_gpu else 32)
-    p.add_argument("--steps", type=int, default=300 if on_gpu else 12, help="steps per timed run")
-    p.add_argument("--rounds", type=int, default=5 if on_gpu else 3)
-    p.add_argument("--log-every", type=int, default=50 if on_gpu else 4)
-    p.add_argument("--ckpt-every", type=int, default=150 if on_gpu else 6,
+    p.add_argument("--report", type=report_arg, default=Path("bench/service.json"))
+    p.add_argument("--device", type=device_arg, default="cuda" if on_gpu else "cpu")
+    p.add_argument("--batch", type=at_least_one(), default=128 if on_gpu else 32)
+    p.add_argument("--steps", type=at_least_one(), default=300 if on_gpu else 12, help="steps per timed run")
+    p.add_argument("--rounds", type=at_least_one(), default=5 if on_gpu else 3)
+    p.add_argument("--log-every", type=at_least_one(), default=50 if on_gpu else 4)
+    p.add_argument("--ckpt-every", type=at_least_one(), default=150 if on_gpu else 6,
                    help="steps between checkpoints (one write finishes before the next starts)")
-    p.add_argument("--null-steps", type=int, default=3000, help="steps per run of the loop's own host time")
+    p.add_argument("--null-steps", type=at_least_one(), default=3000, help="steps per run of the loop's own host time")
     p.add_argument("--shards", type=Path, help="also time the DALI training loader's state_dict() on these shards")
     p.add_argument("--tmp", default=None, help="where the checkpoints go (default: the system's temp dir)")
     args = p.parse_args(argv)
+    if args.ckpt_every >= args.steps:  # the cost per checkpoint is measured within each run
+        p.error(f"--ckpt-every {args.ckpt_every} must be less than --steps {args.steps} "
+                "(every timed run must write a checkpoint)")
+    if args.shards:  # timed at the end: checked first
+        shards_or_exit("bench_service", args.shards)
     report = header("service loop vs bare train_step")
     summary = run(args)
     summary.update(host_cost(args, torch.device(args.device)))

@@ -25,7 +25,9 @@ from pathlib import Path
 import torch
 
 from bench.charts import bars
+from bench.inputs import device_arg, report_arg
 from bench.record import finish, header, where
+from common.config_values import at_least_one
 from model import AlexNet, PaperSGD, train_step
 from model.optim import param_groups
 from service.shard_check import lowest_priority
@@ -118,12 +120,12 @@ def training(args: argparse.Namespace, path: Path) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     on_gpu = torch.cuda.is_available()
-    p.add_argument("--report", type=Path, default=Path("bench/shard_check.json"))
-    p.add_argument("--megabytes", type=int, default=512, help="size of the file hashed")
-    p.add_argument("--device", default="cuda" if on_gpu else "cpu")
-    p.add_argument("--batch", type=int, default=128 if on_gpu else 32)
-    p.add_argument("--steps", type=int, default=200 if on_gpu else 4)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--report", type=report_arg, default=Path("bench/shard_check.json"))
+    p.add_argument("--megabytes", type=at_least_one(), default=512, help="size of the file hashed")
+    p.add_argument("--device", type=device_arg, default="cuda" if on_gpu else "cpu")
+    p.add_argument("--batch", type=at_least_one(), default=128 if on_gpu else 32)
+    p.add_argument("--steps", type=at_least_one(), default=200 if on_gpu else 4)
+    p.add_argument("--rounds", type=at_least_one(), default=3)
     args = p.parse_args(argv)
     report = header("shard check: sha256 and training next to it")
     cores = report["machine"]["cpu_cores"]

@@ -29,10 +29,12 @@ from pathlib import Path
 from PIL import Image
 
 from bench.charts import bars
+from bench.inputs import report_arg, source_or_exit
 from bench.record import finish, header
 from bench.shards_projection import (
     IMAGENET, PROJECTED_CORES, imagenet_like_tree, project, scan_seconds_per_image, task_cpu_per_image,
 )
+from common.config_values import at_least_one
 from shards.build import build
 from shards.config import ShardConfig
 from shards.phases import Phase, Phases
@@ -143,10 +145,11 @@ def _table(results: dict, counts: list[int]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--src", type=Path, default=Path("data/sample"))
-    parser.add_argument("--report", type=Path, default=Path("bench/shards.json"))
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--scan-images", type=int, default=100_000, help="hard links scanned for the scan cost")
+    parser.add_argument("--report", type=report_arg, default=Path("bench/shards.json"))
+    parser.add_argument("--repeat", type=at_least_one(), default=5)
+    parser.add_argument("--scan-images", type=at_least_one(), default=100_000, help="hard links scanned for the scan cost")
     args = parser.parse_args()
+    source_or_exit("bench_shards", args.src)
     files = sorted(str(p) for p in args.src.rglob("*.JPEG"))
     results = header("make shards vs a bare decode+resize+encode loop; per-image costs; ImageNet projection",
                      "pillow")

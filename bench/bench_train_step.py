@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 
 from bench.charts import bars
+from bench.inputs import device_arg, report_arg, shards_or_exit
 from bench.record import finish, header
+from common.config_values import at_least_one
 from model import AlexNet, PaperSGD, train_step
 from pipeline import LoaderConfig, build_train_loader
-from shards.manifest import load
 from shards.config import ShardConfig
 
 
@@ -54,14 +55,14 @@ def timed(steps: int, batches, model, opt, device: torch.device, autocast) -> fl
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", type=Path, default=ShardConfig.out)
-    p.add_argument("--report", type=Path, default=Path("bench/train_step.json"))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=8, help="timed steps per run")
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--report", type=report_arg, default=Path("bench/train_step.json"))
+    p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=at_least_one(), default=32)
+    p.add_argument("--steps", type=at_least_one(), default=8, help="timed steps per run")
+    p.add_argument("--repeat", type=at_least_one(), default=3)
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    manifest = load(args.shards)
+    manifest = shards_or_exit("bench_train_step", args.shards)
     record = header("train step, model-only vs loader-fed")
     autocast = torch.bfloat16 if device.type == "cuda" else None
     torch.manual_seed(0)
@@ -73,9 +74,10 @@ def main(argv: list[str] | None = None) -> dict:
     same = iter(lambda: fixed, None)  # the one batch, forever
     timed(2, fed, model, opt, device, autocast)  # warm-up: pipeline start, first allocations
     runs: dict[str, list[float]] = {"model-only": [], "loader-fed": []}
-    for _ in range(args.repeat):
-        runs["model-only"].append(timed(args.steps, same, model, opt, device, autocast))
-        runs["loader-fed"].append(timed(args.steps, fed, model, opt, device, autocast))
+    for r in range(args.repeat):
+        for name, batches in (("model-only", same), ("loader-fed", fed)):
+            runs[name].append(timed(args.steps, batches, model, opt, device, autocast))
+            print(f"round {r + 1}/{args.repeat} {name}: {runs[name][-1]:.1f} images/s", flush=True)
     medians = {k: statistics.median(v) for k, v in runs.items()}
     print(f"{'fed by':<12} {'images/s':>9}  runs   (batch {args.batch}, {device}, load {os.getloadavg()[0]:.1f})")
     for k, v in runs.items():

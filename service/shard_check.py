@@ -13,9 +13,10 @@ When (``data.verify``): ``background`` (default) starts training at once while r
 shards not checked before in one thread at the lowest CPU priority (nice 19), in the order the
 ranks' readers first reach them; ``before`` builds the loaders only once every shard is checked (a
 thread per core, up to 16: nothing unchecked is ever read). Cost (``bench/cpu/shard_check.json``,
-docs/benchmarks.md "Shard check"): sha256 runs at 1.6-1.8 GB/s per core (0.8 with both cores taken),
-so ImageNet's ~31 GB of shards is about 19 s of one core once, next to a run of hours; at nice 19
-next to training the 2-core machine's leftovers hashed 0.03-0.05 GB/s (about 13 minutes). A stop
+docs/benchmarks.md "Shard check"): sha256 runs at 1.6-1.8 GB/s per core (0.8 in an earlier run
+with both cores taken, no record), so ImageNet's ~31 GB of shards is about 19 s of one core once,
+next to a run of hours; at nice 19 next to training the 2-core machine's leftovers hashed
+0.03-0.05 GB/s (about 13 minutes). A stop
 request (SIGTERM, SIGINT, SIGHUP; to any rank: ``service.rank_stops``) during ``before``'s check
 ends it within a block of each hash (torchrun's grace is 30 s, a shard on slow storage can take
 longer): exit 0 before anything was

@@ -2,10 +2,12 @@
 
 The buffers are reused from one checkpoint to the next: a fresh 488 MB host allocation is
 touched page by page on its first write (0.65 s on the 2-core VM for AlexNet's weights +
-velocities), a reused one copies in 0.03 s (docs/benchmarks.md "Service",
-``bench/cpu/service.json``).  On a GPU the buffers are pinned, so the device-to-host copies run
-at full PCIe speed, asynchronously; ``ready()`` then waits for them on EVERY device that held a
-tensor (an event per device, recorded on the stream the copies were queued on): waiting for the
+velocities when each checkpoint cloned them), a reused one copies in 0.03 s (an earlier run, no
+record).  In ``bench/cpu/service.json`` (docs/benchmarks.md "Service") the first checkpoint of a
+process, which allocates the buffers, blocked the loop 93 ms and the later ones 38 ms.  On a
+GPU the buffers are pinned, so the device-to-host copies run at full PCIe speed, asynchronously;
+``ready()`` then waits for them on EVERY device that held a tensor (an event per device,
+recorded on the stream the copies were queued on): waiting for the
 current device alone let the writer thread checksum buffers still being filled from a second GPU
 (``--device cuda:1``, the towers layout).
 Callers must not refill the buffers while a write of their previous contents is in flight
