@@ -3,16 +3,23 @@ them: made read-only mid-run, and restarts with other settings or from an older 
 Each must end with one line from the rank that knows, no traceback and no hang."""
 from __future__ import annotations
 
+import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tests.mounts import tmpfs
-from tests.service_proc import TORCHRUN_2, Service, free_port
+from tests.service_proc import TORCHRUN_2, Service, checkpoint_steps, events, free_port, run_service
 
 pytestmark = pytest.mark.slow
 LAUNCH_2 = ("-m", "service.launch", *TORCHRUN_2[2:])  # make train-local NPROC=2's launcher
+# Rank 1 runs in its own run directory, $RANK1_OUT (a node with a copy of its own).
+OWN_OUT_RANK_1 = """#!/bin/sh
+[ "$RANK" = 1 ] && exec {python} -m service "$@" --out "$RANK1_OUT"
+exec {python} -m service "$@"
+"""
 
 
 def test_a_run_directory_made_read_only_mid_run_is_one_line_and_exit_4(sample_shards: Path, tmp_path: Path) -> None:
@@ -38,3 +45,35 @@ def test_a_run_directory_made_read_only_mid_run_is_one_line_and_exit_4(sample_sh
                        f"'{out / '.history.json.tmp'}'; there is no older checkpoint"), said
     assert said[1:] == ["service: rank 1: stopped: another rank of this job ended first; its own line says why"], said
     assert rc == 4 and exit_file.read_text() == "4\n"
+
+
+def test_a_rank_whose_copy_of_the_chosen_checkpoint_is_another_runs_refuses(sample_shards: Path, tmp_path: Path) -> None:
+    """Rank 1's run directory (its node's copy) holds a checkpoint of the name rank 0 chose but
+    another run's state: step 3 of a 1-rank run (mid-epoch), where rank 0's is the end of epoch 1
+    of a 2-rank run, same settings.  Rank 1 restored it without a word (the ranks compared the
+    step alone), trained epoch 1 again while rank 0 trained epoch 2, and the job hung in a
+    collective.  Now every rank refuses before training, exit 2, naming rank 1's file."""
+    out, other, wrapper = tmp_path / "run", tmp_path / "other", tmp_path / "wrapper.sh"
+    rc, first = run_service(sample_shards, out, "--epochs", "1", "--http.port", str(free_port(2)), launcher=LAUNCH_2)
+    assert rc == 0 and checkpoint_steps(out) == [3], first.stderr
+    rc, single = run_service(sample_shards, other, "--epochs", "1", "--checkpoint.every_steps", "3")
+    assert rc == 0 and checkpoint_steps(other) == [3, 6], single.stderr
+    (other / "checkpoint-000000006.pt").unlink()
+    wrapper.write_text(OWN_OUT_RANK_1.format(python=sys.executable))
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
+    job = Service(sample_shards, out, "--epochs", "2", "--http.port", str(free_port(2)),
+                  launcher=(*LAUNCH_2, "--no-python"), program=(str(wrapper),), env={"RANK1_OUT": str(other)})
+    try:
+        rc = job.wait(timeout=90)  # the hang: until gloo's 30-minute timeout
+    finally:
+        job.kill()
+    said = [line for line in job.errors if line.startswith("service: ")]
+    theirs = events(other, "start")[0]["run_id"]
+    assert rc == 2, job.stdout[-2000:] + job.stderr[-2000:]
+    (own,) = [line for line in said if not line.startswith("service: rank 1: ")] or [said]  # rank 1's; rank 0 says
+    assert sorted(said) == sorted([own, own.replace("service: ", "service: rank 1: ", 1)]), said  # it as rank 1's
+    assert own.startswith(f"service: {other / 'checkpoint-000000003.pt'} is not the checkpoint rank 0 resumes from: "
+                          f"run {theirs} saved it "), own
+    assert own.endswith("every rank must see the same run directory (shared storage)"), own
+    assert "Traceback" not in job.stderr, job.stderr[-3000:]
+    assert "epoch 2 step" not in job.stdout and checkpoint_steps(out) == [3]
