@@ -3,12 +3,15 @@ them: made read-only mid-run, and restarts with other settings or from an older 
 Each must end with one line from the rank that knows, no traceback and no hang."""
 from __future__ import annotations
 
+import json
+import shutil
 import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.mounts import tmpfs
 from tests.service_proc import TORCHRUN_2, Service, checkpoint_steps, events, free_port, run_service
@@ -77,3 +80,50 @@ def test_a_rank_whose_copy_of_the_chosen_checkpoint_is_another_runs_refuses(samp
     assert own.endswith("every rank must see the same run directory (shared storage)"), own
     assert "Traceback" not in job.stderr, job.stderr[-3000:]
     assert "epoch 2 step" not in job.stdout and checkpoint_steps(out) == [3]
+
+
+@pytest.fixture(scope="module")
+def two_epochs(sample_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 2-rank run of 2 epochs, 1-view evaluations: checkpoints at steps 3 and 6."""
+    out = tmp_path_factory.mktemp("two_epochs") / "run"
+    rc, first = run_service(sample_shards, out, "--epochs", "2", "--http.port", str(free_port(2)), launcher=LAUNCH_2)
+    assert rc == 0 and checkpoint_steps(out) == [3, 6], first.stderr
+    return out
+
+
+def _said(job: Service, text: str) -> int:
+    return sum(text in line for line in job.errors + job.lines)
+
+
+def test_two_ranks_resume_an_older_checkpoint_with_other_eval_views_as_one(two_epochs: Path, sample_shards: Path,
+                                                                           tmp_path: Path) -> None:
+    """The newest checkpoint deleted and --eval_views changed at the restart, on 2 ranks: rank 0
+    alone rewrites history.json and says so once, both ranks wait for a new best afresh (each
+    JSON log records it, the console once), and epoch 2's record gives its 10 views."""
+    out = tmp_path / "run"
+    shutil.copytree(two_epochs, out)
+    (out / "checkpoint-000000006.pt").unlink()
+    before = sorted(p.name for p in out.iterdir())
+    rc, job = run_service(sample_shards, out, "--epochs", "2", "--eval_views", "10", "--http.port", str(free_port(2)),
+                          launcher=LAUNCH_2)
+    assert rc == 0, job.stderr[-3000:]
+    assert _said(job, "history.json listed epoch(s) 1, 2, ") == 1, job.stderr
+    assert _said(job, "was evaluated with eval_views 1, this run with 10") == 1, job.stderr
+    assert [len(events(out, "eval_views_changed", rank)) for rank in (0, 1)] == [1, 1]
+    history = json.loads((out / "history.json").read_text())
+    assert [(r["epoch"], r["eval_views"]) for r in history] == [(1, 1), (2, 10)], history
+    assert sorted(p.name for p in out.iterdir()) == sorted({*before, "checkpoint-000000006.pt"})  # nothing of rank 1's
+    schedules = torch.load(out / "checkpoint-000000006.pt", weights_only=True)["schedule"]
+    assert (schedules["best"], schedules["evals_without_improvement"]) == (history[1]["top1_error"], 0)
+
+
+def test_two_ranks_restarted_with_fewer_epochs_say_where_the_run_stands_once(two_epochs: Path, sample_shards: Path,
+                                                                             tmp_path: Path) -> None:
+    """--epochs 1 after 2 trained, on 2 ranks: both end at once, exit 0, no step trained and no
+    checkpoint written, and the console says once that the run stands past --epochs."""
+    out = tmp_path / "run"
+    shutil.copytree(two_epochs, out)
+    rc, job = run_service(sample_shards, out, "--epochs", "1", "--http.port", str(free_port(2)), launcher=LAUNCH_2)
+    assert rc == 0, job.stderr[-3000:]
+    assert _said(job, "finished: 2 epoch(s), 6 steps, more than --epochs 1 asks: the run stands at end of epoch 2") == 1
+    assert checkpoint_steps(out) == [3, 6] and [len(events(out, "finished", rank)) for rank in (0, 1)] == [2, 2]
