@@ -171,7 +171,7 @@ class CheckpointManager:
         path, step = self.cfg.out / Path(choice["path"]).name, choice["step"]
         error = None
         try:
-            payload = payload if payload is not None else self._load(path)
+            payload = payload if payload is not None else self._load(path, choice)
             self._restore(path, payload)
         except ServiceError as exc:
             error = (exc.code, str(exc))
@@ -192,15 +192,25 @@ class CheckpointManager:
             return (exc.code, str(exc)), None
         if found is None:
             return None, None
-        return {"path": str(found[0]), "step": int(found[1]["progress"]["step"])}, found[1]
+        payload = found[1]
+        return {"path": str(found[0]), "step": int(payload["progress"]["step"]), "run_id": payload["run_id"],
+                "time": payload["time"]}, payload
 
-    def _load(self, path: Path) -> dict[str, Any]:
-        """Another rank reads the file rank 0 chose."""
+    def _load(self, path: Path, choice: dict[str, Any]) -> dict[str, Any]:
+        """Another rank reads the file rank 0 chose, and checks it is that file: a node's own copy
+        of the run directory may hold another run's file of that name and step (same settings,
+        other ranks or stops), whose restore left the replicas apart and the job hung."""
+        shared = "every rank must see the same run directory (shared storage)"
         try:
-            return ckpt.load(path)
+            payload = ckpt.load(path)
         except (ckpt.Unreadable, ckpt.OtherVersion, OSError) as exc:
-            raise ServiceError(EXIT_CONFIG, f"cannot read {path}, the checkpoint rank 0 resumes from ({exc}): every "
-                               "rank must see the same run directory (shared storage)") from None
+            raise ServiceError(EXIT_CONFIG, f"cannot read {path}, the checkpoint rank 0 resumes from ({exc}): "
+                               f"{shared}") from None
+        if (payload["run_id"], payload["time"]) != (choice["run_id"], choice["time"]):
+            raise ServiceError(EXIT_CONFIG, f"{path} is not the checkpoint rank 0 resumes from: run {payload['run_id']} "
+                               f"saved it {_when(payload['time'])}, rank 0's is run {choice['run_id']}'s of "
+                               f"{_when(choice['time'])}; {shared}")
+        return payload
 
     def _restore(self, path: Path, payload: dict[str, Any]) -> None:
         """Every part from ``payload``, in ``SHARED_ORDER``, then this rank's position."""
@@ -274,3 +284,7 @@ class CheckpointManager:
         if any(s != step for s in restored):
             raise ServiceError(EXIT_CONFIG, f"the ranks restored different steps from {path} (step {step} "
                                f"chosen, by rank: {restored}); refusing to train replicas that disagree")
+
+
+def _when(stamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp))

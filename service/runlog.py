@@ -159,7 +159,7 @@ class RunLog:
             tmp.write_text(text)
             tmp.replace(path)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
+            _discard(tmp)
             raise _failed(exc, path, len(text)) from None
         return path
 
@@ -218,6 +218,16 @@ class RunLog:
                     self._failure = self._failure or _failed(exc, self.jsonl_path, 0)
                 self._jsonl = None
         self._raise_failure()
+
+
+def _discard(tmp: Path) -> None:
+    """Remove the temporary file of a write that failed, if it can be: on a file system gone
+    read-only the removal fails too (EROFS even for a file never created), and that second error
+    replaced the first, the one the user is told (a traceback instead of the exit-4 line)."""
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def _failed(exc: OSError, path: Path, needed: int) -> ServiceError:

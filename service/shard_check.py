@@ -142,7 +142,7 @@ class ShardCheck:
             first = findings[0]
             more = f" (and {len(findings) - 1} more shard(s))" if len(findings) > 1 else ""
             raise DataError(f"{first.text}{more}; found before this start trained on anything; "
-                            f"{hint(first, self.manifest.root)}")
+                            f"{hint(first)}")
         for f in findings:
             self._skip(f)
         excluded = frozenset(f.shard.tar.name for f in findings)
@@ -248,7 +248,7 @@ class ShardCheck:
             first = self._found[0]
             used = consumed(first, step, self._start_step, self.memory.entry(first.shard))
             raise DataError(f"{first.text}; found by the background check at step {step}: {used}; "
-                            f"{hint(first, self.manifest.root)}")
+                            f"{hint(first)}")
 
     def finish(self, step: int) -> None:
         """A finished run: wait for the background pass, so no run ends 0 on unchecked data."""

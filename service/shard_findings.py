@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from service.data_errors import damaged_samples
 from shards.index_check import INDEX
@@ -50,12 +49,14 @@ def consumed(finding: Finding, step: int, start_step: int, entry: dict) -> str:
     return now + f"; it had never been checked, so earlier starts (steps 1..{start_step}) may have used it too"
 
 
-def hint(finding: Finding, root: Path) -> str:
-    """What to do about it, for the shards at ``root``."""
+def hint(finding: Finding) -> str:
+    """What to do about it, for the shards that hold the finding's shard (``<root>/<split>/<tar>``):
+    a finding of another rank's copy (each node its own --shards) is said by every rank, and rank
+    0's own root in it told the user to re-create rank 0's intact shards."""
     skip = "leave bad shards out: --data.on_corrupt skip --data.verify before"
     if finding.index:  # its text says how to rewrite the index
         return f"or {skip}"
-    return f"restore the shard from a copy or re-create the shards ({remake(root)}); or {skip}"
+    return f"restore the shard from a copy or re-create the shards ({remake(finding.shard.tar.parent.parent)}); or {skip}"
 
 
 def size_text(nbytes: int) -> str:

@@ -135,7 +135,8 @@ def test_a_rank_reading_a_copy_of_its_own_checks_that_copy(sample_shards: Path, 
     """--shards may differ per rank (each node its own local copy).  Rank 0 reads intact shards,
     rank 1 a copy with a flipped JPEG: with ``data.verify before`` no rank trains, and the line
     names the damaged shard of rank 1's copy (rank 0 alone hashed its own files, and rank 1
-    trained on the garbled pixels)."""
+    trained on the garbled pixels).  Every rank's line says to re-create rank 1's copy: rank 0's
+    named its own intact shards (hours of sharding on ImageNet for nothing)."""
     copy, _ = corrupt_shards
     wrapper = tmp_path / "wrapper.sh"
     wrapper.write_text(f'#!/bin/sh\n[ "$RANK" = 1 ] && exec {sys.executable} -m service "$@" --shards {copy}\n'
@@ -150,6 +151,8 @@ def test_a_rank_reading_a_copy_of_its_own_checks_that_copy(sample_shards: Path, 
     assert f"train shard {copy / 'train' / BAD_TAR}: contents differ from the manifest's sha256" in service.stderr, (
         service.stdout[-2000:] + service.stderr[-2000:])
     assert "epoch 1 step" not in service.stdout, service.stdout
+    said = [line for line in service.errors if line.startswith("service: ")]
+    assert len(said) == 2 and all(f"OUT={copy})" in line for line in said), said
 
 
 def _check(shards: Path, out: Path, *args: str) -> tuple[ShardCheck, RunLog]:
