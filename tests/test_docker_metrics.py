@@ -153,3 +153,9 @@ def test_dashboard_queries_only_metrics_the_service_exports(sample_shards: Path,
             code = proc.wait()
         log.close()
     assert code == 0, "SIGTERM: the service must checkpoint and exit 0 within 30 s (compose's stop_grace_period)"
+
+
+def test_the_dashboard_shows_every_series_an_alert_watches() -> None:
+    """Someone paged by a rule opens the dashboard to see how bad it is and since when."""
+    watched = {m for r in rules() for m in re.findall(r"\balexnet_[A-Za-z0-9_]+", r["expr"])}
+    assert watched <= dashboard_metrics(), f"alerts on series no panel shows: {sorted(watched - dashboard_metrics())}"
