@@ -227,6 +227,7 @@ def _serve(cfg: TrainConfig, manifest: contract.Manifest, ranks: Ranks, stop: St
                                           ranks.world_size))
     board = StatusBoard(cfg.http.stall_seconds, phase="starting", last_checkpoint=None, last_evaluation=None)
     metrics.follow(board)  # before the endpoint serves: no scrape sees a heartbeat of 0
+    metrics.watch_disk(cfg.out)
     endpoint = serve_http(cfg, ranks, metrics, board)
     log = RunLog(cfg.out, ranks.suffix(), console=ranks.is_main)  # one console voice: rank 0's
     trainer, unclean = None, None

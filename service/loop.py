@@ -70,7 +70,7 @@ class Trainer:
         """Continue from the newest readable checkpoint in the run directory, if there is one."""
         resumed = self.checkpoints.resume()
         if resumed is not None:
-            self.metrics.last_checkpoint.set(resumed.time)
+            self.metrics.checkpointed(resumed.time, resumed.path)
             self.board.update(last_checkpoint={"path": str(resumed.path), "time": resumed.time})
             if self.progress.history:
                 self.report_evaluation(self.progress.history[-1])
@@ -290,7 +290,7 @@ class Trainer:
     def _written(self, path: Path, seconds: float) -> None:
         """In the writer thread, once ``path`` is durable."""
         now = time.time()
-        self.metrics.last_checkpoint.set(now)
+        self.metrics.checkpointed(now, path)
         self.board.update(last_checkpoint={"path": str(path), "time": now})
         self.log.say(f"checkpoint {path} ({seconds:.2f} s to write)")
         self.log.event("checkpoint", path=str(path), write_seconds=round(seconds, 4))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.metadata
 import math
 import os
+import shutil
 import subprocess
 import tomllib
 from pathlib import Path
@@ -102,6 +103,10 @@ class ServiceMetrics:
                                   registry=r)
         self.last_checkpoint = Gauge(p + "last_checkpoint_timestamp_seconds",
                                      "Unix time the last checkpoint became durable", registry=r)
+        self.checkpoint_bytes = Gauge(p + "checkpoint_size_bytes", "Size of the newest checkpoint file (the space "
+                                      "the next one needs)", registry=r)
+        self.disk_free = Gauge(p + "run_dir_free_bytes", "Bytes free to the trainer on the run directory's "
+                               "filesystem", registry=r)
         self.checkpoint_seconds = Histogram(p + "checkpoint_duration_seconds", "Time the training loop was "
                                             "blocked by one checkpoint", buckets=CHECKPOINT_BUCKETS, registry=r)
         # Each sample once across the ranks (the dashboard sums them): a rank counts its own loader's
@@ -118,7 +123,7 @@ class ServiceMetrics:
         # Not known yet: NaN (no value in PromQL), not 0, which would read as "0% error", "the last
         # checkpoint was in 1970" or "lr 0"; lr and epoch are known once the run has started (app.start).
         for gauge in (self.loss, self.lr, self.epoch, self.top1, self.top5, self.val_loss, self.eval_seconds,
-                      self.last_checkpoint, self.heartbeat):
+                      self.last_checkpoint, self.checkpoint_bytes, self.disk_free, self.heartbeat):
             gauge.set(float("nan"))
 
     def follow(self, board: StatusBoard) -> None:
@@ -126,6 +131,22 @@ class ServiceMetrics:
         ``/healthz`` judges, moved by every beat (start, steps, evaluation batches, checkpoints) and
         costing the beats nothing."""
         self.heartbeat.set_function(lambda: board.last_beat)
+
+    def watch_disk(self, out: Path) -> None:
+        """The free space of ``out``'s filesystem, read at each scrape (one statvfs): a run
+        directory filling up is seen before the checkpoint that does not fit stops the run."""
+        def free() -> float:
+            try:
+                return float(shutil.disk_usage(out).free)
+            except OSError:  # gone or unreachable (a lost network mount): unknown, not a scrape error
+                return math.nan
+
+        self.disk_free.set_function(free)
+
+    def checkpointed(self, when: float, path: Path) -> None:
+        """The newest durable checkpoint (written, or resumed from): its unix time and its size."""
+        self.last_checkpoint.set(when)
+        self.checkpoint_bytes.set(path.stat().st_size)
 
     def step(self, images: int, step_seconds: float, data_seconds: float) -> None:
         """One training step (host-side numbers only)."""

@@ -1,4 +1,5 @@
-"""The HTTP endpoint of one service process, in a daemon thread: ``/metrics``, ``/healthz``, ``/status``.
+"""The HTTP endpoint of one service process, in a daemon thread: ``/metrics``, ``/healthz``, ``/status``
+(GET, and HEAD: the same without the body).
 
 ``/metrics``: the Prometheus text format of the service's private registry.
 ``/healthz``: 200 while the training loop's heartbeat is fresh, 503 with the reason once it is
@@ -87,24 +88,33 @@ class _Handler(BaseHTTPRequestHandler):
         self.rfile = io.BufferedReader(_Deadline(self.connection, time.monotonic() + READ_SECONDS))
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        self._send(*self._answer())
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        """GET's status and headers without the body: HTTP asks it of every server that answers GET,
+        and uptime checkers and load balancers probe with it (``curl -I``); it was 501."""
+        self._send(*self._answer(), body_too=False)
+
+    def _answer(self) -> tuple[int, bytes, str]:
+        """(status, body, content type) of the path asked for."""
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
-            self._send(200, generate_latest(self.server.registry), CONTENT_TYPE_LATEST)
-        elif path == "/healthz":
+            return 200, generate_latest(self.server.registry), CONTENT_TYPE_LATEST
+        if path == "/healthz":
             healthy, reason = self.server.board.health()
-            self._send(200 if healthy else 503, (reason + "\n").encode(), "text/plain; charset=utf-8")
-        elif path == "/status":
+            return 200 if healthy else 503, (reason + "\n").encode(), "text/plain; charset=utf-8"
+        if path == "/status":
             body = json.dumps(self.server.board.snapshot(), indent=1, default=str) + "\n"
-            self._send(200, body.encode(), "application/json")
-        else:
-            self._send(404, b"not found: try /metrics, /healthz or /status\n", "text/plain; charset=utf-8")
+            return 200, body.encode(), "application/json"
+        return 404, b"not found: try /metrics, /healthz or /status\n", "text/plain; charset=utf-8"
 
-    def _send(self, code: int, body: bytes, content_type: str) -> None:
+    def _send(self, code: int, body: bytes, content_type: str, body_too: bool = True) -> None:
         self.send_response(code)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        if body_too:
+            self.wfile.write(body)
 
     def log_message(self, format: str, *args: object) -> None:
         """Scrapes every few seconds would drown the training log: no access log."""

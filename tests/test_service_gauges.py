@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 import urllib.request
 from pathlib import Path
@@ -102,3 +103,41 @@ def test_status_and_gauges_agree_through_a_pending_evaluation_and_an_lr_drop(sam
     # This process trains epochs 2 and 3 (steps 1-12); epoch 3 at the dropped rate from its first step.
     epoch3 = [m for _, m in known if 6 < m["alexnet_train_steps_total"] < 12]
     assert epoch3 and all(m["alexnet_learning_rate"] == pytest.approx(1e-13) for m in epoch3), epoch3
+
+
+def _series(url: str, name: str) -> float | None:
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        found = [ln.split()[-1] for ln in r.read().decode().splitlines() if ln.startswith(name + " ")]
+    return float(found[0]) if found else None
+
+
+def test_the_run_directorys_free_space_and_the_checkpoint_size_are_exported(
+        sample_shards: Path, tmp_path: Path) -> None:
+    """There was no disk metric at all: a run directory filling up showed nothing until the
+    checkpoint write failed and the run stopped (exit 4).  The free space, read at each scrape, and
+    the newest checkpoint's size, from the first scrape of a resumed run on, let AlexNetDiskLow warn
+    while there is still room for one."""
+    out = tmp_path / "run"
+    first = Service(sample_shards, out, "--epochs", "2")
+    try:
+        url = first.url()
+        written = Path(first.wait_for(r"\bcheckpoint (/\S+) \(").group(1))
+        size, free = written.stat().st_size, shutil.disk_usage(out).free
+        assert _series(url, "alexnet_checkpoint_size_bytes") == size
+        # Others write on this disk too: a megabyte either way.
+        assert abs(_series(url, "alexnet_run_dir_free_bytes") - free) < 2 ** 20 + size, free
+        first.signal()
+        assert first.wait(timeout=120) == 0, first.stderr
+    finally:
+        first.kill()
+    resumed = Service(sample_shards, out, "--epochs", "2", "--log_every", "100")
+    try:
+        url = resumed.url()
+        resumed.wait_for("resuming run")
+        newest = max(out.glob("checkpoint-*.pt"), key=lambda p: p.stat().st_mtime)
+        # The same model and optimizer: every checkpoint of the run is within a few kilobytes of the others.
+        assert _series(url, "alexnet_checkpoint_size_bytes") == pytest.approx(newest.stat().st_size, rel=0.01)
+        resumed.signal()
+        assert resumed.wait(timeout=120) == 0, resumed.stderr
+    finally:
+        resumed.kill()

@@ -1,8 +1,9 @@
 """The HTTP endpoint under hostile clients, over real sockets, against a server in its own process
 (so its stderr is a real one and the clients' threads do not share its interpreter): many
-concurrent scrapers, a slowloris client, clients that hang up early."""
+concurrent scrapers, a slowloris client, clients that hang up early, HEAD requests."""
 from __future__ import annotations
 
+import http.client
 import os
 import socket
 import struct
@@ -124,6 +125,30 @@ def test_clients_that_hang_up_early_leave_stderr_clean(server) -> None:
     assert _scrape(port) == 200
     err = _stderr(proc)
     assert err == "", err
+
+
+def _ask(port: int, method: str, path: str) -> tuple[int, str | None, str | None, bytes]:
+    """(status, Content-Type, Content-Length, body) of one request."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request(method, path)
+        r = conn.getresponse()
+        return r.status, r.getheader("Content-Type"), r.getheader("Content-Length"), r.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/status", "/metrics", "/nope"])
+def test_head_answers_as_get_does_without_the_body(server, path: str) -> None:
+    """HEAD was 501 "Unsupported method" on every path: an uptime checker or a load balancer
+    probing /healthz with HEAD (``curl -I`` does) saw a healthy trainer as broken.  HTTP requires
+    a server that answers GET to answer HEAD: the same status and headers, no body."""
+    port, proc = server
+    get, head = _ask(port, "GET", path), _ask(port, "HEAD", path)
+    assert head[:2] == get[:2] and head[3] == b"" and int(head[2]) > 0, (get[:3], head)
+    if path == "/nope":  # the others change between two requests (the heartbeat's age, CPU seconds...)
+        assert head[2] == get[2] == str(len(get[3])), (get[:3], head)
+    assert "Traceback" not in _stderr(proc)
 
 
 def test_printed_urls_use_the_address_the_readme_names() -> None:
