@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     """Save ``--count`` augmented training images as a grid PNG; bad input is one line on stderr
     (exit 2 a setting, 1 the shards, a shard DALI cannot read or decode, or the output file), not
     a traceback."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline.preview", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.preview", description=" ".join(__doc__.split()))
     parser.add_argument("--shards", type=path_arg, required=True)
     parser.add_argument("--out", type=path_arg, default=Path("preview.png"), help="the PNG to write")
     parser.add_argument("--count", type=count_arg, default=32,

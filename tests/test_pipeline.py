@@ -319,3 +319,11 @@ def test_preview_of_a_damaged_jpeg_is_one_line_naming_the_shard_and_the_sample(s
     assert line.startswith(f"preview: train shard {tar}: sample train-"), line
     assert "does not decode as a JPEG; re-create the shards (make shards SRC=<imagenet> OUT=" in line, line
     assert not (tmp_path / "p.png").exists()
+
+
+def test_preview_help_says_what_it_draws_whole() -> None:
+    """``--help`` took the docstring's first line only and cut its sentence off ("a grid of
+    augmented training")."""
+    said = " ".join(run_module("pipeline.preview", "--help").stdout.split())
+    assert "a grid of augmented training images (crop, flip, lighting; before the mean subtraction), so a person " \
+           "can check the augmentation by looking." in said, said
