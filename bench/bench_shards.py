@@ -143,7 +143,7 @@ def _table(results: dict, counts: list[int]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--src", type=Path, default=Path("data/sample"))
     parser.add_argument("--report", type=report_arg, default=Path("bench/shards.json"))
     parser.add_argument("--repeat", type=at_least_one(), default=5)

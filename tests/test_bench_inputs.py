@@ -127,3 +127,12 @@ def test_a_device_that_is_not_here_is_one_line(tmp_path: Path, module: str, devi
     assert said in done.stderr.strip().splitlines()[-1], done.stderr[-2000:]
     assert "use --device cpu" in done.stderr.strip().splitlines()[-1]
     assert not report.exists()
+
+
+@pytest.mark.parametrize("module", ["bench.bench_shards", "bench.bench_pipeline"])
+def test_help_gives_the_benchmark_s_first_paragraph_whole(module: str) -> None:
+    """bench_shards' --help stopped mid-sentence ("... and the projection for ImageNet at 8,
+    32 and 64 cores" cut after its first line); each benchmark says its first paragraph."""
+    said = " ".join(run_module(module, "--help", timeout=120).stdout.split())
+    first = " ".join(__import__(module, fromlist=["_"]).__doc__.split("\n\n")[0].split())
+    assert first in said, said
