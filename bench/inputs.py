@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common.config_values import path_arg
+from common.config_values import file_in_the_way, path_arg
 from shards.manifest import Manifest, ManifestError, load
 
 
@@ -49,11 +49,8 @@ def report_arg(value: str) -> Path:
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"cannot write {path}: it is a directory (name the record's file, "
                                          f"e.g. {path / 'record.json'})")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise argparse.ArgumentTypeError(f"cannot write {path}: {parent} is not a directory")
+    if (blocker := file_in_the_way(path.parent)) is not None:
+        raise argparse.ArgumentTypeError(f"cannot write {path}: {blocker} is not a directory")
     try:  # what the end will do, tried now (permission bits alone do not tell root, or /proc, apart)
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path.parent):
