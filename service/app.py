@@ -89,7 +89,6 @@ def start(cfg: TrainConfig, manifest: contract.Manifest, ranks: Ranks, metrics: 
         log.say(f"new run {run_id} in {cfg.out}")
     if found and ranks.is_main:  # the checkpoint's epochs, not those of a newer one that was lost
         log.history_as_resumed(p.history, trainer.chance, found.path)
-    check.start(p.step)
     images = sum(s.samples for s in manifest.splits["train"].shards if s.tar.name not in excluded)
     log.say(f"train: {images} images, {manifest.num_classes} classes (chance top-1 error "
             f"{trainer.chance:.1%}), device {cfg.device}, layout {cfg.model.layout}, batch {cfg.loader.batch_size}"
@@ -110,6 +109,9 @@ def start(cfg: TrainConfig, manifest: contract.Manifest, ranks: Ranks, metrics: 
         log.write_json("config.json", to_dict(cfg))
     log.event("start", run_id=trainer.run_id, resumed_from=str(found.path) if found else None, step=p.step,
               **ranks.info(), config=to_dict(cfg))
+    # Last: a start that fails before here (a full disk under config.json) has no thread to stop,
+    # and ``_serve`` stops it from here on (it left .shard-checks.json.tmp behind at exit)
+    check.start(p.step)
     return trainer
 
 
