@@ -18,6 +18,10 @@ byte a second held a handler thread forever (a socket timeout restarts with ever
 the whole request must arrive within ``READ_SECONDS``.  A client that hangs up early made
 socketserver print a 20-line ``BrokenPipeError``/``ConnectionResetError`` traceback on the
 service's stderr; a disconnect is the client's business, so it is dropped quietly.
+A connection that sends nothing held its thread for the whole ``READ_SECONDS``: 3000 such
+connections (a port scanner, a stuck client) made 615 threads.  So at most ``MAX_HANDLERS``
+connections are handled at once (one more is closed unanswered, and its client tries again), and
+the request's first byte must arrive within ``IDLE_SECONDS``, which frees their places sooner.
 Each connection gets a daemon thread that only formats what the loop already recorded: the
 training loop never waits for a scrape.
 """
@@ -26,6 +30,7 @@ from __future__ import annotations
 import errno
 import io
 import json
+import math
 import socket
 import sys
 import threading
@@ -40,6 +45,8 @@ from service.status import StatusBoard
 
 REQUEST_QUEUE = 128  # listen backlog: connections the kernel queues while the handlers are busy
 READ_SECONDS = 5.0  # the whole request (line and headers) must arrive within this; also each write's limit
+IDLE_SECONDS = 2.0  # its first byte within this: a scraper sends its request as soon as it has connected
+MAX_HANDLERS = 64  # connections handled at once (a thread each); Prometheus, healthchecks and people need few
 # A client going away mid-request or mid-response (and the read deadline) ends its connection silently.
 _DISCONNECTS = (ConnectionError, TimeoutError)
 
@@ -49,6 +56,27 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = REQUEST_QUEUE
     registry: CollectorRegistry
     board: StatusBoard
+
+    def __init__(self, *args, **kwargs) -> None:
+        self._places = threading.BoundedSemaphore(MAX_HANDLERS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request, client_address) -> None:
+        """A thread for the connection, or, with ``MAX_HANDLERS`` busy, closed at once."""
+        if not self._places.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started: nothing else gives the place back
+            self._places.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._places.release()
 
     def handle_error(self, request, client_address) -> None:
         """socketserver prints a traceback for any exception in a handler; not for a disconnect."""
@@ -60,19 +88,22 @@ class _Deadline(io.RawIOBase):
     """A socket's reading side that fails once ``deadline`` (monotonic) has passed: a socket
     timeout alone restarts with each byte that arrives."""
 
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
-        self._sock, self._deadline = sock, deadline
+    def __init__(self, sock: socket.socket, deadline: float, first: float) -> None:
+        self._sock, self._deadline, self._first = sock, deadline, first  # ``first``: the first byte's
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
-        left = self._deadline - time.monotonic()
+        left = min(self._deadline, self._first) - time.monotonic()
         if left <= 0:
-            raise TimeoutError(f"request not complete within {READ_SECONDS:g} s")
+            raise TimeoutError(f"request not complete within {READ_SECONDS:g} s, or not begun within "
+                               f"{IDLE_SECONDS:g} s")
         self._sock.settimeout(left)
         try:
-            return self._sock.recv_into(buffer)
+            got = self._sock.recv_into(buffer)
+            self._first = math.inf  # begun: the whole request's deadline alone from now on
+            return got
         finally:
             self._sock.settimeout(READ_SECONDS)
 
@@ -85,7 +116,8 @@ class _Handler(BaseHTTPRequestHandler):
         """One request per connection (HTTP/1.0), so one deadline per connection."""
         super().setup()
         self.rfile.close()  # socketserver's reader, replaced by one with a deadline
-        self.rfile = io.BufferedReader(_Deadline(self.connection, time.monotonic() + READ_SECONDS))
+        now = time.monotonic()
+        self.rfile = io.BufferedReader(_Deadline(self.connection, now + READ_SECONDS, now + IDLE_SECONDS))
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         self._send(*self._answer())

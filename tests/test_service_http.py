@@ -164,3 +164,54 @@ def test_printed_urls_use_the_address_the_readme_names() -> None:
         assert _scrape(endpoint.port) == 200
     finally:
         endpoint.close()
+
+
+def _threads(pid: int) -> int:
+    """The threads of process ``pid`` now (the kernel's count: every thread, Python's or not)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Threads line in /proc/{pid}/status")
+
+
+def _answers(port: int, path: str, within: float) -> int:
+    """The status of ``path``, asked again while the server refuses (over its cap), for ``within`` s."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return _scrape(port, path)
+        except OSError:  # closed unanswered (http.client's RemoteDisconnected is a ConnectionResetError)
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_many_half_open_connections_cannot_multiply_the_threads(server) -> None:
+    """Each connection had a thread of its own, held until its request's deadline: 3000 connections
+    that never sent a byte (a port scanner, a stuck client) made 615 threads in the service.  Now
+    at most ``MAX_HANDLERS`` connections are handled at once (more are closed unanswered) and one
+    that sends nothing is cut after ``IDLE_SECONDS``; scrapes are answered meanwhile."""
+    from service.server import IDLE_SECONDS, MAX_HANDLERS, READ_SECONDS
+
+    port, proc = server
+    with socket.create_connection(("127.0.0.1", port)) as silent:
+        silent.settimeout(READ_SECONDS + 5)
+        start = time.monotonic()
+        assert silent.recv(1) == b""  # closed by the server
+        assert time.monotonic() - start < IDLE_SECONDS + 1 < READ_SECONDS
+    before = _threads(proc.pid)
+    idle, most = [], before
+    try:
+        for _ in range(4 * MAX_HANDLERS):
+            idle.append(socket.create_connection(("127.0.0.1", port)))  # connects, never sends
+            most = max(most, _threads(proc.pid))
+        time.sleep(0.5)  # let the server take every one of them
+        most = max(most, _threads(proc.pid))
+        # Still held open by this side: the server must answer others all the same.
+        assert _answers(port, "/healthz", within=IDLE_SECONDS + 5) == 200
+        assert _answers(port, "/metrics", within=IDLE_SECONDS + 5) == 200
+    finally:
+        for s in idle:
+            s.close()
+    assert most <= before + MAX_HANDLERS, (before, most)
+    assert "Traceback" not in _stderr(proc)
