@@ -232,7 +232,7 @@ def _serve(cfg: TrainConfig, manifest: contract.Manifest, ranks: Ranks, stop: St
     metrics.watch_disk(cfg.out)
     endpoint = serve_http(cfg, ranks, metrics, board)
     log = RunLog(cfg.out, ranks.suffix(), console=ranks.is_main)  # one console voice: rank 0's
-    trainer, unclean = None, None
+    trainer, unclean, failure = None, None, None
     try:
         log.say(f"metrics: {endpoint.url('/metrics')}  status: {endpoint.url('/status')}  "
                 f"health: {endpoint.url('/healthz')}")
@@ -245,14 +245,32 @@ def _serve(cfg: TrainConfig, manifest: contract.Manifest, ranks: Ranks, stop: St
         unclean = UncleanEnd(cfg.out, ranks, log)  # a silent end last time: the shards are checked first
         trainer = start(cfg, manifest, ranks, metrics, board, log, stop, check_first=unclean.found)
         return finish(trainer, trainer.run(), log)
+    except ServiceError as exc:
+        failure = exc
+        raise
     finally:
         if unclean is not None:
             unclean.clear()
         if trainer is not None:
             trainer.parts.shard_check.close()
             trainer.close()
+        if failure is not None:
+            last_words(failure, metrics, board, endpoint, stop)
         endpoint.close()
         log.close()
+
+
+def last_words(failure: ServiceError, metrics: ServiceMetrics, board: StatusBoard, endpoint: HttpEndpoint,
+               stop: StopFlag) -> None:
+    """A diagnosed failure's code on ``/metrics`` (``alexnet_exit_code``) until the next scrape has
+    read it: the stack's alerts then say why the trainer is down (AlexNetDiverged: a restart would
+    resume the same weights and diverge again), where Prometheus saw only ``up == 0``.  Not for a
+    code that is no failure, nor an undiagnosed one, nor while a stop signal asks to go."""
+    if failure.code == EXIT_OK or not failure.recorded or stop.requested:
+        return
+    metrics.exit_code.set(failure.code)
+    board.update(phase="failed", exit_code=failure.code)
+    endpoint.last_words(lambda: not stop.requested)
 
 
 def main(argv: list[str]) -> int:

@@ -120,6 +120,10 @@ class ServiceMetrics:
                                   "allocator", ["device"], registry=r)
         self.heartbeat = Gauge(p + "heartbeat_timestamp_seconds", "Unix time of the training loop's last "
                                "sign of life (the heartbeat /healthz judges)", registry=r)
+        # Known when the process fails with a diagnosed code; 0 (none) until then, never NaN: a healthy run shows 0.
+        self.exit_code = Gauge(p + "exit_code", "The code this process exits with, once diagnosed (service/errors.py: "
+                               "1 data, 2 settings or checkpoints, 4 a write failed, 6 diverged); 0 while none is",
+                               registry=r)
         # Not known yet: NaN (no value in PromQL), not 0, which would read as "0% error", "the last
         # checkpoint was in 1970" or "lr 0"; lr and epoch are known once the run has started (app.start).
         for gauge in (self.loss, self.lr, self.epoch, self.top1, self.top5, self.val_loss, self.eval_seconds,

@@ -24,6 +24,11 @@ connections are handled at once (one more is closed unanswered, and its client t
 the request's first byte must arrive within ``IDLE_SECONDS``, which frees their places sooner.
 Each connection gets a daemon thread that only formats what the loop already recorded: the
 training loop never waits for a scrape.
+
+A service that fails with a diagnosed exit code (a diverged run: 6, ``service.errors``) sets
+``alexnet_exit_code`` and, when something scrapes ``/metrics``, waits for its next scrape
+(``HttpEndpoint.last_words``, at most ``LAST_WORDS_SECONDS``): the scraper's last sample of the
+target then says why it is down, where Prometheus saw only ``up == 0`` before.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -47,6 +53,7 @@ REQUEST_QUEUE = 128  # listen backlog: connections the kernel queues while the h
 READ_SECONDS = 5.0  # the whole request (line and headers) must arrive within this; also each write's limit
 IDLE_SECONDS = 2.0  # its first byte within this: a scraper sends its request as soon as it has connected
 MAX_HANDLERS = 64  # connections handled at once (a thread each); Prometheus, healthchecks and people need few
+LAST_WORDS_SECONDS = 30.0  # the longest a failing service waits for its scraper (the stack's scrapes every 15 s)
 # A client going away mid-request or mid-response (and the read deadline) ends its connection silently.
 _DISCONNECTS = (ConnectionError, TimeoutError)
 
@@ -59,7 +66,19 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, *args, **kwargs) -> None:
         self._places = threading.BoundedSemaphore(MAX_HANDLERS)
+        self.scrapes = threading.Condition()  # the /metrics answers begun and the newest one served, by number
+        self.begun = self.served = 0
         super().__init__(*args, **kwargs)
+
+    def scrape_begins(self) -> int:
+        with self.scrapes:
+            self.begun += 1
+            return self.begun
+
+    def scrape_served(self, number: int) -> None:
+        with self.scrapes:
+            self.served = max(self.served, number)
+            self.scrapes.notify_all()
 
     def process_request(self, request, client_address) -> None:
         """A thread for the connection, or, with ``MAX_HANDLERS`` busy, closed at once."""
@@ -120,7 +139,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.rfile = io.BufferedReader(_Deadline(self.connection, now + READ_SECONDS, now + IDLE_SECONDS))
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        scrape = self.server.scrape_begins() if self.path.split("?", 1)[0] == "/metrics" else None
         self._send(*self._answer())
+        if scrape is not None:
+            self.server.scrape_served(scrape)
 
     def do_HEAD(self) -> None:  # noqa: N802
         """GET's status and headers without the body: HTTP asks it of every server that answers GET,
@@ -171,6 +193,18 @@ class HttpEndpoint:
     def start(self) -> HttpEndpoint:
         self._thread.start()
         return self
+
+    def last_words(self, going_on: Callable[[], bool], limit: float = LAST_WORDS_SECONDS) -> bool:
+        """Wait until a ``/metrics`` scrape begun from now on has been served, so that the scraper has
+        the values set before this call (the exit code), at most ``limit`` s and while ``going_on()``
+        (a stop signal ends the wait).  Nothing to wait for when nothing has scraped ``/metrics`` (a
+        run without Prometheus, the tests): False at once.  True when such a scrape was served."""
+        server, deadline = self._server, time.monotonic() + limit
+        with server.scrapes:
+            mark = server.begun
+            while mark and server.served <= mark and going_on() and (left := deadline - time.monotonic()) > 0:
+                server.scrapes.wait(min(left, 0.2))  # 0.2: how soon a stop signal is seen
+            return bool(mark) and server.served > mark
 
     def url(self, path: str) -> str:
         """The URL to print: for the wildcard address the loopback one, spelled like the default

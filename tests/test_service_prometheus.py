@@ -113,3 +113,25 @@ def test_prometheus_scrapes_a_training_service(sample_shards: Path, tmp_path: Pa
         if prometheus is not None:
             prometheus.terminate()
             prometheus.wait(timeout=30)
+
+
+def test_prometheus_says_why_a_diverged_trainer_is_down(sample_shards: Path, tmp_path: Path) -> None:
+    """lr 5 diverges within the first epoch (exit 6).  Prometheus, scraping from before the service
+    answers, must then fire AlexNetDiverged from the stack's rules, and nothing else: before, it
+    saw only ``up == 0`` (AlexNetRankDown, 2 minutes later, "crashed, stopped or finished")."""
+    port = free_port()
+    prometheus, prom = _start_prometheus(f"127.0.0.1:{port}", tmp_path)
+    service = Service(sample_shards, tmp_path / "run", "--epochs", "2", "--optim.lr", "5",
+                      "--checkpoint.every_steps", "2", "--http.port", str(port))
+    try:
+        assert service.wait(timeout=240) == 6, service.stderr
+        deadline, firing = time.monotonic() + 60, []
+        while not firing and time.monotonic() < deadline:
+            firing = _query(prom, 'ALERTS{alertstate="firing"}')
+            time.sleep(1)
+        assert [a["metric"]["alertname"] for a in firing] == ["AlexNetDiverged"], firing
+        assert _query(prom, "up")[0]["value"][1] == "0"
+    finally:
+        service.kill()
+        prometheus.terminate()
+        prometheus.wait(timeout=30)
