@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import sys
 import time
 from dataclasses import replace
 
@@ -270,6 +269,7 @@ def last_words(failure: ServiceError, metrics: ServiceMetrics, board: StatusBoar
         return
     metrics.exit_code.set(failure.code)
     board.update(phase="failed", exit_code=failure.code)
+    failure.say()  # now, not after the wait: a person at the terminal learns it at once
     endpoint.last_words(lambda: not stop.requested)
 
 
@@ -282,8 +282,7 @@ def main(argv: list[str]) -> int:
     try:
         return run_service(parse(argv), ending=True)
     except ServiceError as exc:
-        sys.stderr.write(f"service: {exc}\n")  # one write: the ranks of a torchrun job share stderr,
-        sys.stderr.flush()  # and print's text and newline, two writes, interleaved their lines
+        exc.say()
         if exc.recorded:
             record_exit(exc.code)
         return exc.code

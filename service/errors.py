@@ -30,6 +30,7 @@ ranks did): with ``ALEXNET_EXIT_FILE`` set, ``record_exit`` writes the code ther
 from __future__ import annotations
 
 import os
+import sys
 
 EXIT_OK = 0
 EXIT_DATA = 1
@@ -59,6 +60,14 @@ class ServiceError(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.code = code
+        self.said = False
+
+    def say(self) -> None:
+        """The user's line on stderr, once (``service.app.last_words`` says it before its wait)."""
+        if not self.said:
+            self.said = True
+            sys.stderr.write(f"service: {self}\n")  # one write: the ranks of a torchrun job share stderr,
+            sys.stderr.flush()  # and print's text and newline, two writes, interleaved their lines
 
 
 class DataError(ServiceError):
