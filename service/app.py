@@ -130,6 +130,8 @@ def finish(trainer: Trainer, finished: bool, log: RunLog) -> int:
     trainer.checkpoints.wait()  # a failed write: exit 4 on every rank
     if finished:  # no run ends 0 on shards it has not checked
         trainer.parts.shard_check.finish(trainer.progress.step)
+    else:  # halted before the stop's line, the run's last word: its pass, ending meanwhile, said its own after it
+        trainer.parts.shard_check.close()
     trainer.ranks.barrier()
     p, out = trainer.progress, trainer.cfg.out
     if finished:

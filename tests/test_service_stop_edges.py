@@ -61,8 +61,7 @@ def test_a_stop_while_waiting_for_ranks_that_never_come_ends_at_once(sample_shar
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     rank0 = Service(sample_shards, tmp_path / "run", "--epochs", "1", env=env)
     try:
-        _wait_until_catching(rank0.proc.pid, signal.SIGTERM)
-        time.sleep(3)  # into init_process_group, waiting for rank 1
+        _wait_until_listening(int(env["MASTER_PORT"]))  # in init_process_group, waiting for rank 1
         assert rank0.proc.poll() is None, rank0.stderr
         rank0.signal(signal.SIGTERM)
         sent = time.monotonic()
@@ -116,6 +115,23 @@ def _masks(pid: int) -> dict[str, int]:
         return {}
     fields = dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
     return {key: int(fields[key].strip(), 16) for key in ("SigIgn", "SigCgt") if key in fields}
+
+
+def _wait_until_listening(port: int, timeout: float = 120) -> None:
+    """Until a socket of this machine listens on ``port`` (``/proc/net/tcp``: nothing connects to
+    it).  A rank 0 joining by ``env://`` serves the job's store there from inside
+    ``init_process_group``, where it then waits for the others.  (The wait was a fixed 3 s once its
+    stop handler was in, which is at once since ``catch_early``: the service's imports alone take
+    3 s on an idle 2-core machine, so on a busier one the SIGTERM came during them and the stop
+    took their rest, past the 5 s asserted.)"""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            rows = [line.split() for line in Path(table).read_text().splitlines()[1:]]
+            if any(int(row[1].rsplit(":", 1)[1], 16) == port and row[3] == "0A" for row in rows):  # 0A: LISTEN
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listens on port {port}")
 
 
 def _wait_until_catching(pid: int, sig: int, timeout: float = 60) -> None:

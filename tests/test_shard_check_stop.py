@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.service_proc import TORCHRUN_2, Service, checkpoint_steps, events, free_port
+from service.app import parse
+from service.shard_check import ShardCheck
+from tests.service_proc import TINY, TORCHRUN_2, Service, checkpoint_steps, events, free_port
 
 BIG = "train-000000.tar"
 PAD = 6 << 30
@@ -105,3 +107,37 @@ def test_a_long_check_before_training_keeps_every_rank_healthy(sample_shards: Pa
     assert checking > 1.5, f"the check took {checking:.1f} s, too short to outlast the 1 s limit: pad more"
     assert {rank for rank, *_ in answers} == set(range(ranks))
     assert all(code == 200 for _, code, _ in answers), answers
+
+
+@pytest.mark.slow
+def test_a_stopped_run_s_line_comes_after_the_background_check_s(sample_shards: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 capfd: pytest.CaptureFixture) -> None:
+    """A stop while the background check (``data.verify background``) hashes its last shard: the
+    run said ``stopped (SIGTERM) at step N ...`` and only then halted the check, whose pass could
+    end in between and print its ``shards: ... checked`` line (and its ``shard_check`` event) after
+    the stop's, the run's last word.  Made deterministic in this process: the check's thread, done
+    hashing, sends the SIGTERM itself and says its line only once it is told to halt, as when
+    its last hash ends at that moment.  Its line must come first; the stop's stays the last."""
+    import threading
+
+    from service.app import run_service
+
+    said_done = ShardCheck._say_done
+
+    def done_as_the_stop_comes(check: ShardCheck, *args, **kwargs) -> None:
+        if threading.current_thread().name == "shard-check":
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert check._halt.wait(120), "the stopped run never halted the background check"
+        said_done(check, *args, **kwargs)
+
+    monkeypatch.setattr(ShardCheck, "_say_done", done_as_the_stop_comes)
+    out = tmp_path / "run"
+    assert run_service(parse(["--shards", str(sample_shards), "--out", str(out), *TINY, "--epochs", "50"])) == 0
+    for thread in threading.enumerate():
+        if thread.name == "shard-check":
+            thread.join()
+    lines = capfd.readouterr().out.strip().splitlines()
+    assert any(" checked against the manifest" in line for line in lines), lines
+    assert lines[-1].startswith("stopped (SIGTERM) at step "), lines[-3:]
+    assert [e["event"] for e in events(out)][-2:] == ["shard_check", "stopped"], events(out)[-3:]
