@@ -269,12 +269,16 @@ class ShardCheck:
         """The shard's problem (remembered), or ``HashStopped`` once ``stop()``: nothing remembered.
         ``index`` False: not its index again (the hash before training: ``_check_at_start`` has
         just read it; the background pass, later, reads it again, it may have changed since)."""
-        key = file_key(shard)
+        try:
+            key = file_key(shard)
+        except OSError:  # gone since the start's look at it: ``shard_problem`` says so, nothing to remember
+            key = None
         try:
             problem = shard_problem(shard, stop=stop, index=index)
         except HashStopped:
             return HashStopped
-        self.memory.remember(shard, key, problem)
+        if key is not None:
+            self.memory.remember(shard, key, problem)
         return problem
 
     def _stop_requested(self) -> bool:

@@ -11,8 +11,7 @@ import time
 from dataclasses import dataclass
 
 from service.data_errors import damaged_samples
-from shards.index_check import INDEX
-from shards.manifest import CORRUPT, Shard, remake
+from shards.manifest import CORRUPT, Shard, fix_in_text, remake
 
 
 @dataclass(frozen=True)
@@ -22,13 +21,13 @@ class Finding:
     split: str
     shard: Shard
     text: str  # "<split> shard <tar>: <problem>; <samples>"
-    index: bool = False  # the problem is the shard's DALI index (fixed by rewriting it, not the shards)
+    fixed_by_text: bool = False  # the problem says its fix (rewrite the DALI index, read access), not the shards
 
 
 def describe(split: str, shard: Shard, problem: str, num_classes: int) -> Finding:
     """The finding for ``shard``'s ``problem``; a corrupt one names the samples that fail to decode."""
     samples = f"; {damaged_samples(shard.tar, num_classes)}" if problem == CORRUPT else ""
-    return Finding(split, shard, f"{split} shard {shard.tar}: {problem}{samples}", problem.startswith(INDEX))
+    return Finding(split, shard, f"{split} shard {shard.tar}: {problem}{samples}", fix_in_text(problem))
 
 
 def consumed(finding: Finding, step: int, start_step: int, entry: dict) -> str:
@@ -54,7 +53,7 @@ def hint(finding: Finding) -> str:
     a finding of another rank's copy (each node its own --shards) is said by every rank, and rank
     0's own root in it told the user to re-create rank 0's intact shards."""
     skip = "leave bad shards out: --data.on_corrupt skip --data.verify before"
-    if finding.index:  # its text says how to rewrite the index
+    if finding.fixed_by_text:
         return f"or {skip}"
     return f"restore the shard from a copy or re-create the shards ({remake(finding.shard.tar.parent.parent)}); or {skip}"
 

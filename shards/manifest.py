@@ -117,6 +117,7 @@ def _split(root: Path, name: str, entry: dict, num_classes: int) -> Split:
 
 
 CORRUPT = "contents differ from the manifest's sha256 (corrupt)"
+UNREADABLE = "the tar cannot be read"
 
 
 def shard_problem(shard: Shard, deep: bool = True, stop: Callable[[], bool] | None = None,
@@ -138,9 +139,19 @@ def shard_problem(shard: Shard, deep: bool = True, stop: Callable[[], bool] | No
         return f"{size} bytes, the manifest says {shard.bytes} (truncated or modified)"
     if index and (problem := index_problem(shard, size, deep if entries is None else entries)):
         return problem
-    if deep and sha256_file(shard.tar, stop) != shard.sha256:
-        return CORRUPT
+    try:
+        if deep and sha256_file(shard.tar, stop) != shard.sha256:
+            return CORRUPT
+    except OSError as exc:  # another user's file (mode 600), a failing disk: was a traceback
+        return (f"{UNREADABLE} ({exc.strerror or exc}) by uid {os.getuid()}: give that user read "
+                "access to the shards (a failing disk: restore the shard from a copy)")
     return None
+
+
+def fix_in_text(problem: str) -> bool:
+    """Whether ``problem`` says its own fix (a DALI index to rewrite, a file that cannot be read)
+    rather than needing the shards restored or re-created."""
+    return problem.startswith((INDEX, UNREADABLE))
 
 
 def check_files(m: Manifest, splits: tuple[str, ...] = SPLITS, deep: bool = False,
@@ -151,7 +162,7 @@ def check_files(m: Manifest, splits: tuple[str, ...] = SPLITS, deep: bool = Fals
         for shard in m.splits[name].shards:
             problem = None if shard.tar.name in exclude else shard_problem(shard, deep)
             if problem:
-                fix = "" if problem.startswith(INDEX) else f"; {_hint(m.root)}"  # an index's fix is in its problem
+                fix = "" if fix_in_text(problem) else f"; {_hint(m.root)}"
                 raise ManifestError(f"{shard.tar}: {problem}{fix}")
 
 

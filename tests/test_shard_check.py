@@ -228,3 +228,39 @@ def test_the_check_s_rate_is_in_mb_per_second_when_below_a_tenth_of_a_gb() -> No
     assert done_line(10, 0, 19_700_000, 4.5) == ("shards: 10 checked against the manifest, all intact "
                                                  "(19.7 MB in 4.5 s, 4.4 MB/s)")
     assert done_line(3, 1, 31_000_000_000, 19.0).endswith("(31.0 GB in 19 s, 1.63 GB/s)")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("unreadable", ["train-000002.tar", "train-000002.idx"])
+def test_a_shard_the_service_may_not_read_is_one_line_not_a_traceback(unreadable: str, sample_shards: Path,
+                                                                      tmp_path: Path) -> None:
+    """A shard (or its index) the service's user may not read (another user's, mode 600) ended the
+    hash in a PermissionError traceback (``data.verify before``; in the background pass: a thread's
+    traceback, and the check stopped silently).  Now it is the shard's finding, naming the file and
+    the fix: the run stops on it, exit 1."""
+    import subprocess
+
+    from tests.service_proc import ROOT, TINY
+    no_dac = "-dac_override,-dac_read_search"  # what lets root read any file
+    shards = tmp_path / "shards"
+    shutil.copytree(sample_shards, shards)
+    os.chmod(shards / "train" / unreadable, 0)
+    launcher: list[str] = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("root reads any file; dropping that needs setpriv (util-linux)")
+        launcher = ["setpriv", f"--bounding-set={no_dac}", f"--inh-caps={no_dac}"]
+    for path in (tmp_path, *tmp_path.parents):  # pytest's directories are root's, mode 700
+        if path == Path("/") or not path.is_relative_to("/tmp"):
+            break
+        os.chmod(path, path.stat().st_mode | 0o005)
+    cmd = [*launcher, sys.executable, "-m", "service", "--shards", str(shards), "--out", str(tmp_path / "run"), *TINY,
+           "--epochs", "1", "--data.verify", "before"]
+    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=240)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert f"train shard {shards / 'train' / 'train-000002.tar'}: " in line, line
+    said = {"train-000002.tar": "the tar cannot be read (Permission denied) by uid ",
+            "train-000002.idx": f"its index {shards / 'train' / unreadable} cannot be read (Permission denied)"}
+    assert said[unreadable] in line and "re-create the shards" not in line, line
