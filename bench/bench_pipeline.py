@@ -14,9 +14,10 @@ is never timed.
    ``pipeline_fast_idct``: the same with ``fast_idct=True``.
    ``pipeline_with_cpu_normalize``: the same loader iterated as on a CPU-only machine, i.e.
    including the float normalisation (mean image, lighting, CHW float32) on this CPU.
-2. ``reference``: the plain-PyTorch loader (webdataset + Pillow-SIMD + DataLoader workers).
-3. ``decode_floor``: decoding the same JPEG bytes (held in memory) to RGB with Pillow-SIMD, no
-   augmentation, one process per core.  Also reported: DALI's own decode-only pipeline (reader +
+2. ``reference``: the plain-PyTorch loader (webdataset + Pillow(-SIMD) + DataLoader workers).
+3. ``decode_floor``: decoding the same JPEG bytes (held in memory) to RGB with Pillow-SIMD (or
+   the plain Pillow that is installed: the record and table say which), no augmentation, one
+   process per core.  Also reported: DALI's own decode-only pipeline (reader +
    CPU decoder, all cores).
 4. ``scaling``: the pipeline with 1 thread and with all cores.
 5. ``mixed``: the GPU decode path (``device="mixed"``), only when a GPU is present.
@@ -137,7 +138,7 @@ def main(argv: Iterable[str] | None = None) -> dict:
     print_table(record, runs)
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(json.dumps(record, indent=2) + "\n")
-    chart(runs, args.report.with_suffix(".png"))
+    chart(record, runs, args.report.with_suffix(".png"))
     print(f"wrote {args.report} and {args.report.with_suffix('.png')}")
     return record
 

@@ -14,18 +14,26 @@ from pathlib import Path
 from pipeline import LoaderConfig
 
 
+# "{pillow}": the Pillow that ran, Pillow-SIMD or plain (``labels``).
 LABELS = {
     "pipeline": "(1) DALI pipeline up to the uint8 batch (GPU service path)",
     "pipeline_fast_idct": "(1') the same with the fast IDCT (fast_idct=True)",
     "pipeline_with_cpu_normalize": "(1b) (1) + normaliser on this CPU (CPU-only)",
-    "reference": "(2) reference loader (webdataset + Pillow-SIMD + DataLoader)",
-    "decode_floor": "(3) decode floor: Pillow-SIMD decode, 1 process per core",
+    "reference": "(2) reference loader (webdataset + {pillow} + DataLoader)",
+    "decode_floor": "(3) decode floor: {pillow} decode, 1 process per core",
     "dali_decode_only": "    DALI decode only (reader + CPU decoder), all cores",
     "pipeline_1_thread": "(4) DALI pipeline up to the uint8 batch, 1 thread",
     "pipeline_mixed": "(5) DALI pipeline, mixed (GPU) decode, uint8 batch",
     "pipeline_mixed_with_gpu_normalize": "(5b) the same + normaliser on the GPU",
     "dali_decode_only_mixed": "    DALI decode only, mixed (GPU)",
 }
+
+
+def labels(record: dict) -> dict[str, str]:
+    """``LABELS`` naming the Pillow of ``record`` (``bench.record.pillow_name``): a plain Pillow's
+    floor was labelled Pillow-SIMD, the faster decoder the issue's ratio is meant against."""
+    pillow = record["machine"]["pillow_distribution"]
+    return {key: text.format(pillow=pillow) for key, text in LABELS.items()}
 
 
 def _ratio(med: dict[str, float], a: str, b: str) -> float | None:
@@ -46,7 +54,8 @@ def report(head: dict, runs: dict[str, list[float]], normalize_ms: dict[str, flo
                      "normalize": "mean_image", "fast_idct": LoaderConfig().fast_idct, "configs": args.configs},
         "pipeline_definition": "DALI graph (read, crop-window decode, flip, draws) + loader up to the uint8 "
                                "NHWC batch handed to the device normaliser (raw_batches), all cores",
-        "decode_floor_definition": "Pillow-SIMD decode of the same training JPEG bytes (in memory) to RGB, "
+        "decode_floor_definition": f"{head['machine']['pillow_distribution']} {head['machine']['pillow']} decode "
+                                   "of the same training JPEG bytes (in memory) to RGB, "
                                    f"no augmentation, {cores} processes (one per core)",
         "pipeline_images_per_s": med.get("pipeline"),
         "decode_floor_images_per_s": med.get("decode_floor"),
@@ -74,10 +83,11 @@ def ordered(runs: dict[str, list[float]]) -> list[str]:
 
 
 def print_table(record: dict, runs: dict[str, list[float]]) -> None:
+    names = labels(record)
     print(f"{'configuration':<64} {'images/s':>9}  runs")
     for key in ordered(runs):
         values = runs[key]
-        print(f"{LABELS[key]:<64} {statistics.median(values):>9.0f}  {', '.join(f'{v:.0f}' for v in values)}")
+        print(f"{names[key]:<64} {statistics.median(values):>9.0f}  {', '.join(f'{v:.0f}' for v in values)}")
     print("CPU us per image (all threads/processes): "
           + ", ".join(f"{k} {v:.0f}" for k, v in record["cpu_us_per_image"].items()))
     ms = record["normalizer_cpu_ms_per_batch"]
@@ -89,7 +99,7 @@ def print_table(record: dict, runs: dict[str, list[float]]) -> None:
           + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items()))
 
 
-def chart(runs: dict[str, list[float]], path: Path) -> None:
+def chart(record: dict, runs: dict[str, list[float]], path: Path) -> None:
     """A horizontal bar chart of the medians (with every run as a dot)."""
     import matplotlib
 
@@ -101,7 +111,8 @@ def chart(runs: dict[str, list[float]], path: Path) -> None:
     ax.barh(range(len(keys)), [statistics.median(runs[k]) for k in keys], color="#4c72b0")
     for y, k in enumerate(keys):
         ax.plot(runs[k], [y] * len(runs[k]), "k.", ms=4)
-    ax.set_yticks(range(len(keys)), [LABELS[k].strip() for k in keys], fontsize=8)
+    names = labels(record)
+    ax.set_yticks(range(len(keys)), [names[k].strip() for k in keys], fontsize=8)
     ax.set_xlabel("images/s")
     ax.set_title("Input pipeline throughput (median of runs)")
     fig.tight_layout()

@@ -10,6 +10,7 @@ the git commit, the GPUs), and the machine's 1-minute load average before and af
 from __future__ import annotations
 
 import importlib
+import importlib.metadata as md
 import os
 import platform
 import subprocess
@@ -30,6 +31,19 @@ def _cpu() -> str:
                     if line.startswith("model name"))
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()
+
+
+def pillow_name() -> str:
+    """``"Pillow-SIMD"`` or ``"Pillow"``: the distribution whose ``PIL`` is imported.  Both install
+    the same package, and PIL's version alone does not tell them apart; Pillow-SIMD's metadata
+    carrying the imported version does (as tests/test_environment.py checks the project's own).
+    A plain Pillow earlier on the path (the GPU machines' Pillow 12.3.0) was reported as SIMD."""
+    import PIL
+
+    try:
+        return "Pillow-SIMD" if md.version("Pillow-SIMD") == PIL.__version__ else "Pillow"
+    except md.PackageNotFoundError:
+        return "Pillow"
 
 
 def git_commit() -> str:
@@ -53,6 +67,8 @@ def machine(*libraries: str) -> dict:
             "platform": platform.platform(), "python": sys.version.split()[0]}
     for name in ("torch", "numpy", *libraries):
         info[name] = importlib.import_module(LIBRARIES[name]).__version__
+    if "pillow" in libraries:
+        info["pillow_distribution"] = pillow_name()
     info["git_commit"] = git_commit()
     info["gpus"] = []
     if torch.cuda.is_available():

@@ -82,6 +82,17 @@ def paper_update_(params: list[Tensor], grads: list[Tensor], velocities: list[Te
     torch._foreach_add_(params, velocities)
 
 
+def decay_bound(momentum: float) -> float:
+    """The value of ``lr * weight_decay`` at and above which the decay alone diverges.
+
+    Without a gradient the rule is linear in (w, v): ``w' = (1 - a) w + m v``, ``v' = -a w + m v``
+    with ``a = lr * weight_decay``.  Its matrix has determinant ``m`` and trace ``1 + m - a``, and
+    both eigenvalues lie inside the unit circle exactly while ``0 < a < 2 (1 + m)``: beyond, each
+    step flips the weights' sign and grows them, whatever the data (the paper's 0.01 * 5e-4 is
+    far inside).  A learning rate that only drops (``model.schedule``) keeps it inside."""
+    return 2.0 * (1.0 + momentum)
+
+
 def param_groups(model: nn.Module, weight_decay: float, bias_decay: bool = True) -> list[dict]:
     """Parameter groups for :class:`PaperSGD`: the paper decays every weight, biases included
     (``bias_decay=True``, the project's default, SPEC 2); Caffe and cuda-convnet exempt biases

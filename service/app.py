@@ -25,7 +25,7 @@ from common.config_help import print_help, settings_help, wants_help
 from pipeline.stats import manifest_stats
 from service import PARENT, data_stats
 from service.build import apply_cuda_sync, build, compile_note, resolve, share_cores
-from service.config import TrainConfig, validate
+from service.config import TrainConfig, decay_problem, validate
 from service.data_fit import check_fits_data
 from service.dist import RankError, Ranks, peer_gone
 from service.errors import EXIT_CONFIG, EXIT_OK, DataError, PeerGone, ServiceError, record_exit
@@ -158,10 +158,12 @@ def run_service(cfg: TrainConfig, ending: bool = False) -> int:
     """Run a validated config to the end (or to a requested stop); returns the exit code.
     ``ending``: the process ends with it (``main``): stop signals stay ignored afterwards.
 
-    The run directory is checked first; a ``--shards`` that is no shard directory at all (a
-    typo, the images themselves) next, before the port, the ranks or a log: a run directory this
+    The settings that depend on torchrun's environment (the ranks' ports, their scaled lr) are
+    checked first, the run directory next; a ``--shards`` that is no shard directory at all (a
+    typo, the images themselves) then, before the port, joining or a log: a run directory this
     start created is removed again (still empty), so nothing is left behind.  That read of
     ``manifest.json`` is the start's only one (``start`` checks the rest on what it read)."""
+    ranks = env_ranks(cfg)
     created = check_run_dir(cfg.out)
     try:
         manifest = contract.read(cfg.shards)
@@ -170,11 +172,6 @@ def run_service(cfg: TrainConfig, ending: bool = False) -> int:
             with contextlib.suppress(OSError):
                 cfg.out.rmdir()
         raise DataError(str(exc)) from None
-    try:
-        ranks = Ranks.from_env()
-        ranks.http_port(cfg.http.port)  # in range for every rank here: each refuses before any joins
-    except RankError as exc:
-        raise ServiceError(EXIT_CONFIG, str(exc)) from None
     cfg = resolve(cfg, ranks)
     apply_cuda_sync(cfg)  # before anything creates a CUDA context
     stop = StopFlag().install()  # before joining: torchrun may signal while the ranks meet
@@ -204,6 +201,21 @@ def run_service(cfg: TrainConfig, ending: bool = False) -> int:
             lock.close(created)
         if allowed is not None:
             os.sched_setaffinity(0, allowed)
+
+
+def env_ranks(cfg: TrainConfig) -> Ranks:
+    """This process's place among torchrun's ranks, or ``ServiceError`` (exit 2, every rank alike,
+    before any joins) where ``cfg`` does not fit them: a port past 65535, or the lr that N ranks
+    scale to past the weight decay's bound (one rank's lr is checked by ``validate``)."""
+    try:
+        ranks = Ranks.from_env()
+        ranks.http_port(cfg.http.port)
+    except RankError as exc:
+        raise ServiceError(EXIT_CONFIG, str(exc)) from None
+    problem = decay_problem(cfg.optim, ranks.world_size)
+    if problem:
+        raise ServiceError(EXIT_CONFIG, f"invalid settings: {problem}")
+    return ranks
 
 
 def serve_http(cfg: TrainConfig, ranks: Ranks, metrics: ServiceMetrics, board: StatusBoard) -> HttpEndpoint:

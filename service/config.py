@@ -18,6 +18,7 @@ from common.config import COMMAND_LINE_ONLY
 from common.cuda import CudaSync
 from model.alexnet import INPUT_SIDES, InputChannels
 from model.lrn import LrnImpl
+from model.optim import decay_bound
 from model.step import CAN_TRACE_BACKWARD, CompileMode, TraceBackward
 from pipeline.config import LoaderConfig
 from pipeline.views import VIEW_COUNTS
@@ -247,7 +248,24 @@ def _optim_problems(o: OptimSettings) -> list[str]:
          f"more and it is below float32's {FLOAT32_MIN_NORMAL:.4g}, an update of 0), got {o.max_drops}"),
         (o.lr_scaling in LR_SCALING, f"optim.lr_scaling must be one of {LR_SCALING}, got {o.lr_scaling!r}"),
     ]
-    return [message for ok, message in checks if not ok]
+    problems = [message for ok, message in checks if not ok]
+    return problems or [p for p in [decay_problem(o)] if p]  # one rank's lr; run_service checks N ranks'
+
+
+def decay_problem(o: OptimSettings, ranks: int = 1) -> str | None:
+    """Why ``o`` diverges from its first steps on ``ranks`` ranks, whatever the data: the lr the
+    update uses (``optim.lr`` scaled by the ``lr_scaling`` rule; the schedule only lowers it)
+    times ``optim.weight_decay`` at or past ``model.optim.decay_bound``.  ``None`` if it does not.
+    ``optim.weight_decay 400`` at the paper's lr 0.01 trained on until the loss was nan (exit 6)."""
+    scale, limit = lr_factor(o, ranks), decay_bound(o.momentum)
+    lr = o.lr * scale
+    if lr * o.weight_decay < limit:
+        return None
+    scaled = f" x {scale:g} (the {o.lr_scaling} rule, {ranks} ranks)" if scale != 1 else ""
+    return (f"optim.lr {o.lr:g}{scaled} x optim.weight_decay {o.weight_decay:g} = {lr * o.weight_decay:g} is at least "
+            f"2 x (1 + optim.momentum {o.momentum:g}) = {limit:g}, where the weight decay alone makes every weight "
+            f"grow without bound: give --optim.weight_decay below {limit / lr:g} (the paper's is 5e-4) or a lower "
+            f"--optim.lr")
 
 
 def _model_problems(cfg: TrainConfig) -> list[str]:

@@ -6,6 +6,7 @@ bench_scaling) or, for bench_service, a traceback only after its whole timed run
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,18 @@ def test_help_gives_the_benchmark_s_first_paragraph_whole(module: str) -> None:
     said = " ".join(run_module(module, "--help", timeout=120).stdout.split())
     first = " ".join(__import__(module, fromlist=["_"]).__doc__.split("\n\n")[0].split())
     assert first in said, said
+
+
+@pytest.mark.slow  # ~60 training steps of AlexNet and 2 checkpoints (0.5 GB each) on the CPU
+def test_bench_service_runs_at_a_small_batch(tmp_path: Path) -> None:
+    """``bench.bench_service --batch 2`` trained its four random batches at the paper's lr 0.01,
+    which diverged by the 12th step: the service loop's divergence check ended the benchmark in a
+    ``Diverged`` traceback during its warm-up.  The lr is now the paper's scaled to the batch."""
+    report = tmp_path / "out" / "service.json"
+    done = run_module("bench.bench_service", "--batch", "2", "--steps", "7", "--ckpt-every", "6", "--rounds", "1",
+                      "--log-every", "1", "--null-steps", "10", "--report", str(report), "--tmp", str(tmp_path),
+                      check=False, timeout=600)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    record = json.loads(report.read_text())
+    assert (record["batch"], record["lr"]) == (2, 0.01 * 2 / 128)
+    assert "batch 2, lr 0.00015625" in done.stdout, done.stdout

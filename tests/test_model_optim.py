@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from model import AlexNet, PaperSGD, load_velocity_state, train_step, velocity_state
+from model.optim import decay_bound
 
 MOMENTUM, DECAY = 0.9, 5e-4
 RNG = np.random.default_rng(0)
@@ -86,6 +87,26 @@ def test_parameters_without_gradient_are_left_alone_and_closure_runs():
     assert torch.equal(unused, torch.ones(3)) and "velocity" not in opt.state[unused]
     # One step from v = 0: w <- w - 0.0005 lr w - lr 2w
     assert torch.allclose(used, torch.full((3,), 1 - 0.1 * 5e-4 - 0.2))
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5, 0.9])
+def test_the_decay_alone_shrinks_the_weights_inside_its_bound_and_grows_them_at_it(momentum: float) -> None:
+    """``decay_bound`` (service.config refuses settings past it): with zero gradients the rule is the
+    decay alone; 1% inside the bound the weights shrink over 3000 steps, at the bound and 1% past
+    it they do not (at it they oscillate at a constant size, past it they grow)."""
+    lr, limit = 0.01, decay_bound(momentum)
+
+    def size_after(decay: float) -> float:
+        w = torch.ones(4, dtype=torch.float64, requires_grad=True)
+        opt = PaperSGD([w], lr=lr, momentum=momentum, weight_decay=decay / lr)
+        for _ in range(3000):
+            w.grad = torch.zeros_like(w)
+            opt.step()
+        return w.detach().abs().max().item()
+
+    assert size_after(0.99 * limit) < 1e-3
+    assert size_after(limit) >= 1 - 1e-6
+    assert size_after(1.01 * limit) > 1e6
 
 
 @pytest.mark.slow

@@ -25,8 +25,10 @@ from service.errors import EXIT_CONFIG, EXIT_DATA
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def service(*args: str, unreadable: Path | None = None) -> subprocess.CompletedProcess:
-    """``python -m service args`` to its end; ``unreadable``: a file made unreadable to it (mode 0)."""
+def service(*args: str, unreadable: Path | None = None, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess:
+    """``python -m service args`` to its end; ``unreadable``: a file made unreadable to it (mode 0);
+    ``env``: variables added to its environment (torchrun's, for one rank of several)."""
     prefix: list[str] = []
     if unreadable is not None:
         unreadable.chmod(0)
@@ -37,7 +39,7 @@ def service(*args: str, unreadable: Path | None = None) -> subprocess.CompletedP
                 pytest.skip(f"no user namespace to make a file unreadable to root here ({probe.stderr.strip()})")
     cmd = [*prefix, sys.executable, "-m", "service", *args, "--http.port", "0", "--epochs", "1"]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
 
 
 def one_line(result: subprocess.CompletedProcess, code: int) -> str:
@@ -201,3 +203,38 @@ def test_an_lr_that_is_0_in_float32_is_one_line_and_exit_2(tmp_path: Path) -> No
     line = one_line(service("--optim.lr", "1e-50", "--shards", str(tmp_path / "no-shards"), "--out", str(run)),
                     EXIT_CONFIG)
     assert "optim.lr must be a number > 0 (float32's 1.175e-38 to 3.403e+38), got 1e-50" in line, line
+
+
+@pytest.mark.parametrize("decay, momentum, product, limit, below",
+                         [("400", "0.9", "4", "3.8", "380"), ("200", "0", "2", "2", "200")])
+def test_a_weight_decay_that_diverges_alone_is_one_line_and_exit_2(decay: str, momentum: str, product: str,
+                                                                   limit: str, below: str, sample_shards: Path,
+                                                                   tmp_path: Path) -> None:
+    """The paper's rule decays each weight by ``lr * weight_decay`` per step into the velocity: at
+    ``2 * (1 + momentum)`` or more that alone flips and grows every weight (``model.optim.decay_bound``).
+    ``optim.weight_decay 400`` at lr 0.01 started: at batch 24 the loss was 1.8e23, then nan, by step 5
+    (exit 6, "lower optim.lr"); here, one step per epoch, the run ended 0 on its wrecked weights.  Now
+    refused with the other settings, before a run directory."""
+    run = tmp_path / "run"
+    line = one_line(service("--optim.weight_decay", decay, "--optim.momentum", momentum, "--shards",
+                            str(sample_shards), "--out", str(run)), EXIT_CONFIG)
+    assert (f"optim.lr 0.01 x optim.weight_decay {decay} = {product} is at least 2 x (1 + optim.momentum {momentum}) = "
+            f"{limit}") in line, line
+    assert f"give --optim.weight_decay below {below}" in line, line
+    assert not run.exists()
+
+
+def test_a_weight_decay_that_diverges_at_the_ranks_scaled_lr_is_one_line_and_exit_2(sample_shards: Path,
+                                                                                    tmp_path: Path) -> None:
+    """Under torchrun the lr is ``optim.lr`` scaled by the number of ranks (``optim.lr_scaling``):
+    weight decay 200 at lr 0.01 is inside the bound on one rank (2 < 3.8), past it at two ranks'
+    0.02 (4).  Every rank refuses from torchrun's variables, before joining and before its run
+    directory: here rank 0 of 2 alone, whose peer never comes."""
+    run = tmp_path / "run"
+    env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}
+    line = one_line(service("--optim.weight_decay", "200", "--shards", str(sample_shards), "--out", str(run), env=env),
+                    EXIT_CONFIG)
+    assert ("optim.lr 0.01 x 2 (the linear rule, 2 ranks) x optim.weight_decay 200 = 4 is at least "
+            "2 x (1 + optim.momentum 0.9) = 3.8") in line, line
+    assert "give --optim.weight_decay below 190" in line, line
+    assert not run.exists()
