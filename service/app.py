@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import time
 from dataclasses import replace
 
 import torch
@@ -23,7 +22,7 @@ import torch
 from common.config import ConfigError, load_config, split_config_arg, to_dict
 from common.config_help import print_help, settings_help, wants_help
 from pipeline.stats import manifest_stats
-from service import PARENT, data_stats
+from service import PARENT, data_stats, run_ids
 from service.build import apply_cuda_sync, build, compile_note, resolve, share_cores
 from service.config import TrainConfig, decay_problem, validate
 from service.data_fit import check_fits_data
@@ -77,15 +76,17 @@ def start(cfg: TrainConfig, manifest: contract.Manifest, ranks: Ranks, metrics: 
     # In the identity: a resume on changed statistics is refused (service.data_stats).
     ident = identity(cfg, data_fingerprint(manifest.record), data_stats.summary(stats))
     parts = build(cfg, ranks, manifest, excluded, shard_check=check, stats=stats)
-    run_id = f"{cfg.out.resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    trainer = Trainer(parts, ranks, manifest, ident, run_id, metrics, board, log, stop)
-    found = trainer.resume()  # rank 0 chooses the file, every rank restores it (service.checkpointer)
+    trainer = Trainer(parts, ranks, manifest, ident, run_ids.new_run_id(cfg.out), metrics, board, log, stop)
+    found = trainer.resume()  # rank 0 chooses the file and the id, every rank restores it (service.checkpointer)
     p = trainer.progress
+    if found and found.copied_from:
+        log.say(f"{cfg.out} is a copy of run {found.copied_from}'s directory {found.original} (its checkpoint "
+                f"{found.path} was written there): this copy trains as run {trainer.run_id} from here on")
     if found:
         log.say(f"resuming run {trainer.run_id} from {found.path}: {p.evaluated} epoch(s) done, "
                 f"{trainer.position()} (step {p.step} in all)")
     else:
-        log.say(f"new run {run_id} in {cfg.out}")
+        log.say(f"new run {trainer.run_id} in {cfg.out}")
     if found and ranks.is_main:  # the checkpoint's epochs, not those of a newer one that was lost
         log.history_as_resumed(p.history, trainer.chance, found.path)
     images = sum(s.samples for s in manifest.splits["train"].shards if s.tar.name not in excluded)
@@ -106,7 +107,8 @@ def start(cfg: TrainConfig, manifest: contract.Manifest, ranks: Ranks, metrics: 
     board.beat("starting")
     if ranks.is_main:
         log.write_json("config.json", to_dict(cfg))
-    log.event("start", run_id=trainer.run_id, resumed_from=str(found.path) if found else None, step=p.step,
+    log.event("start", run_id=trainer.run_id, copied_from=found.copied_from if found else None,
+              run_dir=trainer.checkpoints.run_dir, resumed_from=str(found.path) if found else None, step=p.step,
               **ranks.info(), config=to_dict(cfg))
     # Last: a start that fails before here (a full disk under config.json) has no thread to stop,
     # and ``_serve`` stops it from here on (it left .shard-checks.json.tmp behind at exit)

@@ -225,16 +225,17 @@ def wrong_step(path: Path, named: int, payload: dict[str, Any]) -> ServiceError 
                         "and run the same command again")
 
 
-def newest_valid(out: Path, log: Callable[[str], None], run: str | None = None) -> tuple[Path, dict[str, Any]] | None:
+def newest_valid(out: Path, log: Callable[[str], None], last_start: dict[str, Any] | None = None
+                 ) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint in ``out`` that loads, the unreadable newer ones set aside
     (``*.corrupt``); None when there is no checkpoint.  ``ServiceError`` (exit 2) when there are
-    checkpoints and none loads, the newest is of another version or of another run than ``run``
-    (the directory's, if known): nothing is renamed then."""
+    checkpoints and none loads, the newest is of another version or of another run than the
+    directory's (its log's ``last_start`` event, if any): nothing is renamed then."""
     try:
         found, unreadable = scan(out)
     except OtherVersion as exc:
         raise exc.refusal() from None
-    if found is not None and (refusal := other_run(*found, run)) is not None:
+    if found is not None and (refusal := other_run(*found, last_start)) is not None:
         raise refusal
     if found is None and unreadable:
         listed = "; ".join(f"{p.name} ({why})" for p, why in unreadable)

@@ -10,6 +10,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from service import run_ids
 from service.errors import EXIT_CONFIG, ServiceError
 
 
@@ -52,16 +53,18 @@ def not_a_file(path: Path) -> ServiceError | None:
                         f"was changed. Remove it or move it out of {path.parent} and run the same command again")
 
 
-def other_run(path: Path, payload: dict[str, Any], ours: str | None) -> ServiceError | None:
-    """Exit 2 for a checkpoint of another run than the run directory's (``ours``: the run its log
-    last started), same recipe and shards or not.  Resuming it replaced this directory's history
-    and curve with the other run's and pruned this run's own checkpoints, said only by the run id
-    in "resuming run".  Refused rather than warned of, as a checkpoint of another recipe is: a
-    warning scrolls past in a service's log while the loss is irreversible, and a run is resumed
-    on purpose elsewhere by copying its checkpoint into a directory of its own."""
-    theirs = payload["run_id"]
-    if ours is None or theirs == ours:
+def other_run(path: Path, payload: dict[str, Any], last_start: dict[str, Any] | None) -> ServiceError | None:
+    """Exit 2 for a checkpoint of another run than the run directory's (``last_start``: the
+    ``start`` event its log ends with), same recipe and shards or not.  Resuming it replaced this
+    directory's history and curve with the other run's and pruned this run's own checkpoints, said
+    only by the run id in "resuming run".  Refused rather than warned of, as a checkpoint of another
+    recipe is: a warning scrolls past in a service's log while the loss is irreversible, and a run
+    is resumed on purpose elsewhere by copying its checkpoint into a directory of its own.  A copy
+    of the whole directory, and the copy's restarts on the original's checkpoint, are this
+    directory's run under an id of its own (``service.run_ids``)."""
+    if run_ids.continued(path.parent, payload, last_start) is not None:
         return None
+    theirs, ours = payload["run_id"], last_start["run_id"]
     return ServiceError(EXIT_CONFIG, f"checkpoint {path} is of run {theirs}, but this run directory's run is {ours} "
                         f"(its log.jsonl); copied or linked here? Nothing was changed. Remove it to resume {ours}, or "
                         f"resume {theirs} in a directory of its own (--out), and run again")

@@ -13,7 +13,8 @@ only when they all agree.  (When every rank chose for itself, the ranks that los
 rename a damaged file died of a FileNotFoundError, and on shared storage ranks could resume
 from different files: DDP's broadcast at construction had happened before the restore.)  Its
 choice trusts no file name over the file (``service.checkpoint.newest_valid``): the stored step
-must be the name's, the run the directory's (the run id of its log's last start).
+must be the name's, the run the directory's (the run id of its log's last start), and a copy of
+the directory trains under an id of its own (``service.run_ids``), which rank 0 gives every rank.
 
 Same ranks, same graph: the exact position (every rank's loader state and RNG state).  Another
 number of ranks (or a checkpoint from the other decode graph): the weights, velocities,
@@ -33,6 +34,7 @@ import torch
 from common.config import to_dict
 from model import load_velocity_state, velocity_state
 from service import checkpoint as ckpt
+from service import run_ids
 from service.checkpoint_writer import CheckpointWriter, write_error
 from service.config import TrainConfig
 from service.dist import Ranks
@@ -85,8 +87,10 @@ class Resumed:
 
     path: Path
     step: int
-    run_id: str
+    run_id: str  # the id the run trains under: the checkpoint's, or a copy's own (``service.run_ids``)
     time: float  # when the checkpoint was taken (unix seconds)
+    copied_from: str | None = None  # a copied run directory: the run whose checkpoint it resumed
+    original: str | None = None  # and the directory that checkpoint was written in
 
 
 class CheckpointManager:
@@ -96,6 +100,7 @@ class CheckpointManager:
                  shared: dict[str, Stateful | None], per_rank: dict[str, Stateful], on_written) -> None:
         self.cfg, self.ranks, self.log, self.identity, self.run_id = cfg, ranks, log, identity, run_id
         self.shared, self.per_rank = shared, per_rank
+        self.run_dir = run_ids.run_dir(cfg.out)  # in every checkpoint: a copy of the directory is told by it
         self.progress: Progress = shared["progress"]
         c = cfg.checkpoint
         self.writer = CheckpointWriter(cfg.out, c.keep, c.background, on_written)
@@ -147,8 +152,8 @@ class CheckpointManager:
                 raise write_error(self.cfg.out, failure, rank)
 
     def _payload(self, reason: str, per_rank: list[dict[str, Any]]) -> dict[str, Any]:
-        payload = {"format": ckpt.FORMAT, "version": ckpt.VERSION, "run_id": self.run_id, "reason": reason,
-                   "time": time.time(), "config": to_dict(self.cfg), "identity": self.identity}
+        payload = {"format": ckpt.FORMAT, "version": ckpt.VERSION, "run_id": self.run_id, "run_dir": self.run_dir,
+                   "reason": reason, "time": time.time(), "config": to_dict(self.cfg), "identity": self.identity}
         for key in SHARED_ORDER:
             part = self.shared[key]
             payload[key] = None if part is None else self.buffers.stage(key, part.state_dict())
@@ -162,7 +167,8 @@ class CheckpointManager:
     def resume(self) -> Resumed | None:
         """Restore the newest readable checkpoint on every rank (rank 0 chooses); None for a new run."""
         choice, payload = self._choose() if self.ranks.is_main else (None, None)
-        choice = self.ranks.broadcast(choice)
+        # A new run's id too: rank 0's (each rank's own clock could be a second apart).
+        choice, self.run_id = self.ranks.broadcast((choice, self.run_id))
         if isinstance(choice, tuple):  # rank 0 refused: every rank stops with its message
             raise ServiceError(*choice)
         if choice is None:
@@ -178,14 +184,16 @@ class CheckpointManager:
         self._verify(path, step, self.ranks.gather((self.progress.step, error)))
         self.saved_at = (self.progress.step, self.progress.evaluated)
         self.saved_step = self.progress.step
-        return Resumed(path, step, self.run_id, payload["time"])
+        self.run_id = choice["train_as"]
+        return Resumed(path, step, self.run_id, payload["time"], choice["copied_from"], choice["original"])
 
     def _choose(self) -> tuple[dict | tuple | None, dict | None]:
         """Rank 0: ({path, step} | None | (code, message) of a refusal, the loaded payload)."""
         try:
             for stale in ckpt.remove_stale_temps(self.cfg.out):
                 self.log.warn(f"removed {stale}: a checkpoint write that never finished (the process was killed)")
-            found = ckpt.newest_valid(self.cfg.out, self.log.warn, self.log.last_run_id())
+            last_start = self.log.last_start()
+            found = ckpt.newest_valid(self.cfg.out, self.log.warn, last_start)
         except ServiceError as exc:
             if not self.ranks.distributed:
                 raise
@@ -193,8 +201,10 @@ class CheckpointManager:
         if found is None:
             return None, None
         payload = found[1]
+        run = run_ids.continued(self.cfg.out, payload, last_start)  # not None: newest_valid refuses that
         return {"path": str(found[0]), "step": int(payload["progress"]["step"]), "run_id": payload["run_id"],
-                "time": payload["time"]}, payload
+                "time": payload["time"], "train_as": run.run_id, "copied_from": run.copied_from,
+                "original": run.original}, payload
 
     def _load(self, path: Path, choice: dict[str, Any]) -> dict[str, Any]:
         """Another rank reads the file rank 0 chose, and checks it is that file: a node's own copy
@@ -225,7 +235,6 @@ class CheckpointManager:
             p.start_epoch()  # the interrupted epoch's data is taken again from its start
         # A trained epoch whose evaluation is pending keeps its counters: its record's train loss
         # and images/s come from them, and it is not trained again.
-        self.run_id = payload["run_id"]
 
     def _check_views(self, path: Path, payload: dict[str, Any]) -> None:
         """eval_views may change at a restart, but the plateau schedule compares each validation

@@ -84,9 +84,10 @@ class RunLog:
         self._jsonl = open(self.jsonl_path, "a", buffering=1)  # line-buffered: a crash loses no line
         return self
 
-    def last_run_id(self) -> str | None:
-        """The run id of this log's latest ``start`` event: the run directory's run (a resumed run
-        keeps its checkpoint's id, ``--fresh`` deletes the log); None before its first start."""
+    def last_start(self) -> dict[str, Any] | None:
+        """This log's latest ``start`` event: the run directory's run (its ``run_id``: a resumed run
+        keeps its checkpoint's, ``--fresh`` deletes the log; ``service.run_ids``); None before its
+        first start."""
         try:
             with open(self.jsonl_path, errors="replace") as f:
                 starts = [line for line in f if '"event": "start"' in line]
@@ -94,9 +95,11 @@ class RunLog:
             return None
         for line in reversed(starts):
             try:
-                return json.loads(line)["run_id"]
-            except (ValueError, KeyError, TypeError):  # a line cut short by a crash
+                event = json.loads(line)
+            except ValueError:  # a line cut short by a crash
                 continue
+            if isinstance(event, dict) and isinstance(event.get("run_id"), str):
+                return event
         return None
 
     def say(self, line: str) -> None:
