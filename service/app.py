@@ -13,7 +13,6 @@ after a checkpoint (exit 0 either way), or the training diverges (exit 6, ``serv
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from dataclasses import replace
 
@@ -24,6 +23,7 @@ from common.config_help import print_help, settings_help, wants_help
 from pipeline.stats import manifest_stats
 from service import PARENT, data_stats, run_ids
 from service.build import apply_cuda_sync, build, compile_note, resolve, share_cores
+from service.checkpointer import Resumed
 from service.config import TrainConfig, decay_problem, validate
 from service.data_fit import check_fits_data
 from service.dist import RankError, Ranks, peer_gone
@@ -38,7 +38,7 @@ from service.runlog import RunLog
 from service.server import HttpEndpoint
 from service.shard_check import ShardCheck
 from service.signals import StopFlag, follow_launcher
-from service.state import data_fingerprint, identity
+from service.state import data_fingerprint, identity, param_digest
 from service.status import StatusBoard
 from service.unclean_end import UncleanEnd
 from shards import manifest as contract
@@ -79,23 +79,7 @@ def start(cfg: TrainConfig, manifest: contract.Manifest, ranks: Ranks, metrics: 
     trainer = Trainer(parts, ranks, manifest, ident, run_ids.new_run_id(cfg.out), metrics, board, log, stop)
     found = trainer.resume()  # rank 0 chooses the file and the id, every rank restores it (service.checkpointer)
     p = trainer.progress
-    if found and found.copied_from:
-        log.say(f"{cfg.out} is a copy of run {found.copied_from}'s directory {found.original} (its checkpoint "
-                f"{found.path} was written there): this copy trains as run {trainer.run_id} from here on")
-    if found:
-        log.say(f"resuming run {trainer.run_id} from {found.path}: {p.evaluated} epoch(s) done, "
-                f"{trainer.position()} (step {p.step} in all)")
-    else:
-        log.say(f"new run {trainer.run_id} in {cfg.out}")
-    if found and ranks.is_main:  # the checkpoint's epochs, not those of a newer one that was lost
-        log.history_as_resumed(p.history, trainer.chance, found.path)
-    images = sum(s.samples for s in manifest.splits["train"].shards if s.tar.name not in excluded)
-    log.say(f"train: {images} images, {manifest.num_classes} classes (chance top-1 error "
-            f"{trainer.chance:.1%}), device {cfg.device}, layout {cfg.model.layout}, batch {cfg.loader.batch_size}"
-            f" x {ranks.world_size} rank(s), {len(parts.train)} steps per epoch, {cfg.epochs} epochs")
-    log.say(f"data parallel: {parts.lr_rule}" if ranks.distributed else parts.lr_rule)
-    if note := compile_note(cfg):
-        log.say(note)
+    announce(trainer, found, excluded, log)
     # Known now (a resumed run: its checkpoint's), not at the first log interval: no dip to NaN or 0
     # at a restart; /status says what the gauges say.
     epoch, lr = min(p.evaluated + 1, cfg.epochs), parts.schedule.lrs[0]
@@ -116,14 +100,27 @@ def start(cfg: TrainConfig, manifest: contract.Manifest, ranks: Ranks, metrics: 
     return trainer
 
 
-def param_digest(model: torch.nn.Module) -> str:
-    """A short hash of the weights: equal on every rank of a data-parallel run (logged when the
-    run ends on several ranks, where it shows the replicas never diverged)."""
-    h = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        h.update(name.encode())
-        h.update(tensor.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+def announce(trainer: Trainer, found: Resumed | None, excluded: frozenset[str], log: RunLog) -> None:
+    """Say what starts: a new run, a resumed one (a copied directory's under its own id), what it
+    trains on and how."""
+    cfg, ranks, parts, p, manifest = trainer.cfg, trainer.ranks, trainer.parts, trainer.progress, trainer.manifest
+    if found and found.copied_from:
+        log.say(f"{cfg.out} is a copy of run {found.copied_from}'s directory {found.original} (its checkpoint "
+                f"{found.path} was written there): this copy trains as run {trainer.run_id} from here on")
+    if found:
+        log.say(f"resuming run {trainer.run_id} from {found.path}: {p.evaluated} epoch(s) done, "
+                f"{trainer.position()} (step {p.step} in all)")
+    else:
+        log.say(f"new run {trainer.run_id} in {cfg.out}")
+    if found and ranks.is_main:  # the checkpoint's epochs, not those of a newer one that was lost
+        log.history_as_resumed(p.history, trainer.chance, found.path)
+    images = sum(s.samples for s in manifest.splits["train"].shards if s.tar.name not in excluded)
+    log.say(f"train: {images} images, {manifest.num_classes} classes (chance top-1 error "
+            f"{trainer.chance:.1%}), device {cfg.device}, layout {cfg.model.layout}, batch {cfg.loader.batch_size}"
+            f" x {ranks.world_size} rank(s), {len(parts.train)} steps per epoch, {cfg.epochs} epochs")
+    log.say(f"data parallel: {parts.lr_rule}" if ranks.distributed else parts.lr_rule)
+    if note := compile_note(cfg):
+        log.say(note)
 
 
 def finish(trainer: Trainer, finished: bool, log: RunLog) -> int:

@@ -1,6 +1,7 @@
 """The run's own state in a checkpoint: the progress counters and history, and the run's
 *identity*: the recipe keys of the config plus a fingerprint of the data.  A restart resumes
-only a checkpoint with the same identity (``check_identity``).
+only a checkpoint with the same identity (``check_identity``).  A digest of the weights
+(``param_digest``) shows at the end of a data-parallel run that its replicas never parted.
 
 The other parts of a checkpoint belong to their owners (model, momentum, schedule, scaler,
 loader position, ``service.rng``); ``service.checkpointer`` puts them together.
@@ -13,6 +14,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from common.config import to_dict
 from model import EvalResult
@@ -120,3 +123,13 @@ def _describe(key: str, saved: Any, mine: Any) -> str:
     if key == "data":
         return f"the shards differ (data fingerprint {saved} there, {mine} here)"
     return f"{key} is {saved!r} there and {mine!r} here"
+
+
+def param_digest(model: torch.nn.Module) -> str:
+    """A short hash of the weights: equal on every rank of a data-parallel run (logged when the
+    run ends on several ranks, where it shows the replicas never diverged)."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
