@@ -239,11 +239,14 @@ class CheckpointManager:
     def _check_views(self, path: Path, payload: dict[str, Any]) -> None:
         """eval_views may change at a restart, but the plateau schedule compares each validation
         error with the best so far: 1-view errors against a 10-view best dropped the lr early (and
-        10-view ones against a 1-view best counted as progress).  The wait starts over, said once."""
+        10-view ones against a 1-view best counted as progress).  The wait starts over, said once
+        by a restart that evaluates (one with more ``--epochs`` later still sees the views)."""
         saved = (payload.get("config") or {}).get("eval_views")
         if saved is None or saved == self.cfg.eval_views or self.shared["schedule"] is None:
             return
         self.shared["schedule"].forget_best()
+        if self.progress.evaluated >= self.cfg.epochs:
+            return
         line = (f"{path} was evaluated with eval_views {saved}, this run with {self.cfg.eval_views}: the lr "
                 "schedule waits for a new best validation error afresh (errors of other views are not comparable; "
                 "history.json gives each epoch's eval_views)")

@@ -21,6 +21,10 @@ def test_a_change_of_eval_views_restarts_the_schedules_wait_and_is_recorded(samp
     out = tmp_path / "run"
     rc, first = run_service(sample_shards, out, "--epochs", "1")
     assert rc == 0, first.stderr
+    # A restart that evaluates nothing more (its epochs done) has no schedule to tell of it
+    rc, idle = run_service(sample_shards, out, "--epochs", "1", "--eval_views", "10")
+    assert rc == 0 and "finished: 1 epoch(s)" in idle.stdout, idle.stderr
+    assert "eval_views" not in idle.stderr and events(out, "eval_views_changed") == [], idle.stderr
     rc, second = run_service(sample_shards, out, "--epochs", "2", "--eval_views", "10")
     assert rc == 0, second.stderr
     assert "was evaluated with eval_views 1, this run with 10" in second.stderr, second.stderr
