@@ -76,6 +76,14 @@ def git_revision() -> str:
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
+def previous_exit() -> float:
+    """``ALEXNET_PREVIOUS_EXIT``: the code docker/entrypoint.sh saw the crash it restarts after end
+    with (its own ``$?`` of the last launch), 0 when unset (a first start, or no entrypoint), NaN
+    when it is not a whole number."""
+    value = os.environ.get("ALEXNET_PREVIOUS_EXIT", "").strip() or "0"
+    return float(value) if value.isdigit() else math.nan
+
+
 class ServiceMetrics:
     """Every metric of one service process, registered in ``self.registry``."""
 
@@ -128,6 +136,13 @@ class ServiceMetrics:
         self.exit_code = Gauge(p + "exit_code", "The code this process exits with, once diagnosed (service/errors.py: "
                                "1 data, 2 settings or checkpoints, 4 a write failed, 6 diverged); 0 while none is",
                                registry=r)
+        # How the last start ended, where only the restarting entrypoint knows it: the process cannot
+        # learn its predecessor's exit code (an OOM kill or a segfault says nothing; service.unclean_end).
+        self.previous_exit = Gauge(p + "previous_exit_code", "The exit code of the crash docker/entrypoint.sh "
+                                   "restarted this trainer after (128+N: killed by signal N, 137 SIGKILL as the OOM "
+                                   "killer sends it, 139 a segfault; 1 a Python traceback); 0 when this start is no "
+                                   "such restart", registry=r)
+        self.previous_exit.set(previous_exit())
         # Not known yet: NaN (no value in PromQL), not 0, which would read as "0% error", "the last
         # checkpoint was in 1970" or "lr 0"; lr, epoch and chance are known once the run has started (app.start).
         for gauge in (self.loss, self.chance_loss, self.lr, self.epoch, self.top1, self.top5, self.val_loss,
