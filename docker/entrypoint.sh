@@ -79,6 +79,10 @@ done
 echo "$nproc $host $port" > "${PROBE_FILE:-/tmp/alexnet-probe}"
 set -- --http.host "$HTTP_HOST" --http.port "$HTTP_PORT" "$@"  # later flags in "$@" win
 export ALEXNET_EXIT_FILE="${ALEXNET_EXIT_FILE:-/tmp/alexnet-exit}"
+# The exit code of the crash a restart follows, for the service's alexnet_previous_exit_code (a
+# process cannot learn how its predecessor ended: an OOM kill, 137, or a segfault, 139, says
+# nothing); unset at the first start, so an inherited value is not taken for this container's.
+unset ALEXNET_PREVIOUS_EXIT
 
 launch() {
     launcher=torchrun
@@ -256,6 +260,7 @@ while :; do
     child=$!
     wait_child
     [ -z "$stopping" ] || exit "$crash"
+    export ALEXNET_PREVIOUS_EXIT="$crash"
     # A restart resumes from the newest checkpoint: a --fresh of the first start (a config file
     # cannot set it) would wipe the run again at every crash.  The loop's words are expanded
     # before it runs, so rebuilding "$@" inside it is safe.

@@ -88,6 +88,7 @@ def start(cfg: TrainConfig, manifest: contract.Manifest, ranks: Ranks, metrics: 
                  layout=cfg.model.layout, resumed_from=str(found.path) if found else None)
     metrics.epoch.set(epoch)
     metrics.lr.set(lr)
+    metrics.chance(manifest.splits["train"].class_counts)
     board.beat("starting")
     if ranks.is_main:
         log.write_json("config.json", to_dict(cfg))

@@ -76,6 +76,14 @@ def git_revision() -> str:
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
+def previous_exit() -> float:
+    """``ALEXNET_PREVIOUS_EXIT``: the code docker/entrypoint.sh saw the crash it restarts after end
+    with (its own ``$?`` of the last launch), 0 when unset (a first start, or no entrypoint), NaN
+    when it is not a whole number."""
+    value = os.environ.get("ALEXNET_PREVIOUS_EXIT", "").strip() or "0"
+    return float(value) if value.isdigit() else math.nan
+
+
 class ServiceMetrics:
     """Every metric of one service process, registered in ``self.registry``."""
 
@@ -96,6 +104,10 @@ class ServiceMetrics:
         self.loss = Gauge(p + "train_loss", "Training loss at the last log interval", registry=r)
         self.lr = Gauge(p + "learning_rate", "Current learning rate", registry=r)
         self.epoch = Gauge(p + "epoch", "Epoch being trained (1-based)", registry=r)
+        # What the loss is judged against (AlexNetNotLearning, the loss panel's chance line): a model
+        # that learned nothing from the images at best predicts the class frequencies.
+        self.chance_loss = Gauge(p + "chance_loss", "Training loss of a guess that ignores the image: the entropy "
+                                 "of the training labels' class frequencies (ln(classes) when balanced)", registry=r)
         self.top1 = Gauge(p + "val_top1_error", "Validation top-1 error of the last evaluation (0..1)", registry=r)
         self.top5 = Gauge(p + "val_top5_error", "Validation top-5 error of the last evaluation (0..1)", registry=r)
         self.val_loss = Gauge(p + "val_loss", "Validation cross-entropy of the last evaluation", registry=r)
@@ -124,10 +136,17 @@ class ServiceMetrics:
         self.exit_code = Gauge(p + "exit_code", "The code this process exits with, once diagnosed (service/errors.py: "
                                "1 data, 2 settings or checkpoints, 4 a write failed, 6 diverged); 0 while none is",
                                registry=r)
+        # How the last start ended, where only the restarting entrypoint knows it: the process cannot
+        # learn its predecessor's exit code (an OOM kill or a segfault says nothing; service.unclean_end).
+        self.previous_exit = Gauge(p + "previous_exit_code", "The exit code of the crash docker/entrypoint.sh "
+                                   "restarted this trainer after (128+N: killed by signal N, 137 SIGKILL as the OOM "
+                                   "killer sends it, 139 a segfault; 1 a Python traceback); 0 when this start is no "
+                                   "such restart", registry=r)
+        self.previous_exit.set(previous_exit())
         # Not known yet: NaN (no value in PromQL), not 0, which would read as "0% error", "the last
-        # checkpoint was in 1970" or "lr 0"; lr and epoch are known once the run has started (app.start).
-        for gauge in (self.loss, self.lr, self.epoch, self.top1, self.top5, self.val_loss, self.eval_seconds,
-                      self.last_checkpoint, self.checkpoint_bytes, self.disk_free, self.heartbeat):
+        # checkpoint was in 1970" or "lr 0"; lr, epoch and chance are known once the run has started (app.start).
+        for gauge in (self.loss, self.chance_loss, self.lr, self.epoch, self.top1, self.top5, self.val_loss,
+                      self.eval_seconds, self.last_checkpoint, self.checkpoint_bytes, self.disk_free, self.heartbeat):
             gauge.set(float("nan"))
 
     def follow(self, board: StatusBoard) -> None:
@@ -165,6 +184,11 @@ class ServiceMetrics:
             if d.type == "cuda":
                 self.gpu_allocated.labels(device=str(d)).set(torch.cuda.memory_allocated(d))
                 self.gpu_reserved.labels(device=str(d)).set(torch.cuda.memory_reserved(d))
+
+    def chance(self, class_counts: tuple[int, ...]) -> None:
+        """``alexnet_chance_loss`` from the training split's samples per class (the manifest's)."""
+        total = sum(class_counts)
+        self.chance_loss.set(-sum(n / total * math.log(n / total) for n in class_counts if n) if total else math.nan)
 
     def evaluation(self, top1: float, top5: float, loss: float, seconds: float = math.nan) -> None:
         self.top1.set(top1)

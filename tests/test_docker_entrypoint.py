@@ -81,6 +81,16 @@ def test_a_crash_is_restarted_and_a_clean_exit_is_not(tmp_path: Path) -> None:
     assert "crashed (exit 139)" in result.stderr and len(result.stderr.splitlines()) == 1
 
 
+def test_a_restart_tells_the_service_how_the_crash_before_it_ended(tmp_path: Path) -> None:
+    """The restarted service exports the crash's code (alexnet_previous_exit_code): it cannot learn
+    it itself, and before, an OOM kill (137) and a segfault (139) looked alike after the restart."""
+    body = ('echo "${ALEXNET_PREVIOUS_EXIT-unset}"\n'
+            'case $(wc -l < "$RUNS") in *1) exit 137 ;; *2) exit 139 ;; esac\nexit 0\n')
+    result = entrypoint(tmp_path, body, ALEXNET_PREVIOUS_EXIT="5")  # inherited: not this container's crash
+    assert result.returncode == 0 and launches(tmp_path) == 3, result.stderr
+    assert result.stdout.split() == ["unset", "137", "139"]
+
+
 def test_a_restart_resumes_without_the_first_starts_fresh(tmp_path: Path) -> None:
     """``--fresh true`` wipes the run once, at the first start; a crash restart resumes (before:
     the same command line wiped the run at every restart)."""

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from shards import manifest
 from tests.service_proc import STEPS_PER_EPOCH, Service, run_service
 
 pytestmark = pytest.mark.slow
-GAUGES = ("alexnet_heartbeat_timestamp_seconds", "alexnet_learning_rate", "alexnet_epoch", "alexnet_train_steps_total")
+GAUGES = ("alexnet_heartbeat_timestamp_seconds", "alexnet_learning_rate", "alexnet_epoch", "alexnet_train_steps_total",
+          "alexnet_chance_loss", "alexnet_previous_exit_code")
 
 
 def _gauges(url: str) -> dict[str, float]:
@@ -54,7 +56,8 @@ def test_heartbeat_lr_and_epoch_are_right_from_the_first_scrape_of_a_resumed_run
     assert rc == 0, first.stderr
     lr = json.loads((out / "history.json").read_text())[-1]["lr"]
     # No log line (the other writer of lr) before the epoch's last step: what lr says until then is the start's.
-    service = Service(sample_shards, out, "--epochs", "2", "--log_every", "100")
+    # As docker/entrypoint.sh restarts a crash: the code it saw (an OOM kill's) on every scrape.
+    service = Service(sample_shards, out, "--epochs", "2", "--log_every", "100", env={"ALEXNET_PREVIOUS_EXIT": "137"})
     try:
         seen = _watch(service)
         assert service.wait() == 0, service.stderr
@@ -68,6 +71,13 @@ def test_heartbeat_lr_and_epoch_are_right_from_the_first_scrape_of_a_resumed_run
         # Unknown (NaN) until the checkpoint is read, then epoch 2 at the checkpoint's lr; never 0.
         assert math.isnan(m["alexnet_epoch"]) or m["alexnet_epoch"] == 2, m
         assert math.isnan(m["alexnet_learning_rate"]) or m["alexnet_learning_rate"] == pytest.approx(lr), m
+    # What AlexNetNotLearning compares the loss with: the training labels' entropy (ln(6) here), known from the start.
+    counts = manifest.read(sample_shards).splits["train"].class_counts
+    chance = -sum(n / sum(counts) * math.log(n / sum(counts)) for n in counts)
+    assert chance == pytest.approx(math.log(6), abs=0.01)
+    trained = [m for _, _, m, _ in seen if m["alexnet_train_steps_total"] > 0]
+    assert trained and all(m["alexnet_chance_loss"] == pytest.approx(chance) for m in trained), trained
+    assert all(m["alexnet_previous_exit_code"] == 137 for _, _, m, _ in seen)
     phases = {status["phase"] for _, status, _, _ in seen}
     assert {"starting", "training"} <= phases, phases
     mid_epoch = [m for _, _, m, _ in seen if 0 < m["alexnet_train_steps_total"] < STEPS_PER_EPOCH]
