@@ -1,5 +1,7 @@
 """Training throughput of the model: images/s of one train_step (forward, backward, PaperSGD
-update) at batch 128, for both layouts, on synthetic data already on the device.
+update) at batch 128, for both layouts, on synthetic data already on the device.  The update's lr
+is the paper's scaled to ``--batch`` (``bench.scaled_lr``): at 0.01 a small batch diverged to nan
+within the warm-up, and the configuration failed on its non-finite loss.
 
 CPU: fp32, with the share of this CPU's measured fp32 matmul rate. GPU (used whenever
 ``torch.cuda.is_available()``): fp32 and bf16 autocast, channels_last or not, compiled or not,
@@ -24,6 +26,7 @@ import torch
 
 from bench.inputs import device_arg, report_arg
 from bench.record import finish, header, where
+from bench.scaled_lr import bench_lr
 from common.config_values import at_least_one
 from model import AlexNet, PaperSGD, prepare_model, train_step
 
@@ -90,7 +93,7 @@ def time_config(config: Config, device: torch.device, batch: int, warmup: int, i
         else:
             model = AlexNet(lrn_fp32=config.lrn_fp32).to(device)
         prepare_model(model, channels_last=config.channels_last, compile=config.compiled)
-        opt = PaperSGD(model.parameters())
+        opt = PaperSGD(model.parameters(), lr=bench_lr(batch))
         images = 50 * torch.randn(batch, 3, 224, 224, device=devices[0])
         labels = torch.randint(0, 1000, (batch,), device=model.output_device)
         dtype = torch.bfloat16 if config.precision == "bf16" else None
@@ -208,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
     peak_dtype = torch.bfloat16 if on_gpu else torch.float32
     peak = matmul_tflops(device, peak_dtype, n=8192 if on_gpu else 2048, iters=50 if on_gpu else 5)
     peak_name = f"measured {'bf16' if on_gpu else 'fp32'} matmul rate {peak:.2f} TFLOP/s"
-    print(peak_name, flush=True)
+    print(f"{peak_name}; batch {args.batch}, lr {bench_lr(args.batch):g}", flush=True)
     report = header("model train_step throughput")
     results = []
     for config in _grid(args, on_gpu):
@@ -222,6 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
     report.update({
         "device": str(device),
         "batch": args.batch,
+        "lr": bench_lr(args.batch),
         "warmup_steps": warmup,
         "timed_steps": iters,
         "train_flop_per_image": TRAIN_FLOP_PER_IMAGE,
@@ -232,7 +236,8 @@ def main(argv: list[str] | None = None) -> dict:
     finish(report)
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(json.dumps(report, indent=2) + "\n")
-    plot(results, f"AlexNet train step, batch {args.batch}, {where(report, on_gpu)}", args.report.with_suffix(".png"))
+    title = f"AlexNet train step, batch {args.batch} (lr {bench_lr(args.batch):g}), {where(report, on_gpu)}"
+    plot(results, title, args.report.with_suffix(".png"))
     print(f"wrote {args.report} and {args.report.with_suffix('.png')}")
     return report
 

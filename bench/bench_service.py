@@ -27,12 +27,12 @@ import torch
 
 from bench.inputs import device_arg, report_arg, shards_or_exit
 from bench.record import finish, header, where
+from bench.scaled_lr import bench_lr
 from common.config_values import at_least_one
 from model import AlexNet, PaperSGD, PlateauSchedule, train_step
 from model.optim import param_groups
-from pipeline.config import LoaderConfig
 from service.build import Parts
-from service.config import CheckpointSettings, OptimSettings, TrainConfig
+from service.config import CheckpointSettings, TrainConfig
 from service.dist import Ranks
 from service.loop import Trainer
 from service.metrics import ServiceMetrics, build_labels
@@ -44,15 +44,6 @@ from service.status import StatusBoard
 CHECKPOINT_PERIOD_S = 300.0  # the target setting: a checkpoint every 5 minutes
 # Issue 13's model-alone target at the paper's batch: the step time the loop must keep up with on a GPU.
 TARGET_IMAGES_PER_S, TARGET_BATCH = 25_000, 128
-PAPER_LR, PAPER_BATCH = OptimSettings.lr, LoaderConfig.batch_size  # 0.01 at 128
-
-
-def bench_lr(batch: int) -> float:
-    """The paper's lr scaled linearly to ``batch``, as the service scales it to N ranks' global batch
-    (``optim.lr_scaling linear``).  The same four random batches again and again at the paper's 0.01
-    diverged at batch 2 by the 12th step (nan), and the service loop's divergence check ended the
-    benchmark in a traceback; at ``0.01 * batch / 128`` batches 1 and 2 train 150 steps without."""
-    return PAPER_LR * batch / PAPER_BATCH
 
 
 class PreloadedLoader:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -27,6 +28,7 @@ import torch
 from bench.charts import bars
 from bench.inputs import device_arg, report_arg
 from bench.record import finish, header, where
+from bench.scaled_lr import bench_lr
 from common.config_values import at_least_one
 from model import AlexNet, PaperSGD, train_step
 from model.optim import param_groups
@@ -89,17 +91,24 @@ def training(args: argparse.Namespace, path: Path) -> dict:
     """Seconds per step alone and next to the background hash, and the hash's rate meanwhile."""
     torch.manual_seed(0)
     model, device = AlexNet().to(args.device), torch.device(args.device)
-    optimizer = PaperSGD(param_groups(model, 5e-4))
+    optimizer = PaperSGD(param_groups(model, 5e-4), lr=bench_lr(args.batch))
     x = 50 * torch.randn(args.batch, 3, 224, 224, device=device)
     y = torch.randint(0, 1000, (args.batch,), device=device)
+    losses: list[float] = []
 
     def steps() -> float:
         start = time.perf_counter()
         for _ in range(args.steps):
-            train_step(model, optimizer, x, y)
+            loss = train_step(model, optimizer, x, y)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return (time.perf_counter() - start) / args.steps
+        seconds = (time.perf_counter() - start) / args.steps
+        losses.append(loss.item())  # after the clock: the item's sync is not timed
+        if not math.isfinite(losses[-1]):
+            raise SystemExit(f"bench_shard_check: the training loss went {losses[-1]} at batch {args.batch}, lr "
+                             f"{bench_lr(args.batch):g}: the steps would be timed on diverged weights, so nothing "
+                             f"is reported; try a --batch nearer the paper's 128")
+        return seconds
 
     steps()  # warm-up
     times: dict[str, list[float]] = {name: [] for name in RUNS}
@@ -114,7 +123,7 @@ def training(args: argparse.Namespace, path: Path) -> dict:
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(
             f"{name} {1e3 * t[-1]:.0f} ms/step" + (f" ({rates[name][-1]:.3f} GB/s hashed)" if name in rates else "")
             for name, t in times.items()), flush=True)
-    return {"seconds_per_step": times, "background_gbps_while_training": rates}
+    return {"seconds_per_step": times, "background_gbps_while_training": rates, "last_loss": losses[-1]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -147,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
                "training_slowdown": {k: med[k] / med[RUNS[0]] - 1 for k in RUNS[1:]}, "imagenet_minutes": minutes}
     for name, gbps in rates.items():
         print(f"{name:46} {gbps:6.2f} GB/s")
-    print(f"training ({args.device}, batch {args.batch}), median ms/step:")
+    print(f"training ({args.device}, batch {args.batch}, lr {bench_lr(args.batch):g}), median ms/step:")
     for name, seconds in med.items():
         extra = (f" ({100 * summary['training_slowdown'][name]:+.1f}%, hashing {bg[name]:.3f} GB/s)"
                  if name in bg else "")
@@ -155,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, value in minutes.items():
         print(f"ImageNet's ~31 GB of shards, {name}: {value:.1f} min")
     report.update({"file_megabytes": args.megabytes, "device": args.device, "batch": args.batch,
-                   "steps_per_run": args.steps, "rounds": args.rounds, **summary})
+                   "lr": bench_lr(args.batch), "steps_per_run": args.steps, "rounds": args.rounds, **summary})
     finish(report)
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(json.dumps(report, indent=2) + "\n")

@@ -7,6 +7,7 @@ bench_scaling) or, for bench_service, a traceback only after its whole timed run
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -151,4 +152,34 @@ def test_bench_service_runs_at_a_small_batch(tmp_path: Path) -> None:
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
     record = json.loads(report.read_text())
     assert (record["batch"], record["lr"]) == (2, 0.01 * 2 / 128)
+    assert "batch 2, lr 0.00015625" in done.stdout, done.stdout
+
+
+@pytest.mark.slow  # 15 training steps of AlexNet at batch 2 on the CPU
+def test_bench_model_runs_at_a_small_batch(tmp_path: Path) -> None:
+    """``bench.bench_model --batch 2`` stepped its one synthetic batch at the paper's lr 0.01,
+    which diverged within a dozen steps: the configuration was reported as failed ("non-finite
+    loss nan"), with no number.  The lr is the paper's scaled to the batch, and the record says it."""
+    report = tmp_path / "model.json"
+    done = run_module("bench.bench_model", "--layouts", "grouped", "--warmup", "12", "--iters", "3", "--batch", "2",
+                      "--report", str(report), check=False, timeout=600)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    record = json.loads(report.read_text())
+    assert [r["error"] for r in record["results"]] == [None], record["results"]
+    assert (record["batch"], record["lr"]) == (2, 0.01 * 2 / 128)
+    assert "batch 2, lr 0.00015625" in done.stdout, done.stdout
+
+
+@pytest.mark.slow  # 20 training steps of AlexNet at batch 2 on the CPU, and a few seconds of hashing
+def test_bench_shard_check_trains_at_a_small_batch_without_diverging(tmp_path: Path) -> None:
+    """``bench.bench_shard_check --batch 2`` trained at the paper's lr 0.01 and went nan by the 9th
+    step, with no check: every later step timed was arithmetic on nan weights.  The lr is the
+    paper's scaled to the batch, the record says it and the last loss, which is finite."""
+    report = tmp_path / "shard_check.json"
+    done = run_module("bench.bench_shard_check", "--batch", "2", "--steps", "5", "--rounds", "1", "--megabytes", "1",
+                      "--report", str(report), check=False, timeout=600)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    record = json.loads(report.read_text())
+    assert (record["batch"], record.get("lr")) == (2, 0.01 * 2 / 128)
+    assert math.isfinite(record["last_loss"]), record["last_loss"]
     assert "batch 2, lr 0.00015625" in done.stdout, done.stdout
