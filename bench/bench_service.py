@@ -207,7 +207,9 @@ def plot(summary: dict, title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked before anything is timed: a bad value is one line (argparse's, exit 2;
+    shards that are not usable, exit 1)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     on_gpu = torch.cuda.is_available()
     p.add_argument("--report", type=report_arg, default=Path("bench/service.json"))
@@ -227,6 +229,11 @@ def main(argv: list[str] | None = None) -> dict:
                 "(every timed run must write a checkpoint)")
     if args.shards:  # timed at the end: checked first
         shards_or_exit("bench_service", args.shards)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     report = header("service loop vs bare train_step")
     summary = run(args)
     summary.update(host_cost(args, torch.device(args.device)))

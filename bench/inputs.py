@@ -66,7 +66,7 @@ def device_arg(value: str) -> str:
     import torch
 
     from service.build import cuda_problem
-    from service.config import device_name_ok
+    from service.model_settings import device_name_ok
 
     if not device_name_ok(value, auto=False):
         raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {value!r} (use --device cpu if unsure)")

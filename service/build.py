@@ -21,10 +21,11 @@ from model import AlexNet, PaperSGD, PlateauSchedule, prepare_model, train_step
 from model.optim import param_groups
 from model.step import CompiledEval, CompiledStep, uses_cudagraphs
 from pipeline import DatasetStats, build_eval_loader, build_train_loader
-from service.config import FLOAT32_MAX, ModelSettings, TrainConfig, lr_factor
+from service.config import FLOAT32_MAX, TrainConfig, lr_factor
 from service.data_errors import diagnose
 from service.dist import Ranks, core_share
 from service.errors import EXIT_CONFIG, DataError, ServiceError
+from service.model_settings import ModelSettings
 from service.rng import torch_seed
 from shards.manifest import Manifest, ManifestError
 

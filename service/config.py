@@ -16,45 +16,13 @@ from typing import Literal, get_args
 
 from common.config import COMMAND_LINE_ONLY
 from common.cuda import CudaSync
-from model.alexnet import INPUT_SIDES, InputChannels
-from model.lrn import LrnImpl
 from model.optim import decay_bound
-from model.step import CAN_TRACE_BACKWARD, CompileMode, TraceBackward
 from pipeline.config import LoaderConfig
 from pipeline.views import VIEW_COUNTS
+from service.model_settings import ModelSettings, device_name_ok, model_problems
 from shards.config import ShardConfig
 
-LayoutSetting = Literal["grouped", "towers", "auto"]  # model.alexnet.Layout, or "auto" (resolved at start)
-Autocast = Literal["none", "bfloat16", "float16"]
 LrScaling = Literal["linear", "sqrt", "none"]
-
-
-@dataclass(frozen=True)
-class ModelSettings:
-    """Which AlexNet layout, where, and how fast (see ``model.AlexNet``)."""
-
-    # "grouped" (one device), "towers" (one tower per device) or "auto": towers when a single
-    # process (not torchrun) sees two GPUs, grouped otherwise (the paper's two GPUs when there are two).
-    layout: LayoutSetting = "grouped"
-    devices: tuple[str, ...] = ()  # towers: (device_a, device_b); empty = cuda:0,cuda:1 or the run's device twice
-    bias_init: float = 1.0  # the paper's non-zero bias; Caffe's 0.1 avoids a long flat start
-    dropout: float = 0.5
-    autocast: Autocast = "none"  # float16 adds a GradScaler
-    channels_last: bool = False
-    # "off"; "model": nn.Module.compile (forward and its backward; the optimizer eager; evaluation
-    # recompiles); "step": model.step, the whole training step (forward, backward, update) as one
-    # compiled function and evaluation as another, each compiled once.
-    compile: Literal["off", "model", "step"] = "off"
-    compile_mode: CompileMode = "default"  # torch.compile's mode; "reduce-overhead" and "max-autotune" add CUDA graphs
-    # model.compile step: "on" traces loss.backward() into the step's one graph, "off" breaks the
-    # graph there (forward+backward, then the update), "auto" traces from torch 2.13 on (model.step);
-    # with several ranks (DDP) the backward stays outside the graph either way
-    trace_backward: TraceBackward = "auto"
-    lrn: LrnImpl = "torch"  # "window_sum": the same LRN as fusible elementwise ops (model.lrn)
-    # 4: conv1 reads the image with a fourth, zero channel (the same function and parameters;
-    # cuDNN's NHWC first-layer kernels want 4 channels, not 3: model.AlexNet)
-    input_channels: InputChannels = 3
-    cudnn_benchmark_limit: int = 10  # cuDNN algorithms tried per convolution shape (0 = all); CUDA only
 
 
 @dataclass(frozen=True)
@@ -161,14 +129,12 @@ OPERATIONAL = frozenset({
     "checkpoint", "http", "data", "debug",
 })
 
-LAYOUTS = get_args(LayoutSetting)
 # The seed is 0 .. 2**32 - 1, what every seeded library takes; the service derives per-rank and
 # per-device seeds by adding offsets (service.rng.torch_seed), which stay far below torch's 2**64 limit.
 MAX_SEED = 2**32 - 1
 # The optimizer keeps its hyperparameters as float32: a larger value does not convert.
 FLOAT32_MAX = 3.4028234663852886e38
 FLOAT32_MIN_NORMAL = 1.1754943508222875e-38
-AUTOCAST = get_args(Autocast)
 # Epochs at most: over 100 times the paper's ~90, far past any schedule of this model (three lr
 # drops, then nothing left to learn), and room for small-data runs of thousands.  Each epoch's end
 # rewrites history.json and redraws curve.png over every epoch so far; 10**9 was trained on.
@@ -210,7 +176,7 @@ def validate(cfg: TrainConfig) -> list[str]:
         cfg.loader.validate()
     except ValueError as exc:
         problems.append(f"loader.{exc}")
-    problems += _model_problems(cfg)
+    problems += model_problems(cfg.model, cfg.loader)
     problems += _optim_problems(cfg.optim)
     c = cfg.checkpoint
     need(c.every_steps >= 0, f"checkpoint.every_steps must be >= 0 (0 = off), got {c.every_steps}")
@@ -266,46 +232,3 @@ def decay_problem(o: OptimSettings, ranks: int = 1) -> str | None:
             f"2 x (1 + optim.momentum {o.momentum:g}) = {limit:g}, where the weight decay alone makes every weight "
             f"grow without bound: give --optim.weight_decay below {limit / lr:g} (the paper's is 5e-4) or a lower "
             f"--optim.lr")
-
-
-def _model_problems(cfg: TrainConfig) -> list[str]:
-    m, problems = cfg.model, []
-    if m.layout not in LAYOUTS:
-        problems.append(f"model.layout must be one of {LAYOUTS}, got {m.layout!r}")
-    if m.devices and (len(m.devices) != 2 or not all(device_name_ok(d, auto=False) for d in m.devices)):
-        problems.append(f"model.devices must be two devices (e.g. cuda:0,cuda:1) or empty, got {list(m.devices)}")
-    elif m.devices and m.layout == "grouped" and m.devices[0] != m.devices[1]:  # two devices: a second to compare
-        problems.append("model.devices names two devices but model.layout is grouped (one device): use towers")
-    if m.autocast not in AUTOCAST:
-        problems.append(f"model.autocast must be one of {AUTOCAST}, got {m.autocast!r}")
-    if cfg.loader.dtype != "float32" and m.autocast == "none":
-        problems.append(f"loader.dtype {cfg.loader.dtype} needs model.autocast bfloat16 or float16 "
-                        "(with model.autocast none the float32 weights meet lower-precision images); "
-                        "set both, or loader.dtype float32")
-    if m.compile == "step" and m.autocast == "float16":
-        problems.append("model.compile step does not take model.autocast float16 (its gradient scaler checks "
-                        "for overflow on the host every step): use bfloat16, or model.compile model")
-    if m.trace_backward == "on" and (m.compile != "step" or not CAN_TRACE_BACKWARD):
-        problems.append("model.trace_backward on needs model.compile step and a torch that can trace backward() "
-                        "into a graph (one with torch._dynamo.config.trace_autograd_ops): use auto or off")
-    if cfg.loader.memory_format == "channels_last" and not m.channels_last:
-        problems.append("loader.memory_format channels_last needs model.channels_last true (the batch is made "
-                        "in the model's layout); set both, or loader.memory_format contiguous")
-    if m.cudnn_benchmark_limit < 0:
-        problems.append(f"model.cudnn_benchmark_limit must be >= 0 (0 = try every algorithm), got "
-                        f"{m.cudnn_benchmark_limit}")
-    if not 0 <= m.dropout < 1:
-        problems.append(f"model.dropout must be in [0, 1), got {m.dropout}")
-    if cfg.loader.crop not in INPUT_SIDES:
-        problems.append(f"loader.crop {cfg.loader.crop} does not fit the network: fc6 takes the 6x6 map that "
-                        f"crops of {INPUT_SIDES[0]} to {INPUT_SIDES[-1]} px give (the paper's is 224)")
-    if not math.isfinite(m.bias_init):
-        problems.append(f"model.bias_init must be a finite number, got {m.bias_init}")
-    return problems
-
-
-def device_name_ok(name: str, auto: bool = True) -> bool:
-    if name in ("cpu", "cuda") or (auto and name == "auto"):
-        return True
-    kind, _, index = name.partition(":")
-    return kind == "cuda" and index.isdigit()

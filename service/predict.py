@@ -49,8 +49,8 @@ from pipeline.views import VIEW_COUNTS, view_stack
 from service import data_stats
 from service.build import alexnet, cuda_problem
 from service.checkpoint_trust import file_kind
-from service.config import ModelSettings, device_name_ok
 from service.errors import EXIT_CONFIG, ServiceError
+from service.model_settings import ModelSettings, device_name_ok
 from service.predict_run import newest_checkpoint, trained_on
 from shards import manifest as contract
 from shards.imaging import BadImage, Prepared, prepare

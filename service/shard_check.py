@@ -34,13 +34,8 @@ list of tars and cannot skip a sample, so it needs ``verify before``), counts it
 in the log; a restart with the shard repaired reads it again (its epoch restarts: the loader's
 saved position was for other tars).
 
-Several ranks: rank 0 checks and writes the file, every rank follows its verdict at start (one
-gather); a mismatch found later by the background pass stops rank 0 and torchrun the others.
-Ranks whose shards are other files than rank 0's (another node's copy: ``--shards`` may differ
-per rank) have the first of them reading that copy check it as rank 0 does its own, in
-``shard-checks.rank<r>.json`` (once per copy, not once per GPU), and every rank follows every
-such verdict: a damaged byte in that copy went unseen (``data.verify before`` included) and
-those ranks trained on garbled pixels.
+Several ranks, who checks which copy of the shards and how every rank follows the verdicts:
+``service.shard_ranks``.
 
 Each file once at start: rank 0's look at every shard (its size and its index, read whole: ~1000
 train indexes on ImageNet) is the start's only one there, the manifest's own file check
@@ -50,7 +45,6 @@ node of their own), and the hash before training does not read an index again.
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -59,14 +53,15 @@ from contextlib import nullcontext
 
 from service.config import TrainConfig
 from service.dist import Ranks
-from service.errors import DataError, StoppedAtStart
+from service.errors import DataError
 from service.metrics import ServiceMetrics
 from service.runlog import RunLog
 from service.shard_findings import Finding, consumed, describe, done_line, hint, size_text
 from service.shard_memory import CheckMemory, file_key
+from service.shard_ranks import copy_of, merged, refuse_empty
 from service.signals import StopFlag
 from service.status import StatusBoard
-from shards.manifest import Manifest, Shard, check_files, remake, shard_problem
+from shards.manifest import Manifest, Shard, check_files, shard_problem
 from shards.tarwriter import HashStopped
 
 
@@ -80,12 +75,6 @@ def reading_order(shards: tuple[Shard, ...], ranks: int) -> list[int]:
         return i + (-rank * n // ranks)
 
     return sorted(range(n), key=lambda i: (offset(i), i))
-
-
-def _copy_of(manifest: Manifest) -> tuple[str, int, int]:
-    """Which files a rank's shards are: the same on two ranks when they read the same directory."""
-    st = (manifest.root / "manifest.json").stat()
-    return socket.gethostname(), st.st_dev, st.st_ino
 
 
 def lowest_priority() -> None:
@@ -121,7 +110,7 @@ class ShardCheck:
         with ``before``), then act on every finding on every rank; returns the tar names to leave
         out.  A rank that reads rank 0's files then checks its own view of them but those
         (``ManifestError``); one that reads a copy of its own checks that as rank 0 does."""
-        copies = self.ranks.gather(_copy_of(self.manifest))
+        copies = self.ranks.gather(copy_of(self.manifest))
         # The first rank reading each copy checks it: rank 0 its files, the lowest rank of another
         # node with its own copy that copy (once per node, not once per GPU), the rest follow.
         if copies.index(copies[self.ranks.rank]) == self.ranks.rank and self.ranks.rank != 0:
@@ -132,12 +121,7 @@ class ShardCheck:
         with self.board.kept_alive("waiting for the shard check") if self.board and self.ranks.distributed \
                 else nullcontext():
             verdicts = self.ranks.gather(verdict)
-        if stopped := next((v for v in verdicts if isinstance(v, str)), None):
-            raise StoppedAtStart(stopped)
-        findings: list[Finding] = []  # every checking rank's, rank 0's first; a shard once
-        for f in (f for v in verdicts if v for f in v):
-            if all(f.shard.tar.name != g.shard.tar.name for g in findings):
-                findings.append(f)
+        findings = merged(verdicts)
         if findings and self.settings.on_corrupt == "stop":
             first = findings[0]
             more = f" (and {len(findings) - 1} more shard(s))" if len(findings) > 1 else ""
@@ -146,20 +130,10 @@ class ShardCheck:
         for f in findings:
             self._skip(f)
         excluded = frozenset(f.shard.tar.name for f in findings)
-        self._refuse_empty(excluded)
+        refuse_empty(self.manifest, excluded)
         if not self.own:  # those who checked had _check_at_start look at each file, once
             check_files(self.manifest, exclude=excluded)
         return excluded
-
-    def _refuse_empty(self, excluded: frozenset[str]) -> None:
-        """A ``DataError`` when skipping left a split without shards: nothing to train or evaluate
-        on (an empty val reader was a ValueError traceback, an empty train one blamed the batch size)."""
-        for split, s in self.manifest.splits.items():
-            if s.shards and all(shard.tar.name in excluded for shard in s.shards):
-                raise DataError(f"every {split} shard ({len(s.shards)} of {len(s.shards)}) differs from the manifest "
-                                f"of {self.manifest.root}, so data.on_corrupt skip left nothing to "
-                                f"{'train' if split == 'train' else 'evaluate'} on: restore the shards from a copy or "
-                                f"re-create them ({remake(self.manifest.root)})")
 
     def _skip(self, f: Finding) -> None:
         """Every rank leaves the shard out of its reader and logs it in its own JSON log, but the job

@@ -9,7 +9,6 @@ Fixed ports, as the stack has: 9431 (trainer), 9090 (Prometheus), 3000 (Grafana)
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -26,89 +25,24 @@ import pytest
 import yaml
 
 from sampledata.generate import SampleConfig, generate
+from tests.docker_tools import (PROMETHEUS, ROOT, TIMES, compose_down, docker, events, finite, make, query, state,
+                                trainer, wait_for)
 from tests.prometheus_bin import pinned_series
 from tests.test_alerts import rules as alert_rules
 from tests.test_docker import seconds
 from tests.test_docker_metrics import TINY
 
-ROOT = Path(__file__).resolve().parents[1]
 # compose.yaml's stop_grace_period: a stop that took longer was SIGKILLed.  (A bound of 30 s failed
 # at 31.6 s at load 6 on 2 cores, the trainer having checkpointed and exited 0.)
 GRACE = seconds(yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())["services"]["trainer"]["stop_grace_period"])
 DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "alexnet.json"
-PROMETHEUS = "http://127.0.0.1:9090"
 GPU_PANELS = {"GPU utilisation", "GPU memory", "GPU power"}  # NVIDIA's dcgm-exporter and CUDA memory only
 # A short CPU run that never finishes: 9 steps per epoch over 144 images, a 1-view evaluation and
 # a checkpoint (~450 MB) at each epoch end, only the newest kept.
 CONFIG = "epochs = 1000\n" + TINY + "[checkpoint]\nkeep = 1\n"
-TIMES: dict[str, float] = {}
 PASSWORD = "te$t-$(docker) #1"  # on make's command line, which expanded the '$'s
 # Paths as users name them, a run for its start: -v SRC:DEST split them at the ':' (Docker refused them).
 SHARDS, RUN = "shards, sample: 6 classes", "run 2026-12-02T04:30"
-
-
-def make(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
-    """``make args`` as the user types it; output kept for the failure message."""
-    t0 = time.monotonic()
-    env = {**os.environ, "GRAFANA_PASSWORD": "test-docker"}
-    result = subprocess.run(["make", "--no-print-directory", *args], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=timeout)
-    name = " ".join(("make", args[0], *(a for a in args[1:] if a.startswith("GPUS"))))
-    TIMES[name + f" ({sum(k.startswith(name) for k in TIMES) + 1})"] = time.monotonic() - t0
-    assert result.returncode == 0, (f"make {' '.join(args)}: exit {result.returncode}\n"
-                                    f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
-    return result
-
-
-def docker(*args: str) -> str:
-    return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=120, check=True).stdout.strip()
-
-
-def trainer() -> str:
-    """The trainer container's id (compose project alexnet, as scripts/stack.sh names it)."""
-    ids = docker("ps", "-aq", "--filter", "label=com.docker.compose.project=alexnet",
-                 "--filter", "label=com.docker.compose.service=trainer").split()
-    assert len(ids) == 1, ids
-    return ids[0]
-
-
-def state(container: str) -> dict:
-    return json.loads(docker("inspect", "-f", "{{json .State}}", container))
-
-
-def wait_for(what: str, check, timeout: float, every: float = 2.0):
-    """``check()``'s first truthy value, polled; fails naming ``what`` and the last value after ``timeout`` s."""
-    deadline, value = time.monotonic() + timeout, None
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    pytest.fail(f"{what}: not within {timeout:.0f} s (last: {value!r})")
-
-
-def query(expr: str) -> list[dict]:
-    url = f"{PROMETHEUS}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-    with urllib.request.urlopen(url, timeout=10) as r:
-        body = json.load(r)
-    assert body["status"] == "success", body
-    return body["data"]["result"]
-
-
-def finite(expr: str) -> bool:
-    return any(math.isfinite(float(s["value"][1])) for s in query(expr))
-
-
-def events(run: Path, kind: str) -> list[dict]:
-    log = run / "log.jsonl"
-    lines = log.read_text().splitlines() if log.exists() else []
-    return [e for e in map(json.loads, lines) if e.get("event") == kind]
-
-
-def compose_down() -> None:
-    env = {**os.environ, "SHARDS": "/nonexistent", "RUN": "/nonexistent", "GRAFANA_PASSWORD": "unused"}
-    subprocess.run(["docker", "compose", "-p", "alexnet", "-f", "docker/compose.yaml", "down", "-v", "--timeout", "60"],
-                   cwd=ROOT, env=env, capture_output=True, timeout=180)
 
 
 @pytest.fixture(scope="module")

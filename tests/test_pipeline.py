@@ -1,7 +1,7 @@
-"""The DALI graphs (CPU-only mode): uint8 crops and draws, labels, and every augmentation against numpy."""
+"""The DALI graphs (CPU-only mode): uint8 crops and draws, and every augmentation against numpy.
+(The labels and ids: ``tests/test_pipeline_labels.py``.)"""
 from __future__ import annotations
 
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from pipeline.config import LoaderConfig
-from pipeline.labels import ascii_ints, key_numbers
 from pipeline.normalize import DeviceNormalizer
 from pipeline.stats import lighting_covariance, lighting_offset, load_stats
 from pipeline.views import crop_hwc, view_stack
@@ -17,18 +16,6 @@ from shards.manifest import load
 from tests.conftest import run_module
 
 CROP = 224
-
-
-def tar_labels(shards: Path, split: str) -> dict[int, int]:
-    """sample number -> class index, read straight from the tars."""
-    out = {}
-    for tar_path in sorted((shards / split).glob("*.tar")):
-        with tarfile.open(tar_path) as tar:
-            for member in tar:
-                if member.name.endswith(".cls"):
-                    key = member.name.split(".", 1)[0]
-                    out[int(key.rsplit("-", 1)[1])] = int(tar.extractfile(member).read())
-    return out
 
 
 def debug_pipeline(shards: Path, train: bool = True, views: int = 1, **cfg):
@@ -145,17 +132,6 @@ def test_lighting_offset_covariance_matches_theory(train_draws):
     assert np.abs(offsets.mean(axis=0)).max() < 4 * np.sqrt(np.diag(theory).max() / len(offsets))
 
 
-def test_labels_and_ids_match_the_tars(sample_shards):
-    truth = tar_labels(sample_shards, "train")
-    _, pipe = debug_pipeline(sample_shards, shuffle_shards=False)
-    batches = run_batches(pipe, 3)
-    labels = np.concatenate([ascii_ints(np.stack(b[1])) for b in batches])
-    ids = np.concatenate([key_numbers(np.stack(b[2])) for b in batches])
-    seen = list(zip(ids.tolist(), labels.tolist()))[:144]
-    assert {i for i, _ in seen} == set(truth)
-    assert all(truth[i] == label for i, label in seen)
-
-
 @pytest.mark.parametrize("views,crop", [(1, 224), (10, 224), (1, 227), (10, 227)])
 def test_eval_views_equal_numpy_slices(sample_shards, views, crop):
     """The uint8 view windows DALI cuts from the full decode are exactly numpy's slices; through
@@ -265,31 +241,6 @@ def test_preview_says_when_the_split_holds_fewer_images_than_count(sample_shards
         f"wrote {out} (144 augmented training images: all the train split holds, fewer than --count 200)"]
     with Image.open(out) as picture:
         assert picture.size == (8 * (CROP + 4) + 4, 18 * (CROP + 4) + 4)
-
-
-@pytest.mark.parametrize("train, gpu_roi", [(True, False), (True, True), (False, False)])
-def test_the_gpu_graphs_hand_the_label_bytes_to_the_host(sample_shards, train, gpu_roi):
-    """The loader's label check (``tests/test_pipeline_loader.py``) reads labels on the host,
-    where it costs no wait for the device; the GPU graphs copied the label bytes to the GPU inside
-    the graph, so on a GPU the check was skipped and a label past the class count reached
-    ``cross_entropy`` (a device-side assert, or garbage).  Now every graph hands its label bytes
-    over on the host (as the reader reads them, before the mixed stage) and the loader checks them
-    there, then copies the parsed labels from pinned memory (``to_device``).  The graph is only
-    defined here (no GPU needed)."""
-    import dataclasses
-
-    from nvidia.dali.pipeline import Pipeline
-
-    from pipeline import _spec
-    from pipeline.graph import EVAL_OUTPUTS, TRAIN_OUTPUTS, eval_graph, train_graph
-
-    spec = _spec(sample_shards, "train" if train else "val", 0, 1, torch.device("cpu"),
-                 LoaderConfig(batch_size=8, threads=1, gpu_roi_decode=gpu_roi), train, 1, False)
-    spec = dataclasses.replace(spec, gpu=True)
-    with Pipeline(batch_size=2, num_threads=1, device_id=None):
-        outputs = dict(zip(TRAIN_OUTPUTS if train else EVAL_OUTPUTS, (train_graph if train else eval_graph)(spec)))
-    assert outputs["images"].device == "gpu"  # the GPU graph indeed
-    assert outputs["labels"].device == "cpu"
 
 
 def test_preview_of_a_damaged_jpeg_is_one_line_naming_the_shard_and_the_sample(sample_shards, tmp_path):

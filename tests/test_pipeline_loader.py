@@ -1,4 +1,5 @@
-"""The PyTorch-facing loaders: exact epochs over 1 and 2 ranks, resume, reference agreement."""
+"""The PyTorch-facing loaders: exact epochs over 1 and 2 ranks, resume.
+(Their agreement with the reference loader: ``tests/test_pipeline_reference.py``.)"""
 from __future__ import annotations
 
 import json
@@ -9,12 +10,11 @@ from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
 from pipeline import LoaderConfig, average_views, build_eval_loader, build_train_loader
-from pipeline.reference import build_reference_loader, index_keys, key_number
+from pipeline.reference import index_keys, key_number
 from shards.manifest import load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,51 +182,6 @@ def test_a_manifest_whose_image_size_is_not_the_images_is_named(sample_shards, t
     for build in (build_train_loader, build_eval_loader):
         with pytest.raises(ManifestError, match=said):
             build(copy, 0, 1, "cpu", CFG)
-
-
-@pytest.mark.parametrize("views", [1, 10])
-def test_dali_eval_matches_reference_loader(sample_shards, views):
-    """Deterministic views: DALI and Pillow decode the same JPEGs to within IDCT rounding."""
-    cfg = LoaderConfig(batch_size=12, threads=2)
-    dali = {i: x for images, _, ids in build_eval_loader(sample_shards, config=cfg, views=views, ids=True)
-            for i, x in zip(ids.tolist(), images)}
-    ref = {i: x for images, _, ids in build_reference_loader(sample_shards, config=cfg, train=False, views=views,
-                                                             ids=True) for i, x in zip(ids.tolist(), images)}
-    assert dali.keys() == ref.keys() and len(dali) == 36
-    diff = torch.stack([(dali[i] - ref[i]).abs() for i in dali])
-    assert diff.mean() < 1.0 and diff.max() <= 16.0, (diff.mean(), diff.max())
-
-
-def test_reference_train_loader_exact_epochs_and_two_ranks(sample_shards):
-    seen = []
-    for rank in (0, 1):
-        loader = build_reference_loader(sample_shards, rank, 2, config=CFG, ids=True)
-        batches = list(loader)
-        assert len(batches) == len(loader)
-        assert all(x.shape[1:] == (3, 224, 224) and x.dtype == torch.float32 for x, _, _ in batches)
-        seen += [i for _, _, ids in batches for i in ids.tolist()]
-    assert sorted(seen) == split_ids(sample_shards, "train")
-
-
-def test_reference_train_transform_matches_its_draws(sample_shards):
-    """The reference workers return the uint8 window at their own draws (the flip and the float
-    part are the shared normaliser's, tested in test_pipeline_normalize)."""
-    import webdataset as wds
-
-    import pipeline.reference as ref
-    from pipeline.views import crop_hwc
-
-    loader = build_reference_loader(sample_shards, config=CFG)
-    tar = load(sample_shards).splits["train"].shards[0].tar
-    sample = next(iter(wds.WebDataset(str(tar), shardshuffle=False, empty_check=False)))
-    ref._RNG = np.random.default_rng(7)
-    crop, label, ident, anchors, mirror, alpha = loader.transform(sample)
-    rng = np.random.default_rng(7)
-    x0, y0 = rng.integers(0, [33, 33])
-    flip, draw = rng.random() < 0.5, rng.normal(0.0, CFG.sigma, 3)
-    assert anchors.tolist() == [x0, y0] and mirror == int(flip) and label == int(sample["cls"])
-    np.testing.assert_allclose(alpha.numpy(), draw, rtol=1e-6)
-    np.testing.assert_array_equal(crop.numpy(), crop_hwc(ref.decode(sample["jpg"]), x0, y0, 224, False))
 
 
 def test_loader_is_raw_batches_through_the_normalizer(sample_shards):

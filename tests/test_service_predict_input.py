@@ -20,7 +20,7 @@ from pipeline import LoaderConfig, build_eval_loader
 from service import checkpoint as ckpt
 from service.build import alexnet
 from service.checkpoint_crc import checksum
-from service.config import ModelSettings
+from service.model_settings import ModelSettings
 from service.predict import Predictor
 from service.state import data_fingerprint
 from shards import manifest as contract
